@@ -1,0 +1,41 @@
+"""Runtime settings shared by every face of opsync (API, DAGs, Datasette plugin, CLI).
+
+Everything comes from the environment (prefix ``OPSYNC_``) or a ``.env`` file, so the same code
+runs under ``make up``, under the tests and in the compose deployment. Secrets are ``SecretStr``
+so they never end up in a repr or a log line.
+"""
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SiteType(StrEnum):
+    secondary = "secondary"  # the observatory: local buffer, local streaming replica
+    main = "main"  # Cologne: the primary is local, confirmation is immediate
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPSYNC_", env_file=".env", extra="ignore")
+
+    site: str = Field("observatory", description="Name of this site, recorded with every transaction")
+    site_type: SiteType = SiteType.secondary
+    primary_url: SecretStr = Field(
+        SecretStr("postgresql+psycopg://opsync@127.0.0.1:15432/opsync"),
+        description="SQLAlchemy URL of the writable primary (Cologne)",
+    )
+    replica_url: SecretStr = Field(
+        SecretStr("postgresql+psycopg://opsync@127.0.0.1:15433/opsync"),
+        description="SQLAlchemy URL of the local read-only streaming replica",
+    )
+    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:16379/0"), description="The site buffer")
+    read_model_path: Path = Field(Path(".run/datasette/opsync.db"), description="SQLite file Datasette serves")
+    timezone: str = Field("America/Santiago", description="Site time zone; defines the observing night")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

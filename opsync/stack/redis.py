@@ -1,0 +1,100 @@
+"""The site buffer's Redis, configured for durability: every acknowledged write is fsynced.
+
+``appendfsync always`` makes the ingest API's answer mean "on disk"; ``noeviction`` makes a full
+buffer refuse writes instead of silently dropping records.
+"""
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from opsync.health import DURABLE_REDIS
+from opsync.stack.process import write_private
+
+
+@dataclass
+class RedisServer:
+    root: Path
+    port: int
+    password: str
+    binary: str = "redis-server"
+    host: str = "127.0.0.1"
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+
+    @property
+    def conf_path(self) -> Path:
+        return self.root / "redis.conf"
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
+
+    def write_config(self) -> None:
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"bind {self.host}",
+            f"port {self.port}",
+            "protected-mode yes",
+            f"requirepass {self.password}",
+            f"dir {self.root / 'data'}",
+            "daemonize no",
+            *(f"{key} {value}" for key, value in DURABLE_REDIS.items()),
+            "save ''",
+            "aof-use-rdb-preamble yes",
+            "",
+        ]
+        write_private(self.conf_path, "\n".join(lines))
+
+    def command(self) -> list[str]:
+        """Foreground server command, for a supervisor."""
+        return [self.binary, str(self.conf_path)]
+
+    def client(self, **kwargs) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=5, **kwargs)
+
+    def start(self, timeout: float = 30) -> None:
+        if not self.conf_path.exists():
+            self.write_config()
+        log = open(self.root / "server.log", "ab")
+        self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Wait until the server answers PING with its AOF loaded (LOADING errors until then)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with self.client() as client:
+                    client.ping()
+                    return
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if self._proc is not None and self._proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {self._proc.returncode}; see {self.root}/server.log")
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Clean shutdown (the AOF is already fsynced; SHUTDOWN just closes it properly)."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Crash the server: only what was fsynced survives."""
+        self._signal(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def _signal(self, sig: int) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        os.kill(self._proc.pid, sig)
+        self._proc.wait(30)
+        self._proc = None

@@ -1,0 +1,52 @@
+"""Where ``make up`` puts things and which ports it uses; every value overridable by environment."""
+
+import json
+import secrets
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from opsync.stack.process import write_private
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class StackSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPSYNC_", extra="ignore")
+
+    run_dir: Path = Field(REPO / ".run", description="All state, logs and secrets of the local stack")
+    host: str = "127.0.0.1"
+    primary_port: int = 15432
+    replica_port: int = 15433
+    redis_port: int = 16379
+    api_port: int = 8000
+    datasette_port: int = 8001
+    airflow_port: int = 8080
+    pg_bin: Path = Path("/usr/lib/postgresql/15/bin")
+    pg_os_user: str = Field("postgres", description="Unprivileged user PostgreSQL runs as when started by root")
+    redis_bin: str = "redis-server"
+    health_timeout: float = 240
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    @cached_property
+    def secrets(self) -> dict:
+        """Generated once per run dir, kept in a 0600 file; never in code or logs."""
+        path = self.run_dir / "secrets.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        from opsync.stack.airflow import new_airflow_secrets
+
+        values = {
+            "pg_password": secrets.token_urlsafe(24),
+            "replication_password": secrets.token_urlsafe(24),
+            "redis_password": secrets.token_urlsafe(24),
+            "airflow_admin_password": secrets.token_urlsafe(12),
+            "airflow": new_airflow_secrets(),
+        }
+        write_private(path, json.dumps(values, indent=2))
+        return values

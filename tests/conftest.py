@@ -1,0 +1,64 @@
+"""Real services for the tests: a PostgreSQL primary with a streaming replica, and a durable Redis.
+
+Session-scoped, on free ports in a temporary directory, built by the same ``opsync.stack`` code
+that ``make up`` uses. Tests may stop, kill and restart any of them (fault tests).
+"""
+
+import secrets
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from opsync.stack.postgres import Credentials, PostgresServer, provision
+from opsync.stack.redis import RedisServer
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_OS_USER = "postgres"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def service_root():
+    """A scratch directory the unprivileged PostgreSQL user can traverse (mkdtemp makes 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="opsync-test-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class PostgresPair:
+    primary: PostgresServer
+    replica: PostgresServer
+
+
+@pytest.fixture(scope="session")
+def pg(service_root):
+    credentials = Credentials(password=secrets.token_urlsafe(16), replication_password=secrets.token_urlsafe(16))
+
+    def server(name: str) -> PostgresServer:
+        return PostgresServer(name, service_root / name, free_port(), PG_BIN, PG_OS_USER, credentials)
+
+    pair = PostgresPair(server("primary"), server("replica"))
+    provision(pair.primary, pair.replica)
+    yield pair
+    for srv in (pair.replica, pair.primary):
+        if srv.pid() is not None:
+            srv.stop("immediate")
+
+
+@pytest.fixture(scope="session")
+def redis_server(service_root):
+    server = RedisServer(service_root / "redis", free_port(), secrets.token_urlsafe(16))
+    server.start()
+    yield server
+    server.stop()
