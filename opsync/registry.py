@@ -1,0 +1,135 @@
+"""Which tables scripts may write, how, and what a valid record for each looks like.
+
+Validation is derived from the SQLAlchemy models, never written by hand, so a new ingestible
+table is one model, one migration and one line in :data:`REGISTRY`. It runs at the site, where
+the link to the primary may be down: anything the primary would reject for a column's type,
+length, nullability or :class:`~opsync.schema.Rule` is refused here, at once.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
+from sqlalchemy import Column, Table
+from sqlalchemy.sql.sqltypes import JSON
+
+from opsync import schema
+from opsync.ids import new_id
+
+STRICT = ConfigDict(extra="forbid")
+
+
+class Mode(StrEnum):
+    critical = "critical"  # always buffered at the site: must never block or be lost
+    direct = "direct"  # rare planning edits, written straight to the primary
+
+
+class UnknownTable(LookupError):
+    """The name is not an ingestible table (it may not exist, or be internal like the ledger)."""
+
+
+@dataclass(frozen=True)
+class Ingestible:
+    """One ingestible table: where it lives, how it travels, and its input models."""
+
+    table: Table
+    mode: Mode
+    deletable: bool
+    create_model: type[BaseModel]  # a new row: required = NOT NULL without a default
+    update_model: type[BaseModel]  # a partial change: every field optional, the key excluded
+
+    @property
+    def name(self) -> str:
+        return self.table.name
+
+
+def python_type(column: Column) -> Any:
+    """The input type of a column: its SQL type narrowed by its length and :class:`Rule`."""
+    rule: schema.Rule | None = column.info.get("rule")
+    if rule is not None and rule.choices:
+        return Literal[rule.choices]
+    if isinstance(column.type, JSON):
+        base: Any = dict[str, Any]
+    elif column.type.python_type is datetime:
+        base = AwareDatetime  # a naive time is ambiguous (site local or UTC?): refuse it
+    else:
+        base = column.type.python_type
+    constraints = {"max_length": getattr(column.type, "length", None)}
+    if rule is not None:
+        constraints |= {"ge": rule.ge, "le": rule.le, "lt": rule.lt, "pattern": rule.pattern}
+    constraints = {name: value for name, value in constraints.items() if value is not None}
+    return Annotated[base, Field(**constraints)] if constraints else base
+
+
+def has_default(column: Column) -> bool:
+    return column.default is not None or column.server_default is not None
+
+
+def input_columns(table: Table) -> list[Column]:
+    """Columns a client may set: all but those the database manages (created_at, updated_at)."""
+    return [column for column in table.columns if not column.info.get("managed")]
+
+
+def create_field(column: Column) -> tuple[Any, Any]:
+    """Required iff NOT NULL without a default; an absent key is generated (UUIDv7) at ingest."""
+    annotation = python_type(column)
+    if column.primary_key:
+        return annotation, Field(default_factory=new_id, description=column.comment)
+    if column.nullable:
+        return annotation | None, Field(None, description=column.comment)
+    return annotation, Field(None if has_default(column) else ..., description=column.comment)
+
+
+def update_field(column: Column) -> tuple[Any, Any]:
+    """Optional, but an explicit null is refused where the column is NOT NULL."""
+    annotation = python_type(column)
+    return (annotation | None if column.nullable else annotation), Field(None, description=column.comment)
+
+
+def derive_models(table: Table) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The create and update models of a table. Dump them with ``exclude_unset=True``."""
+    columns = input_columns(table)
+    stem = "".join(part.title() for part in table.name.split("_"))
+    create = create_model(
+        f"{stem}Create", __config__=STRICT, **{column.key: create_field(column) for column in columns}
+    )
+    update = create_model(
+        f"{stem}Update",
+        __config__=STRICT,
+        **{column.key: update_field(column) for column in columns if not column.primary_key},
+    )
+    return create, update
+
+
+def ingestible(model: type[schema.Base], mode: Mode, deletable: bool) -> Ingestible:
+    table = model.__table__
+    return Ingestible(table, mode, deletable, *derive_models(table))
+
+
+REGISTRY: dict[str, Ingestible] = {
+    entry.name: entry
+    for entry in (
+        ingestible(schema.Instrument, Mode.direct, deletable=False),
+        ingestible(schema.InstrumentModule, Mode.direct, deletable=False),
+        ingestible(schema.ObsUnit, Mode.direct, deletable=True),
+        ingestible(schema.ExecutedObsUnit, Mode.critical, deletable=False),
+        ingestible(schema.RawDataPackage, Mode.critical, deletable=False),
+        ingestible(schema.RawDataFile, Mode.critical, deletable=True),
+        ingestible(schema.HousekeepingSample, Mode.critical, deletable=False),
+    )
+}
+
+
+def get_table(name: str) -> Ingestible:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownTable(f"{name!r} is not an ingestible table; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def ingestible_tables(mode: Mode | None = None) -> list[Ingestible]:
+    """All ingestible tables (or those of one mode), parents before children (FK order)."""
+    ordered = [REGISTRY[table.name] for table in schema.Base.metadata.sorted_tables if table.name in REGISTRY]
+    return [entry for entry in ordered if mode in (None, entry.mode)]
