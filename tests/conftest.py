@@ -15,9 +15,10 @@ import pytest
 
 from opsync.stack.postgres import Credentials, PostgresServer, provision
 from opsync.stack.redis import RedisServer
+from opsync.stack.settings import StackSettings
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-PG_OS_USER = "postgres"
+PG_BIN = StackSettings().pg_bin
+PG_OS_USER = StackSettings().pg_os_user
 
 
 def free_port() -> int:

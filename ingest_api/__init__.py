@@ -1,0 +1,1 @@
+"""FastAPI face of opsync: thin routes over the ``opsync`` core."""

@@ -1,0 +1,261 @@
+"""The whole site on one machine under supervisord: what ``make up`` / ``make down`` run.
+
+Order matters and is enforced here, not by supervisor priorities alone: databases and Redis first,
+then migrations, then everything that talks to them. Shutdown runs in reverse priority order, so
+the API stops accepting before Redis closes its (already fsynced) AOF.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+
+from opsync import health, migrate
+from opsync.read_model import ensure_read_model
+from opsync.stack import airflow
+from opsync.stack.postgres import Credentials, PostgresServer, provision
+from opsync.stack.redis import RedisServer
+from opsync.stack.settings import REPO, StackSettings
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Program:
+    name: str
+    command: list[str]
+    priority: int
+    user: str | None = None
+    stopsignal: str = "TERM"
+    stopwaitsecs: int = 30
+    group_kill: bool = False
+
+
+@dataclass
+class Check:
+    name: str
+    probe: Callable[[], health.Health]
+
+
+@dataclass
+class LocalStack:
+    settings: StackSettings = field(default_factory=StackSettings)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        credentials = Credentials(s.secrets["pg_password"], s.secrets["replication_password"])
+        user = s.pg_os_user if os.geteuid() == 0 else None
+        self.primary = PostgresServer("primary", s.run_dir / "pg/primary", s.primary_port, s.pg_bin, user, credentials, s.host)
+        self.replica = PostgresServer("replica", s.run_dir / "pg/replica", s.replica_port, s.pg_bin, user, credentials, s.host)
+        self.redis = RedisServer(s.run_dir / "redis", s.redis_port, s.secrets["redis_password"], s.redis_bin, s.host)
+        self.airflow_home = s.run_dir / "airflow"
+
+    @property
+    def conf_path(self) -> Path:
+        return self.settings.run_dir / "supervisord.conf"
+
+    @property
+    def read_model_path(self) -> Path:
+        return self.settings.run_dir / "datasette" / "opsync.db"
+
+    def env(self) -> dict[str, str]:
+        """Environment of every program: opsync settings, Airflow settings and connections."""
+        s = self.settings
+        env = {
+            **os.environ,
+            **airflow.airflow_env(self.airflow_home, s.airflow_port, s.secrets["airflow"], REPO),
+            "OPSYNC_PRIMARY_URL": self.primary.url(),
+            "OPSYNC_REPLICA_URL": self.replica.url(),
+            "OPSYNC_REDIS_URL": self.redis.url,
+            "OPSYNC_READ_MODEL_PATH": str(self.read_model_path),
+            "AIRFLOW_CONN_OPSYNC_PRIMARY": self.primary.url(driver="postgresql"),
+            "AIRFLOW_CONN_OPSYNC_REPLICA": self.replica.url(driver="postgresql"),
+            "AIRFLOW_CONN_OPSYNC_BUFFER": self.redis.url,
+        }
+        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def programs(self) -> list[Program]:
+        s = self.settings
+        pg_user = self.primary.os_user
+        programs = [
+            Program("primary", self.primary.command(), 10, pg_user, "INT", 60),
+            Program("replica", self.replica.command(), 11, pg_user, "INT", 60),
+            Program("redis", self.redis.command(), 12),
+            Program(
+                "ingest-api",
+                [str(VENV_BIN / "uvicorn"), "ingest_api.app:app", "--host", s.host, "--port", str(s.api_port)],
+                20,
+            ),
+            Program(
+                "datasette",
+                [
+                    str(VENV_BIN / "datasette"), "serve", str(self.read_model_path),
+                    "--host", s.host, "--port", str(s.datasette_port),
+                    "--metadata", str(REPO / "datasette/metadata.yml"),
+                ],
+                21,
+            ),
+        ]
+        programs += [
+            Program(f"airflow-{name}", command, 30, group_kill=True)
+            for name, command in airflow.airflow_programs(s.airflow_port).items()
+        ]
+        return programs
+
+    def checks(self) -> list[Check]:
+        s = self.settings
+        return [
+            Check("primary", lambda: health.postgres_role(self.primary.conninfo(), expect_recovery=False)),
+            Check("replica", lambda: health.postgres_role(self.replica.conninfo(), expect_recovery=True)),
+            Check("redis", lambda: health.redis_durability(redis.Redis.from_url(self.redis.url, socket_timeout=3))),
+            Check("ingest-api", lambda: http_health(f"http://{s.host}:{s.api_port}/readyz")),
+            Check("datasette", lambda: http_health(f"http://{s.host}:{s.datasette_port}/-/versions.json")),
+            Check("airflow", lambda: airflow.airflow_health(s.airflow_port)),
+        ]
+
+    def write_supervisor_conf(self) -> None:
+        s = self.settings
+        s.logs.mkdir(parents=True, exist_ok=True)
+        sock = s.run_dir / "supervisor.sock"
+        sections = [
+            f"[unix_http_server]\nfile={sock}\nchmod=0700\n",
+            "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n",
+            f"[supervisorctl]\nserverurl=unix://{sock}\n",
+            f"[supervisord]\nlogfile={s.logs / 'supervisord.log'}\npidfile={s.run_dir / 'supervisord.pid'}\n"
+            f"childlogdir={s.logs}\n" + ("user=root\n" if os.geteuid() == 0 else ""),
+        ]
+        for p in self.programs():
+            lines = [
+                f"[program:{p.name}]",
+                "command=" + " ".join(_quote(arg) for arg in p.command),
+                f"directory={REPO}",
+                f"priority={p.priority}",
+                "autostart=false",
+                "autorestart=true",
+                "startsecs=3",
+                f"stopsignal={p.stopsignal}",
+                f"stopwaitsecs={p.stopwaitsecs}",
+                f"stdout_logfile={s.logs / (p.name + '.log')}",
+                "stdout_logfile_maxbytes=50MB",
+                "stdout_logfile_backups=3",
+                "redirect_stderr=true",
+            ]
+            if p.user:
+                lines.append(f"user={p.user}")
+            if p.group_kill:
+                lines += ["stopasgroup=true", "killasgroup=true"]
+            sections.append("\n".join(lines) + "\n")
+        self.conf_path.write_text("\n".join(sections))
+
+    def supervisorctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(VENV_BIN / "supervisorctl"), "-c", str(self.conf_path), *args],
+            capture_output=True, text=True, check=check,
+        )
+
+    def supervisord_pid(self) -> int | None:
+        try:
+            pid = int((self.settings.run_dir / "supervisord.pid").read_text())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return None
+
+    def provision(self, say: Callable[[str], None]) -> None:
+        """First run only: create both clusters, Redis config, the read-model file."""
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.run_dir.chmod(0o755)
+        (self.settings.run_dir / "pg").mkdir(exist_ok=True)
+        if not self.primary.exists:
+            say("creating the primary (Cologne) and its streaming replica (observatory)")
+            provision(self.primary, self.replica)
+            self.replica.stop()
+            self.primary.stop()
+        self.redis.write_config()
+        ensure_read_model(self.read_model_path)
+
+    def up(self, say: Callable[[str], None] = print) -> None:
+        self.provision(say)
+        self.write_supervisor_conf()
+        env = self.env()
+        if self.supervisord_pid() is None:
+            subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(self.conf_path)], env=env, check=True)
+        else:
+            self.supervisorctl("update", check=False)
+        say("starting PostgreSQL primary, replica and Redis")
+        storage = ["primary", "replica", "redis"]
+        self.supervisorctl("start", *storage, check=False)
+        self.wait_healthy([c for c in self.checks() if c.name in storage], say, storage)
+        say("applying migrations to the primary")
+        migrate.upgrade(self.primary.url())
+        airflow.migrate_metadata_db(env)
+        airflow.write_admin_password(self.airflow_home, self.settings.secrets["airflow_admin_password"])
+        say("starting the ingest API, Datasette and Airflow")
+        self.supervisorctl("start", "all", check=False)
+        self.wait_healthy(self.checks(), say, [p.name for p in self.programs()])
+
+    def down(self, say: Callable[[str], None] = print) -> None:
+        pid = self.supervisord_pid()
+        if pid is None:
+            say("not running")
+            return
+        say("stopping every program (Airflow, API, Datasette, then Redis and PostgreSQL)")
+        self.supervisorctl("shutdown", check=False)
+        deadline = time.monotonic() + 180
+        while self.supervisord_pid() is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.supervisord_pid() is not None:
+            raise RuntimeError(f"supervisord (pid {pid}) did not stop; see {self.settings.logs}")
+
+    def wait_healthy(self, checks: list[Check], say: Callable[[str], None], programs: list[str]) -> None:
+        deadline = time.monotonic() + self.settings.health_timeout
+        pending = list(checks)
+        while pending:
+            results = {c.name: c.probe() for c in pending}
+            for name, result in results.items():
+                if result.ok:
+                    say(f"  {name:<11} ok  {result.detail}")
+            pending = [c for c in pending if not results[c.name].ok]
+            self.raise_if_fatal(programs)
+            if pending and time.monotonic() > deadline:
+                detail = "; ".join(f"{c.name}: {results[c.name].detail}" for c in pending)
+                raise RuntimeError(f"not healthy after {self.settings.health_timeout:.0f}s: {detail} (logs in {self.settings.logs})")
+            if pending:
+                time.sleep(1)
+
+    def raise_if_fatal(self, programs: list[str]) -> None:
+        """A program supervisord gave up on will not become healthy: say so now, with its log."""
+        states = dict(line.split()[:2] for line in self.supervisorctl("status", check=False).stdout.splitlines() if line.strip())
+        fatal = [name for name in programs if states.get(name) == "FATAL"]
+        if fatal:
+            tails = "\n".join(f"--- {name}:\n{log_tail(self.settings.logs / (name + '.log'))}" for name in fatal)
+            raise RuntimeError(f"{', '.join(fatal)} failed to start:\n{tails}")
+
+    def status(self) -> list[tuple[str, health.Health]]:
+        return [(c.name, c.probe()) for c in self.checks()]
+
+
+def http_health(url: str) -> health.Health:
+    try:
+        response = httpx.get(url, timeout=3)
+    except httpx.HTTPError as exc:
+        return health.Health(False, f"unreachable: {exc}")
+    return health.Health(response.status_code == 200, f"HTTP {response.status_code}")
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if " " in arg else arg
