@@ -1,20 +1,58 @@
-"""The ingest endpoint the observatory's scripts write to."""
+"""The ingest endpoint the observatory's scripts write to: answers at once, whatever the link does."""
 
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 import redis
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from ingest_api import records
 from ingest_api.deps import get_redis
+from opsync.auth import ScopeError
+from opsync.buffer import IdempotencyConflict
+from opsync.config import get_settings
 from opsync.health import redis_durability
+from opsync.ingest import Invalid, PrimaryUnavailable, Rejected
+
+
+class NotDurable(RuntimeError):
+    """Refusing to start: a 202 from this API must mean the record is on disk."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    if not get_settings().allow_non_durable:
+        health = redis_durability(get_redis())
+        if not health.ok:
+            raise NotDurable(f"site buffer is {health.detail}; set OPSYNC_ALLOW_NON_DURABLE=1 to start anyway")
+    yield
+
 
 app = FastAPI(
     title="opsync ingest API",
     version="1",
     description="Buffers observatory operations records durably at the site and answers at once.",
+    lifespan=lifespan,
 )
+app.include_router(records.router)
+
+
+def error(status: int, detail) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+ERRORS = {
+    Invalid: lambda exc: error(422, exc.errors),
+    ScopeError: lambda exc: error(403, str(exc)),
+    IdempotencyConflict: lambda exc: error(409, f"Idempotency-Key {exc} was used with a different request"),
+    Rejected: lambda exc: error(409, f"rejected by the primary: {exc}"),
+    PrimaryUnavailable: lambda exc: error(503, f"{exc}; direct tables need the primary, retry later"),
+    redis.RedisError: lambda exc: error(503, f"site buffer unavailable: {exc.__class__.__name__}"),
+}
+for exc_class, render in ERRORS.items():
+    app.add_exception_handler(exc_class, lambda request, exc, render=render: render(exc))
 
 
 class Health(BaseModel):

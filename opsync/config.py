@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:16379/0"), description="The site buffer")
     read_model_path: Path = Field(Path(".run/datasette/opsync.db"), description="SQLite file Datasette serves")
     timezone: str = Field("America/Santiago", description="Site time zone; defines the observing night")
+    allow_non_durable: bool = Field(False, description="Start the API even if Redis is not fsync-durable (tests only)")
+    max_records_per_request: int = Field(1000, description="Largest list POST /v1/records accepts")
+    token_cache_ttl_s: float = Field(30, description="How long a validated token is trusted before re-checking")
+    direct_timeout_s: int = Field(3, description="Connect/statement timeout of direct writes to the primary")
+    idempotency_ttl_s: int = Field(7 * 86400, description="How long Idempotency-Key answers are kept")
 
 
 @lru_cache

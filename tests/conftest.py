@@ -63,3 +63,25 @@ def redis_server(service_root):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def migrated(pg):
+    """The primary's ``opsync`` database at the latest migration (and so the replica too)."""
+    from opsync.migrate import upgrade
+
+    upgrade(pg.primary.url())
+    return pg
+
+
+@pytest.fixture
+def site_env(migrated, redis_server, monkeypatch):
+    """The ``OPSYNC_*`` settings of a site wired to the test services; caches rebuilt around each test."""
+    from opsync.config import get_settings
+
+    monkeypatch.setenv("OPSYNC_PRIMARY_URL", migrated.primary.url())
+    monkeypatch.setenv("OPSYNC_REPLICA_URL", migrated.replica.url())
+    monkeypatch.setenv("OPSYNC_REDIS_URL", redis_server.url)
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()

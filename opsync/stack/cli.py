@@ -7,7 +7,7 @@ from rich.console import Console
 
 from opsync.stack.local import LocalStack
 
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def say(message: str) -> None:
@@ -23,6 +23,7 @@ def up(stack: LocalStack) -> None:
     say(f"  Airflow      http://{s.host}:{s.airflow_port}/  (login: admin / {s.secrets['airflow_admin_password']})")
     say(f"  primary      postgresql://{s.host}:{s.primary_port}/opsync  (replica on port {s.replica_port})")
     say(f"  Redis        redis://{s.host}:{s.redis_port}/0")
+    say(f"  API token    {s.secrets['demo_token']}  (all tables; try: make demo)")
     say(f"  logs         {s.logs}/   secrets in {s.run_dir / 'secrets.json'}")
 
 

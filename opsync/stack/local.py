@@ -15,9 +15,12 @@ from pathlib import Path
 
 import httpx
 import redis
+from sqlalchemy import create_engine
 
 from opsync import health, migrate
+from opsync.auth import create_token
 from opsync.read_model import ensure_read_model
+from opsync.registry import ingestible_tables
 from opsync.stack import airflow
 from opsync.stack.postgres import Credentials, PostgresServer, provision
 from opsync.stack.redis import RedisServer
@@ -195,11 +198,23 @@ class LocalStack:
         self.wait_healthy([c for c in self.checks() if c.name in storage], say, storage)
         say("applying migrations to the primary")
         migrate.upgrade(self.primary.url())
+        self.ensure_demo_token()
         airflow.migrate_metadata_db(env)
         airflow.write_admin_password(self.airflow_home, self.settings.secrets["airflow_admin_password"])
         say("starting the ingest API, Datasette and Airflow")
         self.supervisorctl("start", "all", check=False)
         self.wait_healthy(self.checks(), say, [p.name for p in self.programs()])
+
+    def ensure_demo_token(self) -> None:
+        """Issue the demo token once (all tables, read and write) and keep it with the other secrets."""
+        if "demo_token" in self.settings.secrets:
+            return
+        scopes = [f"{verb}:{entry.name}" for entry in ingestible_tables() for verb in ("read", "write")]
+        engine = create_engine(self.primary.url())
+        try:
+            self.settings.save_secret("demo_token", create_token(engine, f"demo-{int(time.time())}", scopes))
+        finally:
+            engine.dispose()
 
     def down(self, say: Callable[[str], None] = print) -> None:
         pid = self.supervisord_pid()

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from opsync.stack.airflow import new_airflow_secrets
 from opsync.stack.process import write_private
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,14 +34,20 @@ class StackSettings(BaseSettings):
     def logs(self) -> Path:
         return self.run_dir / "logs"
 
+    @property
+    def secrets_path(self) -> Path:
+        return self.run_dir / "secrets.json"
+
+    def save_secret(self, name: str, value: str) -> None:
+        self.secrets[name] = value
+        write_private(self.secrets_path, json.dumps(self.secrets, indent=2))
+
     @cached_property
     def secrets(self) -> dict:
         """Generated once per run dir, kept in a 0600 file; never in code or logs."""
-        path = self.run_dir / "secrets.json"
+        path = self.secrets_path
         if path.exists():
             return json.loads(path.read_text())
-        from opsync.stack.airflow import new_airflow_secrets
-
         values = {
             "pg_password": secrets.token_urlsafe(24),
             "replication_password": secrets.token_urlsafe(24),

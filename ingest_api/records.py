@@ -1,0 +1,137 @@
+"""Write routes: records of one table, multi-step transactions, updates and deletes."""
+
+import hashlib
+import json
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Request
+from pydantic import BaseModel
+
+from ingest_api.deps import BufferDep, PrimaryDep, PrincipalDep, SettingsDep
+from opsync.envelope import Op, State
+from opsync.ingest import StepIn, build_transaction, submit
+
+router = APIRouter(prefix="/v1", tags=["records"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(max_length=200, description="Retries with the same key and body return the original answer"),
+]
+TableName = Annotated[str, Path(description="An ingestible table", examples=["raw_data_file"])]
+
+
+class Receipt(BaseModel):
+    txn_id: UUID
+    state: State
+    ids: list[UUID]
+    accepted_at: str
+    commit_lsn: str | None = None
+    status_url: str
+
+
+class TransactionIn(BaseModel):
+    steps: list[StepIn]
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "steps": [
+                        {
+                            "table": "executed_obs_unit", "ref": "obs",
+                            "values": {
+                                "obs_unit_id": "019a0000-0000-7000-8000-000000000001",
+                                "instrument_module_id": "019a0000-0000-7000-8000-000000000002",
+                                "start_time": "2026-11-21T02:10:00Z",
+                            },
+                        },
+                        {
+                            "table": "raw_data_file",
+                            "values": {
+                                "executed_obs_unit_id": {"$ref": "obs"},
+                                "path": "/data/2026-11-20/scan_0001.fits",
+                                "size_bytes": 104857600, "file_type": "fits",
+                                "checksum_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                            },
+                        },
+                    ]
+                }
+            ]
+        }
+    }
+
+
+def body_hash(request: Request, body: Any) -> str:
+    """What an Idempotency-Key is bound to: the method, the path and the parsed body."""
+    canonical = json.dumps([request.method, request.url.path, body], sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def run(steps: list[StepIn], request: Request, settings, buffer, primary, who, idempotency_key, raw_body) -> Receipt:
+    for step in steps:
+        who.require(f"write:{step.table}")
+    txn = build_transaction(steps, settings.site, idempotency_key)
+    idempotency = (who.name, idempotency_key) if idempotency_key else None
+    answer, _ = submit(txn, buffer, primary, idempotency, body_hash(request, raw_body))
+    return Receipt(**answer, status_url=str(request.url_for("get_transaction", txn_id=answer["txn_id"])))
+
+
+@router.post("/records/{table}", status_code=202, response_model=Receipt, summary="Record one row or a list")
+def post_records(
+    table: TableName,
+    request: Request,
+    settings: SettingsDep, buffer: BufferDep, primary: PrimaryDep, who: PrincipalDep,
+    records: Annotated[dict[str, Any] | list[dict[str, Any]], Body(examples=[{
+        "executed_obs_unit_id": "019a0000-0000-7000-8000-000000000003",
+        "path": "/data/2026-11-20/scan_0001.fits", "size_bytes": 104857600, "file_type": "fits",
+        "checksum_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    }])],
+    idempotency_key: IdempotencyKey = None,
+) -> Receipt:
+    """Buffer rows of a critical table (answers 202 at once) or write a direct table's rows."""
+    rows = records if isinstance(records, list) else [records]
+    if len(rows) > settings.max_records_per_request:
+        raise HTTPException(413, f"at most {settings.max_records_per_request} records per request, got {len(rows)}")
+    steps = [StepIn(table=table, id=row.pop("id", None), values=row) for row in map(dict, rows)]
+    return run(steps, request, settings, buffer, primary, who, idempotency_key, records)
+
+
+@router.post("/transactions", status_code=202, response_model=Receipt, summary="Several steps, atomically")
+def post_transaction(
+    body: TransactionIn, request: Request,
+    settings: SettingsDep, buffer: BufferDep, primary: PrimaryDep, who: PrincipalDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Receipt:
+    """Steps apply in order, all or nothing; a step may use ``{"$ref": name}`` for an earlier step's key."""
+    return run(body.steps, request, settings, buffer, primary, who, idempotency_key, body.model_dump(mode="json"))
+
+
+@router.patch("/records/{table}/{row_id}", status_code=202, response_model=Receipt, summary="Update fields")
+def patch_record(
+    table: TableName, row_id: UUID, request: Request,
+    settings: SettingsDep, buffer: BufferDep, primary: PrimaryDep, who: PrincipalDep,
+    values: Annotated[dict[str, Any], Body(examples=[{"status": "completed", "end_time": "2026-11-21T02:40:00Z"}])],
+    idempotency_key: IdempotencyKey = None,
+) -> Receipt:
+    """Works whether the row is still buffered, committed or replicated: applied after its create, in order."""
+    steps = [StepIn(op=Op.update, table=table, id=row_id, values=values)]
+    return run(steps, request, settings, buffer, primary, who, idempotency_key, values)
+
+
+@router.delete("/records/{table}/{row_id}", status_code=202, response_model=Receipt, summary="Delete a row")
+def delete_record(
+    table: TableName, row_id: UUID, request: Request,
+    settings: SettingsDep, buffer: BufferDep, primary: PrimaryDep, who: PrincipalDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Receipt:
+    steps = [StepIn(op=Op.delete, table=table, id=row_id)]
+    return run(steps, request, settings, buffer, primary, who, idempotency_key, None)
+
+
+@router.get("/transactions/{txn_id}", summary="State of a transaction")
+def get_transaction(txn_id: UUID, buffer: BufferDep, who: PrincipalDep) -> dict[str, str]:
+    status = buffer.status(txn_id)
+    if status is None:
+        raise HTTPException(404, f"no transaction {txn_id}")
+    return {"txn_id": str(txn_id), **status}

@@ -1,0 +1,105 @@
+"""Bearer tokens for scripts: random, stored only as SHA-256 hashes, scoped, revocable.
+
+Tokens are issued on the primary and validated at the site against the local replica (the token
+table replicates), so a script can authenticate while the link to Cologne is down. A short
+in-process cache keeps the replica off the hot path; revocation takes effect within its TTL.
+"""
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import Engine, insert, select, update
+
+from opsync.schema import ApiToken
+
+TOKEN_PREFIX = "ops_"
+
+
+class AuthError(Exception):
+    """Missing, unknown, expired or revoked token (401)."""
+
+
+class ScopeError(Exception):
+    """A valid token without the scope an action needs (403)."""
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(primary: Engine, name: str, scopes: list[str], expires_at: datetime | None = None) -> str:
+    """Issue a token (256 random bits); the plaintext is returned once and never stored."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    with primary.begin() as conn:
+        conn.execute(
+            insert(ApiToken).values(name=name, token_sha256=hash_token(token), scopes=scopes, expires_at=expires_at)
+        )
+    return token
+
+
+def revoke_token(primary: Engine, name: str) -> bool:
+    with primary.begin() as conn:
+        result = conn.execute(
+            update(ApiToken)
+            .where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
+            .values(revoked_at=datetime.now(timezone.utc))
+        )
+    return result.rowcount > 0
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    scopes: frozenset[str]
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise ScopeError(f"token {self.name!r} lacks scope {scope!r}")
+
+
+@dataclass(frozen=True)
+class _Cached:
+    principal: Principal
+    expires_at: datetime | None
+    revoked: bool
+    fetched: float
+
+
+class TokenVerifier:
+    """Checks bearer tokens against a (replica) database, with a short cache per token hash."""
+
+    def __init__(self, engine: Engine, ttl_s: float = 30):
+        self.engine = engine
+        self.ttl_s = ttl_s
+        self._cache: dict[str, _Cached] = {}
+
+    def verify(self, token: str | None) -> Principal:
+        if not token:
+            raise AuthError("missing bearer token")
+        digest = hash_token(token)
+        entry = self._cache.get(digest)
+        if entry is None or time.monotonic() - entry.fetched > self.ttl_s:
+            entry = self._fetch(digest)
+            if entry is None:
+                raise AuthError("unknown token")  # not cached: random guesses must not grow memory
+            self._cache[digest] = entry
+        if entry.revoked:
+            raise AuthError("token revoked")
+        if entry.expires_at is not None and entry.expires_at <= datetime.now(timezone.utc):
+            raise AuthError("token expired")
+        return entry.principal
+
+    def _fetch(self, digest: str) -> _Cached | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(ApiToken.name, ApiToken.token_sha256, ApiToken.scopes, ApiToken.expires_at, ApiToken.revoked_at)
+                .where(ApiToken.token_sha256 == digest)
+            ).first()
+        if row is None or not hmac.compare_digest(row.token_sha256, digest):
+            return None
+        principal = Principal(row.name, frozenset(row.scopes))
+        return _Cached(principal, row.expires_at, row.revoked_at is not None, time.monotonic())

@@ -1,0 +1,44 @@
+"""The transaction envelope: the unit that travels from the site buffer to the primary.
+
+Everything in it is concrete by the time it is buffered: row keys are generated at ingest and
+references between steps are resolved, so the drainer applies it without asking anyone anything.
+"""
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, Field
+
+
+class Op(StrEnum):
+    insert = "insert"
+    update = "update"
+    upsert = "upsert"
+    delete = "delete"
+
+
+class State(StrEnum):
+    accepted = "accepted"  # durable in the site buffer
+    committed = "committed"  # in the primary, with its commit LSN
+    replicated = "replicated"  # the local replica has replayed past the commit LSN
+    failed = "failed"  # permanent error; in the dead-letter stream with its reason
+
+
+class Step(BaseModel):
+    op: Op
+    table: str
+    key: UUID = Field(description="Primary key of the row the step writes")
+    values: dict[str, Any] = Field(default_factory=dict, description="Column values, JSON-encoded")
+
+
+class Transaction(BaseModel):
+    txn_id: UUID
+    site: str
+    accepted_at: datetime
+    idempotency_key: str | None = None
+    steps: list[Step]
+
+    def row_keys(self) -> list[tuple[str, UUID]]:
+        return [(step.table, step.key) for step in self.steps]

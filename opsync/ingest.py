@@ -1,0 +1,163 @@
+"""From what a script sends to a concrete, validated transaction envelope.
+
+Validation runs here, at the site, with the models the registry derives from the schema: what the
+primary would refuse for a type, a length, a missing field or a CHECK rule is refused at once
+with the field named, instead of being dead-lettered hours later. Keys of new rows are generated
+here (UUIDv7) and references between steps are resolved, so the envelope is final.
+"""
+
+from datetime import datetime, timezone
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy import Engine
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+
+from opsync import apply, registry
+from opsync.buffer import Buffer
+from opsync.envelope import Op, State, Step, Transaction
+from opsync.ids import new_id
+
+REF = "$ref"
+
+
+class StepIn(BaseModel):
+    """One step as a client writes it."""
+
+    op: Op = Op.insert
+    table: str
+    id: UUID | None = Field(None, description="Row key: generated for inserts when absent; required otherwise")
+    ref: str | None = Field(None, description='Name later steps use as {"$ref": name} for this row\'s key')
+    values: dict[str, Any] = Field(default_factory=dict)
+
+
+class Invalid(Exception):
+    """The request cannot be buffered; ``errors`` name each problem's location, as FastAPI does."""
+
+    def __init__(self, errors: list[dict]):
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+
+def problem(loc: tuple, msg: str, kind: str = "value_error") -> dict:
+    return {"loc": list(loc), "msg": msg, "type": kind}
+
+
+def build_transaction(steps: list[StepIn], site: str, idempotency_key: str | None = None) -> Transaction:
+    refs: dict[str, UUID] = {}
+    built, errors = [], []
+    for index, step_in in enumerate(steps):
+        loc = ("steps", index)
+        try:
+            step = build_step(step_in, refs, loc)
+        except Invalid as exc:
+            errors += exc.errors
+            continue
+        if step_in.ref:
+            refs[step_in.ref] = step.key
+        built.append(step)
+    if not steps:
+        errors.append(problem(("steps",), "a transaction needs at least one step"))
+    if not errors:
+        errors = mixed_modes(built)
+    if errors:
+        raise Invalid(errors)
+    return Transaction(
+        txn_id=new_id(), site=site, accepted_at=datetime.now(timezone.utc),
+        idempotency_key=idempotency_key, steps=built,
+    )
+
+
+def mixed_modes(steps: list[Step]) -> list[dict]:
+    """Critical tables are always buffered and direct ones are written at once: one transaction can't be both."""
+    modes = {registry.get_table(step.table).mode for step in steps}
+    if len(modes) > 1:
+        return [problem(("steps",), "a transaction cannot mix buffered (critical) and direct tables")]
+    return []
+
+
+def build_step(step_in: StepIn, refs: dict[str, UUID], loc: tuple) -> Step:
+    try:
+        entry = registry.get_table(step_in.table)
+    except registry.UnknownTable as exc:
+        raise Invalid([problem((*loc, "table"), str(exc))]) from None
+    values = resolve_refs(step_in.values, refs, (*loc, "values"))
+    if step_in.op in (Op.insert, Op.upsert):
+        key = step_in.id or new_id()
+        values = validated(entry.create_model, {**values, "id": key}, (*loc, "values"))
+        values.pop("id")
+        return Step(op=step_in.op, table=entry.name, key=key, values=values)
+    if step_in.id is None:
+        raise Invalid([problem((*loc, "id"), f"{step_in.op} needs the id of the row")])
+    if step_in.op is Op.delete:
+        if not entry.deletable:
+            raise Invalid([problem((*loc, "op"), f"rows of {entry.name} cannot be deleted")])
+        return Step(op=Op.delete, table=entry.name, key=step_in.id)
+    values = validated(entry.update_model, values, (*loc, "values"))
+    if not values:
+        raise Invalid([problem((*loc, "values"), "an update needs at least one field")])
+    return Step(op=Op.update, table=entry.name, key=step_in.id, values=values)
+
+
+def resolve_refs(values: dict[str, Any], refs: dict[str, UUID], loc: tuple) -> dict[str, Any]:
+    """Replace ``{"$ref": name}`` by the key of the earlier step named ``name``."""
+    resolved = {}
+    for field, value in values.items():
+        if isinstance(value, dict) and set(value) == {REF}:
+            if value[REF] not in refs:
+                raise Invalid([problem((*loc, field), f"reference {value[REF]!r} names no earlier step")])
+            value = refs[value[REF]]
+        resolved[field] = value
+    return resolved
+
+
+def validated(model: type[BaseModel], values: dict[str, Any], loc: tuple) -> dict[str, Any]:
+    """Values as JSON-ready data, only those the client set (database defaults must still apply)."""
+    try:
+        return model.model_validate(values).model_dump(mode="json", exclude_unset=True)
+    except ValidationError as exc:
+        raise Invalid(
+            [problem((*loc, *e["loc"]), e["msg"], e["type"]) for e in exc.errors(include_url=False)]
+        ) from None
+
+
+class PrimaryUnavailable(Exception):
+    """A direct write found the primary unreachable; nothing was written (answer 503)."""
+
+
+class Rejected(Exception):
+    """The primary refused a direct write (constraint, missing row); nothing was written (answer 409)."""
+
+
+def submit(
+    txn: Transaction, buffer: Buffer, primary: Engine, idempotency: tuple[str, str] | None, body_hash: str
+) -> tuple[dict, bool]:
+    """Buffer (critical tables) or write at once (direct tables); returns (answer, replayed).
+
+    Critical transactions take one atomic Redis step, durable before this returns. Direct ones
+    go straight to the primary with short timeouts; their idempotency record is written after the
+    commit, so a crash in between can make a retry write again: direct tables are rare planning
+    edits, and a retry of an insert fails on its unique constraints rather than duplicating.
+    """
+    answer = {"txn_id": str(txn.txn_id), "ids": [str(step.key) for step in txn.steps]}
+    if registry.get_table(txn.steps[0].table).mode is registry.Mode.critical:
+        answer |= {"state": State.accepted, "accepted_at": txn.accepted_at.isoformat()}
+        enqueued = buffer.enqueue(txn, answer, idempotency, body_hash)
+        return enqueued.response, enqueued.replayed
+    if idempotency and (previous := buffer.replay(idempotency, body_hash)) is not None:
+        return previous, True
+    try:
+        lsn = apply.commit(primary, txn)
+    except OperationalError as exc:
+        raise PrimaryUnavailable(f"primary unreachable: {exc.orig.__class__.__name__}") from None
+    except (IntegrityError, DataError) as exc:
+        raise Rejected(str(exc.orig).strip().splitlines()[0]) from None
+    except apply.RowNotFound as exc:
+        raise Rejected(str(exc)) from None
+    committed_at = datetime.now(timezone.utc).isoformat()
+    buffer.record_state(txn.txn_id, State.committed, committed_at, commit_lsn=lsn, accepted_at=txn.accepted_at.isoformat())
+    answer |= {"state": State.committed, "accepted_at": txn.accepted_at.isoformat(), "commit_lsn": lsn}
+    if idempotency:
+        buffer.remember(idempotency, body_hash, answer)
+    return answer, False

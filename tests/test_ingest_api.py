@@ -1,0 +1,184 @@
+"""The ingest API's write path against real Redis and PostgreSQL (issue 2 demo scope)."""
+
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from opsync.auth import create_token, revoke_token
+
+SHA = "ab" * 32
+
+
+@pytest.fixture
+def api(site_env):
+    from ingest_api import deps
+    from ingest_api.app import app
+
+    for cached in (deps.get_redis, deps.get_buffer, deps.get_primary, deps.get_verifier):
+        cached.cache_clear()
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
+def primary(site_env):
+    engine = create_engine(site_env.primary_url.get_secret_value())
+    yield engine
+    engine.dispose()
+
+
+def token(primary, *tables: str, verbs=("write",)) -> dict:
+    name = f"test-{uuid.uuid4()}"
+    scopes = [f"{verb}:{t}" for t in tables for verb in verbs]
+    value = create_token(primary, name, scopes)
+    wait_replicated_token(value)
+    return {"Authorization": f"Bearer {value}", "X-Name": name}
+
+
+def wait_replicated_token(value: str) -> None:
+    """The API checks tokens on the replica; streaming makes them visible within milliseconds."""
+    import time
+
+    from opsync.auth import hash_token
+    from opsync.config import get_settings
+
+    engine = create_engine(get_settings().replica_url.get_secret_value())
+    try:
+        for _ in range(100):
+            with engine.connect() as conn:
+                if conn.execute(text("SELECT 1 FROM api_token WHERE token_sha256 = :h"), {"h": hash_token(value)}).first():
+                    return
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+    raise AssertionError("token never reached the replica")
+
+
+@pytest.fixture
+def planning(primary):
+    """An instrument, a module and a planned observation in the primary (direct tables)."""
+    ids = {k: uuid.uuid4() for k in ("instrument", "module", "obs_unit")}
+    tag = uuid.uuid4().hex[:8]
+    with primary.begin() as conn:
+        conn.execute(text("INSERT INTO instrument (id, name) VALUES (:i, :n)"), {"i": ids["instrument"], "n": f"CHAI-{tag}"})
+        conn.execute(
+            text("INSERT INTO instrument_module (id, instrument_id, name) VALUES (:m, :i, 'LFA')"),
+            {"m": ids["module"], "i": ids["instrument"]},
+        )
+        conn.execute(
+            text("INSERT INTO obs_unit (id, name, program, source_name, ra_deg, dec_deg) VALUES (:o, :n, 'P1', 'Orion KL', 83.8, -5.4)"),
+            {"o": ids["obs_unit"], "n": f"orion-{tag}"},
+        )
+    return ids
+
+
+def observation(planning) -> dict:
+    return {
+        "obs_unit_id": str(planning["obs_unit"]),
+        "instrument_module_id": str(planning["module"]),
+        "start_time": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def test_post_record_buffers_and_answers_202(api, primary, planning):
+    headers = token(primary, "executed_obs_unit")
+    response = api.post("/v1/records/executed_obs_unit", json=observation(planning), headers=headers)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["state"] == "accepted" and len(body["ids"]) == 1
+    assert uuid.UUID(body["ids"][0]).version == 7
+    status = api.get(body["status_url"], headers=headers).json()
+    assert status["state"] == "accepted"
+
+
+def test_transaction_with_reference_between_steps(api, primary, planning, redis_server):
+    headers = token(primary, "executed_obs_unit", "raw_data_file")
+    steps = [
+        {"table": "executed_obs_unit", "ref": "obs", "values": observation(planning)},
+        {"table": "raw_data_file", "values": {
+            "executed_obs_unit_id": {"$ref": "obs"}, "path": f"/data/{uuid.uuid4()}.fits",
+            "size_bytes": 10, "checksum_sha256": SHA, "file_type": "fits"}},
+    ]
+    response = api.post("/v1/transactions", json={"steps": steps}, headers=headers)
+    assert response.status_code == 202, response.text
+    obs_id, file_id = response.json()["ids"]
+    from opsync.buffer import Buffer
+    from opsync.envelope import Transaction
+
+    entries = redis_server.client().xrange(Buffer(redis_server.client()).stream)
+    txn = Transaction.model_validate_json(entries[-1][1][b"txn"])
+    assert txn.steps[1].values["executed_obs_unit_id"] == obs_id
+    assert str(txn.steps[1].key) == file_id
+
+
+def test_idempotency_key_replays_and_conflicts(api, primary, planning, redis_server):
+    headers = token(primary, "executed_obs_unit") | {"Idempotency-Key": str(uuid.uuid4())}
+    body = observation(planning)
+    stream = "opsync:buffer"
+    before = redis_server.client().xlen(stream)
+    first = api.post("/v1/records/executed_obs_unit", json=body, headers=headers)
+    again = api.post("/v1/records/executed_obs_unit", json=body, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json() == again.json()
+    assert redis_server.client().xlen(stream) == before + 1
+    other = api.post("/v1/records/executed_obs_unit", json=body | {"status": "aborted"}, headers=headers)
+    assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"start_time": "2026-11-21T02:00:00"}, "start_time"),  # naive time
+        ({"status": "exploded"}, "status"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
+def test_invalid_record_names_the_field(api, primary, planning, values, field):
+    headers = token(primary, "executed_obs_unit")
+    response = api.post("/v1/records/executed_obs_unit", json=observation(planning) | values, headers=headers)
+    assert response.status_code == 422
+    assert any(field in map(str, error["loc"]) for error in response.json()["detail"])
+
+
+def test_missing_required_field_and_unknown_table(api, primary):
+    headers = token(primary, "executed_obs_unit", "nope")
+    missing = api.post("/v1/records/executed_obs_unit", json={"status": "running"}, headers=headers)
+    assert missing.status_code == 422
+    assert {"obs_unit_id", "start_time"} <= {e["loc"][-1] for e in missing.json()["detail"]}
+    unknown = api.post("/v1/records/nope", json={}, headers=headers)
+    assert unknown.status_code == 422 and "not an ingestible table" in unknown.json()["detail"][0]["msg"]
+
+
+def test_auth_is_required_and_scoped(api, primary, planning):
+    body = observation(planning)
+    assert api.post("/v1/records/executed_obs_unit", json=body).status_code == 401
+    assert api.post("/v1/records/executed_obs_unit", json=body, headers={"Authorization": "Bearer ops_wrong"}).status_code == 401
+    wrong_scope = token(primary, "raw_data_file")
+    assert api.post("/v1/records/executed_obs_unit", json=body, headers=wrong_scope).status_code == 403
+    revoked = token(primary, "executed_obs_unit")
+    revoke_token(primary, revoked["X-Name"])
+    from ingest_api.deps import get_verifier
+
+    get_verifier.cache_clear()
+    assert api.post("/v1/records/executed_obs_unit", json=body, headers=revoked).status_code == 401
+
+
+def test_direct_table_is_written_to_the_primary(api, primary):
+    headers = token(primary, "instrument")
+    name = f"SWEEP-{uuid.uuid4().hex[:6]}"
+    response = api.post("/v1/records/instrument", json={"name": name}, headers=headers)
+    assert response.status_code == 202, response.text
+    assert response.json()["state"] == "committed" and response.json()["commit_lsn"]
+    with primary.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM instrument WHERE name = :n"), {"n": name}).scalar() == 1
+    duplicate = api.post("/v1/records/instrument", json={"name": name}, headers=headers)
+    assert duplicate.status_code == 409 and "uq_instrument_name" in duplicate.json()["detail"]
+
+
+def test_too_many_records(api, primary, site_env):
+    headers = token(primary, "housekeeping_sample")
+    rows = [{}] * (site_env.max_records_per_request + 1)
+    assert api.post("/v1/records/housekeeping_sample", json=rows, headers=headers).status_code == 413
