@@ -6,6 +6,7 @@ own `.run/` stack.
 
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -90,7 +91,10 @@ def test_make_up_starts_every_part_and_make_down_keeps_the_buffer(stack_env):
     make("down", env)
     with pytest.raises(redis.ConnectionError):
         redis_client(env).ping()
-    assert make("status", env, check=False).returncode == 3
+    not_running = subprocess.run(
+        [sys.executable, "-m", "opsync.stack.cli", "status"], env=env, capture_output=True, text=True
+    )
+    assert not_running.returncode == 3, not_running.stdout
 
     make("up", env)
     assert [e[0] for e in redis_client(env).xrange("stack-probe")] == [entry]
