@@ -182,3 +182,22 @@ def test_too_many_records(api, primary, site_env):
     headers = token(primary, "housekeeping_sample")
     rows = [{}] * (site_env.max_records_per_request + 1)
     assert api.post("/v1/records/housekeeping_sample", json=rows, headers=headers).status_code == 413
+
+
+def test_api_refuses_to_start_on_a_redis_that_is_not_durable(site_env, redis_server, monkeypatch):
+    from ingest_api import deps
+    from ingest_api.app import NotDurable, app
+    from opsync.config import get_settings
+
+    deps.get_redis.cache_clear()
+    with redis_server.client() as client:
+        client.config_set("appendfsync", "everysec")
+        try:
+            with pytest.raises(NotDurable, match="appendfsync=everysec"), TestClient(app):
+                pass
+            monkeypatch.setenv("OPSYNC_ALLOW_NON_DURABLE", "1")
+            get_settings.cache_clear()
+            with TestClient(app) as started:
+                assert started.get("/readyz").status_code == 503
+        finally:
+            client.config_set("appendfsync", "always")
