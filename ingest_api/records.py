@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Header, HTTPException, Path, Request
 from pydantic import BaseModel
 
 from ingest_api.deps import BufferDep, PrimaryDep, PrincipalDep, SettingsDep
-from opsync.envelope import Op, State
+from opsync.envelope import Op, Receipt
 from opsync.ingest import StepIn, build_transaction, submit
 
 router = APIRouter(prefix="/v1", tags=["records"])
@@ -19,15 +19,6 @@ IdempotencyKey = Annotated[
     Header(max_length=200, description="Retries with the same key and body return the original answer"),
 ]
 TableName = Annotated[str, Path(description="An ingestible table", examples=["raw_data_file"])]
-
-
-class Receipt(BaseModel):
-    txn_id: UUID
-    state: State
-    ids: list[UUID]
-    accepted_at: str
-    commit_lsn: str | None = None
-    status_url: str
 
 
 class TransactionIn(BaseModel):

@@ -42,3 +42,20 @@ class Transaction(BaseModel):
 
     def row_keys(self) -> list[tuple[str, UUID]]:
         return [(step.table, step.key) for step in self.steps]
+
+
+class Receipt(BaseModel):
+    """The API's answer to a write: where the transaction is and the keys of its rows."""
+
+    txn_id: UUID
+    state: State
+    ids: list[UUID]
+    accepted_at: str
+    commit_lsn: str | None = None
+    status_url: str
+
+    @property
+    def id(self) -> UUID:
+        """The key of the only row of a one-row write."""
+        (only,) = self.ids
+        return only

@@ -85,3 +85,53 @@ def site_env(migrated, redis_server, monkeypatch):
     get_settings.cache_clear()
     yield get_settings()
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def primary_engine(site_env):
+    """An engine on the test primary: direct tables and tokens."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(site_env.primary_url.get_secret_value())
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def issue_token(primary_engine, site_env):
+    """Issues a scoped token and returns it once the replica knows it: the API verifies tokens there."""
+    import time
+    import uuid
+
+    from sqlalchemy import create_engine
+
+    from opsync.auth import AuthError, TokenVerifier, create_token
+
+    replica = create_engine(site_env.replica_url.get_secret_value())
+    verifier = TokenVerifier(replica, ttl_s=0)
+
+    def issue(scopes: list[str]) -> str:
+        token = create_token(primary_engine, f"test-{uuid.uuid4()}", scopes)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                verifier.verify(token)
+                return token
+            except AuthError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    yield issue
+    replica.dispose()
+
+
+@pytest.fixture
+def ingest_app(site_env):
+    """The ingest API app with its per-process clients rebuilt from this test's settings."""
+    from ingest_api import deps
+    from ingest_api.app import app
+
+    for cached in (deps.get_redis, deps.get_buffer, deps.get_primary, deps.get_verifier):
+        cached.cache_clear()
+    return app

@@ -1,68 +1,41 @@
 """The ingest API's write path against real Redis and PostgreSQL (issue 2 demo scope)."""
 
+import time
 import uuid
 from datetime import datetime, timezone
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
-from opsync.auth import create_token, revoke_token
+from ingest_api.deps import get_verifier
+from opsync.auth import hash_token, revoke_token
 
 SHA = "ab" * 32
 
 
 @pytest.fixture
-def api(site_env):
-    from ingest_api import deps
-    from ingest_api.app import app
-
-    for cached in (deps.get_redis, deps.get_buffer, deps.get_primary, deps.get_verifier):
-        cached.cache_clear()
-    with TestClient(app) as client:
+def api(ingest_app):
+    with TestClient(ingest_app) as client:
         yield client
 
 
 @pytest.fixture
-def primary(site_env):
-    engine = create_engine(site_env.primary_url.get_secret_value())
-    yield engine
-    engine.dispose()
+def token(issue_token):
+    """Headers with a fresh token granting ``verb:table`` for each table."""
 
+    def headers(*tables: str, verbs=("write",)) -> dict:
+        return {"Authorization": f"Bearer {issue_token([f'{v}:{t}' for t in tables for v in verbs])}"}
 
-def token(primary, *tables: str, verbs=("write",)) -> dict:
-    name = f"test-{uuid.uuid4()}"
-    scopes = [f"{verb}:{t}" for t in tables for verb in verbs]
-    value = create_token(primary, name, scopes)
-    wait_replicated_token(value)
-    return {"Authorization": f"Bearer {value}", "X-Name": name}
-
-
-def wait_replicated_token(value: str) -> None:
-    """The API checks tokens on the replica; streaming makes them visible within milliseconds."""
-    import time
-
-    from opsync.auth import hash_token
-    from opsync.config import get_settings
-
-    engine = create_engine(get_settings().replica_url.get_secret_value())
-    try:
-        for _ in range(100):
-            with engine.connect() as conn:
-                if conn.execute(text("SELECT 1 FROM api_token WHERE token_sha256 = :h"), {"h": hash_token(value)}).first():
-                    return
-            time.sleep(0.05)
-    finally:
-        engine.dispose()
-    raise AssertionError("token never reached the replica")
+    return headers
 
 
 @pytest.fixture
-def planning(primary):
+def planning(primary_engine):
     """An instrument, a module and a planned observation in the primary (direct tables)."""
     ids = {k: uuid.uuid4() for k in ("instrument", "module", "obs_unit")}
     tag = uuid.uuid4().hex[:8]
-    with primary.begin() as conn:
+    with primary_engine.begin() as conn:
         conn.execute(text("INSERT INTO instrument (id, name) VALUES (:i, :n)"), {"i": ids["instrument"], "n": f"CHAI-{tag}"})
         conn.execute(
             text("INSERT INTO instrument_module (id, instrument_id, name) VALUES (:m, :i, 'LFA')"),
@@ -83,8 +56,8 @@ def observation(planning) -> dict:
     }
 
 
-def test_post_record_buffers_and_answers_202(api, primary, planning):
-    headers = token(primary, "executed_obs_unit")
+def test_post_record_buffers_and_answers_202(api, token, planning):
+    headers = token("executed_obs_unit")
     response = api.post("/v1/records/executed_obs_unit", json=observation(planning), headers=headers)
     assert response.status_code == 202, response.text
     body = response.json()
@@ -94,8 +67,8 @@ def test_post_record_buffers_and_answers_202(api, primary, planning):
     assert status["state"] == "accepted"
 
 
-def test_transaction_with_reference_between_steps(api, primary, planning, redis_server):
-    headers = token(primary, "executed_obs_unit", "raw_data_file")
+def test_transaction_with_reference_between_steps(api, token, planning, redis_server):
+    headers = token("executed_obs_unit", "raw_data_file")
     steps = [
         {"table": "executed_obs_unit", "ref": "obs", "values": observation(planning)},
         {"table": "raw_data_file", "values": {
@@ -114,8 +87,8 @@ def test_transaction_with_reference_between_steps(api, primary, planning, redis_
     assert str(txn.steps[1].key) == file_id
 
 
-def test_idempotency_key_replays_and_conflicts(api, primary, planning, redis_server):
-    headers = token(primary, "executed_obs_unit") | {"Idempotency-Key": str(uuid.uuid4())}
+def test_idempotency_key_replays_and_conflicts(api, token, planning, redis_server):
+    headers = token("executed_obs_unit") | {"Idempotency-Key": str(uuid.uuid4())}
     body = observation(planning)
     stream = "opsync:buffer"
     before = redis_server.client().xlen(stream)
@@ -136,15 +109,15 @@ def test_idempotency_key_replays_and_conflicts(api, primary, planning, redis_ser
         ({"bogus": 1}, "bogus"),
     ],
 )
-def test_invalid_record_names_the_field(api, primary, planning, values, field):
-    headers = token(primary, "executed_obs_unit")
+def test_invalid_record_names_the_field(api, token, planning, values, field):
+    headers = token("executed_obs_unit")
     response = api.post("/v1/records/executed_obs_unit", json=observation(planning) | values, headers=headers)
     assert response.status_code == 422
     assert any(field in map(str, error["loc"]) for error in response.json()["detail"])
 
 
-def test_missing_required_field_and_unknown_table(api, primary):
-    headers = token(primary, "executed_obs_unit", "nope")
+def test_missing_required_field_and_unknown_table(api, token):
+    headers = token("executed_obs_unit", "nope")
     missing = api.post("/v1/records/executed_obs_unit", json={"status": "running"}, headers=headers)
     assert missing.status_code == 422
     assert {"obs_unit_id", "start_time"} <= {e["loc"][-1] for e in missing.json()["detail"]}
@@ -152,34 +125,40 @@ def test_missing_required_field_and_unknown_table(api, primary):
     assert unknown.status_code == 422 and "not an ingestible table" in unknown.json()["detail"][0]["msg"]
 
 
-def test_auth_is_required_and_scoped(api, primary, planning):
+def test_auth_is_required_and_scoped(api, token, planning, primary_engine):
     body = observation(planning)
     assert api.post("/v1/records/executed_obs_unit", json=body).status_code == 401
     assert api.post("/v1/records/executed_obs_unit", json=body, headers={"Authorization": "Bearer ops_wrong"}).status_code == 401
-    wrong_scope = token(primary, "raw_data_file")
+    wrong_scope = token("raw_data_file")
     assert api.post("/v1/records/executed_obs_unit", json=body, headers=wrong_scope).status_code == 403
-    revoked = token(primary, "executed_obs_unit")
-    revoke_token(primary, revoked["X-Name"])
-    from ingest_api.deps import get_verifier
+    revoked = token("executed_obs_unit")
+    assert api.post("/v1/records/executed_obs_unit", json=body, headers=revoked).status_code == 202
+    digest = hash_token(revoked["Authorization"].removeprefix("Bearer "))
+    with primary_engine.begin() as conn:
+        name = conn.execute(text("SELECT name FROM api_token WHERE token_sha256 = :h"), {"h": digest}).scalar_one()
+    assert revoke_token(primary_engine, name)
+    get_verifier().ttl_s = 0  # as if the cache TTL had passed
+    deadline = time.monotonic() + 10
+    while (status := api.post("/v1/records/executed_obs_unit", json=body, headers=revoked).status_code) != 401:
+        assert status == 202 and time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "revoked" in api.post("/v1/records/executed_obs_unit", json=body, headers=revoked).json()["detail"]
 
-    get_verifier.cache_clear()
-    assert api.post("/v1/records/executed_obs_unit", json=body, headers=revoked).status_code == 401
 
-
-def test_direct_table_is_written_to_the_primary(api, primary):
-    headers = token(primary, "instrument")
+def test_direct_table_is_written_to_the_primary(api, token, primary_engine):
+    headers = token("instrument")
     name = f"SWEEP-{uuid.uuid4().hex[:6]}"
     response = api.post("/v1/records/instrument", json={"name": name}, headers=headers)
     assert response.status_code == 202, response.text
     assert response.json()["state"] == "committed" and response.json()["commit_lsn"]
-    with primary.connect() as conn:
+    with primary_engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM instrument WHERE name = :n"), {"n": name}).scalar() == 1
     duplicate = api.post("/v1/records/instrument", json={"name": name}, headers=headers)
     assert duplicate.status_code == 409 and "uq_instrument_name" in duplicate.json()["detail"]
 
 
-def test_too_many_records(api, primary, site_env):
-    headers = token(primary, "housekeeping_sample")
+def test_too_many_records(api, token, site_env):
+    headers = token("housekeeping_sample")
     rows = [{}] * (site_env.max_records_per_request + 1)
     assert api.post("/v1/records/housekeeping_sample", json=rows, headers=headers).status_code == 413
 
