@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test bootstrap clean
+.PHONY: up down status demo test lint bootstrap clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -22,6 +22,9 @@ demo: bootstrap
 
 test: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: bootstrap
+	$(VENV)/bin/ruff check .
 
 clean: down
 	rm -rf .run

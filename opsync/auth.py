@@ -10,7 +10,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert, select, update
 
@@ -46,7 +46,7 @@ def revoke_token(primary: Engine, name: str) -> bool:
         result = conn.execute(
             update(ApiToken)
             .where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
-            .values(revoked_at=datetime.now(timezone.utc))
+            .values(revoked_at=datetime.now(UTC))
         )
     return result.rowcount > 0
 
@@ -89,7 +89,7 @@ class TokenVerifier:
             self._cache[digest] = entry
         if entry.revoked:
             raise AuthError("token revoked")
-        if entry.expires_at is not None and entry.expires_at <= datetime.now(timezone.utc):
+        if entry.expires_at is not None and entry.expires_at <= datetime.now(UTC):
             raise AuthError("token expired")
         return entry.principal
 

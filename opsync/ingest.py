@@ -6,7 +6,7 @@ with the field named, instead of being dead-lettered hours later. Keys of new ro
 here (UUIDv7) and references between steps are resolved, so the envelope is final.
 """
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -64,7 +64,7 @@ def build_transaction(steps: list[StepIn], site: str, idempotency_key: str | Non
     if errors:
         raise Invalid(errors)
     return Transaction(
-        txn_id=new_id(), site=site, accepted_at=datetime.now(timezone.utc),
+        txn_id=new_id(), site=site, accepted_at=datetime.now(UTC),
         idempotency_key=idempotency_key, steps=built,
     )
 
@@ -155,7 +155,7 @@ def submit(
         raise Rejected(str(exc.orig).strip().splitlines()[0]) from None
     except apply.RowNotFound as exc:
         raise Rejected(str(exc)) from None
-    committed_at = datetime.now(timezone.utc).isoformat()
+    committed_at = datetime.now(UTC).isoformat()
     buffer.record_state(txn.txn_id, State.committed, committed_at, commit_lsn=lsn, accepted_at=txn.accepted_at.isoformat())
     answer |= {"state": State.committed, "accepted_at": txn.accepted_at.isoformat(), "commit_lsn": lsn}
     if idempotency:

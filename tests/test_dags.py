@@ -5,7 +5,7 @@ from tests.airflow_home import configure_airflow, migrate
 AIRFLOW_HOME = configure_airflow()
 
 import os  # noqa: E402
-from datetime import datetime, timedelta, timezone  # noqa: E402
+from datetime import UTC, datetime, timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -48,7 +48,7 @@ def test_every_dag_has_tags_an_owner_and_starts_unpaused(dagbag):
 
 
 def days_ago(days: float) -> datetime:
-    return datetime.now(timezone.utc) - timedelta(days=days)
+    return datetime.now(UTC) - timedelta(days=days)
 
 
 def backdate(path: Path, when: datetime) -> Path:

@@ -2,7 +2,7 @@
 
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -52,7 +52,7 @@ def observation(planning) -> dict:
     return {
         "obs_unit_id": str(planning["obs_unit"]),
         "instrument_module_id": str(planning["module"]),
-        "start_time": datetime.now(timezone.utc).isoformat(),
+        "start_time": datetime.now(UTC).isoformat(),
     }
 
 

@@ -1,7 +1,7 @@
 """The primary's schema: migrations match the models, constraints bite, the registry validates."""
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -14,7 +14,7 @@ from opsync import migrate, schema
 from opsync.ids import new_id
 from opsync.registry import Mode, UnknownTable, get_table, ingestible_tables
 
-T0 = datetime(2026, 11, 21, 3, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 SHA = "ab" * 32
 TAKEN_PATH = "/data/taken.fits"
 NOWHERE = uuid.UUID(int=1)  # a key no row has

@@ -75,7 +75,7 @@ class RedisServer:
                     return
             except (redis.ConnectionError, redis.BusyLoadingError):
                 if self._proc is not None and self._proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self._proc.returncode}; see {self.root}/server.log")
+                    raise RuntimeError(f"redis-server exited with {self._proc.returncode}; see {self.root}/server.log") from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)

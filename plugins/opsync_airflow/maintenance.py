@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from airflow.sdk import Variable, conf
@@ -37,7 +37,7 @@ def retention_days() -> float:
 
 
 def retention_cutoff() -> datetime:
-    return datetime.now(timezone.utc) - timedelta(days=retention_days())
+    return datetime.now(UTC) - timedelta(days=retention_days())
 
 
 def base_log_folder() -> Path:
