@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from ingest_api import records
+from ingest_api import reads, records
 from ingest_api.deps import get_redis
 from opsync.auth import ScopeError
 from opsync.buffer import IdempotencyConflict
@@ -37,6 +37,7 @@ app = FastAPI(
     lifespan=lifespan,
 )
 app.include_router(records.router)
+app.include_router(reads.router)
 
 
 def error(status: int, detail) -> JSONResponse:

@@ -61,6 +61,21 @@ class Buffer:
     def events(self) -> str:
         return f"{self.prefix}:events"
 
+    @property
+    def dead_letters(self) -> str:
+        """Stream of transactions that failed permanently, with the database's reason."""
+        return f"{self.prefix}:dead"
+
+    @property
+    def awaiting_replica(self) -> str:
+        """Sorted set of committed transactions by commit LSN (as a number), until the replica passes them."""
+        return f"{self.prefix}:awaiting"
+
+    @property
+    def group(self) -> str:
+        """The stream's one consumer group: the drainers."""
+        return "drain"
+
     def status_key(self, txn_id) -> str:
         return f"{self.prefix}:txn:{txn_id}"
 
