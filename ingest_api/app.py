@@ -8,8 +8,10 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from ingest_api import reads, records
-from ingest_api.deps import get_redis
+from ingest_api import events, metrics, reads, records
+from ingest_api.backpressure import check_backpressure, measure
+from ingest_api.deps import get_buffer, get_redis
+from ingest_api.guards import protect
 from opsync.auth import ScopeError
 from opsync.buffer import IdempotencyConflict
 from opsync.config import get_settings
@@ -36,8 +38,12 @@ app = FastAPI(
     description="Buffers observatory operations records durably at the site and answers at once.",
     lifespan=lifespan,
 )
-app.include_router(records.router)
+app.include_router(records.router, dependencies=[Depends(check_backpressure)])
 app.include_router(reads.router)
+app.include_router(events.router)
+app.include_router(metrics.router)
+protect(app)
+app.add_middleware(metrics.RequestMetrics)  # outermost: counts the guards' answers too
 
 
 def error(status: int, detail) -> JSONResponse:
@@ -67,10 +73,16 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
+def unavailable(detail: str) -> JSONResponse:
+    return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503)
+
+
 @app.get("/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health}})
 def readyz(client: Annotated[redis.Redis, Depends(get_redis)]):
-    """Readiness: the buffer is reachable and durable, so a 202 from this API means "on disk"."""
+    """Readiness: the buffer is reachable, durable (a 202 means "on disk") and below its high-water mark."""
     result = redis_durability(client)
     if not result.ok:
-        return JSONResponse(Health(status="unavailable", detail=result.detail).model_dump(), status_code=503)
+        return unavailable(result.detail)
+    if reason := measure(get_buffer(), get_settings()):
+        return unavailable(reason)
     return Health(status="ok", detail=result.detail)

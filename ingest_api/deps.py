@@ -19,7 +19,8 @@ def get_redis() -> redis.Redis:
 
 @lru_cache
 def get_buffer() -> Buffer:
-    return Buffer(get_redis(), idempotency_ttl_s=get_settings().idempotency_ttl_s)
+    settings = get_settings()
+    return Buffer(get_redis(), idempotency_ttl_s=settings.idempotency_ttl_s, status_ttl_s=settings.status_ttl_s)
 
 
 def engine_for(url: str, timeout_s: int) -> Engine:

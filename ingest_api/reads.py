@@ -1,5 +1,93 @@
 """Read routes: the merged view of rows (replica overlaid with what is still buffered) and states."""
 
-from fastapi import APIRouter
+from functools import lru_cache
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
+from ingest_api.deps import BufferDep, PrincipalDep, engine_for
+from opsync import merged, registry
+from opsync.config import get_settings
 
 router = APIRouter(prefix="/v1", tags=["reads"])
+RESERVED = {"limit", "after"}
+
+
+@lru_cache
+def get_replica() -> Engine:
+    return engine_for(get_settings().replica_url.get_secret_value(), 3)
+
+
+ReplicaDep = Annotated[Engine, Depends(get_replica)]
+
+
+class Page(BaseModel):
+    rows: list[dict[str, Any]]
+    next: str | None = None
+
+
+def readable(table: str, who) -> registry.Ingestible:
+    try:
+        entry = registry.get_table(table)
+    except registry.UnknownTable as exc:
+        raise HTTPException(404, str(exc)) from None
+    who.require(f"read:{entry.name}")
+    return entry
+
+
+@router.get("/records/{table}/{row_id}", summary="One row, merged")
+def get_record(table: str, row_id: UUID, buffer: BufferDep, replica: ReplicaDep, who: PrincipalDep) -> dict[str, Any]:
+    """The row as it will be once everything buffered is applied, with its ``_sync_state``."""
+    entry = readable(table, who)
+    try:
+        row = merged.get_row(buffer, replica, entry, row_id)
+    except OperationalError:
+        raise HTTPException(503, "local replica unavailable") from None
+    if row is None:
+        raise HTTPException(404, f"no {entry.name} row {row_id}")
+    return row
+
+
+@router.get("/records/{table}", response_model=Page, summary="Rows, merged, filtered by column values")
+def list_records(
+    table: str, request: Request, buffer: BufferDep, replica: ReplicaDep, who: PrincipalDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[UUID | None, Query(description="Cursor: the `next` of the previous page")] = None,
+) -> Page:
+    """Filter with ``?column=value`` on indexed columns (e.g. ``?status=running``); pages in key order."""
+    entry = readable(table, who)
+    raw = {k: v for k, v in request.query_params.items() if k not in RESERVED}
+    try:
+        rows, cursor = merged.list_rows(buffer, replica, entry, merged.parse_filters(entry, raw), after, limit)
+    except merged.UnknownFilter as exc:
+        raise HTTPException(400, str(exc)) from None
+    except OperationalError:
+        raise HTTPException(503, "local replica unavailable") from None
+    return Page(rows=rows, next=cursor)
+
+
+@router.get("/transactions/{txn_id}", summary="State of a transaction")
+def get_transaction(txn_id: UUID, buffer: BufferDep, who: PrincipalDep) -> dict[str, str]:
+    status = buffer.status(txn_id)
+    if status is None:
+        raise HTTPException(404, f"no transaction {txn_id} (unknown, or older than the status retention)")
+    return {"txn_id": str(txn_id), **status}
+
+
+@router.get("/transactions", summary="States of many transactions")
+def get_transactions(
+    buffer: BufferDep, who: PrincipalDep,
+    ids: Annotated[list[str], Query(description="Transaction ids, repeated or comma-separated (at most 1000)")],
+) -> dict[str, dict[str, str] | None]:
+    """Unknown ids map to null, so a script can poll all of its transactions in one request."""
+    try:
+        txn_ids = [UUID(part) for value in ids for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise HTTPException(422, "ids: each must be a UUID") from None
+    if len(txn_ids) > 1000:
+        raise HTTPException(422, f"ids: at most 1000, got {len(txn_ids)}")
+    return dict(zip(map(str, txn_ids), buffer.statuses(txn_ids), strict=True))

@@ -118,11 +118,3 @@ def delete_record(
 ) -> Receipt:
     steps = [StepIn(op=Op.delete, table=table, id=row_id)]
     return run(steps, request, settings, buffer, primary, who, idempotency_key, None)
-
-
-@router.get("/transactions/{txn_id}", summary="State of a transaction")
-def get_transaction(txn_id: UUID, buffer: BufferDep, who: PrincipalDep) -> dict[str, str]:
-    status = buffer.status(txn_id)
-    if status is None:
-        raise HTTPException(404, f"no transaction {txn_id}")
-    return {"txn_id": str(txn_id), **status}

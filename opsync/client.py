@@ -7,24 +7,33 @@ with exponential backoff and jitter. A 4xx means the request itself is wrong: it
 once, never retried.
 """
 
+import asyncio
 import json
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 from uuid import UUID
 
 import httpx
 
+from opsync.config import Settings
 from opsync.envelope import Receipt
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 TRANSIENT_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
+MAX_RECORDS_PER_REQUEST = Settings.model_fields["max_records_per_request"].default  # the API's default limit
+
 Row = dict[str, Any]
+ReceiptT = TypeVar("ReceiptT")  # what a write returns: a Receipt, or an awaitable of one
+ReceiptsT = TypeVar("ReceiptsT")
+StatusT = TypeVar("StatusT")
 
 
 class OpsyncError(Exception):
@@ -57,7 +66,130 @@ def encode(value: Any) -> str:
     return json.dumps(value, default=default)
 
 
-class OpsyncClient:
+@dataclass(frozen=True)
+class Call:
+    """One logical API call, built once into a request that every retry re-sends unchanged (same Idempotency-Key)."""
+
+    method: str
+    path: str
+    parse: Callable[[Any], Any]
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def request(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        content = None if self.body is None else encode(self.body)
+        return http.build_request(self.method, self.path, content=content, headers=self.headers)
+
+
+def write(method: str, path: str, body: Any, idempotency_key: str | None) -> Call:
+    """A write, keyed so that a retry after a lost answer replays the original instead of writing twice."""
+    return Call(method, path, Receipt.model_validate, body, {"Idempotency-Key": idempotency_key or str(uuid.uuid4())})
+
+
+def chunked(rows: list[Row], size: int) -> list[list[Row]]:
+    if size < 1:
+        raise ValueError(f"batch size must be at least 1, got {size}")
+    return [rows[start:start + size] for start in range(0, len(rows), size)]
+
+
+class Attempts:
+    """One call's retry discipline, free of I/O so that the sync and the async client share it.
+
+    Iterating numbers the attempts; ``guard`` swallows a transient failure (no answer, 502/503/504)
+    while attempts remain, so the loop pauses and tries again, and raises it as :class:`Unavailable`
+    after the last. Any other answer ends the loop: parsed on success, :class:`ApiError` otherwise.
+    """
+
+    def __init__(self, call: Call, retries: int):
+        self.call = call
+        self.retries = retries
+        self.attempt = 0
+
+    def __iter__(self) -> Iterator[int]:
+        for attempt in range(self.retries + 1):
+            self.attempt = attempt
+            yield attempt
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        try:
+            yield
+        except TRANSIENT_ERRORS as exc:
+            self.failed(Unavailable(None, repr(exc), self.call.method, self.call.path))
+        except Unavailable as exc:
+            self.failed(exc)
+
+    def failed(self, failure: Unavailable) -> None:
+        if self.attempt == self.retries:
+            raise failure
+
+    def settle(self, response: httpx.Response) -> Any:
+        method, path = self.call.method, self.call.path
+        if response.status_code in RETRY_STATUSES:
+            raise Unavailable(response.status_code, detail(response), method, path)
+        return self.call.parse(checked(response, method, path).json())
+
+
+class Endpoints(Generic[ReceiptT, ReceiptsT, StatusT]):
+    """The API's calls, written once for both clients: each sends a :class:`Call` its own way (blocking or awaitable)."""
+
+    def __init__(self, retries: int, backoff: float, max_backoff: float):
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._jitter = random.Random()
+
+    def records(self, table: str, rows: Row | list[Row], idempotency_key: str | None = None) -> ReceiptT:
+        """Record one row or a list of rows of ``table`` in one transaction."""
+        return self._send(write("POST", f"/v1/records/{table}", rows, idempotency_key))
+
+    def batches(
+        self, table: str, rows: list[Row], size: int = MAX_RECORDS_PER_REQUEST, idempotency_key: str | None = None
+    ) -> ReceiptsT:
+        """Record a long list as consecutive transactions of at most ``size`` rows (the API refuses longer lists).
+
+        A failure leaves the chunks before it recorded; with ``idempotency_key`` (chunk *i* uses
+        ``{key}/{i}``) running the same call again replays those chunks instead of duplicating them.
+        """
+        path = f"/v1/records/{table}"
+        chunks = enumerate(chunked(rows, size))
+        return self._send_all([write("POST", path, chunk, idempotency_key and f"{idempotency_key}/{i}") for i, chunk in chunks])
+
+    def transaction(self, steps: list[Row], idempotency_key: str | None = None) -> ReceiptT:
+        """Several steps, all or nothing; a step's values may use ``{"$ref": name}`` for an earlier step's key."""
+        return self._send(write("POST", "/v1/transactions", {"steps": steps}, idempotency_key))
+
+    def update(self, table: str, id: UUID | str, values: Row, idempotency_key: str | None = None) -> ReceiptT:
+        """Change fields of a row, whether it is still buffered at the site or already in the primary."""
+        return self._send(write("PATCH", f"/v1/records/{table}/{id}", values, idempotency_key))
+
+    def delete(self, table: str, id: UUID | str, idempotency_key: str | None = None) -> ReceiptT:
+        return self._send(write("DELETE", f"/v1/records/{table}/{id}", None, idempotency_key))
+
+    def status(self, txn_id: UUID | str) -> StatusT:
+        """Where a transaction is now: ``state`` (accepted, committed, replicated, failed) and its times."""
+        return self._send(Call("GET", f"/v1/transactions/{txn_id}", dict))
+
+    def delay(self, attempt: int) -> float:
+        """Full jitter: many scripts retrying after the same outage must not hit the API in lockstep."""
+        return self._jitter.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+
+    def _send(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    def _send_all(self, calls: list[Call]) -> Any:
+        raise NotImplementedError
+
+
+def http_options(base_url: str, token: str, timeout: float) -> dict[str, Any]:
+    return {
+        "base_url": base_url,
+        "headers": {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        "timeout": timeout,
+    }
+
+
+class OpsyncClient(Endpoints[Receipt, list[Receipt], dict[str, str]]):
     """Writes records to the ingest API; ``with OpsyncClient(url, token) as client: ...``."""
 
     def __init__(
@@ -71,17 +203,9 @@ class OpsyncClient:
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        super().__init__(retries, backoff, max_backoff)
         self._sleep = sleep
-        self._jitter = random.Random()
-        self._http = httpx.Client(
-            base_url=base_url,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-            timeout=timeout,
-            transport=transport,
-        )
+        self._http = httpx.Client(**http_options(base_url, token, timeout), transport=transport)
 
     def __enter__(self) -> Self:
         return self
@@ -92,49 +216,54 @@ class OpsyncClient:
     def close(self) -> None:
         self._http.close()
 
-    def records(self, table: str, rows: Row | list[Row], idempotency_key: str | None = None) -> Receipt:
-        """Record one row or a list of rows of ``table`` in one transaction."""
-        return self._write("POST", f"/v1/records/{table}", rows, idempotency_key)
+    def _send(self, call: Call) -> Any:
+        request, attempts = call.request(self._http), Attempts(call, self.retries)
+        for attempt in attempts:
+            with attempts.guard():
+                return attempts.settle(self._http.send(request))
+            self._sleep(self.delay(attempt))
 
-    def transaction(self, steps: list[Row], idempotency_key: str | None = None) -> Receipt:
-        """Several steps, all or nothing; a step's values may use ``{"$ref": name}`` for an earlier step's key."""
-        return self._write("POST", "/v1/transactions", {"steps": steps}, idempotency_key)
+    def _send_all(self, calls: list[Call]) -> list[Any]:
+        return [self._send(call) for call in calls]
 
-    def update(self, table: str, id: UUID | str, values: Row, idempotency_key: str | None = None) -> Receipt:
-        """Change fields of a row, whether it is still buffered at the site or already in the primary."""
-        return self._write("PATCH", f"/v1/records/{table}/{id}", values, idempotency_key)
 
-    def delete(self, table: str, id: UUID | str, idempotency_key: str | None = None) -> Receipt:
-        return self._write("DELETE", f"/v1/records/{table}/{id}", None, idempotency_key)
+class AsyncOpsyncClient(Endpoints[Awaitable[Receipt], Awaitable[list[Receipt]], Awaitable[dict[str, str]]]):
+    """The same calls for asyncio code, each awaited: ``async with AsyncOpsyncClient(url, token) as client: ...``."""
 
-    def status(self, txn_id: UUID | str) -> dict[str, str]:
-        """Where a transaction is now: ``state`` (accepted, committed, replicated, failed) and its times."""
-        return self._request("GET", f"/v1/transactions/{txn_id}", None, {}).json()
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        timeout: float = 10.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
+        super().__init__(retries, backoff, max_backoff)
+        self._sleep = sleep
+        self._http = httpx.AsyncClient(**http_options(base_url, token, timeout), transport=transport)
 
-    def _write(self, method: str, path: str, body: Any, idempotency_key: str | None) -> Receipt:
-        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
-        return Receipt.model_validate(self._request(method, path, body, headers).json())
+    async def __aenter__(self) -> Self:
+        return self
 
-    def _request(self, method: str, path: str, body: Any, headers: dict[str, str]) -> httpx.Response:
-        """Send, retrying transient failures; the same headers (and so the same key) on every attempt."""
-        content = None if body is None else encode(body)
-        failure = Unavailable(None, "no attempt made", method, path)
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self._sleep(self.delay(attempt - 1))
-            try:
-                response = self._http.request(method, path, content=content, headers=headers)
-            except TRANSIENT_ERRORS as exc:
-                failure = Unavailable(None, repr(exc), method, path)
-                continue
-            if response.status_code not in RETRY_STATUSES:
-                return checked(response, method, path)
-            failure = Unavailable(response.status_code, detail(response), method, path)
-        raise failure
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
 
-    def delay(self, attempt: int) -> float:
-        """Full jitter: many scripts retrying after the same outage must not hit the API in lockstep."""
-        return self._jitter.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: Call) -> Any:
+        request, attempts = call.request(self._http), Attempts(call, self.retries)
+        for attempt in attempts:
+            with attempts.guard():
+                return attempts.settle(await self._http.send(request))
+            await self._sleep(self.delay(attempt))
+
+    async def _send_all(self, calls: list[Call]) -> list[Any]:
+        """One after the other: the stream keeps the order of the chunks, as one long list would have."""
+        return [await self._send(call) for call in calls]
 
 
 def detail(response: httpx.Response) -> Any:

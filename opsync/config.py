@@ -39,6 +39,24 @@ class Settings(BaseSettings):
     token_cache_ttl_s: float = Field(30, description="How long a validated token is trusted before re-checking")
     direct_timeout_s: int = Field(3, description="Connect/statement timeout of direct writes to the primary")
     idempotency_ttl_s: int = Field(7 * 86400, description="How long Idempotency-Key answers are kept")
+    status_ttl_s: int = Field(
+        7 * 86400, description="How long a transaction's status is kept once final (replicated or failed)"
+    )
+    high_water_entries: int = Field(
+        3_456_000,
+        description="Buffered (unacknowledged) transactions above which writes get 503 + Retry-After: "
+        "48 h at a peak of 20 transactions/s (48 x 3600 x 20); see README 'Backpressure'",
+    )
+    high_water_memory_fraction: float = Field(
+        0.9,
+        gt=0, le=1,
+        description="Fraction of Redis maxmemory (when set) above which writes get 503; the rest is room for the drainer",
+    )
+    retry_after_s: int = Field(30, description="Retry-After of a 503 for backpressure")
+    backpressure_cache_s: float = Field(0.5, description="How long one measurement of the buffer serves the high-water check")
+    max_body_bytes: int = Field(10 * 1024 * 1024, description="Largest request body; larger ones get 413 before being read")
+    max_json_depth: int = Field(32, description="Deepest nesting of JSON values a record may have")
+    events_keepalive_s: float = Field(15, description="Interval of SSE keep-alive comments on GET /v1/events")
 
 
 @lru_cache

@@ -85,7 +85,8 @@ def build_step(step_in: StepIn, refs: dict[str, UUID], loc: tuple) -> Step:
     values = resolve_refs(step_in.values, refs, (*loc, "values"))
     if step_in.op in (Op.insert, Op.upsert):
         key = step_in.id or new_id()
-        values = validated(entry.create_model, {**values, "id": key}, (*loc, "values"))
+        defaults = entry.insert_defaults if step_in.op is Op.insert else {}
+        values = validated(entry.create_model, {**defaults, **values, "id": key}, (*loc, "values"))
         values.pop("id")
         return Step(op=step_in.op, table=entry.name, key=key, values=values)
     if step_in.id is None:

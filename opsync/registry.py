@@ -6,13 +6,14 @@ the link to the primary may be down: anything the primary would reject for a col
 length, nullability or :class:`~opsync.schema.Rule` is refused here, at once.
 """
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
-from sqlalchemy import Column, Table
+from sqlalchemy import Column, Table, UniqueConstraint
 from sqlalchemy.sql.sqltypes import JSON
 
 from opsync import schema
@@ -44,6 +45,16 @@ class Ingestible:
     def name(self) -> str:
         return self.table.name
 
+    @property
+    def insert_defaults(self) -> dict[str, Any]:
+        """Literal server defaults, written into buffered inserts so the merged view shows them at once."""
+        return literal_defaults(self.table)
+
+    @property
+    def filterable(self) -> tuple[str, ...]:
+        """Columns the merged view filters on by equality: indexed in the primary and in the buffer overlay."""
+        return filterable_columns(self.table)
+
 
 def python_type(column: Column) -> Any:
     """The input type of a column: its SQL type narrowed by its length and :class:`Rule`."""
@@ -61,6 +72,47 @@ def python_type(column: Column) -> Any:
         constraints |= {"ge": rule.ge, "le": rule.le, "lt": rule.lt, "pattern": rule.pattern}
     constraints = {name: value for name, value in constraints.items() if value is not None}
     return Annotated[base, Field(**constraints)] if constraints else base
+
+
+def filterable_columns(table: Table) -> tuple[str, ...]:
+    """References and other indexed columns whose values are worth an equality filter.
+
+    Times, floats and JSON are left out (equality on them is not a query anyone makes), and so is
+    the key (a row is fetched by its key directly).
+    """
+    indexed = {column.key for index in table.indexes for column in index.columns}
+    indexed |= {column.key for c in table.constraints if isinstance(c, UniqueConstraint) for column in c.columns}
+    indexed |= {column.key for column in table.columns if column.foreign_keys}
+    return tuple(
+        column.key
+        for column in table.columns
+        if column.key in indexed
+        and not column.primary_key
+        and not isinstance(column.type, JSON)
+        and column.type.python_type not in (datetime, float)
+    )
+
+
+def literal_defaults(table: Table) -> dict[str, Any]:
+    """Server defaults that are constants (``'running'``, ``5``, ``true``, ``'{}'::jsonb``), as JSON values.
+
+    Defaults computed by the database (``now()``) are left to it.
+    """
+    defaults = {}
+    for column in input_columns(table):
+        sql = getattr(getattr(column.server_default, "arg", None), "text", None)
+        if sql is None:
+            continue
+        literal = sql.split("::")[0]
+        if literal.startswith("'") and literal.endswith("'"):
+            inner = literal[1:-1].replace("''", "'")
+            defaults[column.key] = json.loads(inner) if isinstance(column.type, JSON) else inner
+        else:
+            try:
+                defaults[column.key] = json.loads(literal)
+            except ValueError:  # an expression such as now() or gen_random_uuid()
+                continue
+    return defaults
 
 
 def has_default(column: Column) -> bool:

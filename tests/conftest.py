@@ -135,3 +135,43 @@ def ingest_app(site_env):
     for cached in (deps.get_redis, deps.get_buffer, deps.get_primary, deps.get_verifier):
         cached.cache_clear()
     return app
+
+
+@pytest.fixture
+def planning(primary_engine):
+    """An instrument, a module and a planned observation in the primary (direct tables)."""
+    import uuid
+
+    from sqlalchemy import text
+
+    ids = {k: uuid.uuid4() for k in ("instrument", "module", "obs_unit")}
+    tag = uuid.uuid4().hex[:8]
+    with primary_engine.begin() as conn:
+        conn.execute(text("INSERT INTO instrument (id, name) VALUES (:i, :n)"), {"i": ids["instrument"], "n": f"CHAI-{tag}"})
+        conn.execute(
+            text("INSERT INTO instrument_module (id, instrument_id, name) VALUES (:m, :i, 'LFA')"),
+            {"m": ids["module"], "i": ids["instrument"]},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO obs_unit (id, name, program, source_name, ra_deg, dec_deg)"
+                " VALUES (:o, :n, 'P1', 'Orion KL', 83.8, -5.4)"
+            ),
+            {"o": ids["obs_unit"], "n": f"orion-{tag}"},
+        )
+    return ids
+
+
+@pytest.fixture
+def observation(planning):
+    """Values of a new executed observation of the planned one, starting now (override with kwargs)."""
+    from datetime import UTC, datetime
+
+    def values(**overrides) -> dict:
+        return {
+            "obs_unit_id": str(planning["obs_unit"]),
+            "instrument_module_id": str(planning["module"]),
+            "start_time": datetime.now(UTC).isoformat(),
+        } | overrides
+
+    return values

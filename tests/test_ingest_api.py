@@ -2,7 +2,6 @@
 
 import time
 import uuid
-from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -30,35 +29,10 @@ def token(issue_token):
     return headers
 
 
-@pytest.fixture
-def planning(primary_engine):
-    """An instrument, a module and a planned observation in the primary (direct tables)."""
-    ids = {k: uuid.uuid4() for k in ("instrument", "module", "obs_unit")}
-    tag = uuid.uuid4().hex[:8]
-    with primary_engine.begin() as conn:
-        conn.execute(text("INSERT INTO instrument (id, name) VALUES (:i, :n)"), {"i": ids["instrument"], "n": f"CHAI-{tag}"})
-        conn.execute(
-            text("INSERT INTO instrument_module (id, instrument_id, name) VALUES (:m, :i, 'LFA')"),
-            {"m": ids["module"], "i": ids["instrument"]},
-        )
-        conn.execute(
-            text("INSERT INTO obs_unit (id, name, program, source_name, ra_deg, dec_deg) VALUES (:o, :n, 'P1', 'Orion KL', 83.8, -5.4)"),
-            {"o": ids["obs_unit"], "n": f"orion-{tag}"},
-        )
-    return ids
 
-
-def observation(planning) -> dict:
-    return {
-        "obs_unit_id": str(planning["obs_unit"]),
-        "instrument_module_id": str(planning["module"]),
-        "start_time": datetime.now(UTC).isoformat(),
-    }
-
-
-def test_post_record_buffers_and_answers_202(api, token, planning):
+def test_post_record_buffers_and_answers_202(api, token, observation):
     headers = token("executed_obs_unit")
-    response = api.post("/v1/records/executed_obs_unit", json=observation(planning), headers=headers)
+    response = api.post("/v1/records/executed_obs_unit", json=observation(), headers=headers)
     assert response.status_code == 202, response.text
     body = response.json()
     assert body["state"] == "accepted" and len(body["ids"]) == 1
@@ -67,10 +41,10 @@ def test_post_record_buffers_and_answers_202(api, token, planning):
     assert status["state"] == "accepted"
 
 
-def test_transaction_with_reference_between_steps(api, token, planning, redis_server):
+def test_transaction_with_reference_between_steps(api, token, observation, redis_server):
     headers = token("executed_obs_unit", "raw_data_file")
     steps = [
-        {"table": "executed_obs_unit", "ref": "obs", "values": observation(planning)},
+        {"table": "executed_obs_unit", "ref": "obs", "values": observation()},
         {"table": "raw_data_file", "values": {
             "executed_obs_unit_id": {"$ref": "obs"}, "path": f"/data/{uuid.uuid4()}.fits",
             "size_bytes": 10, "checksum_sha256": SHA, "file_type": "fits"}},
@@ -87,9 +61,9 @@ def test_transaction_with_reference_between_steps(api, token, planning, redis_se
     assert str(txn.steps[1].key) == file_id
 
 
-def test_idempotency_key_replays_and_conflicts(api, token, planning, redis_server):
+def test_idempotency_key_replays_and_conflicts(api, token, observation, redis_server):
     headers = token("executed_obs_unit") | {"Idempotency-Key": str(uuid.uuid4())}
-    body = observation(planning)
+    body = observation()
     stream = "opsync:buffer"
     before = redis_server.client().xlen(stream)
     first = api.post("/v1/records/executed_obs_unit", json=body, headers=headers)
@@ -109,9 +83,9 @@ def test_idempotency_key_replays_and_conflicts(api, token, planning, redis_serve
         ({"bogus": 1}, "bogus"),
     ],
 )
-def test_invalid_record_names_the_field(api, token, planning, values, field):
+def test_invalid_record_names_the_field(api, token, observation, values, field):
     headers = token("executed_obs_unit")
-    response = api.post("/v1/records/executed_obs_unit", json=observation(planning) | values, headers=headers)
+    response = api.post("/v1/records/executed_obs_unit", json=observation() | values, headers=headers)
     assert response.status_code == 422
     assert any(field in map(str, error["loc"]) for error in response.json()["detail"])
 
@@ -125,8 +99,8 @@ def test_missing_required_field_and_unknown_table(api, token):
     assert unknown.status_code == 422 and "not an ingestible table" in unknown.json()["detail"][0]["msg"]
 
 
-def test_auth_is_required_and_scoped(api, token, planning, primary_engine):
-    body = observation(planning)
+def test_auth_is_required_and_scoped(api, token, observation, primary_engine):
+    body = observation()
     assert api.post("/v1/records/executed_obs_unit", json=body).status_code == 401
     assert api.post("/v1/records/executed_obs_unit", json=body, headers={"Authorization": "Bearer ops_wrong"}).status_code == 401
     wrong_scope = token("raw_data_file")

@@ -1,0 +1,344 @@
+"""``make bench-ingest``: how fast the ingest API answers on this machine, next to its limits.
+
+It starts its own services in a temporary directory (a durable Redis with ``appendfsync always``,
+a migrated PostgreSQL primary with its streaming replica) and the real API as a subprocess, with
+the command ``make up`` uses (``uvicorn ingest_api.app:app``: one worker, uvloop and httptools
+picked automatically, access log on), so the load generator never shares the API's CPU or GIL.
+
+- Single-record POSTs at fixed open-loop rates. Sends are scheduled at fixed times and latency
+  is measured from the scheduled time, so a stalled server is charged for every request it
+  delays (no coordinated omission). The generator is a bare HTTP/1.1 keep-alive client on uvloop
+  parsing only the status line with httptools; its own lag is reported to show it kept up.
+- Batch POSTs of ``BATCH`` records from a few concurrent senders: records per second.
+- The limit: pipelined ``XADD`` with redis-py of envelopes the size the API writes, to the same Redis.
+- Without opsync: one ``INSERT`` and commit into the primary through a 250 ms round-trip link.
+
+Prints a summary, then one JSON line with every figure, last.
+"""
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httptools
+import httpx
+import psutil
+from sqlalchemy import Engine, insert
+
+from opsync.auth import AuthError, TokenVerifier, create_token
+from opsync.migrate import upgrade
+from opsync.schema import Instrument, InstrumentModule
+from opsync.stack.postgres import Credentials, PostgresServer, provision
+from opsync.stack.redis import RedisServer
+from opsync.stack.settings import REPO, StackSettings
+
+TABLE = "housekeeping_sample"
+RATES = (200, 500, 1000)  # single-record POSTs per second
+RATE_SECONDS = 10
+WARMUP_REQUESTS = 400
+CONNECTIONS = 128  # keep-alive connections of the open-loop generator; more are never needed below 1 s of stall
+BATCH = 500
+BATCH_SENDERS = 4
+BATCH_SECONDS = 8
+XADD_PIPELINE = 1000
+XADD_SECONDS = 3
+WAN_ONE_WAY_S = 0.125  # 250 ms round trips
+WAN_SAMPLES, WAN_CONNECT_SAMPLES = 30, 5
+REQUEST_TIMEOUT_S = 10
+TARGET_P99_MS, TARGET_BATCH_SHARE = 5.0, 0.30
+SERVER_COMMAND = ["uvicorn", "ingest_api.app:app"]  # as make up runs it (opsync.stack.local)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Site:
+    redis: RedisServer
+    primary: PostgresServer
+    replica: PostgresServer
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "OPSYNC_PRIMARY_URL": self.primary.url(),
+            "OPSYNC_REPLICA_URL": self.replica.url(),
+            "OPSYNC_REDIS_URL": self.redis.url,
+        }
+
+
+@contextmanager
+def services() -> Iterator[Site]:
+    """Redis and PostgreSQL as the tests build them: same code as ``make up``, free ports, a scratch dir."""
+    root = Path(tempfile.mkdtemp(prefix="opsync-bench-"))
+    root.chmod(0o755)  # the unprivileged PostgreSQL user must traverse it
+    stack = StackSettings()
+    credentials = Credentials(secrets.token_urlsafe(16), secrets.token_urlsafe(16))
+    primary, replica = (
+        PostgresServer(name, root / name, free_port(), stack.pg_bin, stack.pg_os_user, credentials) for name in ("primary", "replica")
+    )
+    site = Site(RedisServer(root / "redis", free_port(), secrets.token_urlsafe(16)), primary, replica)
+    try:
+        site.redis.start()
+        provision(primary, replica)
+        upgrade(primary.url())
+        yield site
+    finally:
+        site.redis.stop()
+        for server in (replica, primary):
+            if server.pid() is not None:
+                server.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def api_server(site: Site, log_path: Path) -> Iterator[subprocess.Popen]:
+    """The API under uvicorn in its own process; yields it once ``/readyz`` answers (Redis durable)."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / SERVER_COMMAND[0]), *SERVER_COMMAND[1:], "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(command, env={**os.environ, **site.env}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc.url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def wait_ready(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{proc.url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the ingest API did not become ready; see its log")
+        time.sleep(0.1)
+
+
+def instrument_module(primary: Engine) -> uuid.UUID:
+    """The module the housekeeping samples belong to (a direct table, so it lives in the primary)."""
+    with primary.begin() as conn:
+        instrument = conn.execute(insert(Instrument).values(name="BENCH").returning(Instrument.id)).scalar_one()
+        return conn.execute(
+            insert(InstrumentModule).values(instrument_id=instrument, name="LFA").returning(InstrumentModule.id)
+        ).scalar_one()
+
+
+def replicated_token(primary: Engine, replica: Engine, timeout_s: float = 10) -> str:
+    """A write token, returned once the replica (where the API checks tokens) has it."""
+    token = create_token(primary, f"bench-{uuid.uuid4()}", [f"write:{TABLE}"])
+    verifier, deadline = TokenVerifier(replica, ttl_s=0), time.monotonic() + timeout_s
+    while True:
+        try:
+            verifier.verify(token)
+            return token
+        except AuthError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class Samples:
+    """Records of the form a logger sends: one sensor of one module, one reading per millisecond."""
+
+    def __init__(self, module_id: uuid.UUID):
+        self.module_id = str(module_id)
+        self.start = datetime(2026, 11, 21, 2, 0, tzinfo=UTC)
+        self.count = 0
+
+    def record(self) -> dict:
+        self.count += 1
+        at = self.start + timedelta(milliseconds=self.count)
+        return {
+            "instrument_module_id": self.module_id, "sensor": "lfa_mixer_temperature",
+            "sampled_at": at.isoformat(), "value": round(4.2 + (self.count % 97) / 1000, 4), "unit": "K",
+        }
+
+    def body(self, size: int | None = None) -> bytes:
+        """One record, or a list of ``size`` records, as JSON."""
+        payload = self.record() if size is None else [self.record() for _ in range(size)]
+        return json.dumps(payload).encode()
+
+
+@dataclass(frozen=True)
+class Requests:
+    """Raw HTTP/1.1 POSTs, built before the clock starts so the generator only writes bytes."""
+
+    port: int
+    token: str
+
+    def post(self, body: bytes) -> bytes:
+        head = (
+            f"POST /v1/records/{TABLE} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"Authorization: Bearer {self.token}\r\nContent-Type: application/json\r\n"
+            f"Idempotency-Key: {uuid.uuid4()}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+
+class HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time (as httpx or requests use one)."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.response: asyncio.Future | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.fail(exc)
+
+    def on_message_complete(self) -> None:
+        if self.response and not self.response.done():
+            self.response.set_result(self.parser.get_status_code())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(exc or ConnectionError("closed by the server"))
+
+    def fail(self, exc: Exception) -> None:
+        if self.response and not self.response.done():
+            self.response.set_exception(exc)
+
+    async def send(self, raw: bytes) -> int:
+        """Write the request; return the response's status once it has fully arrived."""
+        self.response = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await self.response
+
+
+class Pool:
+    """Idle keep-alive connections; a request waits for one (that wait counts in its latency)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.idle: asyncio.Queue[HttpConnection] = asyncio.Queue()
+
+    async def grow(self, size: int) -> None:
+        for _ in range(size - self.idle.qsize()):
+            await self.add()
+
+    async def add(self) -> None:
+        _, conn = await asyncio.get_running_loop().create_connection(HttpConnection, "127.0.0.1", self.port)
+        self.idle.put_nowait(conn)
+
+    async def send(self, raw: bytes) -> int:
+        conn = await self.idle.get()
+        try:
+            status = await asyncio.wait_for(conn.send(raw), REQUEST_TIMEOUT_S)
+        except (OSError, TimeoutError, httptools.HttpParserError):
+            conn.transport.abort()
+            await self.add()
+            raise
+        self.idle.put_nowait(conn)
+        return status
+
+
+@dataclass
+class Run:
+    """What one load phase measured; latencies and lags in seconds."""
+
+    latencies: list[float] = field(default_factory=list)
+    lags: list[float] = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+    server_cpu: float = 0.0  # cores the API process used on average
+    generator_cpu: float = 0.0  # cores this process used on average
+
+    def ms(self, q: float, values: list[float] | None = None) -> float:
+        values = sorted(self.latencies if values is None else values)
+        return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 2) if values else float("nan")
+
+
+@contextmanager
+def measured(run: Run, server: psutil.Process) -> Iterator[None]:
+    """Wall time and the CPU both processes spent, to tell a saturated server from a saturated generator."""
+    server_before, own_before = sum(server.cpu_times()[:2]), time.process_time()
+    start = time.perf_counter()
+    yield
+    run.seconds = time.perf_counter() - start
+    run.server_cpu = (sum(server.cpu_times()[:2]) - server_before) / run.seconds
+    run.generator_cpu = (time.process_time() - own_before) / run.seconds
+
+
+async def timed(pool: Pool, raw: bytes, scheduled: float, run: Run) -> None:
+    run.lags.append(time.perf_counter() - scheduled)
+    try:
+        ok = await pool.send(raw) == 202
+    except (OSError, TimeoutError, httptools.HttpParserError):
+        ok = False
+    if ok:
+        run.latencies.append(time.perf_counter() - scheduled)
+    else:
+        run.errors += 1
+
+
+async def open_loop(pool: Pool, raws: list[bytes], rate: float) -> Run:
+    """Send ``raws`` at ``rate`` per second on a fixed schedule, whatever the answers do."""
+    run, tasks = Run(), []
+    start = time.perf_counter() + 0.01
+    for index, raw in enumerate(raws):
+        scheduled = start + index / rate
+        if (wait := scheduled - time.perf_counter()) > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(timed(pool, raw, scheduled, run)))
+    await asyncio.gather(*tasks)
+    return run
+
+
+async def closed_loop(pool: Pool, raws: list[bytes], senders: int, seconds: float) -> Run:
+    """``senders`` concurrent clients, each posting as soon as its previous answer came, for ``seconds``."""
+    run, queue = Run(), iter(raws)
+    deadline = time.perf_counter() + seconds
+
+    async def sender() -> None:
+        for raw in queue:
+            await timed(pool, raw, time.perf_counter(), run)
+            if time.perf_counter() > deadline:
+                return
+
+    await asyncio.gather(*(sender() for _ in range(senders)))
+    return run
+
+
+def rate_phase(pool: Pool, requests: Requests, samples: Samples, rate: int, server: psutil.Process, loop) -> Run:
+    raws = [requests.post(samples.body()) for _ in range(rate * RATE_SECONDS)]
+    run = Run()
+    with measured(run, server):
+        result = loop.run_until_complete(open_loop(pool, raws, rate))
+    result.seconds, result.server_cpu, result.generator_cpu = run.seconds, run.server_cpu, run.generator_cpu
+    return result
+
+
+def batch_phase(pool: Pool, requests: Requests, samples: Samples, server: psutil.Process, loop) -> Run:
+    raws = [requests.post(samples.body(BATCH)) for _ in range(BATCH_SECONDS * 100_000 // BATCH)]  # 100k records/s of headroom
+    run = Run()
+    with measured(run, server):
+        result = loop.run_until_complete(closed_loop(pool, raws, BATCH_SENDERS, BATCH_SECONDS))
+    result.seconds, result.server_cpu, result.generator_cpu = run.seconds, run.server_cpu, run.generator_cpu
+    return result

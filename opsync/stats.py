@@ -1,0 +1,89 @@
+"""How full and how far behind the site buffer is: one measurement shared by /metrics, /readyz,
+backpressure, the CLI and the Airflow UI.
+
+Depth counts transactions not yet acknowledged by the drainer (delivered-but-pending plus not yet
+delivered), whether or not acknowledged entries are later deleted from the stream. It comes from
+the consumer group's ``pending`` and ``lag``; before the group exists every entry is unacknowledged.
+Redis reports no lag when undelivered entries were deleted; the stream length is then the upper
+bound used. Ages use Redis' own clock, the one that stamped the stream IDs.
+"""
+
+from dataclasses import dataclass
+
+import redis
+
+from opsync.buffer import Buffer
+
+
+@dataclass(frozen=True)
+class BufferStats:
+    depth: int  # transactions not yet acknowledged by the drainer
+    pending: int  # of which claimed by a drainer (being applied or to be redelivered)
+    oldest_age_s: float  # age of the oldest unacknowledged transaction; 0 when none
+    awaiting_replica: int  # committed in the primary, not yet replayed by the local replica
+    dead_letters: int  # failed permanently
+    used_memory: int  # bytes Redis uses
+    maxmemory: int  # Redis' limit in bytes; 0 when none is set
+
+    @property
+    def memory_fraction(self) -> float | None:
+        return self.used_memory / self.maxmemory if self.maxmemory else None
+
+
+def buffer_stats(client: redis.Redis, buffer: Buffer) -> BufferStats:
+    """Two round trips whatever the buffer's size: no scan, no XLEN-per-consumer."""
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    pipe.xinfo_groups(buffer.stream)
+    pipe.xlen(buffer.stream)
+    pipe.zcard(buffer.awaiting_replica)
+    pipe.xlen(buffer.dead_letters)
+    pipe.info("memory")
+    now, groups, length, awaiting, dead, memory = pipe.execute(raise_on_error=False)
+    for result in (now, length, awaiting, dead, memory):
+        if isinstance(result, Exception):
+            raise result
+    group = _group(groups, buffer.group)
+    depth = length if group is None or group["lag"] is None else group["pending"] + group["lag"]
+    oldest = _oldest_id(client, buffer, group) if depth else None
+    return BufferStats(
+        depth=depth,
+        pending=group["pending"] if group else 0,
+        oldest_age_s=max(0.0, now[0] + now[1] / 1e6 - _id_seconds(oldest)) if oldest else 0.0,
+        awaiting_replica=awaiting,
+        dead_letters=dead,
+        used_memory=memory["used_memory"],
+        maxmemory=memory["maxmemory"],
+    )
+
+
+def _group(groups, name: str) -> dict | None:
+    """The drainers' group; a missing stream answers XINFO with an error, which means no group."""
+    if isinstance(groups, Exception):
+        if isinstance(groups, redis.ResponseError) and "no such key" in str(groups):
+            return None
+        raise groups
+    return next((g for g in groups if g["name"].decode() == name), None)
+
+
+def _oldest_id(client: redis.Redis, buffer: Buffer, group: dict | None) -> bytes | None:
+    """Pending entries are older than undelivered ones, so the oldest pending one wins when any exists."""
+    if group and group["pending"]:
+        return client.xpending(buffer.stream, buffer.group)["min"]
+    start = b"(" + group["last-delivered-id"] if group else "-"
+    first = client.xrange(buffer.stream, min=start, count=1)
+    return first[0][0] if first else None
+
+
+def _id_seconds(stream_id: bytes) -> float:
+    return int(stream_id.split(b"-")[0]) / 1000
+
+
+def high_water(stats: BufferStats, max_entries: int, max_memory_fraction: float) -> str | None:
+    """Why the buffer must refuse new writes now, or None: backpressure instead of eviction or loss."""
+    if stats.depth >= max_entries:
+        return f"site buffer holds {stats.depth} unsent transactions (high-water mark {max_entries})"
+    fraction = stats.memory_fraction
+    if fraction is not None and fraction >= max_memory_fraction:
+        return f"site buffer uses {fraction:.0%} of Redis maxmemory (high-water mark {max_memory_fraction:.0%})"
+    return None
