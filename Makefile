@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint bootstrap clean
+.PHONY: up down status demo test lint bench-ingest bootstrap clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -22,6 +22,9 @@ demo: bootstrap
 
 test: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-ingest: bootstrap
+	$(PY) bench/ingest.py
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .

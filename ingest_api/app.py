@@ -5,8 +5,10 @@ from typing import Annotated
 
 import redis
 from fastapi import Depends, FastAPI
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from ingest_api import events, metrics, reads, records
 from ingest_api.backpressure import check_backpressure, measure
@@ -46,8 +48,8 @@ protect(app)
 app.add_middleware(metrics.RequestMetrics)  # outermost: counts the guards' answers too
 
 
-def error(status: int, detail) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+def error(status: int, detail, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 ERRORS = {
@@ -57,9 +59,22 @@ ERRORS = {
     Rejected: lambda exc: error(409, f"rejected by the primary: {exc}"),
     PrimaryUnavailable: lambda exc: error(503, f"{exc}; direct tables need the primary, retry later"),
     redis.RedisError: lambda exc: error(503, f"site buffer unavailable: {exc.__class__.__name__}"),
+    # noeviction: Redis refuses a script before its first write, so no transaction is half-buffered
+    redis.OutOfMemoryError: lambda exc: error(
+        503, "site buffer full (Redis maxmemory reached); retry later",
+        {"Retry-After": str(get_settings().retry_after_s)},
+    ),
 }
 for exc_class, render in ERRORS.items():
     app.add_exception_handler(exc_class, lambda request, exc, render=render: render(exc))
+
+
+@app.exception_handler(HTTPException)
+async def http_error(request, exc: HTTPException):
+    """FastAPI's answer to JSON nested past Python's parser is a bare "error parsing the body": say why."""
+    if isinstance(exc.__cause__, RecursionError):
+        return error(400, f"body: JSON nested too deeply (at most {get_settings().max_json_depth} levels)")
+    return await http_exception_handler(request, exc)
 
 
 class Health(BaseModel):

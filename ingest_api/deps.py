@@ -1,15 +1,19 @@
 """Dependencies of the routes: clients built once per process from the settings, and auth."""
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import redis
 from fastapi import Depends, Header, HTTPException
 from sqlalchemy import Engine, create_engine
+from starlette.concurrency import run_in_threadpool
 
-from opsync.auth import AuthError, Principal, TokenVerifier
+from opsync.auth import AuthError, AuthUnavailable, Principal, TokenVerifier
 from opsync.buffer import Buffer
 from opsync.config import Settings, get_settings
+
+T = TypeVar("T")
 
 
 @lru_cache
@@ -44,18 +48,47 @@ def get_verifier() -> TokenVerifier:
     return TokenVerifier(engine_for(settings.replica_url.get_secret_value(), 3), settings.token_cache_ttl_s)
 
 
-def principal(
-    verifier: Annotated[TokenVerifier, Depends(get_verifier)],
+TOKEN_RETRY_AFTER_S = 5  # a replica restart takes seconds
+
+
+def on_loop(factory: Callable[[], T]) -> Any:
+    """``factory`` as a dependency run on the event loop: a cached getter needs no worker thread.
+
+    FastAPI runs every sync dependency in the thread pool; for getters that only return a cached
+    object, those hops cost more than the request's own work (see ``make bench-ingest``).
+    """
+
+    async def dependency() -> T:
+        return factory()
+
+    return Depends(dependency)
+
+
+async def principal(
+    verifier: Annotated[TokenVerifier, on_loop(get_verifier)],
     authorization: Annotated[str | None, Header(description="Bearer <token>")] = None,
 ) -> Principal:
-    scheme, _, token = (authorization or "").partition(" ")
+    """The caller, from ``Authorization: Bearer <token>``: 401 with a challenge (RFC 6750) when it is not valid.
+
+    A token fresh in the cache is checked on the loop; one that needs the replica, in a thread.
+    """
+    if not authorization:
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    scheme, _, token = authorization.partition(" ")
     try:
-        return verifier.verify(token.strip() if scheme.lower() == "bearer" else None)
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
+        token = token.strip()
+        if verifier.is_fresh(token):
+            return verifier.verify(token)
+        return await run_in_threadpool(verifier.verify, token)
     except AuthError as exc:
-        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+    except AuthUnavailable as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": str(TOKEN_RETRY_AFTER_S)}) from None
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-BufferDep = Annotated[Buffer, Depends(get_buffer)]
+SettingsDep = Annotated[Settings, on_loop(get_settings)]
+BufferDep = Annotated[Buffer, on_loop(get_buffer)]
 PrincipalDep = Annotated[Principal, Depends(principal)]
-PrimaryDep = Annotated[Engine, Depends(get_primary)]
+PrimaryDep = Annotated[Engine, on_loop(get_primary)]

@@ -4,12 +4,12 @@ from functools import lru_cache
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from ingest_api.deps import BufferDep, PrincipalDep, engine_for
+from ingest_api.deps import BufferDep, PrincipalDep, engine_for, on_loop
 from opsync import merged, registry
 from opsync.config import get_settings
 
@@ -22,7 +22,7 @@ def get_replica() -> Engine:
     return engine_for(get_settings().replica_url.get_secret_value(), 3)
 
 
-ReplicaDep = Annotated[Engine, Depends(get_replica)]
+ReplicaDep = Annotated[Engine, on_loop(get_replica)]
 
 
 class Page(BaseModel):

@@ -6,11 +6,13 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from ingest_api.deps import BufferDep, PrimaryDep, PrincipalDep, SettingsDep
+from opsync import registry
 from opsync.envelope import Op, Receipt
-from opsync.ingest import StepIn, build_transaction, submit
+from opsync.ingest import Invalid, StepIn, build_transaction, problem, submit
 
 router = APIRouter(prefix="/v1", tags=["records"])
 
@@ -25,6 +27,7 @@ class TransactionIn(BaseModel):
     steps: list[StepIn]
 
     model_config = {
+        "extra": "forbid",
         "json_schema_extra": {
             "examples": [
                 {
@@ -59,17 +62,22 @@ def body_hash(request: Request, body: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def run(steps: list[StepIn], request: Request, settings, buffer, primary, who, idempotency_key, raw_body) -> Receipt:
-    for step in steps:
-        who.require(f"write:{step.table}")
-    txn = build_transaction(steps, settings.site, idempotency_key)
+async def run(steps: list[StepIn], request: Request, settings, buffer, primary, who, idempotency_key, raw_body) -> Receipt:
+    """Validate and check scopes on the event loop (CPU only); the one blocking call, ``submit``, in a thread.
+
+    The routes are ``async`` so that FastAPI does not spend thread-pool hops on them and on
+    serialising their answers: at 1,000 requests per second those hops cost more than the work.
+    """
+    for table in sorted({step.table for step in steps} & registry.REGISTRY.keys()):
+        who.require(f"write:{table}")  # before validation: a token without the scope learns nothing of the table's rules
+    txn = build_transaction(steps, settings.site, idempotency_key, settings.max_json_depth)  # unknown tables: 422
     idempotency = (who.name, idempotency_key) if idempotency_key else None
-    answer, _ = submit(txn, buffer, primary, idempotency, body_hash(request, raw_body))
-    return Receipt(**answer, status_url=str(request.url_for("get_transaction", txn_id=answer["txn_id"])))
+    answer, _ = await run_in_threadpool(submit, txn, buffer, primary, idempotency, body_hash(request, raw_body))
+    return Receipt(**answer, status_url=f"{request.base_url}v1/transactions/{answer['txn_id']}")
 
 
 @router.post("/records/{table}", status_code=202, response_model=Receipt, summary="Record one row or a list")
-def post_records(
+async def post_records(
     table: TableName,
     request: Request,
     settings: SettingsDep, buffer: BufferDep, primary: PrimaryDep, who: PrincipalDep,
@@ -84,22 +92,34 @@ def post_records(
     rows = records if isinstance(records, list) else [records]
     if len(rows) > settings.max_records_per_request:
         raise HTTPException(413, f"at most {settings.max_records_per_request} records per request, got {len(rows)}")
-    steps = [StepIn(table=table, id=row.pop("id", None), values=row) for row in map(dict, rows)]
-    return run(steps, request, settings, buffer, primary, who, idempotency_key, records)
+    return await run(record_steps(table, rows), request, settings, buffer, primary, who, idempotency_key, records)
+
+
+def record_steps(table: str, rows: list[dict[str, Any]]) -> list[StepIn]:
+    """One insert step per row; a bad ``id`` is the client's error (422), located like the values' errors."""
+    steps, errors = [], []
+    for index, row in enumerate(map(dict, rows)):
+        try:
+            steps.append(StepIn(table=table, id=row.pop("id", None), values=row))
+        except ValidationError as exc:
+            errors += [problem(("steps", index, *e["loc"]), e["msg"], e["type"]) for e in exc.errors(include_url=False)]
+    if errors:
+        raise Invalid(errors)
+    return steps
 
 
 @router.post("/transactions", status_code=202, response_model=Receipt, summary="Several steps, atomically")
-def post_transaction(
+async def post_transaction(
     body: TransactionIn, request: Request,
     settings: SettingsDep, buffer: BufferDep, primary: PrimaryDep, who: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Receipt:
     """Steps apply in order, all or nothing; a step may use ``{"$ref": name}`` for an earlier step's key."""
-    return run(body.steps, request, settings, buffer, primary, who, idempotency_key, body.model_dump(mode="json"))
+    return await run(body.steps, request, settings, buffer, primary, who, idempotency_key, body.model_dump(mode="json"))
 
 
 @router.patch("/records/{table}/{row_id}", status_code=202, response_model=Receipt, summary="Update fields")
-def patch_record(
+async def patch_record(
     table: TableName, row_id: UUID, request: Request,
     settings: SettingsDep, buffer: BufferDep, primary: PrimaryDep, who: PrincipalDep,
     values: Annotated[dict[str, Any], Body(examples=[{"status": "completed", "end_time": "2026-11-21T02:40:00Z"}])],
@@ -107,14 +127,14 @@ def patch_record(
 ) -> Receipt:
     """Works whether the row is still buffered, committed or replicated: applied after its create, in order."""
     steps = [StepIn(op=Op.update, table=table, id=row_id, values=values)]
-    return run(steps, request, settings, buffer, primary, who, idempotency_key, values)
+    return await run(steps, request, settings, buffer, primary, who, idempotency_key, values)
 
 
 @router.delete("/records/{table}/{row_id}", status_code=202, response_model=Receipt, summary="Delete a row")
-def delete_record(
+async def delete_record(
     table: TableName, row_id: UUID, request: Request,
     settings: SettingsDep, buffer: BufferDep, primary: PrimaryDep, who: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Receipt:
     steps = [StepIn(op=Op.delete, table=table, id=row_id)]
-    return run(steps, request, settings, buffer, primary, who, idempotency_key, None)
+    return await run(steps, request, settings, buffer, primary, who, idempotency_key, None)

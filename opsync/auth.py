@@ -1,22 +1,32 @@
 """Bearer tokens for scripts: random, stored only as SHA-256 hashes, scoped, revocable.
 
+Scopes are ``write:<table>``, ``read:<table>`` and ``admin``, which implies every scope.
+
 Tokens are issued on the primary and validated at the site against the local replica (the token
 table replicates), so a script can authenticate while the link to Cologne is down. A short
-in-process cache keeps the replica off the hot path; revocation takes effect within its TTL.
+in-process cache keeps the replica off the hot path; revocation takes effect within its TTL once
+the replica has replayed it. While the replica itself cannot be read (a restart), tokens already
+known good keep working from the cache, re-checked once per TTL; unknown tokens are refused with
+:class:`AuthUnavailable` (503), never cached. Tokens themselves are never logged, only their names.
 """
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import OperationalError
 
 from opsync.schema import ApiToken
 
 TOKEN_PREFIX = "ops_"
+ADMIN = "admin"
+
+log = logging.getLogger(__name__)
 
 
 class AuthError(Exception):
@@ -25,6 +35,10 @@ class AuthError(Exception):
 
 class ScopeError(Exception):
     """A valid token without the scope an action needs (403)."""
+
+
+class AuthUnavailable(Exception):
+    """The token table cannot be read and the token is not known good from the cache (503, not 401)."""
 
 
 def hash_token(token: str) -> str:
@@ -57,7 +71,7 @@ class Principal:
     scopes: frozenset[str]
 
     def require(self, scope: str) -> None:
-        if scope not in self.scopes:
+        if ADMIN not in self.scopes and scope not in self.scopes:
             raise ScopeError(f"token {self.name!r} lacks scope {scope!r}")
 
 
@@ -77,21 +91,39 @@ class TokenVerifier:
         self.ttl_s = ttl_s
         self._cache: dict[str, _Cached] = {}
 
+    def is_fresh(self, token: str) -> bool:
+        """Whether :meth:`verify` will answer from the cache, without touching the database."""
+        entry = self._cache.get(hash_token(token))
+        return entry is not None and time.monotonic() - entry.fetched <= self.ttl_s
+
     def verify(self, token: str | None) -> Principal:
         if not token:
             raise AuthError("missing bearer token")
         digest = hash_token(token)
         entry = self._cache.get(digest)
         if entry is None or time.monotonic() - entry.fetched > self.ttl_s:
-            entry = self._fetch(digest)
-            if entry is None:
-                raise AuthError("unknown token")  # not cached: random guesses must not grow memory
-            self._cache[digest] = entry
+            entry = self._refresh(digest, entry)
         if entry.revoked:
             raise AuthError("token revoked")
         if entry.expires_at is not None and entry.expires_at <= datetime.now(UTC):
             raise AuthError("token expired")
         return entry.principal
+
+    def _refresh(self, digest: str, cached: _Cached | None) -> _Cached:
+        """The token's current row; the cached one (trusted for one more TTL) while the replica is unreadable."""
+        try:
+            entry = self._fetch(digest)
+        except OperationalError as exc:
+            if cached is None:
+                raise AuthUnavailable(f"cannot check tokens now ({exc.orig.__class__.__name__}); retry") from None
+            log.warning("token store unreadable (%s): trusting cached token %r", exc.orig.__class__.__name__,
+                        cached.principal.name)
+            entry = replace(cached, fetched=time.monotonic())  # not a connect attempt per request meanwhile
+        if entry is None:
+            self._cache.pop(digest, None)
+            raise AuthError("unknown token")  # not cached: random guesses must not grow memory
+        self._cache[digest] = entry
+        return entry
 
     def _fetch(self, digest: str) -> _Cached | None:
         with self.engine.connect() as conn:

@@ -13,6 +13,10 @@ the rest of the row is in the replica, ``deleted``), plus sorted sets by key for
 (``idx:<table>:<column>:<value>``), so no
 query scans the buffer. The scripts touch keys they compute, so they need a single Redis (no
 cluster), which a site has.
+
+The drainer's side is atomic the same way: SETTLE acknowledges a batch only after the primary's
+commit and records each outcome (committed and awaiting the replica, or failed and moved to the
+dead-letter stream); CONFIRM marks a transaction replicated and releases its overlay in one step.
 """
 
 import json
@@ -22,6 +26,7 @@ import redis
 
 from opsync import registry
 from opsync.envelope import State, Transaction
+from opsync.lsn import Lsn
 
 ENQUEUE = """
 -- KEYS: stream, status, idempotency ('' when none)
@@ -83,27 +88,87 @@ redis.call('PUBLISH', ARGV[7], cjson.encode({txn_id = ARGV[2], state = 'accepted
 return {'created', ARGV[5]}
 """
 
-RELEASE = """
+RELEASE_ROWS = """
 -- Drop overlay rows whose latest change is the given transaction (now in the replica).
--- ARGV: key prefix, txn_id, then per row: table, key, n indexed fields, fields...
-local prefix, txn, pos = ARGV[1], ARGV[2], 3
-local released = 0
-while pos <= #ARGV do
-  local tbl, key, nindexed = ARGV[pos], ARGV[pos + 1], tonumber(ARGV[pos + 2])
-  local row = prefix .. ':row:' .. tbl .. ':' .. key
-  if redis.call('HGET', row, 'txn_id') == txn then
-    for i = pos + 3, pos + 2 + nindexed do
-      local value = redis.call('HGET', row, 'v:' .. ARGV[i])
-      if value then redis.call('ZREM', prefix .. ':idx:' .. tbl .. ':' .. ARGV[i] .. ':' .. value, key) end
+-- args from pos on, per row: table, key, n indexed fields, fields...
+local function release_rows(prefix, txn, args, pos)
+  local released = 0
+  while pos <= #args do
+    local tbl, key, nindexed = args[pos], args[pos + 1], tonumber(args[pos + 2])
+    local row = prefix .. ':row:' .. tbl .. ':' .. key
+    if redis.call('HGET', row, 'txn_id') == txn then
+      for i = pos + 3, pos + 2 + nindexed do
+        local value = redis.call('HGET', row, 'v:' .. args[i])
+        if value then redis.call('ZREM', prefix .. ':idx:' .. tbl .. ':' .. args[i] .. ':' .. value, key) end
+      end
+      redis.call('ZREM', prefix .. ':rows:' .. tbl, key)
+      redis.call('ZREM', prefix .. ':partial:' .. tbl, key)
+      redis.call('DEL', row)
+      released = released + 1
     end
-    redis.call('ZREM', prefix .. ':rows:' .. tbl, key)
-    redis.call('ZREM', prefix .. ':partial:' .. tbl, key)
-    redis.call('DEL', row)
-    released = released + 1
+    pos = pos + 3 + nindexed
   end
-  pos = pos + 3 + nindexed
+  return released
 end
-return released
+"""
+
+# ARGV: key prefix, txn_id, then the rows (see release_args)
+RELEASE = RELEASE_ROWS + "return release_rows(ARGV[1], ARGV[2], ARGV, 3)"
+
+SETTLE = """
+-- Acknowledge a drained batch and record where each transaction went, all at once.
+-- KEYS: stream, awaiting replica, dead letters, dead rows
+-- ARGV: group, key prefix, events channel, at, status ttl, commit lsn, lsn score, then per entry:
+--       outcome (committed | duplicate | failed | gone: deleted meanwhile), stream_id, txn_id ('' if unreadable), reason,
+--       n rows it creates, rows ('table:key')...
+local group, prefix, channel, at, ttl, lsn, score = unpack(ARGV, 1, 7)
+local function record(txn, state, field, value)  -- as Buffer.record_state does it
+  redis.call('HSET', prefix .. ':txn:' .. txn, 'state', state, state .. '_at', at, field, value)
+  redis.call('PUBLISH', channel, cjson.encode({txn_id = txn, state = state, at = at, [field] = value}))
+end
+local function commit(txn)
+  record(txn, 'committed', 'commit_lsn', lsn)
+  redis.call('ZADD', KEYS[2], score, txn)
+end
+local pos = 8
+while pos <= #ARGV do
+  local outcome, id, txn, reason, nrows = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 3], tonumber(ARGV[pos + 4])
+  redis.call('XACK', KEYS[1], group, id)
+  if outcome == 'committed' then
+    commit(txn)
+  elseif outcome == 'duplicate' then
+    -- applied by a run that died before acknowledging: its LSN is lost, this batch's is past it
+    local state = redis.call('HGET', prefix .. ':txn:' .. txn, 'state')
+    if not state or state == 'accepted' then commit(txn) end
+  elseif outcome == 'failed' then
+    local entry = redis.call('XRANGE', KEYS[1], id, id)[1]
+    local envelope = ''
+    if entry then
+      for i = 1, #entry[2], 2 do if entry[2][i] == 'txn' then envelope = entry[2][i + 1] end end
+    end
+    redis.call('XADD', KEYS[3], '*', 'txn', envelope, 'txn_id', txn, 'reason', reason, 'stream_id', id, 'failed_at', at)
+    redis.call('XDEL', KEYS[1], id)
+    if txn ~= '' then
+      record(txn, 'failed', 'reason', reason)
+      redis.call('EXPIRE', prefix .. ':txn:' .. txn, ttl)
+    end
+    for i = pos + 5, pos + 4 + nrows do redis.call('HSET', KEYS[4], ARGV[i], txn) end
+  end
+  pos = pos + 5 + nrows
+end
+"""
+
+CONFIRM = RELEASE_ROWS + """
+-- A committed transaction is in the replica: mark it, release its overlay rows, forget its entry.
+-- KEYS: awaiting replica, status, stream
+-- ARGV: key prefix, txn_id, stream_id ('' for direct writes), at, status ttl, events channel, then rows
+if redis.call('ZREM', KEYS[1], ARGV[2]) == 0 then return 0 end  -- confirmed already
+release_rows(ARGV[1], ARGV[2], ARGV, 7)
+redis.call('HSET', KEYS[2], 'state', 'replicated', 'replicated_at', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+if ARGV[3] ~= '' then redis.call('XDEL', KEYS[3], ARGV[3]) end
+redis.call('PUBLISH', ARGV[6], cjson.encode({txn_id = ARGV[2], state = 'replicated', at = ARGV[4]}))
+return 1
 """
 
 
@@ -121,6 +186,15 @@ def overlay_args(txn: Transaction) -> list[str]:
     return args
 
 
+def release_args(txn: Transaction) -> list[str]:
+    """The overlay rows ``txn`` wrote, as flat script arguments for ``release_rows``."""
+    args: list[str] = []
+    for step in txn.steps:
+        indexed = registry.get_table(step.table).filterable
+        args += [step.table, str(step.key), str(len(indexed)), *indexed]
+    return args
+
+
 def encode(value) -> str:
     """The one JSON encoding of overlay values and of the filter values compared with them."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -130,6 +204,25 @@ FINAL_STATES = frozenset({State.replicated, State.failed})
 
 class IdempotencyConflict(Exception):
     """The same Idempotency-Key was used with a different request body."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A claimed stream entry; ``envelope`` is None when the entry was deleted meanwhile."""
+
+    stream_id: str
+    envelope: bytes | None
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """Where a drained entry went: ``committed``, ``duplicate`` (in the ledger already), ``failed`` or ``gone``."""
+
+    outcome: str
+    stream_id: str
+    txn_id: str = ""  # empty for an entry whose envelope could not be read
+    reason: str = ""
+    rows: tuple[str, ...] = ()  # a failed transaction's rows ('table:key'), so dependants can name it
 
 
 @dataclass(frozen=True)
@@ -150,6 +243,8 @@ class Buffer:
         self.status_ttl_s = status_ttl_s
         self._enqueue = client.register_script(ENQUEUE)
         self._release = client.register_script(RELEASE)
+        self._settle = client.register_script(SETTLE)
+        self._confirm = client.register_script(CONFIRM)
 
     @property
     def stream(self) -> str:
@@ -168,6 +263,11 @@ class Buffer:
     def awaiting_replica(self) -> str:
         """Sorted set of committed transactions by commit LSN (as a number), until the replica passes them."""
         return f"{self.prefix}:awaiting"
+
+    @property
+    def dead_rows(self) -> str:
+        """Hash from each row a dead-lettered transaction would have created ('table:key') to that txn_id."""
+        return f"{self.prefix}:dead:rows"
 
     @property
     def group(self) -> str:
@@ -232,13 +332,23 @@ class Buffer:
         A status is kept as long as its transaction is on its way, however long the link is down;
         once final (``replicated`` or ``failed``) it lives ``status_ttl_s`` more, then expires.
         """
-        key = self.status_key(txn_id)
         pipe = self.client.pipeline(transaction=True)
+        self._state_change(pipe, txn_id, state, at, fields)
+        pipe.execute()
+
+    def mark_committed(self, txn_id, commit_lsn: Lsn, at: str, **fields: str) -> None:
+        """A transaction written straight to the primary: committed, and awaiting the replica like drained ones."""
+        pipe = self.client.pipeline(transaction=True)
+        self._state_change(pipe, txn_id, State.committed, at, {"commit_lsn": str(commit_lsn), **fields})
+        pipe.zadd(self.awaiting_replica, {str(txn_id): float(commit_lsn)})
+        pipe.execute()
+
+    def _state_change(self, pipe, txn_id, state: str, at: str, fields: dict[str, str]) -> None:
+        key = self.status_key(txn_id)
         pipe.hset(key, mapping={"state": state, f"{state}_at": at, **fields})
         if state in FINAL_STATES:
             pipe.expire(key, self.status_ttl_s)
         pipe.publish(self.events, json.dumps({"txn_id": str(txn_id), "state": state, "at": at, **fields}))
-        pipe.execute()
 
     def release_rows(self, txn: Transaction) -> int:
         """Once ``txn`` is in the replica, its rows are read from there: drop their overlay.
@@ -246,11 +356,82 @@ class Buffer:
         Only rows whose latest buffered change is ``txn`` go; a row changed again by a later
         transaction keeps its overlay until that one is replicated too.
         """
-        args: list[str] = []
-        for step in txn.steps:
-            indexed = registry.get_table(step.table).filterable
-            args += [step.table, str(step.key), str(len(indexed)), *indexed]
-        return self._release(args=[self.prefix, str(txn.txn_id), *args])
+        return self._release(args=[self.prefix, str(txn.txn_id), *release_args(txn)])
+
+    def ensure_group(self) -> None:
+        """Create the drainers' group (and the stream) once; from the start, so nothing buffered is skipped."""
+        try:
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def claim(self, consumer: str, count: int) -> list[Entry]:
+        """Up to ``count`` entries in stream order: ``consumer``'s unacknowledged ones first (a run that
+        died left them), then new ones. Nothing leaves the stream here: only :meth:`settle` acknowledges.
+        """
+        entries = self._read(consumer, "0", count)
+        if len(entries) < count:
+            entries += self._read(consumer, ">", count - len(entries))
+        return entries
+
+    def _read(self, consumer: str, start: str, count: int) -> list[Entry]:
+        reply = self.client.xreadgroup(self.group, consumer, {self.stream: start}, count=count)
+        return [Entry(sid.decode(), (fields or {}).get(b"txn")) for _, messages in reply for sid, fields in messages]
+
+    def reclaim(self, consumer: str, min_idle_ms: int, count: int = 1000) -> int:
+        """Move entries other consumers claimed and left idle that long (a crashed drainer's) to ``consumer``."""
+        moved, start = 0, "0-0"
+        while True:
+            start, entries, _deleted = self.client.xautoclaim(self.stream, self.group, consumer, min_idle_ms, start, count=count)
+            moved += len(entries)
+            if start in (b"0-0", "0-0"):
+                return moved
+
+    def dead_owners(self, rows: list[str]) -> dict[str, str]:
+        """Which of ``rows`` ('table:key') a dead-lettered transaction would have created, and which one."""
+        if not rows:
+            return {}
+        owners = self.client.hmget(self.dead_rows, rows)
+        return {row: owner.decode() for row, owner in zip(rows, owners, strict=True) if owner is not None}
+
+    def settle(self, settlements: list[Settlement], commit_lsn: Lsn | None, at: str) -> None:
+        """Acknowledge entries and record their states in one atomic step, only after the primary's commit.
+
+        Committed ones wait in :attr:`awaiting_replica` scored by their LSN; failed ones move to the
+        dead-letter stream with the reason. A crash before this redelivers the entries, which the
+        ledger then skips.
+        """
+        args: list = [self.group, self.prefix, self.events, at, self.status_ttl_s, str(commit_lsn or ""), float(commit_lsn or 0)]
+        for s in settlements:
+            args += [s.outcome, s.stream_id, s.txn_id, s.reason, len(s.rows), *s.rows]
+        self._settle(keys=[self.stream, self.awaiting_replica, self.dead_letters, self.dead_rows], args=args)
+
+    def awaiting(self, upto: Lsn, count: int) -> list[str]:
+        """The txn_ids committed at or before ``upto`` (by score; callers check the exact LSN)."""
+        return [m.decode() for m in self.client.zrangebyscore(self.awaiting_replica, "-inf", float(upto), start=0, num=count)]
+
+    def envelopes(self, stream_ids: list[str]) -> list[Transaction | None]:
+        """The buffered envelopes at these stream IDs, in one round trip; None where there is none."""
+        pipe = self.client.pipeline(transaction=False)
+        for stream_id in stream_ids:
+            pipe.xrange(self.stream, stream_id, stream_id)
+        return [Transaction.model_validate_json(found[0][1][b"txn"]) if found else None for found in pipe.execute()]
+
+    def mark_replicated(self, confirmed: list[tuple[str, str, Transaction | None]], at: str) -> int:
+        """Mark each (txn_id, stream_id, envelope) replicated, release its overlay rows and drop its entry.
+
+        Atomic per transaction and idempotent: one already confirmed (by another run) is left alone.
+        Returns how many changed state now.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for txn_id, stream_id, txn in confirmed:
+            self._confirm(
+                keys=[self.awaiting_replica, self.status_key(txn_id), self.stream],
+                args=[self.prefix, txn_id, stream_id, at, self.status_ttl_s, self.events, *(release_args(txn) if txn else [])],
+                client=pipe,
+            )
+        return sum(pipe.execute())
 
     def row_key(self, table: str, key) -> str:
         return f"{self.prefix}:row:{table}:{key}"

@@ -8,6 +8,7 @@ exists.
 
 import json
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, timedelta
@@ -16,7 +17,7 @@ from typing import Any
 import click
 from psycopg.errors import UniqueViolation
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -26,6 +27,7 @@ from opsync.config import get_settings
 CONNECT_TIMEOUT_S = 10  # the primary is across the WAN: slow is normal, but never hang
 IN_DAYS = re.compile(r"(\d+)d")
 A_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+PIPE_WIDTH = 1000  # piped to grep or a file there is no terminal to fit: keep each token on one line
 
 
 class NotFound(click.ClickException):
@@ -54,7 +56,10 @@ class ScopeType(click.ParamType):
 def parse_expiry(text: str, now: datetime) -> datetime:
     """``90d`` from now, a date (00:00 UTC that day) or an ISO time with its UTC offset (a naive one is ambiguous)."""
     if match := IN_DAYS.fullmatch(text):
-        return now + timedelta(days=int(match[1]))
+        try:
+            return now + timedelta(days=int(match[1]))
+        except OverflowError:  # past year 9999: a usage error, not a traceback
+            raise ValueError(f"{text!r} is too far in the future") from None
     if A_DATE.fullmatch(text):
         return datetime.combine(date.fromisoformat(text), time(), UTC)
     moment = datetime.fromisoformat(text)
@@ -156,13 +161,14 @@ def list_(as_json: bool) -> None:
     if as_json:
         echo_json([info.as_json() for info in found])
         return
-    table = Table("name", "state", "scopes", "created", "expires", "revoked", "last used")
+    fold = {"overflow": "fold"}  # never "…": the name is what `revoke` needs, the scopes what it grants
+    table = Table(Column("name", **fold), "state", Column("scopes", **fold), "created", "expires", "revoked", "last used")
     for info in found:
         table.add_row(
             info.name, info.state, " ".join(info.scopes), when(info.created_at),
             when(info.expires_at, "never"), when(info.revoked_at), when(info.last_used_at, "never"),
         )
-    Console(soft_wrap=True).print(table)
+    Console(soft_wrap=True, width=None if sys.stdout.isatty() else PIPE_WIDTH).print(table)
 
 
 @tokens_group.command()

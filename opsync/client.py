@@ -5,6 +5,19 @@ Every write therefore carries an ``Idempotency-Key`` (fresh per logical call, th
 its retries), so retrying is always safe, and the client retries transient failures on its own
 with exponential backoff and jitter. A 4xx means the request itself is wrong: it is raised at
 once, never retried.
+
+The public API (``__all__``)::
+
+    with OpsyncClient("http://127.0.0.1:8000", token) as client:   # or: async with AsyncOpsyncClient(...)
+        receipt = client.records("executed_obs_unit", {...})         # one row or a list -> Receipt
+        receipt.ids, receipt.status_url                              # keys of the rows; where to follow it
+        client.batches("housekeeping_sample", rows)                  # long lists -> [Receipt], one per chunk
+        client.transaction(steps); client.update(table, id, values); client.delete(table, id)
+        client.status(receipt.txn_id)["state"]                       # accepted, committed, replicated, failed
+
+Every write takes an optional ``idempotency_key`` (pass your own to make a re-run of a whole script
+safe too). Errors: :class:`ApiError` (refused; do not retry as is) and :class:`Unavailable` (still
+failing transiently after ``retries``), both :class:`OpsyncError` with ``status`` and ``detail``.
 """
 
 import asyncio
@@ -24,6 +37,8 @@ import httpx
 
 from opsync.config import Settings
 from opsync.envelope import Receipt
+
+__all__ = ["MAX_RECORDS_PER_REQUEST", "ApiError", "AsyncOpsyncClient", "OpsyncClient", "OpsyncError", "Receipt", "Unavailable"]
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 TRANSIENT_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
@@ -104,6 +119,7 @@ class Attempts:
         self.call = call
         self.retries = retries
         self.attempt = 0
+        self.retry_after: float | None = None  # the server's Retry-After of the last transient answer
 
     def __iter__(self) -> Iterator[int]:
         for attempt in range(self.retries + 1):
@@ -126,6 +142,7 @@ class Attempts:
     def settle(self, response: httpx.Response) -> Any:
         method, path = self.call.method, self.call.path
         if response.status_code in RETRY_STATUSES:
+            self.retry_after = seconds(response.headers.get("Retry-After"))
             raise Unavailable(response.status_code, detail(response), method, path)
         return self.call.parse(checked(response, method, path).json())
 
@@ -170,9 +187,11 @@ class Endpoints(Generic[ReceiptT, ReceiptsT, StatusT]):
         """Where a transaction is now: ``state`` (accepted, committed, replicated, failed) and its times."""
         return self._send(Call("GET", f"/v1/transactions/{txn_id}", dict))
 
-    def delay(self, attempt: int) -> float:
-        """Full jitter: many scripts retrying after the same outage must not hit the API in lockstep."""
-        return self._jitter.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Full jitter, so scripts retrying after the same outage do not hit the API in lockstep; never
+        sooner than the server's ``Retry-After`` (capped at ``max_backoff``), which says when it expects room."""
+        jittered = self._jitter.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+        return max(jittered, min(retry_after or 0.0, self.max_backoff))
 
     def _send(self, call: Call) -> Any:
         raise NotImplementedError
@@ -221,7 +240,7 @@ class OpsyncClient(Endpoints[Receipt, list[Receipt], dict[str, str]]):
         for attempt in attempts:
             with attempts.guard():
                 return attempts.settle(self._http.send(request))
-            self._sleep(self.delay(attempt))
+            self._sleep(self.delay(attempt, attempts.retry_after))
 
     def _send_all(self, calls: list[Call]) -> list[Any]:
         return [self._send(call) for call in calls]
@@ -259,11 +278,19 @@ class AsyncOpsyncClient(Endpoints[Awaitable[Receipt], Awaitable[list[Receipt]], 
         for attempt in attempts:
             with attempts.guard():
                 return attempts.settle(await self._http.send(request))
-            await self._sleep(self.delay(attempt))
+            await self._sleep(self.delay(attempt, attempts.retry_after))
 
     async def _send_all(self, calls: list[Call]) -> list[Any]:
         """One after the other: the stream keeps the order of the chunks, as one long list would have."""
         return [await self._send(call) for call in calls]
+
+
+def seconds(retry_after: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (the API sends seconds; an HTTP date from a proxy is ignored)."""
+    try:
+        return max(0.0, float(retry_after)) if retry_after else None
+    except ValueError:
+        return None
 
 
 def detail(response: httpx.Response) -> Any:

@@ -10,20 +10,26 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from opsync import apply, registry
 from opsync.buffer import Buffer
+from opsync.config import Settings
 from opsync.envelope import Op, State, Step, Transaction
 from opsync.ids import new_id
+from opsync.lsn import Lsn
 
 REF = "$ref"
+MAX_JSON_DEPTH = Settings.model_fields["max_json_depth"].default
+NUL = "\x00"
 
 
 class StepIn(BaseModel):
-    """One step as a client writes it."""
+    """One step as a client writes it; a misspelt key is refused, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
 
     op: Op = Op.insert
     table: str
@@ -44,13 +50,15 @@ def problem(loc: tuple, msg: str, kind: str = "value_error") -> dict:
     return {"loc": list(loc), "msg": msg, "type": kind}
 
 
-def build_transaction(steps: list[StepIn], site: str, idempotency_key: str | None = None) -> Transaction:
+def build_transaction(
+    steps: list[StepIn], site: str, idempotency_key: str | None = None, max_json_depth: int = MAX_JSON_DEPTH
+) -> Transaction:
     refs: dict[str, UUID] = {}
     built, errors = [], []
     for index, step_in in enumerate(steps):
         loc = ("steps", index)
         try:
-            step = build_step(step_in, refs, loc)
+            step = build_step(step_in, refs, loc, max_json_depth)
         except Invalid as exc:
             errors += exc.errors
             continue
@@ -77,7 +85,7 @@ def mixed_modes(steps: list[Step]) -> list[dict]:
     return []
 
 
-def build_step(step_in: StepIn, refs: dict[str, UUID], loc: tuple) -> Step:
+def build_step(step_in: StepIn, refs: dict[str, UUID], loc: tuple, max_json_depth: int) -> Step:
     try:
         entry = registry.get_table(step_in.table)
     except registry.UnknownTable as exc:
@@ -86,7 +94,7 @@ def build_step(step_in: StepIn, refs: dict[str, UUID], loc: tuple) -> Step:
     if step_in.op in (Op.insert, Op.upsert):
         key = step_in.id or new_id()
         defaults = entry.insert_defaults if step_in.op is Op.insert else {}
-        values = validated(entry.create_model, {**defaults, **values, "id": key}, (*loc, "values"))
+        values = validated(entry.create_model, {**defaults, **values, "id": key}, (*loc, "values"), max_json_depth)
         values.pop("id")
         return Step(op=step_in.op, table=entry.name, key=key, values=values)
     if step_in.id is None:
@@ -95,7 +103,7 @@ def build_step(step_in: StepIn, refs: dict[str, UUID], loc: tuple) -> Step:
         if not entry.deletable:
             raise Invalid([problem((*loc, "op"), f"rows of {entry.name} cannot be deleted")])
         return Step(op=Op.delete, table=entry.name, key=step_in.id)
-    values = validated(entry.update_model, values, (*loc, "values"))
+    values = validated(entry.update_model, values, (*loc, "values"), max_json_depth)
     if not values:
         raise Invalid([problem((*loc, "values"), "an update needs at least one field")])
     return Step(op=Op.update, table=entry.name, key=step_in.id, values=values)
@@ -113,14 +121,40 @@ def resolve_refs(values: dict[str, Any], refs: dict[str, UUID], loc: tuple) -> d
     return resolved
 
 
-def validated(model: type[BaseModel], values: dict[str, Any], loc: tuple) -> dict[str, Any]:
+def validated(model: type[BaseModel], values: dict[str, Any], loc: tuple, max_json_depth: int) -> dict[str, Any]:
     """Values as JSON-ready data, only those the client set (database defaults must still apply)."""
     try:
-        return model.model_validate(values).model_dump(mode="json", exclude_unset=True)
+        dumped = model.model_validate(values).model_dump(mode="json", exclude_unset=True)
     except ValidationError as exc:
         raise Invalid(
             [problem((*loc, *e["loc"]), e["msg"], e["type"]) for e in exc.errors(include_url=False)]
         ) from None
+    if errors := unstorable(dumped, loc, max_json_depth):
+        raise Invalid(errors)
+    return dumped
+
+
+def unstorable(values: dict[str, Any], loc: tuple, max_depth: int) -> list[dict]:
+    """Problems no column type shows: PostgreSQL text and jsonb cannot hold NUL, so the primary would
+    dead-letter the row hours later; and JSON deeper than ``max_depth`` costs every reader."""
+    errors = []
+
+    def walk(value: Any, where: tuple, depth: int) -> None:
+        if isinstance(value, str):
+            if NUL in value:
+                errors.append(problem(where, "contains a NUL character (\\u0000), which PostgreSQL cannot store"))
+        elif isinstance(value, dict | list):
+            if depth >= max_depth:
+                errors.append(problem(where, f"JSON nested too deeply: at most {max_depth} levels"))
+                return
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+                if isinstance(key, str) and NUL in key:
+                    errors.append(problem((*where, key), "key contains a NUL character (\\u0000), which PostgreSQL cannot store"))
+                walk(item, (*where, key), depth + 1)
+
+    for field, value in values.items():
+        walk(value, (*loc, field), 0)
+    return errors
 
 
 class PrimaryUnavailable(Exception):
@@ -157,7 +191,7 @@ def submit(
     except apply.RowNotFound as exc:
         raise Rejected(str(exc)) from None
     committed_at = datetime.now(UTC).isoformat()
-    buffer.record_state(txn.txn_id, State.committed, committed_at, commit_lsn=lsn, accepted_at=txn.accepted_at.isoformat())
+    buffer.mark_committed(txn.txn_id, Lsn.parse(lsn), committed_at, accepted_at=txn.accepted_at.isoformat())
     answer |= {"state": State.committed, "accepted_at": txn.accepted_at.isoformat(), "commit_lsn": lsn}
     if idempotency:
         buffer.remember(idempotency, body_hash, answer)

@@ -7,19 +7,24 @@ length, nullability or :class:`~opsync.schema.Rule` is refused here, at once.
 """
 
 import json
+import operator
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
-from sqlalchemy import Column, Table, UniqueConstraint
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, create_model, model_validator
+from sqlalchemy import CheckConstraint, Column, Table, UniqueConstraint
 from sqlalchemy.sql.sqltypes import JSON
 
 from opsync import schema
 from opsync.ids import new_id
 
 STRICT = ConfigDict(extra="forbid")
+COMPARISON = re.compile(r"^(\w+) (>=|>|<=|<) (\w+)$")
+OPERATORS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
 class Mode(StrEnum):
@@ -45,12 +50,12 @@ class Ingestible:
     def name(self) -> str:
         return self.table.name
 
-    @property
+    @cached_property  # derived from the table, which never changes: once per process, not per request
     def insert_defaults(self) -> dict[str, Any]:
         """Literal server defaults, written into buffered inserts so the merged view shows them at once."""
         return literal_defaults(self.table)
 
-    @property
+    @cached_property
     def filterable(self) -> tuple[str, ...]:
         """Columns the merged view filters on by equality: indexed in the primary and in the buffer overlay."""
         return filterable_columns(self.table)
@@ -64,7 +69,7 @@ def python_type(column: Column) -> Any:
     if isinstance(column.type, JSON):
         base: Any = dict[str, Any]
     elif column.type.python_type is datetime:
-        base = AwareDatetime  # a naive time is ambiguous (site local or UTC?): refuse it
+        base = Annotated[AwareDatetime, AfterValidator(loadable)]  # a naive time is ambiguous (site local or UTC?): refuse it
     else:
         base = column.type.python_type
     constraints = {"max_length": getattr(column.type, "length", None)}
@@ -72,6 +77,38 @@ def python_type(column: Column) -> Any:
         constraints |= {"ge": rule.ge, "le": rule.le, "lt": rule.lt, "pattern": rule.pattern}
     constraints = {name: value for name, value in constraints.items() if value is not None}
     return Annotated[base, Field(**constraints)] if constraints else base
+
+
+def loadable(value: datetime) -> datetime:
+    """PostgreSQL accepts times past the year 9999 in UTC, but psycopg (the drainer, every reader) cannot load them."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range: in UTC it must fall within the years 1 to 9999") from None
+    return value
+
+
+def comparisons(table: Table) -> list[Any]:
+    """Model validators for the table's CHECKs that compare two columns (``end_time >= start_time``).
+
+    Checked when a write gives both columns; a change of one alone is left to the primary.
+    """
+    validators = []
+    for constraint in table.constraints:
+        found = isinstance(constraint, CheckConstraint) and COMPARISON.match(str(constraint.sqltext))
+        if found and found[1] in table.c and found[3] in table.c:
+            validators.append(comparison(*found.groups(), constraint.name))
+    return validators
+
+
+def comparison(left: str, op: str, right: str, name: str):
+    def check(model: BaseModel) -> BaseModel:
+        a, b = getattr(model, left), getattr(model, right)
+        if a is not None and b is not None and not OPERATORS[op](a, b):
+            raise ValueError(f"{left} must be {op} {right} (rule {name})")
+        return model
+
+    return model_validator(mode="after")(check)
 
 
 def filterable_columns(table: Table) -> tuple[str, ...]:
@@ -144,12 +181,15 @@ def derive_models(table: Table) -> tuple[type[BaseModel], type[BaseModel]]:
     """The create and update models of a table. Dump them with ``exclude_unset=True``."""
     columns = input_columns(table)
     stem = "".join(part.title() for part in table.name.split("_"))
+    validators = {f"check_{index}": check for index, check in enumerate(comparisons(table))}
     create = create_model(
-        f"{stem}Create", __config__=STRICT, **{column.key: create_field(column) for column in columns}
+        f"{stem}Create", __config__=STRICT, __validators__=validators,
+        **{column.key: create_field(column) for column in columns},
     )
     update = create_model(
         f"{stem}Update",
         __config__=STRICT,
+        __validators__=validators,
         **{column.key: update_field(column) for column in columns if not column.primary_key},
     )
     return create, update

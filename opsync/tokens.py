@@ -1,9 +1,9 @@
 """Managing API tokens: which scopes exist, and what an operator may see of issued tokens.
 
-Issuing and revoking are in :mod:`opsync.auth`. A scope is ``admin`` (every scope) or
-``read:<table>`` / ``write:<table>`` for an ingestible table; anything else is refused when the
-token is made, because a misspelt scope would silently grant nothing. Listings never include
-the token's hash.
+Issuing, revoking and what ``admin`` implies are in :mod:`opsync.auth`. A scope is ``admin``
+(every scope) or ``read:<table>`` / ``write:<table>`` for an ingestible table; anything else is
+refused when the token is made, because a misspelt scope would silently grant nothing. Listings
+never include the token's hash.
 """
 
 from dataclasses import dataclass
@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, select
 
 from opsync import registry
+from opsync.auth import ADMIN
 from opsync.schema import ApiToken
 
-ADMIN = "admin"
 VERBS = ("read", "write")
 
 

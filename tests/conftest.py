@@ -175,3 +175,78 @@ def observation(planning):
         } | overrides
 
     return values
+
+
+@pytest.fixture
+def own_redis(site_env, tmp_path, monkeypatch):
+    """A fresh durable Redis for this test alone (fault tests kill it, fill it, or need an empty buffer);
+    the settings and the API's clients point at it."""
+    from ingest_api import deps
+    from opsync.config import get_settings
+
+    tmp_path.chmod(0o755)
+    server = RedisServer(tmp_path / "redis", free_port(), secrets.token_urlsafe(16))
+    server.start()
+    monkeypatch.setenv("OPSYNC_REDIS_URL", server.url)
+    get_settings.cache_clear()
+    for cached in (deps.get_redis, deps.get_buffer):
+        cached.cache_clear()
+    yield server
+    server.stop()
+    for cached in (deps.get_redis, deps.get_buffer):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def api_client(ingest_app):
+    """A TestClient of the ingest API, lifespan included (it refuses a Redis that is not durable)."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(ingest_app) as client:
+        yield client
+
+
+@pytest.fixture
+def auth_headers(issue_token):
+    """``auth_headers("raw_data_file", verbs=("write", "read"))``: Authorization with those scopes."""
+
+    def headers(*tables: str, verbs=("write", "read")) -> dict:
+        return {"Authorization": f"Bearer {issue_token([f'{v}:{t}' for t in tables for v in verbs])}"}
+
+    return headers
+
+
+# --- live ingest API over real HTTP (auth matrix, client) -------------------------------------------
+
+
+@pytest.fixture
+def live_api(ingest_app):
+    """The ingest API served by uvicorn in a thread on a free port (real sockets, streams); yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(ingest_app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the ingest API did not start (see the log above)")
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def replica_engine(site_env):
+    """An engine on the test replica, to wait until it has replayed a change."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(site_env.replica_url.get_secret_value())
+    yield engine
+    engine.dispose()

@@ -105,6 +105,8 @@ def test_auth_is_required_and_scoped(api, token, observation, primary_engine):
     assert api.post("/v1/records/executed_obs_unit", json=body, headers={"Authorization": "Bearer ops_wrong"}).status_code == 401
     wrong_scope = token("raw_data_file")
     assert api.post("/v1/records/executed_obs_unit", json=body, headers=wrong_scope).status_code == 403
+    invalid = api.post("/v1/records/executed_obs_unit", json={"status": "exploded"}, headers=wrong_scope)
+    assert invalid.status_code == 403, "a token without the scope must not learn the table's rules"
     revoked = token("executed_obs_unit")
     assert api.post("/v1/records/executed_obs_unit", json=body, headers=revoked).status_code == 202
     digest = hash_token(revoked["Authorization"].removeprefix("Bearer "))

@@ -56,7 +56,9 @@ class LocalStack:
         user = s.pg_os_user if os.geteuid() == 0 else None
         self.primary = PostgresServer("primary", s.run_dir / "pg/primary", s.primary_port, s.pg_bin, user, credentials, s.host)
         self.replica = PostgresServer("replica", s.run_dir / "pg/replica", s.replica_port, s.pg_bin, user, credentials, s.host)
-        self.redis = RedisServer(s.run_dir / "redis", s.redis_port, s.secrets["redis_password"], s.redis_bin, s.host)
+        self.redis = RedisServer(
+            s.run_dir / "redis", s.redis_port, s.secrets["redis_password"], s.redis_bin, s.host, s.redis_maxmemory
+        )
         self.airflow_home = s.run_dir / "airflow"
 
     @property

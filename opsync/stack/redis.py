@@ -24,6 +24,7 @@ class RedisServer:
     password: str
     binary: str = "redis-server"
     host: str = "127.0.0.1"
+    maxmemory: str = "10gb"  # room for 48 h of buffering at peak; see README "Backpressure"
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
     @property
@@ -44,6 +45,7 @@ class RedisServer:
             f"dir {self.root / 'data'}",
             "daemonize no",
             *(f"{key} {value}" for key, value in DURABLE_REDIS.items()),
+            f"maxmemory {self.maxmemory}",
             "save ''",
             "aof-use-rdb-preamble yes",
             "",

@@ -28,6 +28,7 @@ class StackSettings(BaseSettings):
     pg_bin: Path = Path("/usr/lib/postgresql/15/bin")
     pg_os_user: str = Field("postgres", description="Unprivileged user PostgreSQL runs as when started by root")
     redis_bin: str = "redis-server"
+    redis_maxmemory: str = "10gb"
     health_timeout: float = 240
 
     @property

@@ -1,0 +1,198 @@
+"""Draining the site buffer into the primary, and confirming what the replica has replayed.
+
+claim → apply → settle: entries are claimed through the stream's consumer group, applied in one
+DB transaction per batch (:func:`opsync.apply.apply_batch`), and only then acknowledged, with
+their new states, in one atomic Redis step. A crash anywhere before that leaves them claimed and
+redelivered; the ledger skips what had been committed. Committed transactions then wait, scored
+by commit LSN, until :func:`confirm` sees the replica past them; any run may confirm them, so
+nothing depends on one waiting sensor. Airflow tasks (and the CLI) call these functions; they
+hold no Airflow knowledge.
+"""
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+from sqlalchemy import Engine
+
+from opsync.apply import BatchResult, apply_batch, needs
+from opsync.buffer import Buffer, Entry, Settlement
+from opsync.envelope import Transaction
+from opsync.lsn import Lsn, replica_position
+
+CONSUMER = "drainer"  # one logical drainer per site: a rerun picks up what a dead run had claimed
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    entries: int
+    applied: int
+    duplicates: int  # in the ledger already (redelivered after a crash): skipped
+    dead_lettered: int
+    round_trips: int  # to the primary
+    commit_lsn: Lsn | None
+
+
+@dataclass
+class DrainSummary:
+    batches: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    round_trips: int = 0
+    reclaimed: int = 0  # entries taken over from consumers that died holding them
+    elapsed_s: float = 0.0
+    max_commit_lsn: Lsn | None = None  # what the replica must replay for this run's work to be readable
+    budget_spent: bool = False  # stopped by the time budget: entries may be left for the next run
+
+    def add(self, batch: BatchReport) -> None:
+        self.batches += 1
+        self.applied += batch.applied
+        self.duplicates += batch.duplicates
+        self.dead_lettered += batch.dead_lettered
+        self.round_trips += batch.round_trips
+        if batch.commit_lsn is not None:
+            self.max_commit_lsn = max(self.max_commit_lsn or batch.commit_lsn, batch.commit_lsn)
+
+    def describe(self) -> str:
+        """One line for the task log: a run with nothing to do says so."""
+        if not self.batches:
+            return "nothing to drain: the buffer is empty"
+        text = (
+            f"{self.applied} applied, {self.duplicates} already applied (skipped), {self.dead_lettered} dead-lettered"
+            f" in {self.batches} batches, {self.round_trips} round trips, {self.elapsed_s:.1f} s"
+        )
+        if self.max_commit_lsn is not None:
+            text += f"; replica must reach {self.max_commit_lsn}"
+        return text + ("; time budget spent, more may be buffered" if self.budget_spent else "")
+
+
+def drain(
+    buffer: Buffer,
+    primary: Engine,
+    budget_s: float = 60,
+    batch_size: int = 1000,
+    consumer: str = CONSUMER,
+    timeout_s: float = 60,
+    min_idle_ms: int = 60_000,
+) -> DrainSummary:
+    """Drain batch after batch until the buffer is empty or ``budget_s`` is spent.
+
+    Entries other consumers left idle for ``min_idle_ms`` are taken over first, so a crashed
+    run's work is redone in stream order. Raises :class:`opsync.apply.Transient` when the primary
+    cannot take a batch: nothing is lost or dead-lettered, the caller retries with backoff.
+    """
+    started = time.monotonic()
+    buffer.ensure_group()
+    summary = DrainSummary(reclaimed=buffer.reclaim(consumer, min_idle_ms))
+    while time.monotonic() - started < budget_s:
+        batch = drain_batch(buffer, primary, consumer, batch_size, timeout_s)
+        if batch is None:
+            break
+        summary.add(batch)
+    else:
+        summary.budget_spent = True
+    summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+def drain_batch(
+    buffer: Buffer, primary: Engine, consumer: str = CONSUMER, batch_size: int = 1000, timeout_s: float = 60
+) -> BatchReport | None:
+    """Claim, apply, settle one batch; None when there was nothing to claim."""
+    entries = buffer.claim(consumer, batch_size)
+    if not entries:
+        return None
+    txns, settlements = read_entries(entries)
+    result = apply_batch(primary, [txn for _, txn in txns], dead_rows(buffer, txns), timeout_s) if txns else BatchResult()
+    settlements += outcomes(txns, result)
+    buffer.settle(sorted(settlements, key=lambda s: stream_order(s.stream_id)), result.commit_lsn, now())
+    return BatchReport(
+        entries=len(entries),
+        applied=len(result.applied),
+        duplicates=len(result.duplicates),
+        dead_lettered=sum(s.outcome == "failed" for s in settlements),
+        round_trips=result.round_trips,
+        commit_lsn=result.commit_lsn,
+    )
+
+
+def read_entries(entries: list[Entry]) -> tuple[list[tuple[str, Transaction]], list[Settlement]]:
+    """Parse the envelopes; an entry deleted meanwhile is only acknowledged, an unreadable one dead-lettered."""
+    txns, settlements = [], []
+    for entry in entries:
+        if entry.envelope is None:
+            settlements.append(Settlement("gone", entry.stream_id))
+            continue
+        try:
+            txns.append((entry.stream_id, Transaction.model_validate_json(entry.envelope)))
+        except ValidationError as exc:
+            settlements.append(Settlement("failed", entry.stream_id, reason=f"unreadable envelope: {exc.errors()[0]['msg']}"))
+    return txns, settlements
+
+
+def dead_rows(buffer: Buffer, txns: list[tuple[str, Transaction]]) -> dict[tuple[str, str], str]:
+    """Rows the batch needs that earlier dead-lettered transactions would have created: one Redis round trip."""
+    wanted = sorted({f"{table}:{key}" for _, txn in txns for table, key in needs(txn)})
+    return {tuple(row.split(":", 1)): owner for row, owner in buffer.dead_owners(wanted).items()}
+
+
+def outcomes(txns: list[tuple[str, Transaction]], result: BatchResult) -> list[Settlement]:
+    """Each applied transaction's settlement, matched to its entry by identity (a txn_id may sit in two entries)."""
+    stream_ids = {id(txn): stream_id for stream_id, txn in txns}
+    settled = [Settlement("committed", stream_ids[id(t)], str(t.txn_id)) for t in result.applied]
+    settled += [Settlement("duplicate", stream_ids[id(t)], str(t.txn_id)) for t in result.duplicates]
+    for failed in result.failed:
+        rows = tuple(sorted(f"{table}:{key}" for table, key in failed.missing))
+        settled.append(Settlement("failed", stream_ids[id(failed.txn)], str(failed.txn.txn_id), failed.reason, rows))
+    return settled
+
+
+def stream_order(stream_id: str) -> tuple[int, int]:
+    millis, _, seq = stream_id.partition("-")
+    return int(millis), int(seq)
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    position: Lsn  # the replay position confirmed against
+    confirmed: int  # transactions marked replicated by this call
+    remaining: int  # still waiting for the replica
+
+
+def confirm(buffer: Buffer, position: Lsn, chunk: int = 1000) -> Confirmation:
+    """Mark replicated every awaiting transaction committed at or before ``position``.
+
+    Idempotent and safe to run concurrently (the sensor path and the reconcile job): each
+    transaction changes state in one atomic step that first takes it out of the awaiting set.
+    On the main site, pass the primary's own position: what is committed there is readable there.
+    """
+    confirmed = 0
+    while True:
+        txn_ids = buffer.awaiting(position, chunk)
+        statuses = buffer.statuses(txn_ids)
+        due = [(t, s or {}) for t, s in zip(txn_ids, statuses, strict=True) if passed(s, position)]
+        buffered = [s["stream_id"] for _, s in due if s.get("stream_id")]  # direct writes have no entry
+        envelopes = dict(zip(buffered, buffer.envelopes(buffered), strict=True))
+        items = [(t, s.get("stream_id", ""), envelopes.get(s.get("stream_id"))) for t, s in due]
+        confirmed += buffer.mark_replicated(items, now())
+        if len(txn_ids) < chunk or not due:
+            break
+    return Confirmation(position, confirmed, buffer.client.zcard(buffer.awaiting_replica))
+
+
+def confirm_replica(buffer: Buffer, replica: Engine) -> Confirmation:
+    """Confirm against the local replica's replay position; raises :class:`opsync.lsn.ReplicaError` when it is unknown."""
+    return confirm(buffer, replica_position(replica))
+
+
+def passed(status: dict[str, str] | None, position: Lsn) -> bool:
+    """Compare with the commit LSN as recorded: the awaiting set's float score is exact only below 2**53."""
+    if not status or not status.get("commit_lsn"):
+        return True  # the score is all there is
+    return Lsn.parse(status["commit_lsn"]) <= position
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat()

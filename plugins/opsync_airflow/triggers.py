@@ -1,0 +1,106 @@
+"""Triggers, run by the triggerer (which imports them from this installed package, never from the DAGs folder).
+
+:class:`ReplicaLsnTrigger` waits, without a worker slot, until the replica has replayed past a
+commit. :class:`BufferWakeTrigger` is the asset watcher that wakes ``opsync_drain`` when records
+are accepted; pub/sub drops messages, so it only shortens the wait for the time schedule.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import redis.asyncio
+from airflow.sdk.bases.hook import BaseHook
+from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
+
+from opsync.lsn import REPLAY_SQL, Lsn, ReplicaError, ReplicaUnreachable, replay_position
+from opsync_airflow.hooks import BUFFER_CONN_ID, REPLICA_CONN_ID, async_connect
+
+WAKE_READ_TIMEOUT_S = 10  # each read returns within this; the client's socket timeout is well above it
+
+
+class ReplicaLsnTrigger(BaseTrigger):
+    """Fires once ``pg_last_wal_replay_lsn()`` on the replica is at or past ``target_lsn``.
+
+    A replica that is unreachable, not in recovery or reports no replay position is an error state:
+    logged (when it changes) and waited through, never taken for "caught up".
+    """
+
+    def __init__(self, target_lsn: str, replica_conn_id: str = REPLICA_CONN_ID, poke_interval: float = 2.0) -> None:
+        super().__init__()
+        self.target_lsn = target_lsn
+        self.replica_conn_id = replica_conn_id
+        self.poke_interval = poke_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            "opsync_airflow.triggers.ReplicaLsnTrigger",
+            {"target_lsn": self.target_lsn, "replica_conn_id": self.replica_conn_id, "poke_interval": self.poke_interval},
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        target = Lsn.parse(self.target_lsn)
+        conn: psycopg.AsyncConnection | None = None
+        last_problem = None
+        try:
+            while True:
+                try:
+                    conn = conn if conn is not None and not conn.closed else await async_connect(self.replica_conn_id)
+                    position = await self.position(conn)
+                except ReplicaError as exc:
+                    if str(exc) != last_problem:
+                        self.log.warning("still waiting for the replica to replay %s: %s", target, exc)
+                    last_problem = str(exc)
+                else:
+                    if position >= target:
+                        yield TriggerEvent({"target_lsn": str(target), "replay_lsn": str(position)})
+                        return
+                    if last_problem is not None:
+                        self.log.info("replica answers again, at %s", position)
+                    last_problem = None
+                await asyncio.sleep(self.poke_interval)
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    @staticmethod
+    async def position(conn: psycopg.AsyncConnection) -> Lsn:
+        try:
+            cursor = await conn.execute(REPLAY_SQL)
+            row = await cursor.fetchone()
+        except psycopg.Error as exc:
+            await conn.close()
+            raise ReplicaUnreachable(f"replica unreachable: {exc}".strip()) from exc
+        return replay_position(*row)
+
+
+class BufferWakeTrigger(BaseEventTrigger):
+    """Fires when the site buffer announces a newly accepted transaction on its events channel."""
+
+    def __init__(self, channel: str, redis_conn_id: str = BUFFER_CONN_ID) -> None:
+        super().__init__()
+        self.channel = channel
+        self.redis_conn_id = redis_conn_id
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("opsync_airflow.triggers.BufferWakeTrigger", {"channel": self.channel, "redis_conn_id": self.redis_conn_id})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        conn = await BaseHook.aget_connection(self.redis_conn_id)
+        client = redis.asyncio.Redis(
+            host=conn.host, port=conn.port, username=conn.login or None, password=conn.password,
+            db=conn.extra_dejson.get("db") or 0, socket_timeout=WAKE_READ_TIMEOUT_S * 3,
+        )
+        try:
+            async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                await pubsub.subscribe(self.channel)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=WAKE_READ_TIMEOUT_S)
+                    # state changes of the drain's own making (committed, replicated) must not wake it again
+                    if message and json.loads(message["data"]).get("state") == "accepted":
+                        yield TriggerEvent({"channel": self.channel})
+                        return
+        finally:
+            await client.aclose()

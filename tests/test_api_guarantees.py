@@ -1,0 +1,365 @@
+"""The ingest API's guarantees against real services (Redis with AOF, PostgreSQL primary + replica):
+backpressure, a full Redis, a crashed Redis, Redis down, metrics, the event stream, status retention."""
+
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+SHA = "ef" * 32
+RAW = "/v1/records/raw_data_file"
+
+
+@pytest.fixture
+def headers(auth_headers):
+    return auth_headers("raw_data_file", "executed_obs_unit", "instrument")
+
+
+def raw_file(**overrides) -> dict:
+    return {
+        "executed_obs_unit_id": str(uuid.uuid4()), "path": f"/data/{uuid.uuid4()}.fits",
+        "size_bytes": 10, "checksum_sha256": SHA, "file_type": "fits",
+    } | overrides
+
+
+def configure(monkeypatch, **settings) -> None:
+    """Change ``OPSYNC_*`` settings of the running app (``get_settings`` is cached)."""
+    from opsync.config import get_settings
+
+    for name, value in settings.items():
+        monkeypatch.setenv(f"OPSYNC_{name.upper()}", str(value))
+    get_settings.cache_clear()
+
+
+def written(client) -> dict:
+    """Everything a write can leave in Redis."""
+    return {
+        "keys": client.dbsize(),
+        "stream": client.xlen("opsync:buffer"),
+        "status": sorted(client.scan_iter("opsync:txn:*")),
+        "rows": sorted(client.scan_iter("opsync:row:*")),
+        "idempotency": sorted(client.scan_iter("opsync:idem:*")),
+    }
+
+
+def drain_everything(client) -> int:
+    """What the drainer does once the primary has the data: claim, then acknowledge (never delete)."""
+    try:
+        client.xgroup_create("opsync:buffer", "drain", id="0")
+    except Exception as exc:  # BUSYGROUP: already there
+        assert "BUSYGROUP" in str(exc)
+    acked = 0
+    while batch := client.xreadgroup("drain", "test", {"opsync:buffer": ">"}, count=100):
+        ids = [entry_id for _, entries in batch for entry_id, _ in entries]
+        if not ids:
+            break
+        acked += client.xack("opsync:buffer", "drain", *ids)
+    return acked
+
+
+# --- 1. backpressure ------------------------------------------------------------------------------
+
+
+def test_backpressure_by_entries_refuses_writes_without_writing_and_recovers(own_redis, api_client, headers, monkeypatch):
+    configure(monkeypatch, high_water_entries=3, backpressure_cache_s=0, retry_after_s=17)
+    redis = own_redis.client()
+    accepted = [api_client.post(RAW, json=raw_file(), headers=headers) for _ in range(3)]
+    assert [r.status_code for r in accepted] == [202] * 3
+    before = written(redis)
+
+    refused = api_client.post(RAW, json=raw_file(), headers=headers | {"Idempotency-Key": "k1"})
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"] == "17"
+    assert "3 unsent transactions (high-water mark 3)" in refused.json()["detail"]
+    assert "retry later" in refused.json()["detail"]
+    steps = {"steps": [{"table": "raw_data_file", "values": raw_file()}]}
+    assert api_client.post("/v1/transactions", json=steps, headers=headers).status_code == 503
+    row_id = accepted[0].json()["ids"][0]
+    assert api_client.patch(f"{RAW}/{row_id}", json={"size_bytes": 11}, headers=headers).status_code == 503
+    assert written(redis) == before, "a refused write changed the buffer"
+
+    ready = api_client.get("/readyz")
+    assert ready.status_code == 503 and "high-water mark 3" in ready.json()["detail"]
+    # Reads go on: the buffered rows and their states are all still there.
+    assert api_client.get(f"{RAW}/{row_id}", headers=headers).json()["_sync_state"] == "buffered"
+    assert api_client.get(accepted[0].json()["status_url"], headers=headers).json()["state"] == "accepted"
+
+    assert drain_everything(redis) == 3
+    assert api_client.get("/readyz").status_code == 200
+    again = api_client.post(RAW, json=raw_file(), headers=headers | {"Idempotency-Key": "k1"})
+    assert again.status_code == 202, again.text
+    # Nothing was evicted: every accepted entry and status is still in Redis.
+    assert redis.xlen("opsync:buffer") == 4
+    assert all(api_client.get(r.json()["status_url"], headers=headers).status_code == 200 for r in accepted)
+    assert redis.info("stats")["evicted_keys"] == 0
+
+
+def test_backpressure_by_memory(own_redis, api_client, headers, monkeypatch):
+    configure(monkeypatch, backpressure_cache_s=0, high_water_memory_fraction=0.9)
+    redis = own_redis.client()
+    assert api_client.post(RAW, json=raw_file(), headers=headers).status_code == 202
+    used = redis.info("memory")["used_memory"]
+    redis.config_set("maxmemory", int(used / 0.95))  # 95 % full: above the 90 % mark, below maxmemory
+    try:
+        before = written(redis)
+        refused = api_client.post(RAW, json=raw_file(), headers=headers)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "30"
+        assert "of Redis maxmemory (high-water mark 90%)" in refused.json()["detail"]
+        assert written(redis) == before
+        assert "maxmemory" in api_client.get("/readyz").json()["detail"]
+    finally:
+        redis.config_set("maxmemory", 0)
+    assert api_client.post(RAW, json=raw_file(), headers=headers).status_code == 202
+    assert redis.info("stats")["evicted_keys"] == 0
+
+
+# --- 2. Redis maxmemory reached -------------------------------------------------------------------
+
+
+def test_full_redis_answers_a_clear_503_and_writes_nothing(own_redis, api_client, headers, monkeypatch):
+    # The backpressure measurement is cached, as in production between two measurements: the write
+    # reaches Redis, which refuses it (noeviction).
+    configure(monkeypatch, backpressure_cache_s=3600)
+    redis = own_redis.client()
+    assert api_client.post(RAW, json=raw_file(), headers=headers).status_code == 202
+    redis.config_set("maxmemory", redis.info("memory")["used_memory"] // 2)
+    try:
+        before = written(redis)
+        row_id = str(uuid.uuid4())
+        request = {"json": raw_file(id=row_id), "headers": headers | {"Idempotency-Key": "full-1"}}
+        refused = api_client.post(RAW, **request)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["detail"] == "site buffer full (Redis maxmemory reached); retry later"
+        assert int(refused.headers["Retry-After"]) > 0
+        assert written(redis) == before, "half-written transaction"
+        assert api_client.get(f"{RAW}/{row_id}", headers=headers).status_code == 404
+        steps = {"steps": [{"table": "raw_data_file", "values": raw_file()}]}
+        assert api_client.post("/v1/transactions", json=steps, headers=headers).status_code == 503
+        assert written(redis) == before
+    finally:
+        redis.config_set("maxmemory", 0)
+    # No idempotency record was kept for the refused attempt: its retry is a fresh write.
+    retried = api_client.post(RAW, **request)
+    assert retried.status_code == 202, retried.text
+    assert api_client.get(f"{RAW}/{row_id}", headers=headers).json()["_sync_state"] == "buffered"
+
+
+# --- 3. kill -9 right after a 202 -----------------------------------------------------------------
+
+
+def test_accepted_transaction_survives_kill_9_of_redis(own_redis, api_client, headers):
+    values = raw_file()
+    response = api_client.post(RAW, json=values, headers=headers)
+    assert response.status_code == 202
+    receipt = response.json()
+    pid = own_redis._proc.pid
+    own_redis.kill()  # SIGKILL: no shutdown, no final fsync; only what was fsynced before the 202 survives
+    with pytest.raises(ProcessLookupError):
+        import os
+
+        os.kill(pid, 0)
+    own_redis.start()
+
+    from opsync.envelope import Transaction
+
+    entries = own_redis.client().xrange("opsync:buffer")
+    assert [Transaction.model_validate_json(e[b"txn"]).txn_id for _, e in entries] == [uuid.UUID(receipt["txn_id"])]
+    status = api_client.get(receipt["status_url"], headers=headers)
+    assert status.status_code == 200, status.text
+    assert status.json()["state"] == "accepted"
+    row = api_client.get(f"{RAW}/{receipt['ids'][0]}", headers=headers).json()
+    assert row["_sync_state"] == "buffered" and row["_txn_id"] == receipt["txn_id"]
+    assert {k: row[k] for k in values} == values
+    # And the API keeps accepting writes on the restarted server.
+    assert api_client.post(RAW, json=raw_file(), headers=headers).status_code == 202
+
+
+# --- 4. Redis down --------------------------------------------------------------------------------
+
+
+def test_redis_down_is_503_never_500(own_redis, api_client, headers):
+    accepted = api_client.post(RAW, json=raw_file(), headers=headers).json()
+    own_redis.stop()
+    try:
+        calls = {
+            "post": lambda: api_client.post(RAW, json=raw_file(), headers=headers),
+            "transaction": lambda: api_client.post(
+                "/v1/transactions", json={"steps": [{"table": "raw_data_file", "values": raw_file()}]}, headers=headers
+            ),
+            "patch": lambda: api_client.patch(f"{RAW}/{accepted['ids'][0]}", json={"size_bytes": 1}, headers=headers),
+            "delete": lambda: api_client.delete(f"{RAW}/{accepted['ids'][0]}", headers=headers),
+            "direct": lambda: api_client.post("/v1/records/instrument", json={"name": f"X-{uuid.uuid4().hex[:8]}"}, headers=headers),
+            "status": lambda: api_client.get(accepted["status_url"], headers=headers),
+            "statuses": lambda: api_client.get("/v1/transactions", params={"ids": accepted["txn_id"]}, headers=headers),
+            "row": lambda: api_client.get(f"{RAW}/{accepted['ids'][0]}", headers=headers),
+            "rows": lambda: api_client.get(RAW, headers=headers),
+        }
+        for name, call in calls.items():
+            started = time.monotonic()
+            response = call()
+            assert response.status_code == 503, (name, response.text)
+            assert response.json()["detail"].startswith("site buffer unavailable"), (name, response.text)
+            assert time.monotonic() - started < 10, f"{name} hung on the dead Redis"
+        ready = api_client.get("/readyz")
+        assert ready.status_code == 503 and "unreachable" in ready.json()["detail"]
+        assert own_redis.password not in ready.text
+        assert api_client.get("/healthz").status_code == 200
+        metrics = api_client.get("/metrics")
+        assert metrics.status_code == 200 and "opsync_buffer_up 0.0" in metrics.text
+    finally:
+        own_redis.start()
+    assert api_client.post(RAW, json=raw_file(), headers=headers).status_code == 202
+    assert api_client.get("/readyz").status_code == 200
+
+
+# --- 5. metrics -----------------------------------------------------------------------------------
+
+
+def scrape(api_client) -> dict[tuple[str, tuple], float]:
+    response = api_client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics(own_redis, api_client, headers):
+    from opsync.buffer import Buffer
+
+    buffer = Buffer(own_redis.client())
+    empty = scrape(api_client)
+    assert empty[("opsync_buffer_up", ())] == 1
+    assert empty[("opsync_buffer_depth", ())] == 0 and empty[("opsync_buffer_oldest_age_seconds", ())] == 0
+
+    receipts = [api_client.post(RAW, json=raw_file(), headers=headers).json() for _ in range(2)]
+    row_id = receipts[0]["ids"][0]
+    assert api_client.get(f"{RAW}/{row_id}", headers=headers).status_code == 200
+    time.sleep(0.3)
+    figures = scrape(api_client)
+    assert figures[("opsync_buffer_depth", ())] == 2
+    assert figures[("opsync_buffer_oldest_age_seconds", ())] >= 0.3
+    assert figures[("opsync_committed_not_replicated", ())] == 0
+    assert figures[("opsync_dead_letters", ())] == 0
+
+    def grew(sample) -> float:  # the request metrics are per process: count this test's requests only
+        return figures[sample] - empty.get(sample, 0)
+
+    post = (("method", "POST"), ("route", "/v1/records/{table}"), ("status", "202"))
+    assert grew(("opsync_http_requests_total", post)) == 2
+    get_row = (("method", "GET"), ("route", "/v1/records/{table}/{row_id}"), ("status", "200"))
+    assert grew(("opsync_http_requests_total", get_row)) == 1
+    count = ("opsync_http_request_duration_seconds_count", (("method", "POST"), ("route", "/v1/records/{table}")))
+    assert grew(count) == 2
+    assert any(name == "opsync_http_request_duration_seconds_bucket" and ("le", "0.1") in labels for name, labels in figures)
+    routes = {dict(labels).get("route") for _, labels in figures}
+    assert not any(row_id in str(route) or "raw_data_file" in str(route) for route in routes), routes
+
+    buffer.client.zadd(buffer.awaiting_replica, {receipts[0]["txn_id"]: 1})  # what the drainer does after commit
+    buffer.client.xadd(buffer.dead_letters, {"txn": "{}", "reason": "test"})
+    drain_everything(own_redis.client())
+    after = scrape(api_client)
+    assert after[("opsync_committed_not_replicated", ())] == 1
+    assert after[("opsync_dead_letters", ())] == 1
+    assert after[("opsync_buffer_depth", ())] == 0 and after[("opsync_buffer_oldest_age_seconds", ())] == 0
+
+
+# --- 6. the event stream --------------------------------------------------------------------------
+
+
+class Events:
+    """Server-sent events of one open stream, read with a deadline so a test cannot hang."""
+
+    def __init__(self, response: httpx.Response):
+        self.lines = response.iter_lines()
+
+    def next(self, timeout: float = 10) -> tuple[str | None, dict]:
+        deadline = time.monotonic() + timeout
+        name, data = None, None
+        for line in self.lines:  # keep-alives (every second here) bound each wait
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+            elif line == "" and data is not None:
+                return name, data
+            if time.monotonic() > deadline:
+                break
+        raise AssertionError("no event in time")
+
+    def until(self, predicate, timeout: float = 10) -> tuple[str | None, dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            name, data = self.next(deadline - time.monotonic())
+            if predicate(name, data):
+                return name, data
+        raise AssertionError("no matching event in time")
+
+
+@pytest.fixture
+def live(live_api, headers, monkeypatch):
+    configure(monkeypatch, events_keepalive_s=1)
+    with httpx.Client(base_url=live_api, headers=headers, timeout=httpx.Timeout(10)) as client:
+        yield client
+
+
+@pytest.mark.timeout(60)
+def test_events_follow_a_transaction_without_polling(live):
+    from ingest_api.deps import get_buffer
+
+    receipt = live.post(RAW, json=raw_file()).json()
+    txn_id = receipt["txn_id"]
+    with live.stream("GET", "/v1/events", params={"txn_id": txn_id}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = Events(response)
+        assert events.next() == ("ready", {"following": [txn_id]})
+        name, snapshot = events.next()
+        assert name is None and snapshot["snapshot"] is True
+        assert snapshot["txn_id"] == txn_id and snapshot["state"] == "accepted" and "stream_id" not in snapshot
+        at = datetime.now(UTC).isoformat()
+        get_buffer().record_state(txn_id, "committed", at, commit_lsn="0/3000A28")
+        name, change = events.until(lambda name, data: name is None)
+        assert change == {"txn_id": txn_id, "state": "committed", "at": at, "commit_lsn": "0/3000A28"}
+
+
+@pytest.mark.timeout(60)
+def test_events_without_filter_show_new_transactions(live):
+    with live.stream("GET", "/v1/events") as response:
+        events = Events(response)
+        assert events.next() == ("ready", {"following": "all"})
+        receipt = live.post(RAW, json=raw_file()).json()
+        name, event = events.until(lambda name, data: data.get("txn_id") == receipt["txn_id"])
+        assert name is None and event["state"] == "accepted" and event["at"] == receipt["accepted_at"]
+
+
+# --- 7. status retention --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ttl", [None, 4321])
+def test_final_status_expires_after_the_retention_others_never(api_client, headers, redis_server, monkeypatch, ttl):
+    from ingest_api import deps
+
+    if ttl is not None:
+        configure(monkeypatch, status_ttl_s=ttl)
+        deps.get_buffer.cache_clear()
+    expected = ttl or 7 * 86400
+    buffer = deps.get_buffer()
+    redis = redis_server.client()
+    receipt = api_client.post(RAW, json=raw_file(), headers=headers).json()
+    key = buffer.status_key(receipt["txn_id"])
+    assert redis.ttl(key) == -1  # accepted: kept however long the link is down
+    buffer.record_state(receipt["txn_id"], "committed", datetime.now(UTC).isoformat(), commit_lsn="0/1")
+    assert redis.ttl(key) == -1
+    buffer.record_state(receipt["txn_id"], "replicated", datetime.now(UTC).isoformat())
+    assert expected - 5 <= redis.ttl(key) <= expected
+    status = api_client.get(receipt["status_url"], headers=headers).json()
+    assert status["state"] == "replicated" and status["commit_lsn"] == "0/1"
+
+    failed = api_client.post(RAW, json=raw_file(), headers=headers).json()
+    buffer.record_state(failed["txn_id"], "failed", datetime.now(UTC).isoformat(), reason="test")
+    assert expected - 5 <= redis.ttl(buffer.status_key(failed["txn_id"])) <= expected

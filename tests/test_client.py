@@ -1,0 +1,303 @@
+"""``OpsyncClient`` and ``AsyncOpsyncClient`` against the real ingest API served over TCP.
+
+Faults are real: a proxy that loses the API's answer after the API acted on the request, a port
+nobody listens on yet, the primary stopped (direct tables answer 503). Each test runs with both
+clients; ``Flavour`` gives them one blocking interface so each scenario is written once.
+"""
+
+import asyncio
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from opsync.buffer import Buffer
+from opsync.client import ApiError, AsyncOpsyncClient, OpsyncClient
+from opsync.envelope import Receipt, Transaction
+
+T = "executed_obs_unit"
+DIRECT = "instrument"
+
+
+class Proxy:
+    """TCP proxy in front of the API; the first ``lose`` connections lose the answer.
+
+    A lost answer is forwarded to the API, which acts on it, and then the client's connection is
+    closed before any byte of the answer reaches it: what a link dropping at the wrong moment does.
+    """
+
+    def __init__(self, target_port: int, lose: int = 0, port: int = 0):
+        self.target_port = target_port
+        self.lose = lose
+        self.connections = 0
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", port))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._relay, args=(client, self.connections <= self.lose), daemon=True).start()
+
+    def _relay(self, client: socket.socket, lose: bool) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        self._sockets += [client, upstream]
+        threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
+        if lose:
+            upstream.recv(1)  # the API has answered, so it has done the work ...
+            for sock in (client, upstream):  # ... and the answer is lost
+                close(sock)
+        else:
+            pump(upstream, client)
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            close(sock)
+
+
+def pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        close(source)
+        close(sink)
+
+
+def close(sock: socket.socket) -> None:
+    """Shutdown first: it wakes a thread blocked in ``recv`` on it, which ``close`` alone does not."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Flavour:
+    """A client of either kind behind one blocking interface; ``delays`` are the backoff sleeps it asked for.
+
+    The async client lives on its own event loop in a thread (its connections belong to that loop);
+    ``on_sleep(n)`` runs at the n-th sleep, which is where a test repairs the fault it staged.
+    """
+
+    def __init__(self, kind: str, base_url: str, token: str, on_sleep: Callable[[int], None], **options):
+        self.kind = kind
+        self.delays: list[float] = []
+
+        def note(seconds: float) -> None:
+            self.delays.append(seconds)
+            on_sleep(len(self.delays))
+
+        async def async_note(seconds: float) -> None:
+            await asyncio.to_thread(note, seconds)
+
+        options = {"retries": 3, "backoff": 0.05, "max_backoff": 0.2} | options
+        if kind == "sync":
+            self.client = OpsyncClient(base_url, token, sleep=note, **options)
+            return
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.client = AsyncOpsyncClient(base_url, token, sleep=async_note, **options)
+
+    def call(self, name: str, *args, **kwargs) -> Any:
+        result = getattr(self.client, name)(*args, **kwargs)
+        return result if self.kind == "sync" else self._await(result)
+
+    def _await(self, coroutine) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=120)
+
+    def close(self) -> None:
+        if self.kind == "sync":
+            self.client.close()
+            return
+        self._await(self.client.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def token(issue_token) -> str:
+    return issue_token([f"write:{T}", f"read:{T}", f"write:{DIRECT}"])
+
+
+@pytest.fixture
+def stream(redis_server):
+    """The buffer's stream: its length, and the transactions in it."""
+    client = redis_server.client()
+    name = Buffer(client).stream
+
+    class Stream:
+        def __len__(self) -> int:
+            return client.xlen(name)
+
+        def txn_ids(self) -> list[str]:
+            return [str(Transaction.model_validate_json(fields[b"txn"]).txn_id) for _, fields in client.xrange(name)]
+
+    return Stream()
+
+
+@pytest.fixture
+def client(kind, live_api, token):
+    """``client(base_url=live_api, on_sleep=None, **options)``: a client of this test's kind, closed afterwards."""
+    made = []
+
+    def make(base_url: str = live_api, on_sleep: Callable[[int], None] = lambda n: None, **options) -> Flavour:
+        made.append(Flavour(kind, base_url, token, on_sleep, **options))
+        return made[-1]
+
+    yield make
+    for flavour in made:
+        flavour.close()
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_records_returns_ids_and_status_url(client, live_api, observation, stream):
+    api = client()
+    before = len(stream)
+    one = api.call("records", T, observation())
+    assert isinstance(one, Receipt) and one.state == "accepted" and len(one.ids) == 1 and one.id == one.ids[0]
+    assert one.status_url == f"{live_api}/v1/transactions/{one.txn_id}"
+    assert api.call("status", one.txn_id)["state"] == "accepted"
+    given = uuid.uuid4()
+    several = api.call("records", T, [observation(id=given), observation(), observation()])
+    assert len(several.ids) == 3 and several.ids[0] == given
+    assert len(stream) == before + 2
+    assert api.delays == []
+
+
+def test_a_retry_after_a_lost_answer_does_not_duplicate(client, live_api, observation, stream):
+    """The client keys the write itself, so the API replays the original answer to the retry."""
+    proxy = Proxy(port_of(live_api), lose=1)
+    try:
+        api = client(f"http://127.0.0.1:{proxy.port}")
+        before = len(stream)
+        receipt = api.call("records", T, observation())
+    finally:
+        proxy.close()
+    assert proxy.connections == 2 and len(api.delays) == 1  # lost once, retried once
+    assert len(stream) == before + 1
+    assert stream.txn_ids().count(str(receipt.txn_id)) == 1
+
+
+def test_connection_errors_are_retried_with_backoff(client, live_api, observation, stream):
+    """Nobody listens at first (connection refused); the API's proxy comes up during the second pause."""
+    from conftest import free_port
+
+    port, proxies = free_port(), []
+
+    def come_up(pause: int) -> None:
+        if pause == 2:
+            proxies.append(Proxy(port_of(live_api), port=port))
+
+    api = client(f"http://127.0.0.1:{port}", on_sleep=come_up, backoff=0.05, max_backoff=0.08)
+    before = len(stream)
+    try:
+        receipt = api.call("records", T, observation())
+    finally:
+        for proxy in proxies:
+            proxy.close()
+    assert receipt.state == "accepted" and len(stream) == before + 1
+    assert len(api.delays) == 2
+    assert 0 <= api.delays[0] <= 0.05 and 0 <= api.delays[1] <= 0.08  # full jitter, capped
+
+
+def test_503_is_retried_until_the_primary_is_back(client, pg, token):
+    """A direct table needs the primary: 503 while it is stopped; it is started during the first pause."""
+    pg.primary.stop()
+
+    def primary_back(pause: int) -> None:
+        if pause == 1:
+            pg.primary.start()
+
+    try:
+        api = client(on_sleep=primary_back, retries=4)
+        receipt = api.call("records", DIRECT, {"name": f"client-{uuid.uuid4()}"})
+    finally:
+        if pg.primary.pid() is None:
+            pg.primary.start()
+        pg.replica.wait_streaming()
+    assert receipt.state == "committed" and receipt.commit_lsn
+    assert len(api.delays) == 1
+
+
+def test_backpressure_is_retried_no_sooner_than_retry_after(client, observation, stream, monkeypatch):
+    """Above the high-water mark the API says when to come back; the client waits at least that long."""
+    from opsync.config import get_settings
+
+    def set_high_water(entries: int) -> None:
+        monkeypatch.setenv("OPSYNC_HIGH_WATER_ENTRIES", str(entries))
+        get_settings.cache_clear()
+
+    monkeypatch.setenv("OPSYNC_RETRY_AFTER_S", "7")
+    set_high_water(0)
+    api = client(on_sleep=lambda pause: set_high_water(10**9), backoff=0.01, max_backoff=60)
+    receipt = api.call("records", T, observation())
+    assert receipt.state == "accepted" and stream.txn_ids()[-1] == str(receipt.txn_id)
+    assert len(api.delays) == 1 and api.delays[0] >= 7
+
+
+@pytest.mark.parametrize(
+    "table, rows, status",
+    [
+        (T, {"start_time": "not a time"}, 422),
+        ("raw_data_file", {  # valid, but the token lacks write:raw_data_file
+            "executed_obs_unit_id": str(uuid.uuid4()), "path": "/data/x.fits", "size_bytes": 1,
+            "checksum_sha256": "ab" * 32, "file_type": "fits",
+        }, 403),
+        ("no_such_table", {}, 422),
+    ],
+)
+def test_a_4xx_raises_at_once(client, table, rows, status):
+    api = client()
+    with pytest.raises(ApiError) as raised:
+        api.call("records", table, rows)
+    assert raised.value.status == status and raised.value.detail
+    assert api.delays == []  # no retry: the same request would fail the same way
+
+
+def test_413_is_not_retried(client, site_env, observation):
+    api = client()
+    with pytest.raises(ApiError) as raised:
+        api.call("records", T, [observation() for _ in range(site_env.max_records_per_request + 1)])
+    assert raised.value.status == 413 and api.delays == []
+
+
+def test_batches_send_at_most_the_servers_maximum_per_request(client, observation, stream):
+    api = client()
+    before = len(stream)
+    ids = [uuid.uuid4() for _ in range(2500)]
+    receipts = api.call("batches", T, [observation(id=str(i)) for i in ids])
+    assert [len(r.ids) for r in receipts] == [1000, 1000, 500]  # the API's default maximum
+    assert [i for r in receipts for i in r.ids] == ids  # in order
+    assert len(stream) == before + 3
+
+
+def test_batches_with_a_key_are_replayed_not_duplicated(client, observation, stream):
+    api = client()
+    rows = [observation() for _ in range(7)]
+    key = f"night-{uuid.uuid4()}"
+    before = len(stream)
+    first = api.call("batches", T, rows, size=3, idempotency_key=key)
+    again = api.call("batches", T, rows, size=3, idempotency_key=key)
+    assert [len(r.ids) for r in first] == [3, 3, 1]
+    assert again == first and len(stream) == before + 3
