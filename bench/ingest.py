@@ -2,15 +2,18 @@
 
 It starts its own services in a temporary directory (a durable Redis with ``appendfsync always``,
 a migrated PostgreSQL primary with its streaming replica) and the real API as a subprocess, with
-the command ``make up`` uses (``uvicorn ingest_api.app:app``: one worker, uvloop and httptools
-picked automatically, access log on), so the load generator never shares the API's CPU or GIL.
+the command ``make up`` uses (:func:`opsync.stack.local.api_command`: its workers, no access log,
+uvloop and httptools picked automatically), so the load generator never shares the API's CPU or GIL.
 
 - Single-record POSTs at fixed open-loop rates. Sends are scheduled at fixed times and latency
   is measured from the scheduled time, so a stalled server is charged for every request it
   delays (no coordinated omission). The generator is a bare HTTP/1.1 keep-alive client on uvloop
   parsing only the status line with httptools; its own lag is reported to show it kept up.
 - Batch POSTs of ``BATCH`` records from a few concurrent senders: records per second.
-- The limit: pipelined ``XADD`` with redis-py of envelopes the size the API writes, to the same Redis.
+- The limit: pipelined ``XADD`` with redis-py to the same Redis of one-record envelopes, the size
+  the API writes for one record: what buffering costs when each record is its own entry, without
+  validation, overlay or HTTP (``xadd_limit_records_per_s``). A batch POST packs its records into
+  one entry and can go past that; the packed rate (``BATCH`` records per entry) is reported too.
 - Without opsync: one ``INSERT`` and commit into the primary through a 250 ms round-trip link.
 
 Prints a summary, then one JSON line with every figure, last.
@@ -23,7 +26,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -47,6 +49,7 @@ from opsync.auth import AuthError, TokenVerifier, create_token
 from opsync.ingest import StepIn, build_transaction
 from opsync.migrate import upgrade
 from opsync.schema import Instrument, InstrumentModule
+from opsync.stack.local import api_command
 from opsync.stack.postgres import Credentials, PostgresServer, provision
 from opsync.stack.redis import RedisServer
 from opsync.stack.settings import REPO, StackSettings
@@ -66,7 +69,6 @@ WAN_ONE_WAY_S = 0.125  # 250 ms round trips
 WAN_SAMPLES, WAN_CONNECT_SAMPLES = 30, 5
 REQUEST_TIMEOUT_S = 10
 TARGET_P99_MS, TARGET_BATCH_SHARE = 5.0, 0.30
-SERVER_COMMAND = ["uvicorn", "ingest_api.app:app"]  # as make up runs it (opsync.stack.local)
 
 
 def free_port() -> int:
@@ -118,7 +120,7 @@ def services() -> Iterator[Site]:
 def api_server(site: Site, log_path: Path) -> Iterator[subprocess.Popen]:
     """The API under uvicorn in its own process; yields it once ``/readyz`` answers (Redis durable)."""
     port = free_port()
-    command = [str(Path(sys.executable).parent / SERVER_COMMAND[0]), *SERVER_COMMAND[1:], "--host", "127.0.0.1", "--port", str(port)]
+    command = api_command("127.0.0.1", port, StackSettings().api_workers, log_path.parent / "api-metrics")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, env={**os.environ, **site.env}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     proc.url = f"http://127.0.0.1:{port}"
@@ -284,14 +286,19 @@ class Run:
         return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 2) if values else float("nan")
 
 
+def cpu_seconds(server: psutil.Process) -> float:
+    """User + system CPU of the API: its uvicorn supervisor and every worker."""
+    return sum(sum(p.cpu_times()[:2]) for p in (server, *server.children(recursive=True)))
+
+
 @contextmanager
 def measured(run: Run, server: psutil.Process) -> Iterator[None]:
-    """Wall time and the CPU both processes spent, to tell a saturated server from a saturated generator."""
-    server_before, own_before = sum(server.cpu_times()[:2]), time.process_time()
+    """Wall time and the CPU both sides spent, to tell a saturated server from a saturated generator."""
+    server_before, own_before = cpu_seconds(server), time.process_time()
     start = time.perf_counter()
     yield
     run.seconds = time.perf_counter() - start
-    run.server_cpu = (sum(server.cpu_times()[:2]) - server_before) / run.seconds
+    run.server_cpu = (cpu_seconds(server) - server_before) / run.seconds
     run.generator_cpu = (time.process_time() - own_before) / run.seconds
 
 
@@ -446,17 +453,17 @@ def main() -> None:
         console.print(table)
 
         console.print("baseline: pipelined XADD with redis-py …")
-        xadd_records, _ = xadd_limit(site, envelope(samples, BATCH), BATCH)
-        _, xadd_single = xadd_limit(site, envelope(samples, 1), 1)
+        xadd_limit_rate, _ = xadd_limit(site, envelope(samples, 1), 1)
+        xadd_packed, _ = xadd_limit(site, envelope(samples, BATCH), BATCH)
         console.print("baseline: direct INSERT + COMMIT through a 250 ms round-trip link …")
         direct, connects = direct_over_wan(site, samples)
 
     figures |= {
         "batch_records_per_s": round(batch_rate),
         "batch_errors": batch.errors,
-        "xadd_limit_records_per_s": round(xadd_records),
-        "xadd_single_record_entries_per_s": round(xadd_single),
-        "batch_vs_limit": round(batch_rate / xadd_records, 3),
+        "xadd_limit_records_per_s": round(xadd_limit_rate),
+        "xadd_packed_records_per_s": round(xadd_packed),
+        "batch_vs_limit": round(batch_rate / xadd_limit_rate, 3),
         "direct_wan_p50_ms": ms(direct, 0.5),
         "direct_wan_p99_ms": ms(direct, 0.99),
         "direct_wan_connect_p50_ms": ms(connects, 0.5),

@@ -4,6 +4,7 @@ One measurement of the buffer serves every request for ``backpressure_cache_s``,
 costs a clock read per request, not Redis round trips.
 """
 
+import asyncio
 import time
 
 from fastapi import HTTPException
@@ -28,15 +29,26 @@ class Pressure:
         self.basis: tuple[Buffer, Settings] | None = None
         self.at = float("-inf")
         self.reason: str | None = None
+        self._measuring: asyncio.Task | None = None
 
     async def current(self) -> str | None:
-        buffer, settings = get_buffer(), get_settings()
-        now = time.monotonic()
-        same_basis = self.basis is not None and self.basis[0] is buffer and self.basis[1] is settings
-        if not same_basis or now - self.at >= settings.backpressure_cache_s:
-            self.reason = await run_in_threadpool(measure, buffer, settings)
-            self.basis, self.at = (buffer, settings), now
+        """Single flight: when the measurement is stale, the requests arriving meanwhile wait for one
+        new measurement instead of each sending their own (hundreds in flight at 1,000 per second)."""
+        basis = (get_buffer(), get_settings())
+        if self.stale(basis):
+            running = self._measuring
+            if running is None or running.done() or running.get_loop() is not asyncio.get_running_loop():
+                running = self._measuring = asyncio.ensure_future(self.measure(basis))
+            await asyncio.shield(running)
         return self.reason
+
+    def stale(self, basis: tuple[Buffer, Settings]) -> bool:
+        same = self.basis is not None and self.basis[0] is basis[0] and self.basis[1] is basis[1]
+        return not same or time.monotonic() - self.at >= basis[1].backpressure_cache_s
+
+    async def measure(self, basis: tuple[Buffer, Settings]) -> None:
+        self.reason = await run_in_threadpool(measure, *basis)
+        self.basis, self.at = basis, time.monotonic()
 
 
 pressure = Pressure()

@@ -5,12 +5,14 @@ and no stale figure. Requests are labelled with the route template, never the co
 IDs cannot blow up the number of series.
 """
 
+import os
 import time
 
 import redis
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -99,10 +101,21 @@ class BufferCollector(Collector):
 
 REGISTRY.register(BufferCollector())
 
+
+def exposition_registry() -> CollectorRegistry:
+    """This process's registry; with several workers (``PROMETHEUS_MULTIPROC_DIR`` set, see
+    ``ingest_api.__main__``) one that sums every worker's files, plus the buffer's live figures."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    registry.register(BufferCollector())
+    return registry
+
 router = APIRouter(tags=["health"])
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 def metrics() -> Response:
     """Prometheus text format; unauthenticated like the health checks (no record data in it)."""
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)

@@ -46,6 +46,14 @@ class Check:
     probe: Callable[[], health.Health]
 
 
+def api_command(host: str, port: int, workers: int, metrics_dir: Path) -> list[str]:
+    """How the ingest API runs, for ``make up`` and ``make bench-ingest`` alike (see ``ingest_api.__main__``)."""
+    return [
+        str(VENV_BIN / "python"), "-m", "ingest_api", "--host", host, "--port", str(port), "--workers", str(workers),
+        "--metrics-dir", str(metrics_dir),
+    ]
+
+
 @dataclass
 class LocalStack:
     settings: StackSettings = field(default_factory=StackSettings)
@@ -95,7 +103,7 @@ class LocalStack:
             Program("redis", self.redis.command(), 12),
             Program(
                 "ingest-api",
-                [str(VENV_BIN / "uvicorn"), "ingest_api.app:app", "--host", s.host, "--port", str(s.api_port)],
+                api_command(s.host, s.api_port, s.api_workers, s.run_dir / "api-metrics"),
                 20,
             ),
             Program(

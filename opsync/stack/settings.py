@@ -25,6 +25,7 @@ class StackSettings(BaseSettings):
     api_port: int = 8000
     datasette_port: int = 8001
     airflow_port: int = 8080
+    api_workers: int = Field(2, ge=1, description="uvicorn worker processes of the ingest API")
     pg_bin: Path = Path("/usr/lib/postgresql/15/bin")
     pg_os_user: str = Field("postgres", description="Unprivileged user PostgreSQL runs as when started by root")
     redis_bin: str = "redis-server"

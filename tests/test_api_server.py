@@ -1,0 +1,59 @@
+"""The API as deployments run it (``python -m ingest_api``): several workers behind one port."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+TABLE = "housekeeping_sample"
+
+
+@pytest.fixture
+def served(site_env, tmp_path):
+    """``python -m ingest_api --workers 2`` on a free port, with this test's settings; yields its URL."""
+    port = free_port()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "counter_stale.db").write_bytes(b"left by an earlier run")
+    log = open(tmp_path / "api.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest_api", "--port", str(port), "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "api.log").read_text()
+        time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(20)
+    log.close()
+
+
+def posts_counted(metrics: str) -> float:
+    pattern = r'opsync_http_requests_total\{method="POST",route="/v1/records/\{table\}",status="202"\} (\S+)'
+    return sum(float(value) for value in re.findall(pattern, metrics))
+
+
+def test_metrics_sum_every_worker_and_start_from_zero(served, issue_token, planning):
+    headers = {"Authorization": f"Bearer {issue_token([f'write:{TABLE}'])}"}
+    sample = {"instrument_module_id": str(planning["module"]), "sensor": "lo_power", "value": 1.0}
+    with httpx.Client(base_url=served, headers=headers) as client:
+        for second in range(30):  # new connections, so both workers answer some
+            response = httpx.post(f"{served}/v1/records/{TABLE}", json=sample | {"sampled_at": f"2026-11-21T03:00:{second:02d}Z"},
+                                  headers=headers)
+            assert response.status_code == 202, response.text
+        scrapes = [client.get("/metrics").text for _ in range(6)]
+    assert [posts_counted(text) for text in scrapes] == [30.0] * 6
+    assert "opsync_buffer_depth" in scrapes[0]
