@@ -16,6 +16,7 @@ from opsync.config import get_settings
 BUFFER_CONN_ID = "opsync_buffer"
 PRIMARY_CONN_ID = "opsync_primary"
 REPLICA_CONN_ID = "opsync_replica"
+BUFFER_PREFIX = "opsync"  # the ingest API's key prefix
 CONNECT_TIMEOUT_S = 10  # a cut link accepts nothing and never refuses: without it a connect hangs for minutes
 
 
@@ -25,7 +26,7 @@ class SiteBufferHook(RedisHook):
     default_conn_name = BUFFER_CONN_ID
     hook_name = "opsync site buffer"
 
-    def __init__(self, redis_conn_id: str = BUFFER_CONN_ID, prefix: str = "opsync") -> None:
+    def __init__(self, redis_conn_id: str = BUFFER_CONN_ID, prefix: str = BUFFER_PREFIX) -> None:
         super().__init__(redis_conn_id=redis_conn_id)
         self.prefix = prefix
 

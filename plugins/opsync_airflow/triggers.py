@@ -16,7 +16,7 @@ from airflow.sdk.bases.hook import BaseHook
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
 from opsync.lsn import REPLAY_SQL, Lsn, ReplicaError, ReplicaUnreachable, replay_position
-from opsync_airflow.hooks import BUFFER_CONN_ID, REPLICA_CONN_ID, async_connect
+from opsync_airflow.hooks import BUFFER_CONN_ID, BUFFER_PREFIX, REPLICA_CONN_ID, async_connect
 
 WAKE_READ_TIMEOUT_S = 10  # each read returns within this; the client's socket timeout is well above it
 
@@ -47,7 +47,8 @@ class ReplicaLsnTrigger(BaseTrigger):
         try:
             while True:
                 try:
-                    conn = conn if conn is not None and not conn.closed else await async_connect(self.replica_conn_id)
+                    if conn is None or conn.closed:
+                        conn = await self.connect()
                     position = await self.position(conn)
                 except ReplicaError as exc:
                     if str(exc) != last_problem:
@@ -58,12 +59,18 @@ class ReplicaLsnTrigger(BaseTrigger):
                         yield TriggerEvent({"target_lsn": str(target), "replay_lsn": str(position)})
                         return
                     if last_problem is not None:
-                        self.log.info("replica answers again, at %s", position)
+                        self.log.info("replica replaying again, at %s; waiting for %s", position, target)
                     last_problem = None
                 await asyncio.sleep(self.poke_interval)
         finally:
             if conn is not None:
                 await conn.close()
+
+    async def connect(self) -> psycopg.AsyncConnection:
+        try:
+            return await async_connect(self.replica_conn_id)
+        except psycopg.Error as exc:
+            raise ReplicaUnreachable(f"replica unreachable: {exc}".strip()) from exc
 
     @staticmethod
     async def position(conn: psycopg.AsyncConnection) -> Lsn:
@@ -79,13 +86,14 @@ class ReplicaLsnTrigger(BaseTrigger):
 class BufferWakeTrigger(BaseEventTrigger):
     """Fires when the site buffer announces a newly accepted transaction on its events channel."""
 
-    def __init__(self, channel: str, redis_conn_id: str = BUFFER_CONN_ID) -> None:
+    def __init__(self, redis_conn_id: str = BUFFER_CONN_ID, prefix: str = BUFFER_PREFIX) -> None:
         super().__init__()
-        self.channel = channel
         self.redis_conn_id = redis_conn_id
+        self.prefix = prefix
+        self.channel = f"{prefix}:events"  # Buffer.events
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return ("opsync_airflow.triggers.BufferWakeTrigger", {"channel": self.channel, "redis_conn_id": self.redis_conn_id})
+        return ("opsync_airflow.triggers.BufferWakeTrigger", {"redis_conn_id": self.redis_conn_id, "prefix": self.prefix})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         conn = await BaseHook.aget_connection(self.redis_conn_id)

@@ -1,0 +1,57 @@
+"""Drain the site buffer into the primary, wait (deferred) until the replica has replayed it, confirm.
+
+Runs every ``OPSYNC_DRAIN_INTERVAL_S`` (10 s) and as soon as records are accepted (a wake-up on the
+buffer's events channel, which may be lost: the stream is the source of truth, the time schedule the
+fallback). One run at a time. Settings: ``opsync_airflow.settings.DagSettings``; connections
+``opsync_buffer``, ``opsync_primary``, ``opsync_replica``.
+"""
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, DeltaTriggerTimetable, dag
+
+from opsync_airflow.operators import ConfirmOperator, DrainOperator
+from opsync_airflow.sensors import ReplicaLsnSensor
+from opsync_airflow.settings import DagSettings
+from opsync_airflow.triggers import BufferWakeTrigger
+
+settings = DagSettings()
+records_accepted = Asset(
+    "opsync_site_buffer", uri="opsync://site-buffer",
+    watchers=[AssetWatcher(name="opsync_records_accepted", trigger=BufferWakeTrigger())],
+)
+
+
+@dag(
+    schedule=AssetOrTimeSchedule(
+        timetable=DeltaTriggerTimetable(timedelta(seconds=settings.drain_interval_s)), assets=records_accepted
+    ),
+    start_date=datetime(2025, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    is_paused_upon_creation=False,
+    tags=["opsync", "drain"],
+    default_args={"owner": "opsync"},
+    doc_md=__doc__,
+)
+def opsync_drain():
+    drain = DrainOperator(
+        task_id="drain",
+        budget_s=settings.drain_budget_s,
+        batch_size=settings.drain_batch_size,
+        reclaim_idle_s=settings.reclaim_idle_s,
+        retries=settings.drain_retries,
+        retry_delay=timedelta(seconds=10),
+        retry_exponential_backoff=2.0,
+        max_retry_delay=timedelta(seconds=settings.drain_max_retry_delay_s),
+    )
+    wait = ReplicaLsnSensor(
+        task_id="wait_for_replica",
+        target_lsn=drain.output,
+        poke_interval=settings.replica_poke_interval_s,
+        timeout=settings.replica_wait_timeout_s,
+    )
+    drain >> wait >> ConfirmOperator(task_id="confirm")
+
+
+opsync_drain()

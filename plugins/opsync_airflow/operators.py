@@ -1,0 +1,133 @@
+"""Operators over :mod:`opsync.drain` and :mod:`opsync.reconcile`: connections in, one plain log line out."""
+
+from contextlib import contextmanager
+
+from airflow.sdk import BaseOperator
+
+from opsync.apply import Transient
+from opsync.config import SiteType, get_settings
+from opsync.drain import confirm, drain
+from opsync.lsn import Lsn, current_position, replica_position
+from opsync.reconcile import reconcile
+from opsync.stats import buffer_stats
+from opsync_airflow.hooks import BUFFER_CONN_ID, PRIMARY_CONN_ID, REPLICA_CONN_ID, SiteBufferHook, SiteDatabaseHook
+
+
+class PrimaryUnavailable(Exception):
+    """The primary could not take a batch; the entries are still buffered and the task is retried with backoff."""
+
+
+class Stuck(Exception):
+    """Something has waited longer than the threshold: an operator should look."""
+
+
+@contextmanager
+def engine(conn_id: str):
+    """An engine for one task: disposed at its end, so no connection outlives the task."""
+    e = SiteDatabaseHook(conn_id).get_engine()
+    try:
+        yield e
+    finally:
+        e.dispose()
+
+
+def readable_position(primary_conn_id: str = PRIMARY_CONN_ID, replica_conn_id: str = REPLICA_CONN_ID) -> Lsn:
+    """How far this site can read: its replica's replay position; on the main site, the primary's own position."""
+    if get_settings().site_type is SiteType.main:
+        with engine(primary_conn_id) as primary:
+            return current_position(primary)
+    with engine(replica_conn_id) as replica:
+        return replica_position(replica)
+
+
+class DrainOperator(BaseOperator):
+    """Claim → apply → acknowledge until the buffer is empty or the budget is spent.
+
+    Returns (as XCom) the highest commit LSN of the run for the replica sensor, ``""`` when nothing
+    was committed (a None would not be stored, and the sensor's pull would log a missing XCom). A
+    primary that cannot take a batch fails the task (retried by Airflow) without losing or
+    dead-lettering anything.
+    """
+
+    ui_color = "#d9ecff"
+
+    def __init__(
+        self, *, budget_s: float = 60, batch_size: int = 1000, batch_timeout_s: float = 60, reclaim_idle_s: float = 60,
+        buffer_conn_id: str = BUFFER_CONN_ID, primary_conn_id: str = PRIMARY_CONN_ID, **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.budget_s = budget_s
+        self.batch_size = batch_size
+        self.batch_timeout_s = batch_timeout_s
+        self.reclaim_idle_s = reclaim_idle_s
+        self.buffer_conn_id = buffer_conn_id
+        self.primary_conn_id = primary_conn_id
+
+    def execute(self, context) -> str:
+        buffer = SiteBufferHook(self.buffer_conn_id).get_buffer()
+        with engine(self.primary_conn_id) as primary:
+            try:
+                summary = drain(
+                    buffer, primary, budget_s=self.budget_s, batch_size=self.batch_size,
+                    timeout_s=self.batch_timeout_s, min_idle_ms=int(self.reclaim_idle_s * 1000),
+                )
+            except Transient as exc:
+                depth = buffer_stats(buffer.client, buffer).depth
+                raise PrimaryUnavailable(f"{exc}, entries stay buffered ({depth} waiting); retrying with backoff") from exc
+        self.log.info("%s", summary.describe())
+        return "" if summary.max_commit_lsn is None else str(summary.max_commit_lsn)
+
+
+class ConfirmOperator(BaseOperator):
+    """Mark replicated every transaction the site can now read (any run's, not only this one's)."""
+
+    ui_color = "#dff5e1"
+
+    def __init__(
+        self, *, buffer_conn_id: str = BUFFER_CONN_ID, primary_conn_id: str = PRIMARY_CONN_ID,
+        replica_conn_id: str = REPLICA_CONN_ID, **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.buffer_conn_id = buffer_conn_id
+        self.primary_conn_id = primary_conn_id
+        self.replica_conn_id = replica_conn_id
+
+    def execute(self, context) -> int:
+        buffer = SiteBufferHook(self.buffer_conn_id).get_buffer()
+        if not buffer.client.zcard(buffer.awaiting_replica):
+            self.log.info("nothing awaits the replica")
+            return 0
+        confirmation = confirm(buffer, readable_position(self.primary_conn_id, self.replica_conn_id))
+        self.log.info(
+            "replica at %s: %d confirmed replicated, %d still await the replica",
+            confirmation.position, confirmation.confirmed, confirmation.remaining,
+        )
+        return confirmation.confirmed
+
+
+class ReconcileOperator(BaseOperator):
+    """Confirm what the replica has passed, take over abandoned claims, and fail when something is stuck."""
+
+    def __init__(
+        self, *, stuck_after_s: float = 600, reclaim_idle_s: float = 60, buffer_conn_id: str = BUFFER_CONN_ID,
+        primary_conn_id: str = PRIMARY_CONN_ID, replica_conn_id: str = REPLICA_CONN_ID, **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.stuck_after_s = stuck_after_s
+        self.reclaim_idle_s = reclaim_idle_s
+        self.buffer_conn_id = buffer_conn_id
+        self.primary_conn_id = primary_conn_id
+        self.replica_conn_id = replica_conn_id
+
+    def execute(self, context) -> int:
+        buffer = SiteBufferHook(self.buffer_conn_id).get_buffer()
+        result = reconcile(
+            buffer, lambda: readable_position(self.primary_conn_id, self.replica_conn_id),
+            self.stuck_after_s, int(self.reclaim_idle_s * 1000),
+        )
+        self.log.info("%s", result.describe())
+        if result.stats.dead_letters:
+            self.log.warning("%d transactions are dead-lettered (stream %s)", result.stats.dead_letters, buffer.dead_letters)
+        if result.problems:
+            raise Stuck("; ".join(result.problems))
+        return result.confirmed

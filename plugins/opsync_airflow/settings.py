@@ -1,0 +1,18 @@
+"""Settings of the drain and reconcile DAGs, from the environment (prefix ``OPSYNC_``), read when the DAGs are parsed."""
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DagSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPSYNC_", extra="ignore")
+
+    drain_interval_s: float = 10  # the time schedule; records also wake the drain at once
+    drain_budget_s: float = 60  # one drain task stops starting batches after this
+    drain_batch_size: int = 1000
+    drain_retries: int = 5  # with exponential backoff from 10 s up to drain_max_retry_delay_s
+    drain_max_retry_delay_s: float = 300
+    replica_wait_timeout_s: float = 300  # then the run fails and opsync_reconcile confirms later
+    replica_poke_interval_s: float = 2
+    reconcile_interval_s: float = 60
+    stuck_after_s: float = 600  # buffered, or committed and not replicated, longer than this fails reconcile
+    reclaim_idle_s: float = 60  # entries a drainer left claimed this long are taken over
