@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -86,6 +87,7 @@ def test_make_up_starts_every_part_and_make_down_keeps_the_buffer(stack_env):
     assert client.config_get("appendonly") == {"appendonly": "yes"}
     assert client.config_get("appendfsync") == {"appendfsync": "always"}
     entry = client.xadd("stack-probe", {"record": "kept across make down"})
+    assert_records_travel_to_the_replica(api, secrets_of(env)["demo_token"])
     assert make("status", env).returncode == 0
 
     make("down", env)
@@ -99,3 +101,18 @@ def test_make_up_starts_every_part_and_make_down_keeps_the_buffer(stack_env):
     make("up", env)
     assert [e[0] for e in redis_client(env).xrange("stack-probe")] == [entry]
     make("down", env)
+
+
+def assert_records_travel_to_the_replica(api: str, token: str) -> None:
+    """The whole chain under the real scheduler and triggerer: 202, drained, the sensor deferred and woken, replicated."""
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=10) as client:
+        instrument = client.post("/v1/records/instrument", json={"name": "STACK"}).json()["ids"][0]
+        module = client.post("/v1/records/instrument_module", json={"instrument_id": instrument, "name": "M1"}).json()["ids"][0]
+        sample = {"instrument_module_id": module, "sensor": "stack_probe", "sampled_at": "2026-11-21T03:00:00Z", "value": 1.0}
+        accepted = client.post("/v1/records/housekeeping_sample", json=sample)
+        assert accepted.status_code == 202, accepted.text
+        status_url = accepted.json()["status_url"]
+        deadline = time.monotonic() + 120
+        while (state := client.get(status_url).json()["state"]) != "replicated":
+            assert state in ("accepted", "committed") and time.monotonic() < deadline, state
+            time.sleep(1)
