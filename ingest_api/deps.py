@@ -64,10 +64,7 @@ def on_loop(factory: Callable[[], T]) -> Any:
     return Depends(dependency)
 
 
-async def principal(
-    verifier: Annotated[TokenVerifier, on_loop(get_verifier)],
-    authorization: Annotated[str | None, Header(description="Bearer <token>")] = None,
-) -> Principal:
+async def principal(authorization: Annotated[str | None, Header(description="Bearer <token>")] = None) -> Principal:
     """The caller, from ``Authorization: Bearer <token>``: 401 with a challenge (RFC 6750) when it is not valid.
 
     A token fresh in the cache is checked on the loop; one that needs the replica, in a thread.
@@ -78,7 +75,7 @@ async def principal(
     try:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
-        token = token.strip()
+        token, verifier = token.strip(), get_verifier()
         if verifier.is_fresh(token):
             return verifier.verify(token)
         return await run_in_threadpool(verifier.verify, token)

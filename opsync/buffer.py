@@ -17,6 +17,8 @@ cluster), which a site has.
 The drainer's side is atomic the same way: SETTLE acknowledges a batch only after the primary's
 commit and records each outcome (committed and awaiting the replica, or failed and moved to the
 dead-letter stream); CONFIRM marks a transaction replicated and releases its overlay in one step.
+An operator's REQUEUE (back into the stream) and DISCARD of a dead letter are single scripts too,
+so a second or concurrent call finds the entry gone and changes nothing.
 """
 
 import json
@@ -171,6 +173,65 @@ redis.call('PUBLISH', ARGV[6], cjson.encode({txn_id = ARGV[2], state = 'replicat
 return 1
 """
 
+DEAD_ENTRY = """
+-- The dead letter at id (fields as a table), or nil when it was requeued or discarded already.
+local function dead_entry(stream, id)
+  local entry = redis.call('XRANGE', stream, id, id)[1]
+  if not entry then return nil end
+  local fields = {}
+  for i = 1, #entry[2], 2 do fields[entry[2][i]] = entry[2][i + 1] end
+  return fields
+end
+-- Rows from pos on ('table:key') stop refusing dependants, where txn is still their owner.
+local function forget_dead_rows(hash, txn, args, pos, last)
+  for i = pos, last do
+    if redis.call('HGET', hash, args[i]) == txn then redis.call('HDEL', hash, args[i]) end
+  end
+end
+"""
+
+REQUEUE = DEAD_ENTRY + """
+-- Put a dead letter back into the buffer stream, fixed by an operator; the drain applies it (ledger-protected).
+-- KEYS: dead letters, stream, status, dead rows, audit
+-- ARGV: dead entry id, txn_id, at, by, events channel, accepted_at, then the rows it creates ('table:key')
+local dead = dead_entry(KEYS[1], ARGV[1])
+if not dead then return false end
+if (dead.txn or '') == '' then return redis.error_reply('unreadable envelope: discard it instead') end
+local txn, at, by = ARGV[2], ARGV[3], ARGV[4]
+local id = redis.call('XADD', KEYS[2], '*', 'txn', dead.txn)
+redis.call('HDEL', KEYS[3], 'reason', 'failed_at')
+redis.call('HSET', KEYS[3], 'state', 'accepted', 'stream_id', id, 'requeued_at', at, 'requeued_by', by,
+           'previous_reason', dead.reason or '', 'previous_failed_at', dead.failed_at or '')
+redis.call('HSETNX', KEYS[3], 'accepted_at', ARGV[6])
+redis.call('PERSIST', KEYS[3])  -- on its way again: kept until final, like any accepted transaction
+forget_dead_rows(KEYS[4], txn, ARGV, 7, #ARGV)
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[5], '*', 'action', 'requeue', 'txn_id', txn, 'by', by, 'at', at, 'reason', dead.reason or '')
+redis.call('PUBLISH', ARGV[5], cjson.encode({txn_id = txn, state = 'accepted', at = at, requeued_by = by}))
+return id
+"""
+
+DISCARD = DEAD_ENTRY + RELEASE_ROWS + """
+-- Give a dead letter up: forget it, release its overlay rows, keep its status failed with who and when.
+-- KEYS: dead letters, status ('' when the envelope was unreadable), dead rows, audit
+-- ARGV: key prefix, dead entry id, txn_id, at, by, status ttl, events channel, n created rows, those rows,
+--       then its overlay rows (see release_args)
+local dead = dead_entry(KEYS[1], ARGV[2])
+if not dead then return 0 end
+local txn, at, by, ncreated = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[8])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if txn ~= '' then
+  redis.call('HSET', KEYS[2], 'state', 'failed', 'discarded_at', at, 'discarded_by', by)
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  forget_dead_rows(KEYS[3], txn, ARGV, 9, 8 + ncreated)
+  release_rows(ARGV[1], txn, ARGV, 9 + ncreated)
+  redis.call('PUBLISH', ARGV[7], cjson.encode({txn_id = txn, state = 'failed', at = at, discarded_by = by}))
+end
+redis.call('XADD', KEYS[4], '*', 'action', 'discard', 'txn_id', txn, 'by', by, 'at', at, 'reason', dead.reason or '',
+           'entry', ARGV[2])
+return 1
+"""
+
 
 def overlay_args(txn: Transaction) -> list[str]:
     """The overlay writes of ``txn`` as flat script arguments: values stay the exact JSON text.
@@ -245,6 +306,8 @@ class Buffer:
         self._release = client.register_script(RELEASE)
         self._settle = client.register_script(SETTLE)
         self._confirm = client.register_script(CONFIRM)
+        self._requeue = client.register_script(REQUEUE)
+        self._discard = client.register_script(DISCARD)
 
     @property
     def stream(self) -> str:
@@ -268,6 +331,11 @@ class Buffer:
     def dead_rows(self) -> str:
         """Hash from each row a dead-lettered transaction would have created ('table:key') to that txn_id."""
         return f"{self.prefix}:dead:rows"
+
+    @property
+    def dlq_audit(self) -> str:
+        """Stream of operators' requeues and discards of dead letters: action, txn_id, by, at, reason."""
+        return f"{self.prefix}:dlq:audit"
 
     @property
     def group(self) -> str:
@@ -432,6 +500,32 @@ class Buffer:
                 client=pipe,
             )
         return sum(pipe.execute())
+
+    def requeue_dead(self, entry_id: str, txn: Transaction, created: list[str], at: str, by: str) -> str | None:
+        """Move the dead letter ``entry_id`` back into the stream in one atomic step; its new stream ID.
+
+        Its status becomes ``accepted`` again (the failure kept as ``previous_reason``), the rows it
+        creates (``created``, 'table:key') stop refusing dependants, and the move is audited. None when
+        the entry is gone: requeued or discarded already, so a second or concurrent call enqueues nothing.
+        """
+        txn_id = str(txn.txn_id)
+        new_id = self._requeue(
+            keys=[self.dead_letters, self.stream, self.status_key(txn_id), self.dead_rows, self.dlq_audit],
+            args=[entry_id, txn_id, at, by, self.events, txn.accepted_at.isoformat(), *created],
+        )
+        return new_id.decode() if new_id else None
+
+    def discard_dead(self, entry_id: str, txn: Transaction | None, created: list[str], at: str, by: str) -> bool:
+        """Drop the dead letter ``entry_id`` for good, atomically: its overlay rows go (the merged view no
+        longer shows them), its status stays ``failed`` with ``discarded_at``/``discarded_by``, and it
+        is audited. False when the entry is gone already. ``txn`` is None for an unreadable envelope.
+        """
+        txn_id = str(txn.txn_id) if txn else ""
+        return bool(self._discard(
+            keys=[self.dead_letters, self.status_key(txn_id) if txn else "", self.dead_rows, self.dlq_audit],
+            args=[self.prefix, entry_id, txn_id, at, by, self.status_ttl_s, self.events, len(created), *created,
+                  *(release_args(txn) if txn else [])],
+        ))
 
     def row_key(self, table: str, key) -> str:
         return f"{self.prefix}:row:{table}:{key}"
