@@ -31,7 +31,7 @@ from opsync.envelope import State, Transaction
 from opsync.lsn import Lsn
 
 ENQUEUE = """
--- KEYS: stream, status, idempotency ('' when none)
+-- KEYS: stream, status, idempotency ('' when none), unsent counter
 -- ARGV: envelope, txn_id, accepted_at, body_hash, response, idempotency_ttl, events channel,
 --       key prefix, then the overlay writes (see overlay_args)
 -- Every check comes before the first write: Redis does not roll a script back.
@@ -43,6 +43,7 @@ if KEYS[3] ~= '' then
   end
 end
 local entry = redis.call('XADD', KEYS[1], '*', 'txn', ARGV[1])
+redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[2], 'state', 'accepted', 'accepted_at', ARGV[3], 'stream_id', entry)
 if KEYS[3] ~= '' then
   redis.call('HSET', KEYS[3], 'body_hash', ARGV[4], 'response', ARGV[5], 'txn_id', ARGV[2])
@@ -119,7 +120,7 @@ RELEASE = RELEASE_ROWS + "return release_rows(ARGV[1], ARGV[2], ARGV, 3)"
 
 SETTLE = """
 -- Acknowledge a drained batch and record where each transaction went, all at once.
--- KEYS: stream, awaiting replica, dead letters, dead rows
+-- KEYS: stream, awaiting replica, dead letters, dead rows, unsent counter
 -- ARGV: group, key prefix, events channel, at, status ttl, commit lsn, lsn score, then per entry:
 --       outcome (committed | duplicate | failed | gone: deleted meanwhile), stream_id, txn_id ('' if unreadable), reason,
 --       n rows it creates, rows ('table:key')...
@@ -135,7 +136,7 @@ end
 local pos = 8
 while pos <= #ARGV do
   local outcome, id, txn, reason, nrows = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 3], tonumber(ARGV[pos + 4])
-  redis.call('XACK', KEYS[1], group, id)
+  if redis.call('XACK', KEYS[1], group, id) == 1 then redis.call('DECR', KEYS[5]) end
   if outcome == 'committed' then
     commit(txn)
   elseif outcome == 'duplicate' then
@@ -192,13 +193,14 @@ end
 
 REQUEUE = DEAD_ENTRY + """
 -- Put a dead letter back into the buffer stream, fixed by an operator; the drain applies it (ledger-protected).
--- KEYS: dead letters, stream, status, dead rows, audit
+-- KEYS: dead letters, stream, status, dead rows, audit, unsent counter
 -- ARGV: dead entry id, txn_id, at, by, events channel, accepted_at, then the rows it creates ('table:key')
 local dead = dead_entry(KEYS[1], ARGV[1])
 if not dead then return false end
 if (dead.txn or '') == '' then return redis.error_reply('unreadable envelope: discard it instead') end
 local txn, at, by = ARGV[2], ARGV[3], ARGV[4]
 local id = redis.call('XADD', KEYS[2], '*', 'txn', dead.txn)
+redis.call('INCR', KEYS[6])
 redis.call('HDEL', KEYS[3], 'reason', 'failed_at')
 redis.call('HSET', KEYS[3], 'state', 'accepted', 'stream_id', id, 'requeued_at', at, 'requeued_by', by,
            'previous_reason', dead.reason or '', 'previous_failed_at', dead.failed_at or '')
@@ -323,6 +325,15 @@ class Buffer:
         return f"{self.prefix}:dead"
 
     @property
+    def unsent(self) -> str:
+        """Counter of transactions in the stream not yet acknowledged by a drainer (the buffer's depth).
+
+        Kept by the scripts that add and acknowledge entries, because Redis 7.0 stops reporting a
+        consumer group's lag once an entry it has not read yet was deleted.
+        """
+        return f"{self.prefix}:unsent"
+
+    @property
     def awaiting_replica(self) -> str:
         """Sorted set of committed transactions by commit LSN (as a number), until the replica passes them."""
         return f"{self.prefix}:awaiting"
@@ -358,7 +369,7 @@ class Buffer:
         """
         idem_key = self.idempotency_key(*idempotency) if idempotency else ""
         outcome, stored = self._enqueue(
-            keys=[self.stream, self.status_key(txn.txn_id), idem_key],
+            keys=[self.stream, self.status_key(txn.txn_id), idem_key, self.unsent],
             args=[
                 txn.model_dump_json(), str(txn.txn_id), txn.accepted_at.isoformat(), body_hash,
                 json.dumps(response), self.idempotency_ttl_s, self.events, self.prefix, *overlay_args(txn),
@@ -473,7 +484,7 @@ class Buffer:
         args: list = [self.group, self.prefix, self.events, at, self.status_ttl_s, str(commit_lsn or ""), float(commit_lsn or 0)]
         for s in settlements:
             args += [s.outcome, s.stream_id, s.txn_id, s.reason, len(s.rows), *s.rows]
-        self._settle(keys=[self.stream, self.awaiting_replica, self.dead_letters, self.dead_rows], args=args)
+        self._settle(keys=[self.stream, self.awaiting_replica, self.dead_letters, self.dead_rows, self.unsent], args=args)
 
     def awaiting(self, upto: Lsn, count: int) -> list[str]:
         """The txn_ids committed at or before ``upto`` (by score; callers check the exact LSN)."""
@@ -510,7 +521,7 @@ class Buffer:
         """
         txn_id = str(txn.txn_id)
         new_id = self._requeue(
-            keys=[self.dead_letters, self.stream, self.status_key(txn_id), self.dead_rows, self.dlq_audit],
+            keys=[self.dead_letters, self.stream, self.status_key(txn_id), self.dead_rows, self.dlq_audit, self.unsent],
             args=[entry_id, txn_id, at, by, self.events, txn.accepted_at.isoformat(), *created],
         )
         return new_id.decode() if new_id else None

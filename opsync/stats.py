@@ -2,10 +2,8 @@
 backpressure, the CLI and the Airflow UI.
 
 Depth counts transactions not yet acknowledged by the drainer (delivered-but-pending plus not yet
-delivered), whether or not acknowledged entries are later deleted from the stream. It comes from
-the consumer group's ``pending`` and ``lag``; before the group exists every entry is unacknowledged.
-Redis reports no lag when undelivered entries were deleted; the stream length is then the upper
-bound used. Ages use Redis' own clock, the one that stamped the stream IDs.
+delivered): the counter :attr:`Buffer.unsent` that the enqueue, acknowledge and requeue scripts
+keep. Ages use Redis' own clock, the one that stamped the stream IDs.
 """
 
 from dataclasses import dataclass
@@ -35,16 +33,16 @@ def buffer_stats(client: redis.Redis, buffer: Buffer) -> BufferStats:
     pipe = client.pipeline(transaction=False)
     pipe.time()
     pipe.xinfo_groups(buffer.stream)
-    pipe.xlen(buffer.stream)
+    pipe.get(buffer.unsent)
     pipe.zcard(buffer.awaiting_replica)
     pipe.xlen(buffer.dead_letters)
     pipe.info("memory")
-    now, groups, length, awaiting, dead, memory = pipe.execute(raise_on_error=False)
-    for result in (now, length, awaiting, dead, memory):
+    now, groups, unsent, awaiting, dead, memory = pipe.execute(raise_on_error=False)
+    for result in (now, unsent, awaiting, dead, memory):
         if isinstance(result, Exception):
             raise result
     group = _group(groups, buffer.group)
-    depth = length if group is None or group["lag"] is None else group["pending"] + group["lag"]
+    depth = int(unsent or 0)
     oldest = _oldest_id(client, buffer, group) if depth else None
     return BufferStats(
         depth=depth,

@@ -47,7 +47,8 @@ def written(client) -> dict:
 
 
 def drain_everything(client) -> int:
-    """What the drainer does once the primary has the data: claim, then acknowledge (never delete)."""
+    """What the drainer does once the primary has the data: claim, then acknowledge (never delete)
+    and count the acknowledged ones off the buffer's depth, as its settle script does."""
     try:
         client.xgroup_create("opsync:buffer", "drain", id="0")
     except Exception as exc:  # BUSYGROUP: already there
@@ -58,6 +59,7 @@ def drain_everything(client) -> int:
         if not ids:
             break
         acked += client.xack("opsync:buffer", "drain", *ids)
+    client.decrby("opsync:unsent", acked)
     return acked
 
 

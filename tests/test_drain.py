@@ -10,7 +10,7 @@ import uuid
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
-from opsync import drain, merged, registry
+from opsync import drain, merged, registry, stats
 from opsync.apply import Transient
 from opsync.buffer import Buffer
 from opsync.envelope import Op, Step, Transaction
@@ -402,3 +402,16 @@ def test_on_the_main_site_confirmation_is_immediate(buffer, primary, planning):
     assert drain.confirm(buffer, current_position(primary)).confirmed == 1
     assert states(buffer, [txn]) == ["replicated"]
 
+
+
+def test_depth_counts_only_unacknowledged_entries_even_after_a_dead_letter_at_the_end(buffer, primary, planning):
+    """Redis 7.0 reports no group lag once an unread entry was deleted; the depth must not fall back to the stream length."""
+    for _ in range(2):
+        buffered(buffer, observation(planning))
+    buffered(buffer, observation(planning, obs_unit_id=str(uuid.uuid4())))  # last in the stream: dead-lettered, deleted
+    assert stats.buffer_stats(buffer.client, buffer).depth == 3
+    drain.drain(buffer, primary)
+    figures = stats.buffer_stats(buffer.client, buffer)
+    assert (figures.depth, figures.awaiting_replica, figures.dead_letters, figures.oldest_age_s) == (0, 2, 1, 0.0)
+    buffered(buffer, observation(planning))
+    assert stats.buffer_stats(buffer.client, buffer).depth == 1
