@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint bench-ingest bootstrap clean
+.PHONY: up down status demo test lint bench-ingest bench-drain bootstrap clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -25,6 +25,9 @@ test: bootstrap
 
 bench-ingest: bootstrap
 	$(PY) bench/ingest.py
+
+bench-drain: bootstrap
+	$(PY) bench/drain.py
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .

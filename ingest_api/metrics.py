@@ -92,11 +92,17 @@ class BufferCollector(Collector):
             "opsync_dead_letters": ("Transactions that failed permanently", stats.dead_letters),
             "opsync_buffer_memory_used_bytes": ("Memory Redis uses", stats.used_memory),
             "opsync_buffer_memory_max_bytes": ("Redis maxmemory (0: none set)", stats.maxmemory),
+            "opsync_last_drain_age_seconds": ("Since the drainer last finished a drain (-1: never)", age(stats.last_drain_s)),
+            "opsync_last_confirm_age_seconds": ("Since the last confirmation against the replica (-1: never)", age(stats.last_confirm_s)),
             "opsync_buffer_high_water_entries": ("Depth at which writes get 503", settings.high_water_entries),
             "opsync_buffer_above_high_water": ("1 while writes are refused for backpressure", int(above)),
         }
         for name, (documentation, value) in figures.items():
             yield GaugeMetricFamily(name, documentation, value=value)
+
+
+def age(seconds: float | None) -> float:
+    return -1.0 if seconds is None else seconds
 
 
 REGISTRY.register(BufferCollector())

@@ -325,6 +325,15 @@ class Buffer:
         return f"{self.prefix}:dead"
 
     @property
+    def activity(self) -> str:
+        """Hash of when the drainer last finished a drain (``drain_at``) and a confirmation (``confirm_at``)."""
+        return f"{self.prefix}:activity"
+
+    def note(self, activity: str, at: str) -> None:
+        """Record that ``activity`` ("drain", "confirm") just succeeded: operators watch how long ago that was."""
+        self.client.hset(self.activity, f"{activity}_at", at)
+
+    @property
     def unsent(self) -> str:
         """Counter of transactions in the stream not yet acknowledged by a drainer (the buffer's depth).
 

@@ -276,6 +276,10 @@ def show_status(report: SiteStatus, as_json: bool, refresh: bool) -> None:
     console().print(table)
 
 
+def ago(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{seconds:.0f} s ago"
+
+
 def status_rows(report: SiteStatus) -> list[tuple[str, str]]:
     b, rows = report.buffer, []
     if b is not None:
@@ -284,6 +288,8 @@ def status_rows(report: SiteStatus) -> list[tuple[str, str]]:
             ("oldest buffered", f"{b.oldest_age_s:.0f} s"),
             ("committed, not replicated", str(b.awaiting_replica)),
             ("dead letters", str(b.dead_letters) + (" (see opsync dlq list)" if b.dead_letters else "")),
+            ("last drain", ago(b.last_drain_s)),
+            ("last confirm", ago(b.last_confirm_s)),
         ]
     lag = "unknown" if report.lag_bytes is None else f"{report.lag_bytes} bytes"
     if report.lag_s is not None:

@@ -94,6 +94,7 @@ def drain(
     else:
         summary.budget_spent = True
     summary.elapsed_s = time.monotonic() - started
+    buffer.note("drain", now())
     return summary
 
 
@@ -179,6 +180,7 @@ def confirm(buffer: Buffer, position: Lsn, chunk: int = 1000) -> Confirmation:
         confirmed += buffer.mark_replicated(items, now())
         if len(txn_ids) < chunk or not due:
             break
+    buffer.note("confirm", now())
     return Confirmation(position, confirmed, buffer.client.zcard(buffer.awaiting_replica))
 
 

@@ -7,6 +7,7 @@ keep. Ages use Redis' own clock, the one that stamped the stream IDs.
 """
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import redis
 
@@ -22,6 +23,8 @@ class BufferStats:
     dead_letters: int  # failed permanently
     used_memory: int  # bytes Redis uses
     maxmemory: int  # Redis' limit in bytes; 0 when none is set
+    last_drain_s: float | None = None  # seconds since the last drain that finished; None: never
+    last_confirm_s: float | None = None  # seconds since the last confirmation against the replica
 
     @property
     def memory_fraction(self) -> float | None:
@@ -37,22 +40,30 @@ def buffer_stats(client: redis.Redis, buffer: Buffer) -> BufferStats:
     pipe.zcard(buffer.awaiting_replica)
     pipe.xlen(buffer.dead_letters)
     pipe.info("memory")
-    now, groups, unsent, awaiting, dead, memory = pipe.execute(raise_on_error=False)
-    for result in (now, unsent, awaiting, dead, memory):
+    pipe.hgetall(buffer.activity)
+    now, groups, unsent, awaiting, dead, memory, activity = pipe.execute(raise_on_error=False)
+    for result in (now, unsent, awaiting, dead, memory, activity):
         if isinstance(result, Exception):
             raise result
     group = _group(groups, buffer.group)
     depth = int(unsent or 0)
     oldest = _oldest_id(client, buffer, group) if depth else None
+    clock = now[0] + now[1] / 1e6
     return BufferStats(
         depth=depth,
         pending=group["pending"] if group else 0,
-        oldest_age_s=max(0.0, now[0] + now[1] / 1e6 - _id_seconds(oldest)) if oldest else 0.0,
+        oldest_age_s=max(0.0, clock - _id_seconds(oldest)) if oldest else 0.0,
         awaiting_replica=awaiting,
         dead_letters=dead,
         used_memory=memory["used_memory"],
         maxmemory=memory["maxmemory"],
+        last_drain_s=_since(activity.get(b"drain_at"), clock),
+        last_confirm_s=_since(activity.get(b"confirm_at"), clock),
     )
+
+
+def _since(moment: bytes | None, clock: float) -> float | None:
+    return None if moment is None else max(0.0, clock - datetime.fromisoformat(moment.decode()).timestamp())
 
 
 def _group(groups, name: str) -> dict | None:

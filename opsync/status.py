@@ -63,6 +63,7 @@ class SiteStatus:
             "buffer": b and {
                 "depth": b.depth, "pending": b.pending, "oldest_age_s": b.oldest_age_s,
                 "committed_not_replicated": b.awaiting_replica, "dead_letters": b.dead_letters,
+                "last_drain_s": b.last_drain_s, "last_confirm_s": b.last_confirm_s,
             },
             "replica": {
                 "primary_lsn": self.primary_lsn and str(self.primary_lsn),

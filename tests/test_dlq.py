@@ -328,14 +328,17 @@ def test_status_matches_the_buffer_figures_and_the_replica_catches_up(cli_run, s
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     stats = buffer_stats(site_buffer.client, site_buffer)
-    assert report["buffer"] | {"oldest_age_s": 0} == {
+    assert report["buffer"] | {"oldest_age_s": 0, "last_drain_s": 0} == {
         "depth": stats.depth, "pending": stats.pending, "oldest_age_s": 0,
-        "committed_not_replicated": stats.awaiting_replica, "dead_letters": stats.dead_letters}
+        "committed_not_replicated": stats.awaiting_replica, "dead_letters": stats.dead_letters,
+        "last_drain_s": 0, "last_confirm_s": None}
+    assert 0 <= report["buffer"]["last_drain_s"] <= stats.last_drain_s
     assert (stats.depth, stats.awaiting_replica, stats.dead_letters) == (1, 1, 2)
     assert 0 <= report["buffer"]["oldest_age_s"] <= stats.oldest_age_s + 1
     assert report["unavailable"] == {} and report["replica"]["lag_from"] == "replica"
     human = cli_run("status")
     assert human.exit_code == 0 and "committed, not replicated" in human.stdout and "dead letters" in human.stdout
+    assert "last drain" in human.stdout and "last confirm" in human.stdout
 
     caught_up = wait_caught_up(cli_run)
     assert caught_up["replica"]["lag_s"] == 0 and caught_up["replica"]["primary_lsn"] == caught_up["replica"]["replica_lsn"]

@@ -404,14 +404,16 @@ def test_on_the_main_site_confirmation_is_immediate(buffer, primary, planning):
 
 
 
-def test_depth_counts_only_unacknowledged_entries_even_after_a_dead_letter_at_the_end(buffer, primary, planning):
+def test_depth_counts_only_unacknowledged_entries_even_after_a_dead_letter_at_the_end_and_drains_are_noted(buffer, primary, planning):
     """Redis 7.0 reports no group lag once an unread entry was deleted; the depth must not fall back to the stream length."""
     for _ in range(2):
         buffered(buffer, observation(planning))
     buffered(buffer, observation(planning, obs_unit_id=str(uuid.uuid4())))  # last in the stream: dead-lettered, deleted
-    assert stats.buffer_stats(buffer.client, buffer).depth == 3
+    before = stats.buffer_stats(buffer.client, buffer)
+    assert (before.depth, before.last_drain_s, before.last_confirm_s) == (3, None, None)
     drain.drain(buffer, primary)
     figures = stats.buffer_stats(buffer.client, buffer)
     assert (figures.depth, figures.awaiting_replica, figures.dead_letters, figures.oldest_age_s) == (0, 2, 1, 0.0)
+    assert figures.last_drain_s < 5 and figures.last_confirm_s is None
     buffered(buffer, observation(planning))
     assert stats.buffer_stats(buffer.client, buffer).depth == 1
