@@ -3,14 +3,323 @@
 WAL lets Datasette read while the publisher writes, and Datasette sees external commits without a
 restart; the file is only ever modified in place, never replaced (a renamed-over file would leave
 Datasette reading the old inode).
+
+Each ingestible table is a real, indexed table (a UNION view made facets take seconds) with the
+table's columns, then the derived ``night`` where there is one, then ``_sync_state`` (buffered /
+committed / replicated / failed), ``_txn_id``, ``_commit_lsn`` and ``_updated_at`` (when the
+publisher last changed the row). Values are stored in one canonical form whatever their source
+(replica or buffer): times as UTC ISO text with microseconds (so they sort and compare as text),
+JSON as compact text with sorted keys, booleans as 0/1. Internal tables of the primary (tokens,
+ledger, change capture) are not ingestible and so never reach this file.
 """
 
+import json
 import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pendulum
+from sqlalchemy import Column, Integer, Select, Text, UniqueConstraint, cast, func, select
+from sqlalchemy.sql.sqltypes import JSON
+
+from opsync.registry import Ingestible, ingestible_tables
+
+SYNC_COLUMNS = ("_sync_state", "_txn_id", "_commit_lsn", "_updated_at")
+NIGHT_OF = {"executed_obs_unit": "start_time"}  # tables with a ``night`` column, and the time it is the night of
+UNSETTLED = ("buffered", "committed", "failed")  # states backed by the buffer's overlay, not (only) the replica
+METRICS = "sync_metrics"
+STATE = "publisher_state"
+CHUNK = 5000  # keys per statement: well below SQLite's limit of bound variables
+UTC_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'  # PostgreSQL's to_char for what utc_text writes
+METRICS_DDL = f"""
+CREATE TABLE IF NOT EXISTS {METRICS} (
+    at TEXT PRIMARY KEY,  -- UTC, ISO
+    buffer_depth INTEGER,
+    oldest_buffered_age_s REAL,
+    awaiting_replica INTEGER,
+    dead_letters INTEGER,
+    replica_lag_s REAL
+)"""
+
+
+def utc_text(value: datetime | str) -> str:
+    """One text form for every time, so SQLite compares and sorts them correctly."""
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def night_of(moment: str, timezone: str) -> str:
+    """The observing night a time belongs to, named by the local date it began on.
+
+    Nights turn over at local noon: an observation at 02:00 local belongs to the night that began
+    the evening before.
+    """
+    local = pendulum.instance(datetime.fromisoformat(moment)).in_timezone(timezone)
+    return local.subtract(hours=12).date().isoformat()
+
+
+def converter(column: Column):
+    """How one column's value (native, from the replica, or JSON-ready, from the buffer) is stored."""
+    if isinstance(column.type, JSON):
+        return json_text
+    kind = column.type.python_type
+    if kind is datetime:
+        return utc_text
+    if kind is UUID:
+        return str
+    if kind is bool:
+        return int
+    return None
+
+
+def sqlite_type(column: Column) -> str:
+    kind = column.type.python_type
+    if kind in (bool, int):
+        return "INTEGER"
+    return "REAL" if kind is float else "TEXT"
+
+
+def indexed_columns(table) -> list[str]:
+    """Columns indexed, unique or referencing in the primary: the usual facets and filters here too."""
+    names = {c.name for index in table.indexes for c in index.columns}
+    names |= {c.name for u in table.constraints if isinstance(u, UniqueConstraint) for c in u.columns}
+    names |= {c.name for c in table.columns if c.foreign_keys}
+    return [c.name for c in table.columns if c.name in names and not c.primary_key]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one ingestible table is materialised, and how a row becomes a stored record."""
+
+    entry: Ingestible
+    timezone: str
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @cached_property
+    def data_columns(self) -> list[Column]:
+        return list(self.entry.table.columns)
+
+    @cached_property
+    def night_source(self) -> str | None:
+        return NIGHT_OF.get(self.name)
+
+    @cached_property
+    def columns(self) -> list[str]:
+        night = ["night"] if self.night_source else []
+        return [c.name for c in self.data_columns] + night + list(SYNC_COLUMNS)
+
+    @cached_property
+    def conversions(self) -> list[tuple[int, Any]]:
+        """(position, converter) of the columns whose stored form differs from their JSON-ready value."""
+        found = [(i, converter(c)) for i, c in enumerate(self.data_columns)]
+        return [(i, convert) for i, convert in found if convert is not None]
+
+    @cached_property
+    def json_positions(self) -> list[int]:
+        return [i for i, c in enumerate(self.data_columns) if isinstance(c.type, JSON)]
+
+    def record(self, row: Mapping[str, Any], state: str, txn_id: str | None, lsn: str | None, at: str) -> tuple:
+        """A row as stored; ``row`` maps column names to values (missing ones are NULL)."""
+        values = [row.get(c.name) for c in self.data_columns]
+        for i, convert in self.conversions:
+            if values[i] is not None:
+                values[i] = convert(values[i])
+        return self.finish(values, state, txn_id, lsn, at)
+
+    def loaded_record(self, row: Iterable[Any], at: str) -> tuple:
+        """A row of :meth:`load_query`, already in stored form but for JSON: the full load's fast path."""
+        values = list(row)
+        for i in self.json_positions:
+            if values[i] is not None:
+                values[i] = json_text(values[i])
+        return self.finish(values, "replicated", None, None, at)
+
+    @cached_property
+    def night_position(self) -> int | None:
+        return self.columns.index(self.night_source) if self.night_source else None
+
+    def finish(self, values: list, state: str, txn_id: str | None, lsn: str | None, at: str) -> tuple:
+        if self.night_position is not None:
+            moment = values[self.night_position]
+            values.append(night_of(moment, self.timezone) if moment else None)
+        values += (state, txn_id, lsn, at)
+        return tuple(values)
+
+    def load_query(self) -> Select:
+        """All rows in key order, keys and times formatted by PostgreSQL as stored here (cheaper than in Python)."""
+        columns = []
+        for column in self.data_columns:
+            kind = None if isinstance(column.type, JSON) else column.type.python_type
+            if kind is UUID:
+                columns.append(cast(column, Text))
+            elif kind is datetime:
+                columns.append(func.to_char(func.timezone("UTC", column), UTC_FORMAT))
+            elif kind is bool:
+                columns.append(cast(column, Integer))
+            else:
+                columns.append(column)
+        return select(*columns).order_by(self.entry.table.c.id)
+
+    def create_sql(self) -> str:
+        types = {c.name: sqlite_type(c) for c in self.data_columns}
+        defs = [f'"{name}" {types.get(name, "TEXT")}' + (" PRIMARY KEY" if name == "id" else "") for name in self.columns]
+        return f'CREATE TABLE IF NOT EXISTS "{self.name}" ({", ".join(defs)})'
+
+    @cached_property
+    def indexes(self) -> dict[str, str]:
+        """Index name -> CREATE statement: the primary's indexed columns, the sync columns and the night."""
+        indexes = [[name] for name in indexed_columns(self.entry.table)]
+        indexes += [["_sync_state", "id"], ["_txn_id"]] + ([["night"]] if self.night_source else [])
+        names = [f'ix_{self.name}_{"_".join(cols).strip("_")}' for cols in indexes]
+        return {
+            name: f'CREATE INDEX IF NOT EXISTS "{name}" ON "{self.name}" ({", ".join(cols)})'
+            for name, cols in zip(names, indexes, strict=True)
+        }
+
+    @cached_property
+    def upsert_sql(self) -> str:
+        names = ", ".join(f'"{c}"' for c in self.columns)
+        updates = ", ".join(f'"{c}" = excluded."{c}"' for c in self.columns if c != "id")
+        marks = ", ".join("?" * len(self.columns))
+        return f'INSERT INTO "{self.name}" ({names}) VALUES ({marks}) ON CONFLICT(id) DO UPDATE SET {updates}'
+
+
+def layouts(timezone: str) -> dict[str, Layout]:
+    return {entry.name: Layout(entry, timezone) for entry in ingestible_tables()}
 
 
 def ensure_read_model(path: Path) -> None:
-    """Create the file (WAL mode) if it is missing; an existing file is left as it is."""
+    """Create the file (WAL mode) and its tables and indexes where missing; existing data is kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path) as conn:
+    conn = sqlite3.connect(path)
+    try:
         conn.execute("PRAGMA journal_mode=WAL")
+        for layout in layouts("UTC").values():
+            conn.execute(layout.create_sql())
+            for sql in layout.indexes.values():
+                conn.execute(sql)
+        conn.execute(METRICS_DDL)
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {STATE} (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def chunks(items: list, size: int = CHUNK) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class ReadModel:
+    """The publisher's connection to the file: the only writer."""
+
+    def __init__(self, path: Path, timezone: str):
+        ensure_read_model(path)
+        self.path = path
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints; the model can be rebuilt
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.layouts = layouts(timezone)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def is_empty(self) -> bool:
+        return not any(self.conn.execute(f'SELECT 1 FROM "{name}" LIMIT 1').fetchone() for name in self.layouts)
+
+    def get_state(self, name: str) -> str | None:
+        found = self.conn.execute(f"SELECT value FROM {STATE} WHERE name = ?", (name,)).fetchone()
+        return found[0] if found else None
+
+    def set_state(self, conn: sqlite3.Connection, name: str, value: str) -> None:
+        sql = f"INSERT INTO {STATE} (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
+        conn.execute(sql, (name, value))
+
+    def insert(self, conn: sqlite3.Connection, layout: Layout, records: list[tuple]) -> None:
+        """The full load's fast path: plain inserts into an empty table."""
+        conn.executemany(layout.upsert_sql, records)
+
+    @contextmanager
+    def bulk_load(self) -> Iterator[None]:
+        """Secondary indexes dropped while an empty file is filled, built once after: faster than maintaining them."""
+        with self.transaction() as conn:
+            for layout in self.layouts.values():
+                for name in layout.indexes:
+                    conn.execute(f'DROP INDEX IF EXISTS "{name}"')
+        yield
+        with self.transaction() as conn:
+            for layout in self.layouts.values():
+                for sql in layout.indexes.values():
+                    conn.execute(sql)
+
+    def current(self, layout: Layout, keys: list[str]) -> dict[str, tuple]:
+        found = {}
+        for part in chunks(keys):
+            sql = f'SELECT * FROM "{layout.name}" WHERE id IN ({", ".join("?" * len(part))})'
+            found |= {row[0]: row for row in self.conn.execute(sql, part)}
+        return found
+
+    def apply(self, layout: Layout, keys: Iterable[str], records: dict[str, tuple]) -> int:
+        """Make ``keys`` hold ``records`` (absent from it: deleted); writes only what differs. Returns rows written."""
+        keys = sorted(set(keys) | set(records))
+        current = self.current(layout, keys)
+        changed = [r for k, r in records.items() if current.get(k, ())[:-1] != r[:-1]]  # all but _updated_at
+        gone = [(k,) for k in keys if k not in records and k in current]
+        if changed or gone:
+            with self.transaction() as conn:
+                conn.executemany(layout.upsert_sql, changed)
+                conn.executemany(f'DELETE FROM "{layout.name}" WHERE id = ?', gone)
+        return len(changed) + len(gone)
+
+    def keys_of_txns(self, layout: Layout, txn_ids: list[str]) -> list[str]:
+        keys = []
+        for part in chunks(txn_ids):
+            sql = f'SELECT id FROM "{layout.name}" WHERE _txn_id IN ({", ".join("?" * len(part))})'
+            keys += [row[0] for row in self.conn.execute(sql, part)]
+        return keys
+
+    def unsettled_keys(self, layout: Layout, after: str, limit: int) -> list[str]:
+        """Rows whose state comes from the buffer, past ``after`` in key order: the sweep re-checks them."""
+        marks = ", ".join("?" * len(UNSETTLED))
+        sql = f'SELECT id FROM "{layout.name}" WHERE _sync_state IN ({marks}) AND id > ? ORDER BY id LIMIT ?'
+        return [row[0] for row in self.conn.execute(sql, (*UNSETTLED, after, limit))]
+
+    def keys_between(self, layout: Layout, after: str, upto: str | None) -> list[str]:
+        """Keys in ``(after, upto]`` (to the end when ``upto`` is None): what a resync compares."""
+        if upto is None:
+            return [r[0] for r in self.conn.execute(f'SELECT id FROM "{layout.name}" WHERE id > ?', (after,))]
+        sql = f'SELECT id FROM "{layout.name}" WHERE id > ? AND id <= ?'
+        return [r[0] for r in self.conn.execute(sql, (after, upto))]
+
+    def append_metrics(self, at: str, figures: Mapping[str, Any], keep_days: int) -> None:
+        """One sample for the dashboards; samples older than ``keep_days`` go, so the table stays small."""
+        names = ["at", *figures]
+        with self.transaction() as conn:
+            conn.execute(
+                f"INSERT OR REPLACE INTO {METRICS} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                (at, *figures.values()),
+            )
+            conn.execute(f"DELETE FROM {METRICS} WHERE at < strftime('%Y-%m-%dT%H:%M:%f', 'now', ?)", (f"-{keep_days} days",))

@@ -20,6 +20,7 @@ from sqlalchemy import (
     DateTime,
     Double,
     ForeignKey,
+    Identity,
     Index,
     MetaData,
     SmallInteger,
@@ -284,6 +285,47 @@ class SyncLedger(Base):
         BigInteger,
         server_default=text("(pg_current_xact_id())::text::bigint"),
         comment="PostgreSQL transaction id (xid8) that applied it",
+    )
+
+
+class RowChange(Base):
+    """Change capture: which rows of an ingestible table a PostgreSQL transaction changed.
+
+    Written by statement-level triggers (migration 0002) whoever writes, so the read model also
+    sees rows written at the main site with plain SQL; read by :mod:`opsync.changes`.
+    """
+
+    __tablename__ = "row_change"
+    __table_args__ = {"comment": "Change capture of the ingestible tables (read-model publisher)"}
+
+    xid: Mapped[int] = mapped_column(
+        BigInteger,
+        primary_key=True,
+        server_default=text("(pg_current_xact_id())::text::bigint"),
+        comment="PostgreSQL transaction id (xid8) that changed the row",
+    )
+    seq: Mapped[int] = mapped_column(
+        BigInteger, Identity(always=False), primary_key=True, comment="Order within the transaction"
+    )
+    table_name: Mapped[str] = mapped_column(String(63), comment="Ingestible table of the row")
+    row_id: Mapped[uuid.UUID] = mapped_column(comment="Key of the changed row")
+    op: Mapped[str] = mapped_column(String(6), comment="INSERT, UPDATE or DELETE")
+    changed_at: Mapped[datetime] = mapped_column(
+        server_default=func.now(), index=True, comment="Start of the changing transaction; retention is by this time"
+    )
+
+
+class RowChangeHorizon(Base):
+    """One row: changes below this xid may be purged, so a reader whose position is older must resync."""
+
+    __tablename__ = "row_change_horizon"
+    __table_args__ = (CheckConstraint("singleton", name="singleton"), {"comment": "How far row_change has been purged"})
+
+    singleton: Mapped[bool] = mapped_column(
+        Boolean, primary_key=True, server_default=text("true"), comment="Always true: one row"
+    )
+    purged_below: Mapped[int] = mapped_column(
+        BigInteger, server_default=text("0"), comment="Changes of transactions below this xid may have been purged"
     )
 
 

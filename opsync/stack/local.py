@@ -112,6 +112,7 @@ class LocalStack:
                     str(VENV_BIN / "datasette"), "serve", str(self.read_model_path),
                     "--host", s.host, "--port", str(s.datasette_port),
                     "--metadata", str(REPO / "datasette/metadata.yml"),
+                    "--plugins-dir", str(REPO / "datasette/plugins"),  # runs the read-model publisher
                 ],
                 21,
             ),

@@ -1,0 +1,403 @@
+"""The read-model publisher: the one writer of the SQLite file Datasette serves.
+
+Every row it writes is the merged view of one key (:mod:`opsync.merged`): the buffer's overlay
+over the replica's row, so a row keeps its key while it moves from buffered to committed to
+replicated and can neither vanish nor appear twice. The publisher only decides *which* keys to
+re-read, from four sources:
+
+- the buffer stream, read past the last entry seen, woken by the buffer's pub/sub events: new
+  buffered writes (inserts, updates, deletes) within a fraction of a second;
+- state events (committed / replicated / failed): the rows whose ``_txn_id`` is that transaction;
+- the replica's change capture (:mod:`opsync.changes`): replicated changes, including rows written
+  at the main site by others, and deletes;
+- a sweep, a chunk per table per run, of the overlay's key index and of rows the file still
+  shows as unsettled: the safety net for a lost wake-up (pub/sub keeps nothing).
+
+Each source is a :class:`Duty` with its own backoff: while the replica is down, buffered rows still
+appear; while Redis is down, nothing from the buffer can be known, and the stream position, the
+change position and the sweep pick up where they stopped. The file is created once and only ever
+written in place. Run it inside Datasette (``datasette/plugins/opsync_publisher.py``) or as its
+own process: ``python -m opsync.publisher``.
+"""
+
+import fcntl
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import UUID
+
+import redis
+from pydantic import ValidationError
+from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy.exc import DBAPIError
+
+from opsync import merged
+from opsync.buffer import Buffer
+from opsync.changes import SNAPSHOT_SQL, Position, purge_changes, read_changes, snapshot_xmin
+from opsync.config import Settings, get_settings
+from opsync.envelope import State, Transaction
+from opsync.events import parse_event
+from opsync.read_model import Layout, ReadModel
+from opsync.stats import buffer_stats
+
+log = logging.getLogger("opsync.publisher")
+
+OUTAGES = (redis.RedisError, DBAPIError, OSError)
+LAG_SQL = text(
+    "SELECT CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
+    " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
+)
+CHANGES_STATE, STREAM_STATE = "changes", "stream"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    change_every_s: float = 0.5
+    sweep_every_s: float = 2.0
+    metrics_every_s: float = 10.0
+    purge_every_s: float = 3600.0
+    change_retention: timedelta = timedelta(days=3)  # longer than any publisher outage worth catching up incrementally
+    metrics_keep_days: int = 30
+    chunk: int = 10_000  # rows per SQLite transaction (full load) and changes or entries per read
+    sweep_chunk: int = 500
+    max_backoff_s: float = 30.0
+    catch_up_slice_s: float = 1.0  # then the buffer's events get a turn
+
+
+@dataclass
+class Duty:
+    """One of the publisher's jobs, run every ``every_s``; ``run`` returns True when more is waiting now."""
+
+    name: str
+    every_s: float
+    run: Callable[[], bool | None]
+    next_at: float = 0.0
+    failures: int = 0
+
+    def tick(self, now: float, max_backoff_s: float) -> None:
+        if now < self.next_at:
+            return
+        try:
+            more = self.run()
+        except OUTAGES as exc:
+            self.failed(now, max_backoff_s, plain(exc))
+            return
+        except Exception as exc:  # a bug must not stop the other duties: log it whole, back off, retry
+            log.exception("%s: unexpected error", self.name)
+            self.failed(now, max_backoff_s, plain(exc))
+            return
+        if self.failures:
+            log.info("%s: working again after %d failed attempts", self.name, self.failures)
+        self.failures = 0
+        self.next_at = now if more else now + self.every_s
+
+    def failed(self, now: float, max_backoff_s: float, reason: str) -> None:
+        self.failures += 1
+        delay = min(max_backoff_s, 0.5 * 2 ** (self.failures - 1))
+        self.next_at = now + delay
+        log.warning("%s failed: %s; retrying in %.1f s (attempt %d)", self.name, reason, delay, self.failures)
+
+
+def plain(exc: BaseException) -> str:
+    """An error in one line, without SQLAlchemy's background links."""
+    cause = getattr(exc, "orig", None) or exc
+    first = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {first[0] if first else ''}"
+
+
+def now_text() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass
+class Publisher:
+    model: ReadModel
+    buffer: Buffer
+    replica: Engine
+    primary: Engine | None = None  # for purging the change table; None: someone else purges
+    tuning: Tuning = field(default_factory=Tuning)
+    state_events: set[str] = field(default_factory=set)  # txn_ids whose state changed, not yet applied
+    pubsub: redis.client.PubSub | None = None
+    sweep_from: dict[str, tuple[str, str]] = field(default_factory=dict)  # table -> (overlay, unsettled) positions
+
+    def __post_init__(self) -> None:
+        t = self.tuning
+        self.duties = [
+            Duty("replica changes", t.change_every_s, self.follow_replica),
+            Duty("buffer", 0, self.follow_buffer),
+            Duty("sweep", t.sweep_every_s, self.sweep),
+            Duty("metrics", t.metrics_every_s, self.record_metrics),
+        ]
+        if self.primary is not None:
+            self.duties.append(Duty("change purge", t.purge_every_s, self.purge))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, tuning: Tuning | None = None) -> "Publisher":
+        client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5, socket_connect_timeout=3)
+        timeouts = {"connect_timeout": 5, "options": "-c timezone=UTC"}  # UTC: no time zone conversions here
+        return cls(
+            ReadModel(settings.read_model_path, settings.timezone),
+            Buffer(client, status_ttl_s=settings.status_ttl_s),
+            create_engine(settings.replica_url.get_secret_value(), pool_pre_ping=True, connect_args=timeouts),
+            create_engine(settings.primary_url.get_secret_value(), pool_pre_ping=True, connect_args=timeouts),
+            tuning or Tuning(),
+        )
+
+    @property
+    def layouts(self) -> dict[str, Layout]:
+        return self.model.layouts
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Publish until ``stop`` is set; outages are retried with backoff, never fatal."""
+        try:
+            with single_writer(self.model.path, stop) as writing:
+                if writing:
+                    log.info("publishing the read model to %s", self.model.path)
+                while writing and not stop.is_set():
+                    self.wait_for_events(stop, 0.2)
+                    now = time.monotonic()
+                    for duty in self.duties:
+                        duty.tick(now, self.tuning.max_backoff_s)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.drop_pubsub()
+        self.model.close()
+        self.replica.dispose()
+        if self.primary is not None:
+            self.primary.dispose()
+
+    def wait_for_events(self, stop: threading.Event, timeout: float) -> None:
+        """Wait for a wake-up on the buffer's events channel (or the timeout); note state changes."""
+        try:
+            if self.pubsub is None:
+                self.pubsub = self.buffer.client.pubsub(ignore_subscribe_messages=True)
+                self.pubsub.subscribe(self.buffer.events)
+            message = self.pubsub.get_message(timeout=timeout)
+            while message is not None:
+                event = parse_event(message["data"])
+                if event and event["state"] != State.accepted:  # new entries are read from the stream
+                    self.state_events.add(event["txn_id"])
+                message = self.pubsub.get_message(timeout=0)
+        except redis.RedisError:  # the buffer duty reports the outage; wake-ups resume on reconnect
+            self.drop_pubsub()
+            stop.wait(timeout)
+
+    def drop_pubsub(self) -> None:
+        if self.pubsub is not None:
+            with suppress(redis.RedisError, OSError):
+                self.pubsub.close()
+            self.pubsub = None
+
+    # --- rows -------------------------------------------------------------------------------------
+
+    def refresh(self, layout: Layout, keys: list[str], replica_optional: bool = False) -> int:
+        """Rewrite ``keys`` as the merged view shows them now; returns rows written.
+
+        The overlay is read before the replica: an overlay that is gone was released only after
+        the replica had replayed its change, so the replica read that follows has the row, and a
+        row never vanishes in between. With ``replica_optional``, a replica outage skips only the
+        keys that need it (the sweep and the change capture come back to them).
+        """
+        overlays = merged.read_overlays(self.buffer, layout.entry, keys)
+        needed = [k for k in keys if k not in overlays or (overlays[k].partial and not overlays[k].deleted)]
+        try:
+            base = merged.replica_rows(self.replica, layout.entry, {}, ids=[UUID(k) for k in needed])
+        except DBAPIError as exc:
+            if not replica_optional:
+                raise
+            log.warning("replica unavailable (%s): %d %s rows wait for it", plain(exc), len(needed), layout.name)
+            keys, base = [k for k in keys if k not in set(needed)], {}
+            overlays = {k: overlays[k] for k in keys}
+        at = now_text()
+        records = {
+            row["id"]: layout.record(row, row["_sync_state"] and str(row["_sync_state"]), row["_txn_id"], row["_commit_lsn"], at)
+            for row in merged.merge_all(self.buffer, base, overlays, {})
+        }
+        return self.model.apply(layout, keys, records)
+
+    def refresh_all(self, keys: dict[str, set[str]], replica_optional: bool = False) -> None:
+        for table, table_keys in keys.items():
+            if table in self.layouts:
+                self.refresh(self.layouts[table], sorted(table_keys), replica_optional)
+
+    # --- the buffer -------------------------------------------------------------------------------
+
+    def follow_buffer(self) -> bool:
+        """New stream entries past the last one read, then the rows of transactions whose state changed."""
+        events, self.state_events = self.state_events, set()
+        try:
+            more = self.read_stream()
+            for layout in self.layouts.values():
+                if events and (keys := self.model.keys_of_txns(layout, sorted(events))):
+                    self.refresh(layout, keys, replica_optional=True)
+        except BaseException:
+            self.state_events |= events
+            raise
+        return more
+
+    def read_stream(self) -> bool:
+        """Entries stay in the stream until replicated (or dead-lettered), so reading past a position
+        misses none that matter: one gone meanwhile is in the replica or in the overlay the sweep reads."""
+        position = self.model.get_state(STREAM_STATE)
+        start = f"({position}" if position else "-"
+        entries = self.buffer.client.xrange(self.buffer.stream, min=start, max="+", count=self.tuning.chunk)
+        if not entries:
+            return False
+        keys: dict[str, set[str]] = {}
+        for _, fields in entries:
+            try:
+                txn = Transaction.model_validate_json(fields.get(b"txn", b""))
+            except ValidationError:
+                continue  # the drainer dead-letters it; it has no rows to show
+            for table, key in txn.row_keys():
+                keys.setdefault(table, set()).add(str(key))
+        self.refresh_all(keys, replica_optional=True)
+        with self.model.transaction() as conn:
+            self.model.set_state(conn, STREAM_STATE, entries[-1][0].decode())
+        return len(entries) == self.tuning.chunk
+
+    def sweep(self) -> None:
+        """The safety net for lost wake-ups: per table, the next chunk of overlay keys (by the overlay's key
+        index, no scan) and of rows the file shows unsettled, re-read from the truth. Wraps around."""
+        size = self.tuning.sweep_chunk
+        for layout in self.layouts.values():
+            overlay_from, unsettled_from = self.sweep_from.get(layout.name, ("-", ""))
+            overlay = [k.decode() for k in self.buffer.client.zrangebylex(self.buffer.rows_index(layout.name), overlay_from, "+", 0, size)]
+            unsettled = self.model.unsettled_keys(layout, unsettled_from, size)
+            if overlay or unsettled:
+                self.refresh(layout, sorted(set(overlay) | set(unsettled)))
+            self.sweep_from[layout.name] = (
+                f"({overlay[-1]}" if len(overlay) == size else "-",
+                unsettled[-1] if len(unsettled) == size else "",
+            )
+
+    # --- the replica ------------------------------------------------------------------------------
+
+    def position(self) -> Position | None:
+        saved = self.model.get_state(CHANGES_STATE)
+        if saved is None:
+            return None
+        xid, seq = saved.split(":")
+        return Position(int(xid), int(seq))
+
+    def save_position(self, position: Position) -> None:
+        with self.model.transaction() as conn:
+            self.model.set_state(conn, CHANGES_STATE, f"{position.xid}:{position.seq}")
+
+    def follow_replica(self) -> bool:
+        """Apply the replica's final changes past the position; the first run loads everything."""
+        position = self.position()
+        if position is None:
+            self.full_load() if self.model.is_empty() else self.resync()  # data but no position: an interrupted load
+            return False
+        deadline = time.monotonic() + self.tuning.catch_up_slice_s
+        while time.monotonic() < deadline:
+            changes = read_changes(self.replica, position, self.tuning.chunk)
+            if changes.missed:
+                log.warning("changes past %s were purged from the change table: resyncing every table", position)
+                self.resync()
+                return False
+            self.refresh_all({t: {str(k) for k in keys} for t, keys in changes.keys.items()})
+            self.save_position(changes.position)
+            position = changes.position
+            if changes.complete:
+                return False
+        return True
+
+    def full_load(self) -> None:
+        """Copy every table from one replica snapshot in key order, ``chunk`` rows per SQLite transaction.
+
+        Everything below the snapshot's xmin is in it, so change capture starts there.
+        """
+        started, total, at = time.monotonic(), 0, now_text()
+        snapshot = self.replica.connect().execution_options(isolation_level="REPEATABLE READ", yield_per=self.tuning.chunk)
+        with snapshot as conn, self.model.bulk_load():
+            xmin = conn.execute(SNAPSHOT_SQL).one()[0]
+            for layout in self.layouts.values():
+                for rows in conn.execute(layout.load_query()).partitions():
+                    records = [layout.loaded_record(row, at) for row in rows]
+                    with self.model.transaction() as db:
+                        self.model.insert(db, layout, records)
+                    total += len(records)
+        self.save_position(Position(xmin))
+        elapsed = time.monotonic() - started
+        log.info("full load: %d rows in %.1f s (%.0f rows/s)", total, elapsed, total / max(elapsed, 1e-9))
+
+    def resync(self) -> None:
+        """Bring every row in line with the replica without emptying anything (rows never vanish), walking
+        keys in order on both sides; change capture then starts from before the walk."""
+        xmin = snapshot_xmin(self.replica)
+        for layout in self.layouts.values():
+            table, after = layout.entry.table, ""
+            while True:
+                query = select(table.c.id).order_by(table.c.id).limit(self.tuning.chunk)
+                with self.replica.connect() as conn:
+                    ids = [str(i) for i in conn.scalars(query.where(table.c.id > UUID(after)) if after else query)]
+                upto = ids[-1] if len(ids) == self.tuning.chunk else None
+                self.refresh(layout, sorted(set(ids) | set(self.model.keys_between(layout, after, upto))))
+                if upto is None:
+                    break
+                after = upto
+        self.save_position(Position(xmin))
+        log.info("resync done; following changes from xid %d", xmin)
+
+    def purge(self) -> None:
+        purged = purge_changes(self.primary, self.tuning.change_retention)
+        if purged:
+            log.info("purged %d changes older than %s from the primary's change table", purged, self.tuning.change_retention)
+
+    # --- metrics ----------------------------------------------------------------------------------
+
+    def record_metrics(self) -> None:
+        """One sample for the dashboards; what cannot be measured now (Redis or replica down) is NULL."""
+        figures = dict.fromkeys(("buffer_depth", "oldest_buffered_age_s", "awaiting_replica", "dead_letters", "replica_lag_s"))
+        with suppress(redis.RedisError):
+            stats = buffer_stats(self.buffer.client, self.buffer)
+            figures |= {
+                "buffer_depth": stats.depth, "oldest_buffered_age_s": stats.oldest_age_s,
+                "awaiting_replica": stats.awaiting_replica, "dead_letters": stats.dead_letters,
+            }
+        with suppress(DBAPIError), self.replica.connect() as conn:
+            lag = conn.execute(LAG_SQL).scalar()
+            figures["replica_lag_s"] = None if lag is None else float(lag)
+        self.model.append_metrics(now_text(), figures, self.tuning.metrics_keep_days)
+
+
+@contextmanager
+def single_writer(path: Path, stop: threading.Event) -> Iterator[bool]:
+    """Hold an exclusive lock next to the file while publishing (two publishers would fight over rows);
+    yields False when ``stop`` came first."""
+    with open(path.with_name(path.name + ".publisher.lock"), "w") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                log.warning("another publisher holds %s; waiting", lock.name)
+                if stop.wait(5):
+                    yield False
+                    return
+        yield True
+
+
+def main() -> None:
+    """``python -m opsync.publisher``: publish until SIGTERM or SIGINT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    Publisher.from_settings(get_settings()).run(stop)
+
+
+if __name__ == "__main__":
+    main()
