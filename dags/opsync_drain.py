@@ -6,13 +6,13 @@ fallback). One run at a time. Settings: ``opsync_airflow.settings.DagSettings``;
 ``opsync_buffer``, ``opsync_primary``, ``opsync_replica``.
 """
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, DeltaTriggerTimetable, dag
 
 from opsync_airflow.operators import ConfirmOperator, DrainOperator
 from opsync_airflow.sensors import ReplicaLsnSensor
-from opsync_airflow.settings import DagSettings
+from opsync_airflow.settings import UNATTENDED, DagSettings
 from opsync_airflow.triggers import BufferWakeTrigger
 
 settings = DagSettings()
@@ -26,10 +26,7 @@ records_accepted = Asset(
     schedule=AssetOrTimeSchedule(
         timetable=DeltaTriggerTimetable(timedelta(seconds=settings.drain_interval_s)), assets=records_accepted
     ),
-    start_date=datetime(2025, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    is_paused_upon_creation=False,
+    **UNATTENDED,
     tags=["opsync", "drain"],
     default_args={"owner": "opsync"},
     doc_md=__doc__,

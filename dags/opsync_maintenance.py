@@ -3,11 +3,12 @@
 Retention: Variable ``opsync_airflow_retention_days``, else env ``OPSYNC_AIRFLOW_RETENTION_DAYS``, else 7 days.
 """
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from airflow.sdk import dag, task
 
 from opsync_airflow import maintenance
+from opsync_airflow.settings import UNATTENDED
 
 
 @task
@@ -22,10 +23,7 @@ def purge_logs() -> None:
 
 @dag(
     schedule=timedelta(hours=1),
-    start_date=datetime(2025, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    is_paused_upon_creation=False,
+    **UNATTENDED,
     tags=["opsync", "maintenance"],
     default_args={"owner": "opsync", "retries": 2, "retry_delay": timedelta(minutes=5)},
     doc_md=__doc__,

@@ -2,22 +2,19 @@
 claimed, and fail when something has been stuck longer than ``OPSYNC_STUCK_AFTER_S`` (600 s).
 """
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from airflow.sdk import dag
 
 from opsync_airflow.operators import ReconcileOperator
-from opsync_airflow.settings import DagSettings
+from opsync_airflow.settings import UNATTENDED, DagSettings
 
 settings = DagSettings()
 
 
 @dag(
     schedule=timedelta(seconds=settings.reconcile_interval_s),
-    start_date=datetime(2025, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    is_paused_upon_creation=False,
+    **UNATTENDED,
     tags=["opsync", "drain"],
     default_args={"owner": "opsync"},
     doc_md=__doc__,

@@ -23,7 +23,9 @@ def too_large(limit: int) -> HTTPException:
     return HTTPException(413, f"request body larger than {limit} bytes")
 
 
-class BodyLimit:
+class HttpMiddleware:
+    """Pure ASGI middleware for HTTP requests (cheaper than BaseHTTPMiddleware); lifespan and the rest pass through."""
+
     def __init__(self, app: ASGIApp):
         self.app = app
 
@@ -31,6 +33,14 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class BodyLimit(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = get_settings().max_body_bytes
         if declared_length(scope) > limit:
             exc = too_large(limit)
@@ -57,14 +67,8 @@ def declared_length(scope: Scope) -> int:
     return 0
 
 
-class LastResort:
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class LastResort(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def watched_send(message: Message) -> None:

@@ -1,6 +1,16 @@
 """Settings of the drain and reconcile DAGs, from the environment (prefix ``OPSYNC_``), read when the DAGs are parsed."""
 
+from datetime import datetime
+
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+UNATTENDED = {
+    "start_date": datetime(2025, 1, 1),
+    "catchup": False,  # after an outage, one run catches up; replaying every missed interval would not
+    "max_active_runs": 1,
+    "is_paused_upon_creation": False,  # a site runs unattended: a new DAG must not wait for a click
+}
+"""How every opsync DAG is declared, whatever its schedule."""
 
 
 class DagSettings(BaseSettings):
