@@ -112,7 +112,8 @@ class LocalStack:
                     str(VENV_BIN / "datasette"), "serve", str(self.read_model_path),
                     "--host", s.host, "--port", str(s.datasette_port),
                     "--metadata", str(REPO / "datasette/metadata.yml"),
-                    "--plugins-dir", str(REPO / "datasette/plugins"),  # runs the read-model publisher
+                    "--plugins-dir", str(REPO / "datasette/plugins"),  # runs the read-model publisher, adds row links
+                    "--setting", "facet_time_limit_ms", "1000",  # 1M-row facets take up to ~0.25 s: don't let them vanish
                 ],
                 21,
             ),
