@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint bench-ingest bench-drain bootstrap clean
+.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bootstrap clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -28,6 +28,9 @@ bench-ingest: bootstrap
 
 bench-drain: bootstrap
 	$(PY) bench/drain.py
+
+bench-read: bootstrap
+	$(PY) bench/read.py
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .

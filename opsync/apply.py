@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
+from uuid import UUID
 
+import msgspec
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
@@ -99,10 +101,56 @@ $$ BEGIN RAISE EXCEPTION '%', message USING ERRCODE = 'no_data_found'; END $$
 """
 LEDGER_SQL = (
     "INSERT INTO sync_ledger (txn_id, site) SELECT * FROM unnest(%s::uuid[], %s::text[])"
-    " ON CONFLICT DO NOTHING RETURNING txn_id"
+    " ON CONFLICT DO NOTHING RETURNING txn_id::text"
 )
+KEY_COLUMN = "opsync_key"  # a run's row keys, zipped with its rows (not a column of any table)
 
 RowRef = tuple[str, str]  # (table, key): a row as dependencies see it
+
+
+class Change(msgspec.Struct, frozen=True, gc=False):
+    """A step as the drainer reads it: the key stays text, as it goes into SQL and into row references.
+
+    Untracked by the garbage collector (``gc=False``: JSON data cannot form a cycle), whose passes
+    over a batch's many objects otherwise cost more than decoding them.
+    """
+
+    op: Op
+    table: str
+    key: str
+    values: dict[str, Any] = {}
+
+
+class Envelope(msgspec.Struct, gc=False):  # untracked, as Change
+    """What applying needs of a buffered envelope (validated in full at ingest); other fields are skipped."""
+
+    txn_id: UUID  # canonical text below, as the ledger returns it: an envelope's spelling must not make it a duplicate
+    site: str
+    steps: list[Change]
+
+
+ENVELOPE = msgspec.json.Decoder(Envelope)
+
+
+@dataclass(frozen=True, eq=False)
+class Pending:
+    """A buffered transaction on its way to the primary, with the rows it needs and creates worked out once.
+
+    Compared by identity: the same txn_id may sit in two stream entries.
+    """
+
+    txn_id: str
+    site: str
+    steps: list[Change]
+    needs: frozenset[RowRef]  # rows that must exist before it applies
+    creates: frozenset[RowRef]  # rows it inserts or upserts: missing for its dependants if it fails
+
+    @classmethod
+    def read(cls, envelope: bytes) -> "Pending":
+        """Decode a buffered envelope; raises :class:`msgspec.DecodeError` when it cannot be read."""
+        txn = ENVELOPE.decode(envelope)
+        needed, created = dependencies(txn.steps)
+        return cls(str(txn.txn_id), txn.site, txn.steps, frozenset(needed), frozenset(created))
 
 
 class Transient(Exception):
@@ -115,22 +163,22 @@ class Transient(Exception):
 
 @dataclass(frozen=True)
 class Failed:
-    txn: Transaction
+    txn: Pending
     reason: str
     missing: frozenset[RowRef]  # rows it would have created: what depends on them fails too
 
 
 @dataclass
 class BatchResult:
-    applied: list[Transaction] = field(default_factory=list)
-    duplicates: list[Transaction] = field(default_factory=list)  # already in the ledger: skipped
+    applied: list[Pending] = field(default_factory=list)
+    duplicates: list[Pending] = field(default_factory=list)  # already in the ledger: skipped
     failed: list[Failed] = field(default_factory=list)  # in stream order
     commit_lsn: Lsn | None = None  # read after the commit; at or past every applied transaction
     round_trips: int = 0
 
 
 def apply_batch(
-    engine: Engine, txns: list[Transaction], dead_rows: Mapping[RowRef, str] | None = None, timeout_s: float = 60
+    engine: Engine, txns: list[Pending], dead_rows: Mapping[RowRef, str] | None = None, timeout_s: float = 60
 ) -> BatchResult:
     """Apply ``txns`` in stream order in one DB transaction; isolate the ones that fail for good.
 
@@ -138,8 +186,8 @@ def apply_batch(
     ids: a transaction that needs one fails naming it, without a round trip. The happy path takes
     two round trips whatever the batch size (psycopg pipeline mode); a failing transaction costs
     about two more per halving (bisection under a savepoint). Raises :class:`Transient` for
-    anything that is not the data's fault. ``engine`` must use psycopg 3 with a ``connect_timeout``;
-    ``timeout_s`` bounds the whole batch, since a cut link never answers.
+    anything that is not the data's fault. ``engine`` must use psycopg 3 with a ``connect_timeout``
+    (see :func:`engine_options`); ``timeout_s`` bounds the whole batch, since a cut link never answers.
     """
     try:
         with engine.connect() as sa_conn:
@@ -156,6 +204,23 @@ def apply_batch(
     return batch.result
 
 
+def engine_options(connect_timeout_s: int = 10, autocommit: bool = False) -> dict[str, Any]:
+    """``create_engine()`` options for the drainer's databases, where each new connection crosses the WAN.
+
+    A cut link accepts nothing and never refuses, hence the connect timeout. The rest saves round
+    trips (200–500 ms each) on every new engine, and a drain task makes one: no hstore lookup at the
+    first connection (no column is hstore) and no attempt at GSS encryption (with a Kerberos ticket
+    cache, libpq tries it before anything); TLS stays as the connection says (``sslmode``).
+    ``autocommit`` spares SQLAlchemy's first-connection checks their BEGIN and ROLLBACK: only for an
+    engine that serves :func:`apply_batch` alone (it sends its own BEGIN and COMMIT), since under it
+    ``engine.begin()`` is no transaction.
+    """
+    return {
+        "connect_args": {"connect_timeout": connect_timeout_s, "gssencmode": "disable"},
+        "use_native_hstore": False,
+    } | ({"isolation_level": "AUTOCOMMIT"} if autocommit else {})
+
+
 class Batch:
     """One batch's DB transaction on an autocommit psycopg connection (BEGIN/SAVEPOINT/COMMIT are ours)."""
 
@@ -166,7 +231,7 @@ class Batch:
         self.rollback_pending = False  # the last attempt failed: roll back to the savepoint first
         self.lsn_cursor: psycopg.Cursor | None = None
 
-    def run(self, txns: list[Transaction]) -> None:
+    def run(self, txns: list[Pending]) -> None:
         todo = self.without_dependants(self.claim_ledger(txns))
         if not todo or self.attempt(todo, commit=True) is not None:
             self.bisect(todo)
@@ -174,24 +239,23 @@ class Batch:
                 self.finish()
         self.result.commit_lsn = Lsn.parse(self.lsn_cursor.fetchone()[0])
 
-    def claim_ledger(self, txns: list[Transaction]) -> list[Transaction]:
+    def claim_ledger(self, txns: list[Pending]) -> list[Pending]:
         """Begin and write the ledger rows: what the ledger already holds was applied before (redelivery)."""
-        ids = [str(t.txn_id) for t in txns]
         with self.round_trip():
             self.send("BEGIN")
             self.send(NO_SUCH_ROW_FUNCTION)
-            cursor = self.send(LEDGER_SQL, [ids, [t.site for t in txns]])
-        fresh = {str(row[0]) for row in cursor.fetchall()}
+            cursor = self.send(LEDGER_SQL, [[t.txn_id for t in txns], [t.site for t in txns]])
+        fresh = {row[0] for row in cursor.fetchall()}
         todo = []
         for txn in txns:
-            if str(txn.txn_id) in fresh:
-                fresh.discard(str(txn.txn_id))  # a second entry of the same txn_id is a duplicate too
+            if txn.txn_id in fresh:
+                fresh.discard(txn.txn_id)  # a second entry of the same txn_id is a duplicate too
                 todo.append(txn)
             else:
                 self.result.duplicates.append(txn)
         return todo
 
-    def bisect(self, txns: list[Transaction]) -> None:
+    def bisect(self, txns: list[Pending]) -> None:
         """Apply ``txns`` in order, halving a failing range down to the transaction at fault."""
         txns = self.without_dependants(txns)
         if not txns:
@@ -206,7 +270,7 @@ class Batch:
         self.bisect(txns[:middle])
         self.bisect(txns[middle:])
 
-    def attempt(self, txns: list[Transaction], commit: bool = False) -> psycopg.Error | None:
+    def attempt(self, txns: list[Pending], commit: bool = False) -> psycopg.Error | None:
         """One round trip: the range under a savepoint, and the commit when asked; the permanent error if any."""
         try:
             with self.round_trip():
@@ -234,24 +298,26 @@ class Batch:
         """
         if self.rollback_pending:
             self.send(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
-        if failed := [str(f.txn.txn_id) for f in self.result.failed]:
+        if failed := [f.txn.txn_id for f in self.result.failed]:
             self.send("DELETE FROM sync_ledger WHERE txn_id = ANY(%s::uuid[])", [failed])
         self.send("COMMIT")
         self.lsn_cursor = self.send(CURRENT_SQL)
 
-    def fail(self, txn: Transaction, reason: str, error: psycopg.Error | None = None) -> None:
+    def fail(self, txn: Pending, reason: str, error: psycopg.Error | None = None) -> None:
         """Dead-letter ``txn``; the rows it would have created are missing for later ones, unless the
         failure was that one already exists (inserted by someone else: those who need it are fine)."""
         exists = (error.diag.message_detail or "") if error is not None and error.sqlstate == UNIQUE_VIOLATION else ""
-        missing = frozenset(row for row in creates(txn) if f"(id)=({row[1]})" not in exists)
+        missing = frozenset(row for row in txn.creates if f"(id)=({row[1]})" not in exists)
         self.result.failed.append(Failed(txn, reason, missing))
-        self.dead_rows |= dict.fromkeys(missing, str(txn.txn_id))
+        self.dead_rows |= dict.fromkeys(missing, txn.txn_id)
 
-    def without_dependants(self, txns: list[Transaction]) -> list[Transaction]:
+    def without_dependants(self, txns: list[Pending]) -> list[Pending]:
         """Fail, naming it, each transaction that needs a row a dead-lettered transaction would have created."""
+        if not self.dead_rows:
+            return txns
         kept = []
         for txn in txns:
-            owner = next((self.dead_rows[row] for row in needs(txn) if row in self.dead_rows), None)
+            owner = next((self.dead_rows[row] for row in txn.needs if row in self.dead_rows), None)
             if owner is None:
                 kept.append(txn)
             else:
@@ -270,19 +336,22 @@ class Batch:
             yield
 
 
-def needs(txn: Transaction) -> set[RowRef]:
-    """Rows that must exist before ``txn`` can apply: targets of updates and deletes, and referenced rows."""
-    rows: set[RowRef] = set()
-    for step in txn.steps:
-        if step.op in (Op.update, Op.delete):
-            rows.add((step.table, str(step.key)))
+def dependencies(steps: list[Change]) -> tuple[set[RowRef], set[RowRef]]:
+    """In one pass, the rows that must exist before ``steps`` apply (targets of updates and deletes, rows
+    their foreign keys name, unless created by the steps themselves) and the rows they create."""
+    needed: set[RowRef] = set()
+    created: set[RowRef] = set()
+    for step in steps:
+        (created if step.op is Op.insert or step.op is Op.upsert else needed).add((step.table, step.key))
+        values = step.values
         for column, referred in references(step.table):
-            if step.values.get(column) is not None:
-                rows.add((referred, str(step.values[column])))
-    return rows - creates(txn)
+            if (value := values.get(column)) is not None:
+                needed.add((referred, value))
+    return needed - created, created
 
 
 def creates(txn: Transaction) -> set[RowRef]:
+    """Rows ``txn`` inserts or upserts (as the drainer names them: keys as text)."""
     return {(step.table, str(step.key)) for step in txn.steps if step.op in (Op.insert, Op.upsert)}
 
 
@@ -294,7 +363,7 @@ def references(table: str) -> tuple[tuple[str, str], ...]:
     )
 
 
-def statements(txns: list[Transaction]) -> Iterator[tuple[str, list]]:
+def statements(txns: list[Pending]) -> Iterator[tuple[str, list]]:
     """As few statements as the stream order allows, whatever the number of transactions.
 
     Inserts between two other changes are grouped by table and columns, parent tables first:
@@ -303,8 +372,8 @@ def statements(txns: list[Transaction]) -> Iterator[tuple[str, list]]:
     of the same shape, and a key seen twice starts a new statement (one statement cannot change
     a row twice).
     """
-    inserts: dict[tuple, list[Step]] = {}
-    run: list[Step] = []
+    inserts: dict[tuple, list[Change]] = {}
+    run: list[Change] = []
     keys: set = set()
     for step in (step for txn in txns for step in txn.steps):
         if step.op is Op.insert:
@@ -326,7 +395,7 @@ def statements(txns: list[Transaction]) -> Iterator[tuple[str, list]]:
         yield run_statement(run)
 
 
-def grouped(inserts: dict[tuple, list[Step]]) -> Iterator[tuple[str, list]]:
+def grouped(inserts: dict[tuple, list[Change]]) -> Iterator[tuple[str, list]]:
     for key in sorted(inserts, key=lambda key: table_rank()[key[1]]):
         yield run_statement(inserts[key])
 
@@ -337,40 +406,45 @@ def table_rank() -> dict[str, int]:
     return {entry.name: rank for rank, entry in enumerate(registry.ingestible_tables())}
 
 
-def shape(step: Step) -> tuple:
+def shape(step: Change) -> tuple:
     return step.op, step.table, tuple(sorted(step.values))
 
 
-def run_statement(run: list[Step]) -> tuple[str, list]:
+def run_statement(run: list[Change]) -> tuple[str, list]:
+    """Keys as one array and, but for deletes, the values as one JSON array beside it: no row is rebuilt."""
     op, table, columns = shape(run[0])
+    keys = [step.key for step in run]
     if op is Op.delete:
-        return step_sql(op, table, columns), [[str(step.key) for step in run]]
-    return step_sql(op, table, columns), [Jsonb([{**step.values, "id": str(step.key)} for step in run])]
+        return step_sql(op, table, columns), [keys]
+    return step_sql(op, table, columns), [keys, Jsonb([step.values for step in run], dumps=msgspec.json.encode)]
 
 
 @lru_cache(maxsize=256)
 def step_sql(op: Op, table: str, columns: tuple[str, ...]) -> str:
-    """The statement of a run: rows arrive as one JSON array, typed by the table's row type (cached as text)."""
+    """The statement of a run: keys arrive as one array and rows as one JSON array typed by the table's row
+    type, zipped by ``ROWS FROM`` (cached as text)."""
     return compose_step_sql(op, table, columns).as_string()
 
 
 def compose_step_sql(op: Op, table: str, columns: tuple[str, ...]) -> sql.Composed:
-    t = sql.Identifier(table)
-    missing = sql.SQL("SELECT pg_temp.opsync_no_such_row({} || k.id || ': no such row') FROM k WHERE k.id NOT IN (SELECT id FROM done)")
-    message = sql.Literal(f"{op} of {table} ")
+    t, key = sql.Identifier(table), sql.Identifier(KEY_COLUMN)
+    missing = sql.SQL(
+        "SELECT pg_temp.opsync_no_such_row({message} || k.{key} || ': no such row') FROM k WHERE k.{key} NOT IN (SELECT id FROM done)"
+    ).format(message=sql.Literal(f"{op} of {table} "), key=key)
     if op is Op.delete:
         return sql.SQL(
-            "WITH k AS (SELECT unnest(%s::uuid[]) AS id), done AS (DELETE FROM {t} USING k WHERE {t}.id = k.id RETURNING {t}.id) "
-        ).format(t=t) + missing.format(message)
-    rows = sql.SQL("jsonb_populate_recordset(NULL::{t}, %s)").format(t=t)
+            "WITH k AS (SELECT unnest(%s::uuid[]) AS {key}), done AS (DELETE FROM {t} USING k WHERE {t}.id = k.{key} RETURNING {t}.id) "
+        ).format(t=t, key=key) + missing
+    rows = sql.SQL("ROWS FROM (unnest(%s::uuid[]), jsonb_populate_recordset(NULL::{t}, %s)) AS k({key})").format(t=t, key=key)
     stamp = [sql.SQL("updated_at = now()")] if "updated_at" in registry.get_table(table).table.c else []
     if op is Op.update:
         sets = [sql.SQL("{c} = k.{c}").format(c=sql.Identifier(c)) for c in columns] + stamp
         return sql.SQL(
-            "WITH k AS (SELECT * FROM {rows}), done AS (UPDATE {t} SET {sets} FROM k WHERE {t}.id = k.id RETURNING {t}.id) "
-        ).format(rows=rows, t=t, sets=sql.SQL(", ").join(sets)) + missing.format(message)
+            "WITH k AS (SELECT * FROM {rows}), done AS (UPDATE {t} SET {sets} FROM k WHERE {t}.id = k.{key} RETURNING {t}.id) "
+        ).format(rows=rows, t=t, sets=sql.SQL(", ").join(sets), key=key) + missing
     names = sql.SQL(", ").join(map(sql.Identifier, ("id", *columns)))
-    insert = sql.SQL("INSERT INTO {t} ({names}) SELECT {names} FROM {rows}").format(t=t, names=names, rows=rows)
+    values = sql.SQL(", ").join([sql.SQL("k.{}").format(key), *(sql.SQL("k.{}").format(sql.Identifier(c)) for c in columns)])
+    insert = sql.SQL("INSERT INTO {t} ({names}) SELECT {values} FROM {rows}").format(t=t, names=names, values=values, rows=rows)
     if op is Op.insert:
         return insert
     changes = [sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in columns] + stamp

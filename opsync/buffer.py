@@ -23,6 +23,7 @@ so a second or concurrent call finds the entry gone and changes nothing.
 
 import json
 from dataclasses import dataclass
+from functools import cache
 
 import redis
 
@@ -163,13 +164,36 @@ end
 
 CONFIRM = RELEASE_ROWS + """
 -- A committed transaction is in the replica: mark it, release its overlay rows, forget its entry.
+-- The rows are read from the entry's envelope here, so no envelope travels to the client and back.
 -- KEYS: awaiting replica, status, stream
--- ARGV: key prefix, txn_id, stream_id ('' for direct writes), at, status ttl, events channel, then rows
+-- ARGV: key prefix, txn_id, stream_id ('' for direct writes), at, status ttl, events channel,
+--       then per ingestible table: table, n indexed fields, fields...
 if redis.call('ZREM', KEYS[1], ARGV[2]) == 0 then return 0 end  -- confirmed already
-release_rows(ARGV[1], ARGV[2], ARGV, 7)
+local entry = ARGV[3] ~= '' and redis.call('XRANGE', KEYS[3], ARGV[3], ARGV[3])[1]
+if entry then
+  local indexed, pos = {}, 7
+  while pos <= #ARGV do
+    local n = tonumber(ARGV[pos + 1])
+    indexed[ARGV[pos]] = {unpack(ARGV, pos + 2, pos + 1 + n)}
+    pos = pos + 2 + n
+  end
+  local rows = {}
+  for i = 1, #entry[2], 2 do
+    if entry[2][i] == 'txn' then
+      for _, step in ipairs(cjson.decode(entry[2][i + 1]).steps) do
+        local fields = indexed[step.table] or {}
+        rows[#rows + 1] = step.table
+        rows[#rows + 1] = step.key
+        rows[#rows + 1] = #fields
+        for _, field in ipairs(fields) do rows[#rows + 1] = field end
+      end
+    end
+  end
+  release_rows(ARGV[1], ARGV[2], rows, 1)
+  redis.call('XDEL', KEYS[3], ARGV[3])
+end
 redis.call('HSET', KEYS[2], 'state', 'replicated', 'replicated_at', ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-if ARGV[3] ~= '' then redis.call('XDEL', KEYS[3], ARGV[3]) end
 redis.call('PUBLISH', ARGV[6], cjson.encode({txn_id = ARGV[2], state = 'replicated', at = ARGV[4]}))
 return 1
 """
@@ -256,6 +280,15 @@ def release_args(txn: Transaction) -> list[str]:
         indexed = registry.get_table(step.table).filterable
         args += [step.table, str(step.key), str(len(indexed)), *indexed]
     return args
+
+
+@cache
+def indexed_args() -> tuple[str, ...]:
+    """Each ingestible table's filterable columns, as flat script arguments: what CONFIRM unindexes."""
+    args: list[str] = []
+    for entry in registry.ingestible_tables():
+        args += [entry.name, str(len(entry.filterable)), *entry.filterable]
+    return tuple(args)
 
 
 def encode(value) -> str:
@@ -499,24 +532,17 @@ class Buffer:
         """The txn_ids committed at or before ``upto`` (by score; callers check the exact LSN)."""
         return [m.decode() for m in self.client.zrangebyscore(self.awaiting_replica, "-inf", float(upto), start=0, num=count)]
 
-    def envelopes(self, stream_ids: list[str]) -> list[Transaction | None]:
-        """The buffered envelopes at these stream IDs, in one round trip; None where there is none."""
-        pipe = self.client.pipeline(transaction=False)
-        for stream_id in stream_ids:
-            pipe.xrange(self.stream, stream_id, stream_id)
-        return [Transaction.model_validate_json(found[0][1][b"txn"]) if found else None for found in pipe.execute()]
-
-    def mark_replicated(self, confirmed: list[tuple[str, str, Transaction | None]], at: str) -> int:
-        """Mark each (txn_id, stream_id, envelope) replicated, release its overlay rows and drop its entry.
+    def mark_replicated(self, confirmed: list[tuple[str, str]], at: str) -> int:
+        """Mark each (txn_id, stream_id) replicated, release the overlay rows of its entry and drop the entry.
 
         Atomic per transaction and idempotent: one already confirmed (by another run) is left alone.
         Returns how many changed state now.
         """
         pipe = self.client.pipeline(transaction=False)
-        for txn_id, stream_id, txn in confirmed:
+        for txn_id, stream_id in confirmed:
             self._confirm(
                 keys=[self.awaiting_replica, self.status_key(txn_id), self.stream],
-                args=[self.prefix, txn_id, stream_id, at, self.status_ttl_s, self.events, *(release_args(txn) if txn else [])],
+                args=[self.prefix, txn_id, stream_id, at, self.status_ttl_s, self.events, *indexed_args()],
                 client=pipe,
             )
         return sum(pipe.execute())

@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pydantic import ValidationError
+import msgspec
 from sqlalchemy import Engine
 
-from opsync.apply import BatchResult, apply_batch, needs
+from opsync.apply import BatchResult, Pending, apply_batch
 from opsync.buffer import Buffer, Entry, Settlement
-from opsync.envelope import Transaction
 from opsync.lsn import Lsn, replica_position
+from opsync.registry import UnknownTable
 
 CONSUMER = "drainer"  # one logical drainer per site: a rerun picks up what a dead run had claimed
 
@@ -44,7 +44,7 @@ class DrainSummary:
     reclaimed: int = 0  # entries taken over from consumers that died holding them
     elapsed_s: float = 0.0
     max_commit_lsn: Lsn | None = None  # what the replica must replay for this run's work to be readable
-    budget_spent: bool = False  # stopped by the time budget: entries may be left for the next run
+    budget_spent: bool = False  # stopped by the time budget, not by a short batch: entries may be left for the next run
 
     def add(self, batch: BatchReport) -> None:
         self.batches += 1
@@ -77,10 +77,14 @@ def drain(
     timeout_s: float = 60,
     min_idle_ms: int = 60_000,
 ) -> DrainSummary:
-    """Drain batch after batch until the buffer is empty or ``budget_s`` is spent.
+    """Drain batch after batch until a claim comes back less than full (the buffer was empty) or ``budget_s`` is spent.
 
-    Entries other consumers left idle for ``min_idle_ms`` are taken over first, so a crashed
-    run's work is redone in stream order. Raises :class:`opsync.apply.Transient` when the primary
+    Ending at the first short batch, rather than when a claim finds nothing, keeps a run short under
+    steady ingest, so its work is confirmed at once; what arrived meanwhile is the next run's (the DAG
+    runs every few seconds, and at once on a wake-up). The budget still bounds a backlog.
+
+    Entries other consumers left idle for ``min_idle_ms`` are taken over first, so a crashed run's
+    work is redone in stream order. Raises :class:`opsync.apply.Transient` when the primary
     cannot take a batch: nothing is lost or dead-lettered, the caller retries with backoff.
     """
     started = time.monotonic()
@@ -88,9 +92,10 @@ def drain(
     summary = DrainSummary(reclaimed=buffer.reclaim(consumer, min_idle_ms))
     while time.monotonic() - started < budget_s:
         batch = drain_batch(buffer, primary, consumer, batch_size, timeout_s)
-        if batch is None:
+        if batch is not None:
+            summary.add(batch)
+        if batch is None or batch.entries < batch_size:
             break
-        summary.add(batch)
     else:
         summary.budget_spent = True
     summary.elapsed_s = time.monotonic() - started
@@ -119,34 +124,38 @@ def drain_batch(
     )
 
 
-def read_entries(entries: list[Entry]) -> tuple[list[tuple[str, Transaction]], list[Settlement]]:
-    """Parse the envelopes; an entry deleted meanwhile is only acknowledged, an unreadable one dead-lettered."""
+def read_entries(entries: list[Entry]) -> tuple[list[tuple[str, Pending]], list[Settlement]]:
+    """Decode the envelopes; an entry deleted meanwhile is only acknowledged, an unreadable one dead-lettered.
+
+    Only what applying needs is decoded, without the ingest model's validation: the API validated
+    each envelope before buffering it, and the primary's constraints still judge every row.
+    """
     txns, settlements = [], []
     for entry in entries:
         if entry.envelope is None:
             settlements.append(Settlement("gone", entry.stream_id))
             continue
         try:
-            txns.append((entry.stream_id, Transaction.model_validate_json(entry.envelope)))
-        except ValidationError as exc:
-            settlements.append(Settlement("failed", entry.stream_id, reason=f"unreadable envelope: {exc.errors()[0]['msg']}"))
+            txns.append((entry.stream_id, Pending.read(entry.envelope)))
+        except (msgspec.DecodeError, UnknownTable) as exc:
+            settlements.append(Settlement("failed", entry.stream_id, reason=f"unreadable envelope: {exc}"))
     return txns, settlements
 
 
-def dead_rows(buffer: Buffer, txns: list[tuple[str, Transaction]]) -> dict[tuple[str, str], str]:
+def dead_rows(buffer: Buffer, txns: list[tuple[str, Pending]]) -> dict[tuple[str, str], str]:
     """Rows the batch needs that earlier dead-lettered transactions would have created: one Redis round trip."""
-    wanted = sorted({f"{table}:{key}" for _, txn in txns for table, key in needs(txn)})
+    wanted = sorted({f"{table}:{key}" for _, txn in txns for table, key in txn.needs})
     return {tuple(row.split(":", 1)): owner for row, owner in buffer.dead_owners(wanted).items()}
 
 
-def outcomes(txns: list[tuple[str, Transaction]], result: BatchResult) -> list[Settlement]:
+def outcomes(txns: list[tuple[str, Pending]], result: BatchResult) -> list[Settlement]:
     """Each applied transaction's settlement, matched to its entry by identity (a txn_id may sit in two entries)."""
     stream_ids = {id(txn): stream_id for stream_id, txn in txns}
-    settled = [Settlement("committed", stream_ids[id(t)], str(t.txn_id)) for t in result.applied]
-    settled += [Settlement("duplicate", stream_ids[id(t)], str(t.txn_id)) for t in result.duplicates]
+    settled = [Settlement("committed", stream_ids[id(t)], t.txn_id) for t in result.applied]
+    settled += [Settlement("duplicate", stream_ids[id(t)], t.txn_id) for t in result.duplicates]
     for failed in result.failed:
         rows = tuple(sorted(f"{table}:{key}" for table, key in failed.missing))
-        settled.append(Settlement("failed", stream_ids[id(failed.txn)], str(failed.txn.txn_id), failed.reason, rows))
+        settled.append(Settlement("failed", stream_ids[id(failed.txn)], failed.txn.txn_id, failed.reason, rows))
     return settled
 
 
@@ -173,11 +182,8 @@ def confirm(buffer: Buffer, position: Lsn, chunk: int = 1000) -> Confirmation:
     while True:
         txn_ids = buffer.awaiting(position, chunk)
         statuses = buffer.statuses(txn_ids)
-        due = [(t, s or {}) for t, s in zip(txn_ids, statuses, strict=True) if passed(s, position)]
-        buffered = [s["stream_id"] for _, s in due if s.get("stream_id")]  # direct writes have no entry
-        envelopes = dict(zip(buffered, buffer.envelopes(buffered), strict=True))
-        items = [(t, s.get("stream_id", ""), envelopes.get(s.get("stream_id"))) for t, s in due]
-        confirmed += buffer.mark_replicated(items, now())
+        due = [(t, (s or {}).get("stream_id", "")) for t, s in zip(txn_ids, statuses, strict=True) if passed(s, position)]
+        confirmed += buffer.mark_replicated(due, now())
         if len(txn_ids) < chunk or not due:
             break
     buffer.note("confirm", now())

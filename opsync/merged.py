@@ -13,7 +13,8 @@ from uuid import UUID
 
 from pydantic import TypeAdapter
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, any_, literal, select
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from opsync.buffer import Buffer
 from opsync.envelope import State
@@ -141,13 +142,17 @@ def replica_rows(
     replica: Engine, entry: Ingestible, filters: dict, ids: list[UUID] | None = None,
     after: UUID | None = None, limit: int | None = None,
 ) -> dict[str, dict]:
-    """Rows as the replica holds them, JSON-ready, by key (empty without a query to make)."""
+    """Rows as the replica holds them, JSON-ready, by key (empty without a query to make).
+
+    Keys go as one array parameter (``id = ANY(:ids)``): an IN list of 10,000 placeholders costs
+    more to build and parse than the rows it fetches.
+    """
     if ids == []:
         return {}
     table = entry.table
     query = select(table).where(*(table.c[f] == v for f, v in filters.items())).order_by(table.c.id)
     if ids is not None:
-        query = query.where(table.c.id.in_(ids))
+        query = query.where(table.c.id == any_(literal(ids, ARRAY(table.c.id.type))))
     if after is not None:
         query = query.where(table.c.id > after)
     if limit is not None:

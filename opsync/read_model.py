@@ -25,7 +25,8 @@ from typing import Any
 from uuid import UUID
 
 import pendulum
-from sqlalchemy import Column, Integer, Select, Text, UniqueConstraint, cast, func, select
+from sqlalchemy import Column, Integer, Select, Text, UniqueConstraint, any_, bindparam, cast, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.sqltypes import JSON
 
 from opsync.registry import Ingestible, ingestible_tables
@@ -159,19 +160,28 @@ class Layout:
         return tuple(values)
 
     def load_query(self) -> Select:
-        """All rows in key order, keys and times formatted by PostgreSQL as stored here (cheaper than in Python)."""
+        """All rows in key order, keys and times formatted by PostgreSQL as stored here (cheaper than in Python).
+
+        Columns keep their names, so a row also serves as the replica's side of a merge.
+        """
         columns = []
         for column in self.data_columns:
             kind = None if isinstance(column.type, JSON) else column.type.python_type
             if kind is UUID:
-                columns.append(cast(column, Text))
+                columns.append(cast(column, Text).label(column.name))
             elif kind is datetime:
-                columns.append(func.to_char(func.timezone("UTC", column), UTC_FORMAT))
+                columns.append(func.to_char(func.timezone("UTC", column), UTC_FORMAT).label(column.name))
             elif kind is bool:
-                columns.append(cast(column, Integer))
+                columns.append(cast(column, Integer).label(column.name))
             else:
                 columns.append(column)
         return select(*columns).order_by(self.entry.table.c.id)
+
+    def keyed_query(self) -> Select:
+        """:meth:`load_query` for the keys (text) in the array parameter ``ids``: one parameter however many
+        keys, cast by PostgreSQL (cheaper than building a UUID object per key here)."""
+        key = self.entry.table.c.id
+        return self.load_query().where(key == any_(cast(bindparam("ids", type_=ARRAY(Text)), ARRAY(key.type))))
 
     def create_sql(self) -> str:
         types = {c.name: sqlite_type(c) for c in self.data_columns}
@@ -239,6 +249,11 @@ class ReadModel:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; inside another one it is part of it (a repair holds the write lock
+        from its replica read to its write, so a publisher's newer write cannot come in between)."""
+        if self.conn.in_transaction:
+            yield self.conn
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -313,6 +328,13 @@ class ReadModel:
             return [r[0] for r in self.conn.execute(f'SELECT id FROM "{layout.name}" WHERE id > ?', (after,))]
         sql = f'SELECT id FROM "{layout.name}" WHERE id > ? AND id <= ?'
         return [r[0] for r in self.conn.execute(sql, (after, upto))]
+
+    def records_between(self, layout: Layout, after: str, upto: str | None, width: int) -> dict[str, tuple]:
+        """Rows with keys in ``(after, upto]`` (to the end when ``upto`` is None), in key order, their first
+        ``width`` columns: what a check compares with the replica."""
+        names = ", ".join(f'"{c}"' for c in layout.columns[:width])
+        sql = f'SELECT {names} FROM "{layout.name}" WHERE id > ?' + (" AND id <= ?" if upto else "") + " ORDER BY id"
+        return {row[0]: row for row in self.conn.execute(sql, (after, upto) if upto else (after,))}
 
     def append_metrics(self, at: str, figures: Mapping[str, Any], keep_days: int) -> None:
         """One sample for the dashboards; samples older than ``keep_days`` go, so the table stays small."""

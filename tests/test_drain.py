@@ -153,6 +153,27 @@ def test_confirm_marks_replicated_releases_overlay_and_is_idempotent(buffer, pri
     assert (again.confirmed, again.remaining) == (0, 0)
 
 
+def overlay_keys(buffer: Buffer) -> list[bytes]:
+    return [key for kind in ("row", "rows", "partial", "idx") for key in buffer.client.keys(f"{buffer.prefix}:{kind}:*")]
+
+
+def test_confirm_releases_every_row_the_entry_wrote_unless_a_later_change_holds_it(buffer, primary, replica, planning):
+    """CONFIRM reads the rows from the buffered entry itself: all steps, their field indexes, and nothing newer."""
+    obs = buffered(buffer, observation(planning, ref="o"), raw_file({"$ref": "o"}), raw_file({"$ref": "o"}))
+    drain.drain(buffer, primary)
+    obs_key = obs.steps[0].key
+    later = buffered(buffer, StepIn(op=Op.update, table="executed_obs_unit", id=obs_key, values={"status": "completed"}))
+
+    assert confirm_all(buffer, replica) == 1
+
+    assert [key.decode() for key in overlay_keys(buffer) if b":row:" in key] == [buffer.row_key("executed_obs_unit", obs_key)]
+    assert buffer.client.hget(buffer.row_key("executed_obs_unit", obs_key), "txn_id").decode() == str(later.txn_id)
+    drain.drain(buffer, primary)
+    confirm_all(buffer, replica)
+    assert overlay_keys(buffer) == [] and buffer.client.xlen(buffer.stream) == 0
+    assert states(buffer, [obs, later]) == ["replicated"] * 2
+
+
 def test_only_transactions_the_replica_has_passed_are_confirmed(buffer, primary, planning):
     first = buffered(buffer, observation(planning))
     lsn_first = drain.drain(buffer, primary).max_commit_lsn
@@ -161,6 +182,25 @@ def test_only_transactions_the_replica_has_passed_are_confirmed(buffer, primary,
     confirmation = drain.confirm(buffer, lsn_first)
     assert (confirmation.confirmed, confirmation.remaining) == (1, 1)
     assert states(buffer, [first, second]) == ["replicated", "committed"]
+
+
+def test_a_run_ends_at_its_first_batch_that_is_not_full(buffer, primary, planning, monkeypatch):
+    """Under steady ingest the buffer is never empty: a run still ends, so its work is confirmed now, not at the budget."""
+    for _ in range(3):
+        buffered(buffer, observation(planning))
+    claim = buffer.claim
+
+    def claim_while_records_arrive(consumer, count):
+        entries = claim(consumer, count)
+        buffered(buffer, observation(planning))
+        return entries
+
+    monkeypatch.setattr(buffer, "claim", claim_while_records_arrive)
+    summary = drain.drain(buffer, primary, batch_size=2, budget_s=30)
+
+    assert (summary.batches, summary.applied, summary.budget_spent) == (3, 5, False)  # 2, 2, then 1: the run ends
+    assert summary.elapsed_s < 10
+    assert buffer_stats(buffer.client, buffer).depth == 1  # what arrived during the short batch: the next run's
 
 
 def test_crash_after_commit_before_ack_redelivers_and_skips(buffer, primary, planning, monkeypatch):
@@ -270,6 +310,20 @@ def test_poison_transactions_are_dead_lettered_and_the_rest_commits(buffer, prim
     stats = buffer_stats(buffer.client, buffer)
     assert (stats.depth, stats.dead_letters) == (0, len(bad) + 1)
 
+
+
+def test_an_envelope_naming_an_unknown_table_is_dead_lettered(buffer, primary, planning):
+    good = buffered(buffer, observation(planning))
+    stray = Transaction(txn_id=new_id(), site="test", accepted_at="2026-11-21T03:00:00Z",
+                        steps=[Step(op=Op.insert, table="no_such_table", key=new_id(), values={})])
+    buffer.client.xadd(buffer.stream, {"txn": stray.model_dump_json()})  # as no ingest would buffer it
+
+    summary = drain.drain(buffer, primary)
+
+    assert (summary.applied, summary.dead_lettered) == (1, 1)
+    assert states(buffer, [good]) == ["committed"]
+    ((_, fields),) = buffer.client.xrange(buffer.dead_letters)
+    assert "'no_such_table' is not an ingestible table" in fields[b"reason"].decode()
 
 
 def test_a_repeated_insert_fails_alone_and_the_existing_row_stays_usable(buffer, primary, planning):

@@ -10,6 +10,7 @@ from airflow.providers.redis.hooks.redis import RedisHook
 from airflow.sdk.bases.hook import BaseHook
 from sqlalchemy import Engine
 
+from opsync.apply import engine_options
 from opsync.buffer import Buffer
 from opsync.config import get_settings
 
@@ -41,7 +42,9 @@ class SiteBufferHook(RedisHook):
 class SiteDatabaseHook(PostgresHook):
     """The primary or the replica (a Postgres connection) as a SQLAlchemy engine on psycopg 3.
 
-    :func:`opsync.apply.apply_batch` drives psycopg 3's pipeline mode and relies on a connect timeout.
+    :func:`opsync.apply.apply_batch` drives psycopg 3's pipeline mode and relies on a connect timeout;
+    the engine is made with :func:`opsync.apply.engine_options`, which keep a new connection's round
+    trips few (``sslmode`` and the like come from the connection's ``sqlalchemy_query`` extra).
     """
 
     default_conn_name = PRIMARY_CONN_ID
@@ -51,8 +54,9 @@ class SiteDatabaseHook(PostgresHook):
         super().__init__(postgres_conn_id=postgres_conn_id, sqlalchemy_scheme="postgresql+psycopg")
         self.connect_timeout_s = connect_timeout_s
 
-    def get_engine(self) -> Engine:
-        return self.get_sqlalchemy_engine({"connect_args": {"connect_timeout": self.connect_timeout_s}})
+    def get_engine(self, autocommit: bool = False) -> Engine:
+        """``autocommit`` only for an engine that serves :func:`opsync.apply.apply_batch` alone (see :func:`engine_options`)."""
+        return self.get_sqlalchemy_engine(engine_options(self.connect_timeout_s, autocommit))
 
 
 async def async_connect(conn_id: str, connect_timeout_s: int = CONNECT_TIMEOUT_S) -> psycopg.AsyncConnection:
