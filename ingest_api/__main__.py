@@ -1,15 +1,22 @@
 """``python -m ingest_api``: the API under uvicorn as every deployment runs it (``make up``, compose, the benchmark).
 
-Several workers, because one Python process saturates below 1,000 requests per second. No access
-log: at that rate it costs a tenth of the CPU and grows without bound; requests are counted in
+Several worker processes, because one Python process saturates below 1,000 requests per second.
+Each worker listens on its own ``SO_REUSEPORT`` socket, so the kernel spreads connections evenly:
+with uvicorn's ``--workers`` all share one socket, and a burst of keep-alive connections (a
+script pool, the benchmark) was accepted by one worker while the other idled. No access log: at
+that rate it costs a tenth of the CPU and grows without bound; requests are counted in
 ``/metrics`` and errors are still logged. Metrics are summed across workers with
 prometheus-client's multiprocess mode, so a scrape never sees one worker's counts alone.
 """
 
 import argparse
+import multiprocessing
 import os
 import shutil
+import signal
+import socket
 import tempfile
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import uvicorn
@@ -26,6 +33,45 @@ def fresh_metrics_dir(path: Path | None) -> Path:
     return path
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def worker(host: str, port: int) -> None:
+    config = uvicorn.Config("ingest_api.app:app", access_log=False)
+    uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
+
+
+def serve(host: str, port: int, workers: int) -> int:
+    """Run the workers until one exits or this process is told to stop; then stop them all.
+
+    A worker that dies takes the others down with it, so the supervisor (supervisord, Docker)
+    restarts the whole API instead of it running on quietly at reduced capacity.
+    """
+    context = multiprocessing.get_context("fork")  # the parent has imported neither the app nor threads
+    procs = [context.Process(target=worker, args=(host, port), name=f"ingest-api-{n}") for n in range(workers)]
+    for proc in procs:
+        proc.start()
+
+    def stop(*_) -> None:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    wait([p.sentinel for p in procs])
+    stop()
+    for proc in procs:
+        proc.join(30)
+    return max(abs(p.exitcode or 0) for p in procs)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ingest_api", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -34,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-dir", type=Path, help=f"where workers keep their metrics (default ${METRICS_DIR}, else a temporary one)")
     args = parser.parse_args(argv)
     fresh_metrics_dir(args.metrics_dir)
-    uvicorn.run("ingest_api.app:app", host=args.host, port=args.port, workers=args.workers, access_log=False)
+    raise SystemExit(serve(args.host, args.port, args.workers))
 
 
 if __name__ == "__main__":
