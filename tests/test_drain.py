@@ -471,3 +471,24 @@ def test_depth_counts_only_unacknowledged_entries_even_after_a_dead_letter_at_th
     assert figures.last_drain_s < 5 and figures.last_confirm_s is None
     buffered(buffer, observation(planning))
     assert stats.buffer_stats(buffer.client, buffer).depth == 1
+
+
+def test_over_a_250_ms_link_a_backlog_left_by_an_outage_drains_and_is_confirmed(buffer, migrated, planning, primary, replica):
+    """The site keeps accepting while the link is cut; once it is back the backlog goes in one run, then is confirmed."""
+    with WanProxy(migrated.primary.host, migrated.primary.port, delay_s=0.125) as wan:
+        far = engine(migrated.primary.url(), port=wan.port, timeout=2)
+        try:
+            wan.blackhole()
+            txns = [buffered(buffer, observation(planning)) for _ in range(50)]
+            with pytest.raises(Transient, match="primary unreachable"):
+                drain.drain(buffer, far, timeout_s=2)
+            assert states(buffer, txns) == ["accepted"] * 50
+
+            wan.restore()
+            summary = drain.drain(buffer, far)
+            assert (summary.applied, summary.batches, summary.round_trips, summary.dead_lettered) == (50, 1, 2, 0)
+            confirm_all(buffer, replica)
+        finally:
+            far.dispose()
+    assert states(buffer, txns) == ["replicated"] * 50
+    assert rows_in(primary, "executed_obs_unit", [t.steps[0].key for t in txns]) == 50
