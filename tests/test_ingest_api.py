@@ -73,6 +73,19 @@ def test_idempotency_key_replays_and_conflicts(api, token, observation, redis_se
     assert redis_server.client().xlen(stream) == before + 1
     other = api.post("/v1/records/executed_obs_unit", json=body | {"status": "aborted"}, headers=headers)
     assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
+    too_long = api.post("/v1/records/executed_obs_unit", json=body, headers=headers | {"Idempotency-Key": "k" * 201})
+    assert too_long.status_code == 422 and too_long.json()["detail"][0]["loc"] == ["header", "idempotency-key"]
+    assert redis_server.client().xlen(stream) == before + 1
+
+
+def test_openapi_documents_the_bearer_scheme_and_the_idempotency_key(api):
+    spec = api.get("/openapi.json").json()
+    assert {scheme["scheme"] for scheme in spec["components"]["securitySchemes"].values()} == {"bearer"}
+    for path, method in [("/v1/records/{table}", "post"), ("/v1/transactions", "post"),
+                         ("/v1/records/{table}/{row_id}", "patch"), ("/v1/records/{table}/{row_id}", "delete")]:
+        operation = spec["paths"][path][method]
+        assert "Idempotency-Key" in [p["name"] for p in operation["parameters"] if p["in"] == "header"], (path, method)
+        assert operation["security"], (path, method)
 
 
 @pytest.mark.parametrize(
