@@ -133,8 +133,10 @@ def served(url: str) -> bool:
         return False
 
 
-def serve_datasette(workdir: Path, model_path: Path):
-    """Start ``datasette serve`` as `make up` does, with every plugin but the publisher; returns (process, log, base url)."""
+def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None = None):
+    """Start ``datasette serve`` as `make up` does, with every plugin but the publisher; returns (process, log, base url).
+
+    Anonymous visitors read, as under `make up` (``OPSYNC_DATASETTE_PUBLIC=true``) unless ``env`` says otherwise."""
     plugins = workdir / "plugins"
     plugins.mkdir(exist_ok=True)
     for plugin in (REPO / "datasette/plugins").glob("*.py"):
@@ -145,7 +147,8 @@ def serve_datasette(workdir: Path, model_path: Path):
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "datasette"), "serve", str(model_path), "--host", "127.0.0.1", "--port", str(port),
          "--metadata", str(METADATA), "--plugins-dir", str(plugins), *SETTINGS],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OPSYNC_DATASETTE_PUBLIC": "true", **(env or {})},
+        stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

@@ -24,6 +24,7 @@ def up(stack: LocalStack) -> None:
     say(f"  primary      postgresql://{s.host}:{s.primary_port}/opsync  (replica on port {s.replica_port})")
     say(f"  Redis        redis://{s.host}:{s.redis_port}/0")
     say(f"  API token    {s.secrets['demo_token']}  (all tables; try: make demo)")
+    say(f"  Datasette token {s.secrets['datasette_token']}  (scripts: Authorization: Bearer …; people browse freely with make up)")
     say(f"  logs         {s.logs}/   secrets in {s.run_dir / 'secrets.json'}")
 
 

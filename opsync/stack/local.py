@@ -54,9 +54,14 @@ def api_command(host: str, port: int, workers: int, metrics_dir: Path) -> list[s
     ]
 
 
-def datasette_command(read_model: Path, host: str, port: int) -> list[str]:
-    """How Datasette runs, for ``make up`` and ``make bench-read`` alike."""
+def datasette_command(read_model: Path, host: str, port: int, public: bool = True) -> list[str]:
+    """How Datasette runs, for ``make up`` and ``make bench-read`` alike.
+
+    ``public``: anyone who reaches it reads (``OPSYNC_DATASETTE_PUBLIC``, see
+    ``datasette/plugins/opsync_access.py``); set in the command so that every caller gets it.
+    """
     return [
+        "/usr/bin/env", f"OPSYNC_DATASETTE_PUBLIC={'true' if public else 'false'}",
         str(VENV_BIN / "datasette"), "serve", str(read_model), "--host", host, "--port", str(port),
         "--metadata", str(REPO / "datasette/metadata.yml"),
         "--plugins-dir", str(REPO / "datasette/plugins"),  # runs the read-model publisher, adds row links
@@ -101,6 +106,10 @@ class LocalStack:
             "AIRFLOW_CONN_OPSYNC_PRIMARY": self.primary.url(driver="postgresql"),
             "AIRFLOW_CONN_OPSYNC_REPLICA": self.replica.url(driver="postgresql"),
             "AIRFLOW_CONN_OPSYNC_BUFFER": self.redis.url,
+            # Datasette: cookies stay valid across restarts; the script token (role `script`). GitHub
+            # sign-in (OPSYNC_GITHUB_CLIENT_ID, _CLIENT_SECRET, _ORG or _TEAM) comes from the caller's environment.
+            "DATASETTE_SECRET": s.ensure_secret("datasette_secret"),
+            "OPSYNC_DATASETTE_TOKEN": s.ensure_secret("datasette_token"),
         }
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
         return env
@@ -119,7 +128,7 @@ class LocalStack:
             ),
             Program(
                 "datasette",
-                datasette_command(self.read_model_path, s.host, s.datasette_port),
+                datasette_command(self.read_model_path, s.host, s.datasette_port, s.datasette_public),
                 21,
             ),
         ]

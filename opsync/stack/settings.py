@@ -25,6 +25,9 @@ class StackSettings(BaseSettings):
     api_port: int = 8000
     datasette_port: int = 8001
     airflow_port: int = 8080
+    datasette_public: bool = Field(
+        True, description="Anyone who reaches Datasette may read (role `local`); false: GitHub sign-in or token only"
+    )
     api_workers: int = Field(2, ge=1, description="uvicorn worker processes of the ingest API")
     pg_bin: Path = Path("/usr/lib/postgresql/15/bin")
     pg_os_user: str = Field("postgres", description="Unprivileged user PostgreSQL runs as when started by root")
@@ -56,6 +59,14 @@ class StackSettings(BaseSettings):
             "redis_password": secrets.token_urlsafe(24),
             "airflow_admin_password": secrets.token_urlsafe(12),
             "airflow": new_airflow_secrets(),
+            "datasette_secret": secrets.token_urlsafe(32),
+            "datasette_token": secrets.token_urlsafe(32),
         }
         write_private(path, json.dumps(values, indent=2))
         return values
+
+    def ensure_secret(self, name: str) -> str:
+        """A random secret kept in secrets.json, added there if a run dir made before it lacks it."""
+        if name not in self.secrets:
+            self.save_secret(name, secrets.token_urlsafe(32))
+        return self.secrets[name]
