@@ -35,9 +35,11 @@ from sqlalchemy import Engine, text
 SNAPSHOT_SQL = text(
     "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, (SELECT purged_below FROM row_change_horizon)"
 )
-CHANGES_SQL = text(
-    "SELECT xid, seq, table_name, row_id FROM row_change"
-    " WHERE xid < :xmin AND (xid, seq) > (:xid, :seq) ORDER BY xid, seq LIMIT :limit"
+# Run on the driver's cursor (psycopg placeholders): up to 10,000 plain tuples, keys as text, which is what
+# the publisher writes and sends back; no UUID or SQLAlchemy row objects built per change.
+CHANGES_SQL = (
+    "SELECT xid, seq, table_name, row_id::text FROM row_change"
+    " WHERE xid < %(xmin)s AND (xid, seq) > (%(xid)s, %(seq)s) ORDER BY xid, seq LIMIT %(limit)s"
 )
 PURGE_SQL = text(
     """
@@ -63,10 +65,15 @@ class Position:
 
 @dataclass(frozen=True)
 class Changes:
-    keys: dict[str, set[UUID]]  # table -> keys changed
+    ids: dict[str, set[str]]  # table -> keys changed, as text
     position: Position  # where the next read starts
     missed: bool  # changes past the old position were purged: resync instead
     complete: bool  # everything final has been read (False: more to read now)
+
+    @property
+    def keys(self) -> dict[str, set[UUID]]:
+        """The keys changed, typed."""
+        return {table: {UUID(i) for i in ids} for table, ids in self.ids.items()}
 
 
 def snapshot_xmin(replica: Engine) -> int:
@@ -82,8 +89,9 @@ def read_changes(replica: Engine, position: Position, limit: int = 10_000) -> Ch
         if position.xid < horizon:
             return Changes({}, position, missed=True, complete=True)
         params = {"xmin": xmin, "xid": position.xid, "seq": position.seq, "limit": limit}
-        rows = conn.execute(CHANGES_SQL, params).all()
-    keys: dict[str, set[UUID]] = {}
+        with conn.connection.driver_connection.cursor() as cursor:  # in the snapshot's transaction
+            rows = cursor.execute(CHANGES_SQL, params).fetchall()
+    keys: dict[str, set[str]] = {}
     for _, _, table, row_id in rows:
         keys.setdefault(table, set()).add(row_id)
     if len(rows) < limit:  # all final changes read: the position moves up to xmin

@@ -26,6 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,12 +35,12 @@ from uuid import UUID
 
 import redis
 from pydantic import ValidationError
-from sqlalchemy import Engine, Row, create_engine, select, text
+from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.exc import DBAPIError
 
 from opsync import merged
 from opsync.buffer import Buffer
-from opsync.changes import SNAPSHOT_SQL, Position, purge_changes, read_changes, snapshot_xmin
+from opsync.changes import SNAPSHOT_SQL, Changes, Position, purge_changes, read_changes, snapshot_xmin
 from opsync.config import Settings, get_settings
 from opsync.envelope import State, Transaction
 from opsync.events import parse_event
@@ -54,10 +55,12 @@ LAG_SQL = text(
     " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
 )
 CHANGES_STATE, STREAM_STATE = "changes", "stream"
+# ARGV: the overlay hashes' key prefix, then the keys comma-separated (one argument, not 10,000 to encode)
 OVERLAY_EXISTS_LUA = """
-local found = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then found[#found + 1] = i end
+local found, i = {}, 0
+for key in string.gmatch(ARGV[2], '[^,]+') do
+  i = i + 1
+  if redis.call('EXISTS', ARGV[1] .. key) == 1 then found[#found + 1] = i end
 end
 return found
 """
@@ -122,6 +125,14 @@ def now_text() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+@dataclass(frozen=True)
+class Batch:
+    """A chunk of the replica's changes, and the rows they changed, read and ready to write."""
+
+    changes: Changes
+    rows: list[tuple[Layout, list[str], dict[str, tuple]]]  # (layout, keys, records: a key without one is deleted)
+
+
 @dataclass
 class Publisher:
     model: ReadModel
@@ -144,6 +155,7 @@ class Publisher:
         if self.primary is not None:
             self.duties.append(Duty("change purge", t.purge_every_s, self.purge))
         self.overlay_exists = self.buffer.client.register_script(OVERLAY_EXISTS_LUA)
+        self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="publisher-prefetch")
 
     @classmethod
     def from_settings(cls, settings: Settings, tuning: Tuning | None = None) -> "Publisher":
@@ -178,6 +190,7 @@ class Publisher:
             self.close()
 
     def close(self) -> None:
+        self.prefetch.shutdown()
         self.drop_pubsub()
         self.model.close()
         self.replica.dispose()
@@ -209,14 +222,17 @@ class Publisher:
     # --- rows -------------------------------------------------------------------------------------
 
     def refresh(self, layout: Layout, keys: list[str], replica_optional: bool = False) -> int:
-        """Rewrite ``keys`` as the merged view shows them now; returns rows written.
+        """Rewrite ``keys`` as the merged view shows them now; returns rows written."""
+        return self.model.apply(layout, *self.fetch(layout, keys, replica_optional))
 
-        The overlay is read before the replica: an overlay that is gone was released only after
-        the replica had replayed its change, so the replica read that follows has the row, and a
-        row never vanishes in between. With ``replica_optional``, a replica outage skips only the
-        keys that need it (the sweep and the change capture come back to them). Keys without an
-        overlay (nearly all, when catching up on the replica's changes) take the full load's path:
-        rows formatted by PostgreSQL, no merge.
+    def fetch(self, layout: Layout, keys: list[str], replica_optional: bool = False) -> tuple[list[str], dict[str, tuple]]:
+        """The merged view of ``keys`` now, as stored records (a key without one is deleted), and the keys it covers.
+
+        The overlay is read before the replica: an overlay that is gone was released only after the
+        replica had replayed its change, so the replica read that follows has the row, and a row never
+        vanishes in between. With ``replica_optional``, a replica outage skips only the keys that need it
+        (the sweep and the change capture come back to them). Keys without an overlay (nearly all, when
+        catching up on the replica's changes) take the full load's path: rows formatted by PostgreSQL, no merge.
         """
         overlays = merged.read_overlays(self.buffer, layout.entry, self.overlaid(layout, keys))
         needed = [k for k in keys if k not in overlays or (overlays[k].partial and not overlays[k].deleted)]
@@ -230,28 +246,33 @@ class Publisher:
             keys, base = [k for k in keys if k not in waiting], {}
             overlays = {k: overlays[k] for k in keys}
         at = now_text()
+        if not overlays:
+            return keys, {key: layout.loaded_record(row, at) for key, row in base.items()}
         records = {key: layout.loaded_record(row, at) for key, row in base.items() if key not in overlays}
-        under = {key: row._asdict() for key, row in base.items() if key in overlays}
+        names = [c.name for c in layout.data_columns]
+        under = {key: dict(zip(names, row, strict=True)) for key, row in base.items() if key in overlays}
         records |= {
             row["id"]: layout.record(row, row["_sync_state"] and str(row["_sync_state"]), row["_txn_id"], row["_commit_lsn"], at)
             for row in merged.merge_all(self.buffer, under, overlays, {})
         }
-        return self.model.apply(layout, keys, records)
+        return keys, records
 
     def overlaid(self, layout: Layout, keys: list[str]) -> list[str]:
         """The keys that have an overlay hash (buffered deletes included, which the key index leaves out):
         one command, instead of one HGETALL per key."""
         if not keys:
             return []
-        found = self.overlay_exists(keys=[self.buffer.row_key(layout.name, k) for k in keys])
+        found = self.overlay_exists(args=[self.buffer.row_key(layout.name, ""), ",".join(keys)])
         return [keys[i - 1] for i in found]
 
-    def replica_records(self, layout: Layout, keys: list[str]) -> dict[str, Row]:
-        """The replica's rows for ``keys``, in stored form but for JSON (:meth:`Layout.keyed_query`)."""
+    def replica_records(self, layout: Layout, keys: list[str]) -> dict[str, tuple]:
+        """The replica's rows for ``keys``, in stored form but for JSON (:attr:`Layout.keyed_sql`)."""
         if not keys:
             return {}
-        with self.replica.connect() as conn:
-            return {row[0]: row for row in conn.execute(layout.keyed_query(), {"ids": keys})}
+        sql, params = layout.keyed_sql
+        with self.replica.connect() as conn, conn.connection.driver_connection.cursor() as cursor:
+            cursor.execute(sql, {**params, "ids": ",".join(keys)})
+            return {row[0]: row for row in cursor.fetchall()}
 
     def refresh_all(self, keys: dict[str, set[str]], replica_optional: bool = False) -> None:
         for table, table_keys in keys.items():
@@ -323,24 +344,42 @@ class Publisher:
             self.model.set_state(conn, CHANGES_STATE, f"{position.xid}:{position.seq}")
 
     def follow_replica(self) -> bool:
-        """Apply the replica's final changes past the position; the first run loads everything."""
+        """Apply the replica's final changes past the position; the first run loads everything.
+
+        While catching up, the next chunk is read (changes, overlays, replica rows) in a thread while this
+        one is written: PostgreSQL's and SQLite's work overlap. Each chunk still reads its overlays before
+        its replica rows, and chunks are written in order, each with the position it reaches.
+        """
         position = self.position()
         if position is None:
             self.full_load() if self.model.is_empty() else self.resync()  # data but no position: an interrupted load
             return False
         deadline = time.monotonic() + self.tuning.catch_up_slice_s
-        while time.monotonic() < deadline:
-            changes = read_changes(self.replica, position, self.tuning.chunk)
-            if changes.missed:
-                log.warning("changes past %s were purged from the change table: resyncing every table", position)
+        batch = self.read_batch(position)
+        while True:
+            if batch.changes.missed:
+                log.warning("changes past %s were purged from the change table: resyncing every table", batch.changes.position)
                 self.resync()
                 return False
-            self.refresh_all({t: {str(k) for k in keys} for t, keys in changes.keys.items()})
-            self.save_position(changes.position)
-            position = changes.position
-            if changes.complete:
-                return False
-        return True
+            more = not batch.changes.complete
+            ahead = self.prefetch.submit(self.read_batch, batch.changes.position) if more and time.monotonic() < deadline else None
+            self.write_batch(batch)
+            if ahead is None:
+                return more
+            batch = ahead.result()
+
+    def read_batch(self, position: Position) -> Batch:
+        """The next chunk of changes past ``position`` and the rows they changed, as they are now."""
+        changes = read_changes(self.replica, position, self.tuning.chunk)
+        fetched = [(self.layouts[t], *self.fetch(self.layouts[t], sorted(ids))) for t, ids in changes.ids.items() if t in self.layouts]
+        return Batch(changes, fetched)
+
+    def write_batch(self, batch: Batch) -> None:
+        """A chunk's rows and the position they reach, in one SQLite transaction."""
+        with self.model.transaction():
+            for layout, keys, records in batch.rows:
+                self.model.apply(layout, keys, records)
+            self.save_position(batch.changes.position)
 
     def full_load(self) -> None:
         """Copy every table from one replica snapshot in key order, ``chunk`` rows per SQLite transaction.
