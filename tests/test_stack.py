@@ -87,7 +87,7 @@ def test_make_up_starts_every_part_and_make_down_keeps_the_buffer(stack_env):
     assert client.config_get("appendonly") == {"appendonly": "yes"}
     assert client.config_get("appendfsync") == {"appendfsync": "always"}
     entry = client.xadd("stack-probe", {"record": "kept across make down"})
-    assert_records_travel_to_the_replica(api, secrets_of(env)["demo_token"])
+    assert_records_travel_to_the_replica(api, f"http://127.0.0.1:{env['OPSYNC_DATASETTE_PORT']}", secrets_of(env)["demo_token"])
     assert make("status", env).returncode == 0
 
     make("down", env)
@@ -103,16 +103,32 @@ def test_make_up_starts_every_part_and_make_down_keeps_the_buffer(stack_env):
     make("down", env)
 
 
-def assert_records_travel_to_the_replica(api: str, token: str) -> None:
-    """The whole chain under the real scheduler and triggerer: 202, drained, the sensor deferred and woken, replicated."""
+def assert_records_travel_to_the_replica(api: str, datasette: str, token: str) -> None:
+    """The whole chain under the real scheduler and triggerer: 202, shown in Datasette as buffered, drained,
+    the sensor deferred and woken, replicated, and shown so in Datasette by the publisher running inside it."""
     with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=10) as client:
         instrument = client.post("/v1/records/instrument", json={"name": "STACK"}).json()["ids"][0]
         module = client.post("/v1/records/instrument_module", json={"instrument_id": instrument, "name": "M1"}).json()["ids"][0]
         sample = {"instrument_module_id": module, "sensor": "stack_probe", "sampled_at": "2026-11-21T03:00:00Z", "value": 1.0}
         accepted = client.post("/v1/records/housekeeping_sample", json=sample)
         assert accepted.status_code == 202, accepted.text
+        row = f"{datasette}/opsync/housekeeping_sample/{accepted.json()['ids'][0]}.json?_shape=objects"
+        seen = [wait_for_sync_state(row, {"buffered", "committed", "replicated"}, 30)]
         status_url = accepted.json()["status_url"]
         deadline = time.monotonic() + 120
         while (state := client.get(status_url).json()["state"]) != "replicated":
             assert state in ("accepted", "committed") and time.monotonic() < deadline, state
             time.sleep(1)
+        seen.append(wait_for_sync_state(row, {"replicated"}, 30))
+    assert seen[-1] == "replicated"
+
+
+def wait_for_sync_state(row_url: str, states: set[str], timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = httpx.get(row_url, timeout=10)
+        rows = response.json().get("rows", []) if response.status_code == 200 else []
+        if rows and rows[0]["_sync_state"] in states:
+            return rows[0]["_sync_state"]
+        assert time.monotonic() < deadline, (response.status_code, response.text[:300])
+        time.sleep(0.2)
