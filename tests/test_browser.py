@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_datasette_views import DB, METADATA, SITE_TZ, fill_read_model, serve_datasette
+from tests.test_datasette_views import DB, METADATA, SITE_TZ, datasette_site
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (scripts/bootstrap.sh installs it)")
@@ -38,16 +38,8 @@ class Rendered:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("browser-site")
-    model_path = workdir / "opsync.db"
-    rows = fill_read_model(model_path)
-    process, log, base = serve_datasette(workdir, model_path)
-    try:
+    with datasette_site(tmp_path_factory.mktemp("browser-site")) as (base, rows, _):
         yield base, rows
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
 
 
 @pytest.fixture(scope="module")

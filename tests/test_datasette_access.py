@@ -20,7 +20,7 @@ from datasette.app import Datasette
 from datasette.utils import baseconv
 
 from datasette.plugins import pm
-from tests.test_datasette_views import DB, METADATA, fill_read_model, serve_datasette
+from tests.test_datasette_views import DB, METADATA, datasette_site, fill_read_model
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "test-datasette-secret-" + "s" * 32
@@ -67,16 +67,8 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("datasette-access")
-    model_path = workdir / "opsync.db"
-    rows = fill_read_model(model_path)
-    process, log, base = serve_datasette(workdir, model_path, env=GITHUB_ENV)
-    try:
+    with datasette_site(tmp_path_factory.mktemp("datasette-access"), env=GITHUB_ENV) as (base, rows, _):
         yield base, rows
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
 
 
 @pytest.fixture(scope="module")

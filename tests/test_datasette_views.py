@@ -11,6 +11,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -133,8 +135,9 @@ def served(url: str) -> bool:
         return False
 
 
-def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None = None):
-    """Start ``datasette serve`` as `make up` does, with every plugin but the publisher; returns (process, log, base url).
+@contextmanager
+def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``datasette serve`` as `make up` runs it, with every plugin but the publisher; yields its base URL.
 
     Anonymous visitors read, as under `make up` (``OPSYNC_DATASETTE_PUBLIC=true``) unless ``env`` says otherwise."""
     plugins = workdir / "plugins"
@@ -143,36 +146,39 @@ def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None 
         if plugin.name != "opsync_publisher.py":
             shutil.copy(plugin, plugins)
     port = free_port()
-    log = open(workdir / "datasette.log", "wb")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "datasette"), "serve", str(model_path), "--host", "127.0.0.1", "--port", str(port),
-         "--metadata", str(METADATA), "--plugins-dir", str(plugins), *SETTINGS],
-        env={**os.environ, "PYTHONPATH": str(REPO), "OPSYNC_DATASETTE_PUBLIC": "true", **(env or {})},
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not served(f"{base}/-/versions.json"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            log.close()
-            raise RuntimeError(f"datasette did not start:\n{(workdir / 'datasette.log').read_text()}")
-        time.sleep(0.2)
-    return process, log, base
+    with open(workdir / "datasette.log", "wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "datasette"), "serve", str(model_path), "--host", "127.0.0.1", "--port", str(port),
+             "--metadata", str(METADATA), "--plugins-dir", str(plugins), *SETTINGS],
+            env={**os.environ, "PYTHONPATH": str(REPO), "OPSYNC_DATASETTE_PUBLIC": "true", **(env or {})},
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while not served(f"{base}/-/versions.json"):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"datasette did not start:\n{(workdir / 'datasette.log').read_text()}")
+                time.sleep(0.2)
+            yield base
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+@contextmanager
+def datasette_site(workdir: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, "Site", Path]]:
+    """A read model filled with a known night, served; yields (base URL, its rows, the file)."""
+    model_path = workdir / "opsync.db"
+    rows = fill_read_model(model_path)
+    with serve_datasette(workdir, model_path, env) as base:
+        yield base, rows, model_path
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("datasette")
-    model_path = workdir / "opsync.db"
-    rows = fill_read_model(model_path)
-    process, log, base = serve_datasette(workdir, model_path)
-    try:
-        yield base, rows, model_path
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
+    with datasette_site(tmp_path_factory.mktemp("datasette")) as served_site:
+        yield served_site
 
 
 @pytest.fixture(scope="module")
