@@ -91,9 +91,7 @@ async def principal(authorization: Annotated[str | None, Depends(bearer)]) -> Pr
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
         token, verifier = token.strip(), get_verifier()
-        if verifier.is_fresh(token):
-            return verifier.verify(token)
-        return await run_in_threadpool(verifier.verify, token)
+        return verifier.verify_cached(token) or await run_in_threadpool(verifier.verify, token)
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
     except AuthUnavailable as exc:
@@ -103,4 +101,3 @@ async def principal(authorization: Annotated[str | None, Depends(bearer)]) -> Pr
 SettingsDep = Annotated[Settings, on_loop(get_settings)]
 BufferDep = Annotated[Buffer, on_loop(get_buffer)]
 PrincipalDep = Annotated[Principal, Depends(principal)]
-PrimaryDep = Annotated[Engine, on_loop(get_primary)]

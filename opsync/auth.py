@@ -91,18 +91,25 @@ class TokenVerifier:
         self.ttl_s = ttl_s
         self._cache: dict[str, _Cached] = {}
 
-    def is_fresh(self, token: str) -> bool:
-        """Whether :meth:`verify` will answer from the cache, without touching the database."""
+    def verify_cached(self, token: str) -> Principal | None:
+        """:meth:`verify` when the cache can answer without the database (no I/O); None when it cannot."""
         entry = self._cache.get(hash_token(token))
-        return entry is not None and time.monotonic() - entry.fetched <= self.ttl_s
+        return self._checked(entry) if self._fresh(entry) else None
 
     def verify(self, token: str | None) -> Principal:
         if not token:
             raise AuthError("missing bearer token")
         digest = hash_token(token)
         entry = self._cache.get(digest)
-        if entry is None or time.monotonic() - entry.fetched > self.ttl_s:
+        if not self._fresh(entry):
             entry = self._refresh(digest, entry)
+        return self._checked(entry)
+
+    def _fresh(self, entry: _Cached | None) -> bool:
+        return entry is not None and time.monotonic() - entry.fetched <= self.ttl_s
+
+    @staticmethod
+    def _checked(entry: _Cached) -> Principal:
         if entry.revoked:
             raise AuthError("token revoked")
         if entry.expires_at is not None and entry.expires_at <= datetime.now(UTC):
