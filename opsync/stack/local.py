@@ -164,7 +164,8 @@ class LocalStack:
             lines = [
                 f"[program:{p.name}]",
                 "command=" + " ".join(_quote(arg) for arg in p.command),
-                f"directory={REPO}",
+                # a program run as another user (PostgreSQL under root) may not enter the checkout (a 0700 clone)
+                f"directory={s.run_dir if p.user else REPO}",
                 f"priority={p.priority}",
                 "autostart=false",
                 "autorestart=true",
