@@ -3,13 +3,15 @@
 Runs every ``OPSYNC_DRAIN_INTERVAL_S`` (10 s) and as soon as records are accepted (a wake-up on the
 buffer's events channel, which may be lost: the stream is the source of truth, the time schedule the
 fallback). One run at a time. Settings: ``opsync_airflow.settings.DagSettings``; connections
-``opsync_buffer``, ``opsync_primary``, ``opsync_replica``.
+``opsync_buffer``, ``opsync_primary``, ``opsync_replica``. A failed drain attempt (each retry counts)
+announces ``drain_failed_runs`` once it reaches ``OPSYNC_ALERT_DRAIN_FAILED_RUNS_WARN`` (see ``opsync_alerts``).
 """
 
 from datetime import timedelta
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, DeltaTriggerTimetable, dag
 
+from opsync_airflow.notifiers import SiteAlertNotifier
 from opsync_airflow.operators import ConfirmOperator, DrainOperator
 from opsync_airflow.sensors import ReplicaLsnSensor
 from opsync_airflow.settings import UNATTENDED, DagSettings
@@ -32,6 +34,7 @@ records_accepted = Asset(
     doc_md=__doc__,
 )
 def opsync_drain():
+    failing = SiteAlertNotifier(figures=["drain_failed_runs"])
     drain = DrainOperator(
         task_id="drain",
         budget_s=settings.drain_budget_s,
@@ -41,6 +44,8 @@ def opsync_drain():
         retry_delay=timedelta(seconds=10),
         retry_exponential_backoff=2.0,
         max_retry_delay=timedelta(seconds=settings.drain_max_retry_delay_s),
+        on_retry_callback=failing,
+        on_failure_callback=failing,
     )
     wait = ReplicaLsnSensor(
         task_id="wait_for_replica",

@@ -1,7 +1,9 @@
-"""``GET /metrics`` for Prometheus: request counts and latency per route, and the buffer's figures.
+"""``GET /metrics`` for Prometheus: request counts and latency per route, the buffer's figures and the drainer's.
 
 Buffer gauges are measured when Prometheus scrapes (a collector), so there is no background loop
-and no stale figure. Requests are labelled with the route template, never the concrete path, so
+and no stale figure. The drainer runs in short Airflow tasks that nothing could scrape: it counts
+its batches, runs and errors in the buffer's Redis (:mod:`opsync.drain_metrics`), and this API
+exposes them, read at scrape time too. Requests are labelled with the route template, never the concrete path, so
 IDs cannot blow up the number of series.
 """
 
@@ -11,14 +13,16 @@ import time
 import redis
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from starlette.types import Message, Receive, Scope, Send
 
 from ingest_api.deps import get_buffer
 from ingest_api.guards import HttpMiddleware
 from opsync.config import get_settings
+from opsync.drain_metrics import ERROR_CLASSES, drain_metrics
 from opsync.stats import buffer_stats, high_water
 
 REGISTRY = CollectorRegistry()
@@ -100,17 +104,56 @@ def age(seconds: float | None) -> float:
     return -1.0 if seconds is None else seconds
 
 
+class DrainCollector(Collector):
+    """The drainer's counters as it left them in Redis; nothing when Redis is unreachable (``opsync_buffer_up`` says so)."""
+
+    def collect(self):
+        buffer = get_buffer()
+        try:
+            m = drain_metrics(buffer.client, buffer)
+        except redis.RedisError:
+            return
+        counters = {
+            "opsync_drain_records_applied": ("Rows written to the primary by the drainer", m.records_applied),
+            "opsync_drain_transactions_applied": ("Transactions applied to the primary by the drainer", m.transactions_applied),
+            "opsync_drain_round_trips": ("Round trips to the primary made by drain batches", m.round_trips),
+            "opsync_drain_runs": ("Drain runs (task attempts) finished, well or not", m.runs),
+            "opsync_drain_runs_failed": ("Drain runs that failed", m.runs_failed),
+        }
+        for name, (documentation, value) in counters.items():
+            yield CounterMetricFamily(name, documentation, value=value)
+        errors = CounterMetricFamily(
+            "opsync_drain_errors", "Drain errors by class: failed runs (transient, redis, other), dead-lettered"
+            " transactions (poison, dependent, unreadable)", labels=["class"],
+        )
+        for cls in ERROR_CLASSES:
+            errors.add_metric([cls], m.errors.get(cls, 0))
+        yield errors
+        yield HistogramMetricFamily(
+            "opsync_drain_batch_seconds", "Time of a drain batch, claim to settle",
+            buckets=[(floatToGoString(bound), count) for bound, count in m.batch_buckets], sum_value=m.batch_seconds_sum,
+        )
+        yield GaugeMetricFamily(
+            "opsync_drain_runs_failed_consecutive", "Drain runs failed in a row (0 after a success)", value=m.failed_runs_consecutive
+        )
+        yield GaugeMetricFamily(
+            "opsync_drain_last_run_age_seconds", "Since a drain run last finished (-1: never)", value=age(m.last_run_age_s)
+        )
+
+
 REGISTRY.register(BufferCollector())
+REGISTRY.register(DrainCollector())
 
 
 def exposition_registry() -> CollectorRegistry:
     """This process's registry; with several workers (``PROMETHEUS_MULTIPROC_DIR`` set, see
-    ``ingest_api.__main__``) one that sums every worker's files, plus the buffer's live figures."""
+    ``ingest_api.__main__``) one that sums every worker's files, plus the buffer's and the drainer's live figures."""
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         return REGISTRY
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     registry.register(BufferCollector())
+    registry.register(DrainCollector())
     return registry
 
 router = APIRouter(tags=["health"])

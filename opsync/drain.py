@@ -6,21 +6,27 @@ their new states, in one atomic Redis step. A crash anywhere before that leaves 
 redelivered; the ledger skips what had been committed. Committed transactions then wait, scored
 by commit LSN, until :func:`confirm` sees the replica past them; any run may confirm them, so
 nothing depends on one waiting sensor. Airflow tasks (and the CLI) call these functions; they
-hold no Airflow knowledge.
+hold no Airflow knowledge. Every batch and every run is counted in Redis (:mod:`opsync.drain_metrics`).
 """
 
+import contextlib
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import msgspec
+import redis
 from sqlalchemy import Engine
 
-from opsync.apply import BatchResult, Pending, apply_batch
+from opsync import drain_metrics
+from opsync.apply import BatchResult, Pending, Transient, apply_batch
 from opsync.buffer import Buffer, Entry, Settlement
 from opsync.lsn import Lsn, replica_position
 from opsync.registry import UnknownTable
 
+UNREADABLE = "unreadable envelope"
+DEPENDS = "depends on dead-lettered"  # how apply_batch words the failure of a transaction needing a dead one
 CONSUMER = "drainer"  # one logical drainer per site: a rerun picks up what a dead run had claimed
 
 
@@ -86,7 +92,21 @@ def drain(
     Entries other consumers left idle for ``min_idle_ms`` are taken over first, so a crashed run's
     work is redone in stream order. Raises :class:`opsync.apply.Transient` when the primary
     cannot take a batch: nothing is lost or dead-lettered, the caller retries with backoff.
+    The run is counted as succeeded or failed (with its error class) for the alert rules.
     """
+    try:
+        summary = drain_run(buffer, primary, budget_s, batch_size, consumer, timeout_s, min_idle_ms)
+    except Exception as exc:
+        with contextlib.suppress(redis.RedisError):  # the buffer's own failure cannot be counted in it
+            drain_metrics.record_run(buffer, ok=False, error_class=run_error_class(exc))
+        raise
+    drain_metrics.record_run(buffer, ok=True)
+    return summary
+
+
+def drain_run(
+    buffer: Buffer, primary: Engine, budget_s: float, batch_size: int, consumer: str, timeout_s: float, min_idle_ms: int
+) -> DrainSummary:
     started = time.monotonic()
     buffer.ensure_group()
     summary = DrainSummary(reclaimed=buffer.reclaim(consumer, min_idle_ms))
@@ -107,6 +127,7 @@ def drain_batch(
     buffer: Buffer, primary: Engine, consumer: str = CONSUMER, batch_size: int = 1000, timeout_s: float = 60
 ) -> BatchReport | None:
     """Claim, apply, settle one batch; None when there was nothing to claim."""
+    started = time.monotonic()
     entries = buffer.claim(consumer, batch_size)
     if not entries:
         return None
@@ -114,6 +135,10 @@ def drain_batch(
     result = apply_batch(primary, [txn for _, txn in txns], dead_rows(buffer, txns), timeout_s) if txns else BatchResult()
     settlements += outcomes(txns, result)
     buffer.settle(sorted(settlements, key=lambda s: stream_order(s.stream_id)), result.commit_lsn, now())
+    drain_metrics.record_batch(
+        buffer, records=sum(len(t.steps) for t in result.applied), transactions=len(result.applied),
+        seconds=time.monotonic() - started, round_trips=result.round_trips, errors=batch_errors(settlements),
+    )
     return BatchReport(
         entries=len(entries),
         applied=len(result.applied),
@@ -122,6 +147,23 @@ def drain_batch(
         round_trips=result.round_trips,
         commit_lsn=result.commit_lsn,
     )
+
+
+def batch_errors(settlements: list[Settlement]) -> Counter[str]:
+    """Dead-lettered entries by class: unreadable, needing a dead-lettered transaction, or refused by the primary."""
+    return Counter(failure_class(s.reason) for s in settlements if s.outcome == "failed")
+
+
+def failure_class(reason: str) -> str:
+    if reason.startswith(UNREADABLE):
+        return "unreadable"
+    return "dependent" if reason.startswith(DEPENDS) else "poison"
+
+
+def run_error_class(exc: Exception) -> str:
+    if isinstance(exc, Transient):
+        return "transient"
+    return "redis" if isinstance(exc, redis.RedisError) else "other"
 
 
 def read_entries(entries: list[Entry]) -> tuple[list[tuple[str, Pending]], list[Settlement]]:
@@ -138,7 +180,7 @@ def read_entries(entries: list[Entry]) -> tuple[list[tuple[str, Pending]], list[
         try:
             txns.append((entry.stream_id, Pending.read(entry.envelope)))
         except (msgspec.DecodeError, UnknownTable) as exc:
-            settlements.append(Settlement("failed", entry.stream_id, reason=f"unreadable envelope: {exc}"))
+            settlements.append(Settlement("failed", entry.stream_id, reason=f"{UNREADABLE}: {exc}"))
     return txns, settlements
 
 

@@ -35,6 +35,8 @@ SYNC_COLUMNS = ("_sync_state", "_txn_id", "_commit_lsn", "_updated_at")
 NIGHT_OF = {"executed_obs_unit": "start_time"}  # tables with a ``night`` column, and the time it is the night of
 UNSETTLED = ("buffered", "committed", "failed")  # states backed by the buffer's overlay, not (only) the replica
 METRICS = "sync_metrics"
+DRAIN_RATE = "sync_drain_rate"
+FINDINGS = "sync_findings"
 STATE = "publisher_state"
 CHUNK = 5000  # keys per statement: well below SQLite's limit of bound variables
 UTC_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'  # PostgreSQL's to_char for what utc_text writes
@@ -47,6 +49,11 @@ CREATE TABLE IF NOT EXISTS {METRICS} (
     dead_letters INTEGER,
     replica_lag_s REAL
 )"""
+DRAIN_DDL = (  # the drainer's figures (opsync.drain_metrics) and the alert findings (opsync.alerts), as Redis has them
+    f"CREATE TABLE IF NOT EXISTS {DRAIN_RATE} (minute TEXT PRIMARY KEY, records_applied INTEGER NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {FINDINGS} (figure TEXT PRIMARY KEY, value REAL, level TEXT NOT NULL, message TEXT NOT NULL,"
+    " evaluated_at TEXT NOT NULL)",
+)
 
 
 def utc_text(value: datetime | str) -> str:
@@ -247,6 +254,8 @@ def ensure_read_model(path: Path) -> None:
             for sql in layout.indexes.values():
                 conn.execute(sql)
         conn.execute(METRICS_DDL)
+        for ddl in DRAIN_DDL:
+            conn.execute(ddl)
         conn.execute(f"CREATE TABLE IF NOT EXISTS {STATE} (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
         conn.commit()
     finally:
@@ -364,3 +373,13 @@ class ReadModel:
                 (at, *figures.values()),
             )
             conn.execute(f"DELETE FROM {METRICS} WHERE at < strftime('%Y-%m-%dT%H:%M:%f', 'now', ?)", (f"-{keep_days} days",))
+
+    def store_drain(self, rate: Iterable[tuple[str, int]], findings: Iterable[tuple], keep_days: int) -> None:
+        """Records applied per minute (``(minute, count)``, upserted: the current minute grows) and the latest
+        findings (``(figure, value, level, message, evaluated_at)``, replacing the previous ones)."""
+        with self.transaction() as conn:
+            conn.executemany(f"INSERT OR REPLACE INTO {DRAIN_RATE} (minute, records_applied) VALUES (?, ?)", rate)
+            conn.execute(f"DELETE FROM {DRAIN_RATE} WHERE minute < strftime('%Y-%m-%dT%H:%M', 'now', ?)", (f"-{keep_days} days",))
+            if findings := list(findings):
+                conn.execute(f"DELETE FROM {FINDINGS}")
+                conn.executemany(f"INSERT INTO {FINDINGS} VALUES (?, ?, ?, ?, ?)", findings)

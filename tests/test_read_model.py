@@ -38,7 +38,7 @@ def test_file_holds_ingestible_tables_with_sync_columns_and_facet_indexes(tmp_pa
     ensure_read_model(path)
     conn = sqlite3.connect(path)
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {entry.name for entry in ingestible_tables()} | {"sync_metrics", "publisher_state"}
+    assert tables == {entry.name for entry in ingestible_tables()} | {"sync_metrics", "sync_drain_rate", "sync_findings", "publisher_state"}
     assert not tables & {"api_token", "sync_ledger", "row_change", "row_change_horizon"}
     columns = [row[1] for row in conn.execute("PRAGMA table_info(executed_obs_unit)")]
     assert columns[-5:] == ["night", "_sync_state", "_txn_id", "_commit_lsn", "_updated_at"]

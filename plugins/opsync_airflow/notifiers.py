@@ -1,0 +1,160 @@
+"""Alerts through Airflow's callbacks: the site's findings (:mod:`opsync.alerts`) to a webhook, and by email.
+
+:class:`SiteAlertNotifier` measures the site, judges it by :class:`opsync.alerts.Thresholds` and
+announces only what changed since the last announcement (kept in Redis, shared by every caller),
+including what is resolved; a full evaluation is also stored for the Datasette dashboard. The
+``opsync_alerts`` DAG calls it every minute; the drain task calls it as its failure and retry
+callback for the ``drain_failed_runs`` figure alone, which needs Redis only.
+
+The webhook URL may hold a secret (Slack's does), so it is never logged: it comes from the Airflow
+connection ``opsync_alert_webhook`` (extra ``{"url": ..., "format": "slack"}``) or from
+``OPSYNC_ALERT_WEBHOOK_URL``, and is posted to with the standard library, which logs nothing.
+Email goes through the SMTP provider (connection ``smtp_default``) when ``OPSYNC_ALERT_EMAIL_TO`` is set.
+"""
+
+import html
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import redis
+from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+from airflow.sdk import BaseNotifier
+from airflow.sdk.bases.hook import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from opsync.alerts import FIGURES, Change, Finding, Thresholds, announce, evaluate, payload, store_findings, summary
+from opsync.buffer import Buffer
+from opsync.config import get_settings
+from opsync.drain_metrics import DrainMetrics, drain_metrics
+from opsync.stats import buffer_stats
+from opsync.status import SiteStatus, one_line, site_status
+from opsync_airflow.hooks import BUFFER_CONN_ID, PRIMARY_CONN_ID, REPLICA_CONN_ID, SiteBufferHook
+from opsync_airflow.operators import engine
+
+WEBHOOK_CONN_ID = "opsync_alert_webhook"
+BUFFER_FIGURES = frozenset({"depth", "buffer_oldest_age_s", "awaiting_replica", "dead_letters", "drain_failed_runs", "last_drain_s"})
+"""Figures measured from Redis alone: judging only these needs no database connection."""
+
+
+class WebhookFormat(StrEnum):
+    json = "json"  # {"site", "text", "changes": [...]}
+    slack = "slack"  # {"text": ...}: Slack, Mattermost, Rocket.Chat, Teams workflows
+
+
+class Delivery(BaseSettings):
+    """Where alerts go, from the environment; an Airflow connection ``opsync_alert_webhook`` wins over the URL here."""
+
+    model_config = SettingsConfigDict(env_prefix="OPSYNC_ALERT_", env_file=".env", extra="ignore")
+
+    webhook_url: SecretStr | None = Field(None, description="URL alerts are POSTed to as JSON (may hold a secret)")
+    webhook_format: WebhookFormat = Field(WebhookFormat.json, description="json (generic) or slack ({\"text\": ...})")
+    webhook_timeout_s: float = Field(10, description="How long a webhook may take to answer")
+    email_to: list[str] = Field([], description="Addresses alerts are mailed to through Airflow's SMTP connection")
+
+
+class DeliveryFailed(Exception):
+    """The webhook did not take the alert; it is announced again at the next evaluation."""
+
+
+class SiteAlertNotifier(BaseNotifier):
+    """Announce the changes in the site's findings (all of them, or ``figures``) to the webhook and by email."""
+
+    def __init__(
+        self, *, figures: Sequence[str] = FIGURES, webhook_conn_id: str = WEBHOOK_CONN_ID,
+        buffer_conn_id: str = BUFFER_CONN_ID, primary_conn_id: str = PRIMARY_CONN_ID, replica_conn_id: str = REPLICA_CONN_ID,
+    ) -> None:
+        super().__init__()
+        if unknown := set(figures) - set(FIGURES):
+            raise ValueError(f"unknown figures {sorted(unknown)}; known: {', '.join(FIGURES)}")
+        self.figures = tuple(figures)
+        self.webhook_conn_id = webhook_conn_id
+        self.buffer_conn_id = buffer_conn_id
+        self.primary_conn_id = primary_conn_id
+        self.replica_conn_id = replica_conn_id
+
+    def notify(self, context) -> list[Change]:
+        buffer = SiteBufferHook(self.buffer_conn_id).get_buffer()
+        try:
+            return self.announce(context, buffer)
+        finally:
+            buffer.client.close()
+
+    def announce(self, context, buffer: Buffer) -> list[Change]:
+        """Log what is not ok, keep a full evaluation for the dashboard, deliver what changed."""
+        findings = [f for f in self.findings(buffer) if f.figure in self.figures]
+        if set(self.figures) == set(FIGURES):
+            store_findings(buffer, datetime.now(UTC).isoformat(), findings)
+        for finding in findings:
+            if finding.level != "ok":
+                self.log.warning("%s %s: %s", finding.level.upper(), finding.figure, finding.message)
+        changes = announce(buffer, findings, lambda changes: self.deliver(context, changes))
+        if changes:
+            self.log.info("announced: %s", ", ".join(f"{c.finding.figure} {c.previous} -> {c.finding.level}" for c in changes))
+        else:
+            self.log.info("nothing changed since the last announcement")
+        return changes
+
+    def findings(self, buffer: Buffer) -> list[Finding]:
+        status, metrics = self.measure(buffer), DrainMetrics()
+        if "redis" not in status.unavailable:
+            try:
+                metrics = drain_metrics(buffer.client, buffer)
+            except redis.RedisError as exc:  # then the drain's figures are unknown, not zero
+                status.unavailable["redis"] = one_line(exc)
+        return evaluate(status, metrics, Thresholds())
+
+    def measure(self, buffer: Buffer) -> SiteStatus:
+        """What the figures need: Redis alone when that is enough, else the databases too."""
+        if not BUFFER_FIGURES.issuperset(self.figures):
+            with engine(self.primary_conn_id) as primary, engine(self.replica_conn_id) as replica:
+                return site_status(buffer, primary, replica, slot=get_settings().site)
+        status = SiteStatus(at=datetime.now(UTC).isoformat())
+        try:
+            status.buffer = buffer_stats(buffer.client, buffer)
+        except redis.RedisError as exc:
+            status.unavailable["redis"] = one_line(exc)
+        return status
+
+    def deliver(self, context, changes: list[Change]) -> None:
+        delivery, site = Delivery(), get_settings().site
+        url, fmt = self.webhook(delivery)
+        if url is None and not delivery.email_to:
+            self.log.warning(
+                "no webhook (connection %s or OPSYNC_ALERT_WEBHOOK_URL) and no email configured: alert only logged",
+                self.webhook_conn_id,
+            )
+        if url is not None:
+            post_json(url, payload(site, changes, slack=fmt is WebhookFormat.slack), delivery.webhook_timeout_s)
+        if delivery.email_to:
+            text = summary(site, changes)
+            SmtpNotifier(
+                to=delivery.email_to, subject=text.splitlines()[0], html_content=f"<pre>{html.escape(text)}</pre>"
+            ).notify(context)
+
+    def webhook(self, delivery: Delivery) -> tuple[str | None, WebhookFormat]:
+        try:
+            extra = BaseHook.get_connection(self.webhook_conn_id).extra_dejson
+        except AirflowNotFoundException:
+            url = delivery.webhook_url and delivery.webhook_url.get_secret_value()
+            return url or None, delivery.webhook_format
+        return extra.get("url"), WebhookFormat(extra.get("format", delivery.webhook_format))
+
+
+def post_json(url: str, body: dict, timeout_s: float) -> None:
+    """POST ``body``; the errors raised name the status or the network's reason, never the URL."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            response.read()
+    except urllib.error.HTTPError as exc:
+        raise DeliveryFailed(f"alert webhook answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise DeliveryFailed(f"alert webhook unreachable: {getattr(exc, 'reason', exc)}") from None
