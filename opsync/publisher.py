@@ -30,18 +30,21 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import groupby
 from pathlib import Path
 from uuid import UUID
 
 import redis
 from pydantic import ValidationError
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Engine, bindparam, create_engine, select, text
 from sqlalchemy.exc import DBAPIError
 
 from opsync import merged
+from opsync.alerts import stored_findings
 from opsync.buffer import Buffer
 from opsync.changes import SNAPSHOT_SQL, Changes, Position, purge_changes, read_changes, snapshot_xmin
 from opsync.config import Settings, get_settings
+from opsync.drain_metrics import rate_per_minute
 from opsync.envelope import State, Transaction
 from opsync.events import parse_event
 from opsync.read_model import Layout, ReadModel
@@ -55,6 +58,16 @@ LAG_SQL = text(
     " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
 )
 CHANGES_STATE, STREAM_STATE = "changes", "stream"
+REPLAY_CHUNK = 1000  # keys per write under the file's lock, as the read-model check's repair
+# The rows changed in a time range, by the change capture's time (the start of the writing transaction)
+REPLAY_SQL = text(
+    "SELECT DISTINCT table_name, row_id::text FROM row_change"
+    " WHERE changed_at >= :since AND changed_at < :until AND table_name IN :tables ORDER BY table_name, row_id"
+).bindparams(bindparam("tables", expanding=True))
+# Changes were purged, and none at or before the range's start is left: some of the range's may be gone
+PURGED_SQL = text(
+    "SELECT purged_below > 0 AND NOT EXISTS (SELECT 1 FROM row_change WHERE changed_at <= :since) FROM row_change_horizon"
+)
 # ARGV: the overlay hashes' key prefix, then the keys comma-separated (one argument, not 10,000 to encode)
 OVERLAY_EXISTS_LUA = """
 local found, i = {}, 0
@@ -121,6 +134,10 @@ def plain(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {first[0] if first else ''}"
 
 
+def utc_minute(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:00Z")
+
+
 def now_text() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -131,6 +148,15 @@ class Batch:
 
     changes: Changes
     rows: list[tuple[Layout, list[str], dict[str, tuple]]]  # (layout, keys, records: a key without one is deleted)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """What :meth:`Publisher.replay` did, per table."""
+
+    keys: dict[str, int]  # rows changed in the range
+    written: dict[str, int]  # of which rewritten or deleted in the file (the rest were right already)
+    complete: bool  # False: changes of the range may have been purged from the change table
 
 
 @dataclass
@@ -418,6 +444,26 @@ class Publisher:
         self.save_position(Position(xmin))
         log.info("resync done; following changes from xid %d", xmin)
 
+    def replay(self, since: datetime, until: datetime, tables: list[str]) -> Replayed:
+        """Rewrite the rows of ``tables`` changed in ``[since, until)`` as the merged view shows them now.
+
+        The repair for a file restored from a backup or hit by a publisher bug, without a full resync:
+        keys come from the change capture (on the replica, as every read here), rows from :meth:`refresh`.
+        Idempotent: a row already right is left alone. Each chunk holds the file's write lock from the
+        replica read to the write, so a publisher running meanwhile cannot have a newer row overwritten.
+        """
+        keys, written = dict.fromkeys(tables, 0), dict.fromkeys(tables, 0)
+        params = {"since": since, "until": until, "tables": tables}
+        with self.replica.connect().execution_options(yield_per=REPLAY_CHUNK) as conn:
+            complete = not conn.execute(PURGED_SQL, params).scalar()
+            for rows in conn.execute(REPLAY_SQL, params).partitions():
+                for table, group in groupby(rows, key=lambda row: row[0]):
+                    ids = [row[1] for row in group]
+                    keys[table] += len(ids)
+                    with self.model.transaction():
+                        written[table] += self.refresh(self.layouts[table], ids)
+        return Replayed(keys, written, complete)
+
     def purge(self) -> None:
         purged = purge_changes(self.primary, self.tuning.change_retention)
         if purged:
@@ -438,6 +484,19 @@ class Publisher:
             lag = conn.execute(LAG_SQL).scalar()
             figures["replica_lag_s"] = None if lag is None else float(lag)
         self.model.append_metrics(now_text(), figures, self.tuning.metrics_keep_days)
+        with suppress(redis.RedisError):
+            self.record_drain()
+
+    def record_drain(self) -> None:
+        """The drainer's records applied per minute (the last hour: the current minute grows, a missed sample
+        is filled in) and the alert findings the ``opsync_alerts`` DAG last stored: the figures Airflow shows."""
+        rate = rate_per_minute(self.buffer.client, self.buffer, 60)
+        at, findings = stored_findings(self.buffer)
+        self.model.store_drain(
+            [(utc_minute(minute), count) for minute, count in rate],
+            [(f.figure, f.value, f.level, f.message, at) for f in findings],
+            self.tuning.metrics_keep_days,
+        )
 
 
 @contextmanager

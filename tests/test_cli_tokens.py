@@ -149,12 +149,12 @@ def test_misspelt_scope_is_refused_listing_the_valid_ones(cli, primary_engine, s
     assert stored(primary_engine, name) is None
 
 
-def test_duplicate_name_exits_5_and_keeps_the_first_token(cli, primary_engine):
+def test_duplicate_name_exits_6_and_keeps_the_first_token(cli, primary_engine):
     name = new_name()
     first = cli("tokens", "create", name, "--scope", f"read:{T}")
     assert first.exit_code == 0
     again = cli("tokens", "create", name, "--scope", "admin")
-    assert again.exit_code == 5, again.output
+    assert again.exit_code == 6, again.output
     assert "exists already" in again.stderr and again.stdout == ""
     row = stored(primary_engine, name)
     assert row["token_sha256"] == hash_token(first.stdout.strip()) and row["scopes"] == [f"read:{T}"]
@@ -218,7 +218,7 @@ def test_unreachable_primary_is_one_clear_line_without_the_password(cli, monkeyp
     monkeypatch.setenv("OPSYNC_PRIMARY_URL", f"postgresql+psycopg://opsync:{password}@127.0.0.1:{free_port()}/opsync")
     get_settings.cache_clear()
     result = cli("tokens", *args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 5, result.output  # unavailable: try again later
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: cannot reach the primary")
     assert "***" in result.stderr and password not in result.output

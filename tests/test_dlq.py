@@ -379,7 +379,7 @@ def test_status_with_redis_unreachable_exits_degraded_without_a_traceback(cli_ru
     human = cli_run("status")
     assert human.exit_code == cli.DEGRADED and "Traceback" not in human.output and "redis" in human.stdout
     listed = cli_run("dlq", "list")
-    assert listed.exit_code == 1 and "cannot use the site buffer (Redis)" in listed.stderr
+    assert listed.exit_code == cli.UNAVAILABLE and "cannot reach the site buffer (Redis)" in listed.stderr
 
 
 def test_status_watch_refreshes_until_interrupted(cli_run, monkeypatch):
@@ -391,7 +391,7 @@ def test_status_watch_refreshes_until_interrupted(cli_run, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(cli.clock, "sleep", sleep)
-    result = cli_run("status", "--watch", "0.5", "--json")
+    result = cli_run("status", "--watch", "--interval", "0.5", "--json")
     assert result.exit_code == 0, result.output
     assert naps == [0.5] * 3 and len([json.loads(line) for line in result.stdout.splitlines()]) == 3
     naps.clear()
