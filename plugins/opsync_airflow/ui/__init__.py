@@ -1,0 +1,7 @@
+"""The "Sync status" page in Airflow's UI: a FastAPI app the API server mounts at ``/opsync``.
+
+``access`` decides who may read and who may act (Airflow's own sign-in and roles), ``site`` measures
+the site through the DAGs' connections, ``app`` serves the page and its JSON; the figures, the
+thresholds and the dead-letter actions are the core's (:mod:`opsync.status`, :mod:`opsync.alerts`,
+:mod:`opsync.dlq`). ``plugins/opsync_sync_status_plugin.py`` registers it with Airflow.
+"""
