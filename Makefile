@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bootstrap clean
+.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bootstrap clean soak
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -22,6 +22,13 @@ demo: bootstrap
 
 test: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Fault-injection soak on a throwaway site: make soak DURATION=600 SEED=42 RECORDS=20000 (see README "Soak test").
+DURATION ?= 300
+RECORDS ?= 5000
+SEED ?=
+soak: bootstrap
+	$(PY) -m opsync.stack.soak --duration $(DURATION) --records $(RECORDS) $(if $(SEED),--seed $(SEED))
 
 bench-ingest: bootstrap
 	$(PY) bench/ingest.py

@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
+import psycopg
 import redis
+from psycopg import sql
 from sqlalchemy import create_engine
 
 from opsync import health, migrate
@@ -80,6 +82,8 @@ class LocalStack:
         user = s.pg_os_user if os.geteuid() == 0 else None
         self.primary = PostgresServer("primary", s.run_dir / "pg/primary", s.primary_port, s.pg_bin, user, credentials, s.host)
         self.replica = PostgresServer("replica", s.run_dir / "pg/replica", s.replica_port, s.pg_bin, user, credentials, s.host)
+        # what the site calls the primary: the server itself, or the link in front of it (soak test)
+        self.primary_link = replace(self.primary, port=s.primary_link_port) if s.primary_link_port else self.primary
         self.redis = RedisServer(
             s.run_dir / "redis", s.redis_port, s.secrets["redis_password"], s.redis_bin, s.host, s.redis_maxmemory
         )
@@ -98,12 +102,12 @@ class LocalStack:
         s = self.settings
         env = {
             **os.environ,
-            **airflow.airflow_env(self.airflow_home, s.airflow_port, s.secrets["airflow"], REPO),
-            "OPSYNC_PRIMARY_URL": self.primary.url(),
+            **airflow.airflow_env(self.airflow_home, s.airflow_port, s.secrets["airflow"], REPO, s.host),
+            "OPSYNC_PRIMARY_URL": self.primary_link.url(),
             "OPSYNC_REPLICA_URL": self.replica.url(),
             "OPSYNC_REDIS_URL": self.redis.url,
             "OPSYNC_READ_MODEL_PATH": str(self.read_model_path),
-            "AIRFLOW_CONN_OPSYNC_PRIMARY": self.primary.url(driver="postgresql"),
+            "AIRFLOW_CONN_OPSYNC_PRIMARY": self.primary_link.url(driver="postgresql"),
             "AIRFLOW_CONN_OPSYNC_REPLICA": self.replica.url(driver="postgresql"),
             "AIRFLOW_CONN_OPSYNC_BUFFER": self.redis.url,
             # Datasette: cookies stay valid across restarts; the script token (role `script`). GitHub
@@ -146,7 +150,7 @@ class LocalStack:
             Check("redis", lambda: health.redis_durability(redis.Redis.from_url(self.redis.url, socket_timeout=3))),
             Check("ingest-api", lambda: http_health(f"http://{s.host}:{s.api_port}/readyz")),
             Check("datasette", lambda: http_health(f"http://{s.host}:{s.datasette_port}/-/versions.json")),
-            Check("airflow", lambda: airflow.airflow_health(s.airflow_port)),
+            Check("airflow", lambda: airflow.airflow_health(s.airflow_port, s.host)),
         ]
 
     def write_supervisor_conf(self) -> None:
@@ -223,6 +227,8 @@ class LocalStack:
         storage = ["primary", "replica", "redis"]
         self.supervisorctl("start", *storage, check=False)
         self.wait_healthy([c for c in self.checks() if c.name in storage], say, storage)
+        if self.primary_link is not self.primary:
+            self.replicate_through_link()
         say("applying migrations to the primary")
         migrate.upgrade(self.primary.url())
         self.ensure_demo_token()
@@ -231,6 +237,14 @@ class LocalStack:
         say("starting the ingest API, Datasette and Airflow")
         self.supervisorctl("start", "all", check=False)
         self.wait_healthy(self.checks(), say, [p.name for p in self.programs()])
+
+    def replicate_through_link(self) -> None:
+        """Point the replica's WAL receiver at the link in front of the primary: on reload it reconnects there."""
+        with self.replica.connect(autocommit=True) as conn:
+            current = conn.execute("SHOW primary_conninfo").fetchone()[0]
+            conninfo = psycopg.conninfo.make_conninfo(current, host=self.primary_link.host, port=self.primary_link.port)
+            conn.execute(sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(sql.Literal(conninfo)))
+            conn.execute("SELECT pg_reload_conf()")
 
     def ensure_demo_token(self) -> None:
         """Issue the demo token once (all tables, read and write) and keep it with the other secrets."""

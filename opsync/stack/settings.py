@@ -29,6 +29,10 @@ class StackSettings(BaseSettings):
         True, description="Anyone who reaches Datasette may read (role `local`); false: GitHub sign-in or token only"
     )
     api_workers: int = Field(2, ge=1, description="uvicorn worker processes of the ingest API")
+    primary_link_port: int | None = Field(
+        None, description="Port of a link (a WanProxy) in front of the primary: the site and the replica reach it only"
+        " through there (the soak test); unset: directly, as in make up",
+    )
     pg_bin: Path = Path("/usr/lib/postgresql/15/bin")
     pg_os_user: str = Field("postgres", description="Unprivileged user PostgreSQL runs as when started by root")
     redis_bin: str = "redis-server"

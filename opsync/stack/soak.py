@@ -1,0 +1,628 @@
+"""``make soak``: the whole site under continuous writes and injected faults, then proof that nothing was lost.
+
+The site comes up as ``make up`` brings it (in a temporary directory, on free ports), except that the
+site and the replica reach the primary only through a :class:`~opsync.stack.wan.WanProxy` this process
+controls. Writer threads post through the public API with :class:`~opsync.client.OpsyncClient`:
+batches of housekeeping samples, observation transactions with dependent steps, updates of rows
+that are likely still buffered, resubmissions of earlier requests with their Idempotency-Key, and
+a few transactions the primary must refuse (an unknown ``obs_unit_id``: valid at the site, a
+foreign-key violation in Cologne). Every 202 is logged with what it must have left behind.
+Meanwhile :class:`~opsync.stack.faults.Faults` kills, stops and cuts things at seeded moments.
+
+Then the faults are healed, the site settles, and the log is checked against the primary, the
+replica, the read model (its SQLite file), the buffer (Redis) and the status API. Progress goes to
+stderr; the last stdout line is one JSON object (see README "Soak test"); the exit code is 1 when
+anything was lost, duplicated, stuck or stale.
+
+    python -m opsync.stack.soak --duration 300 --seed 42 --records 5000
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from psycopg import sql
+from rich.console import Console
+
+from opsync.buffer import Buffer
+from opsync.client import ApiError, OpsyncClient, Unavailable
+from opsync.envelope import Receipt
+from opsync.read_model import json_text, utc_text
+from opsync.stack.faults import BASE_RTT_S, Faults
+from opsync.stack.local import LocalStack
+from opsync.stack.settings import StackSettings
+from opsync.stack.wan import WanProxy
+
+# Shorter waits than production so that a few minutes settle everything a fault left behind. A task
+# whose scheduler was killed is adopted by the next scheduler only at its orphan check (default every
+# 300 s), then failed after the heartbeat timeout (default 300 s); until then its DAG run (one at a time)
+# blocks the drain. Retries wait at most 20 s.
+SOAK_SITE_ENV = {
+    "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "20",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+    "OPSYNC_DRAIN_MAX_RETRY_DELAY_S": "20",
+    "OPSYNC_RECONCILE_INTERVAL_S": "20",
+}
+CHECKED = {  # per buffered table, the columns whose final values are compared everywhere
+    "housekeeping_sample": ("sensor", "sampled_at", "value"),
+    "executed_obs_unit": ("status", "end_time", "metadata"),
+    "raw_data_package": ("name", "status", "size_bytes", "checksum_sha256"),
+    "raw_data_file": ("path", "size_bytes", "raw_data_package_id"),
+}
+TIMES = frozenset({"sampled_at", "end_time"})
+JSONS = frozenset({"metadata"})
+T0 = datetime(2026, 11, 21, tzinfo=UTC)
+STATUS_CHUNK = 200  # transaction ids per status request: the URL stays well below server limits
+WRITERS = 2
+RECENT = 30  # observations a writer may still update, requests it may resubmit
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+started_at = time.monotonic()
+
+
+def say(message: str) -> None:
+    console.print(f"[{time.monotonic() - started_at:6.1f}s] {message}", markup=False)
+
+
+@dataclass
+class Acks:
+    """The harness's log of every 202: the rows each acknowledged write must leave, with their final values."""
+
+    rows: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # id -> (table, expected values)
+    txns: dict[str, bool] = field(default_factory=dict)  # txn_id -> refused by the primary on purpose
+    records: int = 0
+    updates: int = 0
+    resubmitted: int = 0
+    replay_mismatches: list[str] = field(default_factory=list)  # a resubmission answered with another transaction
+    refused: list[str] = field(default_factory=list)  # answers that should not have come (4xx, 500)
+    unresolved: int = 0  # requests still unanswered when the harness gave up
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def created(self, receipt: Receipt, rows: list[tuple[str, dict[str, Any]]], invalid: bool = False) -> None:
+        with self.lock:
+            self.txns[str(receipt.txn_id)] = invalid
+            if not invalid:
+                for key, (table, expected) in zip(receipt.ids, rows, strict=True):
+                    self.rows[str(key)] = (table, expected)
+                self.records += len(rows)
+
+    def updated(self, receipt: Receipt, key: str, changes: dict[str, Any]) -> None:
+        with self.lock:
+            self.txns[str(receipt.txn_id)] = False
+            self.rows[key][1].update(changes)
+            self.updates += 1
+
+    def valid_txns(self) -> list[str]:
+        return [txn for txn, invalid in self.txns.items() if not invalid]
+
+    def invalid_txns(self) -> list[str]:
+        return [txn for txn, invalid in self.txns.items() if invalid]
+
+
+@dataclass
+class Plan:
+    seed: int
+    quota: int  # records this writer acknowledges at least
+    invalid: int  # transactions the primary must refuse
+    write_until: float  # monotonic: stop starting writes once the quota is met
+    give_up_at: float  # monotonic: stop retrying an unanswered request
+
+
+class Writer(threading.Thread):
+    """One script writing continuously: samples, observations, updates, resubmissions; paced to spread its quota."""
+
+    def __init__(self, index: int, api: str, token: str, fixtures: dict[str, str], plan: Plan, acks: Acks) -> None:
+        super().__init__(name=f"writer-{index}", daemon=True)
+        self.index, self.api, self.token, self.fixtures, self.plan, self.acks = index, api, token, fixtures, plan, acks
+        self.rng = random.Random(f"{plan.seed}/writer/{index}")
+        self.written = 0  # records acknowledged
+        self.seq = 0  # rows built: makes times, paths and names unique
+        self.calls = 0
+        self.sent: list[tuple[str, tuple, str, str]] = []  # recent (method, args, key, txn_id) to resubmit
+        self.observations: list[dict[str, Any]] = []  # recent observations to update
+        self.invalid_at = sorted(self.rng.randrange(plan.quota) for _ in range(plan.invalid))
+        self.client: OpsyncClient | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with OpsyncClient(self.api, self.token, timeout=15, retries=6, backoff=0.25, max_backoff=4) as self.client:
+                began = time.monotonic()
+                rate = self.plan.quota / max(1.0, self.plan.write_until - began)
+                while time.monotonic() < self.plan.write_until or self.written < self.plan.quota:
+                    if time.monotonic() > self.plan.give_up_at:
+                        break
+                    self.step()
+                    time.sleep(max(0.0, self.written / rate - (time.monotonic() - began)))
+        except BaseException as exc:  # reported by the harness: a writer must not die silently
+            self.error = exc
+            traceback.print_exc()
+
+    def step(self) -> None:
+        if self.invalid_at and self.written >= self.invalid_at[0]:
+            self.invalid_at.pop(0)
+            return self.observation(invalid=True)
+        op = self.rng.choices(["samples", "observation", "update", "resubmit"], weights=[5, 3, 3, 1])[0]
+        if op == "update" and self.observations:
+            return self.update()
+        if op == "resubmit" and self.sent:
+            return self.resubmit()
+        return self.observation() if op == "observation" else self.samples()
+
+    def samples(self) -> None:
+        rows = []
+        for _ in range(self.rng.randint(10, 40)):
+            self.seq += 1
+            rows.append({
+                "instrument_module_id": self.fixtures["module"], "sensor": f"w{self.index}-s{self.seq % 8}",
+                "sampled_at": (T0 + timedelta(milliseconds=10 * self.seq)).isoformat(),
+                "value": round(self.rng.uniform(-50, 300), 6), "unit": "K",
+            })
+        if receipt := self.call("records", "housekeeping_sample", rows):
+            self.acks.created(receipt, [("housekeeping_sample", pick(row, "housekeeping_sample")) for row in rows])
+            self.written += len(rows)
+
+    def observation(self, invalid: bool = False) -> None:
+        """An executed observation, its package and its files in one transaction, later steps referencing earlier ones."""
+        self.seq += 1
+        n, start = self.seq, T0 + timedelta(seconds=self.seq)
+        obs_unit = str(uuid.UUID(int=self.rng.getrandbits(128))) if invalid else self.fixtures["obs_unit"]
+        steps = [
+            {"table": "executed_obs_unit", "ref": "obs", "values": {
+                "obs_unit_id": obs_unit, "instrument_module_id": self.fixtures["module"], "start_time": start.isoformat(),
+                "metadata": {"soak": self.plan.seed, "writer": self.index, "n": n},
+            }},
+            {"table": "raw_data_package", "ref": "pkg", "values": {
+                "name": f"soak-{self.plan.seed}-w{self.index}-{n}.tar", "executed_obs_unit_id": {"$ref": "obs"},
+            }},
+        ]
+        for j in range(self.rng.randint(1, 3)):
+            path = f"/soak/{self.plan.seed}/w{self.index}/{n}/scan{j}.fits"
+            steps.append({"table": "raw_data_file", "values": {
+                "path": path, "size_bytes": self.rng.randint(1, 10**9), "checksum_sha256": sha256(path),
+                "file_type": "fits", "executed_obs_unit_id": {"$ref": "obs"}, "raw_data_package_id": {"$ref": "pkg"},
+            }})
+        receipt = self.call("transaction", steps)
+        if receipt is None:
+            return
+        if invalid:
+            return self.acks.created(receipt, [], invalid=True)
+        package = str(receipt.ids[1])
+        rows = [
+            ("executed_obs_unit", {"status": "running", "end_time": None, "metadata": steps[0]["values"]["metadata"]}),
+            ("raw_data_package", {"name": steps[1]["values"]["name"], "status": "open", "size_bytes": None, "checksum_sha256": None}),
+            *(("raw_data_file", {**pick(s["values"], "raw_data_file"), "raw_data_package_id": package}) for s in steps[2:]),
+        ]
+        self.acks.created(receipt, rows)
+        self.written += len(rows)
+        self.observations = [*self.observations, {"obs": str(receipt.ids[0]), "pkg": package, "start": start}][-RECENT:]
+
+    def update(self) -> None:
+        """Change a recent observation or its package: most are still buffered, some already replicated."""
+        obs = self.rng.choice(self.observations[-10:])
+        if self.rng.random() < 0.5:
+            table, key = "executed_obs_unit", obs["obs"]
+            changes: dict[str, Any] = {
+                "status": self.rng.choice(["completed", "failed", "aborted", "running"]),
+                "end_time": (obs["start"] + timedelta(seconds=self.rng.randint(1, 3600))).isoformat(),
+            }
+            if self.rng.random() < 0.5:
+                changes["metadata"] = {"soak": self.plan.seed, "revision": self.rng.randint(1, 10**6)}
+        else:
+            table, key = "raw_data_package", obs["pkg"]
+            changes = {
+                "status": self.rng.choice(["sealed", "transferred", "archived"]),
+                "size_bytes": self.rng.randint(0, 10**12), "checksum_sha256": sha256(f"{key}/{self.rng.random()}"),
+            }
+        if receipt := self.call("update", table, key, changes):
+            self.acks.updated(receipt, key, changes)
+
+    def resubmit(self) -> None:
+        """Send an earlier request again with its Idempotency-Key: the answer must be the original's, nothing new written."""
+        method, args, key, txn_id = self.rng.choice(self.sent)
+        receipt = self.send(method, args, key)
+        with self.acks.lock:
+            self.acks.resubmitted += 1
+            if receipt is not None and str(receipt.txn_id) != txn_id:
+                self.acks.replay_mismatches.append(f"{key}: {txn_id} then {receipt.txn_id}")
+
+    def call(self, method: str, *args) -> Receipt | None:
+        self.calls += 1
+        key = f"soak-{self.plan.seed}-w{self.index}-{self.calls}"
+        receipt = self.send(method, args, key)
+        if receipt is not None:
+            self.sent = [*self.sent, (method, args, key, str(receipt.txn_id))][-RECENT:]
+        return receipt
+
+    def send(self, method: str, args: tuple, key: str) -> Receipt | None:
+        """As a careful script does: on no answer, the same request with the same key again until it is answered."""
+        while True:
+            try:
+                return getattr(self.client, method)(*args, idempotency_key=key)
+            except Unavailable as exc:
+                if time.monotonic() > self.plan.give_up_at:
+                    with self.acks.lock:
+                        self.acks.unresolved += 1
+                    say(f"{self.name}: gave up on {method} ({key}): {exc}")
+                    return None
+                time.sleep(1)
+            except ApiError as exc:
+                with self.acks.lock:
+                    self.acks.refused.append(f"{method} ({key}): {exc}")
+                say(f"{self.name}: refused: {exc}")
+                return None
+
+
+def pick(values: dict[str, Any], table: str) -> dict[str, Any]:
+    return {column: values.get(column) for column in CHECKED[table]}
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def canonical(column: str, value: Any) -> Any:
+    """One form for a value from the log, PostgreSQL or the read model, so they compare equal when they are."""
+    if value is None:
+        return None
+    if column in TIMES:
+        return utc_text(value)
+    if column in JSONS:
+        return json_text(json.loads(value) if isinstance(value, str) else value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def stale(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
+    return any(canonical(c, v) != canonical(c, actual.get(c)) for c, v in expected.items())
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@dataclass
+class Soak:
+    stack: LocalStack
+    wan: WanProxy
+    seed: int
+    duration_s: float
+    records: int
+    invalid: int
+    settle_timeout_s: float
+    fault_gap_s: tuple[float, float]
+    acks: Acks = field(default_factory=Acks)
+
+    @property
+    def api(self) -> str:
+        return f"http://{self.stack.settings.host}:{self.stack.settings.api_port}"
+
+    @property
+    def token(self) -> str:
+        return self.stack.settings.secrets["demo_token"]
+
+    def run(self) -> dict[str, Any]:
+        up_started = time.monotonic()
+        self.stack.up(say)
+        self.wait_streaming_through_link()
+        fixtures = self.fixtures()
+        up_s = time.monotonic() - up_started
+        faults = Faults(self.stack, self.wan, random.Random(f"{self.seed}/faults"), say)
+        write_started = time.monotonic()
+        write_until = write_started + self.duration_s
+        writers = [
+            Writer(i, self.api, self.token, fixtures, Plan(
+                self.seed, -(-self.records // WRITERS), -(-self.invalid // WRITERS),
+                write_until, write_until + self.duration_s / 2 + self.settle_timeout_s,
+            ), self.acks)
+            for i in range(WRITERS)
+        ]
+        say(f"writing {self.records} records for {self.duration_s:.0f} s with {WRITERS} writers, injecting faults")
+        for writer in writers:
+            writer.start()
+        fault_error: list[BaseException] = []
+        injector = threading.Thread(target=guarded(faults.schedule, fault_error), args=(write_until, self.fault_gap_s))
+        injector.start()
+        ticks = 0
+        while any(w.is_alive() for w in writers) or injector.is_alive():
+            time.sleep(1)
+            ticks += 1
+            if ticks % 15 == 0:
+                say(f"{self.acks.records} records acknowledged; faults so far {dict(faults.injected)}")
+        errors = [repr(e) for e in fault_error] + [f"{w.name}: {w.error!r}" for w in writers if w.error]
+        say("writes done; healing every fault and letting the site settle")
+        settle_started = time.monotonic()
+        write_s = settle_started - write_started
+        faults.heal()
+        settled = self.settle(settle_started + self.settle_timeout_s)
+        settle_s = time.monotonic() - settle_started
+        report = self.check()
+        return {
+            "seed": self.seed, "duration_s": self.duration_s,
+            "acknowledged": self.acks.records, "transactions": len(self.acks.valid_txns()),
+            "updates": self.acks.updates, "resubmitted": self.acks.resubmitted,
+            "invalid_sent": len(self.acks.invalid_txns()),
+            "faults": dict(sorted(faults.injected.items())), "fault_kinds": len(faults.injected),
+            **report,
+            "refused": len(self.acks.refused), "unresolved": self.acks.unresolved, "errors": errors,
+            "settled": settled, "settle_s": round(settle_s, 1), "up_s": round(up_s, 1), "write_s": round(write_s, 1),
+        }
+
+    def wait_streaming_through_link(self, timeout_s: float = 60) -> None:
+        """The replica's WAL must cross the link too, or its faults would test nothing there."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.stack.replica.connect() as conn:
+                row = conn.execute("SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'").fetchone()
+            if row and row[0] == self.wan.port:
+                say(f"the replica streams through the link (port {self.wan.port})")
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the replica does not stream through the link on port {self.wan.port}: {row}")
+            time.sleep(0.5)
+
+    def fixtures(self) -> dict[str, str]:
+        """The planning rows observations refer to (direct tables, written straight to the primary through the link)."""
+        with OpsyncClient(self.api, self.token, retries=10, max_backoff=3) as client:
+            tag = f"SOAK-{self.seed}"
+            instrument = client.records("instrument", {"name": tag})
+            module = client.records("instrument_module", {"instrument_id": str(instrument.id), "name": "M1"})
+            obs_unit = client.records("obs_unit", {
+                "name": tag, "program": "SOAK", "source_name": "Orion KL", "ra_deg": 83.8, "dec_deg": -5.4,
+            })
+        for receipt in (instrument, module, obs_unit):
+            self.acks.txns[str(receipt.txn_id)] = False
+        return {"module": str(module.id), "obs_unit": str(obs_unit.id)}
+
+    def settle(self, deadline: float) -> bool:
+        """Wait until every acknowledged transaction is final, the read model shows every row replicated with
+        its last values, and the buffer holds nothing; False when the deadline came first."""
+        waiting = list(self.acks.txns)
+        while True:
+            waiting = [t for t, s in self.statuses(waiting).items() if (s or {}).get("state") not in ("replicated", "failed")]
+            behind = self.read_model_behind() if not waiting else -1
+            leftovers = self.buffer_leftovers() if behind == 0 else {}
+            if not waiting and behind == 0 and not any(leftovers.values()):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            say(f"settling: {len(waiting)} transactions not final" if waiting else
+                f"settling: read model behind by {behind} rows, buffer holds {leftovers}")
+            time.sleep(3)
+
+    def statuses(self, txn_ids: list[str]) -> dict[str, dict | None]:
+        """States from the public status API, many per request; transport failures just mean: not known yet."""
+        found: dict[str, dict | None] = {}
+        with httpx.Client(base_url=self.api, headers={"Authorization": f"Bearer {self.token}"}, timeout=15) as http:
+            for chunk in chunks(txn_ids, STATUS_CHUNK):
+                try:
+                    response = http.get("/v1/transactions", params={"ids": ",".join(chunk)})
+                    response.raise_for_status()
+                    found.update(response.json())
+                except httpx.HTTPError as exc:
+                    say(f"status API: {exc!r}")
+                    found.update(dict.fromkeys(chunk))
+        return found
+
+    def read_model_rows(self) -> dict[str, dict[str, Any]]:
+        """The read model's rows of every acknowledged record, by id: state and checked columns."""
+        found: dict[str, dict[str, Any]] = {}
+        by_table: dict[str, list[str]] = {}
+        for key, (table, _) in list(self.acks.rows.items()):
+            by_table.setdefault(table, []).append(key)
+        with sqlite3.connect(f"file:{self.stack.read_model_path}?mode=ro", uri=True, timeout=10) as db:
+            for table, keys in by_table.items():
+                columns = ("id", "_sync_state", *CHECKED[table])
+                for chunk in chunks(keys, 500):
+                    query = f"SELECT {', '.join(columns)} FROM {table} WHERE id IN ({', '.join('?' * len(chunk))})"
+                    found.update({row[0]: dict(zip(columns, row, strict=True)) for row in db.execute(query, chunk)})
+        return found
+
+    def read_model_behind(self) -> int:
+        """Acknowledged rows the read model does not yet show as replicated with their last values."""
+        try:
+            rows = self.read_model_rows()
+        except sqlite3.Error as exc:
+            say(f"read model: {exc}")
+            return len(self.acks.rows)
+        return sum(
+            1 for key, (_, expected) in self.acks.rows.items()
+            if (row := rows.get(key)) is None or row["_sync_state"] != "replicated" or stale(expected, row)
+        )
+
+    def buffer(self) -> Buffer:
+        return Buffer(redis.Redis.from_url(self.stack.redis.url, socket_timeout=10))
+
+    def buffer_leftovers(self) -> dict[str, int]:
+        """What the buffer still holds once all is replicated: nothing, in any of these."""
+        buffer = self.buffer()
+        try:
+            return {
+                "stream": buffer.depth(),
+                "pending": buffer.client.xpending(buffer.stream, buffer.group)["pending"],
+                "unsent": int(buffer.client.get(buffer.unsent) or 0),
+                "awaiting_replica": buffer.client.zcard(buffer.awaiting_replica),
+            }
+        except redis.RedisError as exc:
+            say(f"buffer: {exc!r}")
+            return {"unreachable": 1}
+        finally:
+            buffer.client.close()
+
+    def database_rows(self, server) -> dict[str, dict[str, Any]]:
+        """Every row of the buffered tables in one database (the whole run's: the site is new), by id."""
+        found: dict[str, dict[str, Any]] = {}
+        with server.connect() as conn:
+            for table, checked in CHECKED.items():
+                columns = ("id", *checked)
+                query = sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(table))
+                for row in conn.execute(query):
+                    found[str(row[0])] = {"table": table, **dict(zip(columns[1:], row[1:], strict=True))}
+        return found
+
+    def ledger(self) -> list[str]:
+        with self.stack.primary.connect() as conn:
+            return [str(row[0]) for row in conn.execute("SELECT txn_id FROM sync_ledger")]
+
+    def check(self) -> dict[str, Any]:
+        """Every acknowledged record once in the primary, in the replica, replicated in the read model, with its
+        last update; every transaction final as expected; nothing left in the buffer; no second row anywhere."""
+        expected = dict(self.acks.rows)
+        primary, replica = self.database_rows(self.stack.primary), self.database_rows(self.stack.replica)
+        try:
+            model = self.read_model_rows()
+        except sqlite3.Error as exc:  # counted below: every row then is not replicated in the read model
+            say(f"read model unreadable: {exc}")
+            model = {}
+        statuses = self.statuses(list(self.acks.txns))
+        missing_primary = {k for k in expected if k not in primary}
+        missing_replica = {k for k in expected if k not in replica}
+        not_replicated = {k for k in expected if (model.get(k) or {}).get("_sync_state") != "replicated"}
+        stale_rows = {
+            k for k, (_, values) in expected.items()
+            if any(k in rows and stale(values, rows[k]) for rows in (primary, replica, model))
+        }
+        acked = set(self.acks.txns)
+        extra_rows = [k for k in primary if k not in expected]
+        unacked_ledger = [t for t in self.ledger() if t not in acked]
+        state = {t: (s or {}).get("state") for t, s in statuses.items()}
+        invalid = set(self.acks.invalid_txns())
+        not_final = [t for t in self.acks.valid_txns() if state.get(t) != "replicated" and state.get(t) != "failed"]
+        valid_failed = [t for t in self.acks.valid_txns() if state.get(t) == "failed"]
+        invalid_not_failed = [t for t in invalid if state.get(t) != "failed"]
+        leftovers = self.buffer_leftovers()
+        buffer = self.buffer()
+        try:
+            dead = [e[1].get(b"txn_id", b"").decode() for e in buffer.client.xrange(buffer.dead_letters)]
+        finally:
+            buffer.client.close()
+        details = {
+            "missing_primary": len(missing_primary), "missing_replica": len(missing_replica),
+            "read_model_not_replicated": len(not_replicated), "valid_failed": len(valid_failed),
+            "extra_rows": len(extra_rows), "unacknowledged_ledger_txns": len(unacked_ledger),
+            "replay_mismatches": len(self.acks.replay_mismatches), "not_final": len(not_final),
+            "invalid_not_failed": len(invalid_not_failed), "buffer": leftovers,
+            "unexpected_dead_letters": len([t for t in dead if t not in invalid]),
+        }
+        for name, sample in (
+            ("missing in the primary", missing_primary), ("missing in the replica", missing_replica),
+            ("not replicated in the read model", not_replicated), ("stale", stale_rows), ("extra rows", extra_rows),
+            ("not final", not_final), ("valid but failed", valid_failed), ("refused", self.acks.refused),
+            ("replay mismatches", self.acks.replay_mismatches),
+        ):
+            if sample:
+                say(f"{name}: {len(sample)}, e.g. {sorted(sample)[:5]}")
+        return {
+            "invalid_failed": len(invalid) - len(invalid_not_failed),
+            "lost": len(missing_primary | missing_replica | not_replicated),
+            "duplicated": len(extra_rows) + len(unacked_ledger) + len(self.acks.replay_mismatches),
+            "stuck": len(not_final) + len(invalid_not_failed) + sum(leftovers.values()),
+            "stale": len(stale_rows),
+            "details": details,
+        }
+
+
+def guarded(target: Callable, errors: list[BaseException]) -> Callable:
+    """``target`` for a thread, its exception kept for the report instead of lost in the thread."""
+    def run(*args) -> None:
+        try:
+            target(*args)
+        except BaseException as exc:
+            errors.append(exc)
+            traceback.print_exc()
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def airflow_port() -> int:
+    """A free port whose next two are free too: Airflow's log servers listen there (see ``airflow_env``)."""
+    while True:
+        port = free_port()
+        try:
+            for offset in (1, 2):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + offset))
+            return port
+        except OSError:
+            continue
+
+
+def failed(result: dict[str, Any]) -> bool:
+    counts = ("lost", "duplicated", "stuck", "stale", "refused", "unresolved")
+    return any(result[name] for name in counts) or bool(result["errors"]) or not result["settled"]
+
+
+def parse_gap(value: str) -> tuple[float, float]:
+    low, _, high = value.partition(",")
+    return float(low), float(high or low)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m opsync.stack.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=300, help="seconds of writes and faults (default 300)")
+    parser.add_argument("--seed", type=int, default=None, help="replays a run; default: a random one, printed")
+    parser.add_argument("--records", type=int, default=5000, help="records to acknowledge at least (default 5000)")
+    parser.add_argument("--invalid", type=int, default=4, help="transactions the primary must refuse (default 4)")
+    parser.add_argument("--settle-timeout", type=float, default=300, help="seconds to wait for the site to settle")
+    parser.add_argument("--fault-gap", type=parse_gap, default=(1.0, 10.0), help="MIN,MAX seconds between faults")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, databases) afterwards")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
+    for name, value in SOAK_SITE_ENV.items():
+        os.environ.setdefault(name, value)
+
+    run_dir = Path(tempfile.mkdtemp(prefix="opsync-soak-"))
+    run_dir.chmod(0o755)  # PostgreSQL's unprivileged user must traverse it
+    say(f"soak seed {seed} (replay: python -m opsync.stack.soak --seed {seed} ...); site in {run_dir}")
+    primary_port = free_port()
+    wan = WanProxy("127.0.0.1", primary_port, delay_s=BASE_RTT_S / 2)
+    wan.start()
+    settings = StackSettings(
+        run_dir=run_dir, primary_port=primary_port, replica_port=free_port(), redis_port=free_port(),
+        api_port=free_port(), datasette_port=free_port(), airflow_port=airflow_port(),
+        primary_link_port=wan.port, api_workers=1,
+    )
+    stack = LocalStack(settings)
+    soak = Soak(stack, wan, seed, args.duration, args.records, args.invalid, args.settle_timeout, args.fault_gap)
+    try:
+        result = soak.run()
+    finally:
+        try:
+            stack.down(say)
+        finally:
+            wan.stop()
+            if args.keep:
+                say(f"run directory kept: {run_dir}")
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+    print(json.dumps(result), flush=True)
+    return 1 if failed(result) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
