@@ -71,9 +71,12 @@ for exc_class, render in ERRORS.items():
 
 @app.exception_handler(HTTPException)
 async def http_error(request, exc: HTTPException):
-    """FastAPI's answer to JSON nested past Python's parser is a bare "error parsing the body": say why."""
+    """FastAPI's answer to JSON nested past Python's parser, or to bytes that are not UTF-8, is a bare
+    "error parsing the body": say why."""
     if isinstance(exc.__cause__, RecursionError):
         return error(400, f"body: JSON nested too deeply (at most {get_settings().max_json_depth} levels)")
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        return error(400, f"body: not valid UTF-8 (byte {exc.__cause__.start}: {exc.__cause__.reason})")
     return await http_exception_handler(request, exc)
 
 

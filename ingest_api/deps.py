@@ -7,6 +7,7 @@ from typing import Annotated, Any, TypeVar
 import redis
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Engine, create_engine
 from starlette.concurrency import run_in_threadpool
 
@@ -96,6 +97,39 @@ async def principal(authorization: Annotated[str | None, Depends(bearer)]) -> Pr
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
     except AuthUnavailable as exc:
         raise HTTPException(503, str(exc), headers={"Retry-After": str(TOKEN_RETRY_AFTER_S)}) from None
+
+
+class Problem(BaseModel):
+    """One problem of a request: where (``loc``, ending with the field) and why."""
+
+    model_config = ConfigDict(extra="allow")  # FastAPI's own validation errors add ``input`` and ``ctx``
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``detail`` says what is wrong and names the field; invalid input lists each problem."""
+
+    detail: str | list[Problem]
+
+
+ERROR_TEXT = {
+    400: "Malformed request: JSON nested deeper than the parser goes, or a filter on a column that has none",
+    401: "Missing, malformed, unknown, expired or revoked bearer token",
+    403: "The token lacks the scope this table needs",
+    404: "No such table or row (or transaction, or its status retention is over)",
+    409: "Idempotency-Key reused with a different request, or a direct write refused by the primary",
+    413: "Request body or record list larger than the limit",
+    422: "Invalid input: each problem's location (field) and reason",
+    503: "Site buffer, local replica or primary (direct tables) unavailable, or the buffer is above its high-water mark; "
+         "retry later (Retry-After)",
+}
+
+
+def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error codes a route can answer, so clients and fuzzers know them all."""
+    return {code: {"model": ErrorBody, "description": ERROR_TEXT[code]} for code in codes}
 
 
 SettingsDep = Annotated[Settings, on_loop(get_settings)]

@@ -21,11 +21,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.concurrency import run_in_threadpool
 
-from ingest_api.deps import BufferDep, PrincipalDep, SettingsDep
+from ingest_api.deps import BufferDep, PrincipalDep, SettingsDep, documented
 from opsync.buffer import Buffer
 from opsync.events import followed, parse_event, snapshot_event
 
-router = APIRouter(prefix="/v1", tags=["events"])
+router = APIRouter(prefix="/v1", tags=["events"], responses=documented(401, 422, 503))
 
 MAX_FOLLOWED = 1000
 RECONNECT_S = 1.0

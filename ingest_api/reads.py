@@ -9,11 +9,11 @@ from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from ingest_api.deps import BufferDep, PrincipalDep, engine_for, on_loop
+from ingest_api.deps import BufferDep, PrincipalDep, documented, engine_for, on_loop
 from opsync import merged, registry
 from opsync.config import get_settings
 
-router = APIRouter(prefix="/v1", tags=["reads"])
+router = APIRouter(prefix="/v1", tags=["reads"], responses=documented(401, 403, 404, 422, 503))
 RESERVED = {"limit", "after"}
 
 
@@ -52,7 +52,7 @@ def get_record(table: str, row_id: UUID, buffer: BufferDep, replica: ReplicaDep,
     return row
 
 
-@router.get("/records/{table}", response_model=Page, summary="Rows, merged, filtered by column values")
+@router.get("/records/{table}", response_model=Page, summary="Rows, merged, filtered by column values", responses=documented(400))
 def list_records(
     table: str, request: Request, buffer: BufferDep, replica: ReplicaDep, who: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

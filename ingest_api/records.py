@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from ingest_api.backpressure import check_backpressure
-from ingest_api.deps import PrincipalDep, get_buffer, get_primary
+from ingest_api.deps import PrincipalDep, documented, get_buffer, get_primary
 from opsync import registry
 from opsync.auth import Principal
 from opsync.buffer import Buffer
@@ -23,10 +23,7 @@ from opsync.ingest import Invalid, StepIn, build_transaction, problem, submit
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200
-router = APIRouter(
-    prefix="/v1", tags=["records"],
-    responses={422: {"description": "Invalid input: each problem's location (field) and reason"}},
-)
+router = APIRouter(prefix="/v1", tags=["records"], responses=documented(400, 401, 403, 409, 413, 422, 503))
 
 
 async def idempotency_key(request: Request) -> str | None:

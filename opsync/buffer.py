@@ -52,6 +52,28 @@ if KEYS[3] ~= '' then
   redis.call('EXPIRE', KEYS[3], ARGV[6])
 end
 local prefix, pos = ARGV[8], 9
+-- Sorted-set members of new rows, added per set in a few ZADDs rather than one per row and set;
+-- flushed before a row that exists already is merged (it may read or remove what is pending here).
+local pending, order = {}, {}
+local function later(set, key)
+  local members = pending[set]
+  if not members then
+    members = {}
+    pending[set] = members
+    order[#order + 1] = set
+  end
+  members[#members + 1] = 0
+  members[#members + 1] = key
+end
+local function flush()
+  for _, set in ipairs(order) do
+    local members = pending[set]
+    for first = 1, #members, 2000 do
+      redis.call('ZADD', set, unpack(members, first, math.min(first + 1999, #members)))
+    end
+  end
+  pending, order = {}, {}
+end
 while pos <= #ARGV do
   local tbl, key, op, nvalues = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], tonumber(ARGV[pos + 3])
   local values = {unpack(ARGV, pos + 4, pos + 3 + 2 * nvalues)}
@@ -64,15 +86,16 @@ while pos <= #ARGV do
     -- A row not buffered yet (nearly every insert): nothing to merge with or take out of an index.
     local partial = op == 'insert' and '0' or '1'
     redis.call('HSET', row, 'txn_id', ARGV[2], 'partial', partial, unpack(values))
-    redis.call('ZADD', prefix .. ':rows:' .. tbl, 0, key)
-    if partial == '1' then redis.call('ZADD', prefix .. ':partial:' .. tbl, 0, key) end
+    later(prefix .. ':rows:' .. tbl, key)
+    if partial == '1' then later(prefix .. ':partial:' .. tbl, key) end
     local given = {}
     for i = 1, #values, 2 do given[values[i]] = values[i + 1] end
     for _, field in ipairs(indexed) do
       local value = given['v:' .. field]
-      if value then redis.call('ZADD', prefix .. ':idx:' .. tbl .. ':' .. field .. ':' .. value, 0, key) end
+      if value then later(prefix .. ':idx:' .. tbl .. ':' .. field .. ':' .. value, key) end
     end
   else
+    flush()
     for _, field in ipairs(indexed) do
       local old = redis.call('HGET', row, 'v:' .. field)
       if old then redis.call('ZREM', prefix .. ':idx:' .. tbl .. ':' .. field .. ':' .. old, key) end
@@ -102,6 +125,7 @@ while pos <= #ARGV do
     end
   end
 end
+flush()
 redis.call('PUBLISH', ARGV[7], cjson.encode({txn_id = ARGV[2], state = 'accepted', at = ARGV[3]}))
 return {'created', ARGV[5]}
 """
@@ -130,9 +154,6 @@ local function release_rows(prefix, txn, args, pos)
 end
 """
 
-# ARGV: key prefix, txn_id, then the rows (see release_args)
-RELEASE = RELEASE_ROWS + "return release_rows(ARGV[1], ARGV[2], ARGV, 3)"
-
 SETTLE = """
 -- Acknowledge a drained batch and record where each transaction went, all at once.
 -- KEYS: stream, awaiting replica, dead letters, dead rows, unsent counter
@@ -140,7 +161,7 @@ SETTLE = """
 --       outcome (committed | duplicate | failed | gone: deleted meanwhile), stream_id, txn_id ('' if unreadable), reason,
 --       n rows it creates, rows ('table:key')...
 local group, prefix, channel, at, ttl, lsn, score = unpack(ARGV, 1, 7)
-local function record(txn, state, field, value)  -- as Buffer.record_state does it
+local function record(txn, state, field, value)  -- the status change and its event, as Buffer.mark_committed does it
   redis.call('HSET', prefix .. ':txn:' .. txn, 'state', state, state .. '_at', at, field, value)
   redis.call('PUBLISH', channel, cjson.encode({txn_id = txn, state = state, at = at, [field] = value}))
 end
@@ -313,9 +334,6 @@ def encode(value) -> str:
     return to_json(value, inf_nan_mode="constants").decode()
 
 
-FINAL_STATES = frozenset({State.replicated, State.failed})
-
-
 class IdempotencyConflict(Exception):
     """The same Idempotency-Key was used with a different request body."""
 
@@ -356,7 +374,6 @@ class Buffer:
         self.idempotency_ttl_s = idempotency_ttl_s
         self.status_ttl_s = status_ttl_s
         self._enqueue = client.register_script(ENQUEUE)
-        self._release = client.register_script(RELEASE)
         self._settle = client.register_script(SETTLE)
         self._confirm = client.register_script(CONFIRM)
         self._requeue = client.register_script(REQUEUE)
@@ -465,37 +482,17 @@ class Buffer:
             pipe.hgetall(self.status_key(txn_id))
         return [{k.decode(): v.decode() for k, v in raw.items()} or None for raw in pipe.execute()]
 
-    def record_state(self, txn_id, state: str, at: str, **fields: str) -> None:
-        """Record a state transition and announce it, in one MULTI.
-
-        A status is kept as long as its transaction is on its way, however long the link is down;
-        once final (``replicated`` or ``failed``) it lives ``status_ttl_s`` more, then expires.
-        """
-        pipe = self.client.pipeline(transaction=True)
-        self._state_change(pipe, txn_id, state, at, fields)
-        pipe.execute()
-
     def mark_committed(self, txn_id, commit_lsn: Lsn, at: str, **fields: str) -> None:
-        """A transaction written straight to the primary: committed, and awaiting the replica like drained ones."""
-        pipe = self.client.pipeline(transaction=True)
-        self._state_change(pipe, txn_id, State.committed, at, {"commit_lsn": str(commit_lsn), **fields})
-        pipe.zadd(self.awaiting_replica, {str(txn_id): float(commit_lsn)})
-        pipe.execute()
+        """A transaction written straight to the primary: committed, and awaiting the replica like drained ones.
 
-    def _state_change(self, pipe, txn_id, state: str, at: str, fields: dict[str, str]) -> None:
-        key = self.status_key(txn_id)
-        pipe.hset(key, mapping={"state": state, f"{state}_at": at, **fields})
-        if state in FINAL_STATES:
-            pipe.expire(key, self.status_ttl_s)
-        pipe.publish(self.events, json.dumps({"txn_id": str(txn_id), "state": state, "at": at, **fields}))
-
-    def release_rows(self, txn: Transaction) -> int:
-        """Once ``txn`` is in the replica, its rows are read from there: drop their overlay.
-
-        Only rows whose latest buffered change is ``txn`` go; a row changed again by a later
-        transaction keeps its overlay until that one is replicated too.
+        Not final yet, so its status has no TTL: CONFIRM sets one once it is replicated.
         """
-        return self._release(args=[self.prefix, str(txn.txn_id), *release_args(txn)])
+        fields = {"commit_lsn": str(commit_lsn), **fields}
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.status_key(txn_id), mapping={"state": State.committed, "committed_at": at, **fields})
+        pipe.zadd(self.awaiting_replica, {str(txn_id): float(commit_lsn)})
+        pipe.publish(self.events, json.dumps({"txn_id": str(txn_id), "state": State.committed, "at": at, **fields}))
+        pipe.execute()
 
     def ensure_group(self) -> None:
         """Create the drainers' group (and the stream) once; from the start, so nothing buffered is skipped."""

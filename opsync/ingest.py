@@ -6,6 +6,8 @@ with the field named, instead of being dead-lettered hours later. Keys of new ro
 here (UUIDv7) and references between steps are resolved, so the envelope is final.
 """
 
+import math
+import re
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -24,6 +26,7 @@ from opsync.lsn import Lsn
 REF = "$ref"
 MAX_JSON_DEPTH = Settings.model_fields["max_json_depth"].default
 NUL = "\x00"
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\\ud800" escapes decode to these when unpaired
 
 
 class StepIn(BaseModel):
@@ -122,27 +125,36 @@ def resolve_refs(values: dict[str, Any], refs: dict[str, UUID], loc: tuple) -> d
 
 
 def validated(model: type[BaseModel], values: dict[str, Any], loc: tuple, max_json_depth: int) -> dict[str, Any]:
-    """Values as JSON-ready data, only those the client set (database defaults must still apply)."""
+    """Values as JSON-ready data, only those the client set (database defaults must still apply).
+
+    What cannot be stored is looked for in the values as sent: validation would quietly turn an
+    unpaired surrogate in a JSON key into replacement characters.
+    """
+    errors = unstorable(values, loc, max_json_depth)
     try:
         dumped = model.model_validate(values).model_dump(mode="json", exclude_unset=True)
     except ValidationError as exc:
-        raise Invalid(
-            [problem((*loc, *e["loc"]), e["msg"], e["type"]) for e in exc.errors(include_url=False)]
-        ) from None
-    if errors := unstorable(dumped, loc, max_json_depth):
+        errors += [problem((*loc, *e["loc"]), e["msg"], e["type"]) for e in exc.errors(include_url=False)]
+    if errors:
         raise Invalid(errors)
     return dumped
 
 
 def unstorable(values: dict[str, Any], loc: tuple, max_depth: int) -> list[dict]:
-    """Problems no column type shows: PostgreSQL text and jsonb cannot hold NUL, so the primary would
-    dead-letter the row hours later; and JSON deeper than ``max_depth`` costs every reader."""
+    """Problems no column type shows: PostgreSQL text and jsonb cannot hold NUL or an unpaired UTF-16
+    surrogate (not Unicode at all), and the drainer's JSON has no NaN or Infinity (they would arrive
+    as null), so the primary would dead-letter the row hours later or store something else; and
+    JSON deeper than ``max_depth`` costs every reader."""
     errors = []
 
     def walk(value: Any, where: tuple, depth: int) -> None:
         if isinstance(value, str):
             if NUL in value:
                 errors.append(problem(where, "contains a NUL character (\\u0000), which PostgreSQL cannot store"))
+            if LONE_SURROGATE.search(value):
+                errors.append(problem(where, "contains an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not Unicode"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            errors.append(problem(where, "not a finite number: JSON has no NaN or Infinity, and PostgreSQL's jsonb neither"))
         elif isinstance(value, dict | list):
             if depth >= max_depth:
                 errors.append(problem(where, f"JSON nested too deeply: at most {max_depth} levels"))
@@ -150,6 +162,9 @@ def unstorable(values: dict[str, Any], loc: tuple, max_depth: int) -> list[dict]
             for key, item in value.items() if isinstance(value, dict) else enumerate(value):
                 if isinstance(key, str) and NUL in key:
                     errors.append(problem((*where, key), "key contains a NUL character (\\u0000), which PostgreSQL cannot store"))
+                if isinstance(key, str) and LONE_SURROGATE.search(key):
+                    key = key.encode("utf-8", "backslashreplace").decode()  # escaped: the answer cannot carry it
+                    errors.append(problem((*where, key), "key contains an unpaired UTF-16 surrogate, which is not Unicode"))
                 walk(item, (*where, key), depth + 1)
 
     for field, value in values.items():

@@ -16,7 +16,7 @@ from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, create_model, model_validator
-from sqlalchemy import CheckConstraint, Column, Table, UniqueConstraint
+from sqlalchemy import BigInteger, CheckConstraint, Column, Integer, SmallInteger, Table, UniqueConstraint
 from sqlalchemy.sql.sqltypes import JSON
 
 from opsync import schema
@@ -75,16 +75,29 @@ def python_type(column: Column) -> Any:
     constraints = {"max_length": getattr(column.type, "length", None)}
     if rule is not None:
         constraints |= {"ge": rule.ge, "le": rule.le, "lt": rule.lt, "pattern": rule.pattern}
-    constraints = {name: value for name, value in constraints.items() if value is not None}
+    constraints = integer_range(column) | {name: value for name, value in constraints.items() if value is not None}
     return Annotated[base, Field(**constraints)] if constraints else base
 
 
+def integer_range(column: Column) -> dict[str, int]:
+    """What the column's integer type holds: a larger number would only be refused by the primary, hours later."""
+    for sql_type, bits in ((BigInteger, 63), (SmallInteger, 15), (Integer, 31)):
+        if isinstance(column.type, sql_type):
+            return {"ge": -(2**bits), "le": 2**bits - 1}
+    return {}
+
+
 def loadable(value: datetime) -> datetime:
-    """PostgreSQL accepts times past the year 9999 in UTC, but psycopg (the drainer, every reader) cannot load them."""
-    try:
-        value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("out of range: in UTC it must fall within the years 1 to 9999") from None
+    """PostgreSQL accepts times past the year 9999 in UTC, but psycopg (the drainer, every reader) cannot load them.
+
+    Only a time in the year 1 or 9999 can leave the range by its offset; the conversion that
+    tells is checked for those alone (it costs more than the rest of a record's validation).
+    """
+    if value.year in (1, 9999):
+        try:
+            value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("out of range: in UTC it must fall within the years 1 to 9999") from None
     return value
 
 

@@ -326,3 +326,123 @@ def test_error_bodies_carry_no_input_echo_of_secrets(refused, headers, raw_file)
     token = headers["Authorization"].removeprefix("Bearer ")
     assert token not in response.text
     assert json.loads(response.text)["detail"][0]["loc"][-1] == "size_bytes"
+
+
+# --- unicode, numbers, paths: refused naming the field, or stored exactly as given ------------------
+
+UNICODE = {
+    "rtl": "מצפה \u202eevil\u202c الرصد",
+    "zero_width": "a\u200bb\u200cc\u200dd\ufeff",
+    "emoji": "🔭✨👩‍🔬🇨🇱",
+    "nfc": "Atacama-\u00e9",
+    "nfd": "Atacama-e\u0301",  # the same text to a reader, another string to a database: both kept, apart
+    "astral": "\U0001d4d0\U00010348",
+    "separators": "line\u2028para\u2029end",
+    "controls": "tab\tcr\r\nbell\x07del\x7f",
+}
+TRAVERSAL = [  # file paths are data: stored as given, never opened, joined or normalised by opsync
+    "../../etc/passwd", "/data/../../../etc/shadow", "..\\..\\windows\\system32\\config", "%2e%2e%2f%2e%2e%2fetc",
+    "/data/./x/../../y", "~root/.ssh/id_rsa", "/dev/zero", "file:///etc/passwd",
+]
+
+
+def raw_json(value) -> bytes:
+    """JSON as a hostile client may send it: ASCII escapes (lone surrogates survive), NaN and Infinity allowed."""
+    return json.dumps(value).encode()
+
+
+def test_unicode_and_traversal_paths_are_stored_exactly_through_the_buffer_and_the_primary(
+    own_redis, api_client, headers, observation, primary_engine
+):
+    from sqlalchemy import text
+
+    from ingest_api.deps import get_buffer
+    from opsync import drain
+
+    tag = uuid.uuid4().hex[:8]
+    metadata = UNICODE | {value: name for name, value in UNICODE.items()}  # in keys too
+    obs = api_client.post(OBS, json=observation(metadata=metadata), headers=headers)
+    assert obs.status_code == 202, obs.text
+    obs_id = obs.json()["ids"][0]
+    paths = [f"{value}|{tag}" for value in [*UNICODE.values(), *TRAVERSAL]]
+    files = {}
+    for path in paths:
+        response = api_client.post(RAW, json={"executed_obs_unit_id": obs_id, "path": path, "size_bytes": 1,
+                                              "checksum_sha256": SHA, "file_type": "🔭\u200b"}, headers=headers)
+        assert response.status_code == 202, response.text
+        files[response.json()["ids"][0]] = path
+
+    def merged_view() -> tuple[dict, dict]:
+        row = api_client.get(f"{OBS}/{obs_id}", headers=headers).json()
+        return row["metadata"], {i: api_client.get(f"{RAW}/{i}", headers=headers).json()["path"] for i in files}
+
+    assert merged_view() == (metadata, files)
+    nfd = api_client.get(RAW, params={"path": f"{UNICODE['nfd']}|{tag}"}, headers=headers).json()["rows"]
+    assert [row["path"] for row in nfd] == [f"{UNICODE['nfd']}|{tag}"]  # not its NFC twin
+
+    summary = drain.drain(get_buffer(), primary_engine)
+    assert (summary.applied, summary.dead_lettered) == (1 + len(paths), 0)
+    with primary_engine.connect() as conn:
+        stored = conn.execute(text("SELECT metadata FROM executed_obs_unit WHERE id = :i"), {"i": obs_id}).scalar_one()
+        rows = conn.execute(text("SELECT id::text, path, file_type FROM raw_data_file WHERE executed_obs_unit_id = :i"),
+                            {"i": obs_id}).all()
+    assert stored == metadata
+    assert {i: p for i, p, _ in rows} == files and {t for _, _, t in rows} == {"🔭\u200b"}
+    assert merged_view() == (metadata, files)  # now read from the primary's side, still the same
+
+
+@pytest.mark.parametrize("body, field", [
+    (b'{"metadata": {"note": ["ok", "\\ud800"]}}', "metadata"),
+    (b'{"metadata": {"\\udfff": 1}}', "metadata"),
+    (b'{"status": "completed", "metadata": {"a": "\\udc00\\ud800"}}', "metadata"),
+])
+def test_lone_surrogates_are_refused(refused, headers, body, field):
+    json_headers = headers | {"Content-Type": "application/json"}
+    refused("PATCH", f"{OBS}/{uuid.uuid4()}", 422, field, "unpaired UTF-16 surrogate", content=body, headers=json_headers)
+
+
+def test_a_lone_surrogate_in_a_text_column_or_a_key_is_refused_with_the_field(refused, headers, raw_file):
+    json_headers = headers | {"Content-Type": "application/json"}
+    refused("POST", RAW, 422, "path", "unicode", content=raw_json(raw_file(path="/data/\ud800.fits")), headers=json_headers)
+    response = refused("PATCH", f"{OBS}/{uuid.uuid4()}", 422, "\\udfff", "surrogate",
+                       content=raw_json({"metadata": {"\udfff": 1}}), headers=json_headers)
+    assert response.json()["detail"][0]["loc"][-2:] == ["metadata", "\\udfff"]  # escaped, so the answer itself is valid
+
+
+def test_a_body_that_is_not_utf8_is_refused(refused, headers):
+    json_headers = headers | {"Content-Type": "application/json"}
+    refused("POST", RAW, 400, "body", "not valid UTF-8", content=b'{"path": "/data/\xff\xfe.fits"}', headers=json_headers)
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_numbers_json_cannot_carry_are_refused(refused, headers, observation, planning, number):
+    """Python's parser accepts them; the drainer's JSON would turn them into null, and jsonb refuses them."""
+    json_headers = headers | {"Content-Type": "application/json"}
+    sample = {"instrument_module_id": str(planning["module"]), "sensor": "t", "sampled_at": "2026-11-21T03:00:00Z"}
+    body = json.dumps(sample | {"value": "N"}).replace('"N"', number).encode()
+    refused("POST", "/v1/records/housekeeping_sample", 422, "value", "not a finite number", content=body, headers=json_headers)
+    body = json.dumps(observation(metadata={"tau": "N"})).replace('"N"', number).encode()
+    refused("POST", OBS, 422, "tau", "not a finite number", content=body, headers=json_headers)
+
+
+def test_integers_past_the_column_type_are_refused(refused, api_client, headers, raw_file):
+    refused("POST", RAW, 422, "size_bytes", "less than or equal to 9223372036854775807",
+            json=raw_file(size_bytes=2**63), headers=headers)
+    assert api_client.post(RAW, json=raw_file(size_bytes=2**63 - 1), headers=headers).status_code == 202
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "1001", "1e3", "99999999999999999999"])
+def test_page_sizes_out_of_range_are_refused(refused, headers, limit):
+    refused("GET", f"{RAW}?limit={limit}", 422, "limit", "", headers=headers)
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/records/..%2F..%2Fetc%2Fpasswd", "/v1/records/raw_data_file/../../../etc/passwd", "/v1/records/%2e%2e/%2e%2e/etc",
+    "/v1/records/raw_data_file/%2e%2e%2fapi_token", "/v1/transactions/..%2F..%2F", "/v1/records/..\\..\\api_token",
+])
+def test_path_traversal_in_urls_finds_nothing(api_client, redis_state, headers, path):
+    before = redis_state()
+    response = api_client.get(path, headers=headers)
+    assert response.status_code in (404, 422), response.text
+    assert list(response.json()) == ["detail"]  # a refusal, never rows
+    assert redis_state() == before

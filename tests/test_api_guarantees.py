@@ -4,7 +4,6 @@ backpressure, a full Redis, a crashed Redis, Redis down, metrics, the event stre
 import json
 import time
 import uuid
-from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -311,10 +310,12 @@ def live(live_api, headers, monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_events_follow_a_transaction_without_polling(live):
+def test_events_follow_a_transaction_without_polling(own_redis, live, observation, primary_engine):
+    """The state change comes from the real drain (its SETTLE script), on a buffer holding only this test's record."""
     from ingest_api.deps import get_buffer
+    from opsync import drain
 
-    receipt = live.post(RAW, json=raw_file()).json()
+    receipt = live.post("/v1/records/executed_obs_unit", json=observation()).json()
     txn_id = receipt["txn_id"]
     with live.stream("GET", "/v1/events", params={"txn_id": txn_id}) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
@@ -323,10 +324,13 @@ def test_events_follow_a_transaction_without_polling(live):
         name, snapshot = events.next()
         assert name is None and snapshot["snapshot"] is True
         assert snapshot["txn_id"] == txn_id and snapshot["state"] == "accepted" and "stream_id" not in snapshot
-        at = datetime.now(UTC).isoformat()
-        get_buffer().record_state(txn_id, "committed", at, commit_lsn="0/3000A28")
+        summary = drain.drain(get_buffer(), primary_engine)
+        assert summary.applied == 1
         name, change = events.until(lambda name, data: name is None)
-        assert change == {"txn_id": txn_id, "state": "committed", "at": at, "commit_lsn": "0/3000A28"}
+        assert set(change) == {"txn_id", "state", "at", "commit_lsn"}
+        assert change["txn_id"] == txn_id and change["state"] == "committed"
+        assert change["commit_lsn"] == str(summary.max_commit_lsn)
+        assert change["at"] == get_buffer().status(txn_id)["committed_at"]
 
 
 @pytest.mark.timeout(60)
@@ -343,25 +347,34 @@ def test_events_without_filter_show_new_transactions(live):
 
 
 @pytest.mark.parametrize("ttl", [None, 4321])
-def test_final_status_expires_after_the_retention_others_never(api_client, headers, redis_server, monkeypatch, ttl):
+def test_final_status_expires_after_the_retention_others_never(
+    own_redis, api_client, headers, observation, primary_engine, replica_engine, monkeypatch, ttl
+):
+    """Through the real drain and confirmation: SETTLE and CONFIRM (Lua) set the retention, nothing earlier does."""
     from ingest_api import deps
+    from opsync import drain
 
     if ttl is not None:
         configure(monkeypatch, status_ttl_s=ttl)
         deps.get_buffer.cache_clear()
     expected = ttl or 7 * 86400
     buffer = deps.get_buffer()
-    redis = redis_server.client()
-    receipt = api_client.post(RAW, json=raw_file(), headers=headers).json()
-    key = buffer.status_key(receipt["txn_id"])
-    assert redis.ttl(key) == -1  # accepted: kept however long the link is down
-    buffer.record_state(receipt["txn_id"], "committed", datetime.now(UTC).isoformat(), commit_lsn="0/1")
-    assert redis.ttl(key) == -1
-    buffer.record_state(receipt["txn_id"], "replicated", datetime.now(UTC).isoformat())
+    redis = own_redis.client()
+    receipt = api_client.post("/v1/records/executed_obs_unit", json=observation(), headers=headers).json()
+    failed = api_client.post(RAW, json=raw_file(), headers=headers).json()  # its observation does not exist
+    key, failed_key = buffer.status_key(receipt["txn_id"]), buffer.status_key(failed["txn_id"])
+    assert redis.ttl(key) == redis.ttl(failed_key) == -1  # accepted: kept however long the link is down
+
+    summary = drain.drain(buffer, primary_engine)
+    assert (summary.applied, summary.dead_lettered) == (1, 1)
+    assert redis.ttl(key) == -1  # committed: still on its way
+    assert expected - 5 <= redis.ttl(failed_key) <= expected
+    assert api_client.get(failed["status_url"], headers=headers).json()["state"] == "failed"
+
+    deadline = time.monotonic() + 10
+    while drain.confirm_replica(buffer, replica_engine).remaining:
+        assert time.monotonic() < deadline, "the replica never replayed the drain's commit"
+        time.sleep(0.02)
     assert expected - 5 <= redis.ttl(key) <= expected
     status = api_client.get(receipt["status_url"], headers=headers).json()
-    assert status["state"] == "replicated" and status["commit_lsn"] == "0/1"
-
-    failed = api_client.post(RAW, json=raw_file(), headers=headers).json()
-    buffer.record_state(failed["txn_id"], "failed", datetime.now(UTC).isoformat(), reason="test")
-    assert expected - 5 <= redis.ttl(buffer.status_key(failed["txn_id"])) <= expected
+    assert status["state"] == "replicated" and status["commit_lsn"] == str(summary.max_commit_lsn)

@@ -192,6 +192,46 @@ def test_no_secret_is_served(site):
                 assert "$env" in line, line
 
 
+ROTATED = "test-script-token-" + "r" * 32  # a token the site used before rotating it: revoked
+CALLERS = {  # kind of caller -> its credentials (cookies and headers)
+    "anonymous": {},
+    "wrong_token": {"headers": {"Authorization": "Bearer wrong-token-" + "w" * 32}},
+    "revoked_token": {"headers": {"Authorization": f"Bearer {ROTATED}"}},
+    "expired_cookie": {"cookies": actor_cookie(github_actor(), expires_in=-10)},
+    "not_a_member": {"cookies": actor_cookie(github_actor("mallory", orgs=["other-org"]))},
+    "script": {"headers": BEARER},  # right scope for tables and canned queries, wrong one for SQL
+    "member": {"cookies": MEMBER},
+}
+RESOURCES = {
+    "table": f"/{DB}/raw_data_file.json",
+    "row": f"/{DB}/executed_obs_unit/{{evening}}.json",
+    "canned_query": f"/{DB}/tonights_observations.json",
+    "sql": f"/{DB}.json?sql=select+count(*)+from+raw_data_file",
+    "dashboard": "/-/dashboards/sync",
+    "token_table": f"/{DB}/api_token.json",
+    "sql_on_tokens": f"/{DB}.json?sql=select+*+from+api_token",
+    "write_sql": f"/{DB}.json?sql=delete+from+raw_data_file",
+}
+REFUSED = [403, 403, 403, 403, 403, 404, 403, 403]  # the token table does not exist for anyone: 404 before access
+EXPECTED = {  # status per caller, in RESOURCES order; 400: Datasette refuses a statement that is not a read
+    "anonymous": REFUSED,
+    "wrong_token": [401] * 8,
+    "revoked_token": [401] * 8,
+    "expired_cookie": REFUSED,
+    "not_a_member": REFUSED,
+    "script": [200, 200, 200, 403, 403, 404, 403, 400],
+    "member": [200, 200, 200, 200, 200, 404, 400, 400],
+}
+
+
+@pytest.mark.parametrize("caller", EXPECTED)
+def test_access_matrix(site, caller):
+    """Each kind of caller against each kind of resource, in one table: who may read what, and nobody writes."""
+    base, rows = site
+    got = [get(base, path.format(evening=rows.evening), **CALLERS[caller]).status_code for path in RESOURCES.values()]
+    assert dict(zip(RESOURCES, got, strict=True)) == dict(zip(RESOURCES, EXPECTED[caller], strict=True))
+
+
 # --- in-process: the GitHub sign-in flow, public mode, startup checks ----------------------------
 
 

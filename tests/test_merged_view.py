@@ -5,11 +5,11 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 
-from opsync import apply, merged, registry
+from opsync import drain, merged, registry
 from opsync.buffer import Buffer
-from opsync.envelope import Transaction
+from opsync.ids import new_id
 from opsync.ingest import StepIn, build_transaction
 
 SHA = "cd" * 32
@@ -36,25 +36,19 @@ def post(api, values) -> str:
     return response.json()["ids"][0]
 
 
-def buffered_txn(redis_server, txn_id: str) -> Transaction:
-    buffer = Buffer(redis_server.client())
-    stream_id = buffer.status(txn_id)["stream_id"]
-    [(_, fields)] = buffer.client.xrange(buffer.stream, stream_id, stream_id)
-    return Transaction.model_validate_json(fields[b"txn"])
+def replicate(primary_engine, replica_engine) -> None:
+    """Everything buffered goes the real way: the drain (claim, apply, SETTLE), then CONFIRM once the replica passed it.
 
+    Tests that call it take ``own_redis`` first, so the buffer holds only their own records.
+    """
+    from ingest_api.deps import get_buffer
 
-def replicate(primary_engine, replica_engine, redis_server, txn_id: str) -> None:
-    """What the drain and confirm steps will do: commit, wait for the replica, mark, release the overlay."""
-    txn = buffered_txn(redis_server, txn_id)
-    lsn = apply.commit(primary_engine, txn)
+    buffer = get_buffer()
+    assert drain.drain(buffer, primary_engine).dead_lettered == 0
     deadline = time.monotonic() + 10
-    with replica_engine.connect() as conn:
-        while not conn.execute(text("SELECT pg_last_wal_replay_lsn() >= CAST(:l AS pg_lsn)"), {"l": lsn}).scalar():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    buffer = Buffer(redis_server.client())
-    buffer.record_state(txn.txn_id, "replicated", "2026-11-21T00:00:00Z", commit_lsn=lsn)
-    buffer.release_rows(txn)
+    while drain.confirm_replica(buffer, replica_engine).remaining:
+        assert time.monotonic() < deadline, "the replica never replayed the drain's commit"
+        time.sleep(0.02)
 
 
 def test_buffered_insert_and_update_show_at_once(api, observation):
@@ -69,24 +63,24 @@ def test_buffered_insert_and_update_show_at_once(api, observation):
 
 
 def test_row_moves_from_buffered_to_replicated_without_disappearing(
-    api, observation, planning, primary_engine, replica_engine, redis_server
+    own_redis, api, observation, planning, primary_engine, replica_engine
 ):
     response = api.post(f"/v1/records/{TABLE}", json=observation())
     row_id, txn_id = response.json()["ids"][0], response.json()["txn_id"]
     listing = {"obs_unit_id": str(planning["obs_unit"])}
     assert [r["id"] for r in api.get(f"/v1/records/{TABLE}", params=listing).json()["rows"]] == [row_id]
-    replicate(primary_engine, replica_engine, redis_server, txn_id)
+    replicate(primary_engine, replica_engine)
     rows = api.get(f"/v1/records/{TABLE}", params=listing).json()["rows"]
     assert [(r["id"], r["_sync_state"]) for r in rows] == [(row_id, "replicated")]
-    assert not redis_server.client().exists(Buffer(redis_server.client()).row_key(TABLE, row_id))
+    assert api.get(f"/v1/transactions/{txn_id}").json()["state"] == "replicated"
+    assert not own_redis.client().exists(Buffer(own_redis.client()).row_key(TABLE, row_id))
 
 
 def test_update_of_a_replicated_row_overlays_and_moves_it_between_filters(
-    api, observation, planning, primary_engine, replica_engine, redis_server
+    own_redis, api, observation, planning, primary_engine, replica_engine
 ):
-    response = api.post(f"/v1/records/{TABLE}", json=observation())
-    row_id = response.json()["ids"][0]
-    replicate(primary_engine, replica_engine, redis_server, response.json()["txn_id"])
+    row_id = post(api, observation())
+    replicate(primary_engine, replica_engine)
     api.patch(f"/v1/records/{TABLE}/{row_id}", json={"status": "aborted"})
     row = api.get(f"/v1/records/{TABLE}/{row_id}").json()
     assert row["status"] == "aborted" and row["_sync_state"] == "buffered"
@@ -114,20 +108,22 @@ def test_deletes_hide_rows(api, ingest_app, issue_token, planning):
 
 
 def test_pages_interleave_replica_and_buffer_in_key_order(
-    api, observation, planning, primary_engine, replica_engine, redis_server
+    own_redis, api, observation, planning, primary_engine, replica_engine
 ):
-    receipts = [api.post(f"/v1/records/{TABLE}", json=observation()).json() for _ in range(7)]
-    for receipt in receipts[::2]:
-        replicate(primary_engine, replica_engine, redis_server, receipt["txn_id"])
-    expected = [r["ids"][0] for r in receipts]
+    expected = [str(new_id()) for _ in range(7)]  # time-ordered: key order is this order
+    for key in expected[::2]:
+        post(api, observation(id=key))
+    replicate(primary_engine, replica_engine)
+    for key in expected[1::2]:
+        post(api, observation(id=key))
     seen, cursor = [], None
     while True:
         params = {"obs_unit_id": str(planning["obs_unit"]), "limit": 3} | ({"after": cursor} if cursor else {})
         page = api.get(f"/v1/records/{TABLE}", params=params).json()
-        seen += [r["id"] for r in page["rows"]]
+        seen += [(r["id"], r["_sync_state"]) for r in page["rows"]]
         if not (cursor := page["next"]):
             break
-    assert seen == expected
+    assert seen == [(key, "buffered" if i % 2 else "replicated") for i, key in enumerate(expected)]
 
 
 def test_filters_are_checked(api):
