@@ -1,18 +1,22 @@
 """Dependencies of the routes: clients built once per process from the settings, and auth."""
 
+import asyncio
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Annotated, Any, TypeVar
+from weakref import WeakKeyDictionary
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict
+from redis.maint_notifications import MaintNotificationsConfig
 from sqlalchemy import Engine, create_engine
 from starlette.concurrency import run_in_threadpool
 
 from opsync.auth import AuthError, AuthUnavailable, Principal, TokenVerifier
-from opsync.buffer import Buffer
+from opsync.buffer import AsyncEnqueuer, Buffer
 from opsync.config import Settings, get_settings
 
 T = TypeVar("T")
@@ -27,6 +31,27 @@ def get_redis() -> redis.Redis:
 def get_buffer() -> Buffer:
     settings = get_settings()
     return Buffer(get_redis(), idempotency_ttl_s=settings.idempotency_ttl_s, status_ttl_s=settings.status_ttl_s)
+
+
+def get_enqueuer() -> AsyncEnqueuer:
+    """The buffer's enqueue on an asyncio client of the running event loop (one per loop: a client's
+    connections belong to the loop that opened them; tests run several loops in one process).
+
+    Maintenance notifications are off: redis-py 8.1's asyncio pool skips its check of pooled
+    connections when they are "auto", so the first write after a Redis restart would fail.
+    """
+    loop, buffer = asyncio.get_running_loop(), get_buffer()
+    enqueuer = _enqueuers.get(loop)
+    if enqueuer is None or enqueuer.buffer is not buffer:
+        client = aioredis.Redis.from_url(
+            get_settings().redis_url.get_secret_value(), socket_timeout=5,
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        )
+        enqueuer = _enqueuers[loop] = AsyncEnqueuer(buffer, client)
+    return enqueuer
+
+
+_enqueuers: WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEnqueuer] = WeakKeyDictionary()
 
 
 def engine_for(url: str, timeout_s: int) -> Engine:

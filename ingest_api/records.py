@@ -10,13 +10,12 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Engine
-from starlette.concurrency import run_in_threadpool
 
 from ingest_api.backpressure import check_backpressure
-from ingest_api.deps import PrincipalDep, documented, get_buffer, get_primary
+from ingest_api.deps import PrincipalDep, documented, get_enqueuer, get_primary
 from opsync import registry
 from opsync.auth import Principal
-from opsync.buffer import Buffer
+from opsync.buffer import AsyncEnqueuer
 from opsync.config import Settings, get_settings
 from opsync.envelope import Op, Receipt
 from opsync.ingest import Invalid, StepIn, build_transaction, problem, submit
@@ -85,14 +84,14 @@ class Writer:
     each request, and at 1,000 requests per second separate ones cost more than the write itself."""
 
     settings: Settings
-    buffer: Buffer
+    enqueuer: AsyncEnqueuer
     primary: Engine
 
 
 async def writer() -> Writer:
     """Refuses above the buffer's high-water mark (503 + Retry-After) before anything else is done."""
     await check_backpressure()
-    return Writer(get_settings(), get_buffer(), get_primary())
+    return Writer(get_settings(), get_enqueuer(), get_primary())
 
 
 WriterDep = Annotated[Writer, Depends(writer)]
@@ -105,7 +104,7 @@ def body_hash(request: Request, body: Any) -> str:
 
 
 async def run(steps: list[StepIn], request: Request, w: Writer, who: Principal, idempotency_key, raw_body) -> Receipt:
-    """Validate and check scopes on the event loop (CPU only); the one blocking call, ``submit``, in a thread.
+    """Validate, check scopes and buffer on the event loop; only a direct table's write takes a thread.
 
     The routes are ``async`` so that FastAPI does not spend thread-pool hops on them and on
     serialising their answers: at 1,000 requests per second those hops cost more than the work.
@@ -114,7 +113,7 @@ async def run(steps: list[StepIn], request: Request, w: Writer, who: Principal, 
         who.require(f"write:{table}")  # before validation: a token without the scope learns nothing of the table's rules
     txn = build_transaction(steps, w.settings.site, idempotency_key, w.settings.max_json_depth)  # unknown tables: 422
     idempotency = (who.name, idempotency_key) if idempotency_key else None
-    answer, _ = await run_in_threadpool(submit, txn, w.buffer, w.primary, idempotency, body_hash(request, raw_body))
+    answer, _ = await submit(txn, w.enqueuer, w.primary, idempotency, body_hash(request, raw_body))
     return Receipt(**answer, status_url=f"{request.base_url}v1/transactions/{answer['txn_id']}")
 
 

@@ -6,6 +6,7 @@ with the field named, instead of being dead-lettered hours later. Keys of new ro
 here (UUIDv7) and references between steps are resolved, so the envelope is final.
 """
 
+import asyncio
 import math
 import re
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from opsync import apply, registry
-from opsync.buffer import Buffer
+from opsync.buffer import AsyncEnqueuer, Buffer
 from opsync.config import Settings
 from opsync.envelope import Op, State, Step, Transaction
 from opsync.ids import new_id
@@ -180,21 +181,42 @@ class Rejected(Exception):
     """The primary refused a direct write (constraint, missing row); nothing was written (answer 409)."""
 
 
-def submit(
-    txn: Transaction, buffer: Buffer, primary: Engine, idempotency: tuple[str, str] | None, body_hash: str
+def buffered(txn: Transaction) -> bool:
+    """Critical tables are buffered; direct ones (rare planning edits) go straight to the primary."""
+    return registry.get_table(txn.steps[0].table).mode is registry.Mode.critical
+
+
+def answer(txn: Transaction, state: State, **fields: str) -> dict:
+    """The API's answer to a write (stored with it for idempotent retries): where it is, its rows' keys."""
+    return {
+        "txn_id": str(txn.txn_id), "ids": [str(step.key) for step in txn.steps],
+        "state": state, "accepted_at": txn.accepted_at.isoformat(), **fields,
+    }
+
+
+async def submit(
+    txn: Transaction, enqueuer: AsyncEnqueuer, primary: Engine, idempotency: tuple[str, str] | None, body_hash: str
 ) -> tuple[dict, bool]:
     """Buffer (critical tables) or write at once (direct tables); returns (answer, replayed).
 
-    Critical transactions take one atomic Redis step, durable before this returns. Direct ones
-    go straight to the primary with short timeouts; their idempotency record is written after the
-    commit, so a crash in between can make a retry write again: direct tables are rare planning
-    edits, and a retry of an insert fails on its unique constraints rather than duplicating.
+    Critical transactions take one atomic Redis step, durable before this returns, awaited on the
+    event loop. Direct ones block on the primary, so they run in a thread.
     """
-    answer = {"txn_id": str(txn.txn_id), "ids": [str(step.key) for step in txn.steps]}
-    if registry.get_table(txn.steps[0].table).mode is registry.Mode.critical:
-        answer |= {"state": State.accepted, "accepted_at": txn.accepted_at.isoformat()}
-        enqueued = buffer.enqueue(txn, answer, idempotency, body_hash)
+    if buffered(txn):
+        enqueued = await enqueuer.enqueue(txn, answer(txn, State.accepted), idempotency, body_hash)
         return enqueued.response, enqueued.replayed
+    return await asyncio.to_thread(write_direct, txn, enqueuer.buffer, primary, idempotency, body_hash)
+
+
+def write_direct(
+    txn: Transaction, buffer: Buffer, primary: Engine, idempotency: tuple[str, str] | None, body_hash: str
+) -> tuple[dict, bool]:
+    """Commit a direct table's transaction in the primary with short timeouts; returns (answer, replayed).
+
+    Its idempotency record is written after the commit, so a crash in between can make a retry
+    write again: direct tables are rare planning edits, and a retry of an insert fails on its
+    unique constraints rather than duplicating.
+    """
     if idempotency and (previous := buffer.replay(idempotency, body_hash)) is not None:
         return previous, True
     try:
@@ -207,7 +229,7 @@ def submit(
         raise Rejected(str(exc)) from None
     committed_at = datetime.now(UTC).isoformat()
     buffer.mark_committed(txn.txn_id, Lsn.parse(lsn), committed_at, accepted_at=txn.accepted_at.isoformat())
-    answer |= {"state": State.committed, "accepted_at": txn.accepted_at.isoformat(), "commit_lsn": lsn}
+    committed = answer(txn, State.committed, commit_lsn=lsn)
     if idempotency:
-        buffer.remember(idempotency, body_hash, answer)
-    return answer, False
+        buffer.remember(idempotency, body_hash, committed)
+    return committed, False

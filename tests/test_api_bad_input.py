@@ -301,14 +301,14 @@ def test_sql_text_in_field_names(refused, api_client, headers, raw_file):
 
 
 def test_unexpected_exception_is_a_json_500_with_a_request_id(api_client, headers, raw_file, redis_state, monkeypatch, caplog):
-    from opsync.buffer import Buffer
+    from opsync.buffer import AsyncEnqueuer
 
     secret = "internal detail 7f3a that must not leak"
 
-    def broken(*args, **kwargs):
+    async def broken(*args, **kwargs):
         raise RuntimeError(secret)
 
-    monkeypatch.setattr(Buffer, "enqueue", broken)
+    monkeypatch.setattr(AsyncEnqueuer, "enqueue", broken)
     before = redis_state()
     response = api_client.post(RAW, json=raw_file(), headers=headers)
     assert response.status_code == 500

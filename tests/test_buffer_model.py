@@ -24,9 +24,9 @@ from sqlalchemy import text
 from opsync import dlq, drain
 from opsync.apply import apply_batch
 from opsync.buffer import Buffer
-from opsync.envelope import Op
+from opsync.envelope import Op, State
 from opsync.ids import new_id
-from opsync.ingest import StepIn, build_transaction, submit
+from opsync.ingest import StepIn, answer, build_transaction
 
 EXAMPLES = int(os.environ.get("OPSYNC_MODEL_EXAMPLES", "100"))
 STEPS = int(os.environ.get("OPSYNC_MODEL_STEPS", "30"))
@@ -202,8 +202,8 @@ class BufferMachine(RuleBasedStateMachine):
 
     def enqueue(self, steps: list[tuple]) -> None:
         txn = build_transaction([self.step_in(s) for s in steps], "model")
-        answer, replayed = submit(txn, self.buffer, self.primary, None, "")
-        assert answer["state"] == "accepted" and not replayed
+        enqueued = self.buffer.enqueue(txn, answer(txn, State.accepted))
+        assert enqueued.response["state"] == "accepted" and not enqueued.replayed
         self.model.stream.append(Entry(Txn(str(txn.txn_id), tuple(steps), *dependencies(tuple(steps)))))
 
     def step_in(self, step: tuple) -> StepIn:

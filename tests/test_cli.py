@@ -246,20 +246,20 @@ def test_backlog_drain_follow_with_the_replica_unreachable_exits_5_after_applyin
 
 
 def test_ctrl_c_stops_backlog_drain_between_batches(site_env, buffer, own_redis, observation, primary_engine):
-    txn_ids = buffered(buffer, observation, 600)
+    txn_ids = buffered(buffer, observation, 3000)  # one per batch: far more than a run drains before the signal lands
     env = {**os.environ, "OPSYNC_REDIS_URL": own_redis.url}
-    with subprocess.Popen([str(OPSYNC), "backlog", "drain", "--follow", "--batch", "2", "--json"], env=env,
+    with subprocess.Popen([str(OPSYNC), "backlog", "drain", "--follow", "--batch", "1", "--json"], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         start, first = json.loads(proc.stdout.readline()), json.loads(proc.stdout.readline())
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-    assert start["event"] == "start" and start["remaining"] == 600 and first["event"] == "progress"
+    assert start["event"] == "start" and start["remaining"] == 3000 and first["event"] == "progress"
     assert proc.returncode == cli.INTERRUPTED, err
     last = json.loads(out.splitlines()[-1])
     assert last["event"] == "interrupted" and "Interrupted between batches" in err and "Traceback" not in err
     stats = buffer_stats(buffer.client, buffer)
     assert stats.pending == 0  # every claimed entry was applied and acknowledged: nothing half-done
-    assert first["applied"] <= last["applied"] < 600 and stats.depth == 600 - last["applied"]
+    assert first["applied"] <= last["applied"] < 3000 and stats.depth == 3000 - last["applied"]
     assert in_ledger(primary_engine, txn_ids) == last["applied"]
     assert [c["name"] for c in buffer.client.xinfo_consumers(buffer.stream, buffer.group)] == []
 

@@ -15,7 +15,7 @@ from opsync.apply import Transient
 from opsync.buffer import Buffer
 from opsync.envelope import Op, Step, Transaction
 from opsync.ids import new_id
-from opsync.ingest import StepIn, build_transaction, submit
+from opsync.ingest import StepIn, build_transaction, write_direct
 from opsync.lsn import ReplicaUnreachable, current_position
 from opsync.stack.wan import WanProxy
 from opsync.stats import buffer_stats
@@ -443,7 +443,7 @@ def test_a_stopped_replica_keeps_transactions_committed_until_it_returns(buffer,
 
 def test_direct_writes_await_the_replica_too(buffer, primary, replica):
     txn = build_transaction([StepIn(table="instrument", values={"name": f"HFA-{uuid.uuid4().hex[:8]}"})], "test")
-    answer, _ = submit(txn, buffer, primary, None, "")
+    answer, _ = write_direct(txn, buffer, primary, None, "")
     assert answer["state"] == "committed"
     assert buffer.client.zscore(buffer.awaiting_replica, str(txn.txn_id)) is not None
     assert confirm_all(buffer, replica) == 1
