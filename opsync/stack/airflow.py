@@ -26,6 +26,10 @@ SECRET_KEYS = ("fernet_key", "jwt_secret", "secret_key")
 HEALTH_COMPONENTS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 METADATA_DB_ENV = "OPSYNC_AIRFLOW_METADATA_DB"
+SCHEDULER_RECOVERY = {
+    "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "60",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "120",
+}
 
 
 def new_airflow_secrets() -> dict[str, str]:
@@ -88,6 +92,10 @@ def airflow_env(
         "AIRFLOW__API__SECRET_KEY": secrets["secret_key"],
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets["jwt_secret"],
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        # A drain task orphaned by a scheduler crash is failed within ~3 minutes instead of ~10 (the 300 s
+        # orphan check + 300 s heartbeat timeout of Airflow), so the drain (one run at a time) resumes
+        # sooner; the soak shortens both further through the environment.
+        **{name: os.environ.get(name, default) for name, default in SCHEDULER_RECOVERY.items()},
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(port + 1),

@@ -52,9 +52,9 @@ from opsync.stack.settings import StackSettings
 from opsync.stack.wan import WanProxy
 
 # Shorter waits than production so that a few minutes settle everything a fault left behind. A task
-# whose scheduler was killed is adopted by the next scheduler only at its orphan check (default every
-# 300 s), then failed after the heartbeat timeout (default 300 s); until then its DAG run (one at a time)
-# blocks the drain. Retries wait at most 20 s.
+# whose scheduler was killed is adopted by the next scheduler only at its orphan check (60 s under
+# make up, 300 s by Airflow's default), then failed after the heartbeat timeout (120 s, default 300 s);
+# until then its DAG run (one at a time) blocks the drain. Retries wait at most 20 s.
 SOAK_SITE_ENV = {
     "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "20",
     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
