@@ -5,7 +5,6 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine
 
 from opsync import drain, merged, registry
 from opsync.buffer import Buffer
@@ -21,13 +20,6 @@ def api(ingest_app, issue_token):
     token = issue_token([f"{verb}:{TABLE}" for verb in ("read", "write")])
     with TestClient(ingest_app, headers={"Authorization": f"Bearer {token}"}) as client:
         yield client
-
-
-@pytest.fixture
-def replica_engine(site_env):
-    engine = create_engine(site_env.replica_url.get_secret_value())
-    yield engine
-    engine.dispose()
 
 
 def post(api, values) -> str:

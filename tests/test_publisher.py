@@ -20,21 +20,12 @@ from opsync import drain
 from opsync.buffer import Buffer
 from opsync.publisher import Publisher, Tuning
 from opsync.read_model import ReadModel, ensure_read_model, layouts
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 TABLE = "executed_obs_unit"
 FAST = Tuning(change_every_s=0.1, sweep_every_s=0.3, metrics_every_s=0.3, max_backoff_s=1.0)
 REPO = Path(__file__).resolve().parents[1]
 
-
-def wait_for(predicate, timeout: float = 15, interval: float = 0.01, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
 
 
 class FileReader:

@@ -11,7 +11,7 @@ import uuid  # noqa: E402
 
 import pytest  # noqa: E402
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy import text  # noqa: E402
 
 from opsync.buffer import Buffer  # noqa: E402
 from opsync.config import get_settings  # noqa: E402
@@ -27,10 +27,8 @@ def dagbag() -> DagBag:
 
 
 @pytest.fixture
-def replica(site_env):
-    engine = create_engine(site_env.replica_url.get_secret_value())
-    yield engine
-    engine.dispose()
+def replica(replica_engine):
+    return replica_engine
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import select
 
 from opsync import drain
 from opsync.buffer import Buffer
@@ -25,21 +25,12 @@ from opsync.read_model import ReadModel, ensure_read_model, layouts
 from opsync.read_model_check import ReadModelCheck
 from opsync.stack.local import datasette_command
 from opsync.stack.settings import REPO
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 TABLE, FILES = "executed_obs_unit", "raw_data_file"  # files can be deleted through the API, observations not
 DB = "opsync"
 VISIBLE_WITHIN_S = 1.0
 
-
-def wait_for(predicate, timeout: float = 20, interval: float = 0.01, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(interval)
 
 
 class Datasette:
@@ -95,10 +86,8 @@ def buffer(own_redis) -> Buffer:
 
 
 @pytest.fixture
-def replica(site_env):
-    engine = create_engine(site_env.replica_url.get_secret_value())
-    yield engine
-    engine.dispose()
+def replica(replica_engine):
+    return replica_engine
 
 
 @pytest.fixture
