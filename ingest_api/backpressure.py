@@ -1,7 +1,8 @@
 """Backpressure: above the high-water mark, writes get ``503`` with ``Retry-After``; nothing is evicted.
 
 One measurement of the buffer serves every request for ``backpressure_cache_s``, so the check
-costs a clock read per request, not Redis round trips.
+costs a clock read per request, not Redis round trips; and the next one is made while the last
+still answers.
 """
 
 import asyncio
@@ -22,6 +23,9 @@ def measure(buffer: Buffer, settings: Settings) -> str | None:
     return high_water(stats, settings.high_water_entries, settings.high_water_memory_fraction)
 
 
+STALE_PERIODS = 4  # a verdict up to this many cache periods old still answers while a new one is measured
+
+
 class Pressure:
     """The last measurement, valid for one cache period and for the buffer and settings it was made with."""
 
@@ -29,22 +33,32 @@ class Pressure:
         self.basis: tuple[Buffer, Settings] | None = None
         self.at = float("-inf")
         self.reason: str | None = None
-        self._measuring: asyncio.Task | None = None
+        self._measuring: asyncio.Future | None = None
 
     async def current(self) -> str | None:
-        """Single flight: when the measurement is stale, the requests arriving meanwhile wait for one
-        new measurement instead of each sending their own (hundreds in flight at 1,000 per second)."""
+        """The verdict, measured at most once per cache period (single flight: hundreds of requests
+        arrive meanwhile at 1,000 per second). Past its period the old verdict still answers while a
+        new measurement runs, so no request waits for one; only a verdict older than ``STALE_PERIODS``
+        periods, or none for this buffer and settings yet, is waited for."""
         basis = (get_buffer(), get_settings())
-        if self.stale(basis):
-            running = self._measuring
-            if running is None or running.done() or running.get_loop() is not asyncio.get_running_loop():
-                running = self._measuring = asyncio.ensure_future(self.measure(basis))
-            await asyncio.shield(running)
+        age = self.age(basis)
+        period = basis[1].backpressure_cache_s
+        if age >= period:
+            measuring = self.measuring(basis)
+            if age >= period * STALE_PERIODS:
+                await asyncio.shield(measuring)
         return self.reason
 
-    def stale(self, basis: tuple[Buffer, Settings]) -> bool:
+    def age(self, basis: tuple[Buffer, Settings]) -> float:
         same = self.basis is not None and self.basis[0] is basis[0] and self.basis[1] is basis[1]
-        return not same or time.monotonic() - self.at >= basis[1].backpressure_cache_s
+        return time.monotonic() - self.at if same else float("inf")
+
+    def measuring(self, basis: tuple[Buffer, Settings]) -> asyncio.Future:
+        running = self._measuring
+        if running is None or running.done() or running.get_loop() is not asyncio.get_running_loop():
+            running = self._measuring = asyncio.ensure_future(self.measure(basis))
+            running.add_done_callback(lambda done: done.cancelled() or done.exception())  # the waiters get it
+        return running
 
     async def measure(self, basis: tuple[Buffer, Settings]) -> None:
         self.reason = await run_in_threadpool(measure, *basis)

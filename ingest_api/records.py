@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Engine
 
 from ingest_api.backpressure import check_backpressure
-from ingest_api.deps import PrincipalDep, documented, get_enqueuer, get_primary
+from ingest_api.deps import bearer, documented, get_enqueuer, get_primary, principal
 from opsync import registry
 from opsync.auth import Principal
 from opsync.buffer import AsyncEnqueuer
@@ -25,9 +25,9 @@ MAX_IDEMPOTENCY_KEY = 200
 router = APIRouter(prefix="/v1", tags=["records"], responses=documented(400, 401, 403, 409, 413, 422, 503))
 
 
-async def idempotency_key(request: Request) -> str | None:
-    """The ``Idempotency-Key`` header, read directly: FastAPI's header parameters cost more per request
-    than the write itself at 1,000 requests per second (it is documented by ``IDEMPOTENT`` instead)."""
+def idempotency_key(request: Request) -> str | None:
+    """The ``Idempotency-Key`` header, read directly (documented by ``IDEMPOTENT``): a header parameter
+    is one more for FastAPI to solve on every request."""
     key = request.headers.get(IDEMPOTENCY_KEY)
     if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
         raise RequestValidationError([{
@@ -37,7 +37,6 @@ async def idempotency_key(request: Request) -> str | None:
     return key
 
 
-IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]
 IDEMPOTENT = {"parameters": [{
     "name": IDEMPOTENCY_KEY, "in": "header", "required": False, "schema": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY},
     "description": "Retries with the same key and body return the original answer; a different body is 409",
@@ -80,18 +79,21 @@ class TransactionIn(BaseModel):
 
 @dataclass(frozen=True)
 class Writer:
-    """What a write route needs, in one dependency: FastAPI solves every dependency's parameters on
-    each request, and at 1,000 requests per second separate ones cost more than the write itself."""
+    """What a write route needs, from one dependency: FastAPI solves each dependency's parameters on
+    every request, and at 1,000 requests per second separate ones cost more than the write itself."""
 
     settings: Settings
     enqueuer: AsyncEnqueuer
     primary: Engine
+    who: Principal
+    idempotency_key: str | None
 
 
-async def writer() -> Writer:
-    """Refuses above the buffer's high-water mark (503 + Retry-After) before anything else is done."""
+async def writer(request: Request, authorization: Annotated[str | None, Depends(bearer)]) -> Writer:
+    """Backpressure first (503 + Retry-After above the high-water mark), then the caller (401), then the key."""
     await check_backpressure()
-    return Writer(get_settings(), get_enqueuer(), get_primary())
+    who = await principal(authorization)
+    return Writer(get_settings(), get_enqueuer(), get_primary(), who, idempotency_key(request))
 
 
 WriterDep = Annotated[Writer, Depends(writer)]
@@ -103,37 +105,42 @@ def body_hash(request: Request, body: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def run(steps: list[StepIn], request: Request, w: Writer, who: Principal, idempotency_key, raw_body) -> Receipt:
+def accepted(receipt: Receipt) -> Response:
+    """The receipt as the answer, serialised once: returning the model would make FastAPI validate and
+    encode it again (``response_model`` still documents it)."""
+    return Response(receipt.model_dump_json(), status_code=202, media_type="application/json")
+
+
+async def run(steps: list[StepIn], request: Request, w: Writer, raw_body) -> Response:
     """Validate, check scopes and buffer on the event loop; only a direct table's write takes a thread.
 
     The routes are ``async`` so that FastAPI does not spend thread-pool hops on them and on
     serialising their answers: at 1,000 requests per second those hops cost more than the work.
     """
     for table in sorted({step.table for step in steps} & registry.REGISTRY.keys()):
-        who.require(f"write:{table}")  # before validation: a token without the scope learns nothing of the table's rules
-    txn = build_transaction(steps, w.settings.site, idempotency_key, w.settings.max_json_depth)  # unknown tables: 422
-    idempotency = (who.name, idempotency_key) if idempotency_key else None
+        w.who.require(f"write:{table}")  # before validation: a token without the scope learns nothing of the table's rules
+    txn = build_transaction(steps, w.settings.site, w.idempotency_key, w.settings.max_json_depth)  # unknown tables: 422
+    idempotency = (w.who.name, w.idempotency_key) if w.idempotency_key else None
     answer, _ = await submit(txn, w.enqueuer, w.primary, idempotency, body_hash(request, raw_body))
-    return Receipt(**answer, status_url=f"{request.base_url}v1/transactions/{answer['txn_id']}")
+    return accepted(Receipt(**answer, status_url=f"{request.base_url}v1/transactions/{answer['txn_id']}"))
 
 
 @router.post("/records/{table}", status_code=202, response_model=Receipt, summary="Record one row or a list", openapi_extra=IDEMPOTENT)
 async def post_records(
     table: TableName,
     request: Request,
-    w: WriterDep, who: PrincipalDep,
+    w: WriterDep,
     records: Annotated[dict[str, Any] | list[dict[str, Any]], Body(examples=[{
         "executed_obs_unit_id": "019a0000-0000-7000-8000-000000000003",
         "path": "/data/2026-11-20/scan_0001.fits", "size_bytes": 104857600, "file_type": "fits",
         "checksum_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
     }])],
-    key: IdempotencyKey,
-) -> Receipt:
+) -> Response:
     """Buffer rows of a critical table (answers 202 at once) or write a direct table's rows."""
     rows = records if isinstance(records, list) else [records]
     if len(rows) > w.settings.max_records_per_request:
         raise HTTPException(413, f"at most {w.settings.max_records_per_request} records per request, got {len(rows)}")
-    return await run(record_steps(table, rows), request, w, who, key, records)
+    return await run(record_steps(table, rows), request, w, records)
 
 
 def record_steps(table: str, rows: list[dict[str, Any]]) -> list[StepIn]:
@@ -151,31 +158,25 @@ def record_steps(table: str, rows: list[dict[str, Any]]) -> list[StepIn]:
 
 @router.post("/transactions", status_code=202, response_model=Receipt, summary="Several steps, atomically", openapi_extra=IDEMPOTENT)
 async def post_transaction(
-    body: TransactionIn, request: Request,
-    w: WriterDep, who: PrincipalDep,
-    key: IdempotencyKey,
-) -> Receipt:
+    body: TransactionIn, request: Request, w: WriterDep,
+) -> Response:
     """Steps apply in order, all or nothing; a step may use ``{"$ref": name}`` for an earlier step's key."""
-    return await run(body.steps, request, w, who, key, body.model_dump(mode="json"))
+    return await run(body.steps, request, w, body.model_dump(mode="json"))
 
 
 @router.patch("/records/{table}/{row_id}", status_code=202, response_model=Receipt, summary="Update fields", openapi_extra=IDEMPOTENT)
 async def patch_record(
-    table: TableName, row_id: UUID, request: Request,
-    w: WriterDep, who: PrincipalDep,
+    table: TableName, row_id: UUID, request: Request, w: WriterDep,
     values: Annotated[dict[str, Any], Body(examples=[{"status": "completed", "end_time": "2026-11-21T02:40:00Z"}])],
-    key: IdempotencyKey,
-) -> Receipt:
+) -> Response:
     """Works whether the row is still buffered, committed or replicated: applied after its create, in order."""
     steps = [StepIn(op=Op.update, table=table, id=row_id, values=values)]
-    return await run(steps, request, w, who, key, values)
+    return await run(steps, request, w, values)
 
 
 @router.delete("/records/{table}/{row_id}", status_code=202, response_model=Receipt, summary="Delete a row", openapi_extra=IDEMPOTENT)
 async def delete_record(
-    table: TableName, row_id: UUID, request: Request,
-    w: WriterDep, who: PrincipalDep,
-    key: IdempotencyKey,
-) -> Receipt:
+    table: TableName, row_id: UUID, request: Request, w: WriterDep,
+) -> Response:
     steps = [StepIn(op=Op.delete, table=table, id=row_id)]
-    return await run(steps, request, w, who, key, None)
+    return await run(steps, request, w, None)

@@ -96,6 +96,11 @@ class TokenVerifier:
         entry = self._cache.get(hash_token(token))
         return self._checked(entry) if self._fresh(entry) else None
 
+    def due(self, token: str) -> bool:
+        """Its cache entry is past half its TTL: time to re-read the row, so that none waits when it expires."""
+        entry = self._cache.get(hash_token(token))
+        return entry is not None and time.monotonic() - entry.fetched > self.ttl_s / 2
+
     def verify(self, token: str | None) -> Principal:
         if not token:
             raise AuthError("missing bearer token")
@@ -104,6 +109,11 @@ class TokenVerifier:
         if not self._fresh(entry):
             entry = self._refresh(digest, entry)
         return self._checked(entry)
+
+    def reread(self, token: str) -> Principal:
+        """:meth:`verify` from the token's row even while its cache entry is fresh."""
+        digest = hash_token(token)
+        return self._checked(self._refresh(digest, self._cache.get(digest)))
 
     def _fresh(self, entry: _Cached | None) -> bool:
         return entry is not None and time.monotonic() - entry.fetched <= self.ttl_s

@@ -146,31 +146,34 @@ def unstorable(values: dict[str, Any], loc: tuple, max_depth: int) -> list[dict]
     surrogate (not Unicode at all), and the drainer's JSON has no NaN or Infinity (they would arrive
     as null), so the primary would dead-letter the row hours later or store something else; and
     JSON deeper than ``max_depth`` costs every reader."""
-    errors = []
-
-    def walk(value: Any, where: tuple, depth: int) -> None:
-        if isinstance(value, str):
-            if NUL in value:
-                errors.append(problem(where, "contains a NUL character (\\u0000), which PostgreSQL cannot store"))
-            if LONE_SURROGATE.search(value):
-                errors.append(problem(where, "contains an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not Unicode"))
-        elif isinstance(value, float) and not math.isfinite(value):
-            errors.append(problem(where, "not a finite number: JSON has no NaN or Infinity, and PostgreSQL's jsonb neither"))
-        elif isinstance(value, dict | list):
-            if depth >= max_depth:
-                errors.append(problem(where, f"JSON nested too deeply: at most {max_depth} levels"))
-                return
-            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
-                if isinstance(key, str) and NUL in key:
-                    errors.append(problem((*where, key), "key contains a NUL character (\\u0000), which PostgreSQL cannot store"))
-                if isinstance(key, str) and LONE_SURROGATE.search(key):
-                    key = key.encode("utf-8", "backslashreplace").decode()  # escaped: the answer cannot carry it
-                    errors.append(problem((*where, key), "key contains an unpaired UTF-16 surrogate, which is not Unicode"))
-                walk(item, (*where, key), depth + 1)
-
+    errors: list[dict] = []
     for field, value in values.items():
-        walk(value, (*loc, field), 0)
+        _walk(value, (*loc, field), 0, max_depth, errors)
     return errors
+
+
+def _walk(value: Any, where: tuple, depth: int, max_depth: int, errors: list[dict]) -> None:
+    """:func:`unstorable` for one value and what it holds. A module function, not a closure: a nested
+    function that calls itself is a reference cycle, garbage only the collector frees, and one per
+    request made the API's worker stop for collections many times a minute."""
+    if isinstance(value, str):
+        if NUL in value:
+            errors.append(problem(where, "contains a NUL character (\\u0000), which PostgreSQL cannot store"))
+        if LONE_SURROGATE.search(value):
+            errors.append(problem(where, "contains an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not Unicode"))
+    elif isinstance(value, float) and not math.isfinite(value):
+        errors.append(problem(where, "not a finite number: JSON has no NaN or Infinity, and PostgreSQL's jsonb neither"))
+    elif isinstance(value, dict | list):
+        if depth >= max_depth:
+            errors.append(problem(where, f"JSON nested too deeply: at most {max_depth} levels"))
+            return
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(key, str) and NUL in key:
+                errors.append(problem((*where, key), "key contains a NUL character (\\u0000), which PostgreSQL cannot store"))
+            if isinstance(key, str) and LONE_SURROGATE.search(key):
+                key = key.encode("utf-8", "backslashreplace").decode()  # escaped: the answer cannot carry it
+                errors.append(problem((*where, key), "key contains an unpaired UTF-16 surrogate, which is not Unicode"))
+            _walk(item, (*where, key), depth + 1, max_depth, errors)
 
 
 class PrimaryUnavailable(Exception):
