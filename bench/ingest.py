@@ -235,11 +235,20 @@ class HttpConnection(asyncio.Protocol):
         if self.response and not self.response.done():
             self.response.set_exception(exc)
 
-    async def send(self, raw: bytes) -> int:
-        """Write the request; return the response's status once it has fully arrived."""
-        self.response = asyncio.get_running_loop().create_future()
+    async def send(self, raw: bytes, timeout_s: float) -> int:
+        """Write the request; return the response's status once it has fully arrived.
+
+        The timeout is a timer on the response, not ``asyncio.wait_for``, which wraps each request
+        in one more task: the generator shares the API's two cores, so its CPU is the API's latency.
+        """
+        loop = asyncio.get_running_loop()
+        self.response = loop.create_future()
+        timer = loop.call_later(timeout_s, self.fail, TimeoutError(f"no answer within {timeout_s} s"))
         self.transport.write(raw)
-        return await self.response
+        try:
+            return await self.response
+        finally:
+            timer.cancel()
 
 
 class Pool:
@@ -266,7 +275,7 @@ class Pool:
         if conn.transport.is_closing():  # uvicorn closes connections idle for 5 s (between phases)
             _, conn = await asyncio.get_running_loop().create_connection(HttpConnection, "127.0.0.1", self.port)
         try:
-            status = await asyncio.wait_for(conn.send(raw), REQUEST_TIMEOUT_S)
+            status = await conn.send(raw, REQUEST_TIMEOUT_S)
         except (OSError, TimeoutError, httptools.HttpParserError):
             conn.transport.abort()
             await self.add()

@@ -9,12 +9,11 @@ import asyncio
 import time
 
 from fastapi import HTTPException
-from starlette.concurrency import run_in_threadpool
 
-from ingest_api.deps import get_buffer
+from ingest_api.deps import get_buffer, get_enqueuer
 from opsync.buffer import Buffer
 from opsync.config import Settings, get_settings
-from opsync.stats import buffer_stats, high_water
+from opsync.stats import buffer_stats, fill, high_water
 
 
 def measure(buffer: Buffer, settings: Settings) -> str | None:
@@ -61,7 +60,9 @@ class Pressure:
         return running
 
     async def measure(self, basis: tuple[Buffer, Settings]) -> None:
-        self.reason = await run_in_threadpool(measure, *basis)
+        buffer, settings = basis
+        level = await fill(get_enqueuer().client, buffer)
+        self.reason = high_water(level, settings.high_water_entries, settings.high_water_memory_fraction)
         self.basis, self.at = basis, time.monotonic()
 
 

@@ -9,6 +9,7 @@ IDs cannot blow up the number of series.
 
 import os
 import time
+from functools import cache
 
 import redis
 from fastapi import APIRouter, Response
@@ -65,10 +66,17 @@ class RequestMetrics(HttpMiddleware):
 
 def observe(scope: Scope, status: int, seconds: float) -> None:
     route = scope.get("route")
-    template = getattr(route, "path", UNROUTED)
     method = scope["method"] if scope["method"] in METHODS else "other"
-    REQUESTS.labels(template, method, str(status)).inc()
-    LATENCY.labels(template, method).observe(seconds)
+    requests, latency = series(getattr(route, "path", UNROUTED), method, status)
+    requests.inc()
+    latency.observe(seconds)
+
+
+@cache
+def series(template: str, method: str, status: int) -> tuple[Counter, Histogram]:
+    """The request counter and latency histogram of one route, method and status, looked up once:
+    ``labels()`` checks and locks on every call. Bounded: templates and methods are finite, statuses few."""
+    return REQUESTS.labels(template, method, str(status)), LATENCY.labels(template, method)
 
 
 class BufferCollector(Collector):

@@ -381,6 +381,7 @@ class AsyncEnqueuer:
 
     def __init__(self, buffer: "Buffer", client: aioredis.Redis):
         self.buffer = buffer
+        self.client = client
         self._enqueue = client.register_script(ENQUEUE)
 
     async def enqueue(

@@ -10,25 +10,42 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import redis
+import redis.asyncio as aioredis
 
 from opsync.buffer import Buffer
 
 
 @dataclass(frozen=True)
-class BufferStats:
+class Fill:
+    """How full the buffer is: all backpressure looks at."""
+
     depth: int  # transactions not yet acknowledged by the drainer
-    pending: int  # of which claimed by a drainer (being applied or to be redelivered)
-    oldest_age_s: float  # age of the oldest unacknowledged transaction; 0 when none
-    awaiting_replica: int  # committed in the primary, not yet replayed by the local replica
-    dead_letters: int  # failed permanently
     used_memory: int  # bytes Redis uses
     maxmemory: int  # Redis' limit in bytes; 0 when none is set
-    last_drain_s: float | None = None  # seconds since the last drain that finished; None: never
-    last_confirm_s: float | None = None  # seconds since the last confirmation against the replica
 
     @property
     def memory_fraction(self) -> float | None:
         return self.used_memory / self.maxmemory if self.maxmemory else None
+
+
+@dataclass(frozen=True)
+class BufferStats(Fill):
+    pending: int  # of the depth, claimed by a drainer (being applied or to be redelivered)
+    oldest_age_s: float  # age of the oldest unacknowledged transaction; 0 when none
+    awaiting_replica: int  # committed in the primary, not yet replayed by the local replica
+    dead_letters: int  # failed permanently
+    last_drain_s: float | None = None  # seconds since the last drain that finished; None: never
+    last_confirm_s: float | None = None  # seconds since the last confirmation against the replica
+
+
+async def fill(client: aioredis.Redis, buffer: Buffer) -> Fill:
+    """:class:`Fill` in one round trip on an asyncio client: the ingest API measures it on its event
+    loop, where a thread would contend for the GIL with the requests."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.get(buffer.unsent)
+        pipe.info("memory")
+        unsent, memory = await pipe.execute()
+    return Fill(depth=int(unsent or 0), used_memory=memory["used_memory"], maxmemory=memory["maxmemory"])
 
 
 def buffer_stats(client: redis.Redis, buffer: Buffer) -> BufferStats:
@@ -88,7 +105,7 @@ def _id_seconds(stream_id: bytes) -> float:
     return int(stream_id.split(b"-")[0]) / 1000
 
 
-def high_water(stats: BufferStats, max_entries: int, max_memory_fraction: float) -> str | None:
+def high_water(stats: Fill, max_entries: int, max_memory_fraction: float) -> str | None:
     """Why the buffer must refuse new writes now, or None: backpressure instead of eviction or loss."""
     if stats.depth >= max_entries:
         return f"site buffer holds {stats.depth} unsent transactions (high-water mark {max_entries})"
