@@ -11,7 +11,7 @@ import time
 from fastapi import HTTPException
 
 from ingest_api.deps import get_buffer, get_enqueuer
-from opsync.buffer import Buffer
+from opsync.buffer import Buffer, answered_within
 from opsync.config import Settings, get_settings
 from opsync.stats import buffer_stats, fill, high_water
 
@@ -61,7 +61,9 @@ class Pressure:
 
     async def measure(self, basis: tuple[Buffer, Settings]) -> None:
         buffer, settings = basis
-        level = await fill(get_enqueuer().client, buffer)
+        enqueuer = get_enqueuer()
+        async with answered_within(enqueuer.timeout_s):
+            level = await fill(enqueuer.client, buffer)
         self.reason = high_water(level, settings.high_water_entries, settings.high_water_memory_fraction)
         self.basis, self.at = basis, time.monotonic()
 

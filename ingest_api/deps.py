@@ -23,9 +23,12 @@ from opsync.config import Settings, get_settings
 T = TypeVar("T")
 
 
+REDIS_TIMEOUT_S = 5  # the site buffer is local: longer means it is stuck
+
+
 @lru_cache
 def get_redis() -> redis.Redis:
-    return redis.Redis.from_url(get_settings().redis_url.get_secret_value(), socket_timeout=5)
+    return redis.Redis.from_url(get_settings().redis_url.get_secret_value(), socket_timeout=REDIS_TIMEOUT_S)
 
 
 @lru_cache
@@ -39,17 +42,18 @@ def get_enqueuer() -> AsyncEnqueuer:
     connections belong to the loop that opened them; tests run several loops in one process).
 
     Maintenance notifications are off: redis-py 8.1's asyncio pool skips its check of pooled
-    connections when they are "auto", so the first write after a Redis restart would fail.
+    connections when they are "auto", so the first write after a Redis restart would fail. No
+    ``socket_timeout``: the enqueuer bounds each call as a whole (``answered_within``).
     """
     loop, buffer = asyncio.get_running_loop(), get_buffer()
     enqueuer = _enqueuers.get(loop)
     if enqueuer is None or enqueuer.buffer is not buffer:
         client = aioredis.Redis.from_url(
-            get_settings().redis_url.get_secret_value(), socket_timeout=5,
+            get_settings().redis_url.get_secret_value(), socket_connect_timeout=REDIS_TIMEOUT_S,
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
             connection_class=PackedConnection,
         )
-        enqueuer = _enqueuers[loop] = AsyncEnqueuer(buffer, client)
+        enqueuer = _enqueuers[loop] = AsyncEnqueuer(buffer, client, REDIS_TIMEOUT_S)
     return enqueuer
 
 

@@ -21,7 +21,10 @@ An operator's REQUEUE (back into the stream) and DISCARD of a dead letter are si
 so a second or concurrent call finds the entry gone and changes nothing.
 """
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -372,22 +375,42 @@ def enqueued(result: list[bytes], idempotency: tuple[str, str] | None) -> Enqueu
     return Enqueued(replayed=outcome == b"replayed", response=json.loads(stored))
 
 
+@asynccontextmanager
+async def answered_within(seconds: float) -> AsyncIterator[None]:
+    """Bound an asyncio client's commands as a whole; a RedisError (answered 503) when Redis is too slow.
+
+    Instead of redis-py's ``socket_timeout``, which wraps every write in ``asyncio.wait_for``: one
+    more task and event-loop turn per command. A command cut short disconnects its connection, so
+    no later command can read its answer.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise redis.TimeoutError(f"no answer from the site buffer within {seconds} s") from None
+
+
 class AsyncEnqueuer:
     """:meth:`Buffer.enqueue` on an asyncio Redis client, for the ingest API's event loop.
 
     The same script, keys and arguments; awaiting it instead of handing the call to a worker
-    thread saves the API about a fifth of its CPU per write (``make bench-ingest``).
+    thread saves the API about a fifth of its CPU per write (``make bench-ingest``). The client
+    should have no ``socket_timeout``: each enqueue is bounded by ``timeout_s`` as a whole.
     """
 
-    def __init__(self, buffer: "Buffer", client: aioredis.Redis):
+    def __init__(self, buffer: "Buffer", client: aioredis.Redis, timeout_s: float = 5):
         self.buffer = buffer
         self.client = client
+        self.timeout_s = timeout_s
         self._enqueue = client.register_script(ENQUEUE)
 
     async def enqueue(
         self, txn: Transaction, response: dict, idempotency: tuple[str, str] | None = None, body_hash: str = ""
     ) -> Enqueued:
-        return enqueued(await self._enqueue(**self.buffer.enqueue_call(txn, response, idempotency, body_hash)), idempotency)
+        call = self.buffer.enqueue_call(txn, response, idempotency, body_hash)
+        async with answered_within(self.timeout_s):
+            result = await self._enqueue(**call)
+        return enqueued(result, idempotency)
 
 
 class Buffer:

@@ -2,6 +2,8 @@
 backpressure, a full Redis, a crashed Redis, Redis down, metrics, the event stream, status retention."""
 
 import json
+import os
+import signal
 import time
 import uuid
 
@@ -157,7 +159,7 @@ def test_accepted_transaction_survives_kill_9_of_redis(own_redis, api_client, he
     response = api_client.post(RAW, json=values, headers=headers)
     assert response.status_code == 202
     receipt = response.json()
-    pid = own_redis._proc.pid
+    pid = own_redis.pid
     own_redis.kill()  # SIGKILL: no shutdown, no final fsync; only what was fsynced before the 202 survives
     with pytest.raises(ProcessLookupError):
         import os
@@ -215,6 +217,29 @@ def test_redis_down_is_503_never_500(own_redis, api_client, headers):
         own_redis.start()
     assert api_client.post(RAW, json=raw_file(), headers=headers).status_code == 202
     assert api_client.get("/readyz").status_code == 200
+
+
+def test_a_frozen_redis_is_503_within_the_timeout_and_writes_resume(own_redis, api_client, headers, monkeypatch):
+    """Redis that accepts connections but never answers (stopped, not dead): the write is bounded as a
+    whole, answered 503, and the connection it left is not reused for the next write's answer."""
+    from ingest_api import deps
+
+    monkeypatch.setattr(deps, "REDIS_TIMEOUT_S", 0.5)
+    configure(monkeypatch, backpressure_cache_s=3600)
+    assert api_client.post(RAW, json=raw_file(), headers=headers).status_code == 202  # verdict measured, connection open
+    os.kill(own_redis.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        frozen = api_client.post(RAW, json=raw_file(), headers=headers)
+        took = time.monotonic() - started
+    finally:
+        os.kill(own_redis.pid, signal.SIGCONT)
+    assert frozen.status_code == 503, frozen.text
+    assert frozen.json()["detail"] == "site buffer unavailable: TimeoutError"
+    assert took < 3, f"the write waited {took:.1f} s"
+    after = [api_client.post(RAW, json=raw_file(id=str(uuid.uuid4())), headers=headers) for _ in range(3)]
+    assert [r.status_code for r in after] == [202] * 3, [r.text for r in after]
+    assert len({r.json()["txn_id"] for r in after}) == 3, "a write read another's answer"
 
 
 # --- 5. metrics -----------------------------------------------------------------------------------

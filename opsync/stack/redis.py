@@ -32,6 +32,11 @@ class RedisServer:
         return self.root / "redis.conf"
 
     @property
+    def pid(self) -> int | None:
+        """The server's process while this object runs it."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def url(self) -> str:
         return f"redis://:{self.password}@{self.host}:{self.port}/0"
 
