@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     timezone: str = Field("America/Santiago", description="Site time zone; defines the observing night")
     allow_non_durable: bool = Field(False, description="Start the API even if Redis is not fsync-durable (tests only)")
     max_records_per_request: int = Field(1000, description="Largest list POST /v1/records accepts")
-    token_cache_ttl_s: float = Field(30, description="How long a validated token is trusted before re-checking")
+    token_cache_ttl_s: float = Field(
+        30, description="How long a validated token is trusted before re-checking; one in use is re-read after half of it"
+    )
     direct_timeout_s: int = Field(3, description="Connect/statement timeout of direct writes to the primary")
     idempotency_ttl_s: int = Field(7 * 86400, description="How long Idempotency-Key answers are kept")
     status_ttl_s: int = Field(
@@ -53,7 +55,9 @@ class Settings(BaseSettings):
         description="Fraction of Redis maxmemory (when set) above which writes get 503; the rest is room for the drainer",
     )
     retry_after_s: int = Field(30, description="Retry-After of a 503 for backpressure")
-    backpressure_cache_s: float = Field(0.5, description="How long one measurement of the buffer serves the high-water check")
+    backpressure_cache_s: float = Field(
+        0.5, description="How often the buffer is re-measured for the high-water check (the last verdict answers meanwhile)"
+    )
     max_body_bytes: int = Field(10 * 1024 * 1024, description="Largest request body; larger ones get 413 before being read")
     max_json_depth: int = Field(32, description="Deepest nesting of JSON values a record may have")
     events_keepalive_s: float = Field(15, description="Interval of SSE keep-alive comments on GET /v1/events")
