@@ -8,11 +8,12 @@ from fastapi import Depends, FastAPI
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ingest_api import events, metrics, reads, records
-from ingest_api.backpressure import measure
-from ingest_api.deps import get_buffer, get_redis
+from ingest_api.backpressure import pressure
+from ingest_api.deps import get_redis
 from ingest_api.guards import protect
 from opsync.auth import ScopeError
 from opsync.buffer import IdempotencyConflict
@@ -96,11 +97,12 @@ def unavailable(detail: str) -> JSONResponse:
 
 
 @app.get("/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health}})
-def readyz(client: Annotated[redis.Redis, Depends(get_redis)]):
-    """Readiness: the buffer is reachable, durable (a 202 means "on disk") and below its high-water mark."""
-    result = redis_durability(client)
+async def readyz(client: Annotated[redis.Redis, Depends(get_redis)]):
+    """Readiness: the buffer is reachable, durable (a 202 means "on disk") and below its high-water mark,
+    by the verdict the write routes use."""
+    result = await run_in_threadpool(redis_durability, client)
     if not result.ok:
         return unavailable(result.detail)
-    if reason := measure(get_buffer(), get_settings()):
+    if reason := await pressure.current():
         return unavailable(reason)
     return Health(status="ok", detail=result.detail)

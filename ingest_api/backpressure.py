@@ -13,14 +13,7 @@ from fastapi import HTTPException
 from ingest_api.deps import get_buffer, get_enqueuer
 from opsync.buffer import Buffer, answered_within
 from opsync.config import Settings, get_settings
-from opsync.stats import buffer_stats, fill, high_water
-
-
-def measure(buffer: Buffer, settings: Settings) -> str | None:
-    """Why writes must be refused now (None: accept); raises RedisError when the buffer is unreachable."""
-    stats = buffer_stats(buffer.client, buffer)
-    return high_water(stats, settings.high_water_entries, settings.high_water_memory_fraction)
-
+from opsync.stats import fill, high_water
 
 STALE_PERIODS = 4  # a verdict up to this many cache periods old still answers while a new one is measured
 
@@ -60,11 +53,10 @@ class Pressure:
         return running
 
     async def measure(self, basis: tuple[Buffer, Settings]) -> None:
-        buffer, settings = basis
         enqueuer = get_enqueuer()
         async with answered_within(enqueuer.timeout_s):
-            level = await fill(enqueuer.client, buffer)
-        self.reason = high_water(level, settings.high_water_entries, settings.high_water_memory_fraction)
+            level = await fill(enqueuer.client, basis[0])
+        self.reason = high_water(level, basis[1])
         self.basis, self.at = basis, time.monotonic()
 
 

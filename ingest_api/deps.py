@@ -146,10 +146,10 @@ async def checked(token: str) -> Principal:
     the replica's connection pool ran dry for a tenth of a second).
     """
     verifier = get_verifier()
-    who = verifier.verify_cached(token)
+    who, due = verifier.verify_cached(token)
     if who is None:
         return await asyncio.shield(reading(verifier, token))
-    if verifier.due(token):
+    if due:
         reading(verifier, token)
     return who
 

@@ -89,7 +89,7 @@ class BufferCollector(Collector):
         except redis.RedisError:
             yield GaugeMetricFamily("opsync_buffer_up", "1 when the site buffer (Redis) answers", value=0)
             return
-        above = high_water(stats, settings.high_water_entries, settings.high_water_memory_fraction) is not None
+        above = high_water(stats, settings) is not None
         figures = {
             "opsync_buffer_up": ("1 when the site buffer (Redis) answers", 1),
             "opsync_buffer_depth": ("Transactions not yet acknowledged by the drainer", stats.depth),

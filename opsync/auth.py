@@ -91,15 +91,13 @@ class TokenVerifier:
         self.ttl_s = ttl_s
         self._cache: dict[str, _Cached] = {}
 
-    def verify_cached(self, token: str) -> Principal | None:
-        """:meth:`verify` when the cache can answer without the database (no I/O); None when it cannot."""
+    def verify_cached(self, token: str) -> tuple[Principal | None, bool]:
+        """:meth:`verify` when the cache can answer without the database (no I/O), None when it cannot;
+        and whether the entry is past half its TTL: time to re-read the row, so none waits when it expires."""
         entry = self._cache.get(hash_token(token))
-        return self._checked(entry) if self._fresh(entry) else None
-
-    def due(self, token: str) -> bool:
-        """Its cache entry is past half its TTL: time to re-read the row, so that none waits when it expires."""
-        entry = self._cache.get(hash_token(token))
-        return entry is not None and time.monotonic() - entry.fetched > self.ttl_s / 2
+        if not self._fresh(entry):
+            return None, False
+        return self._checked(entry), time.monotonic() - entry.fetched > self.ttl_s / 2
 
     def verify(self, token: str | None) -> Principal:
         if not token:

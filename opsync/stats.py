@@ -13,6 +13,7 @@ import redis
 import redis.asyncio as aioredis
 
 from opsync.buffer import Buffer
+from opsync.config import Settings
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,9 @@ def _id_seconds(stream_id: bytes) -> float:
     return int(stream_id.split(b"-")[0]) / 1000
 
 
-def high_water(stats: Fill, max_entries: int, max_memory_fraction: float) -> str | None:
+def high_water(stats: Fill, settings: Settings) -> str | None:
     """Why the buffer must refuse new writes now, or None: backpressure instead of eviction or loss."""
+    max_entries, max_memory_fraction = settings.high_water_entries, settings.high_water_memory_fraction
     if stats.depth >= max_entries:
         return f"site buffer holds {stats.depth} unsent transactions (high-water mark {max_entries})"
     fraction = stats.memory_fraction
