@@ -15,6 +15,9 @@ uvloop and httptools picked automatically), so the load generator never shares t
   validation, overlay or HTTP (``xadd_limit_records_per_s``). A batch POST packs its records into
   one entry and can go past that; the packed rate (``BATCH`` records per entry) is reported too.
 - Without opsync: one ``INSERT`` and commit into the primary through a 250 ms round-trip link.
+- The floor (``bench/floor.py``): the same 1,000/s against an app served as the API is that only
+  makes one durable Redis write per request: what this machine allows at that moment, so a p99
+  can be told apart from a busy neighbour (``floor_p99_ms_at_1000``).
 
 Prints a summary, then one JSON line with every figure, last.
 """
@@ -27,10 +30,11 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -58,6 +62,7 @@ from opsync.stack.wan import WanProxy
 
 TABLE = "housekeeping_sample"
 RATES = (200, 500, 1000)  # single-record POSTs per second
+FLOOR_RATE = 1000
 RATE_SECONDS = 10
 WARMUP_REQUESTS = 400
 CONNECTIONS = 128  # keep-alive connections of the open-loop generator; more are never needed below 1 s of stall
@@ -118,12 +123,11 @@ def services() -> Iterator[Site]:
 
 
 @contextmanager
-def api_server(site: Site, log_path: Path) -> Iterator[subprocess.Popen]:
-    """The API under uvicorn in its own process; yields it once ``/readyz`` answers (Redis durable)."""
+def served(command: Callable[[int], list[str]], site: Site, log_path: Path) -> Iterator[subprocess.Popen]:
+    """The server ``command(port)`` starts, in its own process; yields it once ``/readyz`` answers."""
     port = free_port()
-    command = api_command("127.0.0.1", port, StackSettings().api_workers, log_path.parent / "api-metrics")
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, env={**os.environ, **site.env}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command(port), env={**os.environ, **site.env}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     proc.url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc)
@@ -131,6 +135,18 @@ def api_server(site: Site, log_path: Path) -> Iterator[subprocess.Popen]:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def api_server(site: Site, log_path: Path):
+    """The API under uvicorn, as ``make up`` runs it; ready once Redis is durable."""
+    workers = StackSettings().api_workers
+    return served(lambda port: api_command("127.0.0.1", port, workers, log_path.parent / "api-metrics"), site, log_path)
+
+
+def floor_server(site: Site, log_path: Path):
+    """The floor (``bench/floor.py``): HTTP and one durable Redis write, served as the API is."""
+    workers = StackSettings().api_workers
+    return served(lambda port: [sys.executable, "-m", "bench.floor", "--port", str(port), "--workers", str(workers)], site, log_path)
 
 
 def wait_ready(proc: subprocess.Popen, timeout_s: float = 30) -> None:
@@ -269,6 +285,10 @@ class Pool:
     async def add(self) -> None:
         _, conn = await asyncio.get_running_loop().create_connection(HttpConnection, "127.0.0.1", self.port)
         self.idle.put_nowait(conn)
+
+    def close(self) -> None:
+        while not self.idle.empty():
+            self.idle.get_nowait().transport.close()
 
     async def send(self, raw: bytes) -> int:
         conn = await self.idle.get()
@@ -441,6 +461,25 @@ def ms(values: list[float], q: float) -> float:
     return Run(latencies=values).ms(q)
 
 
+def connected(server: subprocess.Popen, token: str, samples: Samples, loop) -> tuple[Requests, Pool]:
+    """Requests for ``server`` and a warm pool of connections to it (the first requests of a worker are slow)."""
+    requests = Requests(int(server.url.rsplit(":", 1)[1]), token)
+    pool = Pool(requests.port)
+    loop.run_until_complete(pool.grow(CONNECTIONS))
+    loop.run_until_complete(open_loop(pool, [requests.post(samples.body()) for _ in range(WARMUP_REQUESTS)], 400))
+    return requests, pool
+
+
+def add_row(table: Table, phase: str, run: Run, lags: bool = True) -> None:
+    table.add_row(phase, str(len(run.latencies) + run.errors), f"{run.ms(0.5)}", f"{run.ms(0.99)}", f"{run.ms(1.0)}",
+                  str(run.errors), f"{run.server_cpu:.2f}", f"{run.ms(0.99, run.lags)}" if lags else "")
+
+
+def rate_figures(run: Run, suffix: str, prefix: str = "") -> dict:
+    return {f"{prefix}p50_ms_{suffix}": run.ms(0.5), f"{prefix}p99_ms_{suffix}": run.ms(0.99), f"{prefix}errors_{suffix}": run.errors,
+            f"{prefix}failures_{suffix}": run.failures, f"{prefix}generator_lag_p99_ms_{suffix}": run.ms(0.99, run.lags)}
+
+
 def main() -> None:
     console = Console(stderr=True)
     figures: dict[str, float | int | bool] = {}
@@ -456,29 +495,30 @@ def main() -> None:
         samples = Samples(module)
         token = replicated_token(primary, replica)
         server = stack.enter_context(api_server(site, workdir / "api.log"))
-        requests = Requests(int(server.url.rsplit(":", 1)[1]), token)
-        process = psutil.Process(server.pid)
         loop = uvloop.new_event_loop()
         stack.callback(loop.close)
-        pool = Pool(requests.port)
-        loop.run_until_complete(pool.grow(CONNECTIONS))
-        loop.run_until_complete(open_loop(pool, [requests.post(samples.body()) for _ in range(WARMUP_REQUESTS)], 400))
+        requests, pool = connected(server, token, samples, loop)
+        process = psutil.Process(server.pid)
 
-        table = Table("phase", "requests", "p50 ms", "p99 ms", "max ms", "errors", "API cores", "generator lag p99 ms")
+        table = Table("phase", "requests", "p50 ms", "p99 ms", "max ms", "errors", "server cores", "generator lag p99 ms")
         for rate in RATES:
             console.print(f"single-record POSTs at {rate}/s for {RATE_SECONDS} s …")
             run = rate_phase(pool, requests, samples, rate, process, loop)
-            p50, p99 = run.ms(0.50), run.ms(0.99)
-            table.add_row(f"{rate}/s", str(len(run.latencies) + run.errors), f"{p50}", f"{p99}", f"{run.ms(1.0)}",
-                          str(run.errors), f"{run.server_cpu:.2f}", f"{run.ms(0.99, run.lags)}")
-            figures |= {f"p50_ms_at_{rate}": p50, f"p99_ms_at_{rate}": p99, f"errors_at_{rate}": run.errors,
-                        f"failures_at_{rate}": run.failures, f"generator_lag_p99_ms_at_{rate}": run.ms(0.99, run.lags)}
+            add_row(table, f"{rate}/s", run)
+            figures |= rate_figures(run, f"at_{rate}")
+
+        console.print(f"floor: {FLOOR_RATE}/s for {RATE_SECONDS} s against bench/floor.py (HTTP and one durable EVALSHA) …")
+        with floor_server(site, workdir / "floor.log") as floor:
+            floor_requests, floor_pool = connected(floor, token, samples, loop)
+            run = rate_phase(floor_pool, floor_requests, samples, FLOOR_RATE, psutil.Process(floor.pid), loop)
+            floor_pool.close()
+        add_row(table, f"floor {FLOOR_RATE}/s", run)
+        figures |= rate_figures(run, f"at_{FLOOR_RATE}", "floor_")
 
         console.print(f"batch POSTs of {BATCH} records, {BATCH_SENDERS} senders, {BATCH_SECONDS} s …")
         batch = batch_phase(pool, requests, samples, process, loop)
         batch_rate = len(batch.latencies) * BATCH / batch.seconds
-        table.add_row(f"batch x{BATCH}", str(len(batch.latencies) + batch.errors), f"{batch.ms(0.5)}", f"{batch.ms(0.99)}",
-                      f"{batch.ms(1.0)}", str(batch.errors), f"{batch.server_cpu:.2f}", "")
+        add_row(table, f"batch x{BATCH}", batch, lags=False)
         console.print(table)
 
         console.print("baseline: pipelined XADD with redis-py …")
@@ -505,7 +545,8 @@ def main() -> None:
     console.print(
         f"p99 at 1000/s: {figures['p99_ms_at_1000']} ms (target ≤ {TARGET_P99_MS}); batch: {figures['batch_records_per_s']} "
         f"records/s = {figures['batch_vs_limit']:.0%} of the XADD limit {figures['xadd_limit_records_per_s']}/s "
-        f"(target ≥ {TARGET_BATCH_SHARE:.0%}); direct over the WAN: {figures['direct_wan_p50_ms']} ms per record"
+        f"(target ≥ {TARGET_BATCH_SHARE:.0%}); direct over the WAN: {figures['direct_wan_p50_ms']} ms per record; "
+        f"the floor's p99 at {FLOOR_RATE}/s: {figures[f'floor_p99_ms_at_{FLOOR_RATE}']} ms"
     )
     print(json.dumps(figures), flush=True)
 

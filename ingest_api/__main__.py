@@ -11,6 +11,7 @@ prometheus-client's multiprocess mode, so a scrape never sees one worker's count
 
 import argparse
 import gc
+import importlib
 import multiprocessing
 import os
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 import uvicorn
 
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+APP = "ingest_api.app:app"
 
 
 def fresh_metrics_dir(path: Path | None) -> Path:
@@ -43,11 +45,12 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def worker(host: str, port: int) -> None:
-    from ingest_api.app import app
-
+def worker(host: str, port: int, app: str = APP) -> None:
+    """One uvicorn process serving ``app`` ("module:attribute"), imported here, after the fork."""
+    module, _, attribute = app.partition(":")
+    asgi_app = getattr(importlib.import_module(module), attribute)
     quiet_gc()
-    config = uvicorn.Config(app, access_log=False)
+    config = uvicorn.Config(asgi_app, access_log=False)
     uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
 
 
@@ -64,14 +67,14 @@ def quiet_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def serve(host: str, port: int, workers: int) -> int:
+def serve(host: str, port: int, workers: int, app: str = APP) -> int:
     """Run the workers until one exits or this process is told to stop; then stop them all.
 
     A worker that dies takes the others down with it, so the supervisor (supervisord, Docker)
     restarts the whole API instead of it running on quietly at reduced capacity.
     """
     context = multiprocessing.get_context("fork")  # the parent has imported neither the app nor threads
-    procs = [context.Process(target=worker, args=(host, port), name=f"ingest-api-{n}") for n in range(workers)]
+    procs = [context.Process(target=worker, args=(host, port, app), name=f"ingest-api-{n}") for n in range(workers)]
     for proc in procs:
         proc.start()
 

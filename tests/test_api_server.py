@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -14,31 +16,39 @@ from tests.conftest import free_port
 TABLE = "housekeeping_sample"
 
 
-@pytest.fixture
-def served(site_env, tmp_path):
-    """``python -m ingest_api --workers 2`` on a free port, with this test's settings; yields its URL."""
+@contextmanager
+def running(module: str, tmp_path, env: dict[str, str]) -> Iterator[str]:
+    """``python -m <module> --workers 2`` on a free port; yields its URL once ``/readyz`` answers."""
     port = free_port()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "counter_stale.db").write_bytes(b"left by an earlier run")
-    log = open(tmp_path / "api.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ingest_api", "--port", str(port), "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    log_path = tmp_path / f"{module}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--port", str(port), "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "api.log").read_text()
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(20)
-    log.close()
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture
+def served(site_env, tmp_path):
+    """``python -m ingest_api --workers 2`` with this test's settings and a metrics dir an earlier run left."""
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "counter_stale.db").write_bytes(b"left by an earlier run")
+    with running("ingest_api", tmp_path, {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}) as url:
+        yield url
 
 
 def posts_counted(metrics: str) -> float:
@@ -59,3 +69,15 @@ def test_metrics_sum_every_worker_and_start_from_zero(served, issue_token, plann
     counting = {path.name for path in (tmp_path / "metrics").glob("counter_*.db")}
     assert len(counting) == 2, f"the kernel should spread 30 connections over both workers' sockets: {counting}"
     assert "opsync_buffer_depth" in scrapes[0]
+
+
+def test_the_benchmark_floor_is_served_like_the_api_and_writes_each_post(site_env, redis_server, tmp_path):
+    """``bench/floor.py``, the benchmark's baseline, runs on the API's server code and makes the one durable write it claims."""
+    client = redis_server.client()
+    before = client.xlen("floor:stream")
+    with running("bench.floor", tmp_path, dict(os.environ)) as url:
+        answers = [httpx.post(f"{url}/v1/records/{TABLE}", content=f'{{"n": {n}}}'.encode()) for n in range(20)]
+    assert [answer.status_code for answer in answers] == [202] * 20
+    entries = client.xrange("floor:stream")[before:]
+    assert [fields[b"txn"] for _, fields in entries] == [f'{{"n": {n}}}'.encode() for n in range(20)]
+    client.delete("floor:stream", *client.keys("floor:status:*"))
