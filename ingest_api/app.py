@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 
 from ingest_api import events, metrics, reads, records
 from ingest_api.backpressure import pressure
-from ingest_api.deps import get_redis
+from ingest_api.deps import get_redis, warm_up
 from ingest_api.guards import protect
 from opsync.auth import ScopeError
 from opsync.buffer import IdempotencyConflict
@@ -32,6 +32,7 @@ async def lifespan(app: FastAPI):
         health = redis_durability(get_redis())
         if not health.ok:
             raise NotDurable(f"site buffer is {health.detail}; set OPSYNC_ALLOW_NON_DURABLE=1 to start anyway")
+    await warm_up()
     yield
 
 

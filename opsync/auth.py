@@ -91,6 +91,11 @@ class TokenVerifier:
         self.ttl_s = ttl_s
         self._cache: dict[str, _Cached] = {}
 
+    def connect(self) -> None:
+        """Open a pooled connection now: an engine's first one also sets up its dialect, tens of milliseconds."""
+        with self.engine.connect():
+            pass
+
     def verify_cached(self, token: str) -> tuple[Principal | None, bool]:
         """:meth:`verify` when the cache can answer without the database (no I/O), None when it cannot;
         and whether the entry is past half its TTL: time to re-read the row, so none waits when it expires."""

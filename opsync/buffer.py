@@ -404,6 +404,11 @@ class AsyncEnqueuer:
         self.timeout_s = timeout_s
         self._enqueue = client.register_script(ENQUEUE)
 
+    async def prepare(self) -> None:
+        """Connect and load the script now, so the first enqueue does not wait for either."""
+        async with answered_within(self.timeout_s):
+            await self.client.script_load(ENQUEUE)
+
     async def enqueue(
         self, txn: Transaction, response: dict, idempotency: tuple[str, str] | None = None, body_hash: str = ""
     ) -> Enqueued:

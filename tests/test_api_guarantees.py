@@ -219,12 +219,17 @@ def test_redis_down_is_503_never_500(own_redis, api_client, headers):
     assert api_client.get("/readyz").status_code == 200
 
 
-def test_a_frozen_redis_is_503_within_the_timeout_and_writes_resume(own_redis, api_client, headers, monkeypatch):
-    """Redis that accepts connections but never answers (stopped, not dead): the write is bounded as a
-    whole, answered 503, and the connection it left is not reused for the next write's answer."""
+@pytest.fixture
+def short_redis_timeout(monkeypatch):
+    """Before the app starts: its workers build their Redis clients at start."""
     from ingest_api import deps
 
     monkeypatch.setattr(deps, "REDIS_TIMEOUT_S", 0.5)
+
+
+def test_a_frozen_redis_is_503_within_the_timeout_and_writes_resume(own_redis, short_redis_timeout, api_client, headers, monkeypatch):
+    """Redis that accepts connections but never answers (stopped, not dead): the write is bounded as a
+    whole, answered 503, and the connection it left is not reused for the next write's answer."""
     configure(monkeypatch, backpressure_cache_s=3600)
     assert api_client.post(RAW, json=raw_file(), headers=headers).status_code == 202  # verdict measured, connection open
     os.kill(own_redis.pid, signal.SIGSTOP)

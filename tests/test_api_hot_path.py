@@ -177,3 +177,38 @@ def test_writes_go_on_after_the_scripts_are_flushed(ingest_app, sample, write_to
             return [first, await post(ingest_app, sample(), write_token)]
 
     assert run(scenario()) == [202, 202]
+
+
+def test_a_worker_connects_before_its_first_request(ingest_app, redis_server):
+    """Its first write would otherwise connect to Redis, load the script and set up the replica's engine
+    while it waits (a fresh worker's loop stopped for 50 ms in ``make bench-ingest``)."""
+    redis_server.client().script_flush()
+
+    async def started() -> tuple[int, list[bool]]:
+        async with ingest_app.router.lifespan_context(ingest_app):
+            client = deps.get_enqueuer().client
+            idle_connections = len(client.connection_pool._available_connections)
+            return idle_connections, await client.script_exists(deps.get_enqueuer()._enqueue.sha)
+
+    assert run(started()) == (1, [True])
+    assert deps.get_verifier().engine.pool.checkedin() == 1
+
+
+def test_a_worker_starts_while_the_replica_and_redis_are_unreachable(ingest_app, monkeypatch, caplog):
+    """Writes then answer 503 or 401 until they are back; the API still starts."""
+    monkeypatch.setenv("OPSYNC_REPLICA_URL", "postgresql+psycopg://opsync:x@127.0.0.1:9/opsync")
+    monkeypatch.setenv("OPSYNC_REDIS_URL", "redis://127.0.0.1:9/0")
+    monkeypatch.setenv("OPSYNC_ALLOW_NON_DURABLE", "1")
+    get_settings.cache_clear()
+    for cached in (deps.get_redis, deps.get_buffer, deps.get_verifier):
+        cached.cache_clear()
+
+    async def started() -> None:
+        async with ingest_app.router.lifespan_context(ingest_app):
+            pass
+
+    started_at = time.monotonic()
+    run(started())
+    assert time.monotonic() - started_at < 5
+    assert "site buffer unreachable at start (ConnectionError)" in caplog.text
+    assert "token store unreachable at start (OperationalError)" in caplog.text
