@@ -4,13 +4,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
 import pytest
 
+from bench.ingest import wait_ready
 from tests.conftest import free_port
 
 TABLE = "housekeeping_sample"
@@ -25,18 +25,13 @@ def running(module: str, tmp_path, env: dict[str, str]) -> Iterator[str]:
         proc = subprocess.Popen(
             [sys.executable, "-m", module, "--port", str(port), "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    proc.url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        yield url
+        try:
+            wait_ready(proc)
+        except RuntimeError:
+            pytest.fail(log_path.read_text())
+        yield proc.url
     finally:
         proc.terminate()
         proc.wait(20)
