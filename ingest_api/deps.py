@@ -85,9 +85,9 @@ def engine_for(url: str, timeout_s: int) -> Engine:
 
 async def warm_up() -> None:
     """Open, before the first request, what it would otherwise open while it waits: the event loop's
-    Redis connection and script, and a replica connection for token checks; building the engines
-    imports the database driver. A fresh worker's first write stopped its event loop for 50 ms
-    (``make bench-ingest``). Best effort: the API starts while Redis or the replica is down, and
+    Redis connection and script, a replica connection for token checks, and what importing the
+    database driver and anyio's thread support takes. A fresh worker's first write stopped its
+    event loop for 50–100 ms (``make bench-ingest``). Best effort: the API starts while Redis or the replica is down, and
     answers 503 until they are back."""
     get_primary()
     try:
@@ -95,7 +95,7 @@ async def warm_up() -> None:
     except redis.RedisError as exc:
         log.warning("site buffer unreachable at start (%s); writes answer 503 until it is back", exc.__class__.__name__)
     try:
-        await asyncio.to_thread(get_verifier().connect)
+        await run_in_threadpool(get_verifier().connect)  # as token reads run: imports anyio's thread support
     except OperationalError as exc:
         log.warning("token store unreachable at start (%s); tokens are checked once it answers", exc.orig.__class__.__name__)
 

@@ -33,7 +33,9 @@ want="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   [ -x "$VENV/bin/uv" ] || "$VENV/bin/python" -m pip install -q uv
   echo "installing pinned requirements into $VENV"
-  "$VENV/bin/uv" pip install -q -p "$VENV/bin/python" -r requirements.txt
+  # Compiled now: where PYTHONDONTWRITEBYTECODE is set, nothing else would cache bytecode, and every
+  # process (each API worker, Airflow task, test) would compile every module it imports from source.
+  "$VENV/bin/uv" pip install -q -p "$VENV/bin/python" --compile-bytecode -r requirements.txt
   "$VENV/bin/uv" pip install -q -p "$VENV/bin/python" --no-deps -e .
   echo "$want" > "$stamp"
 fi
