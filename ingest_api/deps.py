@@ -87,7 +87,8 @@ async def warm_up() -> None:
     """Open, before the first request, what it would otherwise open while it waits: the event loop's
     Redis connection and script, a replica connection for token checks, and what importing the
     database driver and anyio's thread support takes. A fresh worker's first write stopped its
-    event loop for 50–100 ms (``make bench-ingest``). Best effort: the API starts while Redis or the replica is down, and
+    event loop for 50–100 ms (``make bench-ingest``). Best effort: the API starts while Redis or
+    the replica is down (a replica behind a dead link delays it by the 3 s connect timeout), and
     answers 503 until they are back."""
     get_primary()
     try:
