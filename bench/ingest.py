@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -326,9 +326,9 @@ def cpu_seconds(server: psutil.Process) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in (server, *server.children(recursive=True)))
 
 
-@contextmanager
-def measured(run: Run, server: psutil.Process) -> Iterator[None]:
-    """Wall time and the CPU both sides spent, to tell a saturated server from a saturated generator.
+def measured(phase: Coroutine[None, None, Run], server: psutil.Process, loop) -> Run:
+    """Run a load phase; its Run also gets the wall time and the CPU both sides spent, to tell a
+    saturated server from a saturated generator.
 
     The generator's garbage collector is off meanwhile: this process holds SQLAlchemy, psycopg and
     rich, and a phase's thousands of tasks set off full collections that stopped the generator for
@@ -341,13 +341,14 @@ def measured(run: Run, server: psutil.Process) -> Iterator[None]:
     server_before, own_before = cpu_seconds(server), time.process_time()
     start = time.perf_counter()
     try:
-        yield
+        run = loop.run_until_complete(phase)
     finally:
-        run.seconds = time.perf_counter() - start
-        run.server_cpu = (cpu_seconds(server) - server_before) / run.seconds
-        run.generator_cpu = (time.process_time() - own_before) / run.seconds
         gc.enable()
         gc.unfreeze()
+    run.seconds = time.perf_counter() - start
+    run.server_cpu = (cpu_seconds(server) - server_before) / run.seconds
+    run.generator_cpu = (time.process_time() - own_before) / run.seconds
+    return run
 
 
 async def timed(pool: Pool, raw: bytes, scheduled: float, run: Run) -> None:
@@ -393,20 +394,12 @@ async def closed_loop(pool: Pool, raws: list[bytes], senders: int, seconds: floa
 
 def rate_phase(pool: Pool, requests: Requests, samples: Samples, rate: int, server: psutil.Process, loop) -> Run:
     raws = [requests.post(samples.body()) for _ in range(rate * RATE_SECONDS)]
-    run = Run()
-    with measured(run, server):
-        result = loop.run_until_complete(open_loop(pool, raws, rate))
-    result.seconds, result.server_cpu, result.generator_cpu = run.seconds, run.server_cpu, run.generator_cpu
-    return result
+    return measured(open_loop(pool, raws, rate), server, loop)
 
 
 def batch_phase(pool: Pool, requests: Requests, samples: Samples, server: psutil.Process, loop) -> Run:
     raws = [requests.post(samples.body(BATCH)) for _ in range(BATCH_SECONDS * 100_000 // BATCH)]  # 100k records/s of headroom
-    run = Run()
-    with measured(run, server):
-        result = loop.run_until_complete(closed_loop(pool, raws, BATCH_SENDERS, BATCH_SECONDS))
-    result.seconds, result.server_cpu, result.generator_cpu = run.seconds, run.server_cpu, run.generator_cpu
-    return result
+    return measured(closed_loop(pool, raws, BATCH_SENDERS, BATCH_SECONDS), server, loop)
 
 
 def xadd_limit(site: Site, envelope: str, records_per_entry: int) -> tuple[float, float]:
