@@ -11,36 +11,29 @@ under ``appendfsync always`` like the API's ENQUEUE. No validation, auth, idempo
 metrics or FastAPI: what is left is HTTP, one Redis round trip and the fsync. Any ``GET``
 answers 200, so the benchmark's readiness check passes.
 
-``python -m bench.floor --port N``, with ``OPSYNC_REDIS_URL`` set.
+Its Redis client is the API's (``get_enqueuer``): the same connection class and pool.
+
+``python -m bench.floor --port N``, with the API's ``OPSYNC_*`` settings.
 """
 
 import argparse
-import asyncio
-import os
 import uuid
-from weakref import WeakKeyDictionary
+from functools import cache
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.maint_notifications import MaintNotificationsConfig
 from starlette.types import Receive, Scope, Send
 
 from ingest_api.__main__ import serve
+from ingest_api.deps import get_enqueuer
 
 WRITE = "redis.call('XADD', KEYS[1], '*', 'txn', ARGV[1]); redis.call('HSET', KEYS[2], 'state', 'accepted'); return 1"
 ANSWER = b'{"state":"accepted"}'
-_scripts: WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncScript] = WeakKeyDictionary()
 
 
-def write_script() -> AsyncScript:
-    """The script on a client of the running event loop (its connections belong to that loop)."""
-    loop = asyncio.get_running_loop()
-    if loop not in _scripts:
-        client = aioredis.Redis.from_url(
-            os.environ["OPSYNC_REDIS_URL"], maint_notifications_config=MaintNotificationsConfig(enabled=False)
-        )
-        _scripts[loop] = client.register_script(WRITE)
-    return _scripts[loop]
+@cache
+def write_script(client: aioredis.Redis) -> AsyncScript:
+    return client.register_script(WRITE)
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -55,7 +48,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         body, more = body + message.get("body", b""), message.get("more_body", False)
     status = 200
     if scope["method"] == "POST":
-        await write_script()(keys=["floor:stream", f"floor:status:{uuid.uuid4()}"], args=[body])
+        await write_script(get_enqueuer().client)(keys=["floor:stream", f"floor:status:{uuid.uuid4()}"], args=[body])
         status = 202
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
