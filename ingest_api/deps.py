@@ -129,22 +129,23 @@ def on_loop(factory: Callable[[], T]) -> Any:
     return Depends(dependency)
 
 
-class BearerHeader(HTTPBearer):
-    """The raw ``Authorization`` header, documented in OpenAPI as the API's bearer scheme.
+class Caller(HTTPBearer):
+    """The caller, from ``Authorization: Bearer <token>``, and the API's bearer scheme in OpenAPI.
 
-    Read directly rather than as a FastAPI header parameter, which costs more per request than
-    the write itself at 1,000 requests per second; :func:`principal` checks it.
+    One dependency with no parameters but the request, reading the header itself: FastAPI solves
+    each parameter and sub-dependency on every request, and at 1,000 requests per second that
+    cost more than the write itself (``make bench-ingest``).
     """
 
-    async def __call__(self, request: Request) -> str | None:
-        return request.headers.get("authorization")
+    def __init__(self) -> None:
+        super().__init__(auto_error=False, scheme_name="bearer", description="Authorization: Bearer <token> (opsync tokens create)")
+
+    async def __call__(self, request: Request) -> Principal:
+        return await principal(request.headers.get("authorization"))
 
 
-bearer = BearerHeader(auto_error=False, description="Authorization: Bearer <token> (opsync tokens create)")
-
-
-async def principal(authorization: Annotated[str | None, Depends(bearer)]) -> Principal:
-    """The caller, from ``Authorization: Bearer <token>``: 401 with a challenge (RFC 6750) when it is not valid."""
+async def principal(authorization: str | None) -> Principal:
+    """The caller of this ``Authorization`` header: 401 with a challenge (RFC 6750) when it is not valid."""
     if not authorization:
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
     scheme, _, token = authorization.partition(" ")
@@ -230,4 +231,4 @@ def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 SettingsDep = Annotated[Settings, on_loop(get_settings)]
 BufferDep = Annotated[Buffer, on_loop(get_buffer)]
-PrincipalDep = Annotated[Principal, Depends(principal)]
+PrincipalDep = Annotated[Principal, Depends(Caller())]

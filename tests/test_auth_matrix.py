@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy import Engine, create_engine, select
 
 from ingest_api.app import app
-from ingest_api.deps import bearer as bearer_header
+from ingest_api.deps import Caller
 from opsync.auth import TOKEN_PREFIX, create_token, hash_token, revoke_token
 from opsync.schema import ApiToken
 
@@ -193,8 +193,8 @@ def test_every_route_is_public_or_in_the_matrix():
 
 
 def needs_token(dependant) -> bool:
-    """The route reads the bearer header (through ``principal``, or the write routes' ``writer``, which checks it)."""
-    return any(dep.call is bearer_header or needs_token(dep) for dep in dependant.dependencies)
+    """The route depends on the bearer scheme (``Caller``, or the write routes' ``WriteAccess``, which is one)."""
+    return any(isinstance(dep.call, Caller) or needs_token(dep) for dep in dependant.dependencies)
 
 
 def test_exactly_the_public_routes_take_no_token():

@@ -41,6 +41,19 @@ def test_post_record_buffers_and_answers_202(api, token, observation):
     assert status["state"] == "accepted"
 
 
+@pytest.mark.parametrize(("host", "root_path", "base"), [
+    ("api.site:8000", "", "http://api.site:8000/"),
+    ("other.site", "", "http://other.site/"),
+    ("api.site:8000", "/opsync", "http://api.site:8000/opsync/"),
+])
+def test_status_url_is_under_the_base_url_the_caller_used(ingest_app, token, observation, host, root_path, base):
+    """Base URLs are parsed once per host and prefix: each caller still gets its own."""
+    with TestClient(ingest_app, root_path=root_path) as api:
+        response = api.post("/v1/records/executed_obs_unit", json=observation(), headers={**token("executed_obs_unit"), "Host": host})
+    assert response.status_code == 202, response.text
+    assert response.json()["status_url"] == f"{base}v1/transactions/{response.json()['txn_id']}"
+
+
 def test_transaction_with_reference_between_steps(api, token, observation, redis_server):
     headers = token("executed_obs_unit", "raw_data_file")
     steps = [
