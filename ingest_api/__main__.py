@@ -3,7 +3,9 @@
 Several worker processes, because one Python process saturates below 1,000 requests per second.
 Each worker listens on its own ``SO_REUSEPORT`` socket, so the kernel spreads connections evenly:
 with uvicorn's ``--workers`` all share one socket, and a burst of keep-alive connections (a
-script pool, the benchmark) was accepted by one worker while the other idled. No access log: at
+script pool, the benchmark) was accepted by one worker while the other idled. The sockets are
+all listening before any worker starts, for the same reason: a pool connecting as soon as the
+first worker answered went to it alone, and its keep-alive connections stayed there. No access log: at
 that rate it costs a tenth of the CPU and grows without bound; requests are counted in
 ``/metrics`` and errors are still logged. Metrics are summed across workers with
 prometheus-client's multiprocess mode, so a scrape never sees one worker's counts alone.
@@ -45,13 +47,16 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def worker(host: str, port: int, app: str = APP) -> None:
-    """One uvicorn process serving ``app`` ("module:attribute"), imported here, after the fork."""
+def worker(sockets: list[socket.socket], index: int, app: str = APP) -> None:
+    """One uvicorn process serving ``app`` ("module:attribute"), imported here, after the fork, on
+    ``sockets[index]``; it closes its siblings' copies, so a socket dies with its worker."""
+    for other in sockets[:index] + sockets[index + 1:]:
+        other.close()
     module, _, attribute = app.partition(":")
     asgi_app = getattr(importlib.import_module(module), attribute)
     quiet_gc()
     config = uvicorn.Config(asgi_app, access_log=False)
-    uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
+    uvicorn.Server(config).run(sockets=[sockets[index]])
 
 
 def quiet_gc() -> None:
@@ -74,9 +79,12 @@ def serve(host: str, port: int, workers: int, app: str = APP) -> int:
     restarts the whole API instead of it running on quietly at reduced capacity.
     """
     context = multiprocessing.get_context("fork")  # the parent has imported neither the app nor threads
-    procs = [context.Process(target=worker, args=(host, port, app), name=f"ingest-api-{n}") for n in range(workers)]
+    sockets = [listening_socket(host, port) for _ in range(workers)]
+    procs = [context.Process(target=worker, args=(sockets, n, app), name=f"ingest-api-{n}") for n in range(workers)]
     for proc in procs:
         proc.start()
+    for sock in sockets:
+        sock.close()
 
     def stop(*_) -> None:
         for proc in procs:

@@ -2,6 +2,7 @@
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,30 +12,37 @@ import httpx
 import pytest
 
 from bench.ingest import wait_ready
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 TABLE = "housekeeping_sample"
 
 
 @contextmanager
-def running(module: str, tmp_path, env: dict[str, str]) -> Iterator[str]:
-    """``python -m <module> --workers 2`` on a free port; yields its URL once ``/readyz`` answers."""
+def started(module: str, tmp_path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """``python -m <module> --workers 2`` on a free port (``proc.port``), stopped afterwards."""
     port = free_port()
     log_path = tmp_path / f"{module}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", module, "--port", str(port), "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
-    proc.url = f"http://127.0.0.1:{port}"
+    proc.port, proc.url, proc.log_path = port, f"http://127.0.0.1:{port}", log_path
     try:
-        try:
-            wait_ready(proc)
-        except RuntimeError:
-            pytest.fail(log_path.read_text())
-        yield proc.url
+        yield proc
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@contextmanager
+def running(module: str, tmp_path, env: dict[str, str]) -> Iterator[str]:
+    """:func:`started`; yields its URL once ``/readyz`` answers."""
+    with started(module, tmp_path, env) as proc:
+        try:
+            wait_ready(proc)
+        except RuntimeError:
+            pytest.fail(proc.log_path.read_text())
+        yield proc.url
 
 
 @pytest.fixture
@@ -64,6 +72,29 @@ def test_metrics_sum_every_worker_and_start_from_zero(served, issue_token, plann
     counting = {path.name for path in (tmp_path / "metrics").glob("counter_*.db")}
     assert len(counting) == 2, f"the kernel should spread 30 connections over both workers' sockets: {counting}"
     assert "opsync_buffer_depth" in scrapes[0]
+
+
+def test_connections_made_while_workers_start_are_spread_over_all_of_them(site_env, tmp_path):
+    """Every worker's socket listens before any worker has loaded the app: connections made meanwhile
+    wait in the backlogs and the kernel spreads them. A pool that connected as soon as the first
+    worker answered used to go to it alone, and keep-alive kept it there."""
+    metrics = tmp_path / "metrics"
+    with started("ingest_api", tmp_path, {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics)}) as proc:
+        pool = [wait_for(lambda: connect(proc.port), timeout=30, what="the port to accept")]
+        pool += [connect(proc.port) for _ in range(39)]
+        for conn in pool:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+        answers = [b"".join(iter(lambda conn=conn: conn.recv(65536), b"")) for conn in pool]
+        assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers), answers
+        answering = {path.name for path in metrics.glob("counter_*.db")}
+        assert len(answering) == 2, f"both workers should have answered some of 40 connections: {answering}"
+
+
+def connect(port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=30)
+    except ConnectionRefusedError:
+        return None
 
 
 def test_the_benchmark_floor_is_served_like_the_api_and_writes_each_post(site_env, redis_server, tmp_path):
