@@ -5,9 +5,10 @@ Each worker listens on its own ``SO_REUSEPORT`` socket, so the kernel spreads co
 with uvicorn's ``--workers`` all share one socket, and a burst of keep-alive connections (a
 script pool, the benchmark) was accepted by one worker while the other idled. The sockets are
 all listening before any worker starts, for the same reason: a pool connecting as soon as the
-first worker answered went to it alone, and its keep-alive connections stayed there. No access log: at
-that rate it costs a tenth of the CPU and grows without bound; requests are counted in
-``/metrics`` and errors are still logged. Metrics are summed across workers with
+first worker answered went to it alone, and its keep-alive connections stayed there.
+
+No access log: at that rate it costs a tenth of the CPU and grows without bound; requests are
+counted in ``/metrics`` and errors are still logged. Metrics are summed across workers with
 prometheus-client's multiprocess mode, so a scrape never sees one worker's counts alone.
 """
 

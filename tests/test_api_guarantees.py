@@ -162,8 +162,6 @@ def test_accepted_transaction_survives_kill_9_of_redis(own_redis, api_client, he
     pid = own_redis.pid
     own_redis.kill()  # SIGKILL: no shutdown, no final fsync; only what was fsynced before the 202 survives
     with pytest.raises(ProcessLookupError):
-        import os
-
         os.kill(pid, 0)
     own_redis.start()
 
