@@ -93,6 +93,9 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
+ABOVE_HIGH_WATER = "site buffer above its high-water mark; writes are refused until it drains"
+
+
 def unavailable(detail: str) -> JSONResponse:
     return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503)
 
@@ -100,10 +103,10 @@ def unavailable(detail: str) -> JSONResponse:
 @app.get("/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health}})
 async def readyz(client: Annotated[redis.Redis, Depends(get_redis)]):
     """Readiness: the buffer is reachable, durable (a 202 means "on disk") and below its high-water mark,
-    by the verdict the write routes use."""
+    by the verdict the write routes use. Public, so it names the reason but no figures (``/metrics`` has them)."""
     result = await run_in_threadpool(redis_durability, client)
     if not result.ok:
         return unavailable(result.detail)
-    if reason := await pressure.current():
-        return unavailable(reason)
+    if await pressure.current():
+        return unavailable(ABOVE_HIGH_WATER)
     return Health(status="ok", detail=result.detail)

@@ -148,15 +148,20 @@ async def principal(authorization: str | None) -> Principal:
     """The caller of this ``Authorization`` header: 401 with a challenge (RFC 6750) when it is not valid."""
     if not authorization:
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    scheme, _, token = authorization.partition(" ")
     try:
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
-        return await checked(token.strip())
+        return await checked(bearer(authorization))
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
     except AuthUnavailable as exc:
         raise HTTPException(503, str(exc), headers={"Retry-After": str(TOKEN_RETRY_AFTER_S)}) from None
+
+
+def bearer(authorization: str) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
+    return token.strip()
 
 
 async def checked(token: str) -> Principal:

@@ -4,10 +4,15 @@ Each stream holds its own Redis pub/sub connection for as long as the client lis
 going away never ends a stream with an error status: the stream says ``unavailable`` and
 resubscribes, then sends fresh snapshots of the followed transactions (pub/sub kept nothing
 for it meanwhile).
+
+A stream carries only transactions its token may see (as ``GET /v1/transactions/{txn_id}``), and
+only while the token holds: it is re-checked a few times per token-cache TTL and the stream ends
+with ``closed`` once it is revoked or expired.
 """
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 from uuid import UUID
@@ -15,20 +20,25 @@ from uuid import UUID
 import anyio
 import redis
 import redis.asyncio as aioredis
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.concurrency import run_in_threadpool
 
-from ingest_api.deps import BufferDep, PrincipalDep, SettingsDep, documented
-from opsync.buffer import Buffer
-from opsync.events import followed, parse_event, snapshot_event
+from ingest_api.deps import BufferDep, PrincipalDep, SettingsDep, bearer, checked, documented, get_verifier
+from ingest_api.reads import unknown_transaction
+from opsync.auth import AuthError, AuthUnavailable, Principal
+from opsync.buffer import Buffer, involved_tables
+from opsync.events import followed, parse_event, shown, snapshot_event, visible
 
-router = APIRouter(prefix="/v1", tags=["events"], responses=documented(401, 422, 503))
+router = APIRouter(prefix="/v1", tags=["events"], responses=documented(401, 404, 422, 503))
 
 MAX_FOLLOWED = 1000
 RECONNECT_S = 1.0
+CHECKS_PER_TTL = 4  # a revoked token's stream ends within the token cache's TTL (see Watch.check)
+MIN_CHECK_S = 0.1
+MAX_REMEMBERED = 10_000  # transactions whose tables a stream keeps, so it looks each up once
 
 TxnIds = Annotated[
     list[UUID],
@@ -51,49 +61,120 @@ def sse(data: dict, event: str | None = None) -> str:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {"example": 'data: {"txn_id": "…", "state": "committed"}\n\n'}}}},
 )
-async def events(settings: SettingsDep, buffer: BufferDep, who: PrincipalDep, txn_ids: TxnIds = []) -> StreamingResponse:  # noqa: B006
-    """Unnamed events are state changes ``{"txn_id", "state", "at", ...}``; ``ready`` follows each
+async def events(
+    request: Request, settings: SettingsDep, buffer: BufferDep, who: PrincipalDep, txn_ids: TxnIds = [],  # noqa: B006
+) -> StreamingResponse:
+    """Unnamed events are state changes ``{"txn_id", "state", "at", ...}`` of the transactions the token
+    may see (``read:`` or ``write:`` on each table involved; ``admin`` all); ``ready`` follows each
     (re)subscription and precedes a snapshot (``"snapshot": true``) of each followed transaction;
-    ``unavailable`` means the site buffer is unreachable and the stream is retrying; comments keep
-    idle connections open.
+    ``unavailable`` means the site buffer is unreachable and the stream is retrying; ``closed`` ends
+    the stream when its token is revoked or expires; comments keep idle connections open. Following
+    a transaction the token may not see is 404, as for an unknown one.
     """
+    followed_ids = sorted({str(t) for t in txn_ids})
+    if followed_ids:
+        for txn_id, status in zip(followed_ids, await run_in_threadpool(buffer.statuses, followed_ids), strict=True):
+            if not visible(who, status):
+                raise HTTPException(404, unknown_transaction(txn_id))
     client = aioredis.Redis.from_url(
         settings.redis_url.get_secret_value(), retry=Retry(NoBackoff(), 0), socket_timeout=5, socket_connect_timeout=3
     )
-    stream = follow(client, buffer, {str(t) for t in txn_ids}, settings.events_keepalive_s)
+    watch = Watch(who, bearer(request.headers["authorization"]), client, buffer)
+    stream = follow(client, buffer, set(followed_ids), settings.events_keepalive_s, watch)
     return StreamingResponse(
         stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
 
 
-async def follow(client: aioredis.Redis, buffer: Buffer, txn_ids: set[str], keepalive_s: float) -> AsyncIterator[str]:
-    """Subscriptions until the client goes away (the response cancels this generator)."""
+class Closed(Exception):
+    """The stream's token no longer holds: why, for the final event."""
+
+
+class Watch:
+    """One stream's caller: whether its token still holds, and which transactions it may see."""
+
+    def __init__(self, who: Principal, token: str, client: aioredis.Redis, buffer: Buffer):
+        self.who, self.token, self.client, self.buffer = who, token, client, buffer
+        self.every_s = max(get_verifier().ttl_s / CHECKS_PER_TTL, MIN_CHECK_S)
+        self.due = time.monotonic() + self.every_s
+        self.tables: dict[str, frozenset[str]] = {}
+
+    async def check(self) -> None:
+        """Re-validate the token once per period, as a request would: from the verifier's cache, whose
+        entry is re-read in the background past half its TTL, so a revocation replayed by the replica
+        ends the stream within about half a TTL plus two periods (one TTL). Raises :class:`Closed`."""
+        if time.monotonic() < self.due:
+            return
+        self.due = time.monotonic() + self.every_s
+        try:
+            now = await checked(self.token)
+        except AuthError as exc:
+            raise Closed(str(exc)) from None
+        except AuthUnavailable:
+            return  # unknown to the cache and the token store unreadable: as for requests, not a refusal
+        if now != self.who:
+            raise Closed("the token's scopes changed; reconnect")
+
+    async def sees(self, event: dict) -> bool:
+        """Whether the event's transaction is one the caller may see; its tables come with its first
+        event (ENQUEUE's), else from its status record, once per transaction."""
+        if self.who.may_see(()):
+            return True  # admin
+        txn_id = event["txn_id"]
+        tables = self.tables.get(txn_id)
+        if tables is None:
+            field = event.get("tables")
+            if not isinstance(field, str):
+                field = await self.client.hget(self.buffer.status_key(txn_id), "tables")
+            if len(self.tables) >= MAX_REMEMBERED:
+                self.tables.clear()
+            tables = self.tables[txn_id] = involved_tables(field)
+        return self.who.may_see(tables)
+
+
+async def follow(
+    client: aioredis.Redis, buffer: Buffer, txn_ids: set[str], keepalive_s: float, watch: Watch
+) -> AsyncIterator[str]:
+    """Subscriptions until the client goes away (the response cancels this generator) or the token ends."""
     try:
         while True:
             try:
-                async for message in subscription(client, buffer, txn_ids, keepalive_s):
+                async for message in subscription(client, buffer, txn_ids, keepalive_s, watch):
                     yield message
             except redis.RedisError as exc:
                 detail = f"site buffer unavailable: {exc.__class__.__name__}"
                 yield sse({"detail": detail, "retry_in_s": RECONNECT_S}, "unavailable")
                 await asyncio.sleep(RECONNECT_S)
+                await watch.check()
+    except Closed as exc:
+        yield sse({"detail": str(exc)}, "closed")
     finally:
         with anyio.CancelScope(shield=True):  # the cancelled stream must still close its connection
             await client.aclose()
 
 
-async def subscription(client: aioredis.Redis, buffer: Buffer, txn_ids: set[str], keepalive_s: float) -> AsyncIterator[str]:
+async def subscription(
+    client: aioredis.Redis, buffer: Buffer, txn_ids: set[str], keepalive_s: float, watch: Watch
+) -> AsyncIterator[str]:
+    """Events of the followed transactions (all the caller may see when none is named: those named
+    were checked before the stream began), a keep-alive each ``keepalive_s`` of quiet."""
     async with client.pubsub() as pubsub:
         await pubsub.subscribe(buffer.events)
         yield sse({"following": sorted(txn_ids) or "all"}, "ready")
         for snapshot in await snapshots(buffer, sorted(txn_ids)):
             yield sse(snapshot)
+        quiet_until = time.monotonic() + keepalive_s
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=keepalive_s)
-            if message is None:
+            wait = max(0.0, min(quiet_until, watch.due) - time.monotonic())
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+            await watch.check()
+            event = message and parse_event(message["data"])
+            if event and followed(event, txn_ids) and (txn_ids or await watch.sees(event)):
+                yield sse(shown(event))
+                quiet_until = time.monotonic() + keepalive_s
+            elif time.monotonic() >= quiet_until:
                 yield ": keep-alive\n\n"
-            elif (event := parse_event(message["data"])) and followed(event, txn_ids):
-                yield sse(event)
+                quiet_until = time.monotonic() + keepalive_s
 
 
 async def snapshots(buffer: Buffer, txn_ids: list[str]) -> list[dict]:

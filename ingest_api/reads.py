@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 from ingest_api.deps import BufferDep, PrincipalDep, documented, engine_for, on_loop
 from opsync import merged, registry
 from opsync.config import get_settings
+from opsync.events import visible
 
 router = APIRouter(prefix="/v1", tags=["reads"], responses=documented(401, 403, 404, 422, 503))
 RESERVED = {"limit", "after"}
@@ -72,10 +73,16 @@ def list_records(
 
 @router.get("/transactions/{txn_id}", summary="State of a transaction")
 def get_transaction(txn_id: UUID, buffer: BufferDep, who: PrincipalDep) -> dict[str, str]:
+    """Only for tokens that may read or write every table it involves (its failure reason quotes row
+    values); to any other it is unknown, with the same answer."""
     status = buffer.status(txn_id)
-    if status is None:
-        raise HTTPException(404, f"no transaction {txn_id} (unknown, or older than the status retention)")
+    if not visible(who, status):
+        raise HTTPException(404, unknown_transaction(txn_id))
     return {"txn_id": str(txn_id), **status}
+
+
+def unknown_transaction(txn_id) -> str:
+    return f"no transaction {txn_id} (unknown, or older than the status retention)"
 
 
 @router.get("/transactions", summary="States of many transactions")
@@ -83,11 +90,13 @@ def get_transactions(
     buffer: BufferDep, who: PrincipalDep,
     ids: Annotated[list[str], Query(description="Transaction ids, repeated or comma-separated (at most 1000)")],
 ) -> dict[str, dict[str, str] | None]:
-    """Unknown ids map to null, so a script can poll all of its transactions in one request."""
+    """Unknown ids map to null, so a script can poll all of its transactions in one request; so do those
+    the token may not see (as ``GET /v1/transactions/{txn_id}``)."""
     try:
         txn_ids = [UUID(part) for value in ids for part in value.split(",") if part.strip()]
     except ValueError:
         raise HTTPException(422, "ids: each must be a UUID") from None
     if len(txn_ids) > 1000:
         raise HTTPException(422, f"ids: at most 1000, got {len(txn_ids)}")
-    return dict(zip(map(str, txn_ids), buffer.statuses(txn_ids), strict=True))
+    statuses = (status if visible(who, status) else None for status in buffer.statuses(txn_ids))
+    return dict(zip(map(str, txn_ids), statuses, strict=True))

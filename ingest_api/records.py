@@ -90,11 +90,10 @@ class Writer:
 
 
 class WriteAccess(Caller):
-    """A writer, from one dependency (see :class:`Caller`): backpressure first (503 + Retry-After
-    above the high-water mark), then the caller (401), then the idempotency key."""
+    """A writer, from one dependency (see :class:`Caller`): the caller (401), then the idempotency key.
+    Backpressure comes in :func:`run`, after the scopes: only an authorised writer learns how full the buffer is."""
 
     async def __call__(self, request: Request) -> Writer:
-        await check_backpressure()
         who = await super().__call__(request)
         return Writer(get_settings(), get_enqueuer(), get_primary(), who, idempotency_key(request))
 
@@ -115,13 +114,16 @@ def accepted(receipt: Receipt) -> Response:
 
 
 async def run(steps: list[StepIn], request: Request, w: Writer, raw_body) -> Response:
-    """Validate, check scopes and buffer on the event loop; only a direct table's write takes a thread.
+    """Check scopes and backpressure, validate and buffer on the event loop; only a direct table's write takes a thread.
 
     The routes are ``async`` so that FastAPI does not spend thread-pool hops on them and on
     serialising their answers: at 1,000 requests per second those hops cost more than the work.
     """
-    for table in sorted({step.table for step in steps} & registry.REGISTRY.keys()):
+    tables = sorted({step.table for step in steps} & registry.REGISTRY.keys())
+    for table in tables:
         w.who.require(f"write:{table}")  # before validation: a token without the scope learns nothing of the table's rules
+    if tables:  # 503 + Retry-After above the high-water mark, to authorised writers only (naming no table is a 422)
+        await check_backpressure()
     txn = build_transaction(steps, w.settings.site, w.idempotency_key, w.settings.max_json_depth)  # unknown tables: 422
     idempotency = (w.who.name, w.idempotency_key) if w.idempotency_key else None
     answer, _ = await submit(txn, w.enqueuer, w.primary, idempotency, body_hash(request, raw_body))

@@ -15,6 +15,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -73,6 +74,14 @@ class Principal:
     def require(self, scope: str) -> None:
         if ADMIN not in self.scopes and scope not in self.scopes:
             raise ScopeError(f"token {self.name!r} lacks scope {scope!r}")
+
+    def may_see(self, tables: Collection[str]) -> bool:
+        """A transaction's status, failure reason and events: ``admin``, or ``read:`` or ``write:`` on each
+        table it involves (a reason quotes row values). No tables known (a status written before they
+        were recorded) is ``admin`` only."""
+        if ADMIN in self.scopes:
+            return True
+        return bool(tables) and all(f"read:{t}" in self.scopes or f"write:{t}" in self.scopes for t in tables)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from opsync.lsn import Lsn
 ENQUEUE = """
 -- KEYS: stream, status, idempotency ('' when none), unsent counter
 -- ARGV: envelope, txn_id, accepted_at, body_hash, response, idempotency_ttl, events channel,
---       key prefix, then the overlay writes (see overlay_args)
+--       key prefix, tables it involves (see tables_field), then the overlay writes (see overlay_args)
 -- Every check comes before the first write: Redis does not roll a script back.
 if KEYS[3] ~= '' then
   local previous = redis.call('HMGET', KEYS[3], 'body_hash', 'response')
@@ -50,12 +50,12 @@ if KEYS[3] ~= '' then
 end
 local entry = redis.call('XADD', KEYS[1], '*', 'txn', ARGV[1])
 redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[2], 'state', 'accepted', 'accepted_at', ARGV[3], 'stream_id', entry)
+redis.call('HSET', KEYS[2], 'state', 'accepted', 'accepted_at', ARGV[3], 'stream_id', entry, 'tables', ARGV[9])
 if KEYS[3] ~= '' then
   redis.call('HSET', KEYS[3], 'body_hash', ARGV[4], 'response', ARGV[5], 'txn_id', ARGV[2])
   redis.call('EXPIRE', KEYS[3], ARGV[6])
 end
-local prefix, pos = ARGV[8], 9
+local prefix, pos = ARGV[8], 10
 -- Sorted-set members of new rows, added per set in a few ZADDs rather than one per row and set;
 -- flushed before a row that exists already is merged (it may read or remove what is pending here).
 local pending, order = {}, {}
@@ -130,7 +130,7 @@ while pos <= #ARGV do
   end
 end
 flush()
-redis.call('PUBLISH', ARGV[7], cjson.encode({txn_id = ARGV[2], state = 'accepted', at = ARGV[3]}))
+redis.call('PUBLISH', ARGV[7], cjson.encode({txn_id = ARGV[2], state = 'accepted', at = ARGV[3], tables = ARGV[9]}))
 return {'created', ARGV[5]}
 """
 
@@ -310,6 +310,18 @@ def overlay_args(txn: Transaction) -> list[str]:
         indexed = registry.get_table(step.table).filterable
         args += [step.table, str(step.key), step.op, str(len(values) // 2), *values, str(len(indexed)), *indexed]
     return args
+
+
+def tables_field(txn: Transaction) -> str:
+    """The tables ``txn`` involves, as its status record and first event hold them: who may see it follows from them."""
+    return ",".join(sorted({step.table for step in txn.steps}))
+
+
+def involved_tables(field: str | bytes | None) -> frozenset[str]:
+    """The tables of a status record's (or event's) ``tables`` field; none for a record written before it existed."""
+    if isinstance(field, bytes):
+        field = field.decode()
+    return frozenset(field.split(",")) if field else frozenset()
 
 
 def release_args(txn: Transaction) -> list[str]:
@@ -508,7 +520,7 @@ class Buffer:
             "keys": [self.stream, self.status_key(txn.txn_id), idem_key, self.unsent],
             "args": [
                 txn.model_dump_json(), str(txn.txn_id), txn.accepted_at.isoformat(), body_hash,
-                json.dumps(response), self.idempotency_ttl_s, self.events, self.prefix, *overlay_args(txn),
+                json.dumps(response), self.idempotency_ttl_s, self.events, self.prefix, tables_field(txn), *overlay_args(txn),
             ],
         }
 

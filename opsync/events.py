@@ -8,7 +8,10 @@ after a reconnect, resumes from) a snapshot of each followed transaction's statu
 import json
 from collections.abc import Collection
 
-INTERNAL_FIELDS = {"stream_id"}  # where the entry sits in the buffer: no concern of a follower
+from opsync.auth import Principal
+from opsync.buffer import involved_tables
+
+INTERNAL_FIELDS = {"stream_id", "tables"}  # where the entry sits in the buffer, whom it concerns: no concern of a follower
 
 
 def parse_event(data: bytes | str) -> dict | None:
@@ -20,6 +23,17 @@ def parse_event(data: bytes | str) -> dict | None:
     if not isinstance(event, dict) or not isinstance(event.get("txn_id"), str) or "state" not in event:
         return None
     return event
+
+
+def visible(who: Principal, status: dict[str, str] | None) -> bool:
+    """Whether ``who`` may know of the transaction of ``status`` at all: callers answer a hidden one
+    exactly as an unknown one (None), so that nobody learns what exists in tables it may not see."""
+    return status is not None and who.may_see(involved_tables(status.get("tables")))
+
+
+def shown(event: dict) -> dict:
+    """The event as a follower gets it."""
+    return {k: v for k, v in event.items() if k not in INTERNAL_FIELDS} if INTERNAL_FIELDS & event.keys() else event
 
 
 def followed(event: dict, txn_ids: Collection[str]) -> bool:

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from opsync import apply, registry
-from opsync.buffer import AsyncEnqueuer, Buffer
+from opsync.buffer import AsyncEnqueuer, Buffer, tables_field
 from opsync.config import Settings
 from opsync.envelope import Op, State, Step, Transaction
 from opsync.ids import new_id
@@ -231,7 +231,7 @@ def write_direct(
     except apply.RowNotFound as exc:
         raise Rejected(str(exc)) from None
     committed_at = datetime.now(UTC).isoformat()
-    buffer.mark_committed(txn.txn_id, Lsn.parse(lsn), committed_at, accepted_at=txn.accepted_at.isoformat())
+    buffer.mark_committed(txn.txn_id, Lsn.parse(lsn), committed_at, accepted_at=txn.accepted_at.isoformat(), tables=tables_field(txn))
     committed = answer(txn, State.committed, commit_lsn=lsn)
     if idempotency:
         buffer.remember(idempotency, body_hash, committed)
