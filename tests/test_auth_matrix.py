@@ -1,15 +1,20 @@
 """Who may call what: every route of the ingest API against every kind of caller, over real HTTP.
 
 The routes come from ``app.routes``, so a new route fails here until it is given an entry in
-``SPECS`` (its scope and a request) or is added, deliberately, to ``PUBLIC``. Tokens are checked
-at the site against the local replica; the last tests stop the primary or the replica and
-revoke a token to show what the cache does then.
+``SPECS`` (its scope and a request) or is added, deliberately, to ``PUBLIC``. Transaction states
+and events are seen only by tokens that may read or write every table a transaction involves;
+to any other token such a transaction does not exist (the answer for an unknown id). Then: what
+event streams carry and when they close, and that backpressure answers only authorised writers.
+Tokens are checked at the site against the local replica; the last tests stop the primary or the
+replica and revoke a token to show what the cache does then.
 """
 
+import json
 import secrets
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -62,18 +67,28 @@ def file_row(client: httpx.Client, headers: dict, obs: dict) -> str:
     return created.json()["ids"][1]
 
 
+def txn_of(client: httpx.Client, headers: dict, obs: dict) -> str:
+    """A buffered transaction of one table (``T``): its id."""
+    created = client.post(f"/v1/records/{T}", json=obs, headers=headers)
+    assert created.status_code == 202, created.text
+    return created.json()["txn_id"]
+
+
 @dataclass(frozen=True)
 class Spec:
-    """What a route requires (``None``: any valid token) and a request to it, given an observation and a row id.
+    """What a route requires and a request to it, given an observation and a row (or transaction) id.
 
     ``make_row`` creates the row a granted request changes (a random id would buffer a change doomed
-    to be dead-lettered); refused requests get a random id.
+    to be dead-lettered); refused requests get a random id. A ``hidden`` route's target is refused by
+    being unknown (``404``, or ``null`` in a list), never ``403``, so that no token learns it exists; its
+    target is always made, and ``read:`` or ``write:`` on the table grants it.
     """
 
-    scope: str | None
+    scope: str
     request: Callable[[dict, str], tuple[str, dict | None]]
     make_row: Callable[[httpx.Client, dict, dict], str] | None = None
     stream: bool = False
+    hidden: bool = False
 
 
 def patch_body(observation: dict) -> dict:
@@ -92,12 +107,18 @@ SPECS: dict[tuple[str, str], Spec] = {
     ),
     ("GET", "/v1/records/{table}/{row_id}"): Spec(f"read:{T}", lambda obs, row: (f"/v1/records/{T}/{row}", None)),
     ("GET", "/v1/records/{table}"): Spec(f"read:{T}", lambda obs, _: (f"/v1/records/{T}?limit=1", None)),
-    # Transaction states and their event stream carry no record data: any valid token may follow them.
-    ("GET", "/v1/transactions/{txn_id}"): Spec(None, lambda obs, _: (f"/v1/transactions/{uuid.uuid4()}", None)),
-    ("GET", "/v1/transactions"): Spec(None, lambda obs, _: (f"/v1/transactions?ids={uuid.uuid4()}", None)),
-    ("GET", "/v1/events"): Spec(None, lambda obs, _: ("/v1/events", None), stream=True),
+    # Transaction states (a failure reason quotes row values) and their events: for tokens that may see the tables.
+    ("GET", "/v1/transactions/{txn_id}"): Spec(
+        f"read:{T}", lambda obs, txn: (f"/v1/transactions/{txn}", None), make_row=txn_of, hidden=True
+    ),
+    ("GET", "/v1/transactions"): Spec(
+        f"read:{T}", lambda obs, txn: (f"/v1/transactions?ids={txn}", None), make_row=txn_of, hidden=True
+    ),
+    ("GET", "/v1/events"): Spec(
+        f"read:{T}", lambda obs, txn: (f"/v1/events?txn_id={txn}", None), make_row=txn_of, stream=True, hidden=True
+    ),
 }
-SCOPES = sorted({spec.scope for spec in SPECS.values() if spec.scope})
+SCOPES = sorted({spec.scope for spec in SPECS.values()} | {f"write:{T}"})
 
 
 def near_misses(scope: str) -> list[str]:
@@ -117,13 +138,14 @@ REFUSED = {  # case -> (status, words the detail must contain)
     "wrong_scope": (403, "lacks scope"),
 }
 GRANTED = ("right_scope", "admin")
+UNAUTHENTICATED = [case for case in REFUSED if REFUSED[case][0] == 401]
 
 
 def cases(route: tuple[str, str]) -> list[str]:
-    """Routes open to any valid token have no wrong scope: an unrelated one must be accepted instead."""
+    """A hidden route's target is refused to a token of another table (as unknown), granted to ``read:`` and ``write:``."""
     spec = SPECS.get(route)
-    if spec is not None and spec.scope is None:
-        return [case for case in REFUSED if case != "wrong_scope"] + ["unrelated_scope", "admin"]
+    if spec is not None and spec.hidden:
+        return [*UNAUTHENTICATED, "other_table", "right_scope", "write_scope", "admin"]
     return [*REFUSED, *GRANTED]
 
 
@@ -222,17 +244,18 @@ def test_auth_matrix(live_api, tokens, observation, route, case):
     assert spec is not None, f"{route} has no entry in SPECS: say which scope it needs"
     obs = observation()
     with httpx.Client(base_url=live_api, timeout=10) as client:
-        granted = case not in REFUSED
+        granted = case not in REFUSED and case != "other_table"
         target = str(uuid.uuid4())
-        if granted and spec.make_row:
+        if (granted or spec.hidden) and spec.make_row:
             target = spec.make_row(client, bearer(tokens["admin"]), obs)
         token = {
             "unknown_token": TOKEN_PREFIX + secrets.token_urlsafe(32),
             "expired": tokens["expired"],
             "revoked": tokens["revoked"],
             "wrong_scope": tokens.get(f"not {spec.scope}"),
-            "unrelated_scope": tokens["unrelated"],
+            "other_table": tokens["unrelated"],
             "right_scope": tokens.get(spec.scope),
+            "write_scope": tokens.get(f"write:{T}"),
             "admin": tokens["admin"],
         }.get(case)
         headers = bearer(token) if token else {}
@@ -244,11 +267,22 @@ def test_auth_matrix(live_api, tokens, observation, route, case):
                 assert response.headers["WWW-Authenticate"].startswith("Bearer")
             return
         response = send(client, method, path, body, headers, spec.stream)
+        if case == "other_table":  # exactly the answer for a transaction that does not exist
+            unknown = str(uuid.uuid4())
+            path_of_unknown, body = spec.request(obs, unknown)
+            expected = send(client, method, path_of_unknown, body, headers, spec.stream)
+            assert response.status_code == expected.status_code, response.text
+            assert response.text.replace(target, unknown) == expected.text
+            assert response.status_code == 404 or response.json() == {target: None}
+            return
     if granted:
         assert response.status_code not in (401, 403), response.text
-        assert response.is_success or response.status_code == 404, response.text
+        assert response.is_success or (response.status_code == 404 and not spec.hidden), response.text
         if spec.stream:
             assert response.headers["content-type"].startswith("text/event-stream")
+        elif spec.hidden:
+            status = response.json()[target] if "?" in path else response.json()
+            assert status["state"] == "accepted", response.text
         return
     status, words = REFUSED[case]
     assert response.status_code == status, response.text
@@ -343,3 +377,238 @@ def test_tokens_are_stored_hashed_and_random(primary_engine, replica_engine):
         row = conn.execute(select(ApiToken.__table__).where(ApiToken.name == name)).one()._mapping
     assert row["token_sha256"] == hash_token(token)
     assert token not in repr(dict(row))
+
+
+# --- transaction states and event streams, by the tables a transaction involves -----------------
+
+
+def configure(monkeypatch, **settings) -> None:
+    """Change ``OPSYNC_*`` settings of the running app (``get_settings`` is cached)."""
+    from opsync.config import get_settings
+
+    for name, value in settings.items():
+        monkeypatch.setenv(f"OPSYNC_{name.upper()}", str(value))
+    get_settings.cache_clear()
+
+
+def obs_step(obs: dict, ref: str | None = None) -> dict:
+    return {"table": T, "values": obs} | ({"ref": ref} if ref else {})
+
+
+def file_step(observation_id) -> dict:
+    """A raw data file of ``observation_id`` (an id, or a ``$ref``); a random id fails at the primary."""
+    return {"table": OTHER, "values": {"executed_obs_unit_id": observation_id, "path": f"/data/{uuid.uuid4()}.fits",
+                                       "size_bytes": 10, "checksum_sha256": SHA, "file_type": "fits"}}
+
+
+def submit(client: httpx.Client, token: str, *steps: dict) -> dict:
+    created = client.post("/v1/transactions", json={"steps": list(steps)}, headers=bearer(token))
+    assert created.status_code == 202, created.text
+    return created.json()
+
+
+class Events:
+    """The events of one open stream as ``(name, data)``, comments skipped; with a deadline, so a test cannot hang."""
+
+    def __init__(self, response: httpx.Response):
+        assert response.status_code == 200, response.read()
+        self.lines = response.iter_lines()
+
+    def next(self, timeout: float = 15) -> tuple[str | None, dict] | None:
+        """The next event; None once the server ended the stream."""
+        deadline = time.monotonic() + timeout
+        name, data = None, None
+        for line in self.lines:  # keep-alives (every second here) bound each wait
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+            elif line == "" and data is not None:
+                return name, data
+            assert time.monotonic() < deadline, "no event in time"
+        return None
+
+    def until(self, txn_id: str) -> list[dict]:
+        """The state changes up to and including the first of ``txn_id``."""
+        changes = []
+        while not changes or changes[-1]["txn_id"] != txn_id:
+            event = self.next()
+            assert event is not None, "the stream ended"
+            if event[0] is None:
+                changes.append(event[1])
+        return changes
+
+
+def following(client: httpx.Client, token: str, stack: ExitStack) -> Events:
+    """A stream of all the token may see, once subscribed: nothing published after this returns is missed."""
+    events = Events(stack.enter_context(client.stream("GET", "/v1/events", headers=bearer(token))))
+    assert events.next() == ("ready", {"following": "all"})
+    return events
+
+
+@pytest.mark.timeout(120)
+def test_streams_carry_only_the_transactions_their_token_may_see(own_redis, live_api, tokens, observation, primary_engine,
+                                                                 monkeypatch):
+    """Through the real enqueue (its event names the tables) and the real drain (its events do not: the
+    stream reads the status records). Each stream reads until a transaction written last for it, so
+    whatever it was not shown before it, it is never shown."""
+    from ingest_api.deps import get_buffer
+    from opsync import drain
+
+    configure(monkeypatch, events_keepalive_s=1)
+    admin = tokens["admin"]
+    with httpx.Client(base_url=live_api, timeout=10) as client, ExitStack() as stack:
+        streams = {"mine": following(client, tokens[f"read:{T}"], stack), "admin": following(client, admin, stack)}
+        missing = str(uuid.uuid4())
+        lone_file = submit(client, admin, file_step(missing))  # OTHER alone; fails: no such observation
+        both = submit(client, admin, obs_step(observation(), "obs"), file_step({"$ref": "obs"}))
+        lone_obs = submit(client, admin, obs_step(observation()))
+        file_of_obs = submit(client, admin, file_step(lone_obs["ids"][0]))
+        streams["theirs"] = following(client, tokens["unrelated"], stack)  # read:OTHER; saw none of the enqueues
+        summary = drain.drain(get_buffer(), primary_engine)
+        assert (summary.applied, summary.dead_lettered) == (3, 1)
+        last_mine = submit(client, admin, obs_step(observation()))
+        last_theirs = submit(client, admin, file_step(lone_obs["ids"][0]))
+        seen = {
+            "mine": streams["mine"].until(last_mine["txn_id"]),
+            "theirs": streams["theirs"].until(last_theirs["txn_id"]),
+            "admin": streams["admin"].until(last_theirs["txn_id"]),
+        }
+    states = {name: {(change["txn_id"], change["state"]) for change in changes} for name, changes in seen.items()}
+    assert states["mine"] == {(lone_obs["txn_id"], "accepted"), (lone_obs["txn_id"], "committed"),
+                              (last_mine["txn_id"], "accepted")}
+    assert states["theirs"] == {(lone_file["txn_id"], "failed"), (file_of_obs["txn_id"], "committed"),
+                                (last_theirs["txn_id"], "accepted")}
+    every = [lone_file, both, lone_obs, file_of_obs, last_mine, last_theirs]
+    assert {txn for txn, _ in states["admin"]} == {receipt["txn_id"] for receipt in every}
+    assert (both["txn_id"], "committed") in states["admin"]
+    failure = next(change for change in seen["theirs"] if change["state"] == "failed")
+    assert failure["txn_id"] == lone_file["txn_id"] and missing in failure["reason"]  # a reason quotes row values
+    assert not [change for changes in seen.values() for change in changes if "tables" in change]
+
+
+@pytest.mark.timeout(120)
+def test_a_transaction_is_seen_only_by_tokens_of_every_table_it_involves(own_redis, live_api, observation, primary_engine,
+                                                                         replica_engine):
+    """A transaction of two tables, drained (one commits, one fails with a reason quoting its values), and
+    a direct write: each token sees exactly those it may read or write every table of, and any other
+    is answered as an unknown transaction."""
+    from ingest_api.deps import get_buffer
+    from opsync import drain
+
+    readers = {  # scopes -> which of the transactions below they may see
+        (f"read:{T}",): set(),
+        (f"read:{OTHER}",): set(),
+        (f"write:{T}",): set(),
+        (f"read:{T}", f"read:{OTHER}"): {"both", "doomed"},
+        (f"read:{T}", f"write:{OTHER}"): {"both", "doomed"},
+        (f"write:{T}", f"write:{OTHER}", "write:instrument"): {"both", "doomed", "direct"},
+        ("read:instrument",): {"direct"},
+        ("admin",): {"both", "doomed", "direct"},
+    }
+    made = {scopes: issue(primary_engine, replica_engine, list(scopes))[1] for scopes in readers}
+    admin = made[("admin",)]
+    missing_obs_unit = str(uuid.uuid4())
+    with httpx.Client(base_url=live_api, timeout=10) as client:
+        txns = {
+            "both": submit(client, admin, obs_step(observation(), "obs"), file_step({"$ref": "obs"})),
+            "doomed": submit(client, admin, obs_step(observation(obs_unit_id=missing_obs_unit), "obs"),
+                             file_step({"$ref": "obs"})),
+            "direct": submit(client, admin, {"table": "instrument", "values": {"name": f"SCOPES-{uuid.uuid4().hex[:8]}"}}),
+        }
+        assert (summary := drain.drain(get_buffer(), primary_engine)).dead_lettered == 1, summary
+        ids = {name: receipt["txn_id"] for name, receipt in txns.items()}
+        unknown = str(uuid.uuid4())
+        for scopes, visible in readers.items():
+            headers = bearer(made[scopes])
+            listed = client.get("/v1/transactions", params={"ids": ",".join([*ids.values(), unknown])}, headers=headers)
+            assert listed.status_code == 200 and listed.json()[unknown] is None
+            nothing = client.get(f"/v1/transactions/{unknown}", headers=headers)
+            assert nothing.status_code == 404
+            for name, txn_id in ids.items():
+                one = client.get(f"/v1/transactions/{txn_id}", headers=headers)
+                with client.stream("GET", "/v1/events", params={"txn_id": txn_id}, headers=headers) as followed:
+                    follow_status = followed.status_code
+                    if follow_status != 200:
+                        follow_answer = followed.read().decode()
+                if name in visible:
+                    assert one.status_code == 200 and one.json() == {"txn_id": txn_id, **listed.json()[txn_id]}, (scopes, name)
+                    assert follow_status == 200
+                else:  # exactly what an unknown transaction gets
+                    assert one.status_code == 404 and one.text.replace(txn_id, unknown) == nothing.text, (scopes, name)
+                    assert listed.json()[txn_id] is None, (scopes, name)
+                    assert follow_status == 404 and unknown_txn(txn_id) in follow_answer, (scopes, name)
+            if "doomed" in visible:
+                failed = listed.json()[ids["doomed"]]
+                assert failed["state"] == "failed" and missing_obs_unit in failed["reason"]  # the reason quotes row values
+                assert listed.json()[ids["both"]]["state"] == "committed"
+            if "direct" in visible:
+                assert listed.json()[ids["direct"]]["state"] == "committed"
+
+        # A status recorded before statuses named their tables: only admin may see it.
+        get_buffer().client.hdel(get_buffer().status_key(ids["both"]), "tables")
+        assert client.get(f"/v1/transactions/{ids['both']}", headers=bearer(made[(f"read:{T}", f"read:{OTHER}")])).status_code == 404
+        assert client.get(f"/v1/transactions/{ids['both']}", headers=bearer(admin)).status_code == 200
+
+
+def unknown_txn(txn_id: str) -> str:
+    return f"no transaction {txn_id} (unknown"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ending", ["revoked", "expired"])
+def test_a_stream_ends_within_the_token_cache_ttl_once_its_token_is_revoked_or_expired(
+    token_cache_ttl, live_api, primary_engine, replica_engine, monkeypatch, ending
+):
+    configure(monkeypatch, events_keepalive_s=0.2)
+    expires_at = datetime.now(UTC) + timedelta(seconds=3) if ending == "expired" else None
+    name, token = issue(primary_engine, replica_engine, [f"read:{T}"], expires_at)
+    with httpx.Client(base_url=live_api, timeout=10) as client, ExitStack() as stack:
+        events = following(client, token, stack)
+        if ending == "revoked":
+            assert revoke_token(primary_engine, name)
+            on_replica(replica_engine, name, lambda row: row.revoked_at is not None)
+            ended_at = time.monotonic()  # the site can know from here on
+        else:
+            time.sleep(max(0.0, (expires_at - datetime.now(UTC)).total_seconds()))
+            ended_at = time.monotonic()
+        event = events.next()
+        while event is not None and event[0] is None:  # state changes of other tests' transactions: none here
+            event = events.next()
+        closed_after = time.monotonic() - ended_at
+        assert event == ("closed", {"detail": f"token {ending}"})
+        assert events.next() is None, "the stream went on after its final event"
+    assert closed_after < token_cache_ttl + 0.5, closed_after
+
+
+# --- backpressure answers authorised writers only -------------------------------------------------
+
+
+WRITES = [route for route in ROUTES if route[0] != "GET" and route not in PUBLIC]  # each has a SPECS entry (above)
+
+
+def test_backpressure_answers_only_authorised_writers(own_redis, live_api, tokens, observation, monkeypatch):
+    """Above a tiny high-water mark, every write route answers 401 to a caller without a valid token and
+    403 to one without the scope, as below it; only an authorised writer is told the buffer is full."""
+    configure(monkeypatch, high_water_entries=1, backpressure_cache_s=0, retry_after_s=11)
+    with httpx.Client(base_url=live_api, timeout=10) as client:
+        receipt = submit(client, tokens["admin"], obs_step(observation(), "obs"), file_step({"$ref": "obs"}))
+        rows = {T: receipt["ids"][0], OTHER: receipt["ids"][1]}  # the rows PATCH and DELETE would change
+        callers = {"nobody": {}, "unknown": bearer(TOKEN_PREFIX + secrets.token_urlsafe(32)), "revoked": bearer(tokens["revoked"])}
+        for route in WRITES:
+            spec = SPECS[route]
+            path, body = spec.request(observation(), rows[spec.scope.partition(":")[2]])
+            for who, headers in callers.items():
+                response = client.request(route[0], path, json=body, headers=headers)
+                assert response.status_code == 401, (route, who, response.text)
+                assert "high-water" not in response.text and "Retry-After" not in response.headers
+            for unscoped in (tokens[f"not {spec.scope}"], tokens["unrelated"]):  # near misses; read of another table
+                response = client.request(route[0], path, json=body, headers=bearer(unscoped))
+                assert response.status_code == 403 and "lacks scope" in response.json()["detail"], (route, response.text)
+                assert "high-water" not in response.text and "Retry-After" not in response.headers
+            full = client.request(route[0], path, json=body, headers=bearer(tokens[spec.scope]))
+            assert full.status_code == 503, (route, full.text)
+            assert "high-water mark 1" in full.json()["detail"] and full.headers["Retry-After"] == "11"
+        ready = client.get("/readyz")
+    assert ready.status_code == 503 and "high-water mark" in ready.json()["detail"]
+    assert not any(char.isdigit() for char in ready.json()["detail"])  # public: why, not the buffer's figures
