@@ -220,7 +220,7 @@ ERROR_TEXT = {
     400: "Malformed request: JSON nested deeper than the parser goes, or a filter on a column that has none",
     401: "Missing, malformed, unknown, expired or revoked bearer token",
     403: "The token lacks the scope this table needs",
-    404: "No such table or row (or transaction, or its status retention is over)",
+    404: "No such table or row (or transaction: unknown, past its status retention, or of tables the token may not see)",
     409: "Idempotency-Key reused with a different request, or a direct write refused by the primary",
     413: "Request body or record list larger than the limit",
     422: "Invalid input: each problem's location (field) and reason",
