@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from fastapi.routing import APIRoute
-from sqlalchemy import Engine, create_engine, select
+from sqlalchemy import Engine, create_engine, func, select, update
 
 from ingest_api.app import app
 from ingest_api.deps import Caller
@@ -555,28 +555,39 @@ def unknown_txn(txn_id: str) -> str:
     return f"no transaction {txn_id} (unknown"
 
 
+STREAM_ENDINGS = {"revoked": "token revoked", "expired": "token expired", "narrowed": "the token's scopes changed; reconnect"}
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("ending", ["revoked", "expired"])
+@pytest.mark.parametrize("ending", sorted(STREAM_ENDINGS))
 def test_a_stream_ends_within_the_token_cache_ttl_once_its_token_is_revoked_or_expired(
     token_cache_ttl, live_api, primary_engine, replica_engine, monkeypatch, ending
 ):
+    """Also when its scopes are narrowed (only by SQL: no command changes a token's scopes)."""
     configure(monkeypatch, events_keepalive_s=0.2)
     expires_at = datetime.now(UTC) + timedelta(seconds=3) if ending == "expired" else None
-    name, token = issue(primary_engine, replica_engine, [f"read:{T}"], expires_at)
+    name, token = issue(primary_engine, replica_engine, [f"read:{T}", f"read:{OTHER}"], expires_at)
     with httpx.Client(base_url=live_api, timeout=10) as client, ExitStack() as stack:
         events = following(client, token, stack)
-        if ending == "revoked":
-            assert revoke_token(primary_engine, name)
-            on_replica(replica_engine, name, lambda row: row.revoked_at is not None)
-            ended_at = time.monotonic()  # the site can know from here on
-        else:
+        if ending == "expired":
             time.sleep(max(0.0, (expires_at - datetime.now(UTC)).total_seconds()))
-            ended_at = time.monotonic()
+        else:
+            if ending == "revoked":
+                assert revoke_token(primary_engine, name)
+            else:
+                with primary_engine.begin() as conn:
+                    conn.execute(update(ApiToken).where(ApiToken.name == name).values(scopes=[f"read:{OTHER}"]))
+            with replica_engine.connect() as conn:  # the site can know from when the replica has it
+                while conn.execute(select(ApiToken.revoked_at.is_(None) & (func.cardinality(ApiToken.scopes) == 2))
+                                   .where(ApiToken.name == name)).scalar():
+                    conn.rollback()
+                    time.sleep(0.02)
+        ended_at = time.monotonic()
         event = events.next()
         while event is not None and event[0] is None:  # state changes of other tests' transactions: none here
             event = events.next()
         closed_after = time.monotonic() - ended_at
-        assert event == ("closed", {"detail": f"token {ending}"})
+        assert event == ("closed", {"detail": STREAM_ENDINGS[ending]})
         assert events.next() is None, "the stream went on after its final event"
     assert closed_after < token_cache_ttl + 0.5, closed_after
 
