@@ -93,8 +93,11 @@ SIZES = {
     "smoke": Size(rate_seconds=1, warmup_requests=100, batch_seconds=1, xadd_seconds=0.5, wan_samples=3, wan_connect_samples=1),
 }
 FIGURES = (
-    *(f"{prefix}{figure}_at_{rate}" for prefix, rates in (("", RATES), ("floor_", (FLOOR_RATE,))) for rate in rates
-      for figure in ("p50_ms", "p99_ms", "errors", "failures", "generator_lag_p99_ms")),
+    "p50_ms_at_200", "p99_ms_at_200", "errors_at_200", "failures_at_200", "generator_lag_p99_ms_at_200",
+    "p50_ms_at_500", "p99_ms_at_500", "errors_at_500", "failures_at_500", "generator_lag_p99_ms_at_500",
+    "p50_ms_at_1000", "p99_ms_at_1000", "errors_at_1000", "failures_at_1000", "generator_lag_p99_ms_at_1000",
+    "floor_p50_ms_at_1000", "floor_p99_ms_at_1000", "floor_errors_at_1000", "floor_failures_at_1000",
+    "floor_generator_lag_p99_ms_at_1000",
     "batch_records_per_s", "batch_errors", "batch_failures", "xadd_limit_records_per_s", "xadd_packed_records_per_s",
     "batch_vs_limit", "direct_wan_p50_ms", "direct_wan_p99_ms", "direct_wan_connect_p50_ms",
     "target_p99_ms_at_1000", "target_batch_vs_limit", "p99_target_met", "batch_target_met",
