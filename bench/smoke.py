@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-TIMEOUT_S = 90  # per benchmark; smoke sizes take 20-30 s on two shared cores
+TIMEOUT_S = 120  # per benchmark, against hangs: smoke sizes take 20-25 s on two quiet cores, about a minute on busy ones
 GRACE_S = 30  # after the interrupt at a timeout, for a benchmark to stop its own services
 
 
