@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bootstrap clean soak
+.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bench-smoke bootstrap clean soak
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -30,14 +30,19 @@ SEED ?=
 soak: bootstrap
 	$(PY) -m opsync.stack.soak --duration $(DURATION) --records $(RECORDS) $(if $(SEED),--seed $(SEED))
 
+# Benchmarks (see README "Benchmarks"): make bench-drain SIZE=smoke runs every phase briefly; bench-smoke runs each at smoke size.
+SIZE ?= full
 bench-ingest: bootstrap
-	$(PY) bench/ingest.py
+	$(PY) bench/ingest.py --size $(SIZE)
 
 bench-drain: bootstrap
-	$(PY) bench/drain.py
+	$(PY) bench/drain.py --size $(SIZE)
 
 bench-read: bootstrap
-	$(PY) bench/read.py
+	$(PY) bench/read.py --size $(SIZE)
+
+bench-smoke: bootstrap
+	$(PY) bench/smoke.py
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .

@@ -4,7 +4,7 @@ It starts its own services in a temporary directory (the same helpers as ``make 
 a durable Redis with ``appendfsync always``, a migrated PostgreSQL primary with its streaming
 replica) and measures, in one run:
 
-- Drain: ``RECORDS`` records of mixed tables buffered as the API buffers them
+- Drain: ``records`` records of mixed tables buffered as the API buffers them
   (:func:`opsync.ingest.build_transaction` + :meth:`opsync.buffer.Buffer.enqueue`): executed
   observations each in one transaction with their raw data package and files, and housekeeping
   samples in lists (one transaction per list), interleaved in stream order. They are drained into
@@ -16,15 +16,19 @@ replica) and measures, in one run:
   transaction into the same tables, emptied by ``TRUNCATE`` (same indexes, constraints and
   foreign keys; a ``CHECKPOINT`` and a caught-up replica before each timed load, for both).
 - The same drain with 250 ms round trips between the drainer and the primary
-  (:class:`opsync.stack.wan.WanProxy`), ``WAN_RECORDS`` records; the connection's set-up (paid
+  (:class:`opsync.stack.wan.WanProxy`), ``wan_records`` records; the connection's set-up (paid
   once per drain task) is timed apart from the drain.
 - POST-to-replicated latency at a steady ``STEADY_RATE`` single-record POSTs per second to the real
-  ingest API for ``STEADY_SECONDS``, with the drainer behind the same 250 ms link. A loop here
+  ingest API for ``steady_seconds``, with the drainer behind the same 250 ms link. A loop here
   stands in for the Airflow DAG ``opsync_drain``: every ``DAG_INTERVAL_S`` it drains, then polls
   the replica every ``POKE_S`` and confirms (the DAG's sensor and confirm task). The real DAG runs
   every 10 s and at once on a wake-up event, and each task start costs a few seconds, so under
   Airflow the figure is higher by that overhead. Per transaction: from its ``202`` (client clock)
   to its ``replicated_at`` (read from the status records in bulk at the end, same clock).
+
+``--size smoke`` runs every phase on a few thousand records and 5 s of steady ingest: it checks the
+benchmark still runs and prints every figure (``FIGURES``), in well under a minute; its figures
+mean little. ``--records``, ``--wan-records`` and ``--steady-seconds`` override the size's.
 
 Prints a summary, then one JSON line with every figure, last.
 """
@@ -40,7 +44,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -64,8 +68,6 @@ from opsync.stack.wan import WanProxy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: services, API server, samples, HTTP client)
 
-RECORDS = 200_000
-WAN_RECORDS = 50_000
 BATCH_SIZE = 1000  # transactions per batch: OPSYNC_DRAIN_BATCH_SIZE's default
 BUDGET_S = 60  # OPSYNC_DRAIN_BUDGET_S's default: a run starts no batch after this; the next run goes on
 FILES_PER_OBS = 10  # raw files per executed observation; with the observation and its package, 12 records
@@ -74,14 +76,40 @@ OBS_SHARE = 0.12  # share of records in observation transactions; the rest is ho
 SENSORS = 25  # per module, 4 modules: a 100-sample list is one sweep of every sensor
 MODULES = 4
 WAN_ONE_WAY_S = 0.125  # 250 ms round trips
-STEADY_RATE, STEADY_SECONDS = 200, 30
+STEADY_RATE = 200
 DAG_INTERVAL_S = 2.0  # the drain loop standing in for the DAG's schedule
 POKE_S = 0.5  # replica polls of the stand-in sensor
 CONNECTIONS = 16  # keep-alive connections of the steady generator (answers take milliseconds)
+LONG_RUN_S = 15  # a drain run of the steady phase this long could not keep up (half the full phase)
 SETTLE_TIMEOUT_S = 60  # after the last POST, how long the steady phase waits for everything to be replicated
 TARGET_DRAIN_VS_COPY, TARGET_WAN_RECORDS_PER_S, TARGET_P95_S = 0.5, 10_000, 15.0
 DATA_TABLES = ("executed_obs_unit", "raw_data_package", "raw_data_file", "housekeeping_sample")  # foreign-key order
 SHA = "5d" * 32
+
+
+@dataclass(frozen=True)
+class Size:
+    records: int  # drained locally
+    wan_records: int  # drained at 250 ms RTT
+    steady_seconds: int  # of steady ingest
+
+
+SIZES = {
+    "full": Size(records=200_000, wan_records=50_000, steady_seconds=30),
+    "smoke": Size(records=5_000, wan_records=2_000, steady_seconds=5),
+}
+FIGURES = (
+    "records", "transactions", "batch_size", "buffer_records_per_s", "drain_s", "drain_records_per_s", "drain_batches",
+    "round_trips_per_batch", "drain_share_claim", "drain_share_parse", "drain_share_dead_rows", "drain_share_apply",
+    "drain_share_settle", "drain_client_cpu_s", "drain_apply_client_cpu_s", "drain_apply_wait_s", "confirm_s", "confirmed_txns",
+    "copy_s", "copy_records_per_s", "drain_vs_copy", "wan_records", "wan_transactions", "wan_batches", "wan_round_trips_per_batch",
+    "wan_connect_s", "drain_s_250ms_rtt", "drain_records_per_s_250ms_rtt", "drain_records_per_s_250ms_rtt_with_connect",
+    "steady_posts", "steady_accepted", "steady_errors", "steady_not_replicated", "post_to_replicated_p50_s",
+    "post_to_replicated_p95_s", "post_to_replicated_p99_s", "post_to_replicated_max_s", "steady_drain_runs", "steady_drain_batches",
+    "steady_drain_run_mean_s", "steady_drain_run_max_s", "steady_run_to_replicated_mean_s", "steady_generator_lag_p99_ms",
+    "target_drain_vs_copy", "target_records_per_s_250ms_rtt", "target_post_to_replicated_p95_s", "drain_vs_copy_target_met",
+    "wan_target_met", "p95_target_met",
+)
 
 
 # --- workload ---------------------------------------------------------------------------------------
@@ -370,7 +398,7 @@ async def post_steadily(port: int, raws: list[bytes], rate: float) -> Posted:
     async def one(raw: bytes) -> None:
         conn = await idle.get()
         try:
-            status, body = await asyncio.wait_for(conn.send(raw), ingest_bench.REQUEST_TIMEOUT_S)
+            status, body = await conn.send(raw, ingest_bench.REQUEST_TIMEOUT_S)
         except (OSError, TimeoutError, httptools.HttpParserError):
             conn.transport.abort()
             posted.errors += 1
@@ -426,9 +454,7 @@ class DagStandIn(threading.Thread):
             self.error = exc
 
 
-def steady_ingest(
-    site, primary_url: str, primary: Engine, replica: Engine, workdir: Path, console: Console, seconds: int = STEADY_SECONDS
-) -> dict:
+def steady_ingest(site, primary_url: str, primary: Engine, replica: Engine, workdir: Path, console: Console, seconds: int) -> dict:
     module = ingest_bench.instrument_module(primary)
     samples = ingest_bench.Samples(module)
     token = ingest_bench.replicated_token(primary, replica)
@@ -488,9 +514,11 @@ def steady_ingest(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--records", type=int, default=RECORDS, help=f"records drained locally (default {RECORDS:,})")
-    parser.add_argument("--wan-records", type=int, default=WAN_RECORDS, help=f"records drained at 250 ms RTT (default {WAN_RECORDS:,})")
-    parser.add_argument("--steady-seconds", type=int, default=STEADY_SECONDS, help=f"steady ingest phase (default {STEADY_SECONDS})")
+    parser.add_argument("--size", choices=SIZES, default="full", help="smoke: every phase, on little data (default full)")
+    parser.add_argument("--records", type=int, help=f"records drained locally (full: {SIZES['full'].records:,})")
+    parser.add_argument("--wan-records", type=int, help=f"records drained at 250 ms RTT (full: {SIZES['full'].wan_records:,})")
+    parser.add_argument("--steady-seconds", type=int, help=f"steady ingest phase (full: {SIZES['full'].steady_seconds})")
+    parser.set_defaults(**asdict(SIZES[parser.parse_known_args()[0].size]))
     args = parser.parse_args()
     records, wan_records = args.records, args.wan_records
     console = Console(stderr=True)
@@ -603,7 +631,7 @@ def main() -> None:
                   f"({wan_connect_s:.1f} s to connect)", "", "")
     table.add_row(f"POST→replicated p95 at {STEADY_RATE}/s", f"{p95} s", f"≤ {TARGET_P95_S:g} s", yes[figures["p95_target_met"]])
     console.print(table)
-    if (longest := figures["steady_drain_run_max_s"]) and longest > STEADY_SECONDS / 2:
+    if (longest := figures["steady_drain_run_max_s"]) and longest > LONG_RUN_S:
         console.print(
             f"[yellow]note[/]: one drain run of the steady phase lasted {longest} s: a run ends at its first batch that "
             f"is not full, so the drainer could not keep up with {STEADY_RATE} records/s through the 250 ms link"

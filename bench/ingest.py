@@ -19,9 +19,13 @@ uvloop and httptools picked automatically), so the load generator never shares t
   makes one durable Redis write per request: what this machine allows at that moment, so a p99
   can be told apart from a busy neighbour (``floor_p99_ms_at_1000``).
 
+``--size smoke`` runs every phase for a second or so (a few WAN samples): it checks the benchmark
+still runs and prints every figure (``FIGURES``), in well under a minute; its figures mean little.
+
 Prints a summary, then one JSON line with every figure, last.
 """
 
+import argparse
 import asyncio
 import gc
 import json
@@ -63,18 +67,41 @@ from opsync.stack.wan import WanProxy
 TABLE = "housekeeping_sample"
 RATES = (200, 500, 1000)  # single-record POSTs per second
 FLOOR_RATE = 1000
-RATE_SECONDS = 10
-WARMUP_REQUESTS = 400
 CONNECTIONS = 128  # keep-alive connections of the open-loop generator; more are never needed below 1 s of stall
 BATCH = 500
 BATCH_SENDERS = 4
-BATCH_SECONDS = 8
 XADD_PIPELINE = 1000
-XADD_SECONDS = 3
 WAN_ONE_WAY_S = 0.125  # 250 ms round trips
-WAN_SAMPLES, WAN_CONNECT_SAMPLES = 30, 5
 REQUEST_TIMEOUT_S = 10
 TARGET_P99_MS, TARGET_BATCH_SHARE = 5.0, 0.30
+
+
+@dataclass(frozen=True)
+class Size:
+    """How long each phase runs; the rates, and so the figures' names, are the same at every size."""
+
+    rate_seconds: float = 10
+    warmup_requests: int = 400
+    batch_seconds: float = 8
+    xadd_seconds: float = 3
+    wan_samples: int = 30
+    wan_connect_samples: int = 5
+
+
+SIZES = {
+    "full": Size(),
+    "smoke": Size(rate_seconds=1, warmup_requests=100, batch_seconds=1, xadd_seconds=0.5, wan_samples=3, wan_connect_samples=1),
+}
+FIGURES = (
+    "p50_ms_at_200", "p99_ms_at_200", "errors_at_200", "failures_at_200", "generator_lag_p99_ms_at_200",
+    "p50_ms_at_500", "p99_ms_at_500", "errors_at_500", "failures_at_500", "generator_lag_p99_ms_at_500",
+    "p50_ms_at_1000", "p99_ms_at_1000", "errors_at_1000", "failures_at_1000", "generator_lag_p99_ms_at_1000",
+    "floor_p50_ms_at_1000", "floor_p99_ms_at_1000", "floor_errors_at_1000", "floor_failures_at_1000",
+    "floor_generator_lag_p99_ms_at_1000",
+    "batch_records_per_s", "batch_errors", "batch_failures", "xadd_limit_records_per_s", "xadd_packed_records_per_s",
+    "batch_vs_limit", "direct_wan_p50_ms", "direct_wan_p99_ms", "direct_wan_connect_p50_ms",
+    "target_p99_ms_at_1000", "target_batch_vs_limit", "p99_target_met", "batch_target_met",
+)
 
 
 def free_port() -> int:
@@ -392,23 +419,23 @@ async def closed_loop(pool: Pool, raws: list[bytes], senders: int, seconds: floa
     return run
 
 
-def rate_phase(pool: Pool, requests: Requests, samples: Samples, rate: int, server: psutil.Process, loop) -> Run:
-    raws = [requests.post(samples.body()) for _ in range(rate * RATE_SECONDS)]
+def rate_phase(pool: Pool, requests: Requests, samples: Samples, rate: int, seconds: float, server: psutil.Process, loop) -> Run:
+    raws = [requests.post(samples.body()) for _ in range(round(rate * seconds))]
     return measured(open_loop(pool, raws, rate), server, loop)
 
 
-def batch_phase(pool: Pool, requests: Requests, samples: Samples, server: psutil.Process, loop) -> Run:
-    raws = [requests.post(samples.body(BATCH)) for _ in range(BATCH_SECONDS * 100_000 // BATCH)]  # 100k records/s of headroom
-    return measured(closed_loop(pool, raws, BATCH_SENDERS, BATCH_SECONDS), server, loop)
+def batch_phase(pool: Pool, requests: Requests, samples: Samples, seconds: float, server: psutil.Process, loop) -> Run:
+    raws = [requests.post(samples.body(BATCH)) for _ in range(round(seconds * 100_000 / BATCH))]  # 100k records/s of headroom
+    return measured(closed_loop(pool, raws, BATCH_SENDERS, seconds), server, loop)
 
 
-def xadd_limit(site: Site, envelope: str, records_per_entry: int) -> tuple[float, float]:
+def xadd_limit(site: Site, envelope: str, records_per_entry: int, seconds: float) -> tuple[float, float]:
     """Pipelined ``XADD`` of ``envelope`` with redis-py: (records per second, entries per second)."""
     client = site.redis.client()
     stream = f"bench:xadd:{uuid.uuid4().hex}"
     pipeline_size = max(1, XADD_PIPELINE // records_per_entry)
     entries, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < XADD_SECONDS:
+    while (elapsed := time.perf_counter() - start) < seconds:
         pipe = client.pipeline(transaction=False)
         for _ in range(pipeline_size):
             pipe.xadd(stream, {"txn": envelope})
@@ -424,7 +451,7 @@ def envelope(samples: Samples, size: int) -> str:
     return build_transaction(steps, "bench", str(uuid.uuid4())).model_dump_json()
 
 
-def direct_over_wan(site: Site, samples: Samples) -> tuple[list[float], list[float]]:
+def direct_over_wan(site: Site, samples: Samples, size: Size) -> tuple[list[float], list[float]]:
     """What a script would do without opsync: connect, and INSERT + COMMIT each record, over 250 ms round trips.
 
     Returns per-record latencies on an open connection and connection set-up times, in seconds.
@@ -432,12 +459,12 @@ def direct_over_wan(site: Site, samples: Samples) -> tuple[list[float], list[flo
     records, connects = [], []
     with WanProxy("127.0.0.1", site.primary.port, delay_s=WAN_ONE_WAY_S) as wan:
         conninfo = site.primary.conninfo().replace(f"port={site.primary.port}", f"port={wan.port}")
-        for _ in range(WAN_CONNECT_SAMPLES):
+        for _ in range(size.wan_connect_samples):
             start = time.perf_counter()
             psycopg.connect(conninfo).close()
             connects.append(time.perf_counter() - start)
         with psycopg.connect(conninfo) as conn:
-            for _ in range(WAN_SAMPLES):
+            for _ in range(size.wan_samples):
                 row = samples.record()
                 start = time.perf_counter()
                 conn.execute(
@@ -454,12 +481,12 @@ def ms(values: list[float], q: float) -> float:
     return Run(latencies=values).ms(q)
 
 
-def connected(server: subprocess.Popen, token: str, samples: Samples, loop) -> tuple[Requests, Pool]:
+def connected(server: subprocess.Popen, token: str, samples: Samples, warmup_requests: int, loop) -> tuple[Requests, Pool]:
     """Requests for ``server`` and a warm pool of connections to it (the first requests of a worker are slow)."""
     requests = Requests(int(server.url.rsplit(":", 1)[1]), token)
     pool = Pool(requests.port)
     loop.run_until_complete(pool.grow(CONNECTIONS))
-    loop.run_until_complete(open_loop(pool, [requests.post(samples.body()) for _ in range(WARMUP_REQUESTS)], 400))
+    loop.run_until_complete(open_loop(pool, [requests.post(samples.body()) for _ in range(warmup_requests)], 400))
     return requests, pool
 
 
@@ -474,6 +501,9 @@ def rate_figures(run: Run, suffix: str, prefix: str = "") -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="full", help="smoke: every phase, briefly (default full)")
+    size = SIZES[parser.parse_args().size]
     console = Console(stderr=True)
     figures: dict[str, float | int | bool] = {}
     with ExitStack() as stack:
@@ -490,35 +520,35 @@ def main() -> None:
         server = stack.enter_context(api_server(site, workdir / "api.log"))
         loop = uvloop.new_event_loop()
         stack.callback(loop.close)
-        requests, pool = connected(server, token, samples, loop)
+        requests, pool = connected(server, token, samples, size.warmup_requests, loop)
         process = psutil.Process(server.pid)
 
         table = Table("phase", "requests", "p50 ms", "p99 ms", "max ms", "errors", "server cores", "generator lag p99 ms")
         for rate in RATES:
-            console.print(f"single-record POSTs at {rate}/s for {RATE_SECONDS} s …")
-            run = rate_phase(pool, requests, samples, rate, process, loop)
+            console.print(f"single-record POSTs at {rate}/s for {size.rate_seconds:g} s …")
+            run = rate_phase(pool, requests, samples, rate, size.rate_seconds, process, loop)
             add_row(table, f"{rate}/s", run)
             figures |= rate_figures(run, f"at_{rate}")
 
-        console.print(f"floor: {FLOOR_RATE}/s for {RATE_SECONDS} s against bench/floor.py (HTTP and one durable EVALSHA) …")
+        console.print(f"floor: {FLOOR_RATE}/s for {size.rate_seconds:g} s against bench/floor.py (HTTP and one durable EVALSHA) …")
         with floor_server(site, workdir / "floor.log") as floor:
-            floor_requests, floor_pool = connected(floor, token, samples, loop)
-            run = rate_phase(floor_pool, floor_requests, samples, FLOOR_RATE, psutil.Process(floor.pid), loop)
+            floor_requests, floor_pool = connected(floor, token, samples, size.warmup_requests, loop)
+            run = rate_phase(floor_pool, floor_requests, samples, FLOOR_RATE, size.rate_seconds, psutil.Process(floor.pid), loop)
             floor_pool.close()
         add_row(table, f"floor {FLOOR_RATE}/s", run)
         figures |= rate_figures(run, f"at_{FLOOR_RATE}", "floor_")
 
-        console.print(f"batch POSTs of {BATCH} records, {BATCH_SENDERS} senders, {BATCH_SECONDS} s …")
-        batch = batch_phase(pool, requests, samples, process, loop)
+        console.print(f"batch POSTs of {BATCH} records, {BATCH_SENDERS} senders, {size.batch_seconds:g} s …")
+        batch = batch_phase(pool, requests, samples, size.batch_seconds, process, loop)
         batch_rate = len(batch.latencies) * BATCH / batch.seconds
         add_row(table, f"batch x{BATCH}", batch, lags=False)
         console.print(table)
 
         console.print("baseline: pipelined XADD with redis-py …")
-        xadd_limit_rate, _ = xadd_limit(site, envelope(samples, 1), 1)
-        xadd_packed, _ = xadd_limit(site, envelope(samples, BATCH), BATCH)
+        xadd_limit_rate, _ = xadd_limit(site, envelope(samples, 1), 1, size.xadd_seconds)
+        xadd_packed, _ = xadd_limit(site, envelope(samples, BATCH), BATCH, size.xadd_seconds)
         console.print("baseline: direct INSERT + COMMIT through a 250 ms round-trip link …")
-        direct, connects = direct_over_wan(site, samples)
+        direct, connects = direct_over_wan(site, samples, size)
 
     figures |= {
         "batch_records_per_s": round(batch_rate),

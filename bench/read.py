@@ -3,10 +3,10 @@
 It starts its own services in a temporary directory (the helpers of ``make bench-ingest``: a
 durable Redis, a migrated PostgreSQL primary with its streaming replica), then:
 
-- loads ``ROWS`` rows into the primary by ``COPY`` (housekeeping samples, and executed
+- loads ``rows`` rows into the primary by ``COPY`` (housekeeping samples, and executed
   observations each with a package and ``FILES_PER_OBS`` files), waits for the replica, and runs
   the publisher's full load into a read model in the temporary directory;
-- catch-up: ``BACKLOG`` more housekeeping rows by ``COPY``, replayed on the replica, then the
+- catch-up: ``backlog`` more housekeeping rows by ``COPY``, replayed on the replica, then the
   publisher follows the change capture until it has read everything (rows per second, from the
   first read to the last write). Baseline, in the same run: a raw copy of the same rows from the
   replica into SQLite (one ``SELECT`` formatted as stored, one ``executemany`` ``INSERT`` in one
@@ -14,11 +14,16 @@ durable Redis, a migrated PostgreSQL primary with its streaming replica), then:
   without the secondary indexes is reported too;
 - starts the real ingest API and a real ``datasette serve`` with the repository's metadata and
   ``--plugins-dir datasette/plugins`` (the publisher runs inside it, as under ``make up``), and
-  POSTs ``BUFFERED`` housekeeping records in lists; no drainer runs, so they stay buffered;
+  POSTs ``buffered`` housekeeping records in lists; no drainer runs, so they stay buffered;
 - p50/p95 through Datasette's JSON API of each table page with its default facets and sort from
   the metadata (``facet_page_p95_ms`` is the slowest table), and of each canned query in the
   metadata (``canned_query_p95_ms`` is the slowest);
 - time from the ``202`` of a one-record POST to the row in Datasette's JSON (polled every 5 ms).
+
+``--size full`` (the default) loads 1,000,000 rows; ``--size smoke`` runs every step on 20,000 rows
+and a few samples of each page, to check in well under a minute that the benchmark runs and prints
+every figure (``FIGURES``); its figures mean little. ``--rows``, ``--backlog`` and ``--buffered``
+override the size's.
 
 Prints a summary on stderr, then one JSON line with every figure, last.
 """
@@ -36,6 +41,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -58,20 +64,44 @@ from opsync.stack.settings import REPO
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: services, API server, token)
 
-ROWS = 1_000_000
-BACKLOG = 100_000
-BUFFERED = 10_000
 FILES_PER_OBS = 10
-OBS_SHARE = 0.10  # share of ROWS in observations, their packages and files; the rest is housekeeping
+OBS_SHARE = 0.10  # share of rows in observations, their packages and files; the rest is housekeeping
 SENSORS = 25
 LIST_SIZE = 100  # records per POSTed list while buffering
-PAGE_SAMPLES, QUERY_SAMPLES, VISIBLE_SAMPLES, WARMUP = 30, 20, 60, 3
+WARMUP = 3
 POLL_S = 0.005
 TIMEZONE = "America/Santiago"
 TARGET_FACET_P95_MS, TARGET_VISIBLE_P95_S, TARGET_CATCHUP_VS_RAW = 500, 1.0, 0.5
 SHA = "ab" * 32
 DATABASE = "opsync"
 HK_COLUMNS = "id, instrument_module_id, sensor, sampled_at, value, unit"
+
+
+@dataclass(frozen=True)
+class Size:
+    rows: int  # replicated
+    backlog: int  # of the catch-up
+    buffered: int  # records POSTed and left buffered
+    page_samples: int  # per table page
+    query_samples: int  # per canned query
+    visible_samples: int  # one-record POSTs timed to Datasette
+
+
+SIZES = {
+    "full": Size(rows=1_000_000, backlog=100_000, buffered=10_000, page_samples=30, query_samples=20, visible_samples=60),
+    "smoke": Size(rows=20_000, backlog=2_000, buffered=500, page_samples=5, query_samples=3, visible_samples=5),
+}
+FIGURES = (
+    "replicated_rows", "rows_executed_obs_unit", "rows_raw_data_package", "rows_raw_data_file", "rows_housekeeping_sample",
+    "buffered_rows", "buffered_rows_served", "load_primary_s", "full_load_s", "full_load_records_per_s",
+    "facet_page_housekeeping_sample_p50_ms", "facet_page_housekeeping_sample_p95_ms", "facet_page_raw_data_file_p50_ms",
+    "facet_page_raw_data_file_p95_ms", "facet_page_executed_obs_unit_p50_ms", "facet_page_executed_obs_unit_p95_ms",
+    "facet_page_p50_ms", "facet_page_p95_ms", "canned_queries_measured", "canned_query_p95_ms",
+    "visible_p50_s", "visible_p95_s", "visible_max_s", "backlog_rows", "catchup_s", "catchup_records_per_s",
+    "raw_copy_records_per_s", "raw_copy_without_indexes_records_per_s", "catchup_vs_raw", "catchup_vs_raw_without_indexes",
+    "run_s", "target_facet_page_p95_ms", "target_visible_p95_s", "target_catchup_vs_raw",
+    "facet_target_met", "visible_target_met", "catchup_target_met",
+)  # and canned_<name>_p50_ms, canned_<name>_p95_ms for each canned query of the metadata
 
 
 # --- loading the primary --------------------------------------------------------------------------
@@ -269,9 +299,11 @@ def visible_latency(api: str, base: str, token: str, module: str, samples: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=ROWS, help=f"replicated rows (default {ROWS:,})")
-    parser.add_argument("--backlog", type=int, default=BACKLOG, help=f"catch-up backlog (default {BACKLOG:,})")
-    parser.add_argument("--buffered", type=int, default=BUFFERED, help=f"buffered rows (default {BUFFERED:,})")
+    parser.add_argument("--size", choices=SIZES, default="full", help="smoke: every step, on little data (default full)")
+    parser.add_argument("--rows", type=int, help=f"replicated rows (full: {SIZES['full'].rows:,})")
+    parser.add_argument("--backlog", type=int, help=f"catch-up backlog (full: {SIZES['full'].backlog:,})")
+    parser.add_argument("--buffered", type=int, help=f"buffered rows (full: {SIZES['full'].buffered:,})")
+    parser.set_defaults(**asdict(SIZES[parser.parse_known_args()[0].size]))
     args = parser.parse_args()
     console = Console(stderr=True)
     run_started = time.monotonic()
@@ -324,15 +356,15 @@ def main() -> None:
         pages: dict[str, list[float]] = {}
         for table in ("housekeeping_sample", "raw_data_file", "executed_obs_unit"):
             facets = metadata.get("tables", {}).get(table, {}).get("facets", [])
-            console.print(f"table page {table} (facets {', '.join(facets)}) × {PAGE_SAMPLES} …")
-            pages[table] = timed(http, f"/{DATABASE}/{table}.json", {}, PAGE_SAMPLES, facets_present(facets))
+            console.print(f"table page {table} (facets {', '.join(facets)}) × {args.page_samples} …")
+            pages[table] = timed(http, f"/{DATABASE}/{table}.json", {}, args.page_samples, facets_present(facets))
         queries: dict[str, list[float]] = {}
         for name, query in metadata.get("queries", {}).items():
             params = canned_params(query["sql"], "sensor_00", later)
-            console.print(f"canned query {name} × {QUERY_SAMPLES} …")
-            queries[name] = timed(http, f"/{DATABASE}/{name}.json", params, QUERY_SAMPLES, lambda body: None)
-        console.print(f"POST → visible in Datasette, {VISIBLE_SAMPLES} records one at a time …")
-        visible = visible_latency(api.url, base, token, modules[0], VISIBLE_SAMPLES, later + timedelta(days=45))
+            console.print(f"canned query {name} × {args.query_samples} …")
+            queries[name] = timed(http, f"/{DATABASE}/{name}.json", params, args.query_samples, lambda body: None)
+        console.print(f"POST → visible in Datasette, {args.visible_samples} records one at a time …")
+        visible = visible_latency(api.url, base, token, modules[0], args.visible_samples, later + timedelta(days=45))
         served = http.get(f"/{DATABASE}/housekeeping_sample.json", params={"_sync_state__exact": "buffered", "_size": 0}).json()
 
     catchup_rate, raw_rate, bare_rate = args.backlog / catchup_s, raw_rows / raw_s, bare_rows / bare_s
