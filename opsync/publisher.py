@@ -261,7 +261,7 @@ class Publisher:
         catching up on the replica's changes) take the full load's path: rows formatted by PostgreSQL, no merge.
         """
         overlays = merged.read_overlays(self.buffer, layout.entry, self.overlaid(layout, keys))
-        needed = [k for k in keys if k not in overlays or (overlays[k].partial and not overlays[k].deleted)]
+        needed = [k for k in keys if k not in overlays or overlays[k].needs_base]
         try:
             base = self.replica_records(layout, needed)
         except DBAPIError as exc:
@@ -279,7 +279,7 @@ class Publisher:
         under = {key: dict(zip(names, row, strict=True)) for key, row in base.items() if key in overlays}
         records |= {
             row["id"]: layout.record(row, row["_sync_state"] and str(row["_sync_state"]), row["_txn_id"], row["_commit_lsn"], at)
-            for row in merged.merge_all(self.buffer, under, overlays, {})
+            for row in merged.merge_all(under, overlays, {})
         }
         return keys, records
 
