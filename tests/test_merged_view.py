@@ -312,15 +312,18 @@ def test_an_upsert_after_a_buffered_delete_recreates_the_row(own_redis, writer, 
     obs = post(writer, observation())
     key = writer.post(f"/v1/records/{FILES}", json=file_of(obs, size_bytes=7, file_type="hdf5")).json()["ids"][0]
     replicate(primary_engine, replica_engine)
+    old = shown(writer, FILES, key)
     assert writer.delete(f"/v1/records/{FILES}/{key}").status_code == 202
     fresh = file_of(obs, size_bytes=8)
     upsert = writer.post("/v1/transactions", json={"steps": [{"op": "upsert", "table": FILES, "id": key, "values": fresh}]})
     assert upsert.status_code == 202
     row = shown(writer, FILES, key)
     assert (row["size_bytes"], row["file_type"], row["_sync_state"]) == (8, "fits", "buffered")
+    assert row.get("created_at") != old["created_at"]  # a new row: nothing of the deleted one shows
     replicate(primary_engine, replica_engine)
     row = shown(writer, FILES, key)
     assert (row["size_bytes"], row["file_type"], row["path"], row["_sync_state"]) == (8, "fits", fresh["path"], "replicated")
+    assert row["created_at"] != old["created_at"]
 
 
 def test_an_update_or_delete_of_a_key_nobody_has_is_404_and_writes_nothing(own_redis, writer, observation, replica_engine):
