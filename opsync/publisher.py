@@ -6,7 +6,8 @@ replicated and can neither vanish nor appear twice. The publisher only decides *
 re-read, from four sources:
 
 - the buffer stream, read past the last entry seen, woken by the buffer's pub/sub events: new
-  buffered writes (inserts, updates, deletes) within a fraction of a second;
+  buffered writes (inserts, updates, deletes) within a fraction of a second; and the dead-letter
+  stream the same way: the rows of failed transactions, shown again as the replica holds them;
 - state events (committed / replicated / failed): the rows whose ``_txn_id`` is that transaction;
 - the replica's change capture (:mod:`opsync.changes`): replicated changes, including rows written
   at the main site by others, and deletes;
