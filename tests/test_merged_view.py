@@ -394,3 +394,41 @@ def test_a_requeued_insert_that_succeeds_shows_replicated(own_redis, writer, pla
 
     row = shown(writer, FILES, key)
     assert (row["_sync_state"], row["_txn_id"], row["executed_obs_unit_id"]) == ("replicated", None, str(missing))
+
+
+def test_updates_racing_a_delete_are_either_before_it_or_refused(own_redis, live_api, auth_headers, observation):
+    """The check is inside the enqueue script: no update is buffered after the delete, whatever the timing."""
+    import threading
+
+    import httpx
+
+    from ingest_api.deps import get_buffer
+
+    headers = auth_headers(TABLE, FILES)
+    with httpx.Client(base_url=f"{live_api}/v1", headers=headers, timeout=10) as client:
+        obs = client.post(f"/records/{TABLE}", json=observation()).json()["ids"][0]
+        key = client.post(f"/records/{FILES}", json=file_of(obs)).json()["ids"][0]
+    answers: list[httpx.Response] = []
+
+    def patch_often() -> None:
+        with httpx.Client(base_url=f"{live_api}/v1", headers=headers, timeout=10) as client:
+            answers.extend(client.patch(f"/records/{FILES}/{key}", json={"size_bytes": n}) for n in range(2, 30))
+
+    threads = [threading.Thread(target=patch_often) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    with httpx.Client(base_url=f"{live_api}/v1", headers=headers, timeout=10) as client:
+        time.sleep(0.05)
+        deleted = client.delete(f"/records/{FILES}/{key}").json()
+        for thread in threads:
+            thread.join()
+        last = client.patch(f"/records/{FILES}/{key}", json={"size_bytes": 1})
+    assert last.status_code == 404 and deleted["txn_id"] in last.json()["detail"]
+    assert {a.status_code for a in answers} <= {202, 404}
+    buffer = get_buffer()
+    at = drain.stream_order(buffer.status(deleted["txn_id"])["stream_id"])
+    accepted = [a.json()["txn_id"] for a in answers if a.status_code == 202]
+    assert all(drain.stream_order(s["stream_id"]) < at for s in buffer.statuses(accepted))
+    assert all(deleted["txn_id"] in a.json()["detail"] for a in answers if a.status_code == 404)
+    with httpx.Client(base_url=f"{live_api}/v1", headers=headers, timeout=10) as client:
+        assert client.get(f"/records/{FILES}/{key}").status_code == 404
