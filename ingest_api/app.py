@@ -16,8 +16,9 @@ from ingest_api.backpressure import pressure
 from ingest_api.deps import get_redis, warm_up
 from ingest_api.guards import protect
 from opsync.auth import ScopeError
-from opsync.buffer import IdempotencyConflict
+from opsync.buffer import IdempotencyConflict, NoSuchRow
 from opsync.config import get_settings
+from opsync.existence import ReplicaUnavailable
 from opsync.health import redis_durability
 from opsync.ingest import Invalid, PrimaryUnavailable, Rejected
 
@@ -58,6 +59,8 @@ ERRORS = {
     Invalid: lambda exc: error(422, exc.errors),
     ScopeError: lambda exc: error(403, str(exc)),
     IdempotencyConflict: lambda exc: error(409, f"Idempotency-Key {exc} was used with a different request"),
+    NoSuchRow: lambda exc: error(404, str(exc)),
+    ReplicaUnavailable: lambda exc: error(503, str(exc), {"Retry-After": str(get_settings().retry_after_s)}),
     Rejected: lambda exc: error(409, f"rejected by the primary: {exc}"),
     PrimaryUnavailable: lambda exc: error(503, f"{exc}; direct tables need the primary, retry later"),
     redis.RedisError: lambda exc: error(503, f"site buffer unavailable: {exc.__class__.__name__}"),

@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 
 from ingest_api.backpressure import check_backpressure
 from ingest_api.deps import Caller, documented, get_enqueuer, get_primary
+from ingest_api.reads import get_replica
 from opsync import registry
 from opsync.auth import Principal
 from opsync.buffer import AsyncEnqueuer
@@ -23,7 +24,7 @@ from opsync.ingest import Invalid, StepIn, build_transaction, problem, submit
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200
-router = APIRouter(prefix="/v1", tags=["records"], responses=documented(400, 401, 403, 409, 413, 422, 503))
+router = APIRouter(prefix="/v1", tags=["records"], responses=documented(400, 401, 403, 404, 409, 413, 422, 503))
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -87,6 +88,7 @@ class Writer:
     primary: Engine
     who: Principal
     idempotency_key: str | None
+    replica: Engine
 
 
 class WriteAccess(Caller):
@@ -95,7 +97,7 @@ class WriteAccess(Caller):
 
     async def __call__(self, request: Request) -> Writer:
         who = await super().__call__(request)
-        return Writer(get_settings(), get_enqueuer(), get_primary(), who, idempotency_key(request))
+        return Writer(get_settings(), get_enqueuer(), get_primary(), who, idempotency_key(request), get_replica())
 
 
 WriterDep = Annotated[Writer, Depends(WriteAccess())]
@@ -126,7 +128,7 @@ async def run(steps: list[StepIn], request: Request, w: Writer, raw_body) -> Res
         await check_backpressure()
     txn = build_transaction(steps, w.settings.site, w.idempotency_key, w.settings.max_json_depth)  # unknown tables: 422
     idempotency = (w.who.name, w.idempotency_key) if w.idempotency_key else None
-    answer, _ = await submit(txn, w.enqueuer, w.primary, idempotency, body_hash(request, raw_body))
+    answer, _ = await submit(txn, w.enqueuer, w.primary, idempotency, body_hash(request, raw_body), w.replica)
     return accepted(Receipt(**answer, status_url=f"{base_url(request)}v1/transactions/{answer['txn_id']}"))
 
 
@@ -225,7 +227,8 @@ async def patch_record(
     table: TableName, row_id: UUID, request: Request, w: WriterDep,
     values: Annotated[dict[str, Any], Body(examples=[{"status": "completed", "end_time": "2026-11-21T02:40:00Z"}])],
 ) -> Response:
-    """Works whether the row is still buffered, committed or replicated: applied after its create, in order."""
+    """Works whether the row is still buffered, committed or replicated: applied after its create, in order.
+    A row deleted by a buffered transaction, or that neither the buffer nor the local replica has, is 404."""
     steps = [StepIn(op=Op.update, table=table, id=row_id, values=values)]
     return await run(steps, request, w, values)
 

@@ -8,11 +8,15 @@ and may be lost.
 
 The overlay is what the merged view reads: per row, a hash ``row:<table>:<key>`` of the
 buffered values (``v:<column>`` as JSON text, ``txn_id`` of the latest change, ``partial`` when
-the rest of the row is in the replica, ``deleted``), plus sorted sets by key for listing
+the rest of the row is in the replica, ``creates`` when an upsert makes it stand without the replica,
+``deleted``), plus sorted sets by key for listing
 (``rows:<table>``), for partial rows (``partial:<table>``) and for each filterable column value
 (``idx:<table>:<column>:<value>``), so no
 query scans the buffer. The scripts touch keys they compute, so they need a single Redis (no
-cluster), which a site has.
+cluster), which a site has. A change on top of a failed transaction's row starts the row afresh,
+so no failed value shows under it; and ENQUEUE refuses, atomically with the write, an update or
+delete of a row a buffered transaction deleted or that neither the overlay nor the replica has
+(:mod:`opsync.existence` asks the replica).
 
 The drainer's side is atomic the same way: SETTLE acknowledges a batch only after the primary's
 commit and records each outcome (committed and awaiting the replica, or failed and moved to the
@@ -23,7 +27,7 @@ so a second or concurrent call finds the entry gone and changes nothing.
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -33,13 +37,14 @@ import redis.asyncio as aioredis
 from pydantic_core import to_json
 
 from opsync import registry
-from opsync.envelope import State, Transaction
+from opsync.envelope import Op, State, Transaction
 from opsync.lsn import Lsn
 
 ENQUEUE = """
 -- KEYS: stream, status, idempotency ('' when none), unsent counter
 -- ARGV: envelope, txn_id, accepted_at, body_hash, response, idempotency_ttl, events channel,
---       key prefix, tables it involves (see tables_field), then the overlay writes (see overlay_args)
+--       key prefix, tables it involves (see tables_field), rows the caller found in the replica
+--       ('table:key,...'; '*': nothing to check), then the overlay writes (see overlay_args)
 -- Every check comes before the first write: Redis does not roll a script back.
 if KEYS[3] ~= '' then
   local previous = redis.call('HMGET', KEYS[3], 'body_hash', 'response')
@@ -48,6 +53,46 @@ if KEYS[3] ~= '' then
     return {'conflict', previous[2]}
   end
 end
+local prefix = ARGV[8]
+-- A row's latest change counts only while its transaction may still reach the primary; a final
+-- status outlives the overlay only for a failed one (a replicated one's overlay is released).
+local function live(txn)
+  local state = redis.call('HGET', prefix .. ':txn:' .. txn, 'state')
+  return state and state ~= 'failed'
+end
+-- Updates and deletes need a row: one the overlay holds (not deleted) by a live transaction, one the
+-- replica holds, or one an earlier step creates. 'deleted' names the deleting transaction; 'unknown'
+-- lists the steps the replica must answer for (the caller asks it, then calls again).
+if ARGV[10] ~= '*' then
+  local in_replica, seen, unknown, pos, step = {}, {}, {}, 11, 0
+  for row in string.gmatch(ARGV[10], '[^,]+') do in_replica[row] = true end
+  while pos <= #ARGV do
+    local name, op = ARGV[pos] .. ':' .. ARGV[pos + 1], ARGV[pos + 2]
+    pos = pos + 4 + 2 * tonumber(ARGV[pos + 3])
+    pos = pos + 1 + tonumber(ARGV[pos])
+    if op == 'update' or op == 'delete' then
+      local state = seen[name]
+      if not state then
+        local latest = redis.call('HMGET', prefix .. ':row:' .. name, 'txn_id', 'deleted')
+        if latest[1] and live(latest[1]) then
+          state = latest[2] == '1' and latest[1] or 'live'
+        else
+          state = in_replica[name] and 'live' or 'unknown'
+        end
+      end
+      if state == 'unknown' then
+        unknown[#unknown + 1] = step
+      elseif state ~= 'live' then
+        return {'deleted', step, state}
+      end
+      seen[name] = op == 'delete' and ARGV[2] or state
+    else
+      seen[name] = 'live'
+    end
+    step = step + 1
+  end
+  if #unknown > 0 then return {'unknown', unpack(unknown)} end
+end
 local entry = redis.call('XADD', KEYS[1], '*', 'txn', ARGV[1])
 redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[2], 'state', 'accepted', 'accepted_at', ARGV[3], 'stream_id', entry, 'tables', ARGV[9])
@@ -55,7 +100,7 @@ if KEYS[3] ~= '' then
   redis.call('HSET', KEYS[3], 'body_hash', ARGV[4], 'response', ARGV[5], 'txn_id', ARGV[2])
   redis.call('EXPIRE', KEYS[3], ARGV[6])
 end
-local prefix, pos = ARGV[8], 10
+local pos = 11
 -- Sorted-set members of new rows, added per set in a few ZADDs rather than one per row and set;
 -- flushed before a row that exists already is merged (it may read or remove what is pending here).
 local pending, order = {}, {}
@@ -90,6 +135,7 @@ while pos <= #ARGV do
     -- A row not buffered yet (nearly every insert): nothing to merge with or take out of an index.
     local partial = op == 'insert' and '0' or '1'
     redis.call('HSET', row, 'txn_id', ARGV[2], 'partial', partial, unpack(values))
+    if op == 'upsert' then redis.call('HSET', row, 'creates', '1') end
     later(prefix .. ':rows:' .. tbl, key)
     if partial == '1' then later(prefix .. ':partial:' .. tbl, key) end
     local given = {}
@@ -104,14 +150,20 @@ while pos <= #ARGV do
       local old = redis.call('HGET', row, 'v:' .. field)
       if old then redis.call('ZREM', prefix .. ':idx:' .. tbl .. ':' .. field .. ':' .. old, key) end
     end
-    local partial = redis.call('HGET', row, 'partial') or '1'
-    if op == 'insert' then
+    local current = redis.call('HMGET', row, 'partial', 'txn_id', 'deleted')
+    local partial, failed = current[1] or '1', current[2] and not live(current[2])
+    local gone = current[3] == '1' and not failed
+    if op == 'insert' or (op == 'upsert' and gone) then  -- a new row: nothing of the old one shows
       redis.call('DEL', row)
       partial = '0'
+    elseif failed then  -- a failed transaction's values never show under a later one
+      redis.call('DEL', row)
+      partial = '1'
     end
     if #values > 0 then redis.call('HSET', row, unpack(values)) end
     redis.call('HSET', row, 'txn_id', ARGV[2], 'partial', partial)
-    if op == 'delete' then
+    if op == 'upsert' then redis.call('HSET', row, 'creates', '1') end
+    if op == 'delete' or (op == 'update' and gone) then  -- an update brings no deleted row back
       redis.call('HSET', row, 'deleted', '1')
       redis.call('ZREM', prefix .. ':rows:' .. tbl, key, prefix .. ':partial:' .. tbl, key)
     else
@@ -298,6 +350,9 @@ return 1
 """
 
 
+CREATES = (Op.insert, Op.upsert)
+
+
 def overlay_args(txn: Transaction) -> list[str]:
     """The overlay writes of ``txn`` as flat script arguments: values stay the exact JSON text.
 
@@ -354,6 +409,33 @@ class IdempotencyConflict(Exception):
     """The same Idempotency-Key was used with a different request body."""
 
 
+class NoSuchRow(LookupError):
+    """Step ``step`` updates or deletes a row that is not there: deleted by the still buffered transaction
+    ``deleted_by`` (or by an earlier step of its own), or known neither to the buffer nor to the replica."""
+
+    def __init__(self, txn: Transaction, step: int, deleted_by: str | None = None):
+        target = txn.steps[step]
+        if deleted_by == str(txn.txn_id):
+            why = "deleted by an earlier step of this transaction"
+        elif deleted_by:
+            why = f"deleted by transaction {deleted_by}, still buffered"
+        else:
+            why = "neither the site buffer nor the local replica has it"
+        super().__init__(f"steps.{step}: no {target.table} row {target.key} to {target.op}: {why}")
+        self.step, self.deleted_by = step, deleted_by
+
+
+class UnknownRows(LookupError):
+    """The overlay does not know the rows of ``steps`` (indexes): the replica must say whether it has them."""
+
+    def __init__(self, txn: Transaction, steps: list[int]):
+        super().__init__(f"{len(steps)} steps need the replica")
+        self.txn, self.steps = txn, steps
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [(self.txn.steps[i].table, str(self.txn.steps[i].key)) for i in self.steps]
+
+
 @dataclass(frozen=True)
 class Entry:
     """A claimed stream entry; ``envelope`` is None when the entry was deleted meanwhile."""
@@ -379,12 +461,24 @@ class Enqueued:
     response: dict
 
 
-def enqueued(result: list[bytes], idempotency: tuple[str, str] | None) -> Enqueued:
-    """What the ENQUEUE script answered: the stored response, or a conflict of idempotency keys."""
-    outcome, stored = result
+def enqueued(result: list, txn: Transaction, idempotency: tuple[str, str] | None) -> Enqueued:
+    """What the ENQUEUE script answered: the stored response, or why nothing was written."""
+    outcome, *rest = result
     if outcome == b"conflict":
         raise IdempotencyConflict(idempotency[1])
-    return Enqueued(replayed=outcome == b"replayed", response=json.loads(stored))
+    if outcome == b"deleted":
+        raise NoSuchRow(txn, rest[0], rest[1].decode())
+    if outcome == b"unknown":
+        raise UnknownRows(txn, rest)
+    return Enqueued(replayed=outcome == b"replayed", response=json.loads(rest[0]))
+
+
+def checked_rows(txn: Transaction, in_replica: Iterable[str] | None) -> str:
+    """The ENQUEUE script's argument for its row check: the rows the replica has ('table:key'), or '*' when
+    there is nothing to check (only inserts and upserts, or ``in_replica`` None: the caller vouches)."""
+    if in_replica is None or all(step.op in CREATES for step in txn.steps):
+        return "*"
+    return ",".join(in_replica)
 
 
 @asynccontextmanager
@@ -422,12 +516,13 @@ class AsyncEnqueuer:
             await self.client.script_load(ENQUEUE)
 
     async def enqueue(
-        self, txn: Transaction, response: dict, idempotency: tuple[str, str] | None = None, body_hash: str = ""
+        self, txn: Transaction, response: dict, idempotency: tuple[str, str] | None = None, body_hash: str = "",
+        in_replica: Iterable[str] | None = None,
     ) -> Enqueued:
-        call = self.buffer.enqueue_call(txn, response, idempotency, body_hash)
+        call = self.buffer.enqueue_call(txn, response, idempotency, body_hash, in_replica)
         async with answered_within(self.timeout_s):
             result = await self._enqueue(**call)
-        return enqueued(result, idempotency)
+        return enqueued(result, txn, idempotency)
 
 
 class Buffer:
@@ -504,23 +599,32 @@ class Buffer:
         return f"{self.prefix}:idem:{client_id}:{key}"
 
     def enqueue(
-        self, txn: Transaction, response: dict, idempotency: tuple[str, str] | None = None, body_hash: str = ""
+        self, txn: Transaction, response: dict, idempotency: tuple[str, str] | None = None, body_hash: str = "",
+        in_replica: Iterable[str] | None = None,
     ) -> Enqueued:
         """Buffer ``txn`` durably and return ``response`` (or the original one for a replay).
 
         ``idempotency`` is ``(client_id, key)``: keys are per client, so two scripts cannot
-        collide by choosing the same key.
+        collide by choosing the same key. With ``in_replica`` (the rows, 'table:key', the caller
+        found in the replica), an update or delete of a row that is not there is refused
+        (:class:`NoSuchRow`, :class:`UnknownRows`); None buffers what it is given (tests of the
+        drain's failure paths, which buffer what an older site version might have).
         """
-        return enqueued(self._enqueue(**self.enqueue_call(txn, response, idempotency, body_hash)), idempotency)
+        call = self.enqueue_call(txn, response, idempotency, body_hash, in_replica)
+        return enqueued(self._enqueue(**call), txn, idempotency)
 
-    def enqueue_call(self, txn: Transaction, response: dict, idempotency: tuple[str, str] | None, body_hash: str) -> dict:
+    def enqueue_call(
+        self, txn: Transaction, response: dict, idempotency: tuple[str, str] | None, body_hash: str,
+        in_replica: Iterable[str] | None = None,
+    ) -> dict:
         """The keys and arguments of the ENQUEUE script for ``txn``, whichever client runs it."""
         idem_key = self.idempotency_key(*idempotency) if idempotency else ""
         return {
             "keys": [self.stream, self.status_key(txn.txn_id), idem_key, self.unsent],
             "args": [
                 txn.model_dump_json(), str(txn.txn_id), txn.accepted_at.isoformat(), body_hash,
-                json.dumps(response), self.idempotency_ttl_s, self.events, self.prefix, tables_field(txn), *overlay_args(txn),
+                json.dumps(response), self.idempotency_ttl_s, self.events, self.prefix, tables_field(txn),
+                checked_rows(txn, in_replica), *overlay_args(txn),
             ],
         }
 

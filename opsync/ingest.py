@@ -21,6 +21,7 @@ from opsync import apply, registry
 from opsync.buffer import AsyncEnqueuer, Buffer, tables_field
 from opsync.config import Settings
 from opsync.envelope import Op, State, Step, Transaction
+from opsync.existence import enqueue_existing
 from opsync.ids import new_id
 from opsync.lsn import Lsn
 
@@ -198,15 +199,17 @@ def answer(txn: Transaction, state: State, **fields: str) -> dict:
 
 
 async def submit(
-    txn: Transaction, enqueuer: AsyncEnqueuer, primary: Engine, idempotency: tuple[str, str] | None, body_hash: str
+    txn: Transaction, enqueuer: AsyncEnqueuer, primary: Engine, idempotency: tuple[str, str] | None, body_hash: str,
+    replica: Engine,
 ) -> tuple[dict, bool]:
     """Buffer (critical tables) or write at once (direct tables); returns (answer, replayed).
 
     Critical transactions take one atomic Redis step, durable before this returns, awaited on the
-    event loop. Direct ones block on the primary, so they run in a thread.
+    event loop (updates and deletes of rows not buffered also ask the ``replica``, see
+    :mod:`opsync.existence`). Direct ones block on the primary, so they run in a thread.
     """
     if buffered(txn):
-        enqueued = await enqueuer.enqueue(txn, answer(txn, State.accepted), idempotency, body_hash)
+        enqueued = await enqueue_existing(enqueuer, replica, txn, answer(txn, State.accepted), idempotency, body_hash)
         return enqueued.response, enqueued.replayed
     return await asyncio.to_thread(write_direct, txn, enqueuer.buffer, primary, idempotency, body_hash)
 

@@ -2,7 +2,9 @@
 
 Newest wins: a buffered insert shows a row the replica does not have yet, a buffered update
 changes the fields it sets, a buffered delete hides the row. Every row says how far it has
-travelled (``_sync_state``). Lookups use the overlay's indexes (see :mod:`opsync.buffer`), never
+travelled (``_sync_state``). A failed transaction never reached the primary, so where it wrote last
+the replica's row shows as it is; only a row the replica does not have shows the failed values, as
+``failed``, until an operator discards the transaction (or requeues it). Lookups use the overlay's indexes (see :mod:`opsync.buffer`), never
 a scan of the buffer, so a query costs the same with 100,000 rows buffered as with none.
 """
 
@@ -30,9 +32,23 @@ class UnknownFilter(ValueError):
 @dataclass
 class Overlay:
     values: dict[str, Any]
-    txn_id: str
+    txn_id: str  # of the latest change
     partial: bool
     deleted: bool
+    creates: bool = False  # an upsert: the row stands without the replica's
+    state: str | None = None  # of ``txn_id``
+    commit_lsn: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """A final status outlives the overlay only when failed (a replicated one's overlay is released),
+        so a status gone after its retention is a failed one's too."""
+        return self.state in (State.failed, None)
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether the replica's row matters here: the rest of an updated row, or all of one a failed write left alone."""
+        return self.failed or (self.partial and not self.deleted)
 
 
 def parse_filters(entry: Ingestible, raw: dict[str, str]) -> dict[str, Any]:
@@ -52,9 +68,9 @@ def parse_filters(entry: Ingestible, raw: dict[str, str]) -> dict[str, Any]:
 def get_row(buffer: Buffer, replica: Engine, entry: Ingestible, key: UUID) -> dict | None:
     overlay = read_overlays(buffer, entry, [str(key)]).get(str(key))
     base = None
-    if overlay is None or overlay.partial:
+    if overlay is None or overlay.needs_base:
         base = replica_rows(replica, entry, {}, ids=[key]).get(str(key))
-    rows = merge_all(buffer, {str(key): base} if base else {}, {str(key): overlay} if overlay else {}, {})
+    rows = merge_all({str(key): base} if base else {}, {str(key): overlay} if overlay else {}, {})
     return rows[0] if rows else None
 
 
@@ -76,9 +92,9 @@ def list_rows(
     ends = [keys[-1] for keys in (indexed, sorted(base)) if len(keys) >= limit] + [partial_end] * (partial_end is not None)
     boundary = min(ends) if ends else None
     overlays = read_overlays(buffer, entry, sorted(set(indexed) | set(base)))
-    missing = [UUID(k) for k, o in overlays.items() if o.partial and k not in base]
+    missing = [UUID(k) for k, o in overlays.items() if o.needs_base and k not in base]
     base |= replica_rows(replica, entry, {}, ids=missing)
-    rows = {row["id"]: row for row in merge_all(buffer, base, overlays, filters)} | partial
+    rows = {row["id"]: row for row in merge_all(base, overlays, filters)} | partial
     page = [rows[k] for k in sorted(rows) if boundary is None or k <= boundary][:limit]
     if len(page) == limit:
         return page, page[-1]["id"]
@@ -100,7 +116,7 @@ def partial_candidates(
             return found, None
         overlays = read_overlays(buffer, entry, chunk)
         base = replica_rows(replica, entry, {}, ids=[UUID(k) for k in chunk])
-        found |= {row["id"]: row for row in merge_all(buffer, base, overlays, filters)}
+        found |= {row["id"]: row for row in merge_all(base, overlays, filters)}
         start = f"({chunk[-1]}"
     return found, start[1:]
 
@@ -125,6 +141,7 @@ def overlay_candidates(buffer: Buffer, entry: Ingestible, filters: dict, after: 
 
 
 def read_overlays(buffer: Buffer, entry: Ingestible, keys: list[str]) -> dict[str, Overlay]:
+    """The overlay rows of ``keys`` that have one, with their latest transaction's state: two round trips."""
     pipe = buffer.client.pipeline(transaction=False)
     for key in keys:
         pipe.hgetall(buffer.row_key(entry.name, key))
@@ -134,7 +151,11 @@ def read_overlays(buffer: Buffer, entry: Ingestible, keys: list[str]) -> dict[st
             continue
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         values = {k[2:]: json.loads(v) for k, v in fields.items() if k.startswith("v:")}
-        overlays[key] = Overlay(values, fields["txn_id"], fields.get("partial") == "1", fields.get("deleted") == "1")
+        flags = [fields.get(flag) == "1" for flag in ("partial", "deleted", "creates")]
+        overlays[key] = Overlay(values, fields["txn_id"], *flags)
+    states = txn_states(buffer, {o.txn_id for o in overlays.values()})
+    for overlay in overlays.values():
+        overlay.state, overlay.commit_lsn = states[overlay.txn_id]
     return overlays
 
 
@@ -165,23 +186,35 @@ def replica_rows(
     return {row["id"]: row for row in rows}
 
 
-def merge_all(buffer: Buffer, base: dict[str, dict], overlays: dict[str, Overlay], filters: dict) -> list[dict]:
+def merge_all(base: dict[str, dict], overlays: dict[str, Overlay], filters: dict) -> list[dict]:
     """Overlay each row on its replica version, drop deleted and no-longer-matching rows, sort by key."""
-    states = txn_states(buffer, {o.txn_id for o in overlays.values()})
     merged = []
     for key in sorted(set(base) | set(overlays)):
-        overlay = overlays.get(key)
-        if overlay is None:
-            row = base[key] | {"_sync_state": State.replicated, "_txn_id": None, "_commit_lsn": None}
-        elif overlay.deleted or (overlay.partial and key not in base and not overlay.values):
-            continue
-        else:
-            state, lsn = states.get(overlay.txn_id, (None, None))
-            meta = {"id": key, "_sync_state": ROW_STATE.get(state, state), "_txn_id": overlay.txn_id, "_commit_lsn": lsn}
-            row = base.get(key, {}) | overlay.values | meta
-        if all(row.get(f) == v for f, v in filters.items()):
+        row = merge_one(key, base.get(key), overlays.get(key))
+        if row is not None and all(row.get(f) == v for f, v in filters.items()):
             merged.append(row)
     return merged
+
+
+def merge_one(key: str, base: dict | None, overlay: Overlay | None) -> dict | None:
+    """One key's row, None when it shows no row.
+
+    Where a failed transaction wrote last, the replica's row stands as it is; without one, a row the
+    failed transaction created shows as ``failed`` (a failed update of a row nobody has shows nothing).
+    Otherwise a delete hides the row, and an update needs the replica's row under it: an update of a
+    row that exists nowhere is not a row.
+    """
+    replicated = {"_sync_state": State.replicated, "_txn_id": None, "_commit_lsn": None}
+    if overlay is None or (overlay.failed and base is not None):
+        return None if base is None else base | replicated
+    if overlay.failed:
+        if overlay.partial and not overlay.creates:
+            return None
+    elif overlay.deleted or (overlay.partial and base is None and not overlay.creates):
+        return None
+    state = State.failed if overlay.failed else overlay.state
+    meta = {"id": key, "_sync_state": ROW_STATE.get(state, state), "_txn_id": overlay.txn_id, "_commit_lsn": overlay.commit_lsn}
+    return (base or {}) | overlay.values | meta
 
 
 def txn_states(buffer: Buffer, txn_ids: set[str]) -> dict[str, tuple[str | None, str | None]]:

@@ -6,7 +6,8 @@ replicated and can neither vanish nor appear twice. The publisher only decides *
 re-read, from four sources:
 
 - the buffer stream, read past the last entry seen, woken by the buffer's pub/sub events: new
-  buffered writes (inserts, updates, deletes) within a fraction of a second;
+  buffered writes (inserts, updates, deletes) within a fraction of a second; and the dead-letter
+  stream the same way: the rows of failed transactions, shown again as the replica holds them;
 - state events (committed / replicated / failed): the rows whose ``_txn_id`` is that transaction;
 - the replica's change capture (:mod:`opsync.changes`): replicated changes, including rows written
   at the main site by others, and deletes;
@@ -57,7 +58,7 @@ LAG_SQL = text(
     "SELECT CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
     " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
 )
-CHANGES_STATE, STREAM_STATE = "changes", "stream"
+CHANGES_STATE, STREAM_STATE, DEAD_STATE = "changes", "stream", "dead"
 REPLAY_CHUNK = 1000  # keys per write under the file's lock, as the read-model check's repair
 # The rows changed in a time range, by the change capture's time (the start of the writing transaction)
 REPLAY_SQL = text(
@@ -261,7 +262,7 @@ class Publisher:
         catching up on the replica's changes) take the full load's path: rows formatted by PostgreSQL, no merge.
         """
         overlays = merged.read_overlays(self.buffer, layout.entry, self.overlaid(layout, keys))
-        needed = [k for k in keys if k not in overlays or (overlays[k].partial and not overlays[k].deleted)]
+        needed = [k for k in keys if k not in overlays or overlays[k].needs_base]
         try:
             base = self.replica_records(layout, needed)
         except DBAPIError as exc:
@@ -279,7 +280,7 @@ class Publisher:
         under = {key: dict(zip(names, row, strict=True)) for key, row in base.items() if key in overlays}
         records |= {
             row["id"]: layout.record(row, row["_sync_state"] and str(row["_sync_state"]), row["_txn_id"], row["_commit_lsn"], at)
-            for row in merged.merge_all(self.buffer, under, overlays, {})
+            for row in merged.merge_all(under, overlays, {})
         }
         return keys, records
 
@@ -308,10 +309,10 @@ class Publisher:
     # --- the buffer -------------------------------------------------------------------------------
 
     def follow_buffer(self) -> bool:
-        """New stream entries past the last one read, then the rows of transactions whose state changed."""
+        """New stream entries and dead letters past the last ones read, then the rows of transactions whose state changed."""
         events, self.state_events = self.state_events, set()
         try:
-            more = self.read_stream()
+            more = self.read_stream() | self.read_stream(self.buffer.dead_letters, DEAD_STATE)
             for layout in self.layouts.values():
                 if events and (keys := self.model.keys_of_txns(layout, sorted(events))):
                     self.refresh(layout, keys, replica_optional=True)
@@ -320,12 +321,16 @@ class Publisher:
             raise
         return more
 
-    def read_stream(self) -> bool:
+    def read_stream(self, stream: str | None = None, state: str = STREAM_STATE) -> bool:
         """Entries stay in the stream until replicated (or dead-lettered), so reading past a position
-        misses none that matter: one gone meanwhile is in the replica or in the overlay the sweep reads."""
-        position = self.model.get_state(STREAM_STATE)
+        misses none that matter: one gone meanwhile is in the replica or in the overlay the sweep reads.
+
+        The dead letters are read the same way: a failed transaction's rows are rewritten, including
+        those its delete had hidden, which the file no longer holds and the sweep's key index leaves out.
+        """
+        position = self.model.get_state(state)
         start = f"({position}" if position else "-"
-        entries = self.buffer.client.xrange(self.buffer.stream, min=start, max="+", count=self.tuning.chunk)
+        entries = self.buffer.client.xrange(stream or self.buffer.stream, min=start, max="+", count=self.tuning.chunk)
         if not entries:
             return False
         keys: dict[str, set[str]] = {}
@@ -338,7 +343,7 @@ class Publisher:
                 keys.setdefault(table, set()).add(str(key))
         self.refresh_all(keys, replica_optional=True)
         with self.model.transaction() as conn:
-            self.model.set_state(conn, STREAM_STATE, entries[-1][0].decode())
+            self.model.set_state(conn, state, entries[-1][0].decode())
         return len(entries) == self.tuning.chunk
 
     def sweep(self) -> None:

@@ -5,8 +5,9 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
-from opsync import drain, merged, registry
+from opsync import dlq, drain, merged, registry
 from opsync.buffer import Buffer
 from opsync.ids import new_id
 from opsync.ingest import StepIn, build_transaction
@@ -173,3 +174,261 @@ def test_queries_cost_the_same_with_100k_buffered_rows(redis_server, planning, r
         enqueue(1000, "lo_power" if batch % 2 else "cryostat_temp")
     assert client.zcard(buffer.rows_index("housekeeping_sample")) == 100_100
     assert query() <= small + 5
+
+
+# --- what readers see of failures: drained for real, failing at the real primary ------------------
+
+
+FILES = "raw_data_file"
+
+
+@pytest.fixture
+def writer(ingest_app, issue_token):
+    """A client that may read and write observations and files."""
+    token = issue_token([f"{verb}:{table}" for verb in ("read", "write") for table in (TABLE, FILES)])
+    with TestClient(ingest_app, headers={"Authorization": f"Bearer {token}"}) as client:
+        yield client
+
+
+def drained(primary_engine, dead_lettered: int) -> None:
+    """One real drain run: the primary refuses what it refuses (``dead_lettered`` of them)."""
+    from ingest_api.deps import get_buffer
+
+    assert drain.drain(get_buffer(), primary_engine).dead_lettered == dead_lettered
+
+
+def replica_has(replica_engine, table: str, key) -> bool:
+    return bool(merged.replica_rows(replica_engine, registry.get_table(table), {}, ids=[uuid.UUID(str(key))]))
+
+
+def file_of(obs: str, **values) -> dict:
+    return {"executed_obs_unit_id": obs, "path": f"/d/{uuid.uuid4()}", "size_bytes": 1, "checksum_sha256": SHA,
+            "file_type": "fits"} | values
+
+
+def shown(client, table: str, key) -> dict | None:
+    response = client.get(f"/v1/records/{table}/{key}")
+    assert response.status_code in (200, 404), response.text
+    return response.json() if response.status_code == 200 else None
+
+
+def test_a_failed_insert_reusing_a_replicated_key_leaves_the_replica_row(
+    own_redis, api, observation, planning, primary_engine, replica_engine
+):
+    key = post(api, observation())
+    replicate(primary_engine, replica_engine)
+    before = shown(api, TABLE, key)
+    reused = api.post(f"/v1/records/{TABLE}", json=observation(id=key, status="aborted", metadata={"by": "mistake"}))
+    assert reused.status_code == 202
+
+    drained(primary_engine, 1)
+
+    assert "already exists" in api.get(f"/v1/transactions/{reused.json()['txn_id']}").json()["reason"]
+    assert shown(api, TABLE, key) == before and before["status"] == "running" and before["_sync_state"] == "replicated"
+    mine = {"obs_unit_id": str(planning["obs_unit"])}
+    assert api.get(f"/v1/records/{TABLE}", params=mine | {"status": "aborted"}).json()["rows"] == []
+    assert [r["id"] for r in api.get(f"/v1/records/{TABLE}", params=mine | {"status": "running"}).json()["rows"]] == [key]
+
+
+def test_a_failed_update_or_delete_of_a_replicated_row_leaves_the_replica_row(
+    own_redis, writer, observation, planning, primary_engine, replica_engine
+):
+    obs = post(writer, observation())
+    kept = writer.post(f"/v1/records/{FILES}", json=file_of(obs)).json()["ids"][0]
+    replicate(primary_engine, replica_engine)
+    before = shown(writer, TABLE, obs)
+    nowhere = str(uuid.uuid4())  # no such observation: the primary's foreign key refuses both
+    patched = writer.patch(f"/v1/records/{TABLE}/{obs}", json={"status": "aborted", "obs_unit_id": nowhere})
+    assert patched.status_code == 202 and shown(writer, TABLE, obs)["status"] == "aborted"  # newest wins, while buffered
+    deleting = writer.post("/v1/transactions", json={"steps": [
+        {"op": "delete", "table": FILES, "id": kept},
+        {"table": FILES, "values": file_of(nowhere)},
+    ]})
+    assert deleting.status_code == 202 and shown(writer, FILES, kept) is None
+
+    drained(primary_engine, 2)
+
+    assert shown(writer, TABLE, obs) == before
+    assert (shown(writer, FILES, kept) or {}).get("_sync_state") == "replicated"  # a failed delete hides nothing
+    later = writer.patch(f"/v1/records/{TABLE}/{obs}", json={"end_time": "2099-01-01T00:00:00Z"})
+    assert later.status_code == 202  # on top of the failed update: shows over the replica row, without its values
+    assert shown(writer, TABLE, obs) == before | {
+        "end_time": "2099-01-01T00:00:00Z", "_sync_state": "buffered", "_txn_id": later.json()["txn_id"]}
+
+
+def test_a_valid_insert_under_a_failed_update_converges_to_the_primary(
+    own_redis, api, observation, primary_engine, replica_engine
+):
+    """Insert A and update B (failed) of one row in one drain: once A is replicated the row is A's, never B's."""
+    key = post(api, observation())
+    assert api.patch(f"/v1/records/{TABLE}/{key}", json={"status": "aborted", "obs_unit_id": str(uuid.uuid4())}).status_code == 202
+    drained(primary_engine, 1)
+    from ingest_api.deps import get_buffer
+
+    deadline = time.monotonic() + 10
+    while drain.confirm_replica(get_buffer(), replica_engine).remaining:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    row = shown(api, TABLE, key)
+    assert (row["status"], row["_sync_state"], row["_txn_id"]) == ("running", "replicated", None)
+
+
+def test_an_update_or_delete_of_a_row_deleted_while_buffered_is_404_and_nothing_brings_it_back(
+    own_redis, writer, observation, primary_engine, replica_engine
+):
+    obs = post(writer, observation())
+    replicated, other = (writer.post(f"/v1/records/{FILES}", json=file_of(obs)).json()["ids"][0] for _ in range(2))
+    replicate(primary_engine, replica_engine)
+    buffered = writer.post(f"/v1/records/{FILES}", json=file_of(obs)).json()["ids"][0]
+    for key in (replicated, buffered):
+        deleted = writer.delete(f"/v1/records/{FILES}/{key}")
+        assert deleted.status_code == 202
+        depth = own_redis.client().xlen("opsync:buffer")
+        update = {"op": "update", "table": FILES, "id": key, "values": {"size_bytes": 3}}
+        for op, refused in (
+            ("update", writer.patch(f"/v1/records/{FILES}/{key}", json={"size_bytes": 2})),
+            ("delete", writer.delete(f"/v1/records/{FILES}/{key}")),
+            ("update", writer.post("/v1/transactions", json={"steps": [update]})),
+        ):
+            assert refused.status_code == 404, refused.text
+            assert refused.json()["detail"] == (
+                f"steps.0: no {FILES} row {key} to {op}: deleted by transaction {deleted.json()['txn_id']}, still buffered")
+        assert shown(writer, FILES, key) is None and own_redis.client().xlen("opsync:buffer") == depth  # nothing written
+    in_one = writer.post("/v1/transactions", json={"steps": [
+        {"op": "delete", "table": FILES, "id": other},
+        {"op": "update", "table": FILES, "id": other, "values": {"size_bytes": 4}},
+    ]})
+    assert in_one.status_code == 404
+    assert in_one.json()["detail"] == f"steps.1: no {FILES} row {other} to update: deleted by an earlier step of this transaction"
+    assert shown(writer, FILES, other)["_sync_state"] == "replicated"
+
+    replicate(primary_engine, replica_engine)
+    assert [shown(writer, FILES, k) for k in (replicated, buffered)] == [None, None]
+    again = writer.patch(f"/v1/records/{FILES}/{replicated}", json={"size_bytes": 5})
+    assert again.status_code == 404 and "neither the site buffer nor the local replica" in again.json()["detail"]
+
+
+def test_an_upsert_after_a_buffered_delete_recreates_the_row(own_redis, writer, observation, primary_engine, replica_engine):
+    obs = post(writer, observation())
+    key = writer.post(f"/v1/records/{FILES}", json=file_of(obs, size_bytes=7, file_type="hdf5")).json()["ids"][0]
+    replicate(primary_engine, replica_engine)
+    old = shown(writer, FILES, key)
+    assert writer.delete(f"/v1/records/{FILES}/{key}").status_code == 202
+    fresh = file_of(obs, size_bytes=8)
+    upsert = writer.post("/v1/transactions", json={"steps": [{"op": "upsert", "table": FILES, "id": key, "values": fresh}]})
+    assert upsert.status_code == 202
+    row = shown(writer, FILES, key)
+    assert (row["size_bytes"], row["file_type"], row["_sync_state"]) == (8, "fits", "buffered")
+    assert row.get("created_at") != old["created_at"]  # a new row: nothing of the deleted one shows
+    replicate(primary_engine, replica_engine)
+    row = shown(writer, FILES, key)
+    assert (row["size_bytes"], row["file_type"], row["path"], row["_sync_state"]) == (8, "fits", fresh["path"], "replicated")
+    assert row["created_at"] != old["created_at"]
+
+
+def test_an_update_or_delete_of_a_key_nobody_has_is_404_and_writes_nothing(own_redis, writer, observation, replica_engine):
+    nobody = str(new_id())
+    depth = own_redis.client().xlen("opsync:buffer")
+    for refused in (
+        writer.patch(f"/v1/records/{TABLE}/{nobody}", json={"status": "aborted"}),
+        writer.delete(f"/v1/records/{FILES}/{nobody}"),
+        writer.post("/v1/transactions", json={"steps": [
+            {"table": TABLE, "values": observation()}, {"op": "update", "table": TABLE, "id": nobody, "values": {"status": "aborted"}}]}),
+    ):
+        assert refused.status_code == 404, refused.text
+        assert nobody in refused.json()["detail"] and "neither the site buffer nor the local replica" in refused.json()["detail"]
+    assert own_redis.client().xlen("opsync:buffer") == depth
+    assert shown(writer, TABLE, nobody) is None and not replica_has(replica_engine, TABLE, nobody)
+    created = writer.post("/v1/transactions", json={"steps": [  # a row an earlier step creates is known
+        {"table": TABLE, "ref": "o", "id": nobody, "values": observation()},
+        {"op": "update", "table": TABLE, "id": nobody, "values": {"status": "completed"}}]})
+    assert created.status_code == 202 and shown(writer, TABLE, nobody)["status"] == "completed"
+
+
+def test_an_unknown_key_with_the_replica_down_is_503_and_writes_nothing(own_redis, writer, observation, migrated):
+    nobody, buffered_row = str(new_id()), post(writer, observation())  # the token is checked (and cached) now
+    migrated.replica.stop("fast")
+    try:
+        refused = writer.patch(f"/v1/records/{TABLE}/{nobody}", json={"status": "aborted"})
+        assert writer.patch(f"/v1/records/{TABLE}/{buffered_row}", json={"status": "aborted"}).status_code == 202
+    finally:
+        migrated.replica.start()
+    assert refused.status_code == 503 and "local replica unavailable" in refused.json()["detail"]
+    assert refused.headers["Retry-After"]
+    assert own_redis.client().xlen("opsync:buffer") == 2
+
+
+def test_a_failed_new_insert_shows_failed_until_discarded(own_redis, writer, observation, primary_engine):
+    from ingest_api.deps import get_buffer
+
+    orphan = writer.post(f"/v1/records/{FILES}", json=file_of(str(uuid.uuid4())))
+    key, txn_id = orphan.json()["ids"][0], orphan.json()["txn_id"]
+    drained(primary_engine, 1)
+    row = shown(writer, FILES, key)
+    assert (row["_sync_state"], row["_txn_id"]) == ("failed", txn_id)
+    listing = {"executed_obs_unit_id": row["executed_obs_unit_id"]}
+    assert [r["id"] for r in writer.get(f"/v1/records/{FILES}", params=listing).json()["rows"]] == [key]
+
+    assert dlq.discard(get_buffer(), txn_id, by="test").changed
+    assert shown(writer, FILES, key) is None
+    assert writer.get(f"/v1/records/{FILES}", params=listing).json()["rows"] == []
+    assert writer.patch(f"/v1/records/{FILES}/{key}", json={"size_bytes": 2}).status_code == 404
+
+
+def test_a_requeued_insert_that_succeeds_shows_replicated(own_redis, writer, planning, primary_engine, replica_engine):
+    from ingest_api.deps import get_buffer
+
+    missing = uuid.uuid4()
+    orphan = writer.post(f"/v1/records/{FILES}", json=file_of(str(missing)))
+    key, txn_id = orphan.json()["ids"][0], orphan.json()["txn_id"]
+    drained(primary_engine, 1)
+    assert writer.patch(f"/v1/records/{FILES}/{key}", json={"size_bytes": 2}).status_code == 404  # a row only a failure wrote
+    with primary_engine.begin() as conn:  # the operator fixes the cause
+        conn.execute(text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time)"
+                          " VALUES (:id, :o, :m, '2026-11-21T03:00:00Z')"),
+                     {"id": missing, "o": planning["obs_unit"], "m": planning["module"]})
+    assert [a.changed for a in dlq.requeue(get_buffer(), txn_id, by="test")] == [True]
+    assert shown(writer, FILES, key)["_sync_state"] == "buffered"
+
+    replicate(primary_engine, replica_engine)
+
+    row = shown(writer, FILES, key)
+    assert (row["_sync_state"], row["_txn_id"], row["executed_obs_unit_id"]) == ("replicated", None, str(missing))
+
+
+def test_updates_racing_a_delete_are_either_before_it_or_refused(own_redis, live_api, auth_headers, observation):
+    """The check is inside the enqueue script: no update is buffered after the delete, whatever the timing."""
+    import threading
+
+    import httpx
+
+    from ingest_api.deps import get_buffer
+
+    headers = auth_headers(TABLE, FILES)
+    with httpx.Client(base_url=f"{live_api}/v1", headers=headers, timeout=10) as client:
+        obs = client.post(f"/records/{TABLE}", json=observation()).json()["ids"][0]
+        key = client.post(f"/records/{FILES}", json=file_of(obs)).json()["ids"][0]
+    answers: list[httpx.Response] = []
+
+    def patch_often() -> None:
+        with httpx.Client(base_url=f"{live_api}/v1", headers=headers, timeout=10) as client:
+            answers.extend(client.patch(f"/records/{FILES}/{key}", json={"size_bytes": n}) for n in range(2, 30))
+
+    threads = [threading.Thread(target=patch_often) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    with httpx.Client(base_url=f"{live_api}/v1", headers=headers, timeout=10) as client:
+        time.sleep(0.05)
+        deleted = client.delete(f"/records/{FILES}/{key}").json()
+        for thread in threads:
+            thread.join()
+        last = client.patch(f"/records/{FILES}/{key}", json={"size_bytes": 1})
+    assert last.status_code == 404 and deleted["txn_id"] in last.json()["detail"]
+    assert {a.status_code for a in answers} <= {202, 404}
+    buffer = get_buffer()
+    at = drain.stream_order(buffer.status(deleted["txn_id"])["stream_id"])
+    accepted = [a.json()["txn_id"] for a in answers if a.status_code == 202]
+    assert all(drain.stream_order(s["stream_id"]) < at for s in buffer.statuses(accepted))
+    assert all(deleted["txn_id"] in a.json()["detail"] for a in answers if a.status_code == 404)
+    with httpx.Client(base_url=f"{live_api}/v1", headers=headers, timeout=10) as client:
+        assert client.get(f"/records/{FILES}/{key}").status_code == 404

@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
-from opsync import drain
+from opsync import dlq, drain
 from opsync.buffer import Buffer
 from opsync.read_model import ReadModel, ensure_read_model, layouts
 from opsync.read_model_check import ReadModelCheck
@@ -329,3 +329,71 @@ def test_a_stopped_publisher_catches_up_on_restart_missing_and_doubling_nothing(
     served = datasette.rows(TABLE, obs_unit_id=planning["obs_unit"])
     assert sorted(r["id"] for r in served) == expected and {r["_sync_state"] for r in served} == {"replicated"}
     wait_for(lambda: no_drift(datasette.model_path, buffer, replica), timeout=10, interval=0.5, what="no drift")
+
+
+# --- what readers see of failures, through Datasette: drained for real, failing at the real primary --
+
+
+def test_failed_writes_leave_the_replicas_rows_served_and_a_failed_new_row_shows_failed_until_discarded(
+    datasette, api, observation, buffer, primary_engine, replica
+):
+    obs = api("POST", f"/records/{TABLE}", observation())["ids"][0]
+    kept, other = (api("POST", f"/records/{FILES}", file_of(obs))["ids"][0] for _ in range(2))
+    drain_and_confirm(buffer, primary_engine, replica)
+    wait_for(lambda: settled(datasette, replica, [obs]) and settled(datasette, replica, [kept, other], FILES), what="replicated")
+    nowhere = str(uuid.uuid4())  # no such observation: the primary's foreign key refuses what names it
+
+    reused = api("POST", f"/records/{TABLE}", observation(id=obs, status="aborted"))  # the key exists: fails
+    api("PATCH", f"/records/{FILES}/{kept}", {"executed_obs_unit_id": nowhere, "file_type": "hdf5"})
+    deleting = api("POST", "/transactions", {"steps": [
+        {"op": "delete", "table": FILES, "id": other}, {"table": FILES, "values": file_of(nowhere)}]})
+    visible(datasette, obs, lambda r: r["_txn_id"] == reused["txn_id"], "the buffered insert (newest wins)")
+    gone(datasette, other, FILES)
+    orphan = deleting["ids"][1]
+    assert drain.drain(buffer, primary_engine).dead_lettered == 3
+
+    wait_for(lambda: settled(datasette, replica, [obs]) and settled(datasette, replica, [kept, other], FILES),
+             what="the replica's rows served again, none of the failed values")
+    assert datasette.row(TABLE, obs)["status"] == "running" and datasette.row(FILES, kept)["file_type"] == "fits"
+    row, _ = visible(datasette, orphan, what="the failed transaction's new row", table=FILES)
+    assert (row["_sync_state"], row["_txn_id"]) == ("failed", deleting["txn_id"])
+
+    dlq.discard(buffer, deleting["txn_id"], by="test")
+    gone(datasette, orphan, FILES)
+    assert datasette.row(FILES, other)["_sync_state"] == "replicated"
+    wait_for(lambda: no_drift(datasette.model_path, buffer, replica), timeout=10, interval=0.5, what="no drift")
+
+
+def test_no_update_brings_back_a_deleted_row_and_a_requeued_insert_shows_replicated(
+    datasette, api, live_api, auth_headers, observation, buffer, primary_engine, replica, planning
+):
+    obs = api("POST", f"/records/{TABLE}", observation())["ids"][0]
+    doomed = api("POST", f"/records/{FILES}", file_of(obs))["ids"][0]
+    drain_and_confirm(buffer, primary_engine, replica)
+    visible(datasette, doomed, lambda r: r["_sync_state"] == "replicated", "replicated", FILES)
+    deleted = api("DELETE", f"/records/{FILES}/{doomed}")
+    gone(datasette, doomed, FILES)
+    headers = auth_headers(FILES)
+    update = httpx.patch(f"{live_api}/v1/records/{FILES}/{doomed}", json={"size_bytes": 1}, headers=headers, timeout=10)
+    assert update.status_code == 404 and deleted["txn_id"] in update.json()["detail"]
+    unknown = httpx.patch(f"{live_api}/v1/records/{FILES}/{uuid.uuid4()}", json={"size_bytes": 1}, headers=headers, timeout=10)
+    assert unknown.status_code == 404
+
+    missing = uuid.uuid4()
+    orphan = api("POST", f"/records/{FILES}", file_of(str(missing)))
+    drain_and_confirm(buffer, primary_engine, replica)
+    visible(datasette, orphan["ids"][0], lambda r: r["_sync_state"] == "failed", "the failed new row", FILES)
+    assert datasette.row(FILES, doomed) is None
+    with primary_engine.begin() as conn:  # the operator fixes the cause, then requeues
+        conn.execute(
+            executed_obs_unit_insert(), {"id": missing, "o": planning["obs_unit"], "m": planning["module"]})
+    dlq.requeue(buffer, orphan["txn_id"], by="test")
+    visible(datasette, orphan["ids"][0], lambda r: r["_sync_state"] == "buffered", "the requeued row", FILES)
+    drain_and_confirm(buffer, primary_engine, replica)
+    wait_for(lambda: settled(datasette, replica, [doomed, orphan["ids"][0]], FILES), what="the requeued row, replicated")
+    assert datasette.row(FILES, orphan["ids"][0])["_sync_state"] == "replicated"
+
+
+def executed_obs_unit_insert():
+    return text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time)"
+                " VALUES (:id, :o, :m, '2026-11-21T03:00:00Z')")
