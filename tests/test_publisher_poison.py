@@ -6,6 +6,7 @@ show (JSON nested deeper than Python decodes), and buffered values an older site
 (a time before year 1 in UTC, an integer beyond SQLite's 64 bits), buffered as built, without ingest's checks.
 """
 
+import json
 import logging
 import time
 import uuid
@@ -13,9 +14,11 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
 
-from opsync import drain
+from opsync import cli, drain
 from opsync.buffer import Buffer
 from opsync.envelope import Op, Step, Transaction
 from opsync.ids import new_id
@@ -279,3 +282,22 @@ def test_a_running_publisher_shows_the_year_one_observation_and_everything_after
     assert reader.row(TABLE, year_one)["night"] is None and reader.row(TABLE, bad) is None
     sample = wait_for(lambda: reader.query("SELECT * FROM sync_poison"), what="the poison row listed")
     assert [(r["key"], r["duty"]) for r in sample] == [(bad, "replica changes")]
+
+
+def test_opsync_status_and_metrics_show_the_poison_rows_and_freshness(publisher, buffer, main_site, api_client):
+    publisher.follow_replica()
+    bad = main_site(metadata=DEEP)
+    publisher.follow_replica()
+    publisher.record_metrics()
+    runner = CliRunner()
+
+    shown = json.loads(runner.invoke(cli.main, ["status", "--json"], catch_exceptions=False).stdout)["read_model"]
+    human = runner.invoke(cli.main, ["status"], catch_exceptions=False).stdout
+    scraped = {s.name: s.value for f in text_string_to_metric_families(api_client.get("/metrics").text) for s in f.samples}
+
+    assert (shown["poison_rows"], shown["poison_skipped"], shown["freshness_s"]) == (1, 1, 0.0)
+    assert [(p["table"], p["key"], p["duty"]) for p in shown["recent_poison"]] == [(TABLE, bad, "replica changes")]
+    assert shown["recent_poison"][0]["reason"].startswith("RecursionError")
+    assert "1 now (1 since counting began)" in human and bad in human and "0.0 s behind" in human
+    assert scraped["opsync_read_model_poison_rows"] == 1 and scraped["opsync_read_model_poison_skipped_total"] == 1
+    assert scraped["opsync_read_model_freshness_seconds"] == 0
