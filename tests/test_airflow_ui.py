@@ -203,6 +203,8 @@ def test_rows_the_read_model_skips_and_its_freshness_are_figures_of_the_page(cli
     assert shown.figures["poison_rows"] == {"level": "warn", "value": "1"}
     assert row.key in report["findings"]["poison_rows"]["message"]
     assert shown.figures["read_model_freshness_s"] == {"level": "ok", "value": "0.0"}
+    client.cookies.set("_token", viewer)
+    assert f'<tr data-key="{row.key}"><td>executed_obs_unit</td>' in client.get("/opsync/").text
 
 
 def test_redis_down_shows_unavailable_and_answers_503_not_500(client, token, monkeypatch):
