@@ -15,7 +15,9 @@ re-read, from four sources:
 
 Each source is a :class:`Duty` with its own backoff: while the replica is down, buffered rows still
 appear; while Redis is down, nothing from the buffer can be known, and the stream position, the
-change position and the sweep pick up where they stopped. The file is created once and only ever
+change position and the sweep pick up where they stopped. A row that cannot be read, rendered or
+written (poison) is skipped by whichever duty meets it, logged once, counted and listed
+(:mod:`opsync.read_model_figures`); every other row is written and the duty moves on. The file is created once and only ever
 written in place. Run it inside Datasette (``datasette/plugins/opsync_publisher.py``) or as its
 own process: ``python -m opsync.publisher``.
 """
