@@ -22,8 +22,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ingest_api.deps import get_buffer
 from ingest_api.guards import HttpMiddleware
+from ingest_api.reads import get_replica
 from opsync.config import get_settings
 from opsync.drain_metrics import ERROR_CLASSES, drain_metrics
+from opsync.read_model_figures import read_model_figures
 from opsync.stats import buffer_stats, high_water
 
 REGISTRY = CollectorRegistry()
@@ -149,8 +151,25 @@ class DrainCollector(Collector):
         )
 
 
+class ReadModelCollector(Collector):
+    """The read-model publisher's figures (:mod:`opsync.read_model_figures`): poison rows and freshness; a figure
+    that cannot be measured is left out."""
+
+    def collect(self):
+        figures = read_model_figures(get_buffer(), get_replica())
+        if figures.poison_rows is not None:
+            yield GaugeMetricFamily("opsync_read_model_poison_rows", "Rows the publisher skips now: it cannot render or write them",
+                                    value=figures.poison_rows)
+            yield CounterMetricFamily("opsync_read_model_poison_skipped", "Times a row became poison (skipped by the publisher)",
+                                      value=figures.poison_skipped)
+        if figures.freshness_s is not None:
+            yield GaugeMetricFamily("opsync_read_model_freshness_seconds",
+                                    "Age of the oldest change the read model does not show yet (0: caught up)", value=figures.freshness_s)
+
+
 REGISTRY.register(BufferCollector())
 REGISTRY.register(DrainCollector())
+REGISTRY.register(ReadModelCollector())
 
 
 def exposition_registry() -> CollectorRegistry:
@@ -162,6 +181,7 @@ def exposition_registry() -> CollectorRegistry:
     MultiProcessCollector(registry)
     registry.register(BufferCollector())
     registry.register(DrainCollector())
+    registry.register(ReadModelCollector())
     return registry
 
 router = APIRouter(tags=["health"])

@@ -11,7 +11,7 @@ is ``warn``, never ``ok``: not knowing is worth a look. The last full evaluation
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 
 from pydantic import Field
@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opsync.buffer import Buffer
 from opsync.drain_metrics import DrainMetrics
+from opsync.read_model_figures import ReadModelFigures
 from opsync.status import SiteStatus
 
 
@@ -50,6 +51,14 @@ class Thresholds(BaseSettings):
     last_confirm_critical_s: float | None = Field(
         3600, description="Since the last confirmation against the replica while transactions await it, seconds"
     )
+    poison_rows_warn: int | None = Field(1, description="Rows the read-model publisher skips (cannot render or write them)")
+    poison_rows_critical: int | None = Field(None, description="Rows the read-model publisher skips")
+    read_model_freshness_warn_s: float | None = Field(
+        120, description="Age of the oldest change the read model (Datasette) does not show yet, seconds"
+    )
+    read_model_freshness_critical_s: float | None = Field(
+        900, description="Age of the oldest change the read model (Datasette) does not show yet, seconds"
+    )
 
 
 class Level(StrEnum):
@@ -68,7 +77,7 @@ class Finding:
 
 FIGURES = (
     "buffer_oldest_age_s", "depth", "awaiting_replica", "lag_bytes", "lag_s",
-    "dead_letters", "drain_failed_runs", "last_drain_s", "last_confirm_s",
+    "dead_letters", "drain_failed_runs", "last_drain_s", "last_confirm_s", "poison_rows", "read_model_freshness_s",
 )
 
 
@@ -93,13 +102,17 @@ def rules(t: Thresholds) -> dict[str, Rule]:
         Rule("drain_failed_runs", "drain runs failed in a row", "", 1, t.drain_failed_runs_warn, t.drain_failed_runs_critical),
         Rule("last_drain_s", "since the last drain", "s", 1, t.last_drain_warn_s, t.last_drain_critical_s),
         Rule("last_confirm_s", "since the last confirmation", "s", 1, t.last_confirm_warn_s, t.last_confirm_critical_s),
+        Rule("poison_rows", "rows the read model skips", "", 1, t.poison_rows_warn, t.poison_rows_critical),
+        Rule("read_model_freshness_s", "read model behind by", "s", 1, t.read_model_freshness_warn_s,
+             t.read_model_freshness_critical_s),
     )}
 
 
 def evaluate(status: SiteStatus, metrics: DrainMetrics, thresholds: Thresholds) -> list[Finding]:
     """One finding per figure of :data:`FIGURES`, in that order."""
     measured = figures(status, metrics)
-    return [judge(rule, *measured[figure]) for figure, rule in rules(thresholds).items()]
+    found = [judge(rule, *measured[figure]) for figure, rule in rules(thresholds).items()]
+    return [with_latest(f, status.read_model) if f.figure == "poison_rows" else f for f in found]
 
 
 def figures(status: SiteStatus, metrics: DrainMetrics) -> dict[str, tuple[float | int | None, str | None, bool]]:
@@ -109,6 +122,9 @@ def figures(status: SiteStatus, metrics: DrainMetrics) -> dict[str, tuple[float 
     unknown = f"site buffer (Redis) unavailable: {down}" if down else None
     awaiting = bool(b and b.awaiting_replica)
     lag = unknown_lag(status)
+    rm = status.read_model
+    read_model_unknown = unknown or "read model figures unknown (" + (
+        "; ".join(f"{part}: {why}" for part, why in rm.unavailable.items()) or "not measured") + ")"
     return {
         "buffer_oldest_age_s": (b and b.oldest_age_s, unknown, True),
         "depth": (b and b.depth, unknown, True),
@@ -121,7 +137,17 @@ def figures(status: SiteStatus, metrics: DrainMetrics) -> dict[str, tuple[float 
         "last_confirm_s": (
             b and b.last_confirm_s, unknown or "no confirmation yet while transactions await the replica", awaiting or b is None
         ),
+        "poison_rows": (rm.poison_rows, read_model_unknown, True),
+        "read_model_freshness_s": (rm.freshness_s, read_model_unknown, True),
     }
+
+
+def with_latest(finding: Finding, read_model: ReadModelFigures) -> Finding:
+    """Poison rows are named by the latest one skipped, its table, key and reason: where to look first."""
+    if not finding.value or not read_model.recent:
+        return finding
+    p = read_model.recent[0]
+    return replace(finding, message=f"{finding.message}; latest: {p.table} {p.key} ({p.duty}: {p.reason})")
 
 
 def unknown_lag(status: SiteStatus) -> str:

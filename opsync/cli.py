@@ -27,6 +27,7 @@ import redis
 from psycopg.errors import UniqueViolation
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -409,7 +410,20 @@ def status_rows(report: SiteStatus) -> list[tuple[str, str]]:
     if report.lag_from == "slot":
         lag += " (from the replication slot: the replica is down)"
     rows.append(("replica lag", lag))
+    rows += read_model_rows(report)
     rows += [(part, f"[red]unavailable[/]: {why}") for part, why in report.unavailable.items()]
+    return rows
+
+
+def read_model_rows(report: SiteStatus) -> list[tuple[str, str]]:
+    """Freshness, and the rows the publisher skips with the latest few keys and reasons."""
+    rm = report.read_model
+    fresh = "unknown" if rm.freshness_s is None else f"{rm.freshness_s:.1f} s behind"
+    rows = [("read model", fresh + "".join(f" ({part}: {why})" for part, why in rm.unavailable.items()))]
+    if rm.poison_rows is not None:
+        skipped = f"{rm.poison_rows} now ({rm.poison_skipped} since counting began)"
+        rows.append(("poison rows skipped", f"[red]{skipped}[/]" if rm.poison_rows else skipped))
+    rows += [("  skipped", escape(f"{p.table} {p.key} ({p.duty}, {p.at[:19]}Z): {p.reason}")) for p in rm.recent]
     return rows
 
 
@@ -770,11 +784,13 @@ def replay(since: datetime, until: datetime | None, tables: tuple[str, ...], as_
             publisher.close()
     if as_json:
         echo_json({"since": since.isoformat(), "until": until.isoformat(), "read_model": str(path), "complete": done.complete,
-                   "tables": {name: {"changed": done.keys[name], "written": done.written[name]} for name in names}})
+                   "tables": {name: {"changed": done.keys[name], "written": done.written[name], "skipped": done.skipped[name]}
+                              for name in names}})
     else:
-        table = Table("table", "changed in range", "rewritten", title=f"replayed {since:%Y-%m-%d %H:%M} – {until:%Y-%m-%d %H:%M} UTC")
+        table = Table("table", "changed in range", "rewritten", "skipped (poison)",
+                      title=f"replayed {since:%Y-%m-%d %H:%M} – {until:%Y-%m-%d %H:%M} UTC")
         for name in names:
-            table.add_row(name, str(done.keys[name]), str(done.written[name]))
+            table.add_row(name, str(done.keys[name]), str(done.written[name]), str(done.skipped[name]))
         console().print(table)
     if not done.complete:
         say("Warning: changes of this range were purged from the change table already, so rows changed before the"

@@ -16,7 +16,9 @@ re-read, from four sources:
 
 Each source is a :class:`Duty` with its own backoff: while the replica is down, buffered rows still
 appear; while Redis is down, nothing from the buffer can be known, and the stream position, the
-change position and the sweep pick up where they stopped. The file is created once and only ever
+change position and the sweep pick up where they stopped. A row that cannot be read, rendered or
+written (poison) is skipped by whichever duty meets it, logged once, counted and listed
+(:mod:`opsync.read_model_figures`); every other row is written and the duty moves on. The file is created once and only ever
 written in place. Run it inside Datasette (``datasette/plugins/opsync_publisher.py``) or as its
 own process: ``python -m opsync.publisher``.
 """
@@ -33,8 +35,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
+import psycopg
 import redis
 from pydantic import ValidationError
 from sqlalchemy import Engine, bindparam, create_engine, select, text
@@ -49,11 +53,16 @@ from opsync.drain_metrics import rate_per_minute
 from opsync.envelope import State, Transaction
 from opsync.events import parse_event
 from opsync.read_model import Layout, ReadModel
+from opsync.read_model_figures import POISON_KEEP, Poison, load_poison, read_model_figures, save_position, store_poison
 from opsync.stats import buffer_stats
 
 log = logging.getLogger("opsync.publisher")
 
 OUTAGES = (redis.RedisError, DBAPIError, OSError)
+# Raised reading one row (decoding a value, e.g. JSON nested deeper than Python parses, or rendering it):
+# that row is poison. Anything else (an outage, a bug) fails the duty, which retries.
+FETCH_POISON = (ArithmeticError, LookupError, RecursionError, TypeError, ValueError, psycopg.DataError)
+REASON_CHARS = 200  # of an error's first line: enough to tell what failed, never a whole row
 LAG_SQL = text(
     "SELECT CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
     " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
@@ -144,11 +153,58 @@ def now_text() -> str:
 
 
 @dataclass(frozen=True)
+class Fetched:
+    """Rows read and rendered, ready to write: ``records`` for ``keys`` (a key without one is deleted), and the
+    keys left out because their row could not be read or rendered (poison), with the error."""
+
+    keys: list[str]
+    records: dict[str, tuple]
+    refused: dict[str, Exception] = field(default_factory=dict)
+
+    def __add__(self, other: "Fetched") -> "Fetched":
+        return Fetched(self.keys + other.keys, self.records | other.records, self.refused | other.refused)
+
+
+def isolate(keys: list[str], read: Callable[[list[str]], Any], refuse: Callable[[str, Exception], None]) -> list:
+    """``[read(keys)]``; when a row cannot be read (a value fails to decode, and with it the whole read), the
+    halves of ``keys`` again, down to the keys that fail alone, which go to ``refuse``; returns the reads that
+    worked. A poison row costs about two reads per halving; none costs nothing. Outages are raised."""
+    try:
+        return [read(keys)]
+    except FETCH_POISON as exc:
+        if len(keys) == 1:
+            refuse(keys[0], exc)
+            return []
+        half = len(keys) // 2
+        return isolate(keys[:half], read, refuse) + isolate(keys[half:], read, refuse)
+
+
+def covered(records: dict[str, tuple], refused: dict[str, Exception], keys: list[str]) -> Fetched:
+    """``keys`` but the refused ones: those are left as the file has them, not deleted."""
+    return Fetched([k for k in keys if k not in refused] if refused else keys, records, refused)
+
+
+def render_each(rows: dict[str, Any], render: Callable[[Any], tuple]) -> tuple[dict[str, tuple], dict[str, Exception]]:
+    """Each row rendered; one that cannot be is left out and returned with its error, the others kept.
+    The common case, nothing refused, costs one comprehension."""
+    try:
+        return {key: render(row) for key, row in rows.items()}, {}
+    except Exception:  # rendering is pure: whatever it raises is that row's fault
+        records, refused = {}, {}
+        for key, row in rows.items():
+            try:
+                records[key] = render(row)
+            except Exception as exc:
+                refused[key] = exc
+        return records, refused
+
+
+@dataclass(frozen=True)
 class Batch:
     """A chunk of the replica's changes, and the rows they changed, read and ready to write."""
 
     changes: Changes
-    rows: list[tuple[Layout, list[str], dict[str, tuple]]]  # (layout, keys, records: a key without one is deleted)
+    rows: list[tuple[Layout, Fetched]]
 
 
 @dataclass(frozen=True)
@@ -157,6 +213,7 @@ class Replayed:
 
     keys: dict[str, int]  # rows changed in the range
     written: dict[str, int]  # of which rewritten or deleted in the file (the rest were right already)
+    skipped: dict[str, int]  # of which poison: they cannot be rendered or written, and were left as they were
     complete: bool  # False: changes of the range may have been purged from the change table
 
 
@@ -170,6 +227,9 @@ class Publisher:
     state_events: set[str] = field(default_factory=set)  # txn_ids whose state changed, not yet applied
     pubsub: redis.client.PubSub | None = None
     sweep_from: dict[str, tuple[str, str]] = field(default_factory=dict)  # table -> (overlay, unsettled) positions
+    poisoned: dict[tuple[str, str], Poison] = field(default_factory=dict)  # (table, key) -> a row skipped now, and why
+    poison_new: int = 0  # rows become poison since the count in Redis was last raised
+    poison_stored: bool | None = None  # None: Redis' list not read yet; False: ours changed since it was stored
 
     def __post_init__(self) -> None:
         t = self.tuning
@@ -208,6 +268,8 @@ class Publisher:
             with single_writer(self.model.path, stop) as writing:
                 if writing:
                     log.info("publishing the read model to %s", self.model.path)
+                    with suppress(redis.RedisError):  # else at the first metrics sample
+                        self.load_poison()
                 while writing and not stop.is_set():
                     self.wait_for_events(stop, 0.2)
                     now = time.monotonic()
@@ -248,12 +310,55 @@ class Publisher:
 
     # --- rows -------------------------------------------------------------------------------------
 
-    def refresh(self, layout: Layout, keys: list[str], replica_optional: bool = False) -> int:
-        """Rewrite ``keys`` as the merged view shows them now; returns rows written."""
-        return self.model.apply(layout, *self.fetch(layout, keys, replica_optional))
+    def refresh(self, layout: Layout, keys: list[str], replica_optional: bool = False, duty: str = "repair") -> int:
+        """Rewrite ``keys`` as the merged view shows them now; returns rows written. ``duty`` names the caller
+        in what is logged of a poison row."""
+        return self.publish(layout, self.fetch(layout, keys, replica_optional), duty)
 
-    def fetch(self, layout: Layout, keys: list[str], replica_optional: bool = False) -> tuple[list[str], dict[str, tuple]]:
-        """The merged view of ``keys`` now, as stored records (a key without one is deleted), and the keys it covers.
+    def publish(self, layout: Layout, fetched: Fetched, duty: str) -> int:
+        """Write ``fetched``; a row that could not be read or rendered, or that the file refuses, is skipped as
+        poison (left as the file has it) and every other row is written. Returns rows written."""
+        refused = dict(fetched.refused)
+        written = self.model.apply(layout, fetched.keys, fetched.records, refused.__setitem__)
+        for key, exc in refused.items():
+            self.poison(layout.name, key, duty, exc)
+        if self.poisoned:
+            self.cured(layout.name, [key for key in fetched.keys if key not in refused])
+        return written
+
+    def poison(self, table: str, key: str, duty: str, exc: BaseException) -> None:
+        """Skip a row that cannot be published: logged and counted once, until it is published again.
+
+        The duty moves on past it; the row is tried again whenever it is read again (it changes, the sweep
+        comes by), quietly while it stays poison."""
+        if (table, key) in self.poisoned:
+            return
+        reason = plain(exc)[:REASON_CHARS]
+        self.poisoned[(table, key)] = Poison(table, key, duty, reason, now_text())
+        self.poison_new += 1
+        self.changed_poison()
+        log.warning("%s: skipping %s %s, which cannot be published: %s", duty, table, key, reason)
+
+    def cured(self, table: str, keys: list[str]) -> None:
+        """Rows written (or deleted) fine after being poison: no longer skipped."""
+        for key in keys:
+            if self.poisoned.pop((table, key), None) is not None:
+                self.changed_poison()
+                log.info("%s %s is published again", table, key)
+
+    def changed_poison(self) -> None:
+        if self.poison_stored:
+            self.poison_stored = False
+
+    def fetch(self, layout: Layout, keys: list[str], replica_optional: bool = False) -> Fetched:
+        """:meth:`fetch_rows`, poison rows isolated (:func:`isolate`) and refused."""
+        unread: dict[str, Exception] = {}
+        parts = isolate(keys, lambda some: self.fetch_rows(layout, some, replica_optional), unread.__setitem__)
+        return sum(parts, Fetched([], {}, unread))
+
+    def fetch_rows(self, layout: Layout, keys: list[str], replica_optional: bool = False) -> Fetched:
+        """The merged view of ``keys`` now, as stored records (a key without one is deleted), and the keys it covers;
+        a row that cannot be rendered is refused, the others kept.
 
         The overlay is read before the replica: an overlay that is gone was released only after the
         replica had replayed its change, so the replica read that follows has the row, and a row never
@@ -274,15 +379,15 @@ class Publisher:
             overlays = {k: overlays[k] for k in keys}
         at = now_text()
         if not overlays:
-            return keys, {key: layout.loaded_record(row, at) for key, row in base.items()}
-        records = {key: layout.loaded_record(row, at) for key, row in base.items() if key not in overlays}
+            return covered(*render_each(base, lambda row: layout.loaded_record(row, at)), keys)
+        records, refused = render_each({k: row for k, row in base.items() if k not in overlays}, lambda row: layout.loaded_record(row, at))
         names = [c.name for c in layout.data_columns]
         under = {key: dict(zip(names, row, strict=True)) for key, row in base.items() if key in overlays}
-        records |= {
-            row["id"]: layout.record(row, row["_sync_state"] and str(row["_sync_state"]), row["_txn_id"], row["_commit_lsn"], at)
-            for row in merged.merge_all(under, overlays, {})
-        }
-        return keys, records
+        shown, unshown = render_each(
+            {row["id"]: row for row in merged.merge_all(under, overlays, {})},
+            lambda row: layout.record(row, row["_sync_state"] and str(row["_sync_state"]), row["_txn_id"], row["_commit_lsn"], at),
+        )
+        return covered(records | shown, refused | unshown, keys)
 
     def overlaid(self, layout: Layout, keys: list[str]) -> list[str]:
         """The keys that have an overlay hash (buffered deletes included, which the key index leaves out):
@@ -301,10 +406,10 @@ class Publisher:
             cursor.execute(sql, {**params, "ids": ",".join(keys)})
             return {row[0]: row for row in cursor.fetchall()}
 
-    def refresh_all(self, keys: dict[str, set[str]], replica_optional: bool = False) -> None:
+    def refresh_all(self, keys: dict[str, set[str]], replica_optional: bool = False, duty: str = "buffer") -> None:
         for table, table_keys in keys.items():
             if table in self.layouts:
-                self.refresh(self.layouts[table], sorted(table_keys), replica_optional)
+                self.refresh(self.layouts[table], sorted(table_keys), replica_optional, duty)
 
     # --- the buffer -------------------------------------------------------------------------------
 
@@ -315,7 +420,7 @@ class Publisher:
             more = self.read_stream() | self.read_stream(self.buffer.dead_letters, DEAD_STATE)
             for layout in self.layouts.values():
                 if events and (keys := self.model.keys_of_txns(layout, sorted(events))):
-                    self.refresh(layout, keys, replica_optional=True)
+                    self.refresh(layout, keys, replica_optional=True, duty="state events")
         except BaseException:
             self.state_events |= events
             raise
@@ -344,6 +449,7 @@ class Publisher:
         self.refresh_all(keys, replica_optional=True)
         with self.model.transaction() as conn:
             self.model.set_state(conn, state, entries[-1][0].decode())
+        save_position(self.buffer, state, entries[-1][0].decode())
         return len(entries) == self.tuning.chunk
 
     def sweep(self) -> None:
@@ -355,7 +461,7 @@ class Publisher:
             overlay = [k.decode() for k in self.buffer.client.zrangebylex(self.buffer.rows_index(layout.name), overlay_from, "+", 0, size)]
             unsettled = self.model.unsettled_keys(layout, unsettled_from, size)
             if overlay or unsettled:
-                self.refresh(layout, sorted(set(overlay) | set(unsettled)))
+                self.refresh(layout, sorted(set(overlay) | set(unsettled)), duty="sweep")
             self.sweep_from[layout.name] = (
                 f"({overlay[-1]}" if len(overlay) == size else "-",
                 unsettled[-1] if len(unsettled) == size else "",
@@ -371,8 +477,16 @@ class Publisher:
         return Position(int(xid), int(seq))
 
     def save_position(self, position: Position) -> None:
+        """In the file (with the rows it reaches, inside a batch's transaction), then in Redis for the freshness
+        figure: while Redis is down, only the figure waits."""
         with self.model.transaction() as conn:
             self.model.set_state(conn, CHANGES_STATE, f"{position.xid}:{position.seq}")
+        if not self.model.conn.in_transaction:  # else once the batch around it has committed
+            self.mirror_position(position)
+
+    def mirror_position(self, position: Position) -> None:
+        with suppress(redis.RedisError):
+            save_position(self.buffer, CHANGES_STATE, f"{position.xid}:{position.seq}")
 
     def follow_replica(self) -> bool:
         """Apply the replica's final changes past the position; the first run loads everything.
@@ -402,36 +516,55 @@ class Publisher:
     def read_batch(self, position: Position) -> Batch:
         """The next chunk of changes past ``position`` and the rows they changed, as they are now."""
         changes = read_changes(self.replica, position, self.tuning.chunk)
-        fetched = [(self.layouts[t], *self.fetch(self.layouts[t], sorted(ids))) for t, ids in changes.ids.items() if t in self.layouts]
+        fetched = [(self.layouts[t], self.fetch(self.layouts[t], sorted(ids))) for t, ids in changes.ids.items() if t in self.layouts]
         return Batch(changes, fetched)
 
     def write_batch(self, batch: Batch) -> None:
-        """A chunk's rows and the position they reach, in one SQLite transaction."""
+        """A chunk's rows and the position they reach, in one SQLite transaction; poison rows are skipped."""
         with self.model.transaction():
-            for layout, keys, records in batch.rows:
-                self.model.apply(layout, keys, records)
+            for layout, fetched in batch.rows:
+                self.publish(layout, fetched, "replica changes")
             self.save_position(batch.changes.position)
+        self.mirror_position(batch.changes.position)
 
     def full_load(self) -> None:
         """Copy every table from one replica snapshot in key order, ``chunk`` rows per SQLite transaction.
 
-        Everything below the snapshot's xmin is in it, so change capture starts there.
+        Everything below the snapshot's xmin is in it, so change capture starts there. A row that cannot be
+        rendered or written is skipped as poison; one whose value cannot even be decoded stops the snapshot's
+        stream of rows, so a resync (by key, which isolates it) finishes the load.
         """
         started, total, at = time.monotonic(), 0, now_text()
         snapshot = self.replica.connect().execution_options(isolation_level="REPEATABLE READ", yield_per=self.tuning.chunk)
-        with snapshot as conn, self.model.bulk_load():
-            xmin = conn.execute(SNAPSHOT_SQL).one()[0]
-            for layout in self.layouts.values():
-                for rows in conn.execute(layout.load_query()).partitions():
-                    records = [layout.loaded_record(row, at) for row in rows]
-                    with self.model.transaction() as db:
-                        self.model.insert(db, layout, records)
-                    total += len(records)
+        try:
+            with snapshot as conn, self.model.bulk_load():
+                xmin = conn.execute(SNAPSHOT_SQL).one()[0]
+                for layout in self.layouts.values():
+                    for rows in conn.execute(layout.load_query()).partitions():
+                        total += self.load_rows(layout, rows, at)
+        except FETCH_POISON as exc:
+            log.warning("full load: a row could not be read (%s); finishing the load by key", plain(exc)[:REASON_CHARS])
+            self.resync("full load")
+            return
         self.save_position(Position(xmin))
         elapsed = time.monotonic() - started
         log.info("full load: %d rows in %.1f s (%.0f rows/s)", total, elapsed, total / max(elapsed, 1e-9))
 
-    def resync(self) -> None:
+    def load_rows(self, layout: Layout, rows: list, at: str) -> int:
+        """One chunk of the full load, written in its own transaction; returns rows written."""
+        try:
+            records, refused = [layout.loaded_record(row, at) for row in rows], {}
+        except Exception:  # rendering is pure: some row's fault, found row by row
+            rendered, refused = render_each({row[layout.key_position]: row for row in rows}, lambda row: layout.loaded_record(row, at))
+            records = list(rendered.values())
+        unwritten: dict[str, Exception] = {}
+        with self.model.transaction() as db:
+            self.model.insert(db, layout, records, unwritten.__setitem__)
+        for key, exc in (refused | unwritten).items():
+            self.poison(layout.name, key, "full load", exc)
+        return len(records) - len(unwritten)
+
+    def resync(self, duty: str = "resync") -> None:
         """Bring every row in line with the replica without emptying anything (rows never vanish), walking
         keys in order on both sides; change capture then starts from before the walk."""
         xmin = snapshot_xmin(self.replica)
@@ -442,7 +575,7 @@ class Publisher:
                 with self.replica.connect() as conn:
                     ids = [str(i) for i in conn.scalars(query.where(table.c.id > UUID(after)) if after else query)]
                 upto = ids[-1] if len(ids) == self.tuning.chunk else None
-                self.refresh(layout, sorted(set(ids) | set(self.model.keys_between(layout, after, upto))))
+                self.refresh(layout, sorted(set(ids) | set(self.model.keys_between(layout, after, upto))), duty=duty)
                 if upto is None:
                     break
                 after = upto
@@ -457,7 +590,7 @@ class Publisher:
         Idempotent: a row already right is left alone. Each chunk holds the file's write lock from the
         replica read to the write, so a publisher running meanwhile cannot have a newer row overwritten.
         """
-        keys, written = dict.fromkeys(tables, 0), dict.fromkeys(tables, 0)
+        keys, written, skipped = dict.fromkeys(tables, 0), dict.fromkeys(tables, 0), dict.fromkeys(tables, 0)
         params = {"since": since, "until": until, "tables": tables}
         with self.replica.connect().execution_options(yield_per=REPLAY_CHUNK) as conn:
             complete = not conn.execute(PURGED_SQL, params).scalar()
@@ -466,8 +599,9 @@ class Publisher:
                     ids = [row[1] for row in group]
                     keys[table] += len(ids)
                     with self.model.transaction():
-                        written[table] += self.refresh(self.layouts[table], ids)
-        return Replayed(keys, written, complete)
+                        written[table] += self.refresh(self.layouts[table], ids, duty="replay")
+                    skipped[table] += sum((table, key) in self.poisoned for key in ids)
+        return Replayed(keys, written, skipped, complete)
 
     def purge(self) -> None:
         purged = purge_changes(self.primary, self.tuning.change_retention)
@@ -480,6 +614,13 @@ class Publisher:
         """One sample for the dashboards; what cannot be measured now (Redis or replica down) is NULL."""
         figures = dict.fromkeys(("buffer_depth", "oldest_buffered_age_s", "awaiting_replica", "dead_letters", "replica_lag_s"))
         with suppress(redis.RedisError):
+            self.store_poison()
+        read_model = read_model_figures(self.buffer, self.replica)
+        figures |= {
+            "poison_rows": len(self.poisoned), "poison_skipped": read_model.poison_skipped,
+            "read_model_freshness_s": read_model.freshness_s,
+        }
+        with suppress(redis.RedisError):
             stats = buffer_stats(self.buffer.client, self.buffer)
             figures |= {
                 "buffer_depth": stats.depth, "oldest_buffered_age_s": stats.oldest_age_s,
@@ -489,8 +630,24 @@ class Publisher:
             lag = conn.execute(LAG_SQL).scalar()
             figures["replica_lag_s"] = None if lag is None else float(lag)
         self.model.append_metrics(now_text(), figures, self.tuning.metrics_keep_days)
+        listed = sorted(self.poisoned.values(), key=lambda p: p.at)[-POISON_KEEP:]
+        self.model.store_poison((p.table, p.key, p.duty, p.reason, p.at) for p in listed)
         with suppress(redis.RedisError):
             self.record_drain()
+
+    def load_poison(self) -> None:
+        """Take over the rows a previous run skipped (they stay listed until they are published), once."""
+        if self.poison_stored is None:
+            self.poisoned = load_poison(self.buffer) | self.poisoned
+            self.poison_stored = False
+
+    def store_poison(self) -> None:
+        """Our list of poison rows and the new skips into Redis, where the status, the page and /metrics read them."""
+        self.load_poison()
+        if self.poison_stored:
+            return
+        store_poison(self.buffer, self.poisoned, self.poison_new)
+        self.poison_new, self.poison_stored = 0, True
 
     def record_drain(self) -> None:
         """The drainer's records applied per minute (the last hour: the current minute grows, a missed sample

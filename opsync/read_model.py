@@ -15,16 +15,16 @@ ledger, change capture) are not ingestible and so never reach this file.
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
-import pendulum
 from sqlalchemy import Column, Integer, Select, Text, UniqueConstraint, bindparam, cast, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, psycopg
 from sqlalchemy.sql.sqltypes import JSON
@@ -37,6 +37,7 @@ UNSETTLED = ("buffered", "committed", "failed")  # states backed by the buffer's
 METRICS = "sync_metrics"
 DRAIN_RATE = "sync_drain_rate"
 FINDINGS = "sync_findings"
+POISON = "sync_poison"
 STATE = "publisher_state"
 CHUNK = 5000  # keys per statement: well below SQLite's limit of bound variables
 UTC_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'  # PostgreSQL's to_char for what utc_text writes
@@ -47,8 +48,20 @@ CREATE TABLE IF NOT EXISTS {METRICS} (
     oldest_buffered_age_s REAL,
     awaiting_replica INTEGER,
     dead_letters INTEGER,
-    replica_lag_s REAL
+    replica_lag_s REAL,
+    poison_rows INTEGER,
+    poison_skipped INTEGER,
+    read_model_freshness_s REAL
 )"""
+ADDED_METRICS = {"poison_rows": "INTEGER", "poison_skipped": "INTEGER", "read_model_freshness_s": "REAL"}  # for older files
+POISON_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {POISON} (table_name TEXT NOT NULL, key TEXT NOT NULL, duty TEXT NOT NULL, reason TEXT NOT NULL,"
+    " at TEXT NOT NULL, PRIMARY KEY (table_name, key))"
+)
+NOON = timedelta(hours=12)
+# A row the SQLite write refuses (a value it cannot bind or store); OperationalError (locked, disk full) is no row's fault
+WRITE_POISON = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError, sqlite3.InterfaceError,
+                ValueError, TypeError, OverflowError)
 DRAIN_DDL = (  # the drainer's figures (opsync.drain_metrics) and the alert findings (opsync.alerts), as Redis has them
     f"CREATE TABLE IF NOT EXISTS {DRAIN_RATE} (minute TEXT PRIMARY KEY, records_applied INTEGER NOT NULL)",
     f"CREATE TABLE IF NOT EXISTS {FINDINGS} (figure TEXT PRIMARY KEY, value REAL, level TEXT NOT NULL, message TEXT NOT NULL,"
@@ -66,14 +79,18 @@ def json_text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def night_of(moment: str, timezone: str) -> str:
+def night_of(moment: str, timezone: str) -> str | None:
     """The observing night a time belongs to, named by the local date it began on.
 
     Nights turn over at local noon: an observation at 02:00 local belongs to the night that began
-    the evening before.
+    the evening before. A time whose night lies outside Python's calendar (hours from the start of
+    year 1, or past 9999) or that it cannot read (year 10000 on, as PostgreSQL allows) has none
+    (NULL): an odd time must not make its row unpublishable.
     """
-    local = pendulum.instance(datetime.fromisoformat(moment)).in_timezone(timezone)
-    return local.subtract(hours=12).date().isoformat()
+    try:
+        return (datetime.fromisoformat(moment) - NOON).astimezone(ZoneInfo(timezone)).date().isoformat()
+    except (ValueError, OverflowError):
+        return None
 
 
 def converter(column: Column):
@@ -156,6 +173,10 @@ class Layout:
             if values[i] is not None:
                 values[i] = json_text(values[i])
         return self.finish(values, "replicated", None, None, at)
+
+    @cached_property
+    def key_position(self) -> int:
+        return self.columns.index("id")
 
     @cached_property
     def night_position(self) -> int | None:
@@ -254,12 +275,41 @@ def ensure_read_model(path: Path) -> None:
             for sql in layout.indexes.values():
                 conn.execute(sql)
         conn.execute(METRICS_DDL)
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({METRICS})")}
+        for name, kind in ADDED_METRICS.items():
+            if name not in have:
+                conn.execute(f"ALTER TABLE {METRICS} ADD COLUMN {name} {kind}")
+        conn.execute(POISON_DDL)
         for ddl in DRAIN_DDL:
             conn.execute(ddl)
         conn.execute(f"CREATE TABLE IF NOT EXISTS {STATE} (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
         conn.commit()
     finally:
         conn.close()
+
+
+Refused = Callable[[str, Exception], None]  # told the key of each record the file refused, and why
+
+
+def write(conn: sqlite3.Connection, layout: Layout, sql: str, records: list[tuple], refused: Refused | None) -> None:
+    """``sql`` for every record at once; if the file refuses one, each alone, the refused ones skipped and reported.
+
+    A savepoint undoes the part of the batch written before the refusal, so nothing is written twice;
+    SQLite undoes a refused statement by itself."""
+    if refused is None:
+        conn.executemany(sql, records)
+        return
+    conn.execute("SAVEPOINT publish")
+    try:
+        conn.executemany(sql, records)
+    except WRITE_POISON:
+        conn.execute("ROLLBACK TO publish")
+        for record in records:
+            try:
+                conn.execute(sql, record)
+            except WRITE_POISON as exc:
+                refused(record[layout.key_position], exc)
+    conn.execute("RELEASE publish")
 
 
 def chunks(items: list, size: int = CHUNK) -> Iterator[list]:
@@ -308,9 +358,9 @@ class ReadModel:
         sql = f"INSERT INTO {STATE} (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
         conn.execute(sql, (name, value))
 
-    def insert(self, conn: sqlite3.Connection, layout: Layout, records: list[tuple]) -> None:
+    def insert(self, conn: sqlite3.Connection, layout: Layout, records: list[tuple], refused: Refused | None = None) -> None:
         """The full load's fast path: plain inserts into an empty table."""
-        conn.executemany(layout.upsert_sql, records)
+        write(conn, layout, layout.upsert_sql, records, refused)
 
     @contextmanager
     def bulk_load(self) -> Iterator[None]:
@@ -319,21 +369,24 @@ class ReadModel:
             for layout in self.layouts.values():
                 for name in layout.indexes:
                     conn.execute(f'DROP INDEX IF EXISTS "{name}"')
-        yield
-        with self.transaction() as conn:
-            for layout in self.layouts.values():
-                for sql in layout.indexes.values():
-                    conn.execute(sql)
+        try:
+            yield
+        finally:  # an interrupted load is finished by a resync, which needs the indexes as much as readers do
+            with self.transaction() as conn:
+                for layout in self.layouts.values():
+                    for sql in layout.indexes.values():
+                        conn.execute(sql)
 
-    def apply(self, layout: Layout, keys: Iterable[str], records: dict[str, tuple]) -> int:
+    def apply(self, layout: Layout, keys: Iterable[str], records: dict[str, tuple], refused: Refused | None = None) -> int:
         """Make ``keys`` hold ``records`` (absent from it: deleted); rows whose values are unchanged are left as
-        they are (:attr:`Layout.merge_sql`). Returns rows written."""
+        they are (:attr:`Layout.merge_sql`); a record the file refuses is skipped and handed to ``refused``
+        (without it, the error is raised). Returns rows written."""
         gone = [(k,) for k in keys if k not in records]
         if not records and not gone:
             return 0
         with self.transaction() as conn:
             before = conn.total_changes
-            conn.executemany(layout.merge_sql, records.values())
+            write(conn, layout, layout.merge_sql, list(records.values()), refused)
             conn.executemany(f'DELETE FROM "{layout.name}" WHERE id = ?', gone)
             return conn.total_changes - before
 
@@ -373,6 +426,12 @@ class ReadModel:
                 (at, *figures.values()),
             )
             conn.execute(f"DELETE FROM {METRICS} WHERE at < strftime('%Y-%m-%dT%H:%M:%f', 'now', ?)", (f"-{keep_days} days",))
+
+    def store_poison(self, rows: Iterable[tuple[str, str, str, str, str]]) -> None:
+        """The rows the publisher skips now (``(table, key, duty, reason, at)``), replacing the previous list."""
+        with self.transaction() as conn:
+            conn.execute(f"DELETE FROM {POISON}")
+            conn.executemany(f"INSERT INTO {POISON} (table_name, key, duty, reason, at) VALUES (?, ?, ?, ?, ?)", rows)
 
     def store_drain(self, rate: Iterable[tuple[str, int]], findings: Iterable[tuple], keep_days: int) -> None:
         """Records applied per minute (``(minute, count)``, upserted: the current minute grows) and the latest

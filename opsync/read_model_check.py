@@ -20,7 +20,7 @@ from uuid import UUID
 
 from sqlalchemy import Engine
 
-from opsync.publisher import CHANGES_STATE, Publisher
+from opsync.publisher import CHANGES_STATE, FETCH_POISON, Publisher, isolate, plain, render_each
 from opsync.read_model import Layout, ReadModel, chunks
 
 REPAIR_CHUNK = 1000  # keys per repair under the write lock: well within the publisher's busy timeout
@@ -37,6 +37,7 @@ class TableCheck:
     missing: list[str] = field(default_factory=list)  # in the replica, not in the file
     extra: list[str] = field(default_factory=list)  # replicated in the file, not in the replica
     altered: list[str] = field(default_factory=list)  # in both, different
+    poison: dict[str, str] = field(default_factory=dict)  # replica rows that cannot be read or rendered -> why; not compared
     repaired: int = 0  # rows rewritten or deleted
     replica_checksum: str = ""
     model_checksum: str = ""
@@ -48,6 +49,8 @@ class TableCheck:
     def describe(self) -> str:
         counts = (f"{self.table}: replica {self.replica_rows:,} rows (checksum {self.replica_checksum}), "
                   f"read model {self.model_rows:,} replicated rows ({self.model_checksum}), {self.unsettled:,} buffered or in flight")
+        if self.poison:
+            counts += f"; {len(self.poison)} rows cannot be published, not compared {sample(sorted(self.poison))}"
         if not self.drift:
             return f"{counts}: no drift"
         return (f"{counts}: drift in {len(self.mismatched_ranges)} of {self.ranges} key ranges: {len(self.missing)} missing "
@@ -103,12 +106,12 @@ class ReadModelCheck:
         replica_sum, model_sum = hashlib.blake2b(digest_size=8), hashlib.blake2b(digest_size=8)
         width, state = len(layout.columns) - 1, layout.columns.index("_sync_state")  # every column but _updated_at
         while True:
-            replica = self.replica_range(layout, after)
-            upto = next(reversed(replica)) if len(replica) == self.chunk else None
+            replica, poison, upto = self.replica_range(layout, after)
             stored = self.model.records_between(layout, after, upto, width)
             unsettled = {k for k, r in stored.items() if r[state] != "replicated"}
-            model = {k: r for k, r in stored.items() if k not in unsettled}
+            model = {k: r for k, r in stored.items() if k not in unsettled and k not in poison}
             replica = {k: r for k, r in replica.items() if k not in unsettled}
+            found.poison |= poison
             found.ranges += 1
             found.replica_rows += len(replica)
             found.model_rows += len(model)
@@ -131,10 +134,23 @@ class ReadModelCheck:
                     found.repaired += self.publisher.refresh(layout, keys)
         return found
 
-    def replica_range(self, layout: Layout, after: str) -> dict[str, tuple]:
-        """The next ``chunk`` replica rows past ``after``, as the file stores them (but for ``_updated_at``)."""
+    def replica_range(self, layout: Layout, after: str) -> tuple[dict[str, tuple], dict[str, str], str | None]:
+        """The next ``chunk`` replica rows past ``after``, as the file stores them (but for ``_updated_at``), the
+        rows of the range that cannot be (poison: why), and the range's last key (None: the table's end)."""
+        table = layout.entry.table
         query = layout.load_query().limit(self.chunk)
         if after:
-            query = query.where(layout.entry.table.c.id > UUID(after))
+            query = query.where(table.c.id > UUID(after))
+        poison: dict[str, Exception] = {}
         with self.publisher.replica.connect() as conn:
-            return {row[0]: layout.loaded_record(row, "")[:-1] for row in conn.execute(query)}
+            try:
+                rows = {row[0]: row for row in conn.execute(query)}
+            except FETCH_POISON:  # a value that cannot be decoded: read the range by key, isolating it
+                keys = [str(k) for k in conn.scalars(query.with_only_columns(table.c.id))]
+                rows = {}
+                for part in isolate(keys, lambda some: self.publisher.replica_records(layout, some), poison.__setitem__):
+                    rows |= part
+        keys = sorted(rows.keys() | poison.keys())
+        records, unrendered = render_each({k: rows[k] for k in keys if k in rows}, lambda row: layout.loaded_record(row, "")[:-1])
+        why = {key: plain(exc) for key, exc in (poison | unrendered).items()}
+        return records, why, keys[-1] if len(keys) == self.chunk else None

@@ -1,4 +1,5 @@
-"""How the site is doing, in one measurement: the buffer, the dead letters and how far the replica lags.
+"""How the site is doing, in one measurement: the buffer, the dead letters, how far the replica lags, and the
+read model's poison rows and freshness (:mod:`opsync.read_model_figures`).
 
 Shared by ``opsync status`` and the Airflow UI. Each part (Redis, the primary, the replica) is
 measured on its own and an unreachable one is reported, never raised, so the others still show:
@@ -20,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 
 from opsync.buffer import Buffer
 from opsync.lsn import CURRENT_SQL, Lsn, ReplicaError, replay_position
+from opsync.read_model_figures import ReadModelFigures, read_model_figures
 from opsync.stats import BufferStats, buffer_stats
 
 SLOT_SQL = "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = :slot"
@@ -38,6 +40,7 @@ class SiteStatus:
     lag_from: str | None = None  # "replica" or "slot": where replica_lsn comes from
     replay_age_s: float | None = None  # since the replica replayed its last transaction
     unavailable: dict[str, str] = field(default_factory=dict)  # part ("redis", "primary", "replica") -> why
+    read_model: ReadModelFigures = field(default_factory=ReadModelFigures)  # poison rows skipped, freshness
 
     @property
     def degraded(self) -> bool:
@@ -70,6 +73,7 @@ class SiteStatus:
                 "replica_lsn": self.replica_lsn and str(self.replica_lsn),
                 "lag_from": self.lag_from, "lag_bytes": self.lag_bytes, "lag_s": self.lag_s,
             },
+            "read_model": self.read_model.as_json(),
             "unavailable": self.unavailable,
         }
 
@@ -83,6 +87,8 @@ def site_status(buffer: Buffer, primary: Engine, replica: Engine, slot: str) -> 
         status.unavailable["redis"] = one_line(exc)
     slot_lsn = measure_primary(status, primary, slot)
     measure_replica(status, replica)
+    if "redis" not in status.unavailable:  # else it would wait through redis-py's retries again
+        status.read_model = read_model_figures(buffer, replica)
     if status.replica_lsn is None and slot_lsn is not None:
         status.replica_lsn, status.lag_from = slot_lsn, "slot"
     return status

@@ -27,6 +27,7 @@ from sqlalchemy import create_engine  # noqa: E402
 
 from opsync import cli, dlq, drain, drain_metrics  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
+from opsync.read_model_figures import Poison, store_poison  # noqa: E402
 from opsync_airflow.ui.access import CSRF_HEADER  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.test_dlq import fix_cause, in_ledger, poison, unsent  # noqa: E402
@@ -186,6 +187,24 @@ def test_figures_equal_opsync_status_and_are_coloured_by_the_thresholds(client, 
     assert shown.figures["awaiting_replica"]["level"] == ("warn" if buffer["committed_not_replicated"] else "ok")
     assert len(shown.bars) == 60 and sum(shown.bars) == ours["drain"]["records_applied_last_hour"]
     assert shown.buttons == []  # a viewer sees no requeue or discard
+
+
+def test_rows_the_read_model_skips_and_its_freshness_are_figures_of_the_page(client, site, token):
+    """As the publisher lists them in Redis (its own function); nothing buffered and no publisher yet: caught up."""
+    row = Poison("executed_obs_unit", str(uuid.uuid4()), "replica changes", "RecursionError: maximum recursion depth",
+                    "2026-11-21T03:00:00.000000+00:00")
+    store_poison(site, {(row.table, row.key): row}, 1)
+    viewer = token("viewer")
+
+    report = client.get(STATUS, headers=bearer(viewer)).json()
+    shown = page(client, viewer)
+
+    assert report["read_model"]["poison_rows"] == 1 and report["read_model"]["recent_poison"][0]["key"] == row.key
+    assert shown.figures["poison_rows"] == {"level": "warn", "value": "1"}
+    assert row.key in report["findings"]["poison_rows"]["message"]
+    assert shown.figures["read_model_freshness_s"] == {"level": "ok", "value": "0.0"}
+    client.cookies.set("_token", viewer)
+    assert f'<tr data-key="{row.key}"><td>executed_obs_unit</td>' in client.get("/opsync/").text
 
 
 def test_redis_down_shows_unavailable_and_answers_503_not_500(client, token, monkeypatch):

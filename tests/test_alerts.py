@@ -30,6 +30,7 @@ from opsync.buffer import Buffer  # noqa: E402
 from opsync.drain_metrics import DrainMetrics, drain_metrics, record_run  # noqa: E402
 from opsync.lsn import Lsn  # noqa: E402
 from opsync.read_model import ReadModel  # noqa: E402
+from opsync.read_model_figures import Poison, ReadModelFigures  # noqa: E402
 from opsync.stack.settings import REPO  # noqa: E402
 from opsync.stats import BufferStats  # noqa: E402
 from opsync.status import SiteStatus  # noqa: E402
@@ -44,8 +45,13 @@ HEALTHY = BufferStats(
 )
 
 
-def status(buffer: BufferStats | None = HEALTHY, lag_bytes: int = 0, replay_age_s: float | None = 1.0, **unavailable) -> SiteStatus:
-    s = SiteStatus(at="2026-11-21T03:00:00+00:00", buffer=buffer, unavailable=unavailable)
+CAUGHT_UP = ReadModelFigures(poison_rows=0, poison_skipped=0, stream_age_s=0.0, changes_age_s=0.0)
+
+
+def status(buffer: BufferStats | None = HEALTHY, lag_bytes: int = 0, replay_age_s: float | None = 1.0,
+           read_model: ReadModelFigures = CAUGHT_UP, **unavailable) -> SiteStatus:
+    s = SiteStatus(at="2026-11-21T03:00:00+00:00", buffer=buffer, unavailable=unavailable,
+                   read_model=ReadModelFigures() if "redis" in unavailable else read_model)
     if "primary" not in unavailable:
         s.primary_lsn = Lsn.parse("0/5000000")
     if "replica" not in unavailable:
@@ -106,6 +112,7 @@ def test_what_cannot_be_measured_warns_and_says_why():
     findings = judged(status(buffer=None, redis="Connection refused"))
     assert {figure for figure, level in levels(findings).items() if level == "warn"} == {
         "buffer_oldest_age_s", "depth", "awaiting_replica", "dead_letters", "drain_failed_runs", "last_drain_s", "last_confirm_s",
+        "poison_rows", "read_model_freshness_s",
     }
     assert findings["depth"].value is None
     assert findings["depth"].message == "site buffer (Redis) unavailable: Connection refused"
@@ -125,6 +132,46 @@ def test_confirmation_age_counts_only_while_transactions_await_the_replica():
     assert levels(judged(status(idle))) == {}
     unconfirmed = replace(HEALTHY, awaiting_replica=3)
     assert levels(judged(status(unconfirmed))) == {"last_confirm_s": "warn"}
+
+
+def test_poison_rows_warn_from_the_first_and_name_the_latest():
+    latest = Poison("executed_obs_unit", "0190c0de-0000-7000-8000-000000000001", "replica changes",
+                    "RecursionError: maximum recursion depth exceeded", "2026-11-21T03:00:00+00:00")
+    findings = judged(status(read_model=replace(CAUGHT_UP, poison_rows=2, poison_skipped=5, recent=[latest])))
+
+    assert levels(findings) == {"poison_rows": "warn"}
+    assert findings["poison_rows"].value == 2
+    assert findings["poison_rows"].message == (
+        "rows the read model skips: 2 (warn at 1); latest: executed_obs_unit 0190c0de-0000-7000-8000-000000000001"
+        " (replica changes: RecursionError: maximum recursion depth exceeded)")
+    assert levels(judged(status(read_model=replace(CAUGHT_UP, poison_skipped=5)))) == {}, "skipped once, published since"
+    assert levels(judged(status(read_model=replace(CAUGHT_UP, poison_rows=2)), poison_rows_critical=2)) == {"poison_rows": "critical"}
+
+
+def test_read_model_freshness_warns_and_is_critical_at_its_thresholds_and_unknown_says_why():
+    def behind(stream: float | None, changes: float | None, **unavailable) -> Finding:
+        read_model = replace(CAUGHT_UP, stream_age_s=stream, changes_age_s=changes, unavailable=unavailable)
+        return judged(status(read_model=read_model))["read_model_freshness_s"]
+
+    assert (behind(119.0, 3.0).level, behind(3.0, 120.0).level, behind(900.0, 0.0).level) == ("ok", "warn", "critical")
+    assert behind(0.0, 130.0).message == "read model behind by: 130 s (warn at 120 s)"
+    assert behind(200.0, None, replica="connection refused").level == "warn", "one part is enough to judge"
+    unknown = behind(None, None, redis="Connection refused")
+    assert (unknown.level, unknown.value) == ("warn", None)
+    assert unknown.message == "read model figures unknown (redis: Connection refused)"
+
+
+def test_a_poison_row_is_announced_once_and_resolved_once_published(redis_server):
+    buffer = Buffer(redis_server.client(), prefix=f"alerts-{uuid.uuid4().hex[:8]}")
+    sent: list[list[Change]] = []
+
+    def announce_now(rows: int) -> list[Change]:
+        return announce(buffer, evaluate(status(read_model=replace(CAUGHT_UP, poison_rows=rows)), DrainMetrics(), Thresholds()),
+                        sent.append)
+
+    assert [(c.finding.figure, c.finding.level) for c in announce_now(1)] == [("poison_rows", "warn")]
+    assert announce_now(3) == [] and len(sent) == 1  # more rows, the same level: silence
+    assert [c.resolved for c in announce_now(0)] == [True]
 
 
 def test_only_changes_are_announced_and_a_cleared_problem_is_resolved(redis_server):

@@ -28,6 +28,20 @@ def test_night_turns_over_at_local_noon(moment, night):
     assert night_of(moment, TZ) == night
 
 
+@pytest.mark.parametrize(
+    ("moment", "timezone", "night"),
+    [
+        ("0001-01-01T00:00:00.000000+00:00", TZ, None),  # its night began in year 0: none, not an error
+        ("0001-01-02T00:00:00.000000+00:00", TZ, "0001-01-01"),
+        ("9999-12-31T23:59:59.999999+00:00", TZ, "9999-12-31"),
+        ("9999-12-31T23:59:59.999999+00:00", "Pacific/Kiritimati", None),  # UTC+14: local time in year 10000
+        ("20000-01-01T00:00:00.000000+00:00", TZ, None),  # PostgreSQL holds it, Python cannot read it
+    ],
+)
+def test_times_at_the_ends_of_the_calendar_have_a_night_or_none(moment, timezone, night):
+    assert night_of(moment, timezone) == night
+
+
 def test_times_are_stored_in_one_sortable_form():
     assert utc_text("2026-11-21T00:00:00-03:00") == "2026-11-21T03:00:00.000000+00:00"
     assert utc_text("2026-11-21T03:00:00Z") == utc_text("2026-11-21T03:00:00.000000+00:00")
@@ -38,7 +52,8 @@ def test_file_holds_ingestible_tables_with_sync_columns_and_facet_indexes(tmp_pa
     ensure_read_model(path)
     conn = sqlite3.connect(path)
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {entry.name for entry in ingestible_tables()} | {"sync_metrics", "sync_drain_rate", "sync_findings", "publisher_state"}
+    assert tables == {entry.name for entry in ingestible_tables()} | {
+        "sync_metrics", "sync_drain_rate", "sync_findings", "sync_poison", "publisher_state"}
     assert not tables & {"api_token", "sync_ledger", "row_change", "row_change_horizon"}
     columns = [row[1] for row in conn.execute("PRAGMA table_info(executed_obs_unit)")]
     assert columns[-5:] == ["night", "_sync_state", "_txn_id", "_commit_lsn", "_updated_at"]
@@ -47,7 +62,21 @@ def test_file_holds_ingestible_tables_with_sync_columns_and_facet_indexes(tmp_pa
     assert {"instrument_module_id", "status", "_sync_state", "night", "start_time", "_txn_id"} <= indexed
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     metrics = [row[1] for row in conn.execute("PRAGMA table_info(sync_metrics)")]
-    assert metrics == ["at", "buffer_depth", "oldest_buffered_age_s", "awaiting_replica", "dead_letters", "replica_lag_s"]
+    assert metrics == ["at", "buffer_depth", "oldest_buffered_age_s", "awaiting_replica", "dead_letters", "replica_lag_s",
+                       "poison_rows", "poison_skipped", "read_model_freshness_s"]
+
+
+def test_a_file_from_before_the_poison_figures_gets_their_columns_and_keeps_its_samples(tmp_path):
+    path = tmp_path / "opsync.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE sync_metrics (at TEXT PRIMARY KEY, buffer_depth INTEGER, oldest_buffered_age_s REAL,"
+                     " awaiting_replica INTEGER, dead_letters INTEGER, replica_lag_s REAL)")
+        conn.execute("INSERT INTO sync_metrics (at, buffer_depth) VALUES ('2026-11-21T03:00:00+00:00', 7)")
+    ensure_read_model(path)
+    conn = sqlite3.connect(path)
+    assert [row[1] for row in conn.execute("PRAGMA table_info(sync_metrics)")][-3:] == [
+        "poison_rows", "poison_skipped", "read_model_freshness_s"]
+    assert conn.execute("SELECT buffer_depth, poison_rows FROM sync_metrics").fetchall() == [(7, None)]
 
 
 def test_file_is_kept_in_place(tmp_path):

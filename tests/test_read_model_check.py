@@ -99,3 +99,29 @@ def test_a_deleted_an_altered_and_an_extra_row_are_found_and_repaired(model_path
 
     dagbag.get_dag("opsync_read_model_check").test()
     assert "read model equals the replica" in capsys.readouterr().out
+
+
+def test_a_row_that_cannot_be_published_is_reported_and_left_out_not_a_crash(planning, model_path, primary_engine, replica,
+                                                                              dagbag, capsys):
+    """JSON nested deeper than Python decodes, written at the main site: the check reads its range by key instead."""
+    key = uuid.uuid4()
+    with primary_engine.begin() as conn:
+        conn.execute(text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time, metadata)"
+                          " VALUES (:id, :obs, :module, now(), CAST(:deep AS jsonb))"),
+                     {"id": key, "obs": planning["obs_unit"], "module": planning["module"],
+                      "deep": "{" + '"a":{' * 3000 + "}" * 3001})
+    target = current_position(primary_engine)
+    deadline = time.monotonic() + 15
+    while replica_position(replica) < target:
+        assert time.monotonic() < deadline, "the replica did not catch up"
+        time.sleep(0.05)
+    try:
+        run = dagbag.get_dag("opsync_read_model_check").test()
+
+        assert run.state == "success"
+        log = capsys.readouterr().out
+        assert f"1 rows cannot be published, not compared [{key}]" in log
+        assert "read model equals the replica" in log
+    finally:
+        with primary_engine.begin() as conn:
+            conn.execute(text("DELETE FROM executed_obs_unit WHERE id = :id"), {"id": key})

@@ -79,6 +79,8 @@ def figures(snapshot: Snapshot) -> list[Figure]:
         ("drain_failed_runs", "Drain runs failed in a row", metrics and metrics.failed_runs_consecutive, count),
         ("last_drain_s", "Last successful drain", b and b.last_drain_s, ago),
         ("last_confirm_s", "Last confirm", b and b.last_confirm_s, ago),
+        ("poison_rows", "Rows the read model skips", status.read_model.poison_rows, count),
+        ("read_model_freshness_s", "Read model behind by", status.read_model.freshness_s, duration),
     ]
     return [figure(key, label, value, show, snapshot.findings[key], b is not None) for key, label, value, show in rows]
 
