@@ -25,6 +25,7 @@ import yaml
 
 from opsync.ids import new_id
 from opsync.read_model import ReadModel, layouts
+from opsync.stack.local import DATASETTE_SETTINGS
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ METADATA = REPO / "datasette/metadata.yml"
 SITE_TZ = "America/Santiago"
 DB = "opsync"
 # The settings `make up` gives Datasette (opsync/stack/local.py), without the plugins directory.
-SETTINGS = ["--setting", "facet_time_limit_ms", "1000"]
+SETTINGS = list(DATASETTE_SETTINGS)
 
 
 @dataclass

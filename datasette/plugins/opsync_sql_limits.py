@@ -1,0 +1,235 @@
+"""Datasette under hostile SQL: what one query may use, and how many run at once.
+
+Members (and anyone under ``make up``) may run arbitrary read-only SQL. Without limits a handful of
+slow queries took every SQL thread, so table pages waited 14-30 s behind them, one query could
+allocate gigabytes, and functions with no place in a read-only public SQL box (``fts3_tokenizer``
+hands out a pointer) were callable. This plugin bounds each of those:
+
+- **Slots.** At most ``sql_slots`` (plugin config) requests carrying arbitrary SQL (``?sql=``, or
+  ``?_where=`` on a table) run at once; others wait up to ``sql_wait_s`` for a slot, then get
+  ``503`` with ``Retry-After``. Datasette runs ``num_sql_threads`` threads (``opsync/stack/local.py``
+  sets them), so the rest stay free for table pages, facets and canned queries, which are never
+  queued here. The dashboards' own chart queries (their SQL exactly as in the metadata) are
+  treated like canned queries. Datasette refuses to start if the slots would take every thread.
+- **Functions and statements.** An SQLite authorizer on every connection Datasette opens to the
+  read model allows only reading: ``SELECT`` (recursive CTEs too), reading tables and views, the
+  read-only introspection pragmas Datasette itself uses, and the functions in ``ALLOWED_FUNCTIONS``
+  (pure, side-effect-free ones: core, math, date, JSON, aggregate, window, FTS ranking). Anything
+  else (``fts3_tokenizer``, ``load_extension``, ``sqlite_compileoption_*``, ``ATTACH``, pragma
+  writes, the ``dbstat`` and ``sqlite_stmt`` tables, a function a plugin adds) is refused by SQLite
+  at prepare time with an error naming it. The publisher writes through its own connection.
+- **Memory.** Each value is at most ``MAX_VALUE_BYTES`` (``SQLITE_LIMIT_LENGTH``, above the ingest
+  API's body limit, so every value the site accepts stays readable), a result row at most
+  ``MAX_COLUMNS`` columns, and the rows one query hands to Datasette at most ``MAX_RESULT_BYTES`` of
+  text and blobs in all. SQLite's heap for the whole process is capped at ``SQLITE_HEAP_BYTES``
+  (``PRAGMA hard_heap_limit``, set when the server starts); a query that needs more fails, not the
+  process. Such failures answer ``400`` with the limit named.
+
+Time stays Datasette's: ``sql_time_limit_ms`` for every query (arbitrary SQL included), and
+``facet_time_limit_ms`` per facet. Failed queries are no longer logged with their locals (see below).
+"""
+
+import asyncio
+import sqlite3
+import weakref
+from urllib.parse import parse_qs
+
+import datasette.handle_exception
+from datasette.utils.asgi import Request, Response
+
+from datasette import hookimpl
+
+# Datasette's default error handler prints, when rich is installed (it is here), every local of every frame
+# for each failed query: each request scope with its cookies and tokens, in the log, and ~50 ms of the
+# event loop per error, which under a flood of time-limited queries stalled every page for seconds.
+# Without rich it prints a plain traceback for real errors only.
+datasette.handle_exception.rich = None
+
+ALLOWED_FUNCTIONS = frozenset({
+    # core scalar
+    "abs", "char", "coalesce", "format", "glob", "hex", "ifnull", "iif", "instr", "length", "like", "likelihood",
+    "likely", "lower", "ltrim", "max", "min", "nullif", "printf", "quote", "random", "randomblob", "replace",
+    "round", "rtrim", "sign", "soundex", "substr", "substring", "subtype", "trim", "typeof", "unicode", "unlikely",
+    "upper", "zeroblob", "sqlite_version",
+    # math
+    "acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "ceil", "ceiling", "cos", "cosh", "degrees", "exp",
+    "floor", "ln", "log", "log10", "log2", "mod", "pi", "pow", "power", "radians", "sin", "sinh", "sqrt", "tan",
+    "tanh", "trunc",
+    # date and time
+    "date", "time", "datetime", "julianday", "strftime", "unixepoch", "current_date", "current_time",
+    "current_timestamp",
+    # JSON (each returns a new value; nothing is written)
+    "json", "json_array", "json_array_length", "json_extract", "json_insert", "json_object", "json_patch",
+    "json_quote", "json_remove", "json_replace", "json_set", "json_type", "json_valid", "json_group_array",
+    "json_group_object", "->", "->>",
+    # aggregate and window
+    "avg", "count", "group_concat", "sum", "total", "row_number", "rank", "dense_rank", "percent_rank",
+    "cume_dist", "ntile", "lag", "lead", "first_value", "last_value", "nth_value",
+    # full-text search: MATCH, ranking and snippets, and Datasette's own escape_fts (its search box)
+    "match", "bm25", "highlight", "snippet", "offsets", "matchinfo", "escape_fts",
+})
+DESCRIBING_PRAGMAS = frozenset({  # with any argument: they describe the schema (Datasette reads them itself)
+    "table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list", "database_list",
+    "function_list",
+})
+VALUE_PRAGMAS = frozenset({"schema_version", "page_count", "page_size", "max_page_count"})  # read only, never set
+HIDDEN_TABLES = frozenset({"dbstat", "sqlite_stmt"})  # page-level layout of every table; other requests' SQL
+UNGUARDED_DATABASES = frozenset({"_internal", "_memory"})  # Datasette's own in-memory ones: no data, not served here
+
+MAX_VALUE_BYTES = 16 * 1024 * 1024
+MAX_COLUMNS = 100
+MAX_RESULT_BYTES = 32 * 1024 * 1024
+SQLITE_HEAP_BYTES = 512 * 1024 * 1024
+DEFAULT_SLOTS, DEFAULT_WAIT_S = 2, 5.0
+RETRY_AFTER_S = 2
+ARBITRARY_SQL_PARAMETERS = ("sql", "_where")
+
+
+class ResultTooLarge(sqlite3.OperationalError):
+    """An OperationalError, so every Datasette view answers it as a query error (400), not a 500."""
+
+
+def authorize(action: int, arg1: str | None, arg2: str | None, database: str | None, source: str | None) -> int:
+    """SQLite's authorizer: only reading gets through (see the module docstring)."""
+    if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_RECURSIVE):
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_READ:
+        return sqlite3.SQLITE_DENY if arg1 in HIDDEN_TABLES else sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_FUNCTION:
+        return sqlite3.SQLITE_OK if arg2 in ALLOWED_FUNCTIONS else sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_PRAGMA:
+        allowed = arg1 in DESCRIBING_PRAGMAS or (arg1 in VALUE_PRAGMAS and arg2 is None)
+        return sqlite3.SQLITE_OK if allowed else sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_UPDATE and arg1 == "sqlite_master":
+        return sqlite3.SQLITE_OK  # SQLite registering an eponymous virtual table (json_each, pragma_*) on first use
+    return sqlite3.SQLITE_DENY
+
+
+def budgeted_rows(limit: int):
+    """A row factory (``sqlite3.Row``, as Datasette uses) that stops a query whose rows exceed ``limit`` bytes."""
+    spent: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def row(cursor, values):
+        total = spent.get(cursor, 0) + sum(len(v) for v in values if isinstance(v, str | bytes))
+        if total > limit:
+            raise ResultTooLarge(f"query result too large: its rows exceed {limit // 2**20} MiB of text and blobs "
+                                 "(fetch fewer rows or columns, e.g. with LIMIT or _size)")
+        spent[cursor] = total
+        return sqlite3.Row(cursor, values)
+
+    return row
+
+
+@hookimpl
+def prepare_connection(conn, database):
+    if database in UNGUARDED_DATABASES:
+        return
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, MAX_COLUMNS)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+    conn.row_factory = budgeted_rows(MAX_RESULT_BYTES)
+    conn.set_authorizer(authorize)
+
+
+def slots_config(datasette) -> tuple[int, float]:
+    own = datasette.plugin_config("opsync-sql-limits") or {}
+    slots, wait_s = int(own.get("sql_slots", DEFAULT_SLOTS)), float(own.get("sql_wait_s", DEFAULT_WAIT_S))
+    if slots < 1 or wait_s < 0:
+        raise ValueError(f"opsync-sql-limits: sql_slots must be at least 1 and sql_wait_s not negative, not {own}")
+    return slots, wait_s
+
+
+@hookimpl
+def startup(datasette):
+    """Refuse settings under which arbitrary SQL could take every SQL thread."""
+    slots, _ = slots_config(datasette)
+    threads = datasette.setting("num_sql_threads")
+    if threads <= slots:
+        raise ValueError(f"num_sql_threads ({threads}) must exceed opsync-sql-limits sql_slots ({slots}): "
+                         "table pages need threads of their own")
+
+
+def chart_queries(datasette) -> frozenset[str]:
+    """The SQL of every dashboard chart in the metadata: the dashboards fetch it as ``?sql=``."""
+    dashboards = datasette.plugin_config("datasette-dashboards") or {}
+    return frozenset(chart["query"] for board in dashboards.values() if isinstance(board, dict)
+                     for chart in (board.get("charts") or {}).values() if isinstance(chart, dict) and "query" in chart)
+
+
+def is_arbitrary_sql(scope, known: frozenset[str]) -> bool:
+    query = scope.get("query_string", b"")
+    if b"sql=" not in query and b"_where=" not in query:  # the common case, without parsing
+        return False
+    args = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+    if "_where" in args:
+        return True
+    return any(sql not in known for sql in args.get("sql", []))
+
+
+async def error_response(datasette, request: Request, status: int, title: str, message: str,
+                         headers: dict | None = None) -> Response:
+    """An error in Datasette's own shape: JSON for ``.json`` paths, its error page otherwise."""
+    body = {"ok": False, "error": message, "status": status, "title": title}
+    if request.path.endswith(".json"):
+        return Response.json(body, status=status, headers=headers)
+    html = await datasette.render_template("error.html", body, request=request)
+    return Response.html(html, status=status, headers=headers)
+
+
+def set_heap_limit() -> None:
+    """Process-wide (it can only ever be lowered), so set once by the server, not per connection."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute(f"PRAGMA hard_heap_limit = {SQLITE_HEAP_BYTES}")
+    finally:
+        conn.close()
+
+
+@hookimpl
+def asgi_wrapper(datasette):
+    def wrap(app):
+        state: dict = {}
+
+        async def limited(scope, receive, send):
+            if scope["type"] == "lifespan":
+                set_heap_limit()
+                return await app(scope, receive, send)
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            if not state:
+                slots, wait_s = slots_config(datasette)
+                state.update(slots=asyncio.Semaphore(slots), count=slots, wait_s=wait_s,
+                             known=chart_queries(datasette))
+            if not is_arbitrary_sql(scope, state["known"]):
+                return await app(scope, receive, send)
+            try:
+                async with asyncio.timeout(state["wait_s"]):
+                    await state["slots"].acquire()
+            except TimeoutError:
+                message = (f"Too many SQL queries running: at most {state['count']} at once, and none finished "
+                           f"within {state['wait_s']:g} s; try again in {RETRY_AFTER_S} s")
+                response = await error_response(datasette, Request(scope, receive), 503, "SQL busy", message,
+                                                {"Retry-After": str(RETRY_AFTER_S)})
+                return await response.asgi_send(send)
+            try:
+                return await app(scope, receive, send)
+            finally:
+                state["slots"].release()
+
+        return limited
+
+    return wrap
+
+
+@hookimpl
+def handle_exception(datasette, request, exception):
+    """SQLite out of its heap allowance, or a value over the length limit: the query's fault, answered 400."""
+    if isinstance(exception, MemoryError):
+        message = (f"query needs more memory than SQL may use here ({SQLITE_HEAP_BYTES // 2**20} MiB for all "
+                   "queries at once); fetch or compute less")
+    elif isinstance(exception, sqlite3.DataError):
+        message = f"{exception}: values are limited to {MAX_VALUE_BYTES // 2**20} MiB here"
+    else:
+        return None
+
+    return error_response(datasette, request, 400, "Query error", message)
