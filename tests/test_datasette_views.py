@@ -137,7 +137,8 @@ def served(url: str) -> bool:
 
 
 @contextmanager
-def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None = None,
+                    metadata: Path = METADATA) -> Iterator[str]:
     """``datasette serve`` as `make up` runs it, with every plugin but the publisher; yields its base URL.
 
     Anonymous visitors read, as under `make up` (``OPSYNC_DATASETTE_PUBLIC=true``) unless ``env`` says otherwise."""
@@ -150,7 +151,7 @@ def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None 
     with open(workdir / "datasette.log", "wb") as log:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "datasette"), "serve", str(model_path), "--host", "127.0.0.1", "--port", str(port),
-             "--metadata", str(METADATA), "--plugins-dir", str(plugins), *SETTINGS],
+             "--metadata", str(metadata), "--plugins-dir", str(plugins), *SETTINGS],
             env={**os.environ, "PYTHONPATH": str(REPO), "OPSYNC_DATASETTE_PUBLIC": "true", **(env or {})},
             stdout=log, stderr=subprocess.STDOUT,
         )

@@ -172,8 +172,8 @@ async def error_response(datasette, request: Request, status: int, title: str, m
     body = {"ok": False, "error": message, "status": status, "title": title}
     if request.path.endswith(".json"):
         return Response.json(body, status=status, headers=headers)
-    html = await datasette.render_template("error.html", body, request=request)
-    return Response.html(html, status=status, headers=headers)
+    # Without the request: the gate answers outside Datasette's own middleware (no CSRF token in the scope yet).
+    return Response.html(await datasette.render_template("error.html", body), status=status, headers=headers)
 
 
 def set_heap_limit() -> None:
