@@ -103,8 +103,8 @@ def test_writes_attach_and_pragma_writes_stay_refused(base):
 
 @pytest.mark.parametrize("query, message", [
     ("select length(zeroblob(1000000000))", "string or blob too big"),
-    ("with recursive s(x, n) as (select 'x', 0 union all select x || x, n + 1 from s where n < 40) "
-     "select max(length(x)) from s", "string or blob too big"),
+    ("with recursive s(x, n) as (select 'x', 0 union all select x || x, n + 1 from s where n < 25) "
+     "select max(length(x)) from s", "string or blob too big"),  # 32 MiB
     ("with recursive c(x) as (select 1 union all select x + 1 from c limit 100) "
      "select printf('%.*c', 1000000, 'x') from c", "query result too large"),
 ])
@@ -129,13 +129,13 @@ def test_a_query_past_sqlites_heap_limit_fails_alone(base):
     assert sql(base, "select count(*) as n from instrument").json() == [{"n": 1}]
 
 
-def test_a_failed_query_is_logged_without_the_requests_cookies(site):
-    base, _, log = site
-    secret = "cookie-that-must-not-be-logged-" + "c" * 16
-    response = httpx.get(f"{base}/{DB}.json", params={"sql": SLOW_SQL}, cookies={"ds_actor": secret}, timeout=10)
-    assert response.status_code == 400 and "SQL query took too long" in response.json()["error"]
-    time.sleep(0.5)
-    assert secret not in log.read_text()
+def test_a_failed_query_is_logged_without_the_requests_cookies(tmp_path):
+    secret = "s3cr3t-c00kie-4711"  # short: rich wraps long values over lines
+    with datasette_site(tmp_path) as (base, _, _):
+        response = httpx.get(f"{base}/{DB}.json", params={"sql": SLOW_SQL}, cookies={"ds_actor": secret}, timeout=10)
+        assert response.status_code == 400 and "SQL query took too long" in response.json()["error"]
+    log = (tmp_path / "datasette.log").read_text()  # complete once the server has stopped
+    assert "Finished server process" in log and secret not in log
 
 
 def run_slow_queries(base: str, clients: int, seconds: float) -> list[threading.Thread]:
