@@ -10,7 +10,8 @@ loads them, ``smoke``: 20k), and starts a real ``datasette serve`` with the comm
   a time, p50/p95;
 - hostile: ``HOSTILE_CLIENTS`` clients each send expensive SQL in a loop (recursive CTEs, cross joins,
   huge group-bys, huge blobs and strings, LIKE over everything, random sorts, results of hundreds of MB,
-  a refused function) while the same page is requested again, p50/p95 (target: p95 under 1 s); every
+  a refused function) and table pages asked for facets, LIKE filters and sorts over every row, while the
+  same page is requested again, p50/p95 (target: p95 under 1 s); every
   hostile answer is counted by status (``200``, ``400`` time limit or refusal, ``503`` no SQL slot);
 - Datasette's resident memory: after the baseline, and its peak during the hostile phase (polled, and
   the kernel's high-water mark).
@@ -66,6 +67,12 @@ HOSTILE_SQL = (
     "with recursive c(x) as (select 1 union all select x + 1 from c limit 1000) select printf('%.*c', 1000000, 'x') from c",
     "select hex(fts3_tokenizer('simple'))",
 )
+HOSTILE_PAGES = (  # table pages asked for facets, filters and sorts that scan everything
+    ("/opsync/housekeeping_sample.json", {"_facet": ["id", "sampled_at", "value", "_updated_at", "unit"]}),
+    ("/opsync/housekeeping_sample.json", {"id__contains": "zz", "_sort": "value"}),
+    ("/opsync/raw_data_file.json", {"path__contains": "zz", "_facet": ["path", "checksum_sha256"]}),
+)
+HOSTILE = tuple((f"/{DATABASE}.json", {"sql": sql, "_shape": "array"}) for sql in HOSTILE_SQL) + HOSTILE_PAGES
 FIGURES = (
     "size", "rows", "build_s", "hostile_clients", "hostile_seconds",
     "page_baseline_p50_ms", "page_baseline_p95_ms", "page_under_load_p50_ms", "page_under_load_p95_ms",
@@ -176,10 +183,10 @@ def hostile(base: str, client_no: int, until: float, answers: collections.Counte
     with httpx.Client(base_url=base, timeout=60) as client:
         n = client_no
         while time.monotonic() < until:
-            sql = HOSTILE_SQL[n % len(HOSTILE_SQL)]
+            path, params = HOSTILE[n % len(HOSTILE)]
             n += 1
             try:
-                status = client.get(f"/{DATABASE}.json", params={"sql": sql, "_shape": "array"}).status_code
+                status = client.get(path, params=params).status_code
             except httpx.TransportError:
                 status = "transport"
             with lock:
@@ -223,7 +230,7 @@ def main() -> None:
             raise RuntimeError(f"{baseline_errors} baseline page requests failed")
         rss_baseline = proc.memory_info().rss
 
-        log(f"hostile: {HOSTILE_CLIENTS} clients of expensive SQL for {size['seconds']} s, the page meanwhile …")
+        log(f"hostile: {HOSTILE_CLIENTS} clients of expensive SQL and pages for {size['seconds']} s, the page meanwhile …")
         answers, lock, stop, peak = collections.Counter(), threading.Lock(), threading.Event(), [rss_baseline]
         until = time.monotonic() + size["seconds"]
         threads = [threading.Thread(target=hostile, args=(base, n, until, answers, lock)) for n in range(HOSTILE_CLIENTS)]

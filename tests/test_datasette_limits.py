@@ -201,14 +201,31 @@ def test_sql_beyond_the_slots_gets_503_with_retry_after_and_pages_and_charts_sti
     with slot_taken(base):
         page = httpx.get(f"{base}/{DB}", params={"sql": "select 1"}, timeout=10)
         assert page.status_code == 503 and "text/html" in page.headers["content-type"] and "SQL busy" in page.text
-    with slot_taken(base):
-        where = httpx.get(f"{base}/{DB}/instrument.json", params={"_where": "1 = 1"}, timeout=10)
-        assert where.status_code == 503
+    for params in ({"_where": "1 = 1"}, {"_facet": "file_type"}, {"path__contains": "x"}, {"_sort": "size_bytes"},
+                   {"file_type__not": "fits"}, {"_stream": "1"}):  # SQL of the client's choosing, scanning every row
+        with slot_taken(base):
+            assert httpx.get(f"{base}/{DB}/raw_data_file.json", params=params, timeout=10).status_code == 503, params
+    with slot_taken(base):  # the default view, equality filters and sorts on indexed columns, a row: never queued
+        for params in ({}, {"_sync_state__exact": "buffered"}, {"file_type__exact": "fits", "_sort_desc": "id", "_size": "5"}):
+            assert httpx.get(f"{base}/{DB}/raw_data_file.json", params=params, timeout=10).status_code == 200, params
+        row = httpx.get(f"{base}/{DB}/raw_data_file/{one_slot_rows(base)}.json", timeout=10)
+        assert row.status_code == 200
     with slot_taken(base):
         chart = yaml.safe_load(METADATA.read_text())["plugins"]["datasette-dashboards"]["sync"]["charts"]["not-replicated"]
         assert sql(base, chart["query"], _shape="objects").status_code == 200  # the dashboards' own SQL is not queued
         assert httpx.get(f"{base}/{DB}/instrument.json", timeout=10).status_code == 200
     assert sql(base, "select 1 as one").json() == [{"one": 1}]  # the slot is free again
+
+
+def one_slot_rows(base: str) -> str:
+    return httpx.get(f"{base}/{DB}/raw_data_file.json", params={"_shape": "array", "_size": "1"}, timeout=10).json()[0]["id"]
+
+
+def test_a_time_limit_that_is_not_a_number_is_a_400(base):
+    for path in (f"/{DB}.json?sql=select+1&_timelimit=abc", f"/{DB}/instrument.json?_timelimit=1.5"):
+        response = httpx.get(f"{base}{path}", timeout=10)
+        assert response.status_code == 400 and "_timelimit must be a whole number" in response.json()["error"], path
+    assert httpx.get(f"{base}/{DB}/instrument.json?_timelimit=500", timeout=10).status_code == 200
 
 
 def test_datasette_refuses_to_start_when_sql_slots_would_take_every_thread(tmp_path):

@@ -30,7 +30,9 @@ Time stays Datasette's: ``sql_time_limit_ms`` for every query (arbitrary SQL inc
 """
 
 import asyncio
+import re
 import sqlite3
+import time
 import weakref
 from urllib.parse import parse_qs
 
@@ -82,7 +84,12 @@ MAX_RESULT_BYTES = 32 * 1024 * 1024
 SQLITE_HEAP_BYTES = 512 * 1024 * 1024
 DEFAULT_SLOTS, DEFAULT_WAIT_S = 2, 5.0
 RETRY_AFTER_S = 2
-ARBITRARY_SQL_PARAMETERS = ("sql", "_where")
+INDEX_TTL_S = 30  # the publisher may add tables and indexes while Datasette runs
+PRESENTATION = frozenset({  # parameters that change how a table page is shown, not which SQL it runs
+    "_size", "_next", "_shape", "_labels", "_nolabels", "_col", "_nocol", "_json", "_nofacet", "_nocount",
+    "_nosuggest", "_timelimit", "_trace", "_context", "_hide_sql", "_show_sql",
+})
+FORMAT = re.compile(r"\.(json|jsono|csv)$")
 
 
 class ResultTooLarge(sqlite3.OperationalError):
@@ -156,14 +163,38 @@ def chart_queries(datasette) -> frozenset[str]:
                      for chart in (board.get("charts") or {}).values() if isinstance(chart, dict) and "query" in chart)
 
 
-def is_arbitrary_sql(scope, known: frozenset[str]) -> bool:
-    query = scope.get("query_string", b"")
-    if b"sql=" not in query and b"_where=" not in query:  # the common case, without parsing
-        return False
-    args = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+def indexed_columns(conn) -> dict[str, frozenset[str]]:
+    """Table -> its key and the leading column of each index: what an equality filter or a sort finds without a scan."""
+    found = {}
+    for (table,) in conn.execute("select name from sqlite_master where type = 'table'").fetchall():
+        columns = {row[1] for row in conn.execute("select * from pragma_table_info(?)", [table]) if row[5]}
+        for index in conn.execute("select name from pragma_index_list(?)", [table]).fetchall():
+            columns |= {row[2] for row in conn.execute("select * from pragma_index_info(?)", [index[0]]) if row[0] == 0}
+        found[table] = frozenset(columns | {"rowid"})
+    return found
+
+
+def is_costly(path: str, args: dict[str, list[str]], charts: frozenset[str], indexed: dict[str, frozenset[str]]) -> bool:
+    """Whether a request runs SQL of the client's choosing: arbitrary SQL (but the dashboards' own), ``_where``,
+    or a table page asked for more than its default view, equality filters and sorts on indexed columns."""
+    if "sql" in args:
+        return any(sql not in charts for sql in args["sql"])
     if "_where" in args:
         return True
-    return any(sql not in known for sql in args.get("sql", []))
+    parts = path.strip("/").split("/")
+    columns = indexed.get(FORMAT.sub("", parts[1])) if len(parts) == 2 else None
+    if columns is None:  # not a table page: a row, a canned query (its SQL is fixed), a /-/ page
+        return False
+    for key, values in args.items():
+        if key in PRESENTATION:
+            continue
+        if key in ("_sort", "_sort_desc"):
+            if all(value in columns for value in values):
+                continue
+            return True
+        if key.removesuffix("__exact") not in columns:  # any other filter, facet, search or stream
+            return True
+    return False
 
 
 async def error_response(datasette, request: Request, status: int, title: str, message: str,
@@ -185,10 +216,46 @@ def set_heap_limit() -> None:
         conn.close()
 
 
+class Gate:
+    """The slots, and what the gate needs to tell a costly request from an ordinary one."""
+
+    def __init__(self, datasette) -> None:
+        self.datasette = datasette
+        self.count, self.wait_s = slots_config(datasette)
+        self.slots = asyncio.Semaphore(self.count)
+        self.charts = chart_queries(datasette)
+        self.indexed: dict[str, tuple[float, dict]] = {}
+
+    async def indexes(self, path: str) -> dict[str, frozenset[str]]:
+        name = FORMAT.sub("", path.strip("/").split("/")[0])
+        if name not in self.datasette.databases or name in UNGUARDED_DATABASES:
+            return {}
+        cached = self.indexed.get(name)
+        if cached is None or time.monotonic() - cached[0] > INDEX_TTL_S:
+            cached = (time.monotonic(), await self.datasette.get_database(name).execute_fn(indexed_columns))
+            self.indexed[name] = cached
+        return cached[1]
+
+    async def costly(self, scope) -> bool:
+        query = scope.get("query_string", b"")
+        if not query:
+            return False
+        args = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+        return bool(args) and is_costly(scope.get("path", ""), args, self.charts, await self.indexes(scope.get("path", "")))
+
+
+def bad_time_limit(scope) -> bool:
+    """``_timelimit`` that is not a whole number of milliseconds (Datasette would answer it with a 500)."""
+    query = scope.get("query_string", b"")
+    if b"_timelimit=" not in query:
+        return False
+    return not all(value.isdigit() for value in parse_qs(query.decode("latin-1")).get("_timelimit", []))
+
+
 @hookimpl
 def asgi_wrapper(datasette):
     def wrap(app):
-        state: dict = {}
+        gates: list[Gate] = []
 
         async def limited(scope, receive, send):
             if scope["type"] == "lifespan":
@@ -196,25 +263,28 @@ def asgi_wrapper(datasette):
                 return await app(scope, receive, send)
             if scope["type"] != "http":
                 return await app(scope, receive, send)
-            if not state:
-                slots, wait_s = slots_config(datasette)
-                state.update(slots=asyncio.Semaphore(slots), count=slots, wait_s=wait_s,
-                             known=chart_queries(datasette))
-            if not is_arbitrary_sql(scope, state["known"]):
+            if bad_time_limit(scope):
+                response = await error_response(datasette, Request(scope, receive), 400, "Invalid _timelimit",
+                                                "_timelimit must be a whole number of milliseconds")
+                return await response.asgi_send(send)
+            if not gates:
+                gates.append(Gate(datasette))
+            gate = gates[0]
+            if not await gate.costly(scope):
                 return await app(scope, receive, send)
             try:
-                async with asyncio.timeout(state["wait_s"]):
-                    await state["slots"].acquire()
+                async with asyncio.timeout(gate.wait_s):
+                    await gate.slots.acquire()
             except TimeoutError:
-                message = (f"Too many SQL queries running: at most {state['count']} at once, and none finished "
-                           f"within {state['wait_s']:g} s; try again in {RETRY_AFTER_S} s")
+                message = (f"Too many SQL queries of the clients' own choosing running: at most {gate.count} at once, "
+                           f"and none finished within {gate.wait_s:g} s; try again in {RETRY_AFTER_S} s")
                 response = await error_response(datasette, Request(scope, receive), 503, "SQL busy", message,
                                                 {"Retry-After": str(RETRY_AFTER_S)})
                 return await response.asgi_send(send)
             try:
                 return await app(scope, receive, send)
             finally:
-                state["slots"].release()
+                gate.slots.release()
 
         return limited
 
