@@ -1,16 +1,21 @@
 """Datasette under hostile SQL: what one query may use, and how many run at once.
 
-Members (and anyone under ``make up``) may run arbitrary read-only SQL. Without limits a handful of
-slow queries took every SQL thread, so table pages waited 14-30 s behind them, one query could
-allocate gigabytes, and functions with no place in a read-only public SQL box (``fts3_tokenizer``
-hands out a pointer) were callable. This plugin bounds each of those:
+Members (and anyone under ``make up``) may run arbitrary read-only SQL; anyone who reads may ask a
+table page for facets and filters over every row. Without limits a handful of slow queries took
+every SQL thread, so table pages waited 14-30 s behind them, one query could allocate gigabytes,
+and functions with no place in a read-only public SQL box (``fts3_tokenizer`` hands out a pointer)
+were callable. This plugin bounds each of those:
 
-- **Slots.** At most ``sql_slots`` (plugin config) requests carrying arbitrary SQL (``?sql=``, or
-  ``?_where=`` on a table) run at once; others wait up to ``sql_wait_s`` for a slot, then get
-  ``503`` with ``Retry-After``. Datasette runs ``num_sql_threads`` threads (``opsync/stack/local.py``
-  sets them), so the rest stay free for table pages, facets and canned queries, which are never
-  queued here. The dashboards' own chart queries (their SQL exactly as in the metadata) are
-  treated like canned queries. Datasette refuses to start if the slots would take every thread.
+- **Slots.** At most ``sql_slots`` (plugin config) requests that run SQL of the client's choosing run
+  at once: arbitrary SQL (``?sql=``, ``?_where=``) and table pages asked for more than their default
+  view (``?_facet=``, ``?_search=``, ``?_stream=``, any filter but equality on an indexed column, a
+  sort on an unindexed one: each scans every row). Others wait up to ``sql_wait_s`` for a slot, then
+  get ``503`` with ``Retry-After``. Datasette runs ``num_sql_threads`` threads (``opsync/stack/local.py``
+  sets them), so the rest stay free for the ordinary pages, which are never queued here: table pages
+  with their default facets and sort, equality filters and sorts on indexed columns (the facet links,
+  a row's "links from other tables"), rows, canned queries, and the dashboards' own chart queries
+  (their SQL exactly as in the metadata). Datasette refuses to start if the slots would take every
+  thread. ``_timelimit`` that is not a number (Datasette answers it with a 500) gets a 400.
 - **Functions and statements.** An SQLite authorizer on every connection Datasette opens to the
   read model allows only reading: ``SELECT`` (recursive CTEs too), reading tables and views, the
   read-only introspection pragmas Datasette itself uses, and the functions in ``ALLOWED_FUNCTIONS``

@@ -60,7 +60,7 @@ DATASETTE_SETTINGS = (  # for `make up`, bench-read and the tests; docker-compos
     "--setting", "facet_time_limit_ms", "1000",  # 1M-row facets take up to ~0.25 s: don't let them vanish
     "--setting", "suggest_facets", "off",  # suggestions tried every column: 1.1 s of a 1M-row page (make bench-read)
     "--setting", "sql_time_limit_ms", "1000",  # every query, arbitrary SQL too (Datasette's default, made explicit)
-    # Threads: arbitrary SQL gets 2 of them at most (datasette/plugins/opsync_sql_limits.py), the rest serve pages.
+    # Threads: SQL of the client's choosing gets 2 at most (datasette/plugins/opsync_sql_limits.py), the rest pages.
     "--setting", "num_sql_threads", "6",
 )
 
