@@ -168,13 +168,15 @@ def page_times(client: httpx.Client, until: float | None, count: int | None) -> 
     while (count is None or len(times) + errors < count) and (until is None or time.monotonic() < until):
         started = time.perf_counter()
         try:
-            ok = client.get(PAGE).status_code == 200
-        except httpx.TransportError:
-            ok = False
-        if ok:
+            response = client.get(PAGE)
+            failure = None if response.status_code == 200 else f"{response.status_code} {response.text[:300]}"
+        except httpx.TransportError as exc:
+            failure = repr(exc)
+        if failure is None:
             times.append((time.perf_counter() - started) * 1000)
         else:
             errors += 1
+            print(f"page request failed: {failure}", file=sys.stderr, flush=True)
         time.sleep(PAGE_INTERVAL_S)
     return times, errors
 
