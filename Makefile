@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bench-smoke bootstrap clean soak
+.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bench-datasette-load bench-smoke bootstrap clean soak
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -43,6 +43,9 @@ bench-read: bootstrap
 
 bench-smoke: bootstrap
 	$(PY) bench/smoke.py
+
+bench-datasette-load: bootstrap
+	$(PY) bench/datasette_load.py --size $(SIZE)
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .

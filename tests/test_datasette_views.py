@@ -25,6 +25,7 @@ import yaml
 
 from opsync.ids import new_id
 from opsync.read_model import ReadModel, layouts
+from opsync.stack.local import DATASETTE_SETTINGS
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ METADATA = REPO / "datasette/metadata.yml"
 SITE_TZ = "America/Santiago"
 DB = "opsync"
 # The settings `make up` gives Datasette (opsync/stack/local.py), without the plugins directory.
-SETTINGS = ["--setting", "facet_time_limit_ms", "1000"]
+SETTINGS = list(DATASETTE_SETTINGS)
 
 
 @dataclass
@@ -136,7 +137,8 @@ def served(url: str) -> bool:
 
 
 @contextmanager
-def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None = None,
+                    metadata: Path = METADATA) -> Iterator[str]:
     """``datasette serve`` as `make up` runs it, with every plugin but the publisher; yields its base URL.
 
     Anonymous visitors read, as under `make up` (``OPSYNC_DATASETTE_PUBLIC=true``) unless ``env`` says otherwise."""
@@ -149,7 +151,7 @@ def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None 
     with open(workdir / "datasette.log", "wb") as log:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "datasette"), "serve", str(model_path), "--host", "127.0.0.1", "--port", str(port),
-             "--metadata", str(METADATA), "--plugins-dir", str(plugins), *SETTINGS],
+             "--metadata", str(metadata), "--plugins-dir", str(plugins), *SETTINGS],
             env={**os.environ, "PYTHONPATH": str(REPO), "OPSYNC_DATASETTE_PUBLIC": "true", **(env or {})},
             stdout=log, stderr=subprocess.STDOUT,
         )

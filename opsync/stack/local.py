@@ -56,6 +56,15 @@ def api_command(host: str, port: int, workers: int, metrics_dir: Path) -> list[s
     ]
 
 
+DATASETTE_SETTINGS = (  # for `make up`, bench-read and the tests; docker-compose.yaml repeats them
+    "--setting", "facet_time_limit_ms", "1000",  # 1M-row facets take up to ~0.25 s: don't let them vanish
+    "--setting", "suggest_facets", "off",  # suggestions tried every column: 1.1 s of a 1M-row page (make bench-read)
+    "--setting", "sql_time_limit_ms", "1000",  # every query, arbitrary SQL too (Datasette's default, made explicit)
+    # Threads: SQL of the client's choosing gets 2 at most (datasette/plugins/opsync_sql_limits.py), the rest pages.
+    "--setting", "num_sql_threads", "6",
+)
+
+
 def datasette_command(read_model: Path, host: str, port: int, public: bool = True) -> list[str]:
     """How Datasette runs, for ``make up`` and ``make bench-read`` alike.
 
@@ -67,8 +76,7 @@ def datasette_command(read_model: Path, host: str, port: int, public: bool = Tru
         str(VENV_BIN / "datasette"), "serve", str(read_model), "--host", host, "--port", str(port),
         "--metadata", str(REPO / "datasette/metadata.yml"),
         "--plugins-dir", str(REPO / "datasette/plugins"),  # runs the read-model publisher, adds row links
-        "--setting", "facet_time_limit_ms", "1000",  # 1M-row facets take up to ~0.25 s: don't let them vanish
-        "--setting", "suggest_facets", "off",  # suggestions tried every column: 1.1 s of a 1M-row page (make bench-read)
+        *DATASETTE_SETTINGS,
     ]
 
 
