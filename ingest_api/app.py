@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ingest_api import events, metrics, reads, records
 from ingest_api.backpressure import pressure
@@ -74,6 +75,8 @@ for exc_class, render in ERRORS.items():
 async def http_error(request, exc: HTTPException):
     """FastAPI's answer to a body its JSON parser gave up on is a bare "error parsing the body": say why."""
     cause = exc.__cause__
+    if isinstance(cause, ClientDisconnect):
+        raise cause  # nobody to tell (guards.LastResort)
     if isinstance(cause, RecursionError):
         return error(422, [body_problem(f"JSON nested too deeply: at most {get_settings().max_json_depth} levels", "json_too_deep")])
     if isinstance(cause, UnicodeDecodeError):

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from ingest_api.deps import ErrorBody
 from opsync import registry
 from tests.buffer_checks import assert_consistent
+from tests.conftest import wait_for
 
 EXAMPLES = int(os.environ.get("OPSYNC_PROPERTY_EXAMPLES", "60"))
 BUDGET = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -393,3 +394,49 @@ def test_event_streams_open_or_are_refused(own_redis, live_api, token, data):
             return
         body = response.read()
     assert_answered(response.status_code, response.headers, body, f"GET /v1/events?{query(pairs)}")
+
+
+def test_a_client_that_hangs_up_mid_body_is_no_error(own_redis, live_api, token, caplog):
+    """No answer can reach it, so none is an error: counted as 499, never logged as an internal error or a 500."""
+    address = urlsplit(live_api)
+    for path in (b"/v1/records/raw_data_file", b"/v1/transactions"):
+        with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+            sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token.encode()
+                         + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"path\": ")
+
+    def counted() -> list[str]:
+        lines = httpx.get(f"{live_api}/metrics").text.splitlines()
+        return sorted(line.split("status=")[1] for line in lines if line.startswith("opsync_http_requests_total{method=\"POST\""))
+
+    assert wait_for(lambda: len(counted()) == 2 and counted(), what="both requests counted") == ['"499"} 1.0', '"499"} 1.0']
+    assert "internal error" not in caplog.text
+
+
+def test_rows_python_cannot_hold_are_served(call, token, primary_engine, replica_engine, planning):
+    """Rows written at the main site may hold what PostgreSQL has and Python has not (``infinity``, years
+    past 9999, NaN): reading them, or a page that holds them, is answered, not a 500 for everyone."""
+    from sqlalchemy import text
+
+    ids = [uuid.uuid4() for _ in range(3)]
+    with primary_engine.begin() as conn:
+        for key, when in zip(ids[:2], ["infinity", "12026-01-01T00:00:00Z"], strict=True):
+            conn.execute(text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time) VALUES (:i, :o, :m, :t)"),
+                         {"i": key, "o": planning["obs_unit"], "m": planning["module"], "t": when})
+        conn.execute(text("INSERT INTO housekeeping_sample (id, instrument_module_id, sensor, sampled_at, value)"
+                          " VALUES (:i, :m, 't', now(), 'NaN')"), {"i": ids[2], "m": planning["module"]})
+    try:
+        def replicated() -> bool:
+            with replica_engine.connect() as conn:
+                return conn.execute(text("SELECT 1 FROM housekeeping_sample WHERE id = :i"), {"i": ids[2]}).first() is not None
+
+        wait_for(replicated, what="the replica")
+        headers = {"Authorization": f"Bearer {token}"}
+        starts = [call("GET", f"/v1/records/executed_obs_unit/{key}", headers).json()["start_time"] for key in ids[:2]]
+        assert starts[0] == "infinity" and starts[1].startswith("12026-01-01")
+        listed = call("GET", f"/v1/records/executed_obs_unit?obs_unit_id={planning['obs_unit']}", headers)
+        assert {row["id"] for row in listed.json()["rows"]} == set(map(str, ids[:2]))
+        assert call("GET", f"/v1/records/housekeeping_sample/{ids[2]}", headers).status_code == 200
+    finally:
+        with primary_engine.begin() as conn:  # other tests read these tables
+            conn.execute(text("DELETE FROM executed_obs_unit WHERE id = ANY(:i)"), {"i": ids[:2]})
+            conn.execute(text("DELETE FROM housekeeping_sample WHERE id = :i"), {"i": ids[2]})
