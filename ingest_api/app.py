@@ -62,10 +62,7 @@ ERRORS = {
     PrimaryUnavailable: lambda exc: error(503, f"{exc}; direct tables need the primary, retry later"),
     redis.RedisError: lambda exc: error(503, f"site buffer unavailable: {exc.__class__.__name__}"),
     # noeviction: Redis refuses a script before its first write, so no transaction is half-buffered
-    redis.OutOfMemoryError: lambda exc: error(
-        503, "site buffer full (Redis maxmemory reached); retry later",
-        {"Retry-After": str(get_settings().retry_after_s)},
-    ),
+    redis.OutOfMemoryError: lambda exc: error(503, "site buffer full (Redis maxmemory reached); retry later"),
 }
 for exc_class, render in ERRORS.items():
     app.add_exception_handler(exc_class, lambda request, exc, render=render: render(exc))
