@@ -361,8 +361,8 @@ def raw_requests(draw, token: str) -> bytes:
         headers.append((b"Host", draw(st.just(b"127.0.0.1") | HEADER_TEXT)))
     if draw(st.booleans()):
         headers.append((b"Idempotency-Key", draw(HEADER_TEXT)))
-    length = draw(st.sampled_from([str(len(body)).encode(), b"-1", b"1e3", b"", b"0x10", b" 5", b"99999999999999999999"])
-                  | st.integers(0, len(body)).map(lambda n: str(n).encode()))
+    odd_length = st.sampled_from([b"-1", b"1e3", b"", b"0x10", b" 5", b"9" * 20]) | st.integers(0, len(body)).map(b"%d".__mod__)
+    length = draw(st.just(b"%d" % len(body)) | st.just(b"%d" % len(body)) | odd_length)
     headers.append((b"Content-Length", length))
     return method + b" " + target + b" HTTP/1.1\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body
 
