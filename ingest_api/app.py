@@ -1,19 +1,22 @@
 """The ingest endpoint the observatory's scripts write to: answers at once, whatever the link does."""
 
+import sys
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 import redis
 from fastapi import Depends, FastAPI
-from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ingest_api import events, metrics, reads, records
 from ingest_api.backpressure import pressure
 from ingest_api.deps import get_redis, warm_up
+from ingest_api.errors import error
 from ingest_api.guards import protect
 from opsync.auth import ScopeError
 from opsync.buffer import IdempotencyConflict, NoSuchRow
@@ -51,11 +54,8 @@ protect(app)
 app.add_middleware(metrics.RequestMetrics)  # outermost: counts the guards' answers too
 
 
-def error(status: int, detail, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
 ERRORS = {
+    RequestValidationError: lambda exc: error(422, exc.errors()),  # FastAPI's own answer fails on input JSON cannot carry
     Invalid: lambda exc: error(422, exc.errors),
     ScopeError: lambda exc: error(403, str(exc)),
     IdempotencyConflict: lambda exc: error(409, f"Idempotency-Key {exc} was used with a different request"),
@@ -65,10 +65,7 @@ ERRORS = {
     PrimaryUnavailable: lambda exc: error(503, f"{exc}; direct tables need the primary, retry later"),
     redis.RedisError: lambda exc: error(503, f"site buffer unavailable: {exc.__class__.__name__}"),
     # noeviction: Redis refuses a script before its first write, so no transaction is half-buffered
-    redis.OutOfMemoryError: lambda exc: error(
-        503, "site buffer full (Redis maxmemory reached); retry later",
-        {"Retry-After": str(get_settings().retry_after_s)},
-    ),
+    redis.OutOfMemoryError: lambda exc: error(503, "site buffer full (Redis maxmemory reached); retry later"),
 }
 for exc_class, render in ERRORS.items():
     app.add_exception_handler(exc_class, lambda request, exc, render=render: render(exc))
@@ -76,13 +73,21 @@ for exc_class, render in ERRORS.items():
 
 @app.exception_handler(HTTPException)
 async def http_error(request, exc: HTTPException):
-    """FastAPI's answer to JSON nested past Python's parser, or to bytes that are not UTF-8, is a bare
-    "error parsing the body": say why."""
-    if isinstance(exc.__cause__, RecursionError):
-        return error(400, f"body: JSON nested too deeply (at most {get_settings().max_json_depth} levels)")
-    if isinstance(exc.__cause__, UnicodeDecodeError):
-        return error(400, f"body: not valid UTF-8 (byte {exc.__cause__.start}: {exc.__cause__.reason})")
-    return await http_exception_handler(request, exc)
+    """FastAPI's answer to a body its JSON parser gave up on is a bare "error parsing the body": say why."""
+    cause = exc.__cause__
+    if isinstance(cause, ClientDisconnect):
+        raise cause  # nobody to tell (guards.LastResort)
+    if isinstance(cause, RecursionError):
+        return error(422, [body_problem(f"JSON nested too deeply: at most {get_settings().max_json_depth} levels", "json_too_deep")])
+    if isinstance(cause, UnicodeDecodeError):
+        return error(400, f"body: not valid UTF-8 (byte {cause.start}: {cause.reason})")
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return error(422, [body_problem(f"a number has more than {sys.get_int_max_str_digits()} digits", "json_number_too_long")])
+    return error(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+
+def body_problem(msg: str, kind: str) -> dict:
+    return {"loc": ["body"], "msg": msg, "type": kind}
 
 
 class Health(BaseModel):
@@ -100,7 +105,8 @@ ABOVE_HIGH_WATER = "site buffer above its high-water mark; writes are refused un
 
 
 def unavailable(detail: str) -> JSONResponse:
-    return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503)
+    retry_after = {"Retry-After": str(get_settings().retry_after_s)}
+    return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503, headers=retry_after)
 
 
 @app.get("/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health}})

@@ -217,13 +217,13 @@ class ErrorBody(BaseModel):
 
 
 ERROR_TEXT = {
-    400: "Malformed request: JSON nested deeper than the parser goes, or a filter on a column that has none",
+    400: "Malformed request: a body that is not UTF-8, a filter on a column that has none, or a filter value with a NUL",
     401: "Missing, malformed, unknown, expired or revoked bearer token",
     403: "The token lacks the scope this table needs",
     404: "No such table or row (or transaction: unknown, past its status retention, or of tables the token may not see)",
     409: "Idempotency-Key reused with a different request, or a direct write refused by the primary",
     413: "Request body or record list larger than the limit",
-    422: "Invalid input: each problem's location (field) and reason",
+    422: "Invalid input (JSON nested too deeply included): each problem's location (field) and reason",
     503: "Site buffer, local replica or primary (direct tables) unavailable, or the buffer is above its high-water mark; "
          "retry later (Retry-After)",
 }

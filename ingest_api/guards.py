@@ -3,7 +3,8 @@
 Both are pure ASGI middleware. The size limit answers ``413`` from ``Content-Length`` before
 reading anything, and stops a body without one (chunked) as soon as it passes the limit. The
 last resort turns an unexpected exception into a JSON ``500`` carrying a request id; the
-traceback goes to the log under that id, never into the response.
+traceback goes to the log under that id, never into the response. A client that hangs up before
+its body has arrived gets no answer and is no error.
 """
 
 import logging
@@ -12,6 +13,7 @@ import uuid
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from opsync.config import get_settings
@@ -78,6 +80,8 @@ class LastResort(HttpMiddleware):
 
         try:
             await self.app(scope, receive, watched_send)
+        except ClientDisconnect:
+            return  # gone before its body arrived: nobody to answer, and nothing went wrong here
         except Exception:
             request_id = uuid.uuid4().hex
             log.exception("internal error in %s %s (request_id %s)", scope["method"], scope["path"], request_id)

@@ -31,6 +31,7 @@ from opsync.stats import buffer_stats, high_water
 REGISTRY = CollectorRegistry()
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 UNROUTED = "unrouted"  # answered before routing (404, 413 by Content-Length): no template to name
+CLIENT_CLOSED = 499  # the client hung up before any answer (nginx's code): counted, but not as the API's error
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 1.0)
 
 REQUESTS = Counter(
@@ -61,9 +62,12 @@ class RequestMetrics(HttpMiddleware):
 
         try:
             await self.app(scope, receive, timed_send)
-        finally:
+        except BaseException:
             if not started:
                 observe(scope, 500, time.perf_counter() - start)
+            raise
+        if not started:
+            observe(scope, CLIENT_CLOSED, time.perf_counter() - start)
 
 
 def observe(scope: Scope, status: int, seconds: float) -> None:

@@ -1,12 +1,15 @@
 """Read routes: the merged view of rows (replica overlaid with what is still buffered) and states."""
 
+from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Any
 from uuid import UUID
 
+import psycopg
 from fastapi import APIRouter, HTTPException, Query, Request
+from psycopg.types.datetime import TimestamptzLoader
 from pydantic import BaseModel
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.exc import OperationalError
 
 from ingest_api.deps import BufferDep, PrincipalDep, documented, engine_for, on_loop
@@ -20,7 +23,20 @@ RESERVED = {"limit", "after"}
 
 @lru_cache
 def get_replica() -> Engine:
-    return engine_for(get_settings().replica_url.get_secret_value(), 3)
+    engine = engine_for(get_settings().replica_url.get_secret_value(), 3)
+    event.listen(engine, "connect", lambda connection, _: connection.adapters.register_loader("timestamptz", OutOfRangeAsText))
+    return engine
+
+
+class OutOfRangeAsText(TimestamptzLoader):
+    """A time Python cannot hold (``infinity``, years past 9999: PostgreSQL has them, and writers at the
+    main site may use them) as PostgreSQL's text, instead of an error that failed every read of the table."""
+
+    def load(self, data) -> datetime | str:
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return bytes(data).decode()
 
 
 ReplicaDep = Annotated[Engine, on_loop(get_replica)]

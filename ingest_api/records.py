@@ -104,7 +104,12 @@ WriterDep = Annotated[Writer, Depends(WriteAccess())]
 
 
 def body_hash(request: Request, body: Any) -> str:
-    """What an Idempotency-Key is bound to: the method, the path and the parsed body."""
+    """What an Idempotency-Key is bound to: the method, the path and the parsed body.
+
+    A model is dumped only here, after validation has bounded how deep its values nest: dumped
+    earlier, deeper JSON made the serialiser fail before the depth limit could answer."""
+    if isinstance(body, BaseModel):
+        body = body.model_dump(mode="json")
     canonical = json.dumps([request.method, request.scope["path"], body], sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -219,7 +224,7 @@ async def post_transaction(
     body: TransactionIn, request: Request, w: WriterDep,
 ) -> Response:
     """Steps apply in order, all or nothing; a step may use ``{"$ref": name}`` for an earlier step's key."""
-    return await run(body.steps, request, w, body.model_dump(mode="json"))
+    return await run(body.steps, request, w, body)
 
 
 @router.patch("/records/{table}/{row_id}", status_code=202, response_model=Receipt, summary="Update fields", openapi_extra=IDEMPOTENT)

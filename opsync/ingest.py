@@ -105,6 +105,8 @@ def build_step(step_in: StepIn, refs: dict[str, UUID], loc: tuple, max_json_dept
     if step_in.id is None:
         raise Invalid([problem((*loc, "id"), f"{step_in.op} needs the id of the row")])
     if step_in.op is Op.delete:
+        if step_in.values:
+            raise Invalid([problem((*loc, "values"), "a delete takes no values")])
         if not entry.deletable:
             raise Invalid([problem((*loc, "op"), f"rows of {entry.name} cannot be deleted")])
         return Step(op=Op.delete, table=entry.name, key=step_in.id)
@@ -119,6 +121,8 @@ def resolve_refs(values: dict[str, Any], refs: dict[str, UUID], loc: tuple) -> d
     resolved = {}
     for field, value in values.items():
         if isinstance(value, dict) and set(value) == {REF}:
+            if not isinstance(value[REF], str):
+                raise Invalid([problem((*loc, field, REF), "a reference is the name (a string) of an earlier step", "string_type")])
             if value[REF] not in refs:
                 raise Invalid([problem((*loc, field), f"reference {value[REF]!r} names no earlier step")])
             value = refs[value[REF]]

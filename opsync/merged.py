@@ -57,6 +57,8 @@ def parse_filters(entry: Ingestible, raw: dict[str, str]) -> dict[str, Any]:
     for field, text in raw.items():
         if field not in entry.filterable:
             raise UnknownFilter(f"cannot filter {entry.name} on {field!r}; filterable: {', '.join(entry.filterable)}")
+        if "\x00" in text:  # PostgreSQL refuses it in a query, and no stored value holds one
+            raise UnknownFilter(f"{field}: contains a NUL character (\\u0000), which no stored value can")
         try:
             value = TypeAdapter(python_type(entry.table.c[field])).validate_python(text)
         except ValueError as exc:

@@ -180,7 +180,7 @@ def test_deeply_nested_json_is_refused(refused, headers, observation, site_env):
 
 def test_json_nested_beyond_the_parser_is_refused(refused, headers):
     body = b'{"metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    response = refused("POST", OBS, 400, "body", "nested", content=body, headers=headers | {"Content-Type": "application/json"})
+    response = refused("POST", OBS, 422, "body", "nested", content=body, headers=headers | {"Content-Type": "application/json"})
     assert "Traceback" not in response.text
 
 
