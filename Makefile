@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bootstrap clean soak
+.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bench-scripts bootstrap clean soak
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -38,6 +38,9 @@ bench-drain: bootstrap
 
 bench-read: bootstrap
 	$(PY) bench/read.py
+
+bench-scripts: bootstrap
+	$(PY) bench/scripts.py
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .
