@@ -291,14 +291,17 @@ class Cases:
         client, now = self.buffer.client, self.now
         files = partial(largest_files, self.steps, self.body_limit)
         body = partial(largest_body, self.body_limit)
-        heaviest = build_transaction(body(), "observatory").model_dump_json()
-        most_rows = build_transaction([file_step(40) for _ in range(self.steps)], "observatory")
         widest = build_transaction(body(), "observatory")
-        buffered = lambda steps: lambda: self.enqueued(steps())  # noqa: E731
+        heaviest = widest.model_dump_json()
+        most_rows = build_transaction([file_step(40) for _ in range(self.steps)], "observatory")
         built = lambda steps: lambda: build_transaction(steps(), "observatory")  # noqa: E731
         enqueue = lambda txn: self.buffer.enqueue(txn, answer(txn))  # noqa: E731
         overlay_exists = client.register_script(OVERLAY_EXISTS_LUA)
-        keys = ",".join(([str(step.key) for step in most_rows.steps] * (overlay_chunk // self.steps + 1))[:overlay_chunk])
+
+        def overlaid_keys() -> str:
+            """A chunk of keys that all have an overlay row (each found: the longest answer)."""
+            keys = [str(step.key) for step in self.enqueued(files()).steps]
+            return ",".join((keys * (overlay_chunk // len(keys) + 1))[:overlay_chunk])
 
         slowlog.measure("empty_eval", lambda: None, lambda _: client.eval("return 1", 0), b"EVAL")
         slowlog.measure("xadd_largest_envelope", lambda: None, lambda _: client.xadd("bench:xadd", {"txn": heaviest}), b"XADD")
@@ -315,7 +318,7 @@ class Cases:
         slowlog.measure("confirm_largest_body", lambda: self.committed(body()), self.confirm)
         slowlog.measure("requeue", self.dead_letter, self.requeue)
         slowlog.measure("discard", self.dead_letter, self.discard)
-        slowlog.measure("overlay_exists", buffered(files), lambda _: overlay_exists(args=[self.buffer.row_key("raw_data_file", ""), keys]))
+        slowlog.measure("overlay_exists", overlaid_keys, lambda keys: overlay_exists(args=[self.buffer.row_key("raw_data_file", ""), keys]))
 
 
 def main() -> None:

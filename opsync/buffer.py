@@ -362,8 +362,8 @@ class Settlement:
 
 
 SETTLE_ENTRIES = 250  # entries per SETTLE call: a few µs each (ack, status, event)
-SETTLE_ROWS = 2000  # failed entries' rows per call, one dead-rows HSET each
-SETTLE_FAILED = 4  # failed entries per call: each copies its envelope (up to the body limit) into the dead letters
+SETTLE_ROWS = 1000  # failed entries' rows per call, one dead-rows HSET each
+SETTLE_FAILED = 2  # failed entries per call: each copies its envelope (up to the body limit) into the dead letters
 
 
 def settle_chunks(settlements: list[Settlement]) -> Iterator[list[Settlement]]:

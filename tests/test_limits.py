@@ -103,7 +103,7 @@ def settlement(outcome: str = "committed", rows: int = 0) -> Settlement:
 
 
 def test_settle_chunks_keep_the_order_and_bound_entries_rows_and_failures():
-    batch = [settlement() for _ in range(600)] + [settlement("failed", 1500) for _ in range(3)] + [settlement("failed")] * 5
+    batch = [settlement() for _ in range(600)] + [settlement("failed", 800) for _ in range(3)] + [settlement("failed")] * 5
     chunks = list(settle_chunks(batch))
 
     assert [s for chunk in chunks for s in chunk] == batch
@@ -111,7 +111,7 @@ def test_settle_chunks_keep_the_order_and_bound_entries_rows_and_failures():
         assert len(chunk) <= buffer_module.SETTLE_ENTRIES
         assert sum(s.outcome == "failed" for s in chunk) <= buffer_module.SETTLE_FAILED
         assert len(chunk) == 1 or sum(len(s.rows) for s in chunk) <= buffer_module.SETTLE_ROWS
-    assert [len(c) for c in chunks] == [250, 250, 101, 1, 4, 2]  # entries, rows, then failures close a chunk
+    assert [len(c) for c in chunks] == [250, 250, 101, 1, 2, 2, 2]  # entries, rows, then failures close a chunk
 
 
 def test_an_entry_larger_than_a_chunk_is_settled_alone():
