@@ -18,6 +18,8 @@ The largest inputs, from :class:`opsync.config.Settings` (so ``OPSYNC_*`` variab
   characters); ``enqueue_update``: as many updates of those buffered rows, changing every indexed
   column; ``enqueue_delete``: deletes of them; ``enqueue_largest_body``: one observation whose
   ``metadata`` fills the body limit.
+- ``claim``: the drainer's read of a batch (not a script, but the same pause for everyone) when the
+  stream holds entries of the largest body: read :data:`opsync.buffer.CLAIM_PAGE` at a time.
 - ``settle``: a full drain batch (``DRAIN_BATCH`` entries, the DAG's default) of transactions with
   the most steps, all failed (each moved to the dead letters with all its rows in the dead-rows
   hash); ``settle_committed``: the same batch, all committed (the usual case);
@@ -51,7 +53,7 @@ from rich.console import Console
 from rich.table import Table
 
 from opsync import dlq
-from opsync.buffer import CONFIRM, DISCARD, ENQUEUE, REQUEUE, SETTLE, Buffer, Entry, Settlement
+from opsync.buffer import CLAIM_PAGE, CONFIRM, DISCARD, ENQUEUE, REQUEUE, SETTLE, Buffer, Entry, Settlement
 from opsync.config import Settings
 from opsync.envelope import Transaction
 from opsync.ingest import StepIn, build_transaction
@@ -73,9 +75,10 @@ SHA = "ab" * 32
 WIDE = "\U0001d52d"  # 4 bytes in UTF-8: a path of 1,024 characters holds the most bytes
 CASES = (
     "empty_eval", "xadd_largest_envelope", "enqueue_insert", "enqueue_update", "enqueue_delete", "enqueue_largest_body",
-    "settle", "settle_committed", "settle_largest_body", "confirm", "confirm_largest_body", "requeue", "discard", "overlay_exists",
+    "claim", "settle", "settle_committed", "settle_largest_body", "confirm", "confirm_largest_body", "requeue", "discard",
+    "overlay_exists",
 )
-SCRIPTS = tuple(case for case in CASES if case not in ("empty_eval", "xadd_largest_envelope"))
+CHECKED = tuple(case for case in CASES if case not in ("empty_eval", "xadd_largest_envelope"))  # held to LIMIT_MS
 FIGURES = (
     "size", "max_steps_per_transaction", "max_body_bytes", "drain_batch", "limit_ms",
     *(f"{case}_ms" for case in CASES), *(f"{case}_best_ms" for case in CASES), *(f"{case}_cpu_ms" for case in CASES),
@@ -247,6 +250,14 @@ class Cases:
         assert len(entries) == len(txns)
         return entries
 
+    def unclaimed(self, txn: Transaction, n: int) -> None:
+        """``n`` copies of ``txn`` in the stream, not claimed yet."""
+        self.reset()
+        pipe = self.buffer.client.pipeline(transaction=False)
+        for _ in range(n):
+            pipe.xadd(self.buffer.stream, {"txn": txn.model_copy(update={"txn_id": uuid.uuid4()}).model_dump_json()})
+        pipe.execute()
+
     def failed(self, txn: Transaction, n: int) -> list[Settlement]:
         """``n`` copies of ``txn`` claimed, as failed settlements, each with all the rows it creates:
         what the drainer settles for a batch the primary refused entirely."""
@@ -309,6 +320,8 @@ class Cases:
         slowlog.measure("enqueue_update", lambda: build_transaction(updates(self.enqueued(files())), "observatory"), enqueue)
         slowlog.measure("enqueue_delete", lambda: build_transaction(deletes(self.enqueued(files())), "observatory"), enqueue)
         slowlog.measure("enqueue_largest_body", built(body), enqueue)
+        slowlog.measure("claim", lambda: self.unclaimed(widest, 2 * CLAIM_PAGE), lambda _: self.buffer.claim("drainer", self.batch),
+                        b"XREADGROUP")
         slowlog.measure("settle", lambda: self.failed(most_rows, self.batch), lambda s: self.buffer.settle(s, None, now))
         slowlog.measure("settle_committed", lambda: self.committed_batch(most_rows, self.batch),
                         lambda s: self.buffer.settle(s, Lsn.parse("0/1"), now))
@@ -338,7 +351,7 @@ def main() -> None:
         buffer = Buffer(client, prefix="bench-scripts")
         buffer._settle = slowlog.per_call(buffer._settle)  # a batch is many calls, each with thousands of commands
         Cases(buffer, steps, body, batch).run(slowlog, chunk)
-    worst = max(SCRIPTS, key=slowlog.worst_ms.__getitem__)
+    worst = max(CHECKED, key=slowlog.worst_ms.__getitem__)
     figures = {
         "size": args.size, "max_steps_per_transaction": steps, "max_body_bytes": body, "drain_batch": batch, "limit_ms": LIMIT_MS,
         **{f"{case}_ms": slowlog.worst_ms[case] for case in CASES},
@@ -346,13 +359,13 @@ def main() -> None:
         **{f"{case}_cpu_ms": slowlog.cpu_ms[case] for case in CASES}, "settle_calls": slowlog.calls["settle"],
         "worst_script": worst, "worst_script_ms": slowlog.worst_ms[worst],
         "all_within_limit": slowlog.worst_ms[worst] <= LIMIT_MS,
-        "worst_script_best_ms": max(slowlog.best_ms[case] for case in SCRIPTS),
-        "all_within_limit_best": max(slowlog.best_ms[case] for case in SCRIPTS) <= LIMIT_MS,
+        "worst_script_best_ms": max(slowlog.best_ms[case] for case in CHECKED),
+        "all_within_limit_best": max(slowlog.best_ms[case] for case in CHECKED) <= LIMIT_MS,
     }
     table = Table("script call", "worst ms", "best repeat ms", "CPU ms per call", f"≤ {LIMIT_MS:g} ms")
     yes = {True: "[green]yes[/]", False: "[red]no[/]"}
     for case in CASES:
-        within = yes[slowlog.worst_ms[case] <= LIMIT_MS] if case in SCRIPTS else ""
+        within = yes[slowlog.worst_ms[case] <= LIMIT_MS] if case in CHECKED else ""
         table.add_row(case, *(f"{figure[case]:.3f}" for figure in (slowlog.worst_ms, slowlog.best_ms, slowlog.cpu_ms)), within)
     console.print(table)
     print(json.dumps(figures), flush=True)

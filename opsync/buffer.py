@@ -361,6 +361,7 @@ class Settlement:
     rows: tuple[str, ...] = ()  # a failed transaction's rows ('table:key'), so dependants can name it
 
 
+CLAIM_PAGE = 50  # entries per stream read: a reply of 50 bodies of the largest size takes Redis ~20 ms
 SETTLE_ENTRIES = 250  # entries per SETTLE call: a few µs each (ack, status, event)
 SETTLE_ROWS = 1000  # failed entries' rows per call, one dead-rows HSET each
 SETTLE_FAILED = 2  # failed entries per call: each copies its envelope (up to the body limit) into the dead letters
@@ -589,10 +590,20 @@ class Buffer:
         return entries
 
     def _read(self, consumer: str, start: str, count: int) -> list[Entry]:
-        reply = self.client.xreadgroup(self.group, consumer, {self.stream: start}, count=count)
-        return [Entry(sid.decode(), (fields or {}).get(b"txn")) for _, messages in reply for sid, fields in messages]
+        """Up to ``count`` entries from ``start`` ('0': this consumer's pending ones, '>': new ones), read
+        :data:`CLAIM_PAGE` at a time so no one reply holds Redis long."""
+        entries: list[Entry] = []
+        while len(entries) < count:
+            want = min(CLAIM_PAGE, count - len(entries))
+            reply = self.client.xreadgroup(self.group, consumer, {self.stream: start}, count=want)
+            page = [Entry(sid.decode(), (fields or {}).get(b"txn")) for _, messages in reply for sid, fields in messages]
+            entries += page
+            if len(page) < want:
+                break
+            start = start if start == ">" else page[-1].stream_id  # pending ones after the last read
+        return entries
 
-    def reclaim(self, consumer: str, min_idle_ms: int, count: int = 1000) -> int:
+    def reclaim(self, consumer: str, min_idle_ms: int, count: int = CLAIM_PAGE) -> int:
         """Move entries other consumers claimed and left idle that long (a crashed drainer's) to ``consumer``."""
         moved, start = 0, "0-0"
         while True:

@@ -203,3 +203,20 @@ def test_a_crash_between_settle_chunks_redelivers_the_rest_exactly_once(buffer, 
     stats = buffer_stats(buffer.client, buffer)
     assert (stats.depth, stats.pending, stats.dead_letters) == (0, 0, 2)
     assert buffer.client.zcard(buffer.awaiting_replica) == 3
+
+
+def test_a_claim_reads_in_pages_pending_entries_first_then_new_ones_in_stream_order(buffer, planning, monkeypatch):
+    """Each read returns at most CLAIM_PAGE entries (one reply of many large envelopes would hold Redis)."""
+    monkeypatch.setattr(buffer_module, "CLAIM_PAGE", 2)
+    txns = [buffered(buffer, observation(planning)) for _ in range(5)]
+    buffer.ensure_group()
+    reads = []
+    xreadgroup = buffer.client.xreadgroup
+    monkeypatch.setattr(buffer.client, "xreadgroup", lambda *a, **k: reads.append(k["count"]) or xreadgroup(*a, **k))
+    ids = lambda entries: [e.stream_id for e in entries]  # noqa: E731
+    stream_ids = [buffer.status(t.txn_id)["stream_id"] for t in txns]
+
+    assert ids(buffer.claim("c", 3)) == stream_ids[:3]  # claimed, not acknowledged: pending
+    later = [buffer.status(buffered(buffer, observation(planning)).txn_id)["stream_id"] for _ in range(2)]
+    assert ids(buffer.claim("c", 10)) == stream_ids + later  # the 3 pending first, then the 4 new ones
+    assert max(reads) <= 2
