@@ -6,6 +6,7 @@ them redelivers the rest, which the ledger skips, so nothing is lost, applied tw
 dead-lettered twice. Real Redis and PostgreSQL, as everywhere; the timings are ``make bench-scripts``.
 """
 
+import json
 import uuid
 
 import pytest
@@ -91,6 +92,26 @@ def test_a_list_within_the_record_limit_is_still_bound_by_the_step_limit(api_cli
     assert writes() == before
 
 
+def observation_body(observation, size: int) -> bytes:
+    """An executed observation's JSON of exactly ``size`` bytes (its metadata padded)."""
+    empty = json.dumps(observation(metadata={"pad": ""})).encode()
+    return json.dumps(observation(metadata={"pad": "x" * (size - len(empty))})).encode()
+
+
+def test_a_body_larger_than_the_limit_is_413_naming_it_and_one_at_the_limit_is_accepted(
+    api_client, auth_headers, observation, writes, site_env
+):
+    headers = auth_headers("executed_obs_unit") | {"Content-Type": "application/json"}
+    limit = site_env.max_body_bytes
+    before = writes()
+    response = api_client.post("/v1/records/executed_obs_unit", content=observation_body(observation, limit + 1), headers=headers)
+    assert response.status_code == 413 and "OPSYNC_MAX_BODY_BYTES" in response.json()["detail"], response.text
+    assert writes() == before
+    at_limit = observation_body(observation, limit)
+    assert len(at_limit) == limit
+    assert api_client.post("/v1/records/executed_obs_unit", content=at_limit, headers=headers).status_code == 202
+
+
 def test_the_defaults_keep_a_list_within_the_step_limit(site_env):
     assert site_env.max_records_per_request <= site_env.max_steps_per_transaction
 
@@ -133,7 +154,7 @@ def primary(migrated):
     engine.dispose()
 
 
-def observation(planning, **values) -> StepIn:
+def observation_step(planning, **values) -> StepIn:
     return StepIn(table="executed_obs_unit", values={
         "obs_unit_id": str(planning["obs_unit"]), "instrument_module_id": str(planning["module"]),
         "start_time": "2026-11-21T03:00:00Z",
@@ -167,10 +188,10 @@ def ledger(primary, txns) -> int:
 @pytest.mark.parametrize("crash_at_call", [2, 3])
 def test_a_crash_between_settle_chunks_redelivers_the_rest_exactly_once(buffer, primary, planning, monkeypatch, crash_at_call):
     """Chunks of two entries: [good, good] [bad, dependant of bad] [good]; the drainer dies before call 2 or 3."""
-    good = [buffered(buffer, observation(planning)) for _ in range(2)]
-    bad = buffered(buffer, observation(planning, obs_unit_id=str(uuid.uuid4())))  # no such planned observation
+    good = [buffered(buffer, observation_step(planning)) for _ in range(2)]
+    bad = buffered(buffer, observation_step(planning, obs_unit_id=str(uuid.uuid4())))  # no such planned observation
     dependant = buffered(buffer, raw_file(bad.steps[0].key))
-    last = buffered(buffer, observation(planning))
+    last = buffered(buffer, observation_step(planning))
     monkeypatch.setattr(buffer_module, "SETTLE_ENTRIES", 2)
     settle, calls = buffer._settle, []
 
@@ -208,7 +229,7 @@ def test_a_crash_between_settle_chunks_redelivers_the_rest_exactly_once(buffer, 
 def test_a_claim_reads_in_pages_pending_entries_first_then_new_ones_in_stream_order(buffer, planning, monkeypatch):
     """Each read returns at most CLAIM_PAGE entries (one reply of many large envelopes would hold Redis)."""
     monkeypatch.setattr(buffer_module, "CLAIM_PAGE", 2)
-    txns = [buffered(buffer, observation(planning)) for _ in range(5)]
+    txns = [buffered(buffer, observation_step(planning)) for _ in range(5)]
     buffer.ensure_group()
     reads = []
     xreadgroup = buffer.client.xreadgroup
@@ -217,6 +238,6 @@ def test_a_claim_reads_in_pages_pending_entries_first_then_new_ones_in_stream_or
     stream_ids = [buffer.status(t.txn_id)["stream_id"] for t in txns]
 
     assert ids(buffer.claim("c", 3)) == stream_ids[:3]  # claimed, not acknowledged: pending
-    later = [buffer.status(buffered(buffer, observation(planning)).txn_id)["stream_id"] for _ in range(2)]
+    later = [buffer.status(buffered(buffer, observation_step(planning)).txn_id)["stream_id"] for _ in range(2)]
     assert ids(buffer.claim("c", 10)) == stream_ids + later  # the 3 pending first, then the 4 new ones
     assert max(reads) <= 2
