@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bench-datasette-load bench-smoke bootstrap clean soak
+.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bench-datasette-load bench-scripts bench-smoke bootstrap clean soak
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -46,6 +46,9 @@ bench-smoke: bootstrap
 
 bench-datasette-load: bootstrap
 	$(PY) bench/datasette_load.py --size $(SIZE)
+
+bench-scripts: bootstrap
+	$(PY) bench/scripts.py --size $(SIZE)
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .

@@ -22,7 +22,7 @@ log = logging.getLogger("opsync.ingest_api")
 
 
 def too_large(limit: int) -> HTTPException:
-    return HTTPException(413, f"request body larger than {limit} bytes")
+    return HTTPException(413, f"request body larger than {limit} bytes (OPSYNC_MAX_BODY_BYTES)")
 
 
 class HttpMiddleware:

@@ -126,6 +126,9 @@ async def run(steps: list[StepIn], request: Request, w: Writer, raw_body) -> Res
     The routes are ``async`` so that FastAPI does not spend thread-pool hops on them and on
     serialising their answers: at 1,000 requests per second those hops cost more than the work.
     """
+    if len(steps) > w.settings.max_steps_per_transaction:  # bounds the enqueue script's time (README "Limits")
+        limit = w.settings.max_steps_per_transaction
+        raise HTTPException(413, f"at most {limit} steps per transaction (OPSYNC_MAX_STEPS_PER_TRANSACTION), got {len(steps)}")
     tables = sorted({step.table for step in steps} & registry.REGISTRY.keys())
     for table in tables:
         w.who.require(f"write:{table}")  # before validation: a token without the scope learns nothing of the table's rules
@@ -170,7 +173,8 @@ async def post_records(table: TableName, request: Request, w: WriterDep) -> Resp
     records = await records_body(request)
     rows = records if isinstance(records, list) else [records]
     if len(rows) > w.settings.max_records_per_request:
-        raise HTTPException(413, f"at most {w.settings.max_records_per_request} records per request, got {len(rows)}")
+        limit = w.settings.max_records_per_request
+        raise HTTPException(413, f"at most {limit} records per request (OPSYNC_MAX_RECORDS_PER_REQUEST), got {len(rows)}")
     return await run(record_steps(table, rows), request, w, records)
 
 

@@ -27,7 +27,7 @@ so a second or concurrent call finds the entry gone and changes nothing.
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -455,6 +455,28 @@ class Settlement:
     rows: tuple[str, ...] = ()  # a failed transaction's rows ('table:key'), so dependants can name it
 
 
+CLAIM_PAGE = 50  # entries per stream read: a reply of 50 bodies of the largest size takes Redis ~20 ms
+SETTLE_ENTRIES = 250  # entries per SETTLE call: a few µs each (ack, status, event)
+SETTLE_ROWS = 1000  # failed entries' rows per call, one dead-rows HSET each
+SETTLE_FAILED = 2  # failed entries per call: each copies its envelope (up to the body limit) into the dead letters
+
+
+def settle_chunks(settlements: list[Settlement]) -> Iterator[list[Settlement]]:
+    """``settlements`` in order, in chunks one SETTLE call does within 50 ms at the API's largest input
+    (``make bench-scripts``); an entry bigger than a chunk's share is a chunk of its own."""
+    chunk: list[Settlement] = []
+    rows = failed = 0
+    for s in settlements:
+        is_failed = s.outcome == "failed"
+        if chunk and (len(chunk) == SETTLE_ENTRIES or rows + len(s.rows) > SETTLE_ROWS or failed + is_failed > SETTLE_FAILED):
+            yield chunk
+            chunk, rows, failed = [], 0, 0
+        chunk.append(s)
+        rows, failed = rows + len(s.rows), failed + is_failed
+    if chunk:
+        yield chunk
+
+
 @dataclass(frozen=True)
 class Enqueued:
     replayed: bool  # True: an earlier identical request already buffered it; nothing written now
@@ -684,10 +706,20 @@ class Buffer:
         return entries
 
     def _read(self, consumer: str, start: str, count: int) -> list[Entry]:
-        reply = self.client.xreadgroup(self.group, consumer, {self.stream: start}, count=count)
-        return [Entry(sid.decode(), (fields or {}).get(b"txn")) for _, messages in reply for sid, fields in messages]
+        """Up to ``count`` entries from ``start`` ('0': this consumer's pending ones, '>': new ones), read
+        :data:`CLAIM_PAGE` at a time so no one reply holds Redis long."""
+        entries: list[Entry] = []
+        while len(entries) < count:
+            want = min(CLAIM_PAGE, count - len(entries))
+            reply = self.client.xreadgroup(self.group, consumer, {self.stream: start}, count=want)
+            page = [Entry(sid.decode(), (fields or {}).get(b"txn")) for _, messages in reply for sid, fields in messages]
+            entries += page
+            if len(page) < want:
+                break
+            start = start if start == ">" else page[-1].stream_id  # pending ones after the last read
+        return entries
 
-    def reclaim(self, consumer: str, min_idle_ms: int, count: int = 1000) -> int:
+    def reclaim(self, consumer: str, min_idle_ms: int, count: int = CLAIM_PAGE) -> int:
         """Move entries other consumers claimed and left idle that long (a crashed drainer's) to ``consumer``."""
         moved, start = 0, "0-0"
         while True:
@@ -704,16 +736,19 @@ class Buffer:
         return {row: owner.decode() for row, owner in zip(rows, owners, strict=True) if owner is not None}
 
     def settle(self, settlements: list[Settlement], commit_lsn: Lsn | None, at: str) -> None:
-        """Acknowledge entries and record their states in one atomic step, only after the primary's commit.
+        """Acknowledge entries and record their states, only after the primary's commit, in bounded atomic steps.
 
         Committed ones wait in :attr:`awaiting_replica` scored by their LSN; failed ones move to the
-        dead-letter stream with the reason. A crash before this redelivers the entries, which the
-        ledger then skips.
+        dead-letter stream with the reason. Each step settles a chunk (:func:`settle_chunks`), so no
+        call holds Redis long; a crash before or between them redelivers the entries not settled
+        yet, which the ledger then skips (and a failed one fails again, for the same reason).
         """
-        args: list = [self.group, self.prefix, self.events, at, self.status_ttl_s, str(commit_lsn or ""), float(commit_lsn or 0)]
-        for s in settlements:
-            args += [s.outcome, s.stream_id, s.txn_id, s.reason, len(s.rows), *s.rows]
-        self._settle(keys=[self.stream, self.awaiting_replica, self.dead_letters, self.dead_rows, self.unsent], args=args)
+        head = [self.group, self.prefix, self.events, at, self.status_ttl_s, str(commit_lsn or ""), float(commit_lsn or 0)]
+        for chunk in settle_chunks(settlements):
+            args = list(head)
+            for s in chunk:
+                args += [s.outcome, s.stream_id, s.txn_id, s.reason, len(s.rows), *s.rows]
+            self._settle(keys=[self.stream, self.awaiting_replica, self.dead_letters, self.dead_rows, self.unsent], args=args)
 
     def awaiting(self, upto: Lsn, count: int) -> list[str]:
         """The txn_ids committed at or before ``upto`` (by score; callers check the exact LSN)."""

@@ -35,7 +35,10 @@ class Settings(BaseSettings):
     read_model_path: Path = Field(Path(".run/datasette/opsync.db"), description="SQLite file Datasette serves")
     timezone: str = Field("America/Santiago", description="Site time zone; defines the observing night")
     allow_non_durable: bool = Field(False, description="Start the API even if Redis is not fsync-durable (tests only)")
-    max_records_per_request: int = Field(1000, description="Largest list POST /v1/records accepts")
+    max_records_per_request: int = Field(500, description="Largest list POST /v1/records accepts (each record is a step)")
+    max_steps_per_transaction: int = Field(
+        500, description="Most steps one write may carry, so its enqueue script stays within 50 ms (README 'Limits')"
+    )
     token_cache_ttl_s: float = Field(
         30, description="How long a validated token is trusted before re-checking; one in use is re-read after half of it"
     )
@@ -58,7 +61,9 @@ class Settings(BaseSettings):
     backpressure_cache_s: float = Field(
         0.5, description="How often the buffer is re-measured for the high-water check (the last verdict answers meanwhile)"
     )
-    max_body_bytes: int = Field(10 * 1024 * 1024, description="Largest request body; larger ones get 413 before being read")
+    max_body_bytes: int = Field(
+        512 * 1024, description="Largest request body; larger ones get 413 before being read (README 'Limits')"
+    )
     max_json_depth: int = Field(32, description="Deepest nesting of JSON values a record may have")
     events_keepalive_s: float = Field(15, description="Interval of SSE keep-alive comments on GET /v1/events")
 

@@ -2,11 +2,11 @@
 
 claim → apply → settle: entries are claimed through the stream's consumer group, applied in one
 DB transaction per batch (:func:`opsync.apply.apply_batch`), and only then acknowledged, with
-their new states, in one atomic Redis step. A crash anywhere before that leaves them claimed and
-redelivered; the ledger skips what had been committed. Committed transactions then wait, scored
-by commit LSN, until :func:`confirm` sees the replica past them; any run may confirm them, so
-nothing depends on one waiting sensor. Airflow tasks (and the CLI) call these functions; they
-hold no Airflow knowledge. Every batch and every run is counted in Redis (:mod:`opsync.drain_metrics`).
+their new states, in atomic Redis steps of bounded size. A crash before or between them leaves the
+rest claimed and redelivered; the ledger skips what had been committed. Committed transactions
+then wait, scored by commit LSN, until :func:`confirm` sees the replica past them; any run may
+confirm them, so nothing depends on one waiting sensor. Airflow tasks (and the CLI) call these
+functions; they hold no Airflow knowledge. Every batch and every run is counted in Redis (:mod:`opsync.drain_metrics`).
 """
 
 import contextlib

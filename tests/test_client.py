@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from opsync.buffer import Buffer
-from opsync.client import ApiError, AsyncOpsyncClient, OpsyncClient
+from opsync.client import MAX_RECORDS_PER_REQUEST, ApiError, AsyncOpsyncClient, OpsyncClient
 from opsync.envelope import Receipt, Transaction
 
 T = "executed_obs_unit"
@@ -285,9 +285,9 @@ def test_413_is_not_retried(client, site_env, observation):
 def test_batches_send_at_most_the_servers_maximum_per_request(client, observation, stream):
     api = client()
     before = len(stream)
-    ids = [uuid.uuid4() for _ in range(2500)]
+    ids = [uuid.uuid4() for _ in range(2 * MAX_RECORDS_PER_REQUEST + 100)]
     receipts = api.call("batches", T, [observation(id=str(i)) for i in ids])
-    assert [len(r.ids) for r in receipts] == [1000, 1000, 500]  # the API's default maximum
+    assert [len(r.ids) for r in receipts] == [MAX_RECORDS_PER_REQUEST, MAX_RECORDS_PER_REQUEST, 100]  # the API's default maximum
     assert [i for r in receipts for i in r.ids] == ids  # in order
     assert len(stream) == before + 3
 
