@@ -15,6 +15,7 @@ from ingest_api import events, metrics, reads, records
 from ingest_api.backpressure import pressure
 from ingest_api.deps import get_redis, warm_up
 from ingest_api.guards import protect
+from opsync.admission import JudgeUnavailable
 from opsync.auth import ScopeError
 from opsync.buffer import IdempotencyConflict
 from opsync.config import get_settings
@@ -60,6 +61,7 @@ ERRORS = {
     IdempotencyConflict: lambda exc: error(409, f"Idempotency-Key {exc} was used with a different request"),
     Rejected: lambda exc: error(409, f"rejected by the primary: {exc}"),
     PrimaryUnavailable: lambda exc: error(503, f"{exc}; direct tables need the primary, retry later"),
+    JudgeUnavailable: lambda exc: error(503, f"{exc}; retry later", {"Retry-After": str(get_settings().retry_after_s)}),
     redis.RedisError: lambda exc: error(503, f"site buffer unavailable: {exc.__class__.__name__}"),
     # noeviction: Redis refuses a script before its first write, so no transaction is half-buffered
     redis.OutOfMemoryError: lambda exc: error(

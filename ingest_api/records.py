@@ -13,13 +13,14 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import Engine
 
 from ingest_api.backpressure import check_backpressure
-from ingest_api.deps import Caller, documented, get_enqueuer, get_primary
+from ingest_api.deps import Caller, documented, get_enqueuer, get_judge, get_primary
 from opsync import registry
+from opsync.admission import json_float
 from opsync.auth import Principal
 from opsync.buffer import AsyncEnqueuer
 from opsync.config import Settings, get_settings
 from opsync.envelope import Op, Receipt
-from opsync.ingest import Invalid, StepIn, build_transaction, problem, submit
+from opsync.ingest import Invalid, StepIn, admitted, problem, submit
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200
@@ -122,7 +123,7 @@ async def run(steps: list[StepIn], request: Request, w: Writer, raw_body) -> Res
     """
     for table in sorted({step.table for step in steps} & registry.REGISTRY.keys()):
         w.who.require(f"write:{table}")  # before validation: a token without the scope learns nothing of the table's rules
-    txn = build_transaction(steps, w.settings.site, w.idempotency_key, w.settings.max_json_depth)  # unknown tables: 422
+    txn = await admitted(steps, w.settings.site, w.idempotency_key, w.settings.max_json_depth, get_judge())  # unknown tables: 422
     idempotency = (w.who.name, w.idempotency_key) if w.idempotency_key else None
     answer, _ = await submit(txn, w.enqueuer, w.primary, idempotency, body_hash(request, raw_body))
     return accepted(Receipt(**answer, status_url=f"{base_url(request)}v1/transactions/{answer['txn_id']}"))
@@ -183,7 +184,7 @@ async def records_body(request: Request) -> dict[str, Any] | list[dict[str, Any]
 
 def json_value(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_float=json_float)  # 1e-400 is not 0: the primary would refuse it
     except json.JSONDecodeError as exc:
         error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error", "input": {}, "ctx": {"error": exc.msg}}
         raise RequestValidationError([error], body=exc.doc) from exc

@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 
 class Op(StrEnum):
@@ -30,7 +30,17 @@ class Step(BaseModel):
     op: Op
     table: str
     key: UUID = Field(description="Primary key of the row the step writes")
-    values: dict[str, Any] = Field(default_factory=dict, description="Column values, JSON-encoded")
+    values: dict[str, Any] = Field(default_factory=dict, description="Column values, JSON-encoded, exactly as sent")
+    _shown: dict[str, Any] | None = PrivateAttr(None)
+
+    def showing(self, values: dict[str, Any]) -> "Step":
+        """Set what readers of the buffer see: the values as the primary will store them (see :mod:`opsync.admission`)."""
+        self._shown = values
+        return self
+
+    @property
+    def shown(self) -> dict[str, Any]:
+        return self.values if self._shown is None else self._shown
 
 
 class Transaction(BaseModel):
