@@ -114,9 +114,8 @@ def get_verifier() -> TokenVerifier:
     return TokenVerifier(engine_for(settings.replica_url.get_secret_value(), 3), settings.token_cache_ttl_s)
 
 
-@lru_cache
 def get_judge() -> ReplicaJudge:
-    """PostgreSQL's verdict on values Python cannot judge exactly, on the token checks' replica engine."""
+    """PostgreSQL's verdict on values Python cannot judge exactly, on the token checks' replica engine (and pool)."""
     return ReplicaJudge(get_verifier().engine)
 
 

@@ -123,7 +123,7 @@ async def run(steps: list[StepIn], request: Request, w: Writer, raw_body) -> Res
     """
     for table in sorted({step.table for step in steps} & registry.REGISTRY.keys()):
         w.who.require(f"write:{table}")  # before validation: a token without the scope learns nothing of the table's rules
-    txn = await admitted(steps, w.settings.site, w.idempotency_key, w.settings.max_json_depth, get_judge())  # unknown tables: 422
+    txn = await admitted(steps, w.settings.site, w.idempotency_key, w.settings.max_json_depth, get_judge)  # unknown tables: 422
     idempotency = (w.who.name, w.idempotency_key) if w.idempotency_key else None
     answer, _ = await submit(txn, w.enqueuer, w.primary, idempotency, body_hash(request, raw_body))
     return accepted(Receipt(**answer, status_url=f"{base_url(request)}v1/transactions/{answer['txn_id']}"))

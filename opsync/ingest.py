@@ -9,6 +9,7 @@ here (UUIDv7) and references between steps are resolved, so the envelope is fina
 import asyncio
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -85,13 +86,14 @@ class Undecided(Exception):
 
 
 async def admitted(
-    steps: list[StepIn], site: str, idempotency_key: str | None, max_json_depth: int, judge: admission.ReplicaJudge
+    steps: list[StepIn], site: str, idempotency_key: str | None, max_json_depth: int,
+    judge: Callable[[], admission.ReplicaJudge],
 ) -> Transaction:
     """:func:`build_transaction` on the event loop; in a thread with the replica's judge only when a value needs it."""
     try:
         return build_transaction(steps, site, idempotency_key, max_json_depth)
     except Undecided:
-        return await asyncio.to_thread(build_transaction, steps, site, idempotency_key, max_json_depth, judge)
+        return await asyncio.to_thread(build_transaction, steps, site, idempotency_key, max_json_depth, judge())
 
 
 def mixed_modes(steps: list[Step]) -> list[dict]:
