@@ -208,9 +208,9 @@ def test_direct_writes_take_the_drainers_statement(api_client, auth_headers, pri
 def test_a_value_only_postgresql_can_judge_waits_for_the_replica_and_common_records_do_not(
     api_client, headers, observation, sample, monkeypatch, site_env
 ):
-    from ingest_api import records
-
     from conftest import free_port
+
+    from ingest_api import records
 
     dead = create_engine(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none", connect_args={"connect_timeout": 1})
     monkeypatch.setattr(records, "get_judge", lambda: admission.ReplicaJudge(dead))

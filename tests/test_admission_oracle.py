@@ -143,7 +143,8 @@ TIME_PARTS = {  # an RFC 3339 time's fields: valid values, and the edges one of 
     "second": (st.integers(0, 59), [60, 61]),
     "fraction": (st.sampled_from(["", ".5", ".123456", ".000001"]), [".1234567", ".9999995", ".9999999", ".", ".12345678901"]),
     "offset": (
-        st.just("Z") | st.builds(lambda s, h, m: f"{s}{h:02d}:{m:02d}", st.sampled_from("+-"), st.integers(0, 15), st.sampled_from([0, 30, 45, 59])),
+        st.just("Z") | st.builds(lambda s, h, m: f"{s}{h:02d}:{m:02d}", st.sampled_from("+-"), st.integers(0, 15),
+                                 st.sampled_from([0, 30, 45, 59])),
         ["+16:00", "-16:00", "+23:59", "-23:59", "+15:60", "+24:00", "z", "", " UTC", " Europe/Berlin", " PST", "+00", "+0530",
          "+05:30:15", "+15:59:59", "-15:59:60"],
     ),
