@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, Field, PrivateAttr
+from pydantic import BaseModel, Field
 
 
 class Op(StrEnum):
@@ -31,16 +31,12 @@ class Step(BaseModel):
     table: str
     key: UUID = Field(description="Primary key of the row the step writes")
     values: dict[str, Any] = Field(default_factory=dict, description="Column values, JSON-encoded, exactly as sent")
-    _shown: dict[str, Any] | None = PrivateAttr(None)
-
-    def showing(self, values: dict[str, Any]) -> "Step":
-        """Set what readers of the buffer see: the values as the primary will store them (see :mod:`opsync.admission`)."""
-        self._shown = values
-        return self
+    canonical: dict[str, Any] | None = Field(None, exclude=True, description="The values as the primary will store them")
 
     @property
     def shown(self) -> dict[str, Any]:
-        return self.values if self._shown is None else self._shown
+        """What readers of the buffer see (set at admission, see :mod:`opsync.admission`); never serialised."""
+        return self.values if self.canonical is None else self.canonical
 
 
 class Transaction(BaseModel):

@@ -125,6 +125,7 @@ class Admitting:
         self.max_json_depth = max_json_depth
         self.refs: dict[str, tuple[str, str]] = {}  # name -> (table, key)
         self.rows: dict[tuple[str, str], Row] = {}
+        self.unique: dict[tuple, str] = {}  # (table, columns, values) -> key of the row that last took them
         self.errors: list[dict] = []
         self.undecided = False
 
@@ -148,31 +149,32 @@ class Admitting:
     def build(self, step_in: StepIn, rules: admission.TableRules, raw: dict, loc: tuple) -> Step | None:
         entry, op, at = rules.entry, step_in.op, loc[-1]
         if op in (Op.insert, Op.upsert):
-            key = str(step_in.id or new_id())
+            uid = step_in.id or new_id()
+            key = str(uid)
             shown = self.values(rules, raw, (*loc, "values"), partial=False)
             row = {c: None for c in rules.judges} | rules.defaults | shown
             self.follow(rules, op, key, row, at, (*loc, "id"), complete=op is Op.insert)
             shown = rules.defaults | shown if op is Op.insert else shown
-            return self.made(op, entry.name, key, raw, shown)
+            return self.made(op, entry.name, uid, raw, shown)
         if step_in.id is None:
             self.errors.append(problem((*loc, "id"), f"{op} needs the id of the row"))
             return None
-        key = str(step_in.id)
+        uid, key = step_in.id, str(step_in.id)
         if op is Op.delete:
             if not entry.deletable:
                 self.errors.append(problem((*loc, "op"), f"rows of {entry.name} cannot be deleted"))
             elif self.live(entry.name, key, (*loc, "id")):
                 self.rows[(entry.name, key)] = Row(at, {}, True, deleted=True)
-            return Step(op=Op.delete, table=entry.name, key=key)
+            return Step(op=Op.delete, table=entry.name, key=uid)
         shown = self.values(rules, raw, (*loc, "values"), partial=True)
         if not raw:
             self.errors.append(problem((*loc, "values"), "an update needs at least one field"))
         elif self.live(entry.name, key, (*loc, "id")):
             self.follow(rules, op, key, shown, at, (*loc, "id"), complete=False)
-        return self.made(op, entry.name, key, raw, shown)
+        return self.made(op, entry.name, uid, raw, shown)
 
-    def made(self, op: Op, table: str, key: str, raw: dict, shown: dict) -> Step:
-        return Step(op=op, table=table, key=key, values=raw).showing(shown)
+    def made(self, op: Op, table: str, key: UUID, raw: dict, shown: dict) -> Step:
+        return Step(op=op, table=table, key=key, values=raw, canonical=shown)
 
     def live(self, table: str, key: str, loc: tuple) -> bool:
         """False (and the problem noted) when an earlier step deleted the row: the primary would find none."""
@@ -211,17 +213,22 @@ class Admitting:
                 self.errors.append(problem((*loc, check.columns[0]), check.message()))
 
     def check_unique(self, rules: admission.TableRules, key: str, row: dict, loc: tuple) -> None:
+        """Unique columns against the rows the transaction wrote before, by index: a request may hold 1,000 rows."""
         table = rules.entry.name
         for columns in rules.uniques:
-            mine = [row.get(c) for c in columns]
+            mine = tuple(row.get(c) for c in columns)
             if any(v is None or v is admission.UNDECIDED for v in mine):
                 continue
-            for (other_table, other_key), other in self.rows.items():
-                if other_table == table and other_key != key and not other.deleted and all(
-                    admission.unique_key(other.values.get(c)) == admission.unique_key(v) for c, v in zip(columns, mine, strict=True)
-                ):
-                    same = f"duplicate ({', '.join(columns)}): step {other.step} of this transaction has the same"
-                    self.errors.append(problem((*loc, columns[0]), same))
+            index = (table, columns, tuple(map(admission.unique_key, mine)))
+            holder = self.unique.get(index)
+            other = self.rows.get((table, holder)) if holder not in (None, key) else None
+            if other is not None and not other.deleted and all(
+                admission.unique_key(other.values.get(c)) == v for c, v in zip(columns, index[2], strict=True)
+            ):
+                same = f"duplicate ({', '.join(columns)}): step {other.step} of this transaction has the same"
+                self.errors.append(problem((*loc, columns[0]), same))
+            else:
+                self.unique[index] = key
 
     def check_references(self, rules: admission.TableRules, row: dict, loc: tuple) -> None:
         for column, referred in rules.foreign.items():
@@ -242,7 +249,7 @@ class Admitting:
                 if name in rules.not_null:
                     self.errors.append(problem((*loc, name), f"{name} cannot be null (NOT NULL)"))
                 shown[name] = None
-            elif not isinstance(value, admission.Unrepresentable) and not has_problem(self.errors, (*loc, name)):
+            elif not isinstance(value, admission.Unrepresentable) and not (self.errors and has_problem(self.errors, (*loc, name))):
                 shown[name] = self.judged(rules, name, judge, value, (*loc, name))
         if not partial:
             self.errors += [problem((*loc, c), "Field required", "missing") for c in rules.required if c not in raw]
