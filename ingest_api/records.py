@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any
@@ -9,6 +10,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import Engine
 
@@ -24,7 +26,30 @@ from opsync.ingest import Invalid, StepIn, admitted, problem, submit
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200
-router = APIRouter(prefix="/v1", tags=["records"], responses=documented(400, 401, 403, 409, 413, 422, 503))
+class ExactNumbers(Request):
+    """A request whose JSON body keeps 1e-400 and 1e400 apart from 0 and infinity, as :func:`records_body` does."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_float=json_float)
+        return self._json
+
+
+class ExactNumbersRoute(APIRoute):
+    """Routes whose body FastAPI parses (transactions, updates) read numbers as :class:`ExactNumbers` does."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(ExactNumbers(request.scope, request.receive))
+
+        return route
+
+
+router = APIRouter(
+    prefix="/v1", tags=["records"], responses=documented(400, 401, 403, 409, 413, 422, 503), route_class=ExactNumbersRoute,
+)
 
 
 def idempotency_key(request: Request) -> str | None:

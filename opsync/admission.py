@@ -254,6 +254,14 @@ def relative(text: str) -> None:
 
 
 def judge_json(value: Any) -> Any:
+    """jsonb keeps numbers as ``numeric``: readers get an integer back for 1e16, and 0.0 for -0.0."""
+    if type(value) is float:
+        text = numeric_text(value)
+        return float(text) if "." in text else int(text)
+    if isinstance(value, dict):
+        return {k: judge_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [judge_json(v) for v in value]
     return value
 
 

@@ -173,6 +173,14 @@ def test_doubles_that_overflow_or_underflow_are_refused(api_client, headers, sam
     assert "double" in problem_at(api_client.post(HK, content=body, headers=headers), "value")
 
 
+def test_doubles_that_underflow_are_refused_in_transactions_and_updates_too(api_client, headers, sample, observation):
+    step = json.dumps({"steps": [{"table": "housekeeping_sample", "values": sample(value="N")}]}).replace('"N"', "1e-400")
+    assert "double" in problem_at(api_client.post("/v1/transactions", content=step.encode(), headers=headers), "value")
+    obs = post(api_client, OBS, observation(), headers).json()["ids"][0]
+    patch = api_client.patch(f"{OBS}/{obs}", content=b'{"metadata": {"tau": 1e-400}}', headers=headers)
+    assert "double" in problem_at(patch, "tau")
+
+
 def test_a_subnormal_double_is_accepted(api_client, headers, sample):
     body = json.dumps(sample(value="N")).replace('"N"', "1e-310").encode()
     assert api_client.post(HK, content=body, headers=headers).status_code == 202
