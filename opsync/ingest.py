@@ -1,9 +1,11 @@
-"""From what a script sends to a concrete, validated transaction envelope.
+"""From what a script sends to a concrete, admitted transaction envelope.
 
-Validation runs here, at the site, with the models the registry derives from the schema: what the
-primary would refuse for a type, a length, a missing field or a CHECK rule is refused at once
-with the field named, instead of being dead-lettered hours later. Keys of new rows are generated
-here (UUIDv7) and references between steps are resolved, so the envelope is final.
+Admission runs here, at the site: what the primary would refuse (each value judged as PostgreSQL's
+casts would, see :mod:`opsync.admission`; NOT NULL, CHECKs; and within the transaction duplicate
+keys, unique columns, references to the wrong table or to deleted rows) is refused at once with the
+field named, instead of being dead-lettered hours later. Values are kept exactly as sent; each step
+also carries them as the primary will store them, for readers of the buffer. Keys of new rows are
+generated here (UUIDv7) and references between steps are resolved, so the envelope is final.
 """
 
 import asyncio
@@ -245,11 +247,13 @@ class Admitting:
             if judge is None:
                 why = "extra inputs are not permitted" + (": the key is the step's id" if name == "id" else "")
                 self.errors.append(problem((*loc, name), why, "extra_forbidden"))
+            elif isinstance(value, admission.Unrepresentable) or (self.errors and has_problem(self.errors, (*loc, name))):
+                continue  # refused already (a NUL, a bad reference...): one problem per field is enough
             elif value is None:
                 if name in rules.not_null:
                     self.errors.append(problem((*loc, name), f"{name} cannot be null (NOT NULL)"))
                 shown[name] = None
-            elif not isinstance(value, admission.Unrepresentable) and not (self.errors and has_problem(self.errors, (*loc, name))):
+            else:
                 shown[name] = self.judged(rules, name, judge, value, (*loc, name))
         if not partial:
             self.errors += [problem((*loc, c), "Field required", "missing") for c in rules.required if c not in raw]
