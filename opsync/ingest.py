@@ -176,7 +176,7 @@ class Admitting:
         return self.made(op, entry.name, uid, raw, shown)
 
     def made(self, op: Op, table: str, key: UUID, raw: dict, shown: dict) -> Step:
-        return Step(op=op, table=table, key=key, values=raw, canonical=shown)
+        return Step.admitted(shown, op=op, table=table, key=key, values=raw)
 
     def live(self, table: str, key: str, loc: tuple) -> bool:
         """False (and the problem noted) when an earlier step deleted the row: the primary would find none."""
