@@ -64,7 +64,7 @@ def build_transaction(
 ) -> Transaction:
     """The envelope of ``steps``, or :class:`Invalid` naming every problem the primary would refuse.
 
-    Without ``judge``, a value only PostgreSQL can judge raises :class:`admission.Undecided` (unless
+    Without ``judge``, a value only PostgreSQL can judge raises :class:`Undecided` (unless
     something else is already wrong): the caller asks again with the replica's judge, off the event loop.
     """
     txn = Admitting(judge, max_json_depth)
@@ -108,12 +108,11 @@ def mixed_modes(steps: list[Step]) -> list[dict]:
 
 @dataclass
 class Row:
-    """A row as the transaction's earlier steps leave it: which step last wrote it, and its values as
-    the primary would hold them (``complete`` when every column is known: the transaction inserted it)."""
+    """A row as the transaction's earlier steps leave it: which step last wrote it, and the values it is
+    known to hold as the primary would (every column when the transaction inserted it)."""
 
     step: int
     values: dict[str, Any]
-    complete: bool
     deleted: bool = False
 
 
@@ -155,9 +154,9 @@ class Admitting:
             key = str(uid)
             shown = self.values(rules, raw, (*loc, "values"), partial=False)
             row = {c: None for c in rules.judges} | rules.defaults | shown
-            self.follow(rules, op, key, row, at, (*loc, "id"), complete=op is Op.insert)
+            self.follow(rules, op, key, row, at, (*loc, "id"))
             shown = rules.defaults | shown if op is Op.insert else shown
-            return self.made(op, entry.name, uid, raw, shown)
+            return Step.admitted(shown, op=op, table=entry.name, key=uid, values=raw)
         if step_in.id is None:
             self.errors.append(problem((*loc, "id"), f"{op} needs the id of the row"))
             return None
@@ -166,17 +165,14 @@ class Admitting:
             if not entry.deletable:
                 self.errors.append(problem((*loc, "op"), f"rows of {entry.name} cannot be deleted"))
             elif self.live(entry.name, key, (*loc, "id")):
-                self.rows[(entry.name, key)] = Row(at, {}, True, deleted=True)
+                self.rows[(entry.name, key)] = Row(at, {}, deleted=True)
             return Step(op=Op.delete, table=entry.name, key=uid)
         shown = self.values(rules, raw, (*loc, "values"), partial=True)
         if not raw:
             self.errors.append(problem((*loc, "values"), "an update needs at least one field"))
         elif self.live(entry.name, key, (*loc, "id")):
-            self.follow(rules, op, key, shown, at, (*loc, "id"), complete=False)
-        return self.made(op, entry.name, uid, raw, shown)
-
-    def made(self, op: Op, table: str, key: UUID, raw: dict, shown: dict) -> Step:
-        return Step.admitted(shown, op=op, table=table, key=key, values=raw)
+            self.follow(rules, op, key, shown, at, (*loc, "id"))
+        return Step.admitted(shown, op=op, table=entry.name, key=uid, values=raw)
 
     def live(self, table: str, key: str, loc: tuple) -> bool:
         """False (and the problem noted) when an earlier step deleted the row: the primary would find none."""
@@ -186,7 +182,7 @@ class Admitting:
             return False
         return True
 
-    def follow(self, rules: admission.TableRules, op: Op, key: str, values: dict, at: int, loc: tuple, complete: bool) -> None:
+    def follow(self, rules: admission.TableRules, op: Op, key: str, values: dict, at: int, loc: tuple) -> None:
         """Apply the step to the transaction's picture of its rows, noting what the primary would refuse."""
         table = rules.entry.name
         earlier = self.rows.get((table, key))
@@ -194,13 +190,13 @@ class Admitting:
             self.errors.append(problem(loc, f"duplicate key: step {earlier.step} of this transaction already writes {table} {key}"))
             return
         if op is Op.update and earlier is not None:
-            values, complete = earlier.values | values, earlier.complete
-        self.check_row(rules, values, loc[:-1] + ("values",), complete)
+            values = earlier.values | values
+        self.check_row(rules, values, loc[:-1] + ("values",))
         self.check_unique(rules, key, values, loc[:-1] + ("values",))
         self.check_references(rules, values, loc[:-1] + ("values",))
-        self.rows[(table, key)] = Row(at, values, complete)
+        self.rows[(table, key)] = Row(at, values)
 
-    def check_row(self, rules: admission.TableRules, row: dict, loc: tuple, complete: bool) -> None:
+    def check_row(self, rules: admission.TableRules, row: dict, loc: tuple) -> None:
         for check in rules.checks:
             if not all(c in row and row[c] is not admission.UNDECIDED for c in check.columns):
                 continue  # a column the transaction does not set: the primary's to check
