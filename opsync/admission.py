@@ -34,7 +34,7 @@ but what it stored would not be what the script meant, or readers could not load
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from functools import cache
@@ -379,7 +379,7 @@ class TableRules:
     checks: tuple[Check, ...]
     uniques: tuple[tuple[str, ...], ...]  # besides the key
     foreign: dict[str, str]  # column -> referenced table
-    defaults: dict[str, Any] = field(default_factory=dict)  # literal defaults, canonical
+    defaults: dict[str, Any]  # literal server defaults, as the primary stores them
 
 
 @cache
@@ -414,23 +414,24 @@ class ReplicaJudge:
         self.engine = engine
 
     def canonical(self, table: str, column: str, value: Any) -> Any:
-        """What the primary stores for ``value`` in ``table.column``; :class:`Refused` if it would refuse it."""
-        sql_type = registry.get_table(table).table.c[column].type
-        timestamp = isinstance(sql_type, DateTime)
-        select = "extract(epoch FROM r.{c})::text" if timestamp else "r.{c}::text"
-        query = f'SELECT {select} FROM jsonb_populate_record(NULL::"{table}", %s::jsonb) AS r'.format(c=f'"{column}"')
-        zones = ("UTC", OTHER_ZONE) if timestamp else ("UTC",)
-        texts = self.run(query, Jsonb({column: value}, dumps=encode), zones)
+        """What the primary stores for ``value`` in ``table.column``; :class:`Refused` if it would refuse it.
+
+        PostgreSQL's output is a canonical form the Python judge reads exactly; a time is read as its
+        epoch under two session time zones, which differ when the text gave no offset of its own.
+        """
+        sql_column = registry.get_table(table).table.c[column]
+        timestamp = isinstance(sql_column.type, DateTime)
+        shown = f'extract(epoch FROM r."{column}")::text' if timestamp else f'r."{column}"::text'
+        query = f'SELECT {shown} FROM jsonb_populate_record(NULL::"{table}", %s::jsonb) AS r'
+        texts = self.run(query, Jsonb({column: value}, dumps=encode), ("UTC", OTHER_ZONE) if timestamp else ("UTC",))
         if texts[0] is None:
             return None
-        if timestamp:
-            return from_epoch(texts)
-        return judge_for(registry.get_table(table).table.c[column])(texts[0])
+        return from_epoch(texts) if timestamp else judge_for(sql_column)(texts[0])
 
     def holds(self, table: str, check: Check, row: dict) -> bool:
         """Whether ``check`` passes over ``row`` (JSON values as sent), NULL counting as passed."""
         query = f'SELECT ({check.sql}) IS NOT FALSE FROM jsonb_populate_record(NULL::"{table}", %s::jsonb) AS "{table}"'
-        return self.run(query, Jsonb(row, dumps=encode), ("UTC",))[0] in (True, "true")
+        return self.run(query, Jsonb(row, dumps=encode), ("UTC",))[0] is True
 
     def run(self, query: str, parameter: Any, zones: tuple[str, ...]) -> list:
         try:
