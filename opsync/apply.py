@@ -9,6 +9,7 @@ pipeline mode, so its cost in round trips to a primary 200–500 ms away does no
 """
 
 import os
+import re
 import socket
 import threading
 from collections.abc import Iterator, Mapping
@@ -26,7 +27,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 
-from opsync import registry
+from opsync import admission, registry
 from opsync.envelope import Op, Transaction
 from opsync.lsn import CURRENT_SQL, Lsn
 from opsync.schema import SyncLedger
@@ -328,8 +329,21 @@ def dependencies(steps: list[Change]) -> tuple[set[RowRef], set[RowRef]]:
         values = step.values
         for column, referred in references(step.table):
             if (value := values.get(column)) is not None:
-                needed.add((referred, value))
+                needed.add((referred, row_key(value)))
     return needed - created, created
+
+
+CANONICAL_KEY = re.compile("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def row_key(value: Any) -> Any:
+    """A foreign key as sent (envelopes keep any spelling uuid_in takes: upper case, braces) as rows are named."""
+    if isinstance(value, str) and not CANONICAL_KEY.fullmatch(value):
+        try:
+            return admission.judge_uuid(value)
+        except admission.Refused:
+            return value  # the primary refuses it, naming it
+    return value
 
 
 def creates(txn: Transaction) -> set[RowRef]:

@@ -78,6 +78,18 @@ def test_the_same_key_twice_in_one_transaction_is_refused(api_client, headers, o
     assert post(api_client, "/v1/transactions", {"steps": again}, headers).status_code == 202  # other tables: other keys
 
 
+def test_a_dependant_naming_a_dead_lettered_row_in_another_spelling_is_named(own_redis, api_client, headers, observation, primary_engine):
+    from ingest_api.deps import get_buffer
+    from opsync import drain
+
+    bad = post(api_client, OBS, observation(obs_unit_id=str(uuid.uuid4())), headers).json()  # no such planned observation
+    spelled = "{" + bad["ids"][0].upper() + "}"
+    dependant = post(api_client, RAW, raw_file(spelled), headers).json()
+    assert drain.drain(get_buffer(), primary_engine).dead_lettered == 2
+    reason = api_client.get(f"/v1/transactions/{dependant['txn_id']}", headers=headers).json()["reason"]
+    assert reason == f"depends on dead-lettered transaction {bad['txn_id']}"
+
+
 def test_a_unique_column_twice_in_one_request_is_refused(api_client, headers, observation):
     obs = post(api_client, OBS, observation(), headers).json()["ids"][0]
     path = f"/data/{uuid.uuid4()}"
