@@ -18,6 +18,7 @@ from ingest_api.backpressure import pressure
 from ingest_api.deps import get_redis, warm_up
 from ingest_api.errors import error
 from ingest_api.guards import protect
+from opsync.admission import JudgeUnavailable
 from opsync.auth import ScopeError
 from opsync.buffer import IdempotencyConflict, NoSuchRow
 from opsync.config import get_settings
@@ -63,6 +64,7 @@ ERRORS = {
     ReplicaUnavailable: lambda exc: error(503, str(exc), {"Retry-After": str(get_settings().retry_after_s)}),
     Rejected: lambda exc: error(409, f"rejected by the primary: {exc}"),
     PrimaryUnavailable: lambda exc: error(503, f"{exc}; direct tables need the primary, retry later"),
+    JudgeUnavailable: lambda exc: error(503, f"{exc}; retry later", {"Retry-After": str(get_settings().retry_after_s)}),
     redis.RedisError: lambda exc: error(503, f"site buffer unavailable: {exc.__class__.__name__}"),
     # noeviction: Redis refuses a script before its first write, so no transaction is half-buffered
     redis.OutOfMemoryError: lambda exc: error(503, "site buffer full (Redis maxmemory reached); retry later"),

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
+from opsync.admission import ReplicaJudge
 from opsync.auth import AuthError, AuthUnavailable, Principal, TokenVerifier, hash_token
 from opsync.buffer import AsyncEnqueuer, Buffer
 from opsync.config import Settings, get_settings
@@ -111,6 +112,11 @@ def get_primary() -> Engine:
 def get_verifier() -> TokenVerifier:
     settings = get_settings()
     return TokenVerifier(engine_for(settings.replica_url.get_secret_value(), 3), settings.token_cache_ttl_s)
+
+
+def get_judge() -> ReplicaJudge:
+    """PostgreSQL's verdict on values Python cannot judge exactly, on the token checks' replica engine (and pool)."""
+    return ReplicaJudge(get_verifier().engine)
 
 
 TOKEN_RETRY_AFTER_S = 5  # a replica restart takes seconds

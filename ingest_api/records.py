@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any
@@ -9,22 +10,47 @@ from uuid import UUID
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import Engine
 
 from ingest_api.backpressure import check_backpressure
-from ingest_api.deps import Caller, documented, get_enqueuer, get_primary
+from ingest_api.deps import Caller, documented, get_enqueuer, get_judge, get_primary
 from ingest_api.reads import get_replica
 from opsync import registry
+from opsync.admission import json_float
 from opsync.auth import Principal
 from opsync.buffer import AsyncEnqueuer
 from opsync.config import Settings, get_settings
 from opsync.envelope import Op, Receipt
-from opsync.ingest import Invalid, StepIn, build_transaction, problem, submit
+from opsync.ingest import Invalid, StepIn, admitted, problem, submit
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200
-router = APIRouter(prefix="/v1", tags=["records"], responses=documented(400, 401, 403, 404, 409, 413, 422, 503))
+class ExactNumbers(Request):
+    """A request whose JSON body keeps 1e-400 and 1e400 apart from 0 and infinity, as :func:`records_body` does."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_float=json_float)
+        return self._json
+
+
+class ExactNumbersRoute(APIRoute):
+    """Routes whose body FastAPI parses (transactions, updates) read numbers as :class:`ExactNumbers` does."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(ExactNumbers(request.scope, request.receive))
+
+        return route
+
+
+router = APIRouter(
+    prefix="/v1", tags=["records"], responses=documented(400, 401, 403, 404, 409, 413, 422, 503), route_class=ExactNumbersRoute,
+)
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -134,7 +160,7 @@ async def run(steps: list[StepIn], request: Request, w: Writer, raw_body) -> Res
         w.who.require(f"write:{table}")  # before validation: a token without the scope learns nothing of the table's rules
     if tables:  # 503 + Retry-After above the high-water mark, to authorised writers only (naming no table is a 422)
         await check_backpressure()
-    txn = build_transaction(steps, w.settings.site, w.idempotency_key, w.settings.max_json_depth)  # unknown tables: 422
+    txn = await admitted(steps, w.settings.site, w.idempotency_key, w.settings.max_json_depth, get_judge)  # unknown tables: 422
     idempotency = (w.who.name, w.idempotency_key) if w.idempotency_key else None
     answer, _ = await submit(txn, w.enqueuer, w.primary, idempotency, body_hash(request, raw_body), w.replica)
     return accepted(Receipt(**answer, status_url=f"{base_url(request)}v1/transactions/{answer['txn_id']}"))
@@ -196,7 +222,7 @@ async def records_body(request: Request) -> dict[str, Any] | list[dict[str, Any]
 
 def json_value(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_float=json_float)  # 1e-400 is not 0: the primary would refuse it
     except json.JSONDecodeError as exc:
         error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error", "input": {}, "ctx": {"error": exc.msg}}
         raise RequestValidationError([error], body=exc.doc) from exc

@@ -9,6 +9,7 @@ pipeline mode, so its cost in round trips to a primary 200–500 ms away does no
 """
 
 import os
+import re
 import socket
 import threading
 from collections.abc import Iterator, Mapping
@@ -22,12 +23,12 @@ import msgspec
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from sqlalchemy import Connection, Engine, delete, func, text, update
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 
-from opsync import registry
-from opsync.envelope import Op, Step, Transaction
+from opsync import admission, registry
+from opsync.envelope import Op, Transaction
 from opsync.lsn import CURRENT_SQL, Lsn
 from opsync.schema import SyncLedger
 
@@ -37,44 +38,26 @@ class RowNotFound(Exception):
 
 
 def apply_transaction(conn: Connection, txn: Transaction) -> bool:
-    """Apply inside the caller's DB transaction; False when the ledger says it is already applied."""
+    """Apply inside the caller's DB transaction; False when the ledger says it is already applied.
+
+    The rows go through the drainer's own statements (:func:`statements`), so a direct write and a
+    drained one give PostgreSQL the same JSON and meet the same casts: admission judges one path.
+    """
     claimed = conn.execute(
         insert(SyncLedger).values(txn_id=txn.txn_id, site=txn.site).on_conflict_do_nothing().returning(SyncLedger.txn_id)
     ).first()
     if claimed is None:
         return False
-    for step in txn.steps:
-        apply_step(conn, step)
+    conn.exec_driver_sql(NO_SUCH_ROW_FUNCTION.replace("%", "%%"), ())  # a parameterised call: % is written %%
+    changes = [Change(step.op, step.table, str(step.key), step.values) for step in txn.steps]
+    try:
+        for statement, params in statements([Pending(str(txn.txn_id), txn.site, changes, frozenset(), frozenset())]):
+            conn.exec_driver_sql(statement, tuple(params))
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == NO_SUCH_ROW:
+            raise RowNotFound(exc.orig.diag.message_primary) from None
+        raise
     return True
-
-
-def apply_step(conn: Connection, step: Step) -> None:
-    entry = registry.get_table(step.table)
-    table = entry.table
-    if step.op is Op.delete:
-        result = conn.execute(delete(table).where(table.c.id == step.key))
-    elif step.op is Op.update:
-        values = typed(entry.update_model, step.values) | touched(table)
-        result = conn.execute(update(table).where(table.c.id == step.key).values(values))
-    else:
-        values = typed(entry.create_model, {**step.values, "id": step.key})
-        statement = insert(table).values(values)
-        if step.op is Op.upsert:
-            changes = {k: v for k, v in values.items() if k != "id"} | touched(table)
-            statement = statement.on_conflict_do_update(index_elements=[table.c.id], set_=changes)
-        result = conn.execute(statement)
-    if result.rowcount == 0:
-        raise RowNotFound(f"{step.op} of {step.table} {step.key}: no such row")
-
-
-def typed(model, values: dict[str, Any]) -> dict[str, Any]:
-    """JSON values back to Python values (datetimes, UUIDs) through the registry's model."""
-    return model.model_validate(values).model_dump(exclude_unset=True)
-
-
-def touched(table) -> dict[str, Any]:
-    """``updated_at`` is refreshed by every change (raw inserts and updates bypass the ORM's onupdate)."""
-    return {"updated_at": func.now()} if "updated_at" in table.c else {}
 
 
 def commit(engine: Engine, txn: Transaction) -> str:
@@ -346,8 +329,21 @@ def dependencies(steps: list[Change]) -> tuple[set[RowRef], set[RowRef]]:
         values = step.values
         for column, referred in references(step.table):
             if (value := values.get(column)) is not None:
-                needed.add((referred, value))
+                needed.add((referred, row_key(value)))
     return needed - created, created
+
+
+CANONICAL_KEY = re.compile("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def row_key(value: Any) -> Any:
+    """A foreign key as sent (envelopes keep any spelling uuid_in takes: upper case, braces) as rows are named."""
+    if isinstance(value, str) and not CANONICAL_KEY.fullmatch(value):
+        try:
+            return admission.judge_uuid(value)
+        except admission.Refused:
+            return value  # the primary refuses it, naming it
+    return value
 
 
 def creates(txn: Transaction) -> set[RowRef]:

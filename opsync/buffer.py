@@ -354,14 +354,14 @@ CREATES = (Op.insert, Op.upsert)
 
 
 def overlay_args(txn: Transaction) -> list[str]:
-    """The overlay writes of ``txn`` as flat script arguments: values stay the exact JSON text.
+    """The overlay writes of ``txn`` as flat script arguments: values as the primary will store them, as exact JSON text.
 
     Each value is JSON-encoded here, not re-encoded by Lua's cjson (which rounds numbers to 14
     digits), so the merged view shows exactly what was accepted.
     """
     args: list[str] = []
     for step in txn.steps:
-        values = [item for field, value in step.values.items() for item in (f"v:{field}", encode(value))]
+        values = [item for field, value in step.shown.items() for item in (f"v:{field}", encode(value))]
         indexed = registry.get_table(step.table).filterable
         args += [step.table, str(step.key), step.op, str(len(values) // 2), *values, str(len(indexed)), *indexed]
     return args

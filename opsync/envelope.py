@@ -6,6 +6,7 @@ references between steps are resolved, so the drainer applies it without asking 
 
 from datetime import datetime
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 from uuid import UUID
 
@@ -30,7 +31,22 @@ class Step(BaseModel):
     op: Op
     table: str
     key: UUID = Field(description="Primary key of the row the step writes")
-    values: dict[str, Any] = Field(default_factory=dict, description="Column values, JSON-encoded")
+    values: dict[str, Any] = Field(default_factory=dict, description="Column values, JSON-encoded, exactly as sent")
+    @cached_property
+    def shown(self) -> dict[str, Any]:
+        """What readers of the buffer see: the values as the primary will store them (see :meth:`admitted`)."""
+        return self.values
+
+    @classmethod
+    def admitted(cls, shown: dict[str, Any], **fields: Any) -> "Step":
+        """A step with the values as sent and, in :attr:`shown`, as the primary will store them (``12`` for ``"12"``).
+
+        ``shown`` is a cached property, not a field: never serialised (the envelope keeps what was sent)
+        and not compared (a step read back from the buffer equals the one admitted).
+        """
+        step = cls(**fields)
+        step.__dict__["shown"] = shown
+        return step
 
 
 class Transaction(BaseModel):

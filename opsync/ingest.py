@@ -1,23 +1,27 @@
-"""From what a script sends to a concrete, validated transaction envelope.
+"""From what a script sends to a concrete, admitted transaction envelope.
 
-Validation runs here, at the site, with the models the registry derives from the schema: what the
-primary would refuse for a type, a length, a missing field or a CHECK rule is refused at once
-with the field named, instead of being dead-lettered hours later. Keys of new rows are generated
-here (UUIDv7) and references between steps are resolved, so the envelope is final.
+Admission runs here, at the site: what the primary would refuse (each value judged as PostgreSQL's
+casts would, see :mod:`opsync.admission`; NOT NULL, CHECKs; and within the transaction duplicate
+keys, unique columns, references to the wrong table or to deleted rows) is refused at once with the
+field named, instead of being dead-lettered hours later. Values are kept exactly as sent; each step
+also carries them as the primary will store them, for readers of the buffer. Keys of new rows are
+generated here (UUIDv7) and references between steps are resolved, so the envelope is final.
 """
 
 import asyncio
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from opsync import apply, registry
+from opsync import admission, apply, registry
 from opsync.buffer import AsyncEnqueuer, Buffer, tables_field
 from opsync.config import Settings
 from opsync.envelope import Op, State, Step, Transaction
@@ -56,30 +60,43 @@ def problem(loc: tuple, msg: str, kind: str = "value_error") -> dict:
 
 
 def build_transaction(
-    steps: list[StepIn], site: str, idempotency_key: str | None = None, max_json_depth: int = MAX_JSON_DEPTH
+    steps: list[StepIn], site: str, idempotency_key: str | None = None, max_json_depth: int = MAX_JSON_DEPTH,
+    judge: admission.ReplicaJudge | None = None,
 ) -> Transaction:
-    refs: dict[str, UUID] = {}
-    built, errors = [], []
-    for index, step_in in enumerate(steps):
-        loc = ("steps", index)
-        try:
-            step = build_step(step_in, refs, loc, max_json_depth)
-        except Invalid as exc:
-            errors += exc.errors
-            continue
-        if step_in.ref:
-            refs[step_in.ref] = step.key
-        built.append(step)
+    """The envelope of ``steps``, or :class:`Invalid` naming every problem the primary would refuse.
+
+    Without ``judge``, a value only PostgreSQL can judge raises :class:`Undecided` (unless
+    something else is already wrong): the caller asks again with the replica's judge, off the event loop.
+    """
+    txn = Admitting(judge, max_json_depth)
+    built = [step for index, step_in in enumerate(steps) if (step := txn.step(step_in, ("steps", index))) is not None]
     if not steps:
-        errors.append(problem(("steps",), "a transaction needs at least one step"))
-    if not errors:
-        errors = mixed_modes(built)
-    if errors:
-        raise Invalid(errors)
+        txn.errors.append(problem(("steps",), "a transaction needs at least one step"))
+    if not txn.errors:
+        txn.errors = mixed_modes(built)
+    if txn.errors:
+        raise Invalid(txn.errors)
+    if txn.undecided:
+        raise Undecided()
     return Transaction(
         txn_id=new_id(), site=site, accepted_at=datetime.now(UTC),
         idempotency_key=idempotency_key, steps=built,
     )
+
+
+class Undecided(Exception):
+    """A value needs PostgreSQL's verdict (see :mod:`opsync.admission`): build again with the replica's judge."""
+
+
+async def admitted(
+    steps: list[StepIn], site: str, idempotency_key: str | None, max_json_depth: int,
+    judge: Callable[[], admission.ReplicaJudge],
+) -> Transaction:
+    """:func:`build_transaction` on the event loop; in a thread with the replica's judge only when a value needs it."""
+    try:
+        return build_transaction(steps, site, idempotency_key, max_json_depth)
+    except Undecided:
+        return await asyncio.to_thread(build_transaction, steps, site, idempotency_key, max_json_depth, judge())
 
 
 def mixed_modes(steps: list[Step]) -> list[dict]:
@@ -90,60 +107,196 @@ def mixed_modes(steps: list[Step]) -> list[dict]:
     return []
 
 
-def build_step(step_in: StepIn, refs: dict[str, UUID], loc: tuple, max_json_depth: int) -> Step:
-    try:
-        entry = registry.get_table(step_in.table)
-    except registry.UnknownTable as exc:
-        raise Invalid([problem((*loc, "table"), str(exc))]) from None
-    values = resolve_refs(step_in.values, refs, (*loc, "values"))
-    if step_in.op in (Op.insert, Op.upsert):
-        key = step_in.id or new_id()
-        defaults = entry.insert_defaults if step_in.op is Op.insert else {}
-        values = validated(entry.create_model, {**defaults, **values, "id": key}, (*loc, "values"), max_json_depth)
-        values.pop("id")
-        return Step(op=step_in.op, table=entry.name, key=key, values=values)
-    if step_in.id is None:
-        raise Invalid([problem((*loc, "id"), f"{step_in.op} needs the id of the row")])
-    if step_in.op is Op.delete:
-        if step_in.values:
-            raise Invalid([problem((*loc, "values"), "a delete takes no values")])
-        if not entry.deletable:
-            raise Invalid([problem((*loc, "op"), f"rows of {entry.name} cannot be deleted")])
-        return Step(op=Op.delete, table=entry.name, key=step_in.id)
-    values = validated(entry.update_model, values, (*loc, "values"), max_json_depth)
-    if not values:
-        raise Invalid([problem((*loc, "values"), "an update needs at least one field")])
-    return Step(op=Op.update, table=entry.name, key=step_in.id, values=values)
+@dataclass
+class Row:
+    """A row as the transaction's earlier steps leave it: which step last wrote it, and the values it is
+    known to hold as the primary would (every column when the transaction inserted it)."""
+
+    step: int
+    values: dict[str, Any]
+    deleted: bool = False
 
 
-def resolve_refs(values: dict[str, Any], refs: dict[str, UUID], loc: tuple) -> dict[str, Any]:
-    """Replace ``{"$ref": name}`` by the key of the earlier step named ``name``."""
-    resolved = {}
-    for field, value in values.items():
-        if isinstance(value, dict) and set(value) == {REF}:
-            if not isinstance(value[REF], str):
-                raise Invalid([problem((*loc, field, REF), "a reference is the name (a string) of an earlier step", "string_type")])
-            if value[REF] not in refs:
-                raise Invalid([problem((*loc, field), f"reference {value[REF]!r} names no earlier step")])
-            value = refs[value[REF]]
-        resolved[field] = value
-    return resolved
+class Admitting:
+    """One transaction's admission: each value judged by its column (:mod:`opsync.admission`), and what
+    the steps do to each other's rows followed as the primary would see them: duplicate keys, references
+    to rows of the wrong table or deleted ones, unique columns, CHECKs over the row."""
+
+    def __init__(self, judge: admission.ReplicaJudge | None, max_json_depth: int):
+        self.judge = judge
+        self.max_json_depth = max_json_depth
+        self.refs: dict[str, tuple[str, str]] = {}  # name -> (table, key)
+        self.rows: dict[tuple[str, str], Row] = {}
+        self.unique: dict[tuple, str] = {}  # (table, columns, values) -> key of the row that last took them
+        self.errors: list[dict] = []
+        self.undecided = False
+
+    def step(self, step_in: StepIn, loc: tuple) -> Step | None:
+        try:
+            rules = admission.rules_of(step_in.table)
+        except registry.UnknownTable as exc:
+            self.errors.append(problem((*loc, "table"), str(exc)))
+            return None
+        before = len(self.errors)
+        raw = self.resolve_refs(step_in.values, rules, (*loc, "values"))
+        step = self.build(step_in, rules, raw, loc)
+        if len(self.errors) > before or step is None:
+            return None
+        if step_in.ref:
+            if step_in.ref in self.refs:
+                self.errors.append(problem((*loc, "ref"), f"ref {step_in.ref!r} already names an earlier step"))
+            self.refs[step_in.ref] = (step.table, str(step.key))
+        return step
+
+    def build(self, step_in: StepIn, rules: admission.TableRules, raw: dict, loc: tuple) -> Step | None:
+        entry, op, at = rules.entry, step_in.op, loc[-1]
+        if op in (Op.insert, Op.upsert):
+            uid = step_in.id or new_id()
+            key = str(uid)
+            shown = self.values(rules, raw, (*loc, "values"), partial=False)
+            row = {c: None for c in rules.judges} | rules.defaults | shown
+            self.follow(rules, op, key, row, at, (*loc, "id"))
+            shown = rules.defaults | shown if op is Op.insert else shown
+            return Step.admitted(shown, op=op, table=entry.name, key=uid, values=raw)
+        if step_in.id is None:
+            self.errors.append(problem((*loc, "id"), f"{op} needs the id of the row"))
+            return None
+        uid, key = step_in.id, str(step_in.id)
+        if op is Op.delete:
+            if raw:
+                self.errors.append(problem((*loc, "values"), "a delete takes no values"))
+            if not entry.deletable:
+                self.errors.append(problem((*loc, "op"), f"rows of {entry.name} cannot be deleted"))
+            elif self.live(entry.name, key, (*loc, "id")):
+                self.rows[(entry.name, key)] = Row(at, {}, deleted=True)
+            return Step(op=Op.delete, table=entry.name, key=uid)
+        shown = self.values(rules, raw, (*loc, "values"), partial=True)
+        if not raw:
+            self.errors.append(problem((*loc, "values"), "an update needs at least one field"))
+        elif self.live(entry.name, key, (*loc, "id")):
+            self.follow(rules, op, key, shown, at, (*loc, "id"))
+        return Step.admitted(shown, op=op, table=entry.name, key=uid, values=raw)
+
+    def live(self, table: str, key: str, loc: tuple) -> bool:
+        """False (and the problem noted) when an earlier step deleted the row: the primary would find none."""
+        row = self.rows.get((table, key))
+        if row is not None and row.deleted:
+            self.errors.append(problem(loc, f"{table} {key} was deleted by step {row.step} of this transaction"))
+            return False
+        return True
+
+    def follow(self, rules: admission.TableRules, op: Op, key: str, values: dict, at: int, loc: tuple) -> None:
+        """Apply the step to the transaction's picture of its rows, noting what the primary would refuse."""
+        table = rules.entry.name
+        earlier = self.rows.get((table, key))
+        if op is Op.insert and earlier is not None and not earlier.deleted:
+            self.errors.append(problem(loc, f"duplicate key: step {earlier.step} of this transaction already writes {table} {key}"))
+            return
+        if op is Op.update and earlier is not None:
+            values = earlier.values | values
+        self.check_row(rules, values, loc[:-1] + ("values",))
+        self.check_unique(rules, key, values, loc[:-1] + ("values",))
+        self.check_references(rules, values, loc[:-1] + ("values",))
+        self.rows[(table, key)] = Row(at, values)
+
+    def check_row(self, rules: admission.TableRules, row: dict, loc: tuple) -> None:
+        for check in rules.checks:
+            if not all(c in row and row[c] is not admission.UNDECIDED for c in check.columns):
+                continue  # a column the transaction does not set: the primary's to check
+            if check.test is not None:
+                passed = check.test(row)
+            elif self.judge is None:
+                self.undecided = True
+                continue
+            else:
+                passed = self.judge.holds(rules.entry.name, check, {c: row[c] for c in check.columns})
+            if not passed:
+                self.errors.append(problem((*loc, check.columns[0]), check.message()))
+
+    def check_unique(self, rules: admission.TableRules, key: str, row: dict, loc: tuple) -> None:
+        """Unique columns against the rows the transaction wrote before, by index: a request may hold 1,000 rows."""
+        table = rules.entry.name
+        for columns in rules.uniques:
+            mine = tuple(row.get(c) for c in columns)
+            if any(v is None or v is admission.UNDECIDED for v in mine):
+                continue
+            index = (table, columns, tuple(map(admission.unique_key, mine)))
+            holder = self.unique.get(index)
+            other = self.rows.get((table, holder)) if holder not in (None, key) else None
+            if other is not None and not other.deleted and all(
+                admission.unique_key(other.values.get(c)) == v for c, v in zip(columns, index[2], strict=True)
+            ):
+                same = f"duplicate ({', '.join(columns)}): step {other.step} of this transaction has the same"
+                self.errors.append(problem((*loc, columns[0]), same))
+            else:
+                self.unique[index] = key
+
+    def check_references(self, rules: admission.TableRules, row: dict, loc: tuple) -> None:
+        for column, referred in rules.foreign.items():
+            target = self.rows.get((referred, row.get(column)))
+            if target is not None and target.deleted:
+                self.errors.append(problem((*loc, column), f"refers to {referred} {row[column]}, deleted by step {target.step}"))
+
+    def values(self, rules: admission.TableRules, raw: dict, loc: tuple, partial: bool) -> dict:
+        """Each value as PostgreSQL would store it; problems noted. Inserts must give the required columns."""
+        self.errors += unstorable(raw, loc, self.max_json_depth)
+        shown = {}
+        for name, value in raw.items():
+            judge = rules.judges.get(name)
+            if judge is None:
+                why = "extra inputs are not permitted" + (": the key is the step's id" if name == "id" else "")
+                self.errors.append(problem((*loc, name), why, "extra_forbidden"))
+            elif isinstance(value, admission.Unrepresentable) or (self.errors and has_problem(self.errors, (*loc, name))):
+                continue  # refused already (a NUL, a bad reference...): one problem per field is enough
+            elif value is None:
+                if name in rules.not_null:
+                    self.errors.append(problem((*loc, name), f"{name} cannot be null (NOT NULL)"))
+                shown[name] = None
+            else:
+                shown[name] = self.judged(rules, name, judge, value, (*loc, name))
+        if not partial:
+            self.errors += [problem((*loc, c), "Field required", "missing") for c in rules.required if c not in raw]
+        return shown
+
+    def judged(self, rules: admission.TableRules, name: str, judge, value: Any, loc: tuple) -> Any:
+        try:
+            found = judge(value)
+            if found is admission.UNDECIDED and self.judge is not None:
+                found = self.judge.canonical(rules.entry.name, name, value)
+            elif found is admission.UNDECIDED:
+                self.undecided = True
+            return found
+        except admission.Refused as exc:
+            self.errors.append(problem(loc, str(exc)))
+            return admission.UNDECIDED
+
+    def resolve_refs(self, values: dict[str, Any], rules: admission.TableRules, loc: tuple) -> dict[str, Any]:
+        """Replace ``{"$ref": name}`` by the key of the earlier step named ``name``; a foreign key's
+        reference must name a step of the table it refers to."""
+        resolved = {}
+        for name, value in values.items():
+            if isinstance(value, dict) and set(value) == {REF}:
+                value = self.referred(value[REF], rules.foreign.get(name), (*loc, name))
+            resolved[name] = value
+        return resolved
+
+    def referred(self, ref: Any, referred: str | None, loc: tuple) -> str | None:
+        if not isinstance(ref, str):
+            self.errors.append(problem(loc, "a reference is the name of an earlier step: a string"))
+            return None
+        if ref not in self.refs:
+            self.errors.append(problem(loc, f"reference {ref!r} names no earlier step"))
+            return None
+        table, key = self.refs[ref]
+        if referred is not None and table != referred:
+            self.errors.append(problem(loc, f"reference {ref!r} names a row of {table}, but {loc[-1]} refers to {referred}"))
+        return key
 
 
-def validated(model: type[BaseModel], values: dict[str, Any], loc: tuple, max_json_depth: int) -> dict[str, Any]:
-    """Values as JSON-ready data, only those the client set (database defaults must still apply).
-
-    What cannot be stored is looked for in the values as sent: validation would quietly turn an
-    unpaired surrogate in a JSON key into replacement characters.
-    """
-    errors = unstorable(values, loc, max_json_depth)
-    try:
-        dumped = model.model_validate(values).model_dump(mode="json", exclude_unset=True)
-    except ValidationError as exc:
-        errors += [problem((*loc, *e["loc"]), e["msg"], e["type"]) for e in exc.errors(include_url=False)]
-    if errors:
-        raise Invalid(errors)
-    return dumped
+def has_problem(errors: list[dict], loc: tuple) -> bool:
+    """Whether a problem was already noted at ``loc`` or inside it (a NUL, a surrogate...): one is enough."""
+    where = list(loc)
+    return any(e["loc"][: len(where)] == where for e in errors)
 
 
 def unstorable(values: dict[str, Any], loc: tuple, max_depth: int) -> list[dict]:
@@ -161,11 +314,13 @@ def _walk(value: Any, where: tuple, depth: int, max_depth: int, errors: list[dic
     """:func:`unstorable` for one value and what it holds. A module function, not a closure: a nested
     function that calls itself is a reference cycle, garbage only the collector frees, and one per
     request made the API's worker stop for collections many times a minute."""
-    if isinstance(value, str):
+    if isinstance(value, str) and not isinstance(value, admission.Unrepresentable):
         if NUL in value:
             errors.append(problem(where, "contains a NUL character (\\u0000), which PostgreSQL cannot store"))
         if LONE_SURROGATE.search(value):
             errors.append(problem(where, "contains an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not Unicode"))
+    elif isinstance(value, admission.Unrepresentable):
+        errors.append(problem(where, f"not a finite number as a double: {value} (the API and every reader read JSON numbers as doubles)"))
     elif isinstance(value, float) and not math.isfinite(value):
         errors.append(problem(where, "not a finite number: JSON has no NaN or Infinity, and PostgreSQL's jsonb neither"))
     elif isinstance(value, dict | list):

@@ -1,30 +1,22 @@
-"""Which tables scripts may write, how, and what a valid record for each looks like.
+"""Which tables scripts may write, and how.
 
-Validation is derived from the SQLAlchemy models, never written by hand, so a new ingestible
-table is one model, one migration and one line in :data:`REGISTRY`. It runs at the site, where
-the link to the primary may be down: anything the primary would reject for a column's type,
-length, nullability or :class:`~opsync.schema.Rule` is refused here, at once.
+A new ingestible table is one model, one migration and one line in :data:`REGISTRY`: admission
+(:mod:`opsync.admission`) derives its rules from the model's columns and constraints.
+:func:`python_type` types the merged view's filter values.
 """
 
 import json
-import operator
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, create_model, model_validator
-from sqlalchemy import BigInteger, CheckConstraint, Column, Integer, SmallInteger, Table, UniqueConstraint
+from pydantic import AfterValidator, AwareDatetime, Field
+from sqlalchemy import BigInteger, Column, Integer, SmallInteger, Table, UniqueConstraint
 from sqlalchemy.sql.sqltypes import JSON
 
 from opsync import schema
-from opsync.ids import new_id
-
-STRICT = ConfigDict(extra="forbid")
-COMPARISON = re.compile(r"^(\w+) (>=|>|<=|<) (\w+)$")
-OPERATORS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
 class Mode(StrEnum):
@@ -38,13 +30,11 @@ class UnknownTable(LookupError):
 
 @dataclass(frozen=True)
 class Ingestible:
-    """One ingestible table: where it lives, how it travels, and its input models."""
+    """One ingestible table: where it lives and how it travels."""
 
     table: Table
     mode: Mode
     deletable: bool
-    create_model: type[BaseModel]  # a new row: required = NOT NULL without a default
-    update_model: type[BaseModel]  # a partial change: every field optional, the key excluded
 
     @property
     def name(self) -> str:
@@ -62,7 +52,7 @@ class Ingestible:
 
 
 def python_type(column: Column) -> Any:
-    """The input type of a column: its SQL type narrowed by its length and :class:`Rule`."""
+    """The type of a filter value on a column: its SQL type narrowed by its length and :class:`Rule`."""
     rule: schema.Rule | None = column.info.get("rule")
     if rule is not None and rule.choices:
         return Literal[rule.choices]
@@ -99,29 +89,6 @@ def loadable(value: datetime) -> datetime:
         except OverflowError:
             raise ValueError("out of range: in UTC it must fall within the years 1 to 9999") from None
     return value
-
-
-def comparisons(table: Table) -> list[Any]:
-    """Model validators for the table's CHECKs that compare two columns (``end_time >= start_time``).
-
-    Checked when a write gives both columns; a change of one alone is left to the primary.
-    """
-    validators = []
-    for constraint in table.constraints:
-        found = isinstance(constraint, CheckConstraint) and COMPARISON.match(str(constraint.sqltext))
-        if found and found[1] in table.c and found[3] in table.c:
-            validators.append(comparison(*found.groups(), constraint.name))
-    return validators
-
-
-def comparison(left: str, op: str, right: str, name: str):
-    def check(model: BaseModel) -> BaseModel:
-        a, b = getattr(model, left), getattr(model, right)
-        if a is not None and b is not None and not OPERATORS[op](a, b):
-            raise ValueError(f"{left} must be {op} {right} (rule {name})")
-        return model
-
-    return model_validator(mode="after")(check)
 
 
 def filterable_columns(table: Table) -> tuple[str, ...]:
@@ -174,43 +141,9 @@ def input_columns(table: Table) -> list[Column]:
     return [column for column in table.columns if not column.info.get("managed")]
 
 
-def create_field(column: Column) -> tuple[Any, Any]:
-    """Required iff NOT NULL without a default; an absent key is generated (UUIDv7) at ingest."""
-    annotation = python_type(column)
-    if column.primary_key:
-        return annotation, Field(default_factory=new_id, description=column.comment)
-    if column.nullable:
-        return annotation | None, Field(None, description=column.comment)
-    return annotation, Field(None if has_default(column) else ..., description=column.comment)
-
-
-def update_field(column: Column) -> tuple[Any, Any]:
-    """Optional, but an explicit null is refused where the column is NOT NULL."""
-    annotation = python_type(column)
-    return (annotation | None if column.nullable else annotation), Field(None, description=column.comment)
-
-
-def derive_models(table: Table) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The create and update models of a table. Dump them with ``exclude_unset=True``."""
-    columns = input_columns(table)
-    stem = "".join(part.title() for part in table.name.split("_"))
-    validators = {f"check_{index}": check for index, check in enumerate(comparisons(table))}
-    create = create_model(
-        f"{stem}Create", __config__=STRICT, __validators__=validators,
-        **{column.key: create_field(column) for column in columns},
-    )
-    update = create_model(
-        f"{stem}Update",
-        __config__=STRICT,
-        __validators__=validators,
-        **{column.key: update_field(column) for column in columns if not column.primary_key},
-    )
-    return create, update
-
-
 def ingestible(model: type[schema.Base], mode: Mode, deletable: bool) -> Ingestible:
     table = model.__table__
-    return Ingestible(table, mode, deletable, *derive_models(table))
+    return Ingestible(table, mode, deletable)
 
 
 REGISTRY: dict[str, Ingestible] = {

@@ -104,12 +104,12 @@ def test_transaction_body_shape(refused, headers, body, field, reason):
     [
         ({"size_bytes": "big"}, "size_bytes", "valid integer"),
         ({"size_bytes": 1.5}, "size_bytes", "valid integer"),
-        ({"path": 17}, "path", "valid string"),
-        ({"path": ["a"]}, "path", "valid string"),
+        ({"path": "p" * 1025}, "path", "at most 1024 characters"),
+        ({"path": None}, "path", "NOT NULL"),
         ({"executed_obs_unit_id": "obs-1"}, "executed_obs_unit_id", "valid UUID"),
-        ({"checksum_sha256": "XYZ"}, "checksum_sha256", "pattern"),
+        ({"checksum_sha256": "XYZ"}, "checksum_sha256", "checksum_sha256 ~ '^[0-9a-f]{64}$'"),
         ({"file_type": "f" * 33}, "file_type", "at most 32 characters"),
-        ({"size_bytes": -1}, "size_bytes", "greater than or equal to 0"),
+        ({"size_bytes": -1}, "size_bytes", "size_bytes >= 0"),
     ],
 )
 def test_wrong_types_and_rules_name_the_field(refused, headers, raw_file, values, field, reason):
@@ -118,7 +118,7 @@ def test_wrong_types_and_rules_name_the_field(refused, headers, raw_file, values
 
 def test_negative_size_of_a_package_is_refused(refused, headers):
     body = {"name": f"pkg-{uuid.uuid4()}", "executed_obs_unit_id": str(uuid.uuid4()), "size_bytes": -5}
-    refused("POST", "/v1/records/raw_data_package", 422, "size_bytes", "greater than or equal to 0", json=body, headers=headers)
+    refused("POST", "/v1/records/raw_data_package", 422, "size_bytes", "size_bytes >= 0", json=body, headers=headers)
 
 
 def test_unknown_fields_are_refused(refused, headers, raw_file, observation):
@@ -237,7 +237,7 @@ def test_delete_and_update_where_the_table_does_not_allow_it(refused, headers):
     refused("DELETE", f"/v1/records/housekeeping_sample/{uuid.uuid4()}", 422, "op", "cannot be deleted", headers=headers)
     refused("PATCH", f"{OBS}/{uuid.uuid4()}", 422, "id", "extra inputs are not permitted", json={"id": str(uuid.uuid4())}, headers=headers)
     refused("PATCH", f"{OBS}/{uuid.uuid4()}", 422, "values", "at least one field", json={}, headers=headers)
-    refused("PATCH", f"{OBS}/{uuid.uuid4()}", 422, "status", "input should be", json={"status": None}, headers=headers)
+    refused("PATCH", f"{OBS}/{uuid.uuid4()}", 422, "status", "NOT NULL", json={"status": None}, headers=headers)
     managed = {"created_at": "2026-01-01T00:00:00Z"}
     refused("PATCH", f"{OBS}/{uuid.uuid4()}", 422, "created_at", "extra inputs", json=managed, headers=headers)
 
@@ -426,7 +426,7 @@ def test_numbers_json_cannot_carry_are_refused(refused, headers, observation, pl
 
 
 def test_integers_past_the_column_type_are_refused(refused, api_client, headers, raw_file):
-    refused("POST", RAW, 422, "size_bytes", "less than or equal to 9223372036854775807",
+    refused("POST", RAW, 422, "size_bytes", "out of range for bigint",
             json=raw_file(size_bytes=2**63), headers=headers)
     assert api_client.post(RAW, json=raw_file(size_bytes=2**63 - 1), headers=headers).status_code == 202
 

@@ -70,7 +70,7 @@ def observation(planning, ref=None, **values) -> StepIn:
 def raw_file(obs, **values) -> StepIn:
     """A file of observation ``obs`` (its key, or {"$ref": name} of an earlier step)."""
     return StepIn(table="raw_data_file", values={
-        "executed_obs_unit_id": obs, "path": f"/data/{uuid.uuid4()}.fits", "size_bytes": 10,
+        "executed_obs_unit_id": obs if isinstance(obs, dict) else str(obs), "path": f"/data/{uuid.uuid4()}.fits", "size_bytes": 10,
         "checksum_sha256": SHA, "file_type": "fits",
     } | values)
 

@@ -1,4 +1,4 @@
-"""The primary's schema: migrations match the models, constraints bite, the registry validates."""
+"""The primary's schema: migrations match the models, constraints bite, admission follows them."""
 
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -6,12 +6,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from pydantic import ValidationError
 from sqlalchemy import CheckConstraint, create_engine, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from opsync import migrate, schema
+from opsync.admission import ReplicaJudge
+from opsync.envelope import Op
 from opsync.ids import new_id
+from opsync.ingest import Invalid, StepIn, build_transaction
 from opsync.registry import Mode, UnknownTable, get_table, ingestible_tables
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
@@ -172,12 +174,14 @@ def test_ledger_records_the_applying_db_transaction(engine):
     assert recorded == current
 
 
-def test_validated_record_inserts(engine, parents):
-    """What the registry accepts, the primary accepts: the same models drive both."""
-    entry = get_table("raw_data_file")
-    record = entry.create_model(**valid_row(schema.RawDataFile, parents))
+def test_admitted_record_inserts(engine, parents):
+    """What admission accepts, the primary accepts: through the drainer's statement, in a transaction rolled back."""
+    from opsync import apply
+
+    values = {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in valid_row(schema.RawDataFile, parents).items()}
+    txn = build_transaction([StepIn(table="raw_data_file", id=values.pop("id", None), values=values)], "test")
     with engine.connect() as conn:
-        conn.execute(insert(entry.table), record.model_dump(exclude_unset=True) | {"id": record.id})
+        assert apply.apply_transaction(conn, txn)
         conn.rollback()
 
 
@@ -190,76 +194,80 @@ FILE = {
 }
 
 
-def validation_error(table: str, record: dict, model: str = "create_model") -> dict:
-    """The single error pydantic reports for ``record``."""
-    with pytest.raises(ValidationError) as raised:
-        getattr(get_table(table), model)(**record)
-    (error,) = raised.value.errors()
-    return error
+def admit(table: str, values: dict, op: Op = Op.insert, engine=None):
+    key = new_id() if op is Op.update else None
+    judge = ReplicaJudge(engine) if engine is not None else None
+    return build_transaction([StepIn(op=op, table=table, id=key, values=values)], "test", judge=judge)
+
+
+def admission_error(table: str, record: dict, op: Op = Op.insert, engine=None) -> dict:
+    """The single problem admission reports for ``record``, its location relative to the values."""
+    with pytest.raises(Invalid) as raised:
+        admit(table, record, op, engine)
+    (error,) = raised.value.errors
+    return error | {"loc": tuple(error["loc"][3:])}
 
 
 def test_missing_required_field_is_named():
     record = {key: value for key, value in FILE.items() if key != "checksum_sha256"}
-    error = validation_error("raw_data_file", record)
+    error = admission_error("raw_data_file", record)
     assert (error["type"], error["loc"]) == ("missing", ("checksum_sha256",))
 
 
 def test_unknown_field_is_rejected_by_name():
-    error = validation_error("raw_data_file", FILE | {"colour": "red"})
+    error = admission_error("raw_data_file", FILE | {"colour": "red"})
     assert (error["type"], error["loc"]) == ("extra_forbidden", ("colour",))
 
 
-def test_naive_datetime_is_rejected():
+def test_naive_datetime_is_rejected(engine):
     record = {"instrument_module_id": str(NOWHERE), "sensor": "t", "value": 1.0, "sampled_at": "2026-11-21T03:00:00"}
-    error = validation_error("housekeeping_sample", record)
-    assert (error["type"], error["loc"]) == ("timezone_aware", ("sampled_at",))
-    assert "timezone" in error["msg"]
+    error = admission_error("housekeeping_sample", record, engine=engine)
+    assert error["loc"] == ("sampled_at",) and "UTC offset" in error["msg"]
 
 
 @pytest.mark.parametrize(
     ("table", "record", "field"),
     [
         ("raw_data_file", FILE | {"checksum_sha256": SHA.upper()}, "checksum_sha256"),
+        ("raw_data_file", FILE | {"checksum_sha256": SHA + "\n"}, "checksum_sha256"),  # PostgreSQL's $ is the end
         ("raw_data_file", FILE | {"size_bytes": -1}, "size_bytes"),
         ("raw_data_file", FILE | {"path": "/" + "x" * 1024}, "path"),
         ("obs_unit", {"name": "n", "program": "p", "source_name": "s", "ra_deg": 1, "dec_deg": 100}, "dec_deg"),
+        ("obs_unit", {"name": "n", "program": "p", "source_name": "s", "ra_deg": "NaN", "dec_deg": 1}, "ra_deg"),
     ],
 )
 def test_rules_are_checked_at_ingest(table, record, field):
-    assert validation_error(table, record)["loc"] == (field,)
+    assert admission_error(table, record)["loc"] == (field,)
 
 
 def test_status_choices_are_checked_at_ingest():
-    error = validation_error("executed_obs_unit", {"status": "paused"}, "update_model")
-    assert (error["type"], error["loc"]) == ("literal_error", ("status",))
+    error = admission_error("executed_obs_unit", {"status": "paused"}, Op.update)
+    assert error["loc"] == ("status",) and "IN ('running'" in error["msg"]
 
 
 def test_ids_are_generated_at_ingest_time_ordered_v7():
-    entry = get_table("raw_data_file")
-    first, second = entry.create_model(**FILE), entry.create_model(**FILE | {"path": "/data/b.fits"})
-    assert first.id.version == second.id.version == 7
-    assert first.id < second.id
+    first, second = admit("raw_data_file", FILE).steps[0].key, admit("raw_data_file", FILE | {"path": "/data/b.fits"}).steps[0].key
+    assert first.version == second.version == 7
+    assert first < second
     given = new_id()
-    assert entry.create_model(**FILE | {"id": str(given)}).id == given
+    txn = build_transaction([StepIn(table="raw_data_file", id=given, values=FILE)], "test")
+    assert txn.steps[0].key == given
 
 
-def test_defaults_are_left_to_the_database():
-    record = get_table("executed_obs_unit").create_model(
-        obs_unit_id=NOWHERE, instrument_module_id=NOWHERE, start_time=T0
-    )
-    assert set(record.model_dump(exclude_unset=True)) == {"obs_unit_id", "instrument_module_id", "start_time"}
-    assert "created_at" not in get_table("executed_obs_unit").create_model.model_fields
+def test_values_are_kept_as_sent_and_defaults_left_to_the_database():
+    values = {"obs_unit_id": str(NOWHERE), "instrument_module_id": str(NOWHERE).upper(), "start_time": "2026-11-21T04:00:00+01:00"}
+    (step,) = admit("executed_obs_unit", values).steps
+    assert step.values == values and "created_at" not in step.values
+    assert step.shown == {"obs_unit_id": str(NOWHERE), "instrument_module_id": str(NOWHERE), "start_time": T0,
+                          "status": "running", "metadata": {}}  # what readers see at once: the primary's defaults
 
 
-def test_update_model_is_partial_keeps_the_key_and_not_null():
-    update = get_table("executed_obs_unit").update_model
-    assert update(status="completed", end_time=T0).model_dump(exclude_unset=True) == {
-        "status": "completed",
-        "end_time": T0,
-    }
-    assert update(end_time=None).model_dump(exclude_unset=True) == {"end_time": None}
-    assert validation_error("executed_obs_unit", {"id": str(new_id())}, "update_model")["type"] == "extra_forbidden"
-    assert validation_error("executed_obs_unit", {"start_time": None}, "update_model")["loc"] == ("start_time",)
+def test_updates_are_partial_keep_the_key_and_not_null():
+    (step,) = admit("executed_obs_unit", {"status": "completed", "end_time": "2026-11-21T03:00:00Z"}, Op.update).steps
+    assert step.values == {"status": "completed", "end_time": "2026-11-21T03:00:00Z"}
+    assert admit("executed_obs_unit", {"end_time": None}, Op.update).steps[0].values == {"end_time": None}
+    assert admission_error("executed_obs_unit", {"id": str(new_id())}, Op.update)["type"] == "extra_forbidden"
+    assert admission_error("executed_obs_unit", {"start_time": None}, Op.update)["loc"] == ("start_time",)
 
 
 def test_critical_and_direct_tables():
