@@ -14,6 +14,7 @@ import os
 from collections import Counter
 from uuid import UUID
 
+import pydantic
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -97,8 +98,8 @@ def fuzzable(spec: dict) -> dict:
                 elif parameter["name"] == "ids":
                     parameter["schema"]["items"] = known["txn_id"]
     schemas = spec["components"]["schemas"]
-    creates = {str(name): model_schema(entry.create_model, schemas) for name, entry in registry.REGISTRY.items()}
-    updates = [model_schema(entry.update_model, schemas) for entry in registry.REGISTRY.values()]
+    creates = {str(name): model_schema(input_model(entry, create=True), schemas) for name, entry in registry.REGISTRY.items()}
+    updates = [model_schema(input_model(entry, create=False), schemas) for entry in registry.REGISTRY.values()]
     records = spec["paths"]["/v1/records/{table}"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     records["anyOf"] += [*creates.values(), {"type": "array", "items": {"anyOf": list(creates.values())}, "minItems": 1}]
     patch = spec["paths"]["/v1/records/{table}/{row_id}"]["patch"]["requestBody"]["content"]["application/json"]
@@ -108,6 +109,20 @@ def fuzzable(spec: dict) -> dict:
     schemas["StepIn"] = {"anyOf": [step, *(insert_step(table, create) for table, create in creates.items())]}
     del schemas["TransactionIn"]["examples"]
     return spec
+
+
+def input_model(entry: registry.Ingestible, create: bool) -> type[pydantic.BaseModel]:
+    """A model of valid values of ``entry``'s table for the fuzzer to generate from: each column's type
+    narrowed by its length and rule; for a new row, NOT NULL columns without a default are required."""
+    fields = {}
+    for column in registry.input_columns(entry.table):
+        if column.primary_key and not create:
+            continue
+        annotation = registry.python_type(column)
+        required = create and not column.nullable and not registry.has_default(column) and not column.primary_key
+        fields[column.key] = (annotation | None if column.nullable else annotation, ... if required else None)
+    kind = "Create" if create else "Update"
+    return pydantic.create_model(f"{entry.name}_{kind}", __config__=pydantic.ConfigDict(extra="forbid"), **fields)
 
 
 def seeded_or_any(ids: list[str]) -> dict:
