@@ -14,6 +14,7 @@ ledger, change capture) are not ingestible and so never reach this file.
 """
 
 import json
+import math
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -93,6 +94,15 @@ def night_of(moment: str, timezone: str) -> str | None:
         return None
 
 
+NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def float_value(value: float) -> float | str:
+    """A double as stored: SQLite turns NaN into NULL, so the non-finite ones are kept as PostgreSQL's
+    text for them (``NaN``, ``Infinity``, ``-Infinity``), which a reader can tell from a missing value."""
+    return NON_FINITE[repr(value)] if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def converter(column: Column):
     """How one column's value (native, from the replica, or JSON-ready, from the buffer) is stored."""
     if isinstance(column.type, JSON):
@@ -104,6 +114,8 @@ def converter(column: Column):
         return str
     if kind is bool:
         return int
+    if kind is float:
+        return float_value
     return None
 
 
@@ -156,6 +168,10 @@ class Layout:
     def json_positions(self) -> list[int]:
         return [i for i, c in enumerate(self.data_columns) if isinstance(c.type, JSON)]
 
+    @cached_property
+    def float_positions(self) -> list[int]:
+        return [i for i, c in enumerate(self.data_columns) if not isinstance(c.type, JSON) and c.type.python_type is float]
+
     def record(self, row: Mapping[str, Any], state: str, txn_id: str | None, lsn: str | None, at: str) -> tuple:
         """A row as stored; ``row`` maps column names to values (missing ones are NULL)."""
         values = [row.get(c.name) for c in self.data_columns]
@@ -166,12 +182,17 @@ class Layout:
 
     def loaded_record(self, row: Sequence[Any], at: str) -> tuple:
         """A row of :meth:`load_query`, already in stored form but for JSON: the full load's fast path."""
-        if not self.json_positions and self.night_position is None:  # most rows: nothing to convert
+        floats = self.float_positions
+        odd = any(isinstance(row[i], float) and not math.isfinite(row[i]) for i in floats)
+        if not self.json_positions and self.night_position is None and not odd:  # most rows: nothing to convert
             return (*row, "replicated", None, None, at)
         values = list(row)
         for i in self.json_positions:
             if values[i] is not None:
                 values[i] = json_text(values[i])
+        if odd:
+            for i in floats:
+                values[i] = float_value(values[i])
         return self.finish(values, "replicated", None, None, at)
 
     @cached_property

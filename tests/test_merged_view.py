@@ -298,8 +298,8 @@ def test_an_update_or_delete_of_a_row_deleted_while_buffered_is_404_and_nothing_
         {"op": "delete", "table": FILES, "id": other},
         {"op": "update", "table": FILES, "id": other, "values": {"size_bytes": 4}},
     ]})
-    assert in_one.status_code == 404
-    assert in_one.json()["detail"] == f"steps.1: no {FILES} row {other} to update: deleted by an earlier step of this transaction"
+    assert in_one.status_code == 422  # decidable from the transaction itself: admission refuses it
+    assert in_one.json()["detail"][0]["msg"] == f"{FILES} {other} was deleted by step 0 of this transaction"
     assert shown(writer, FILES, other)["_sync_state"] == "replicated"
 
     replicate(primary_engine, replica_engine)

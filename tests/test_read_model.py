@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from opsync.changes import Position, purge_changes, read_changes, snapshot_xmin
-from opsync.read_model import ensure_read_model, night_of, utc_text
+from opsync.read_model import ensure_read_model, layouts, night_of, utc_text
 from opsync.registry import ingestible_tables
 
 TZ = "America/Santiago"  # UTC-3 in (southern) summer
@@ -40,6 +40,17 @@ def test_night_turns_over_at_local_noon(moment, night):
 )
 def test_times_at_the_ends_of_the_calendar_have_a_night_or_none(moment, timezone, night):
     assert night_of(moment, timezone) == night
+
+
+def test_non_finite_doubles_are_stored_as_postgresqls_text_not_null():
+    """SQLite stores NaN as NULL: a NaN reading would look missing, and differ from the replica forever."""
+    layout = layouts("UTC")["housekeeping_sample"]
+    at = layout.data_columns.index(layout.entry.table.c.value)
+    for value, stored in ((float("nan"), "NaN"), (float("inf"), "Infinity"), (float("-inf"), "-Infinity"), (1.5, 1.5)):
+        row = {"id": str(uuid.uuid4()), "value": value}
+        assert layout.record(row, "buffered", None, None, "")[at] == stored
+        loaded = [row.get(c.name) for c in layout.data_columns]
+        assert layout.loaded_record(loaded, "")[at] == stored
 
 
 def test_times_are_stored_in_one_sortable_form():
