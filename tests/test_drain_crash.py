@@ -1,7 +1,7 @@
 """A drain process killed (SIGKILL) inside its window: between claim and commit, and between commit and acknowledgement.
 
 The drain runs as its own process, ``opsync backlog drain``, with a fault point armed through its
-environment (:mod:`opsync.faults`): the harness waits until the process is blocked at the point,
+environment (:mod:`opsync.fault_points`): the harness waits until the process is blocked at the point,
 kills it by pid, reads the primary and Redis, then lets the DAG's drain function take the dead
 consumer's entries over. Records go in through the ingest API; real Redis (a fresh one), the real
 primary and its streaming replica.

@@ -3,7 +3,8 @@
 Inert unless the process starts with ``OPSYNC_FAULT_POINT`` set: then, on reaching that point
 (:func:`reach`, e.g. ``after_claim``, ``after_commit`` in :func:`opsync.drain.drain_batch`), it
 writes its pid to the file ``OPSYNC_FAULT_SIGNAL`` names and blocks there until killed; it never
-goes past the point. Unset (as in production), a point costs one string comparison.
+goes past the point. Unset (as in production), a point costs one string comparison. (The soak's
+faults, from outside the processes, are :mod:`opsync.stack.faults`.)
 """
 
 import os
