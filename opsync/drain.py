@@ -19,7 +19,7 @@ import msgspec
 import redis
 from sqlalchemy import Engine
 
-from opsync import drain_metrics
+from opsync import drain_metrics, fault_points
 from opsync.apply import BatchResult, Pending, Transient, apply_batch
 from opsync.buffer import Buffer, Entry, Settlement
 from opsync.lsn import Lsn, replica_position
@@ -131,8 +131,10 @@ def drain_batch(
     entries = buffer.claim(consumer, batch_size)
     if not entries:
         return None
+    fault_points.reach("after_claim")  # crash tests (tests/test_drain_crash.py); inert unless armed
     txns, settlements = read_entries(entries)
     result = apply_batch(primary, [txn for _, txn in txns], dead_rows(buffer, txns), timeout_s) if txns else BatchResult()
+    fault_points.reach("after_commit")
     settlements += outcomes(txns, result)
     buffer.settle(sorted(settlements, key=lambda s: stream_order(s.stream_id)), result.commit_lsn, now())
     drain_metrics.record_batch(
