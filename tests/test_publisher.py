@@ -238,7 +238,10 @@ def test_a_late_commit_reaches_the_read_model_exactly_once(start_publisher, read
         a.commit()
     wait_for(lambda: len(reader.rows("instrument", [early, late])) == 2, what="both rows")
     assert caught_up(replica, reader, "instrument", [early, late])
-    time.sleep(0.5)
+    marker = uuid.uuid4()  # changes are published in order: once this one shows, nothing of the two is still to come
+    with migrated.primary.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO instrument (id, name) VALUES (%s, %s)", (marker, f"marker-{marker}"))
+    wait_for(lambda: reader.row("instrument", marker), what="the marker")
     assert [r["id"] for r in reader.rows("instrument", [early, late])] == sorted([str(early), str(late)])
 
 
