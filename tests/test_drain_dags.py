@@ -100,7 +100,7 @@ def test_a_run_with_nothing_to_do_is_quick_and_says_so(site, dagbag, capsys):
     run = dag.test()
     elapsed = time.monotonic() - started
 
-    assert run.state == "success" and elapsed < 5, elapsed
+    assert run.state == "success" and elapsed < 15, elapsed  # generous: what it rules out is a sensor wait or a retry delay
     log = capsys.readouterr().out
     assert "nothing to drain: the buffer is empty" in log
     assert "nothing committed by this run: no replica position to wait for" in log
