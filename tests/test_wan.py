@@ -97,7 +97,7 @@ def test_the_command_line_proxy_forwards_until_terminated(pg):
         assert f"127.0.0.1:{port} -> {target}" in proc.stdout.readline()
         conninfo = psycopg.conninfo.make_conninfo(pg.primary.conninfo(), port=port)
         with psycopg.connect(conninfo, connect_timeout=10) as conn:
-            assert 0.10 <= round_trip_s(conn, 4) < 0.15
+            assert 0.10 <= round_trip_s(conn, 4) < 0.25  # the configured 100 ms, generous above
     finally:
         proc.terminate()
     assert proc.wait(10) == 0
