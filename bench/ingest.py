@@ -198,9 +198,9 @@ def instrument_module(primary: Engine) -> uuid.UUID:
         ).scalar_one()
 
 
-def replicated_token(primary: Engine, replica: Engine, timeout_s: float = 10) -> str:
-    """A write token, returned once the replica (where the API checks tokens) has it."""
-    token = create_token(primary, f"bench-{uuid.uuid4()}", [f"write:{TABLE}"])
+def replicated_token(primary: Engine, replica: Engine, timeout_s: float = 10, tables: tuple[str, ...] = (TABLE,)) -> str:
+    """A token to write ``tables``, returned once the replica (where the API checks tokens) has it."""
+    token = create_token(primary, f"bench-{uuid.uuid4()}", [f"write:{t}" for t in tables])
     verifier, deadline = TokenVerifier(replica, ttl_s=0), time.monotonic() + timeout_s
     while True:
         try:

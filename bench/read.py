@@ -18,7 +18,9 @@ durable Redis, a migrated PostgreSQL primary with its streaming replica), then:
 - p50/p95 through Datasette's JSON API of each table page with its default facets and sort from
   the metadata (``facet_page_p95_ms`` is the slowest table), and of each canned query in the
   metadata (``canned_query_p95_ms`` is the slowest);
-- time from the ``202`` of a one-record POST to the row in Datasette's JSON (polled every 5 ms).
+- time from the ``202`` of a one-record POST to the row in Datasette's JSON (polled every 5 ms),
+  from the ``202`` of a PATCH of that buffered row to its new value there, and from the ``202`` of a
+  DELETE of a replicated file to its row gone from there.
 
 ``--size full`` (the default) loads 1,000,000 rows; ``--size smoke`` runs every step on 20,000 rows
 and a few samples of each page, to check in well under a minute that the benchmark runs and prints
@@ -97,7 +99,9 @@ FIGURES = (
     "facet_page_housekeeping_sample_p50_ms", "facet_page_housekeeping_sample_p95_ms", "facet_page_raw_data_file_p50_ms",
     "facet_page_raw_data_file_p95_ms", "facet_page_executed_obs_unit_p50_ms", "facet_page_executed_obs_unit_p95_ms",
     "facet_page_p50_ms", "facet_page_p95_ms", "canned_queries_measured", "canned_query_p95_ms",
-    "visible_p50_s", "visible_p95_s", "visible_max_s", "backlog_rows", "catchup_s", "catchup_records_per_s",
+    "visible_p50_s", "visible_p95_s", "visible_max_s", "update_visible_p50_s", "update_visible_p95_s",
+    "update_visible_max_s", "delete_gone_p50_s", "delete_gone_p95_s", "delete_gone_max_s",
+    "backlog_rows", "catchup_s", "catchup_records_per_s",
     "raw_copy_records_per_s", "raw_copy_without_indexes_records_per_s", "catchup_vs_raw", "catchup_vs_raw_without_indexes",
     "run_s", "target_facet_page_p95_ms", "target_visible_p95_s", "target_catchup_vs_raw",
     "facet_target_met", "visible_target_met", "catchup_target_met",
@@ -274,24 +278,44 @@ def post_buffered(api: str, token: str, modules: list[str], count: int, start: d
                 raise RuntimeError(f"POST refused: {response.status_code} {response.text}")
 
 
-def visible_latency(api: str, base: str, token: str, module: str, samples: int, start: datetime) -> list[float]:
-    """Seconds from each one-record POST's 202 to the row in Datasette's JSON, one record at a time."""
-    seconds = []
+def shown_after(reader: httpx.Client, table: str, key: str, shown: Callable[[list], bool], accepted: float) -> float:
+    """Seconds from ``accepted`` until Datasette's JSON rows of ``key`` pass ``shown`` (polled every ``POLL_S``)."""
+    while not shown(reader.get(f"/{DATABASE}/{table}.json", params={"id": key, "_shape": "array"}).json()):
+        if time.perf_counter() - accepted > 30:
+            raise RuntimeError(f"{table} row {key} not as expected after 30 s")
+        time.sleep(POLL_S)
+    return time.perf_counter() - accepted
+
+
+def visible_latency(
+    api: str, base: str, token: str, module: str, samples: int, start: datetime, files: list[str]
+) -> tuple[list[float], list[float], list[float]]:
+    """Seconds from each 202 to Datasette's JSON showing it, one at a time: a one-record POST (the row
+    appears), a PATCH of that buffered row (its new value), a DELETE of one of ``files`` (the row is gone)."""
+    inserts, updates, deletes = [], [], []
     with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=10) as poster, \
             httpx.Client(base_url=base, timeout=10) as reader:
-        for n in range(samples):
+        for n, file_key in zip(range(samples), files, strict=True):
             record = {"instrument_module_id": module, "sensor": "latency_probe",
                       "sampled_at": (start + timedelta(seconds=n)).isoformat(), "value": float(n), "unit": "K"}
             response = poster.post("/v1/records/housekeeping_sample", json=record)
             accepted = time.perf_counter()
             key = response.json()["ids"][0]
-            while not reader.get(f"/{DATABASE}/housekeeping_sample.json", params={"id": key, "_shape": "array"}).json():
-                if time.perf_counter() - accepted > 30:
-                    raise RuntimeError(f"row {key} not visible after 30 s")
-                time.sleep(POLL_S)
-            seconds.append(time.perf_counter() - accepted)
+            inserts.append(shown_after(reader, "housekeeping_sample", key, bool, accepted))
+            value = -1.0 - n
+            response = poster.patch(f"/v1/records/housekeeping_sample/{key}", json={"value": value})
+            accepted = time.perf_counter()
+            if response.status_code != 202:
+                raise RuntimeError(f"PATCH refused: {response.status_code} {response.text}")
+            updates.append(shown_after(reader, "housekeeping_sample", key, lambda rows, v=value: rows[0]["value"] == v, accepted))
+            shown_after(reader, "raw_data_file", file_key, bool, time.perf_counter())  # served before: its going is seen
+            response = poster.delete(f"/v1/records/raw_data_file/{file_key}")
+            accepted = time.perf_counter()
+            if response.status_code != 202:
+                raise RuntimeError(f"DELETE refused: {response.status_code} {response.text}")
+            deletes.append(shown_after(reader, "raw_data_file", file_key, lambda rows: not rows, accepted))
             time.sleep(0.1)
-    return seconds
+    return inserts, updates, deletes
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -344,7 +368,7 @@ def main() -> None:
         assert raw_rows == bare_rows == args.backlog, (raw_rows, bare_rows)
 
         api = stack.enter_context(ingest_bench.api_server(site, workdir / "api.log"))
-        token = ingest_bench.replicated_token(primary, replica)
+        token = ingest_bench.replicated_token(primary, replica, tables=("housekeeping_sample", "raw_data_file"))
         env = {**site.env, "OPSYNC_READ_MODEL_PATH": str(model_path), "OPSYNC_TIMEZONE": TIMEZONE}
         console.print("datasette serve (metadata, plugins, the publisher inside) …")
         base = stack.enter_context(datasette(model_path, env, workdir / "datasette.log"))
@@ -363,8 +387,12 @@ def main() -> None:
             params = canned_params(query["sql"], "sensor_00", later)
             console.print(f"canned query {name} × {args.query_samples} …")
             queries[name] = timed(http, f"/{DATABASE}/{name}.json", params, args.query_samples, lambda body: None)
-        console.print(f"POST → visible in Datasette, {args.visible_samples} records one at a time …")
-        visible = visible_latency(api.url, base, token, modules[0], args.visible_samples, later + timedelta(days=45))
+        console.print(f"POST, PATCH, DELETE → shown in Datasette, {args.visible_samples} of each one at a time …")
+        with replica.connect() as conn:
+            oldest = conn.execute(text("SELECT id FROM raw_data_file ORDER BY id LIMIT :n"), {"n": args.visible_samples})
+            files = [str(key) for key in oldest.scalars()]
+        visible, updated, deleted = visible_latency(
+            api.url, base, token, modules[0], args.visible_samples, later + timedelta(days=45), files)
         served = http.get(f"/{DATABASE}/housekeeping_sample.json", params={"_sync_state__exact": "buffered", "_size": 0}).json()
 
     catchup_rate, raw_rate, bare_rate = args.backlog / catchup_s, raw_rows / raw_s, bare_rows / bare_s
@@ -385,6 +413,8 @@ def main() -> None:
         "visible_p50_s": round(statistics.median(visible), 3),
         "visible_p95_s": round(q(visible, 95), 3),
         "visible_max_s": round(max(visible), 3),
+        **{f"{name}_{stat}_s": round(f(times), 3) for name, times in (("update_visible", updated), ("delete_gone", deleted))
+           for stat, f in (("p50", statistics.median), ("p95", lambda t: q(t, 95)), ("max", max))},
         "backlog_rows": args.backlog,
         "catchup_s": round(catchup_s, 2),
         "catchup_records_per_s": round(catchup_rate),
@@ -414,6 +444,8 @@ def main() -> None:
                   yes[met["facet_target_met"]])
     table.add_row("202 → visible in Datasette", f"{figures['visible_p50_s']} s", f"{figures['visible_p95_s']} s",
                   f"< {TARGET_VISIBLE_P95_S:g} s", yes[met["visible_target_met"]])
+    for label, name in (("PATCH 202 → new value in Datasette", "update_visible"), ("DELETE 202 → gone from Datasette", "delete_gone")):
+        table.add_row(label, f"{figures[f'{name}_p50_s']} s", f"{figures[f'{name}_p95_s']} s", "", "")
     table.add_row("catch-up records/s", f"{catchup_rate:,.0f}", "", "", "")
     table.add_row("raw copy records/s (same indexes)", f"{raw_rate:,.0f}", "", "", "")
     table.add_row("  without secondary indexes", f"{bare_rate:,.0f}", "", "", "")

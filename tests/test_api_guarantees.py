@@ -407,3 +407,68 @@ def test_final_status_expires_after_the_retention_others_never(
     assert expected - 5 <= redis.ttl(key) <= expected
     status = api_client.get(receipt["status_url"], headers=headers).json()
     assert status["state"] == "replicated" and status["commit_lsn"] == str(summary.max_commit_lsn)
+
+
+def wait_until(condition, what: str, timeout: float = 30):
+    """Polls ``condition`` until it holds (a short TTL has passed in Redis); a test cannot hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_final_status_is_gone_after_its_ttl_while_older_unfinished_ones_stay(
+    own_redis, api_client, headers, observation, primary_engine, replica_engine, monkeypatch
+):
+    """Each unfinished status here is older than a final one that already expired, so it outlived the TTL."""
+    from ingest_api import deps
+    from opsync import drain
+
+    configure(monkeypatch, status_ttl_s=1)
+    deps.get_buffer.cache_clear()
+    buffer = deps.get_buffer()
+
+    def state(receipt: dict) -> str | int:
+        response = api_client.get(receipt["status_url"], headers=headers)
+        return response.json()["state"] if response.status_code == 200 else response.status_code
+
+    travelling = api_client.post("/v1/records/executed_obs_unit", json=observation(), headers=headers).json()
+    failed = api_client.post(RAW, json=raw_file(), headers=headers).json()  # its observation does not exist
+    assert (drain.drain(buffer, primary_engine).applied, state(travelling), state(failed)) == (1, "committed", "failed")
+    waiting = api_client.post(RAW, json=raw_file(), headers=headers).json()  # never drained here: stays accepted
+
+    wait_until(lambda: state(failed) == 404, "the failed status expiring")
+    assert (state(travelling), state(waiting)) == ("committed", "accepted")
+    deadline = time.monotonic() + 10
+    while drain.confirm_replica(buffer, replica_engine).remaining:
+        assert time.monotonic() < deadline, "the replica never replayed the drain's commit"
+        time.sleep(0.02)
+    assert state(travelling) == "replicated"
+    wait_until(lambda: state(travelling) == 404, "the replicated status expiring")
+    assert state(waiting) == "accepted" and own_redis.client().ttl(buffer.status_key(waiting["txn_id"])) == -1
+
+
+def test_an_idempotency_key_past_its_ttl_makes_a_new_transaction(own_redis, api_client, headers, observation, monkeypatch):
+    from ingest_api import deps
+
+    configure(monkeypatch, idempotency_ttl_s=2)
+    deps.get_buffer.cache_clear()
+    redis, key = own_redis.client(), str(uuid.uuid4())
+    request = {"json": observation(), "headers": headers | {"Idempotency-Key": key}}
+    first = api_client.post("/v1/records/executed_obs_unit", **request)
+    assert first.status_code == 202, first.text
+    remembered = redis.keys("opsync:idem:*")
+    assert len(remembered) == 1 and 0 < redis.ttl(remembered[0]) <= 2
+    assert api_client.post("/v1/records/executed_obs_unit", **request).json() == first.json()  # within the TTL: a replay
+
+    wait_until(lambda: not redis.exists(*remembered), "the idempotency record expiring")
+    again = api_client.post("/v1/records/executed_obs_unit", **request)
+    assert again.status_code == 202 and again.json()["txn_id"] != first.json()["txn_id"]
+    other_body = api_client.post("/v1/records/executed_obs_unit", json=observation(status="aborted"),
+                                 headers=request["headers"])
+    assert other_body.status_code == 409  # the new transaction holds the key now
+    wait_until(lambda: not redis.exists(*remembered), "the second idempotency record expiring")
+    assert api_client.post("/v1/records/executed_obs_unit", json=observation(status="aborted"),
+                           headers=request["headers"]).status_code == 202  # expired: no conflict with the old body
+    assert redis.xlen("opsync:buffer") == 3
+    assert {api_client.get(r.json()["status_url"], headers=headers).json()["state"] for r in (first, again)} == {"accepted"}

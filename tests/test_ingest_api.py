@@ -91,6 +91,26 @@ def test_idempotency_key_replays_and_conflicts(api, token, observation, redis_se
     assert redis_server.client().xlen(stream) == before + 1
 
 
+def test_idempotency_keys_are_per_token(api, token, observation, redis_server):
+    """Two tokens choosing the same key each get their own transaction; each replays only its own."""
+    key, stream = str(uuid.uuid4()), "opsync:buffer"
+    one, two = (token("executed_obs_unit", verbs=("write", "read")) | {"Idempotency-Key": key} for _ in range(2))
+    body_one, body_two = observation(status="running"), observation(status="aborted")
+    before = redis_server.client().xlen(stream)
+    first = api.post("/v1/records/executed_obs_unit", json=body_one, headers=one)
+    second = api.post("/v1/records/executed_obs_unit", json=body_two, headers=two)
+    assert first.status_code == second.status_code == 202, (first.text, second.text)
+    assert first.json()["txn_id"] != second.json()["txn_id"] and first.json()["ids"] != second.json()["ids"]
+    assert redis_server.client().xlen(stream) == before + 2
+    for headers, mine, theirs, receipt in ((one, body_one, body_two, first), (two, body_two, body_one, second)):
+        assert api.post("/v1/records/executed_obs_unit", json=mine, headers=headers).json() == receipt.json()
+        conflict = api.post("/v1/records/executed_obs_unit", json=theirs, headers=headers)
+        assert conflict.status_code == 409 and key in conflict.json()["detail"]
+        row = api.get(f"/v1/records/executed_obs_unit/{receipt.json()['ids'][0]}", headers=headers).json()
+        assert row["status"] == mine["status"] and row["_txn_id"] == receipt.json()["txn_id"]
+    assert redis_server.client().xlen(stream) == before + 2
+
+
 def test_openapi_documents_the_bearer_scheme_and_the_idempotency_key(api):
     spec = api.get("/openapi.json").json()
     assert {scheme["scheme"] for scheme in spec["components"]["securitySchemes"].values()} == {"bearer"}

@@ -294,6 +294,8 @@ def test_an_update_or_delete_of_a_row_deleted_while_buffered_is_404_and_nothing_
             assert refused.json()["detail"] == (
                 f"steps.0: no {FILES} row {key} to {op}: deleted by transaction {deleted.json()['txn_id']}, still buffered")
         assert shown(writer, FILES, key) is None and own_redis.client().xlen("opsync:buffer") == depth  # nothing written
+    listed = writer.get(f"/v1/records/{FILES}", params={"executed_obs_unit_id": obs}).json()["rows"]
+    assert [r["id"] for r in listed] == [other]  # pages hide both deletes too, the replicated row's included
     in_one = writer.post("/v1/transactions", json={"steps": [
         {"op": "delete", "table": FILES, "id": other},
         {"op": "update", "table": FILES, "id": other, "values": {"size_bytes": 4}},

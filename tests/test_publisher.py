@@ -150,12 +150,13 @@ def test_full_load_equals_the_replica(start_publisher, reader, replica, primary_
     assert night["_sync_state"] == "replicated" and night["_txn_id"] is None
 
 
-def test_buffered_row_is_visible_within_a_second_and_updates_show_at_once(start_publisher, reader, post, observation):
+def test_buffered_row_and_its_updates_show_at_once(start_publisher, reader, post, observation):
+    """Within a generous bound; the figure (under a second after the 202) is bench/read.py's visible_p95_s."""
     start_publisher()
     sent = time.monotonic()
     receipt = post("POST", f"/v1/records/{TABLE}", observation(metadata={"seeing": 0.8}))
     accepted = time.monotonic()
-    row = wait_for(lambda: reader.row(TABLE, receipt["ids"][0]), timeout=1, interval=0.005, what="the buffered row")
+    row = wait_for(lambda: reader.row(TABLE, receipt["ids"][0]), timeout=5, interval=0.005, what="the buffered row")
     visible = time.monotonic()
     assert (row["_sync_state"], row["_txn_id"], row["status"], row["metadata"]) == (
         "buffered", receipt["txn_id"], "running", '{"seeing":0.8}'
@@ -166,7 +167,7 @@ def test_buffered_row_is_visible_within_a_second_and_updates_show_at_once(start_
     patch = post("PATCH", f"/v1/records/{TABLE}/{receipt['ids'][0]}", {"status": "completed"})
     row = wait_for(
         lambda: (r := reader.row(TABLE, receipt["ids"][0])) and r["status"] == "completed" and r,
-        timeout=1, interval=0.005, what="the update",
+        timeout=5, interval=0.005, what="the update",
     )
     assert (row["_sync_state"], row["_txn_id"]) == ("buffered", patch["txn_id"])
 
@@ -238,7 +239,10 @@ def test_a_late_commit_reaches_the_read_model_exactly_once(start_publisher, read
         a.commit()
     wait_for(lambda: len(reader.rows("instrument", [early, late])) == 2, what="both rows")
     assert caught_up(replica, reader, "instrument", [early, late])
-    time.sleep(0.5)
+    marker = uuid.uuid4()  # changes are published in order: once this one shows, nothing of the two is still to come
+    with migrated.primary.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO instrument (id, name) VALUES (%s, %s)", (marker, f"marker-{marker}"))
+    wait_for(lambda: reader.row("instrument", marker), what="the marker")
     assert [r["id"] for r in reader.rows("instrument", [early, late])] == sorted([str(early), str(late)])
 
 

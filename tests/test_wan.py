@@ -37,10 +37,10 @@ def round_trip_s(conn: psycopg.Connection, samples: int = 8) -> float:
 
 def test_a_query_costs_the_configured_round_trip_and_the_delay_can_change(pg, wan):
     with connect(pg, wan) as conn:
-        assert 0.25 <= round_trip_s(conn) < 0.30
+        assert 0.25 <= round_trip_s(conn) < 0.45  # generous above: the machine is shared
         wan.set_delay(0.05)
         conn.execute("SELECT 1")  # the reply to this one may still have been sent under the old delay
-        assert 0.10 <= round_trip_s(conn) < 0.15
+        assert 0.10 <= round_trip_s(conn) < 0.25
 
 
 def test_throughput_is_not_one_chunk_per_round_trip(pg, wan):
@@ -53,7 +53,8 @@ def test_throughput_is_not_one_chunk_per_round_trip(pg, wan):
                 copy.write(row * 1000)  # 20 MB in 1 MB writes
         elapsed = time.perf_counter() - start
         assert conn.execute("SELECT count(*) FROM wan_copy").fetchone()[0] == 20_000
-    assert elapsed < 5, f"20 MB took {elapsed:.1f} s through a 250 ms link"
+    # generous: one 64 KiB chunk per round trip would be 80 s; the figure is bench/drain.py's drain_records_per_s_250ms_rtt
+    assert elapsed < 20, f"20 MB took {elapsed:.1f} s through a 250 ms link"
 
 
 def test_a_blackhole_silences_the_link_and_restore_brings_it_back(pg, wan):
@@ -96,7 +97,7 @@ def test_the_command_line_proxy_forwards_until_terminated(pg):
         assert f"127.0.0.1:{port} -> {target}" in proc.stdout.readline()
         conninfo = psycopg.conninfo.make_conninfo(pg.primary.conninfo(), port=port)
         with psycopg.connect(conninfo, connect_timeout=10) as conn:
-            assert 0.10 <= round_trip_s(conn, 4) < 0.15
+            assert 0.10 <= round_trip_s(conn, 4) < 0.25  # the configured 100 ms, generous above
     finally:
         proc.terminate()
     assert proc.wait(10) == 0

@@ -106,9 +106,10 @@ class BufferWakeTrigger(BaseEventTrigger):
                 await pubsub.subscribe(self.channel)
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=WAKE_READ_TIMEOUT_S)
+                    event = json.loads(message["data"]) if message else {}
                     # state changes of the drain's own making (committed, replicated) must not wake it again
-                    if message and json.loads(message["data"]).get("state") == "accepted":
-                        yield TriggerEvent({"channel": self.channel})
+                    if event.get("state") == "accepted":
+                        yield TriggerEvent({"channel": self.channel, "txn_id": event.get("txn_id")})  # which one woke it
                         return
         finally:
             await client.aclose()
