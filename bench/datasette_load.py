@@ -146,16 +146,7 @@ def datasette(model: Path, workdir: Path) -> Iterator[tuple[str, psutil.Process]
                                 stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/-/versions.json", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"datasette did not start; see {log_path}")
-            time.sleep(0.2)
+        ingest_bench.wait_ready(proc, 60, f"{base}/-/versions.json", f"datasette (log: {log_path})")
         yield base, psutil.Process(proc.pid)
     finally:
         proc.terminate()

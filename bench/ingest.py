@@ -176,16 +176,18 @@ def floor_server(site: Site, log_path: Path):
     return served(lambda port: [sys.executable, "-m", "bench.floor", "--port", str(port), "--workers", str(workers)], site, log_path)
 
 
-def wait_ready(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+def wait_ready(proc: subprocess.Popen, timeout_s: float = 30, url: str | None = None, what: str = "the ingest API") -> None:
+    """Until ``url`` (the API's ``/readyz`` by default) answers 200; fails when ``proc`` exits or time is up."""
+    url = url or f"{proc.url}/readyz"
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if httpx.get(f"{proc.url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the ingest API did not become ready; see its log")
+            raise RuntimeError(f"{what} did not become ready; see its log")
         time.sleep(0.1)
 
 

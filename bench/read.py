@@ -217,16 +217,7 @@ def datasette(model: Path, env: dict[str, str], log_path: Path) -> Iterator[str]
         proc = subprocess.Popen(command, env={**os.environ, **env}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/-/versions.json", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"datasette did not start; see {log_path}")
-            time.sleep(0.2)
+        ingest_bench.wait_ready(proc, 60, f"{base}/-/versions.json", f"datasette (log: {log_path})")
         yield base
     finally:
         proc.terminate()

@@ -1,7 +1,6 @@
 """The ingest API's guarantees against real services (Redis with AOF, PostgreSQL primary + replica):
 backpressure, a full Redis, a crashed Redis, Redis down, metrics, the event stream, status retention."""
 
-import json
 import os
 import signal
 import time
@@ -10,6 +9,8 @@ import uuid
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.sse_events import Events
 
 SHA = "ef" * 32
 RAW = "/v1/records/raw_data_file"
@@ -300,35 +301,6 @@ def test_metrics(own_redis, api_client, headers):
 
 
 # --- 6. the event stream --------------------------------------------------------------------------
-
-
-class Events:
-    """Server-sent events of one open stream, read with a deadline so a test cannot hang."""
-
-    def __init__(self, response: httpx.Response):
-        self.lines = response.iter_lines()
-
-    def next(self, timeout: float = 10) -> tuple[str | None, dict]:
-        deadline = time.monotonic() + timeout
-        name, data = None, None
-        for line in self.lines:  # keep-alives (every second here) bound each wait
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data = json.loads(line.removeprefix("data: "))
-            elif line == "" and data is not None:
-                return name, data
-            if time.monotonic() > deadline:
-                break
-        raise AssertionError("no event in time")
-
-    def until(self, predicate, timeout: float = 10) -> tuple[str | None, dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            name, data = self.next(deadline - time.monotonic())
-            if predicate(name, data):
-                return name, data
-        raise AssertionError("no matching event in time")
 
 
 @pytest.fixture

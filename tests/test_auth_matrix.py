@@ -9,7 +9,6 @@ Tokens are checked at the site against the local replica; the last tests stop th
 replica and revoke a token to show what the cache does then.
 """
 
-import json
 import secrets
 import time
 import uuid
@@ -27,6 +26,7 @@ from ingest_api.app import app
 from ingest_api.deps import Caller
 from opsync.auth import TOKEN_PREFIX, create_token, hash_token, revoke_token
 from opsync.schema import ApiToken
+from tests.sse_events import Events
 
 T = "executed_obs_unit"  # a critical (buffered) table: granted writes are answered without the primary
 OTHER = "raw_data_file"
@@ -405,38 +405,6 @@ def submit(client: httpx.Client, token: str, *steps: dict) -> dict:
     created = client.post("/v1/transactions", json={"steps": list(steps)}, headers=bearer(token))
     assert created.status_code == 202, created.text
     return created.json()
-
-
-class Events:
-    """The events of one open stream as ``(name, data)``, comments skipped; with a deadline, so a test cannot hang."""
-
-    def __init__(self, response: httpx.Response):
-        assert response.status_code == 200, response.read()
-        self.lines = response.iter_lines()
-
-    def next(self, timeout: float = 15) -> tuple[str | None, dict] | None:
-        """The next event; None once the server ended the stream."""
-        deadline = time.monotonic() + timeout
-        name, data = None, None
-        for line in self.lines:  # keep-alives (every second here) bound each wait
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data = json.loads(line.removeprefix("data: "))
-            elif line == "" and data is not None:
-                return name, data
-            assert time.monotonic() < deadline, "no event in time"
-        return None
-
-    def until(self, txn_id: str) -> list[dict]:
-        """The state changes up to and including the first of ``txn_id``."""
-        changes = []
-        while not changes or changes[-1]["txn_id"] != txn_id:
-            event = self.next()
-            assert event is not None, "the stream ended"
-            if event[0] is None:
-                changes.append(event[1])
-        return changes
 
 
 def following(client: httpx.Client, token: str, stack: ExitStack) -> Events:
