@@ -194,6 +194,7 @@ def test_row_moves_to_replicated_without_disappearing_or_duplicating(
         wait_for(lambda: reader.row(TABLE, key)["_sync_state"] == "committed", what="committed")
         confirm_all(buffer, replica)
         wait_for(lambda: reader.row(TABLE, key)["_sync_state"] == "replicated", what="replicated")
+        wait_for(lambda: seen[-1] == ("replicated",), what="the watcher seeing it")  # its last look may predate it
     finally:
         watching.set()
         watcher.join()
