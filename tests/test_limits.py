@@ -10,13 +10,14 @@ import json
 import uuid
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from opsync import buffer as buffer_module
 from opsync import drain
 from opsync.buffer import Buffer, Settlement, settle_chunks
 from opsync.ingest import StepIn, build_transaction
 from opsync.stats import buffer_stats
+from tests import test_dlq
 
 HK = "/v1/records/housekeeping_sample"
 SHA = "ab" * 32
@@ -141,17 +142,7 @@ def test_an_entry_larger_than_a_chunk_is_settled_alone():
     assert list(settle_chunks([first, huge, last])) == [[first], [huge], [last]]
 
 
-@pytest.fixture
-def buffer(redis_server):
-    return Buffer(redis_server.client(), prefix=f"limits-{uuid.uuid4().hex[:8]}")
-
-
-@pytest.fixture
-def primary(migrated):
-    """As the drainer's: psycopg 3 with a connect timeout."""
-    engine = create_engine(migrated.primary.url(), connect_args={"connect_timeout": 5})
-    yield engine
-    engine.dispose()
+buffer, primary = test_dlq.buffer, test_dlq.primary  # a buffer of its own prefix; the primary as the drainer's
 
 
 def observation_step(planning, **values) -> StepIn:

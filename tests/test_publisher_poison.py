@@ -16,10 +16,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import create_engine
 
 from opsync import cli, drain
-from opsync.buffer import Buffer
 from opsync.envelope import Op, Step, Transaction
 from opsync.ids import new_id
 from opsync.lsn import current_position, replica_position
@@ -30,28 +28,12 @@ from tests import test_publisher
 from tests.conftest import wait_for
 from tests.test_drain import buffered, enqueued
 from tests.test_drain import observation as step_of
-from tests.test_publisher import FAST, TABLE, FileReader, confirm_all
+from tests.test_publisher import FAST, TABLE, confirm_all
 
 model_path, start_publisher = test_publisher.model_path, test_publisher.start_publisher  # fixtures shared with those tests
+replica, buffer, reader = test_publisher.replica, test_publisher.buffer, test_publisher.reader
 
 DEEP = "{" + '"a":{' * 3000 + '"b":1' + "}" * 3001  # jsonb takes it; Python's json stops at about 1,000 levels
-
-
-@pytest.fixture
-def replica(site_env, primary_engine):
-    engine = create_engine(site_env.replica_url.get_secret_value(), pool_pre_ping=True, connect_args={"connect_timeout": 3})
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def buffer(own_redis) -> Buffer:
-    return Buffer(own_redis.client())
-
-
-@pytest.fixture
-def reader(model_path) -> FileReader:
-    return FileReader(model_path)
 
 
 @pytest.fixture
