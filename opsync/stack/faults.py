@@ -156,7 +156,7 @@ class Faults:
 
     def await_work(self, work: Callable[[], str | None], timeout_s: float = WORK_WAIT_S) -> str | None:
         """``work``'s account of what is in flight, as soon as there is some (None: none came in time)."""
-        return poll(work, timeout_s, every_s=0.1) or None
+        return poll(work, timeout_s, every_s=0.2) or None
 
     def last_entry(self) -> str | None:
         buffer = self.buffer()
@@ -171,12 +171,12 @@ class Faults:
         """The restarted Redis holds the stream up to its last entry before the kill (replayed from its AOF)."""
         before = self.last_entry()
 
-        def check() -> str | None:
-            after = self.last_entry()
+        def kept() -> str | None:
+            after = self.last_entry()  # None while Redis still loads its AOF
             if before is None or after is None or stream_id(after) < stream_id(before):
                 return None
             return f"it came back from its AOF with the stream up to {before}"
-        return check
+        return lambda: poll(kept, 30)
 
     def api_answers(self) -> Check:
         url = f"http://{self.stack.settings.host}:{self.stack.settings.api_port}/healthz"
@@ -219,14 +219,14 @@ class Faults:
 
     def answers(self, server) -> bool:
         try:
-            with server.connect(connect_timeout=5):
+            with server.connect():
                 return True
         except psycopg.OperationalError:
             return False
 
     def streaming_port(self) -> int | None:
         try:
-            with self.stack.replica.connect(connect_timeout=5) as conn:
+            with self.stack.replica.connect() as conn:
                 row = conn.execute("SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'").fetchone()
         except psycopg.OperationalError:
             return None

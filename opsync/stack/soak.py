@@ -155,7 +155,7 @@ class Writer(threading.Thread):
         self.calls = 0
         self.sent: list[tuple[str, tuple, str, str]] = []  # recent (method, args, key, txn_id) to resubmit
         self.observations: list[dict[str, Any]] = []  # recent observations to update
-        self.deletable: list[tuple[str, str]] = []  # recent (table, id) of samples and files to delete
+        self.deletable: list[tuple[str, str]] = []  # recent (table, id) of files to delete (the one deletable buffered table)
         self.invalid_at = sorted(self.rng.randrange(plan.quota) for _ in range(plan.invalid))
         self.client: OpsyncClient | None = None
         self.error: BaseException | None = None
@@ -202,7 +202,6 @@ class Writer(threading.Thread):
         if receipt := self.call("records", "housekeeping_sample", rows):
             self.acks.created(receipt, [("housekeeping_sample", pick(row, "housekeeping_sample")) for row in rows])
             self.written += len(rows)
-            self.deletable = [*self.deletable, ("housekeeping_sample", str(receipt.ids[-1]))][-RECENT:]
 
     def observation(self, invalid: bool = False) -> None:
         """An executed observation, its package and its files in one transaction, later steps referencing earlier ones."""
@@ -262,7 +261,7 @@ class Writer(threading.Thread):
             self.read_back(table, key, changes)
 
     def delete(self) -> None:
-        """Delete a recent sample or file (most still buffered): gone at once from the merged view, and for good."""
+        """Delete a recent file (most still buffered): gone at once from the merged view, and for good."""
         table, key = self.deletable.pop(self.rng.randrange(len(self.deletable)))
         if receipt := self.call("delete", table, key):
             self.acks.removed(receipt, key)
