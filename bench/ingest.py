@@ -21,7 +21,8 @@ uvloop and httptools picked automatically), so the load generator never shares t
 - Capacity, API next to the floor: CPU per request (user + system of the uvicorn processes and of
   ``redis-server``, over a fixed number of requests at ``CPU_RATE``, which both sustain), and the
   highest offered rate each sustains open loop with p99 <= 10 ms and no error. That rate is
-  searched (doubling from ``SEARCH_START``, then bisecting to ``SEARCH_RESOLUTION``) with the two
+  searched (doubling from ``SEARCH_START``, then bisecting to ``SEARCH_RESOLUTION``; a rate fails
+  after two missed tries in a row) with the two
   apps' steps alternating, so both see the same neighbours; their ratio is the API's capacity as a
   share of what one durable write over HTTP allows (``api_vs_floor_rate``). CPU per request is the
   steadier figure on a busy machine: a neighbour steals time, not work.
@@ -99,13 +100,13 @@ class Size:
     wan_connect_samples: int = 5
     cpu_requests: int = 5000  # per app
     search_seconds: float = 5  # per step of the capacity search
-    search_steps: int = 10  # per app, at most
+    search_steps: int = 14  # per app, at most (tries, retries included)
 
 
 SIZES = {
     "full": Size(),
     "smoke": Size(rate_seconds=1, warmup_requests=100, batch_seconds=1, xadd_seconds=0.5, wan_samples=3, wan_connect_samples=1,
-                  cpu_requests=300, search_seconds=0.5, search_steps=3),
+                  cpu_requests=300, search_seconds=0.5, search_steps=4),
 }
 FIGURES = (
     "p50_ms_at_200", "p99_ms_at_200", "errors_at_200", "failures_at_200", "generator_lag_p99_ms_at_200",
@@ -470,18 +471,22 @@ def cpu_per_request(target: Target, samples: Samples, count: int, redis: psutil.
 @dataclass
 class Search:
     """The highest offered rate with p99 <= ``CAPACITY_P99_MS`` and no error: doubled from
-    ``SEARCH_START`` until a step fails, then bisected until the bounds are within ``SEARCH_RESOLUTION``."""
+    ``SEARCH_START`` until a rate fails, then bisected until the bounds are within ``SEARCH_RESOLUTION``.
+    A rate fails when two tries in a row miss: one neighbour's burst on shared cores does not end the doubling."""
 
     max_steps: int
     passed: int = 0  # the highest rate sustained so far (0: none yet)
     failed: int | None = None  # the lowest rate not sustained so far
     best: Run | None = None  # the step at ``passed``
     steps: int = 0
+    missed_once: int | None = None  # a rate whose last try missed, to be tried once more
 
     def next_rate(self) -> int | None:
         """The rate to try next, or None when the search is done."""
         if self.steps >= self.max_steps:
             return None
+        if self.missed_once is not None:
+            return self.missed_once
         if self.failed is None:
             return 2 * self.passed if self.passed else SEARCH_START
         if self.failed - self.passed <= SEARCH_RESOLUTION * self.failed:
@@ -492,9 +497,11 @@ class Search:
         self.steps += 1
         sustained = run.errors == 0 and run.ms(0.99) <= CAPACITY_P99_MS
         if sustained:
-            self.passed, self.best = rate, run
+            self.passed, self.best, self.missed_once = rate, run, None
+        elif self.missed_once == rate:
+            self.failed, self.missed_once = rate, None
         else:
-            self.failed = rate
+            self.missed_once = rate
         return sustained
 
 
@@ -507,7 +514,7 @@ def capacity_search(targets: list[Target], samples: Samples, size: Size, console
             return searches
         for target, search, rate in pending:
             run = rate_phase(target.pool, target.requests, samples, rate, size.search_seconds, target.server, loop)
-            verdict = "sustained" if search.record(rate, run) else "not sustained"
+            verdict = "sustained" if search.record(rate, run) else "missed"
             console.print(f"  {target.name} at {rate}/s: p99 {run.ms(0.99)} ms, {run.errors} errors, "
                           f"generator lag p99 {run.ms(0.99, run.lags)} ms: {verdict}")
             time.sleep(SEARCH_REST_S)
