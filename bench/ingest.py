@@ -489,7 +489,7 @@ class Search:
             return self.missed_once
         if self.failed is None:
             return 2 * self.passed if self.passed else SEARCH_START
-        if self.failed - self.passed <= SEARCH_RESOLUTION * self.failed:
+        if self.failed - self.passed <= max(SEARCH_RESOLUTION * self.failed, 1):
             return None
         return round((self.passed + self.failed) / 2)
 
