@@ -85,7 +85,6 @@ TARGET_P99_MS, TARGET_BATCH_SHARE = 5.0, 0.30
 CPU_RATE = 500  # requests per second while CPU per request is measured: well below either app's limit
 CAPACITY_P99_MS, TARGET_CAPACITY_SHARE = 10.0, 0.5  # a rate is sustained with p99 <= 10 ms; the API >= 50 % of the floor's
 SEARCH_START, SEARCH_RESOLUTION = 250, 0.1  # the first rate tried; the search stops when the bounds are within 10 %
-SEARCH_REST_S = 1.0  # between steps, for a server to finish what a failed step left and for its neighbours' load to settle
 
 
 @dataclass(frozen=True)
@@ -101,12 +100,13 @@ class Size:
     cpu_requests: int = 5000  # per app
     search_seconds: float = 5  # per step of the capacity search
     search_steps: int = 14  # per app, at most (tries, retries included)
+    search_rest_s: float = 1.0  # between steps: a server finishes what a missed step left, neighbours' bursts pass
 
 
 SIZES = {
     "full": Size(),
     "smoke": Size(rate_seconds=1, warmup_requests=100, batch_seconds=1, xadd_seconds=0.5, wan_samples=3, wan_connect_samples=1,
-                  cpu_requests=300, search_seconds=0.5, search_steps=4),
+                  cpu_requests=300, search_seconds=0.5, search_steps=3, search_rest_s=0.1),
 }
 FIGURES = (
     "p50_ms_at_200", "p99_ms_at_200", "errors_at_200", "failures_at_200", "generator_lag_p99_ms_at_200",
@@ -517,7 +517,7 @@ def capacity_search(targets: list[Target], samples: Samples, size: Size, console
             verdict = "sustained" if search.record(rate, run) else "missed"
             console.print(f"  {target.name} at {rate}/s: p99 {run.ms(0.99)} ms, {run.errors} errors, "
                           f"generator lag p99 {run.ms(0.99, run.lags)} ms: {verdict}")
-            time.sleep(SEARCH_REST_S)
+            time.sleep(size.search_rest_s)
 
 
 def capacity_figures(cpu: dict[str, tuple[float, float]], searches: dict[str, Search]) -> dict:
