@@ -85,6 +85,7 @@ TARGET_P99_MS, TARGET_BATCH_SHARE = 5.0, 0.30
 CPU_RATE = 500  # requests per second while CPU per request is measured: well below either app's limit
 CAPACITY_P99_MS, TARGET_CAPACITY_SHARE = 10.0, 0.5  # a rate is sustained with p99 <= 10 ms; the API >= 50 % of the floor's
 SEARCH_START, SEARCH_RESOLUTION = 250, 0.1  # the first rate tried; the search stops when the bounds are within 10 %
+SEARCH_MIN = 25  # below this rate the search gives up (0 reported): a p99 of a few dozen requests says nothing
 
 
 @dataclass(frozen=True)
@@ -489,9 +490,10 @@ class Search:
             return self.missed_once
         if self.failed is None:
             return 2 * self.passed if self.passed else SEARCH_START
-        if self.failed - self.passed <= max(SEARCH_RESOLUTION * self.failed, 1):
+        rate = round((self.passed + self.failed) / 2)
+        if self.failed - self.passed <= SEARCH_RESOLUTION * self.failed or rate < SEARCH_MIN:
             return None
-        return round((self.passed + self.failed) / 2)
+        return rate
 
     def record(self, rate: int, run: Run) -> bool:
         self.steps += 1

@@ -2,7 +2,7 @@
 finds the highest rate with p99 <= 10 ms to within its resolution, a single missed try does not
 end it, and a server that sustains nothing is reported as 0. No service: the search's logic only."""
 
-from bench.ingest import CAPACITY_P99_MS, SEARCH_RESOLUTION, SEARCH_START, Run, Search
+from bench.ingest import CAPACITY_P99_MS, SEARCH_MIN, SEARCH_RESOLUTION, SEARCH_START, Run, Search
 
 
 def step(p99_ms: float, errors: int = 0) -> Run:
@@ -39,10 +39,10 @@ def test_errors_fail_a_step_whatever_its_latency():
     assert found.passed == 0 and found.failed == SEARCH_START
 
 
-def test_a_server_that_sustains_nothing_is_reported_as_zero_and_the_search_ends():
+def test_a_server_that_sustains_nothing_is_reported_as_zero_and_the_search_ends_at_its_lowest_rate():
     found, tried = search(lambda rate, _: False)
     assert found.passed == 0 and found.best is None
-    assert len(tried) < 30
+    assert min(tried) >= SEARCH_MIN and len(tried) < 30
 
 
 def test_the_search_stops_at_its_step_budget():
