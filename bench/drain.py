@@ -400,12 +400,13 @@ class Cycles:
 
 
 def drain_to_replicated(buffer: Buffer, primary: Engine, replica: Engine) -> Cycles:
-    """As ``opsync_drain`` runs back to back on a backlog: each run drains for its budget, its sensor waits
-    for the replica to pass the run's commits, its confirm task confirms; until a run ends short."""
+    """As ``opsync_drain`` runs back to back on a backlog: each run drains for its budget (confirming between
+    batches what the replica has passed, as the drain task does), its sensor waits for the replica to pass
+    the run's commits, its confirm task confirms the rest; until a run ends short."""
     cycles, started = Cycles(), time.monotonic()
     while True:
         run_started = time.monotonic()
-        run = drain(buffer, primary, budget_s=BUDGET_S, batch_size=BATCH_SIZE)
+        run = drain(buffer, primary, budget_s=BUDGET_S, batch_size=BATCH_SIZE, readable=lambda: replica_position(replica))
         cycles.drain_s += time.monotonic() - run_started
         for name in ("batches", "applied", "duplicates", "dead_lettered", "round_trips"):
             setattr(cycles.summary, name, getattr(cycles.summary, name) + getattr(run, name))

@@ -190,8 +190,8 @@ def test_a_run_ends_at_its_first_batch_that_is_not_full(buffer, primary, plannin
         buffered(buffer, observation(planning))
     claim = buffer.claim
 
-    def claim_while_records_arrive(consumer, count):
-        entries = claim(consumer, count)
+    def claim_while_records_arrive(consumer, count, after="0"):
+        entries = claim(consumer, count, after)
         buffered(buffer, observation(planning))
         return entries
 
@@ -492,3 +492,26 @@ def test_over_a_250_ms_link_a_backlog_left_by_an_outage_drains_and_is_confirmed(
             far.dispose()
     assert states(buffer, txns) == ["replicated"] * 50
     assert rows_in(primary, "executed_obs_unit", [t.steps[0].key for t in txns]) == 50
+
+
+def test_a_drain_confirms_between_its_batches_what_the_site_can_read_already(buffer, primary, planning):
+    """Each batch's window (its commit in flight) confirms the batches before it; the last waits for the confirm task."""
+    txns = [buffered(buffer, observation(planning)) for _ in range(6)]
+
+    summary = drain.drain(buffer, primary, batch_size=2, readable=lambda: current_position(primary))
+
+    assert (summary.batches, summary.applied, summary.confirmed) == (3, 6, 4)
+    assert states(buffer, txns) == ["replicated"] * 4 + ["committed"] * 2
+    assert "4 confirmed replicated meanwhile" in summary.describe()
+
+
+def test_a_drain_goes_on_when_the_replica_cannot_say_how_far_it_is(buffer, primary, planning):
+    txns = [buffered(buffer, observation(planning)) for _ in range(4)]
+
+    def unreachable():
+        raise ReplicaUnreachable("replica unreachable: connection refused")
+
+    summary = drain.drain(buffer, primary, batch_size=2, readable=unreachable)
+
+    assert (summary.applied, summary.confirmed) == (4, 0)
+    assert states(buffer, txns) == ["committed"] * 4
