@@ -26,7 +26,8 @@ replica) and measures, in one run:
   48-hour backlog (3,456,000 transactions) at the measured rate to ``replicated``; target ≤ 30 min.
 - POST-to-replicated latency at a steady ``STEADY_RATE`` single-record POSTs per second to the real
   ingest API for ``steady_seconds``, with the drainer behind the same 250 ms link. A loop here
-  stands in for the Airflow DAG ``opsync_drain``: every ``DAG_INTERVAL_S`` it drains, then polls
+  stands in for the Airflow DAG ``opsync_drain``: every ``DAG_INTERVAL_S`` it drains (confirming between
+  batches, as the drain task does), then polls
   the replica every ``POKE_S`` and confirms (the DAG's sensor and confirm task). The real DAG runs
   every 10 s and at once on a wake-up event, and each task start costs a few seconds, so under
   Airflow the figure is higher by that overhead. Per transaction: from its ``202`` (client clock)
@@ -113,7 +114,7 @@ FIGURES = (
     "drain_share_settle", "drain_client_cpu_s", "drain_apply_client_cpu_s", "drain_apply_wait_s", "confirm_s", "confirmed_txns",
     "copy_s", "copy_records_per_s", "drain_vs_copy", "wan_records", "wan_transactions", "wan_batches", "wan_round_trips_per_batch",
     "wan_connect_s", "drain_s_250ms_rtt", "drain_records_per_s_250ms_rtt", "drain_records_per_s_250ms_rtt_with_connect",
-    "small_txns", "small_batches", "small_round_trips_per_batch", "small_drain_s", "small_drain_txns_per_s",
+    "small_txns", "small_batch_size", "small_batches", "small_round_trips_per_batch", "small_drain_s", "small_drain_txns_per_s",
     "small_confirm_wait_s", "small_replicated_s", "small_replicated_txns_per_s", "small_copy_s", "small_copy_rows_per_s",
     "small_drain_vs_copy", "small_projected_48h_min", "target_small_projected_48h_min", "small_target_met",
     "steady_posts", "steady_accepted", "steady_errors", "steady_not_replicated", "post_to_replicated_p50_s",
@@ -399,14 +400,14 @@ class Cycles:
     replicated_s: float = 0.0  # from the first claim to every transaction replicated
 
 
-def drain_to_replicated(buffer: Buffer, primary: Engine, replica: Engine) -> Cycles:
+def drain_to_replicated(buffer: Buffer, primary: Engine, replica: Engine, batch_size: int) -> Cycles:
     """As ``opsync_drain`` runs back to back on a backlog: each run drains for its budget (confirming between
     batches what the replica has passed, as the drain task does), its sensor waits for the replica to pass
     the run's commits, its confirm task confirms the rest; until a run ends short."""
     cycles, started = Cycles(), time.monotonic()
     while True:
         run_started = time.monotonic()
-        run = drain(buffer, primary, budget_s=BUDGET_S, batch_size=BATCH_SIZE, readable=lambda: replica_position(replica))
+        run = drain(buffer, primary, budget_s=BUDGET_S, batch_size=batch_size, readable=lambda: replica_position(replica))
         cycles.drain_s += time.monotonic() - run_started
         for name in ("batches", "applied", "duplicates", "dead_lettered", "round_trips"):
             setattr(cycles.summary, name, getattr(cycles.summary, name) + getattr(run, name))
@@ -422,7 +423,7 @@ def drain_to_replicated(buffer: Buffer, primary: Engine, replica: Engine) -> Cyc
 
 
 def small_txns(site, primary_url: str, primary: Engine, replica: Engine, plan: Planning, start: datetime,
-               console: Console, txns: int) -> dict:
+               console: Console, txns: int, batch_size: int) -> dict:
     buffer = Buffer(redis_client(site), prefix="bench-drain-small")
     console.print(f"buffering {txns:,} single-record transactions with idempotency keys …")
     small = buffer_small(buffer, Workload(plan, start), txns)
@@ -433,8 +434,9 @@ def small_txns(site, primary_url: str, primary: Engine, replica: Engine, plan: P
         try:
             with far.connect():  # connected once per drain task: not part of the rate
                 pass
-            console.print("draining and confirming them through the WAN proxy (250 ms round trips), as DAG runs …")
-            cycles = drain_to_replicated(buffer, far, replica)
+            console.print(f"draining and confirming them through the WAN proxy (250 ms round trips), as DAG runs, "
+                          f"batches of {batch_size} …")
+            cycles = drain_to_replicated(buffer, far, replica, batch_size)
         finally:
             far.dispose()
         summary = cycles.summary
@@ -450,7 +452,7 @@ def small_txns(site, primary_url: str, primary: Engine, replica: Engine, plan: P
     rate = txns / cycles.replicated_s
     projected = OUTAGE_TXNS / rate / 60
     return {
-        "small_txns": txns, "small_batches": summary.batches,
+        "small_txns": txns, "small_batch_size": batch_size, "small_batches": summary.batches,
         "small_round_trips_per_batch": round(summary.round_trips / summary.batches, 2),
         "small_drain_s": round(cycles.drain_s, 2), "small_drain_txns_per_s": round(txns / cycles.drain_s),
         "small_confirm_wait_s": round(cycles.replicated_s - cycles.drain_s, 2),
@@ -543,7 +545,8 @@ class DagStandIn(threading.Thread):
                 started = time.monotonic()
                 primary = engine(self.primary_url, autocommit=True)  # as the drain task's: a new engine, so a new connection, per run
                 try:
-                    summary = drain(self.buffer, primary, budget_s=BUDGET_S, batch_size=BATCH_SIZE)
+                    summary = drain(self.buffer, primary, budget_s=BUDGET_S, batch_size=BATCH_SIZE,
+                                    readable=lambda: replica_position(self.replica))  # as the drain task
                 finally:
                     primary.dispose()
                 drained = time.monotonic()
@@ -621,6 +624,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, help=f"records drained locally (full: {SIZES['full'].records:,})")
     parser.add_argument("--wan-records", type=int, help=f"records drained at 250 ms RTT (full: {SIZES['full'].wan_records:,})")
     parser.add_argument("--small-txns", type=int, help=f"single-record transactions at 250 ms RTT (full: {SIZES['full'].small_txns:,})")
+    parser.add_argument("--small-batch", type=int, default=BATCH_SIZE, help=f"batch size of that phase (default {BATCH_SIZE})")
     parser.add_argument("--steady-seconds", type=int, help=f"steady ingest phase (full: {SIZES['full'].steady_seconds})")
     parser.set_defaults(**asdict(SIZES[parser.parse_known_args()[0].size]))
     args = parser.parse_args()
@@ -681,7 +685,8 @@ def main() -> None:
         confirm_everything(wan_buffer, replica)
 
         # 4. single-record transactions to replicated, through the same link
-        figures |= small_txns(site, primary_url, primary, replica, plan, start + timedelta(days=60), console, args.small_txns)
+        figures |= small_txns(site, primary_url, primary, replica, plan, start + timedelta(days=60), console, args.small_txns,
+                              args.small_batch)
 
         # 5. POST to replicated at a steady rate
         figures |= steady_ingest(site, primary_url, primary, replica, workdir, console, args.steady_seconds)

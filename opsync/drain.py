@@ -142,8 +142,9 @@ def drain_run(
                 following = claim_batch(buffer, consumer, batch_size, after=batch.entries[-1].stream_id)
                 if following is not None:
                     fault_points.reach("next_claimed")  # batch N+1 claimed while batch N commits
-            if readable is not None:
-                summary.confirmed += confirm_passed(buffer, readable, batch_size)
+            if readable is not None and (confirmed := confirm_passed(buffer, readable, batch_size)) is None:
+                readable = None  # the replica cannot say how far it is: not asked again in this run
+            summary.confirmed += confirmed or 0
             summary.add(settle_batch(buffer, batch, committing.result()))
             batch = following
     summary.elapsed_s = time.monotonic() - started
@@ -207,13 +208,13 @@ def settle_batch(buffer: Buffer, batch: Claimed, result: BatchResult) -> BatchRe
     )
 
 
-def confirm_passed(buffer: Buffer, readable: Callable[[], Lsn], most: int) -> int:
-    """Confirm up to ``most`` transactions the site can read now; 0 when its position is unknown (the DAG's
+def confirm_passed(buffer: Buffer, readable: Callable[[], Lsn], most: int) -> int | None:
+    """Confirm up to ``most`` transactions the site can read now; None when its position is unknown (the DAG's
     confirm task, after its sensor, reports that): draining never waits for, or fails with, the replica."""
     try:
         position = readable()
     except ReplicaError:
-        return 0
+        return None
     return confirm(buffer, position, chunk=min(most, CONFIRM_CHUNK), most=most).confirmed
 
 
