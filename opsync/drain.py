@@ -142,9 +142,11 @@ def drain_run(
                 following = claim_batch(buffer, consumer, batch_size, after=batch.entries[-1].stream_id)
                 if following is not None:
                     fault_points.reach("next_claimed")  # batch N+1 claimed while batch N commits
-            if readable is not None and (confirmed := confirm_passed(buffer, readable, batch_size)) is None:
-                readable = None  # the replica cannot say how far it is: not asked again in this run
-            summary.confirmed += confirmed or 0
+            if readable is not None:
+                confirmed = confirm_passed(buffer, readable, batch_size)
+                if confirmed is None:
+                    readable = None  # the replica cannot say how far it is: not asked again in this run
+                summary.confirmed += confirmed or 0
             summary.add(settle_batch(buffer, batch, committing.result()))
             batch = following
     summary.elapsed_s = time.monotonic() - started
