@@ -696,11 +696,12 @@ class Buffer:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def claim(self, consumer: str, count: int) -> list[Entry]:
+    def claim(self, consumer: str, count: int, after: str = "0") -> list[Entry]:
         """Up to ``count`` entries in stream order: ``consumer``'s unacknowledged ones first (a run that
         died left them), then new ones. Nothing leaves the stream here: only :meth:`settle` acknowledges.
+        ``after`` (a stream ID) skips the pending ones up to it: a batch claimed but not yet settled.
         """
-        entries = self._read(consumer, "0", count)
+        entries = self._read(consumer, after, count)
         if len(entries) < count:
             entries += self._read(consumer, ">", count - len(entries))
         return entries
