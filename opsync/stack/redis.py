@@ -16,6 +16,11 @@ import redis
 from opsync.health import DURABLE_REDIS
 from opsync.stack.process import write_private
 
+# Small hashes stay listpacks (a few bytes per field, not a hash table's ~50): the buffer's bucketed
+# replicated statuses (up to 512 per 256 ms of acceptance, ~110 bytes each) and overlay rows. Redis'
+# defaults (128 fields, 64 bytes) make those buckets hash tables; README "Backpressure" has the figures.
+COMPACT_REDIS = {"hash-max-listpack-entries": "512", "hash-max-listpack-value": "256"}
+
 
 @dataclass
 class RedisServer:
@@ -53,6 +58,7 @@ class RedisServer:
             f"maxmemory {self.maxmemory}",
             "save ''",
             "aof-use-rdb-preamble yes",
+            *(f"{key} {value}" for key, value in COMPACT_REDIS.items()),
             "",
         ]
         write_private(self.conf_path, "\n".join(lines))
