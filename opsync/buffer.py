@@ -20,7 +20,10 @@ delete of a row a buffered transaction deleted or that neither the overlay nor t
 
 The drainer's side is atomic the same way: SETTLE acknowledges a batch only after the primary's
 commit and records each outcome (committed and awaiting the replica, or failed and moved to the
-dead-letter stream); CONFIRM marks a transaction replicated and releases its overlay in one step.
+dead-letter stream); CONFIRM marks a transaction replicated and releases its overlay in one step
+(a few hundred per call), leaving a compact status in a bucket hash for the retention (see
+:meth:`Buffer.final_key`); idempotency records are single strings (:func:`pack_response`). Records of
+the earlier layout (idempotency hashes, replicated statuses kept whole) are still read.
 An operator's REQUEUE (back into the stream) and DISCARD of a dead letter are single scripts too,
 so a second or concurrent call finds the entry gone and changes nothing.
 """
