@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bench-datasette-load bench-scripts bench-smoke bootstrap clean soak
+.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bench-datasette-load bench-scripts bench-buffer-memory bench-smoke bootstrap clean soak
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -49,6 +49,9 @@ bench-datasette-load: bootstrap
 
 bench-scripts: bootstrap
 	$(PY) bench/scripts.py --size $(SIZE)
+
+bench-buffer-memory: bootstrap
+	$(PY) bench/buffer_memory.py --size $(SIZE)
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .
