@@ -6,8 +6,8 @@ that ``make up`` uses. Tests may stop, kill and restart any of them (fault tests
 
 import secrets
 import shutil
-import sys
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
