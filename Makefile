@@ -53,7 +53,7 @@ bench-scripts: bootstrap
 # One lock per deployable (README "Packages and locks"); existing pins are kept unless an extra needs others.
 EXTRAS := client api datasette airflow dev
 locks: bootstrap
-	@for extra in $(EXTRAS); do $(VENV)/bin/uv pip compile -q pyproject.toml --extra $$extra -p 3.11 \
+	@for extra in $(EXTRAS); do $(VENV)/bin/uv pip compile -q pyproject.toml --extra $$extra --python-version 3.11.13 \
 	  --python-platform x86_64-manylinux_2_28 --custom-compile-command "make locks" -o locks/$$extra.txt; done
 
 lint: bootstrap

@@ -7,7 +7,6 @@ that ``make up`` uses. Tests may stop, kill and restart any of them (fault tests
 import secrets
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,10 +17,6 @@ import pytest
 from opsync.stack.postgres import Credentials, PostgresServer, provision
 from opsync.stack.redis import RedisServer
 from opsync.stack.settings import StackSettings
-
-# Datasette's own switch: in this process it loads no plugin entry points (ours among them), and the
-# in-process tests register exactly the plugins they name. Servers the tests start load them as deployed.
-sys._called_from_test = True
 
 PG_BIN = StackSettings().pg_bin
 PG_OS_USER = StackSettings().pg_os_user
