@@ -7,12 +7,14 @@ the lock is the extra's closure: nothing missing, nothing left over. The venvs l
 the wheel, never the sources.
 """
 
+import ast
 import json
 import re
 import subprocess
 import sys
 import tomllib
 from functools import cache
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import httpx
@@ -37,6 +39,16 @@ OUR_DATASETTE_HOOKS = [  # one entry per plugin module of datasette/plugins
 ]
 
 
+IMPORTED_BY = {  # what each extra's code is; opsync.stack is the dev tools'
+    "client": ("opsync/client.py", "opsync/config.py", "opsync/envelope.py"),
+    "server": ("opsync",),
+    "api": ("ingest_api",),
+    "datasette": ("datasette/plugins",),
+    "airflow": ("plugins", "dags"),
+}
+FIRST_PARTY = {"opsync", "ingest_api", "opsync_airflow", "opsync_datasette"}
+
+
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -51,6 +63,37 @@ def uv(*args: str, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run([UV, *args], capture_output=True, text=True, **kwargs)
     assert result.returncode == 0, f"uv {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def declared(extra: str) -> set[str]:
+    """The distributions an extra names, through the extras it includes (``opsync[server]``)."""
+    names = set()
+    for requirement in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]:
+        name = re.match(r"[A-Za-z0-9._-]+", requirement)[0]
+        if name == "opsync":
+            names |= {n for included in re.search(r"\[(.*)\]", requirement)[1].split(",") for n in declared(included)}
+        else:
+            names.add(canonical(name))
+    return names
+
+
+def imported(paths: tuple[str, ...]) -> set[str]:
+    """Top-level modules the code under ``paths`` imports, but the standard library's and ours."""
+    files = [f for p in paths for f in ([REPO / p] if p.endswith(".py") else (REPO / p).rglob("*.py")) if "stack" not in f.parts]
+    found = set()
+    for node in (n for f in files for n in ast.walk(ast.parse(f.read_text()))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - FIRST_PARTY
+
+
+@pytest.mark.parametrize("extra", IMPORTED_BY)
+def test_every_direct_import_is_declared_by_its_extra(extra):
+    owners = packages_distributions()
+    undeclared = {m for m in imported(IMPORTED_BY[extra]) if not {canonical(d) for d in owners.get(m, [])} & declared(extra)}
+    assert undeclared == set(), f"imported by the {extra} code but not declared in its extra"
 
 
 @pytest.fixture(scope="module")
