@@ -360,20 +360,22 @@ class Faults:
     # the replica and the link
 
     def replica_lag(self) -> Outcome:
-        """Pause replay; effective when the replica was seen with received WAL it had not replayed."""
+        """Pause replay for a seeded time, longer (at most ``WORK_WAIT_S``) until WAL arrived that it held back;
+        effective when the replica was seen with received WAL it had not replayed."""
         paused_s = self.rng.uniform(5, 20)
         self.stack.replica.wait_ready()  # RUNNING to supervisord may still be starting up to PostgreSQL
         behind = 0
         with self.stack.replica.connect(autocommit=True) as conn:
             conn.execute("SELECT pg_wal_replay_pause()")
-            deadline = time.monotonic() + paused_s
-            while time.monotonic() < deadline:
+            started = time.monotonic()
+            while (waited := time.monotonic() - started) < paused_s or (not behind and waited < paused_s + WORK_WAIT_S):
                 behind = max(behind, conn.execute(
                     "SELECT coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)",
                 ).fetchone()[0])
                 time.sleep(0.5)
             conn.execute("SELECT pg_wal_replay_resume()")
-        return Outcome(f"replica replay paused for {paused_s:.1f} s", behind > 0 and f"{behind} bytes of WAL waited to be replayed" or None)
+        seen = f"{behind} bytes of WAL waited to be replayed" if behind > 0 else None
+        return Outcome(f"replica replay paused for {time.monotonic() - started:.1f} s", seen)
 
     def wan_latency(self) -> Outcome:
         """A new round trip; effective when a query over the link took at least that long."""
@@ -387,14 +389,14 @@ class Faults:
         return Outcome(f"link round trip now {rtt_s * 1000:.0f} ms", seen)
 
     def wan_blackhole(self) -> Outcome:
-        """Cut the link; effective when bytes of an open connection were held by the cut."""
+        """Cut the link; effective when the cut held bytes of an open connection or a new connection."""
         cut_s = self.rng.uniform(5, 20)
         held = self.wan.held
         self.wan.blackhole()
         time.sleep(cut_s)
         self.wan.restore()
         held = self.wan.held - held
-        return Outcome(f"link blackholed for {cut_s:.1f} s", held and f"{held} chunks held by the cut" or None)
+        return Outcome(f"link blackholed for {cut_s:.1f} s", held and f"{held} chunks or connections held by the cut" or None)
 
     def wan_reset(self) -> Outcome:
         """Reset every connection over the link, while a drain task applies a batch when one runs within the wait."""

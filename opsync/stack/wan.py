@@ -80,6 +80,7 @@ class Link:
 
     async def run(self, client_reader: asyncio.StreamReader) -> None:
         await asyncio.sleep(2 * self.proxy.delay_s)  # SYN and SYN-ACK cross the link before the first byte can
+        self.proxy.held += not self.proxy.up()
         await self.proxy.link_up()
         try:
             target_reader, target = await asyncio.open_connection(*self.proxy.target, limit=2 * CHUNK)
@@ -149,7 +150,7 @@ class WanProxy:
         self._server: asyncio.Server | None = None
         self._up: asyncio.Event | None = None
         self._links: dict[Link, asyncio.Task] = {}
-        self.held = 0  # chunks that arrived while the link was cut: shows a blackhole held live traffic
+        self.held = 0  # chunks and new connections that met the link cut: shows a blackhole held live traffic
 
     def start(self) -> int:
         """Listen (on a free port unless one was given) and return the port."""
@@ -227,6 +228,9 @@ class WanProxy:
         self._server.close()
         await self._reset_all()
         await self._server.wait_closed()
+
+    def up(self) -> bool:
+        return self._up.is_set()
 
     async def link_up(self) -> None:
         await self._up.wait()
