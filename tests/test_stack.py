@@ -9,13 +9,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import psycopg
 import pytest
 import redis
 
+from opsync.lsn import Lsn
+from opsync.stack.faults import TASK_TITLE, normal
 from opsync.stack.settings import REPO
 from tests.conftest import free_port
 
@@ -62,6 +67,36 @@ def conninfo(env: dict, which: str) -> str:
 
 def redis_client(env: dict) -> redis.Redis:
     return redis.Redis(port=int(env["OPSYNC_REDIS_PORT"]), password=secrets_of(env)["redis_password"])
+
+
+REPLICA_TRIGGER = "opsync_airflow.triggers.ReplicaLsnTrigger"
+WAIT_TASK = "wait_for_replica"
+
+
+def test_wait_for_replica_waits_deferred_in_the_triggerer_holding_no_slot(stack_env):
+    """Replay paused: the run that drained the records leaves ``wait_for_replica`` deferred to a live triggerer, with
+    no task process and no pool slot held for it; replay resumed: the transactions are replicated, the task succeeds.
+
+    First in the module so it shares the cold ``make up`` of the test below; in any other order its own ``make up``
+    starts the site (and the module's fixture stops it)."""
+    env = stack_env
+    make("up", env)
+    with ingest_client(env) as ingest, airflow_client(env) as airflow:
+        module = new_module(ingest, f"DEFER-{time.time_ns()}")  # instrument names are unique
+        with replay_paused(env):
+            status_urls = [post_sample(ingest, module, f"defer_{n}") for n in range(3)]
+            commit_lsn = poll(lambda: first_commit_lsn(ingest, status_urls), 60, "a transaction committed while replay is paused")
+            ti = poll(lambda: deferred_wait(airflow, commit_lsn), 60, f"{WAIT_TASK} deferred to a triggerer for {commit_lsn}")
+            assert ti["trigger"]["classpath"] == REPLICA_TRIGGER, ti["trigger"]
+            assert ti["triggerer_job"]["job_type"] == "TriggererJob" and ti["triggerer_job"]["state"] == "running", ti["triggerer_job"]
+            assert not task_processes(ti["id"]), "a task process still runs the deferred task instance"
+            assert not psutil.pid_exists(ti["pid"]), f"the deferred task's process {ti['pid']} is still alive"
+            idle = f"{ti['pool']} with no slot running while {WAIT_TASK} is deferred"
+            pool = poll(lambda: idle_pool_while_deferred(airflow, ti), 30, idle)
+            assert pool["include_deferred"] is False and pool["deferred_slots"] >= 1, pool
+        for url in status_urls:
+            poll(lambda url=url: ingest.get(url).json()["state"] == "replicated", 60, f"{url} replicated after replay resumed")
+        poll(lambda: task_instance(airflow, ti)["state"] == "success", 60, f"{WAIT_TASK} of {ti['dag_run_id']} success")
 
 
 def test_make_up_starts_every_part_and_make_down_keeps_the_buffer(stack_env):
@@ -132,3 +167,101 @@ def wait_for_sync_state(row_url: str, states: set[str], timeout_s: float) -> str
             return rows[0]["_sync_state"]
         assert time.monotonic() < deadline, (response.status_code, response.text[:300])
         time.sleep(0.2)
+
+
+def ingest_client(env: dict) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"http://127.0.0.1:{env['OPSYNC_API_PORT']}",
+        headers={"Authorization": f"Bearer {secrets_of(env)['demo_token']}"}, timeout=10,
+    )
+
+
+def airflow_client(env: dict) -> httpx.Client:
+    """Airflow's REST API as the site's admin (a JWT from the simple auth manager's ``/auth/token``)."""
+    base_url = f"http://127.0.0.1:{env['OPSYNC_AIRFLOW_PORT']}"
+    login = httpx.post(
+        f"{base_url}/auth/token", json={"username": "admin", "password": secrets_of(env)["airflow_admin_password"]}, timeout=10
+    )
+    assert login.status_code == 201, login.text
+    return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {login.json()['access_token']}"}, timeout=10)
+
+
+@contextmanager
+def replay_paused(env: dict):
+    """The replica receives WAL but replays none of it; resumed on a fresh connection whatever happened meanwhile."""
+    with psycopg.connect(conninfo(env, "REPLICA"), autocommit=True) as conn:
+        conn.execute("SELECT pg_wal_replay_pause()")
+    try:
+        yield
+    finally:
+        with psycopg.connect(conninfo(env, "REPLICA"), autocommit=True) as conn:
+            conn.execute("SELECT pg_wal_replay_resume()")
+
+
+def new_module(ingest: httpx.Client, name: str) -> str:
+    """An instrument and its module (direct tables: written straight to the primary), for samples to refer to."""
+    instrument = ingest.post("/v1/records/instrument", json={"name": name}).json()["ids"][0]
+    return ingest.post("/v1/records/instrument_module", json={"instrument_id": instrument, "name": "M1"}).json()["ids"][0]
+
+
+def post_sample(ingest: httpx.Client, module: str, sensor: str) -> str:
+    """A buffered (critical) record: the drain, not the API, takes it to the primary. Returns its status URL."""
+    sample = {"instrument_module_id": module, "sensor": sensor, "sampled_at": "2026-11-21T03:00:00Z", "value": 1.0}
+    accepted = ingest.post("/v1/records/housekeeping_sample", json=sample)
+    assert accepted.status_code == 202 and accepted.json()["state"] == "accepted", accepted.text
+    return accepted.json()["status_url"]
+
+
+def first_commit_lsn(ingest: httpx.Client, status_urls: list[str]) -> Lsn | None:
+    """The lowest commit LSN among the transactions drained so far (replay is paused: none may be replicated)."""
+    states = [ingest.get(url).json() for url in status_urls]
+    assert all(s["state"] in ("accepted", "committed") for s in states), states
+    lsns = [Lsn.parse(s["commit_lsn"]) for s in states if s["state"] == "committed"]
+    return min(lsns, default=None)
+
+
+def deferred_wait(airflow: httpx.Client, commit_lsn: Lsn) -> dict | None:
+    """The deferred ``wait_for_replica`` waiting for ``commit_lsn`` or later, once a triggerer has taken its trigger."""
+    response = airflow.get(
+        "/api/v2/dags/opsync_drain/dagRuns/~/taskInstances", params={"task_id": WAIT_TASK, "state": "deferred"}
+    )
+    assert response.status_code == 200, response.text
+    for ti in response.json()["task_instances"]:
+        if Lsn.parse(ti["rendered_fields"]["target_lsn"]) >= commit_lsn and (ti["trigger"] or {}).get("triggerer_id"):
+            return ti
+    return None
+
+
+def task_instance(airflow: httpx.Client, ti: dict) -> dict:
+    response = airflow.get(f"/api/v2/dags/{ti['dag_id']}/dagRuns/{ti['dag_run_id']}/taskInstances/{ti['task_id']}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def idle_pool_while_deferred(airflow: httpx.Client, ti: dict) -> dict | None:
+    """The task's pool at a moment when nothing runs in it and ``ti`` is still deferred (polled before and after, so
+    the pool's figures fall inside the deferral); other DAGs' tasks come and go, so this may take a few polls."""
+    assert task_instance(airflow, ti)["state"] == "deferred"
+    pool = airflow.get(f"/api/v2/pools/{ti['pool']}").json()
+    assert pool["occupied_slots"] == pool["running_slots"] + pool["queued_slots"], pool  # deferred tasks not counted
+    assert task_instance(airflow, ti)["state"] == "deferred"
+    return pool if pool["running_slots"] == 0 and pool["deferred_slots"] >= 1 else None
+
+
+def task_processes(ti_id: str) -> list[psutil.Process]:
+    """Processes running task instance ``ti_id``, found by the title Airflow gives a task's process."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith(TASK_TITLE) and normal(title[len(TASK_TITLE):]) == normal(ti_id):
+            found.append(proc)
+    return found
+
+
+def poll(check: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.5):
+    """``check()``'s first truthy answer; fails naming ``what`` after ``timeout_s`` (generous: a busy 2-core machine)."""
+    deadline = time.monotonic() + timeout_s
+    while not (answer := check()):
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(every_s)
+    return answer
