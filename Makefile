@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bench-datasette-load bench-scripts bench-smoke bootstrap clean soak
+.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bench-datasette-load bench-scripts bench-outage bench-smoke bootstrap clean soak
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -49,6 +49,9 @@ bench-datasette-load: bootstrap
 
 bench-scripts: bootstrap
 	$(PY) bench/scripts.py --size $(SIZE)
+
+bench-outage: bootstrap
+	$(PY) bench/outage.py --size $(SIZE) $(if $(HOURS),--hours $(HOURS)) $(if $(RATE),--rate $(RATE))
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .
