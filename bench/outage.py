@@ -12,9 +12,10 @@ as the WAN proxy (:class:`opsync.stack.wan.WanProxy`, 250 ms round trips), then:
   (20/s), and ``OBS_PER_MINUTE`` executed observations a minute, each one ``POST /v1/transactions``
   with its raw data package and ``FILES_PER_OBS`` files (48 h: 3,456,000 + 8,640 transactions).
   Each request is built by :func:`opsync.client.write` (a fresh ``Idempotency-Key`` per call,
-  the body as the client encodes it). Time is compressed: ``--rate 0`` (the default) sends as fast
+  the body as the client encodes it); an answer other than ``202`` is counted, not retried (nothing
+  drains, so a refusal would stay one). Time is compressed: ``--rate 0`` (the default) sends as fast
   as the API answers, from ``FILL_SENDERS`` keep-alive connections; ``--rate R`` sends R/s on a
-  fixed schedule (latency from the scheduled time). Redis' RSS (its AOF-rewrite child's own
+  fixed schedule from ``PROBE_SENDERS`` (latency from the scheduled time). Redis' RSS (its AOF-rewrite child's own
   pages added while one runs), memory and AOF size are sampled every ``SAMPLE_S`` meanwhile;
 - with the buffer full, ``kill -9`` of redis-server, restarted on the same AOF; one POST is
   retried with its key until it gets a ``202``;
@@ -58,6 +59,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httptools
 import httpx
 import psutil
 import psycopg
@@ -203,7 +205,6 @@ class Phase:
     latencies: array = field(default_factory=lambda: array("d"))
     failures: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
-    sent: int = 0
 
     def ms(self, q: float) -> float | None:
         values = sorted(self.latencies)
@@ -220,7 +221,6 @@ async def send_all(port: int, items: Iterator[Item], receipts: Receipts, senders
     async def sender() -> None:
         _, conn = await loop.create_connection(drain_bench.ReceiptConnection, "127.0.0.1", port)
         for index, item in numbered:
-            phase.sent += 1
             began = time.perf_counter()
             if rate:
                 began = start + index / rate
@@ -228,7 +228,7 @@ async def send_all(port: int, items: Iterator[Item], receipts: Receipts, senders
                     await asyncio.sleep(wait)
             try:
                 status, body = await conn.send(item.raw, TIMEOUT_S)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, httptools.HttpParserError) as exc:
                 phase.failures[type(exc).__name__] += 1
                 conn.transport.abort()
                 _, conn = await loop.create_connection(drain_bench.ReceiptConnection, "127.0.0.1", port)
@@ -508,7 +508,7 @@ def main() -> None:
         accepted_before, rows_before = receipts.accepted, sum(receipts.per_table.values())
         console.log(f"link cut; fill: {hours:g} h at the peak = {round(hours * TXNS_PER_HOUR):,} transactions "
                       f"({'as fast as answered' if not args.rate else f'{args.rate:g}/s'}) …")
-        filled = send(port, fill.outage(hours), receipts, 1 if args.rate else FILL_SENDERS, args.rate)
+        filled = send(port, fill.outage(hours), receipts, PROBE_SENDERS if args.rate else FILL_SENDERS, args.rate)
         forks = sampler.forks()
         fill_txns, fill_records = receipts.accepted - accepted_before, sum(receipts.per_table.values()) - rows_before
         memory, aof = used_memory(client) - memory_before, aof_bytes(site.redis) - aof_before
