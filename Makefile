@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint locks bench-ingest bench-drain bench-read bench-datasette-load bench-scripts bench-buffer-memory bench-smoke bootstrap clean soak
+.PHONY: up down status demo test lint locks bench-ingest bench-drain bench-read bench-datasette-load bench-scripts bench-buffer-memory bench-outage bench-smoke bootstrap clean soak
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -52,6 +52,9 @@ bench-scripts: bootstrap
 
 bench-buffer-memory: bootstrap
 	$(PY) bench/buffer_memory.py --size $(SIZE)
+
+bench-outage: bootstrap
+	$(PY) bench/outage.py --size $(SIZE) $(if $(HOURS),--hours $(HOURS)) $(if $(RATE),--rate $(RATE))
 
 # One lock per deployable (README "Packages and locks"); existing pins are kept unless an extra needs others.
 EXTRAS := client api datasette airflow dev

@@ -51,9 +51,9 @@ class Settings(BaseSettings):
         7 * 86400, description="How long a transaction's status is kept once final (replicated or failed)"
     )
     high_water_entries: int = Field(
-        3_456_000,
+        3_628_800,
         description="Buffered (unacknowledged) transactions above which writes get 503 + Retry-After: "
-        "48 h at a peak of 20 transactions/s (48 x 3600 x 20); see README 'Backpressure'",
+        "48 h at 21 transactions/s (48 x 3600 x 21), 5% above the peak of 20; see README 'Backpressure'",
     )
     high_water_memory_fraction: float = Field(
         0.9,

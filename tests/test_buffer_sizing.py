@@ -32,6 +32,12 @@ def test_the_default_maxmemory_holds_a_second_full_outage_while_the_first_ones_r
     assert needed <= int(RedisServer.maxmemory.removesuffix("gb")) * 1024**3
 
 
+def test_the_default_entries_mark_leaves_room_for_a_whole_48_hour_outage_at_the_peak():
+    """The README's peak: 200 sensors every 10 s plus 3 observations a minute (what bench-outage sends), with headroom."""
+    outage = 48 * 3600 * 200 // 10 + 48 * 60 * 3
+    assert Settings().high_water_entries >= 1.04 * outage
+
+
 def test_room_counts_memory_used_by_kept_records():
     settings = Settings(high_water_entries=10**9, high_water_memory_fraction=0.9)
     empty = Fill(depth=0, used_memory=0, maxmemory=1_000 * sizing.BUFFERED_TXN_BYTES)
