@@ -66,13 +66,11 @@ while true do
   redis.call('LPOP', KEYS[5])
 end
 local last = redis.call('LINDEX', KEYS[5], -1)
-local kept = 0
 if (maxmemory == 0 or used < maxmemory) and (not last or tonumber(string.match(last, '^(%S+)')) <= at - every) then
   redis.call('RPUSH', KEYS[5], reading)
   redis.call('EXPIRE', KEYS[5], math.ceil(window) + 60)
-  kept = 1
 end
-return {reading, redis.call('LRANGE', KEYS[5], 0, -1), kept, maxmemory, redis.call('HGETALL', KEYS[6])}
+return {reading, redis.call('LRANGE', KEYS[5], 0, -1), maxmemory, redis.call('HGETALL', KEYS[6])}
 """
 
 SLOT_SQL = (
@@ -132,9 +130,25 @@ class Forecast:
             return "now"
         return "never" if math.isinf(self.seconds) else "due"
 
+    def describe(self) -> str:
+        """For people: ``3 h 05 min (why)``, ``never (why)``, ``unknown (why)``, ``now (why)``."""
+        head = duration(self.seconds) if self.state == "due" else self.state
+        return f"{head} ({self.why})"
+
     def as_json(self) -> dict:
         finite = self.seconds is not None and not math.isinf(self.seconds)
         return {"seconds": self.seconds if finite else None, "state": self.state, "why": self.why}
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``17 min``, ``3 h 05 min``, ``2 d 03 h``: precise enough to act on, short enough to scan."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    minutes = int(seconds // 60)
+    if minutes < 120:
+        return f"{minutes} min"
+    hours = minutes // 60
+    return f"{hours} h {minutes % 60:02d} min" if hours < 48 else f"{hours // 24} d {hours % 24:02d} h"
 
 
 @dataclass(frozen=True)
@@ -163,7 +177,7 @@ class Capacity:
 def capacity(buffer: Buffer, settings: Settings) -> Capacity:
     """Read the counters (leaving a reading for later measurements) and forecast from the window's readings."""
     window = settings.capacity_window_s
-    raw_now, raw_kept, kept, maxmemory, stored = buffer.client.register_script(READ)(
+    raw_now, raw_kept, maxmemory, stored = buffer.client.register_script(READ)(
         keys=[buffer.stream, buffer.unsent, buffer.awaiting_replica, totals_key(buffer), readings_key(buffer),
               measure_key(buffer)],
         args=[window, window / SAMPLES_PER_WINDOW],
@@ -172,8 +186,7 @@ def capacity(buffer: Buffer, settings: Settings) -> Capacity:
     readings = since_reset([Reading.parse(r) for r in raw_kept if r != raw_now] + [now])
     per_txn, over = fill_bytes(readings)
     if over >= MIN_FILL_TXNS:
-        if kept:
-            buffer.client.hset(measure_key(buffer), mapping={"bytes_per_txn": repr(per_txn), "at": now.at, "txns": over})
+        buffer.client.hset(measure_key(buffer), mapping={"bytes_per_txn": repr(per_txn), "at": now.at, "txns": over})
     else:
         stored = dict(zip(stored[::2], stored[1::2], strict=True))
         per_txn, over = (float(stored[b"bytes_per_txn"]), int(stored[b"txns"])) if stored else (None, 0)
@@ -294,6 +307,16 @@ class Slot:
         if self.safe_wal_size is None or not self.max_keep:
             return None
         return max(0.0, self.safe_wal_size / self.max_keep)
+
+    def describe(self) -> str:
+        if not self.exists:
+            return "missing on the primary"
+        if self.wal_status in (None, "lost"):
+            return "lost: clone the replica again" if self.wal_status else "reserves no WAL yet"
+        if self.max_keep is None:
+            return f"{self.wal_status}, no max_slot_wal_keep_size (WAL kept without limit)"
+        return (f"{self.wal_status}, {self.safe_wal_size:,} bytes of WAL before it is dropped"
+                f" ({self.safe_fraction:.0%} of max_slot_wal_keep_size)")
 
     def as_json(self) -> dict:
         return {
