@@ -1,24 +1,37 @@
-# Two images from one checkout, both tagged with the opsync version in docker-compose.yaml:
-#   target `app`     the ingest API, Datasette with the read-model publisher, the Alembic migrations;
-#   target `airflow` the official Airflow image with opsync installed, because the triggerer imports
-#                    triggers only from installed packages, never from the DAGs folder.
+# Three images from one checkout, all tagged with the opsync version in docker-compose.yaml; each
+# installs exactly its lock (locks/<extra>.txt, resolved from that extra of pyproject.toml) and opsync:
+#   target `api`       the ingest API and the Alembic migrations (extra `api`);
+#   target `datasette` Datasette with opsync's plugins, the read-model publisher among them (extra `datasette`);
+#   target `airflow`   the official Airflow image with opsync installed (extra `airflow`), because the
+#                      triggerer imports triggers only from installed packages, never from the DAGs folder;
+#                      the Sync status page registers through opsync's `airflow.plugins` entry point.
 # Base images carry exact version tags (tests/test_compose.py checks them; the Airflow one must match
-# the apache-airflow pin in requirements.txt).
+# the apache-airflow pin in locks/airflow.txt).
 
-FROM python:3.11.13-slim-bookworm AS app
+FROM python:3.11.13-slim-bookworm AS api
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN useradd --create-home --uid 10001 opsync
 WORKDIR /app
-COPY requirements.txt .
-RUN pip install -r requirements.txt
+COPY locks/api.txt locks/
+RUN pip install --no-deps -r locks/api.txt
 COPY . .
-RUN pip install --no-deps . && mkdir -p /data && chown opsync /data
+RUN pip install --no-deps . && pip check && mkdir -p /data && chown opsync /data
+USER opsync
+
+FROM python:3.11.13-slim-bookworm AS datasette
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN useradd --create-home --uid 10001 opsync
+WORKDIR /app
+COPY locks/datasette.txt locks/
+RUN pip install --no-deps -r locks/datasette.txt
+COPY . .
+RUN pip install --no-deps . && pip check && mkdir -p /data && chown opsync /data
 USER opsync
 
 FROM apache/airflow:3.3.2-python3.11 AS airflow
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY --chown=airflow:0 requirements.txt /opt/opsync/requirements.txt
-RUN pip install "apache-airflow==3.3.2" -r /opt/opsync/requirements.txt
+COPY --chown=airflow:0 locks/airflow.txt /opt/opsync/locks/airflow.txt
+RUN pip install --no-deps -r /opt/opsync/locks/airflow.txt
 COPY --chown=airflow:0 . /opt/opsync/src
 RUN pip install --no-deps /opt/opsync/src
 COPY --chown=airflow:0 dags /opt/airflow/dags

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint bench-ingest bench-drain bench-read bench-datasette-load bench-scripts bench-smoke bootstrap clean soak
+.PHONY: up down status demo test lint locks bench-ingest bench-drain bench-read bench-datasette-load bench-scripts bench-buffer-memory bench-smoke bootstrap clean soak
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -49,6 +49,15 @@ bench-datasette-load: bootstrap
 
 bench-scripts: bootstrap
 	$(PY) bench/scripts.py --size $(SIZE)
+
+bench-buffer-memory: bootstrap
+	$(PY) bench/buffer_memory.py --size $(SIZE)
+
+# One lock per deployable (README "Packages and locks"); existing pins are kept unless an extra needs others.
+EXTRAS := client api datasette airflow dev
+locks: bootstrap
+	@for extra in $(EXTRAS); do $(VENV)/bin/uv pip compile -q pyproject.toml --extra $$extra --python-version 3.11.13 \
+	  --python-platform x86_64-manylinux_2_28 --custom-compile-command "make locks" -o locks/$$extra.txt; done
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .

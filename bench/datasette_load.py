@@ -142,7 +142,8 @@ def datasette(model: Path, workdir: Path) -> Iterator[tuple[str, psutil.Process]
     command[command.index("--plugins-dir") + 1] = str(plugins)
     log_path = workdir / "datasette.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=log,
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OPSYNC_DATASETTE_PUBLISHER": "false"}
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log,
                                 stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

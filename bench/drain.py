@@ -18,9 +18,16 @@ replica) and measures, in one run:
 - The same drain with 250 ms round trips between the drainer and the primary
   (:class:`opsync.stack.wan.WanProxy`), ``wan_records`` records; the connection's set-up (paid
   once per drain task) is timed apart from the drain.
+- Small transactions: ``small_txns`` single-record housekeeping transactions, each with an
+  idempotency key as :mod:`opsync.client` sends them (the 48-hour outage's bulk), drained through
+  the same 250 ms link as DAG runs do it: a drain run, the wait for the replica, the confirm, again
+  until everything is ``replicated``. Baseline: one raw ``COPY`` of the same rows through the same
+  link (connected beforehand), into the emptied table. ``small_projected_48h_min`` is the README's
+  48-hour backlog (3,456,000 transactions) at the measured rate to ``replicated``; target ≤ 30 min.
 - POST-to-replicated latency at a steady ``STEADY_RATE`` single-record POSTs per second to the real
   ingest API for ``steady_seconds``, with the drainer behind the same 250 ms link. A loop here
-  stands in for the Airflow DAG ``opsync_drain``: every ``DAG_INTERVAL_S`` it drains, then polls
+  stands in for the Airflow DAG ``opsync_drain``: every ``DAG_INTERVAL_S`` it drains (confirming between
+  batches, as the drain task does), then polls
   the replica every ``POKE_S`` and confirms (the DAG's sensor and confirm task). The real DAG runs
   every 10 s and at once on a wake-up event, and each task start costs a few seconds, so under
   Airflow the figure is higher by that overhead. Per transaction: from its ``202`` (client clock)
@@ -83,6 +90,8 @@ CONNECTIONS = 16  # keep-alive connections of the steady generator (answers take
 LONG_RUN_S = 15  # a drain run of the steady phase this long could not keep up (half the full phase)
 SETTLE_TIMEOUT_S = 60  # after the last POST, how long the steady phase waits for everything to be replicated
 TARGET_DRAIN_VS_COPY, TARGET_WAN_RECORDS_PER_S, TARGET_P95_S = 0.5, 10_000, 15.0
+OUTAGE_TXNS = 3_456_000  # the README's 48-hour outage at its peak rate, nearly all single-record transactions
+TARGET_OUTAGE_MIN = 30  # issue 17: everything replicated this soon after the link returns
 DATA_TABLES = ("executed_obs_unit", "raw_data_package", "raw_data_file", "housekeeping_sample")  # foreign-key order
 SHA = "5d" * 32
 
@@ -91,12 +100,13 @@ SHA = "5d" * 32
 class Size:
     records: int  # drained locally
     wan_records: int  # drained at 250 ms RTT
+    small_txns: int  # single-record transactions drained and confirmed at 250 ms RTT
     steady_seconds: int  # of steady ingest
 
 
 SIZES = {
-    "full": Size(records=200_000, wan_records=50_000, steady_seconds=30),
-    "smoke": Size(records=5_000, wan_records=2_000, steady_seconds=5),
+    "full": Size(records=200_000, wan_records=50_000, small_txns=100_000, steady_seconds=30),
+    "smoke": Size(records=5_000, wan_records=2_000, small_txns=3_000, steady_seconds=5),
 }
 FIGURES = (
     "records", "transactions", "batch_size", "buffer_records_per_s", "drain_s", "drain_records_per_s", "drain_batches",
@@ -104,6 +114,9 @@ FIGURES = (
     "drain_share_settle", "drain_client_cpu_s", "drain_apply_client_cpu_s", "drain_apply_wait_s", "confirm_s", "confirmed_txns",
     "copy_s", "copy_records_per_s", "drain_vs_copy", "wan_records", "wan_transactions", "wan_batches", "wan_round_trips_per_batch",
     "wan_connect_s", "drain_s_250ms_rtt", "drain_records_per_s_250ms_rtt", "drain_records_per_s_250ms_rtt_with_connect",
+    "small_txns", "small_batch_size", "small_batches", "small_round_trips_per_batch", "small_drain_s", "small_drain_txns_per_s",
+    "small_confirm_wait_s", "small_replicated_s", "small_replicated_txns_per_s", "small_copy_s", "small_copy_rows_per_s",
+    "small_drain_vs_copy", "small_projected_48h_min", "target_small_projected_48h_min", "small_target_met",
     "steady_posts", "steady_accepted", "steady_errors", "steady_not_replicated", "post_to_replicated_p50_s",
     "post_to_replicated_p95_s", "post_to_replicated_p99_s", "post_to_replicated_max_s", "steady_drain_runs", "steady_drain_batches",
     "steady_drain_run_mean_s", "steady_drain_run_max_s", "steady_run_to_replicated_mean_s", "steady_generator_lag_p99_ms",
@@ -359,6 +372,98 @@ def engine(url: str, port: int | None = None, autocommit: bool = False) -> Engin
     return create_engine(url, **engine_options(autocommit=autocommit))
 
 
+# --- small transactions: drained and confirmed as the DAG runs do it ---------------------------------
+
+
+def buffer_small(buffer: Buffer, workload: Workload, txns: int) -> Buffered:
+    """``txns`` single-record housekeeping transactions, each with its idempotency key, as ``opsync.client`` POSTs them."""
+    out = Buffered()
+    started = time.perf_counter()
+    for index in range(txns):
+        key = f"bench-{workload.tag}-{index}"
+        txn = build_transaction(workload.housekeeping(1), "observatory", idempotency_key=key)
+        answer = {"txn_id": str(txn.txn_id), "ids": [str(txn.steps[0].key)], "state": "accepted",
+                  "accepted_at": txn.accepted_at.isoformat()}
+        buffer.enqueue(txn, answer, idempotency=("bench-client", key), body_hash=key)
+        out.txns.append(txn)
+        out.records += 1
+    out.seconds = time.perf_counter() - started
+    return out
+
+
+@dataclass
+class Cycles:
+    """DAG runs of the small-transaction phase: drain, wait for the replica, confirm."""
+
+    summary: DrainSummary = field(default_factory=DrainSummary)
+    drain_s: float = 0.0  # in drain runs
+    replicated_s: float = 0.0  # from the first claim to every transaction replicated
+
+
+def drain_to_replicated(buffer: Buffer, primary: Engine, replica: Engine, batch_size: int) -> Cycles:
+    """As ``opsync_drain`` runs back to back on a backlog: each run drains for its budget (confirming between
+    batches what the replica has passed, as the drain task does), its sensor waits for the replica to pass
+    the run's commits, its confirm task confirms the rest; until a run ends short."""
+    cycles, started = Cycles(), time.monotonic()
+    while True:
+        run_started = time.monotonic()
+        run = drain(buffer, primary, budget_s=BUDGET_S, batch_size=batch_size, readable=lambda: replica_position(replica))
+        cycles.drain_s += time.monotonic() - run_started
+        for name in ("batches", "applied", "duplicates", "dead_lettered", "round_trips"):
+            setattr(cycles.summary, name, getattr(cycles.summary, name) + getattr(run, name))
+        if run.max_commit_lsn is not None:
+            while replica_position(replica) < run.max_commit_lsn:
+                time.sleep(POKE_S)
+        confirm_replica(buffer, replica)
+        if not run.budget_spent:
+            break
+    confirm_everything(buffer, replica)
+    cycles.replicated_s = time.monotonic() - started
+    return cycles
+
+
+def small_txns(site, primary_url: str, primary: Engine, replica: Engine, plan: Planning, start: datetime,
+               console: Console, txns: int, batch_size: int) -> dict:
+    buffer = Buffer(redis_client(site), prefix="bench-drain-small")
+    console.print(f"buffering {txns:,} single-record transactions with idempotency keys …")
+    small = buffer_small(buffer, Workload(plan, start), txns)
+    truncate(primary)  # the WAN phase's rows: only this phase's are counted
+    quiesce(primary, replica)
+    with WanProxy("127.0.0.1", site.primary.port, delay_s=WAN_ONE_WAY_S) as wan:
+        far = engine(primary_url, wan.port, autocommit=True)
+        try:
+            with far.connect():  # connected once per drain task: not part of the rate
+                pass
+            console.print(f"draining and confirming them through the WAN proxy (250 ms round trips), as DAG runs, "
+                          f"batches of {batch_size} …")
+            cycles = drain_to_replicated(buffer, far, replica, batch_size)
+        finally:
+            far.dispose()
+        summary = cycles.summary
+        assert summary.applied == txns and not summary.dead_lettered, summary.describe()
+        assert count_rows(primary) == txns
+        truncate(primary)
+        quiesce(primary, replica)
+        console.print("baseline: the same rows by one raw COPY through the same link …")
+        copy_s = copy_load(psycopg.conninfo.make_conninfo(site.primary.conninfo(), port=wan.port), small.rows())
+        assert count_rows(primary) == txns
+    truncate(primary)
+    quiesce(primary, replica)
+    rate = txns / cycles.replicated_s
+    projected = OUTAGE_TXNS / rate / 60
+    return {
+        "small_txns": txns, "small_batch_size": batch_size, "small_batches": summary.batches,
+        "small_round_trips_per_batch": round(summary.round_trips / summary.batches, 2),
+        "small_drain_s": round(cycles.drain_s, 2), "small_drain_txns_per_s": round(txns / cycles.drain_s),
+        "small_confirm_wait_s": round(cycles.replicated_s - cycles.drain_s, 2),
+        "small_replicated_s": round(cycles.replicated_s, 2), "small_replicated_txns_per_s": round(rate),
+        "small_copy_s": round(copy_s, 2), "small_copy_rows_per_s": round(txns / copy_s),
+        "small_drain_vs_copy": round(copy_s / cycles.drain_s, 3),
+        "small_projected_48h_min": round(projected, 1), "target_small_projected_48h_min": TARGET_OUTAGE_MIN,
+        "small_target_met": projected <= TARGET_OUTAGE_MIN,
+    }
+
+
 # --- steady ingest: POST to replicated ----------------------------------------------------------------
 
 
@@ -440,7 +545,8 @@ class DagStandIn(threading.Thread):
                 started = time.monotonic()
                 primary = engine(self.primary_url, autocommit=True)  # as the drain task's: a new engine, so a new connection, per run
                 try:
-                    summary = drain(self.buffer, primary, budget_s=BUDGET_S, batch_size=BATCH_SIZE)
+                    summary = drain(self.buffer, primary, budget_s=BUDGET_S, batch_size=BATCH_SIZE,
+                                    readable=lambda: replica_position(self.replica))  # as the drain task
                 finally:
                     primary.dispose()
                 drained = time.monotonic()
@@ -517,6 +623,8 @@ def main() -> None:
     parser.add_argument("--size", choices=SIZES, default="full", help="smoke: every phase, on little data (default full)")
     parser.add_argument("--records", type=int, help=f"records drained locally (full: {SIZES['full'].records:,})")
     parser.add_argument("--wan-records", type=int, help=f"records drained at 250 ms RTT (full: {SIZES['full'].wan_records:,})")
+    parser.add_argument("--small-txns", type=int, help=f"single-record transactions at 250 ms RTT (full: {SIZES['full'].small_txns:,})")
+    parser.add_argument("--small-batch", type=int, default=BATCH_SIZE, help=f"batch size of that phase (default {BATCH_SIZE})")
     parser.add_argument("--steady-seconds", type=int, help=f"steady ingest phase (full: {SIZES['full'].steady_seconds})")
     parser.set_defaults(**asdict(SIZES[parser.parse_known_args()[0].size]))
     args = parser.parse_args()
@@ -576,7 +684,11 @@ def main() -> None:
         assert wan_summary.applied == len(wan_set.txns) and not wan_summary.dead_lettered, wan_summary.describe()
         confirm_everything(wan_buffer, replica)
 
-        # 4. POST to replicated at a steady rate
+        # 4. single-record transactions to replicated, through the same link
+        figures |= small_txns(site, primary_url, primary, replica, plan, start + timedelta(days=60), console, args.small_txns,
+                              args.small_batch)
+
+        # 5. POST to replicated at a steady rate
         figures |= steady_ingest(site, primary_url, primary, replica, workdir, console, args.steady_seconds)
 
     drain_rate, copy_rate = records / summary.elapsed_s, records / copy_s
@@ -629,6 +741,10 @@ def main() -> None:
                   yes[figures["wan_target_met"]])
     table.add_row("  same, with the connection set-up", f"{figures['drain_records_per_s_250ms_rtt_with_connect']:,} "
                   f"({wan_connect_s:.1f} s to connect)", "", "")
+    table.add_row("single-record txns/s to replicated, 250 ms RTT", f"{figures['small_replicated_txns_per_s']:,} "
+                  f"(drain {figures['small_drain_txns_per_s']:,}/s, raw COPY {figures['small_copy_rows_per_s']:,} rows/s)", "", "")
+    table.add_row("  48-hour backlog to replicated", f"{figures['small_projected_48h_min']} min", f"≤ {TARGET_OUTAGE_MIN} min",
+                  yes[figures["small_target_met"]])
     table.add_row(f"POST→replicated p95 at {STEADY_RATE}/s", f"{p95} s", f"≤ {TARGET_P95_S:g} s", yes[figures["p95_target_met"]])
     console.print(table)
     if (longest := figures["steady_drain_run_max_s"]) and longest > LONG_RUN_S:

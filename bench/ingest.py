@@ -18,6 +18,14 @@ uvloop and httptools picked automatically), so the load generator never shares t
 - The floor (``bench/floor.py``): the same 1,000/s against an app served as the API is that only
   makes one durable Redis write per request: what this machine allows at that moment, so a p99
   can be told apart from a busy neighbour (``floor_p99_ms_at_1000``).
+- Capacity, API next to the floor: CPU per request (user + system of the uvicorn processes and of
+  ``redis-server``, over a fixed number of requests at ``CPU_RATE``, which both sustain), and the
+  highest offered rate each sustains open loop with p99 <= 10 ms and no error. That rate is
+  searched (doubling from ``SEARCH_START``, then bisecting to ``SEARCH_RESOLUTION``; a rate fails
+  after two missed tries in a row) with the two
+  apps' steps alternating, so both see the same neighbours; their ratio is the API's capacity as a
+  share of what one durable write over HTTP allows (``api_vs_floor_rate``). CPU per request is the
+  steadier figure on a busy machine: a neighbour steals time, not work.
 
 ``--size smoke`` runs every phase for a second or so (a few WAN samples): it checks the benchmark
 still runs and prints every figure (``FIGURES``), in well under a minute; its figures mean little.
@@ -74,6 +82,10 @@ XADD_PIPELINE = 1000
 WAN_ONE_WAY_S = 0.125  # 250 ms round trips
 REQUEST_TIMEOUT_S = 10
 TARGET_P99_MS, TARGET_BATCH_SHARE = 5.0, 0.30
+CPU_RATE = 500  # requests per second while CPU per request is measured: well below either app's limit
+CAPACITY_P99_MS, TARGET_CAPACITY_SHARE = 10.0, 0.5  # a rate is sustained with p99 <= 10 ms; the API >= 50 % of the floor's
+SEARCH_START, SEARCH_RESOLUTION = 250, 0.1  # the first rate tried; the search stops when the bounds are within 10 %
+SEARCH_MIN = 25  # below this rate the search gives up (0 reported): a p99 of a few dozen requests says nothing
 
 
 @dataclass(frozen=True)
@@ -86,11 +98,16 @@ class Size:
     xadd_seconds: float = 3
     wan_samples: int = 30
     wan_connect_samples: int = 5
+    cpu_requests: int = 5000  # per app
+    search_seconds: float = 5  # per step of the capacity search
+    search_steps: int = 14  # per app, at most (tries, retries included)
+    search_rest_s: float = 1.0  # between steps: a server finishes what a missed step left, neighbours' bursts pass
 
 
 SIZES = {
     "full": Size(),
-    "smoke": Size(rate_seconds=1, warmup_requests=100, batch_seconds=1, xadd_seconds=0.5, wan_samples=3, wan_connect_samples=1),
+    "smoke": Size(rate_seconds=1, warmup_requests=100, batch_seconds=1, xadd_seconds=0.5, wan_samples=3, wan_connect_samples=1,
+                  cpu_requests=300, search_seconds=0.5, search_steps=3, search_rest_s=0.1),
 }
 FIGURES = (
     "p50_ms_at_200", "p99_ms_at_200", "errors_at_200", "failures_at_200", "generator_lag_p99_ms_at_200",
@@ -101,6 +118,11 @@ FIGURES = (
     "batch_records_per_s", "batch_errors", "batch_failures", "xadd_limit_records_per_s", "xadd_packed_records_per_s",
     "batch_vs_limit", "direct_wan_p50_ms", "direct_wan_p99_ms", "direct_wan_connect_p50_ms",
     "target_p99_ms_at_1000", "target_batch_vs_limit", "p99_target_met", "batch_target_met",
+    "api_cpu_us_per_request", "api_server_cpu_us_per_request", "api_redis_cpu_us_per_request",
+    "floor_cpu_us_per_request", "floor_server_cpu_us_per_request", "floor_redis_cpu_us_per_request", "api_vs_floor_cpu",
+    "api_max_rate_per_s", "api_max_rate_p99_ms", "api_max_rate_generator_lag_p99_ms", "api_search_steps",
+    "floor_max_rate_per_s", "floor_max_rate_p99_ms", "floor_max_rate_generator_lag_p99_ms", "floor_search_steps",
+    "api_vs_floor_rate", "capacity_p99_ms", "target_api_vs_floor_rate", "api_vs_floor_rate_target_met",
 )
 
 
@@ -344,20 +366,22 @@ class Run:
     seconds: float = 0.0
     server_cpu: float = 0.0  # cores the API process used on average
     generator_cpu: float = 0.0  # cores this process used on average
+    server_cpu_s: float = 0.0  # CPU seconds of the server's processes in all
+    redis_cpu_s: float = 0.0  # CPU seconds of redis-server in all, when it was watched
 
     def ms(self, q: float, values: list[float] | None = None) -> float:
         values = sorted(self.latencies if values is None else values)
         return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 2) if values else float("nan")
 
 
-def cpu_seconds(server: psutil.Process) -> float:
-    """User + system CPU of the API: its uvicorn supervisor and every worker."""
-    return sum(sum(p.cpu_times()[:2]) for p in (server, *server.children(recursive=True)))
+def cpu_seconds(server: psutil.Process | None) -> float:
+    """User + system CPU of a server: the API's uvicorn supervisor and every worker, or redis-server (0 for None)."""
+    return sum(sum(p.cpu_times()[:2]) for p in (server, *server.children(recursive=True))) if server else 0.0
 
 
-def measured(phase: Coroutine[None, None, Run], server: psutil.Process, loop) -> Run:
-    """Run a load phase; its Run also gets the wall time and the CPU both sides spent, to tell a
-    saturated server from a saturated generator.
+def measured(phase: Coroutine[None, None, Run], server: psutil.Process, loop, redis: psutil.Process | None = None) -> Run:
+    """Run a load phase; its Run also gets the wall time and the CPU both sides (and ``redis``) spent,
+    to tell a saturated server from a saturated generator.
 
     The generator's garbage collector is off meanwhile: this process holds SQLAlchemy, psycopg and
     rich, and a phase's thousands of tasks set off full collections that stopped the generator for
@@ -367,7 +391,7 @@ def measured(phase: Coroutine[None, None, Run], server: psutil.Process, loop) ->
     gc.collect()
     gc.freeze()
     gc.disable()
-    server_before, own_before = cpu_seconds(server), time.process_time()
+    server_before, redis_before, own_before = cpu_seconds(server), cpu_seconds(redis), time.process_time()
     start = time.perf_counter()
     try:
         run = loop.run_until_complete(phase)
@@ -375,7 +399,8 @@ def measured(phase: Coroutine[None, None, Run], server: psutil.Process, loop) ->
         gc.enable()
         gc.unfreeze()
     run.seconds = time.perf_counter() - start
-    run.server_cpu = (cpu_seconds(server) - server_before) / run.seconds
+    run.server_cpu_s, run.redis_cpu_s = cpu_seconds(server) - server_before, cpu_seconds(redis) - redis_before
+    run.server_cpu = run.server_cpu_s / run.seconds
     run.generator_cpu = (time.process_time() - own_before) / run.seconds
     return run
 
@@ -424,6 +449,96 @@ async def closed_loop(pool: Pool, raws: list[bytes], senders: int, seconds: floa
 def rate_phase(pool: Pool, requests: Requests, samples: Samples, rate: int, seconds: float, server: psutil.Process, loop) -> Run:
     raws = [requests.post(samples.body()) for _ in range(round(rate * seconds))]
     return measured(open_loop(pool, raws, rate), server, loop)
+
+
+@dataclass
+class Target:
+    """One app under load: its requests, its warm pool, its processes."""
+
+    name: str
+    requests: Requests
+    pool: Pool
+    server: psutil.Process
+
+
+def cpu_per_request(target: Target, samples: Samples, count: int, redis: psutil.Process, loop) -> tuple[float, float]:
+    """Microseconds of CPU per request, of the app's processes and of redis-server, over ``count``
+    single-record POSTs at ``CPU_RATE``: a rate both apps sustain, so neither queues."""
+    raws = [target.requests.post(samples.body()) for _ in range(count)]
+    run = measured(open_loop(target.pool, raws, CPU_RATE), target.server, loop, redis)
+    return 1e6 * run.server_cpu_s / count, 1e6 * run.redis_cpu_s / count
+
+
+@dataclass
+class Search:
+    """The highest offered rate with p99 <= ``CAPACITY_P99_MS`` and no error: doubled from
+    ``SEARCH_START`` until a rate fails, then bisected until the bounds are within ``SEARCH_RESOLUTION``.
+    A rate fails when two tries in a row miss: one neighbour's burst on shared cores does not end the doubling."""
+
+    max_steps: int
+    passed: int = 0  # the highest rate sustained so far (0: none yet)
+    failed: int | None = None  # the lowest rate not sustained so far
+    best: Run | None = None  # the step at ``passed``
+    steps: int = 0
+    missed_once: int | None = None  # a rate whose last try missed, to be tried once more
+
+    def next_rate(self) -> int | None:
+        """The rate to try next, or None when the search is done."""
+        if self.steps >= self.max_steps:
+            return None
+        if self.missed_once is not None:
+            return self.missed_once
+        if self.failed is None:
+            return 2 * self.passed if self.passed else SEARCH_START
+        rate = round((self.passed + self.failed) / 2)
+        if self.failed - self.passed <= SEARCH_RESOLUTION * self.failed or rate < SEARCH_MIN:
+            return None
+        return rate
+
+    def record(self, rate: int, run: Run) -> bool:
+        self.steps += 1
+        sustained = run.errors == 0 and run.ms(0.99) <= CAPACITY_P99_MS
+        if sustained:
+            self.passed, self.best, self.missed_once = rate, run, None
+        elif self.missed_once == rate:
+            self.failed, self.missed_once = rate, None
+        else:
+            self.missed_once = rate
+        return sustained
+
+
+def capacity_search(targets: list[Target], samples: Samples, size: Size, console: Console, loop) -> dict[str, Search]:
+    """Each target's search, their steps alternating, so a neighbour's burst falls on both alike."""
+    searches = {target.name: Search(size.search_steps) for target in targets}
+    while True:
+        pending = [(t, searches[t.name], rate) for t in targets if (rate := searches[t.name].next_rate()) is not None]
+        if not pending:
+            return searches
+        for target, search, rate in pending:
+            run = rate_phase(target.pool, target.requests, samples, rate, size.search_seconds, target.server, loop)
+            verdict = "sustained" if search.record(rate, run) else "missed"
+            console.print(f"  {target.name} at {rate}/s: p99 {run.ms(0.99)} ms, {run.errors} errors, "
+                          f"generator lag p99 {run.ms(0.99, run.lags)} ms: {verdict}")
+            time.sleep(size.search_rest_s)
+
+
+def capacity_figures(cpu: dict[str, tuple[float, float]], searches: dict[str, Search]) -> dict:
+    figures: dict[str, float | int | bool] = {}
+    for name, (server_us, redis_us) in cpu.items():
+        search = searches[name]
+        best = search.best or Run()
+        figures |= {
+            f"{name}_cpu_us_per_request": round(server_us + redis_us, 1), f"{name}_server_cpu_us_per_request": round(server_us, 1),
+            f"{name}_redis_cpu_us_per_request": round(redis_us, 1), f"{name}_max_rate_per_s": search.passed,
+            f"{name}_max_rate_p99_ms": best.ms(0.99), f"{name}_max_rate_generator_lag_p99_ms": best.ms(0.99, best.lags),
+            f"{name}_search_steps": search.steps,
+        }
+    ratio = figures["api_max_rate_per_s"] / figures["floor_max_rate_per_s"] if figures["floor_max_rate_per_s"] else float("nan")
+    return figures | {
+        "api_vs_floor_cpu": round(figures["api_cpu_us_per_request"] / figures["floor_cpu_us_per_request"], 2),
+        "api_vs_floor_rate": round(ratio, 3), "capacity_p99_ms": CAPACITY_P99_MS, "target_api_vs_floor_rate": TARGET_CAPACITY_SHARE,
+        "api_vs_floor_rate_target_met": ratio >= TARGET_CAPACITY_SHARE,
+    }
 
 
 def batch_phase(pool: Pool, requests: Requests, samples: Samples, seconds: float, server: psutil.Process, loop) -> Run:
@@ -524,6 +639,10 @@ def main() -> None:
         stack.callback(loop.close)
         requests, pool = connected(server, token, samples, size.warmup_requests, loop)
         process = psutil.Process(server.pid)
+        floor = stack.enter_context(floor_server(site, workdir / "floor.log"))
+        floor_requests, floor_pool = connected(floor, token, samples, size.warmup_requests, loop)
+        stack.callback(floor_pool.close)
+        targets = [Target("api", requests, pool, process), Target("floor", floor_requests, floor_pool, psutil.Process(floor.pid))]
 
         table = Table("phase", "requests", "p50 ms", "p99 ms", "max ms", "errors", "server cores", "generator lag p99 ms")
         for rate in RATES:
@@ -533,12 +652,17 @@ def main() -> None:
             figures |= rate_figures(run, f"at_{rate}")
 
         console.print(f"floor: {FLOOR_RATE}/s for {size.rate_seconds:g} s against bench/floor.py (HTTP and one durable EVALSHA) …")
-        with floor_server(site, workdir / "floor.log") as floor:
-            floor_requests, floor_pool = connected(floor, token, samples, size.warmup_requests, loop)
-            run = rate_phase(floor_pool, floor_requests, samples, FLOOR_RATE, size.rate_seconds, psutil.Process(floor.pid), loop)
-            floor_pool.close()
+        run = rate_phase(floor_pool, floor_requests, samples, FLOOR_RATE, size.rate_seconds, targets[1].server, loop)
         add_row(table, f"floor {FLOOR_RATE}/s", run)
         figures |= rate_figures(run, f"at_{FLOOR_RATE}", "floor_")
+
+        redis = psutil.Process(site.redis.pid)
+        cpu = {}
+        for target in targets:
+            console.print(f"CPU per request: {target.name}, {size.cpu_requests} requests at {CPU_RATE}/s …")
+            cpu[target.name] = cpu_per_request(target, samples, size.cpu_requests, redis, loop)
+        console.print(f"highest rate with p99 ≤ {CAPACITY_P99_MS:g} ms, {size.search_seconds:g} s per step, API and floor alternating …")
+        figures |= capacity_figures(cpu, capacity_search(targets, samples, size, console, loop))
 
         console.print(f"batch POSTs of {BATCH} records, {BATCH_SENDERS} senders, {size.batch_seconds:g} s …")
         batch = batch_phase(pool, requests, samples, size.batch_seconds, process, loop)
@@ -571,7 +695,10 @@ def main() -> None:
         f"p99 at 1000/s: {figures['p99_ms_at_1000']} ms (target ≤ {TARGET_P99_MS}); batch: {figures['batch_records_per_s']} "
         f"records/s = {figures['batch_vs_limit']:.0%} of the XADD limit {figures['xadd_limit_records_per_s']}/s "
         f"(target ≥ {TARGET_BATCH_SHARE:.0%}); direct over the WAN: {figures['direct_wan_p50_ms']} ms per record; "
-        f"the floor's p99 at {FLOOR_RATE}/s: {figures[f'floor_p99_ms_at_{FLOOR_RATE}']} ms"
+        f"the floor's p99 at {FLOOR_RATE}/s: {figures[f'floor_p99_ms_at_{FLOOR_RATE}']} ms; capacity at p99 ≤ {CAPACITY_P99_MS:g} ms: "
+        f"API {figures['api_max_rate_per_s']}/s, floor {figures['floor_max_rate_per_s']}/s = {figures['api_vs_floor_rate']:.0%} "
+        f"(target ≥ {TARGET_CAPACITY_SHARE:.0%}); CPU per request: API {figures['api_cpu_us_per_request']} µs, "
+        f"floor {figures['floor_cpu_us_per_request']} µs (uvicorn processes and redis-server)"
     )
     print(json.dumps(figures), flush=True)
 

@@ -86,6 +86,15 @@ LEDGER_SQL = (
     "INSERT INTO sync_ledger (txn_id, site) SELECT * FROM unnest(%s::uuid[], %s::text[])"
     " ON CONFLICT DO NOTHING RETURNING txn_id::text"
 )
+REPLAYED = "OP001"  # raised by pg_temp.opsync_replayed: a batch sent whole held a transaction the ledger has
+REPLAYED_FUNCTION = """
+CREATE OR REPLACE FUNCTION pg_temp.opsync_replayed() RETURNS void LANGUAGE plpgsql AS
+$$ BEGIN RAISE EXCEPTION 'already in the ledger' USING ERRCODE = 'OP001'; END $$
+"""
+LEDGER_ALL_FRESH_SQL = (  # the ledger rows, or an error (so nothing after it runs) if any was there already
+    "WITH fresh AS (" + LEDGER_SQL + ") SELECT pg_temp.opsync_replayed() FROM (SELECT count(*) AS n FROM fresh) f"
+    " WHERE f.n < %s"
+)
 KEY_COLUMN = "opsync_key"  # a run's row keys, zipped with its rows (not a column of any table)
 
 RowRef = tuple[str, str]  # (table, key): a row as dependencies see it
@@ -139,8 +148,9 @@ class Pending:
 class Transient(Exception):
     """The primary cannot take the batch now (unreachable, timed out, read-only, conflict).
 
-    Nothing was committed or dead-lettered; the entries stay claimed and are redelivered, so the
-    caller retries later with backoff.
+    Nothing was acknowledged or dead-lettered; the entries stay claimed and are redelivered, so the
+    caller retries later with backoff. The commit may still have reached the primary (a link cut
+    after the batch was sent, which delivers it late): the ledger skips it when redelivered.
     """
 
 
@@ -167,8 +177,9 @@ def apply_batch(
 
     ``dead_rows`` maps rows created by earlier dead-lettered transactions to those transactions'
     ids: a transaction that needs one fails naming it, without a round trip. The happy path takes
-    two round trips whatever the batch size (psycopg pipeline mode); a failing transaction costs
-    about two more per halving (bisection under a savepoint). Raises :class:`Transient` for
+    one round trip whatever the batch size (psycopg pipeline mode: ledger, rows and commit sent
+    together, the ledger rows first, so a redelivered transaction stops the rest); a redelivered
+    batch costs two more, a failing transaction about two more per halving (bisection under a savepoint). Raises :class:`Transient` for
     anything that is not the data's fault. ``engine`` must use psycopg 3 with a ``connect_timeout``
     (see :func:`engine_options`); ``timeout_s`` bounds the whole batch, since a cut link never answers.
     """
@@ -212,19 +223,39 @@ class Batch:
         self.dead_rows = dead_rows
         self.result = BatchResult()
         self.rollback_pending = False  # the last attempt failed: roll back to the savepoint first
+        self.aborted = False  # the whole-batch attempt met the ledger: roll the DB transaction back first
         self.lsn_cursor: psycopg.Cursor | None = None
 
     def run(self, txns: list[Pending]) -> None:
-        todo = self.without_dependants(self.claim_ledger(txns))
-        if not todo or self.attempt(todo, commit=True) is not None:
-            self.bisect(todo)
+        error = self.attempt_whole(txns) if txns and not self.needs_dead(txns) else REPLAYED
+        if error == REPLAYED:  # first sight of a dead letter's dependant, or a redelivery: the ledger answers first
+            txns = self.without_dependants(self.claim_ledger(txns))
+            error = self.attempt(txns, commit=True) if txns else REPLAYED
+        if error is not None:
+            self.bisect(txns)
             with self.round_trip():
                 self.finish()
         self.result.commit_lsn = Lsn.parse(self.lsn_cursor.fetchone()[0])
 
+    def needs_dead(self, txns: list[Pending]) -> bool:
+        return bool(self.dead_rows) and any(row in self.dead_rows for txn in txns for row in txn.needs)
+
+    def attempt_whole(self, txns: list[Pending]) -> psycopg.Error | str | None:
+        """The happy path in one round trip: begin, ledger rows, the batch, commit; :data:`REPLAYED` when the
+        ledger held one of them (nothing applied: the DB transaction is aborted), else as :meth:`attempt`."""
+        try:
+            return self.attempt(txns, commit=True, ledger=True)
+        except psycopg.Error as exc:
+            if exc.sqlstate != REPLAYED:
+                raise
+            self.aborted = True
+            return REPLAYED
+
     def claim_ledger(self, txns: list[Pending]) -> list[Pending]:
         """Begin and write the ledger rows: what the ledger already holds was applied before (redelivery)."""
         with self.round_trip():
+            if self.aborted:
+                self.send("ROLLBACK")
             self.send("BEGIN")
             self.send(NO_SUCH_ROW_FUNCTION)
             cursor = self.send(LEDGER_SQL, [[t.txn_id for t in txns], [t.site for t in txns]])
@@ -253,10 +284,18 @@ class Batch:
         self.bisect(txns[:middle])
         self.bisect(txns[middle:])
 
-    def attempt(self, txns: list[Pending], commit: bool = False) -> psycopg.Error | None:
-        """One round trip: the range under a savepoint, and the commit when asked; the permanent error if any."""
+    def attempt(self, txns: list[Pending], commit: bool = False, ledger: bool = False) -> psycopg.Error | None:
+        """One round trip: the range under a savepoint, and the commit when asked; the permanent error if any.
+
+        With ``ledger``, the DB transaction begins here and every ledger row must be new (else :data:`REPLAYED`).
+        """
         try:
             with self.round_trip():
+                if ledger:
+                    self.send("BEGIN")
+                    self.send(NO_SUCH_ROW_FUNCTION)
+                    self.send(REPLAYED_FUNCTION)
+                    self.send(LEDGER_ALL_FRESH_SQL, [[t.txn_id for t in txns], [t.site for t in txns], len(txns)])
                 if self.rollback_pending:
                     self.send(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
                 self.send(f"SAVEPOINT {SAVEPOINT}")
@@ -461,9 +500,9 @@ def permanent_reason(exc: psycopg.Error) -> str:
 
 def transient_reason(exc: psycopg.Error, expired: bool, timeout_s: float) -> str:
     if expired:
-        return f"primary did not answer within {timeout_s:g} s (link down or too slow); nothing was applied"
+        return f"primary did not answer within {timeout_s:g} s (link down or too slow); the batch stays buffered"
     what = f"SQLSTATE {exc.sqlstate}: " if exc.sqlstate else ""
-    return f"primary unavailable: {what}{first_line(exc)}; nothing was applied"
+    return f"primary unavailable: {what}{first_line(exc)}; the batch stays buffered"
 
 
 def first_line(exc: BaseException) -> str:

@@ -211,6 +211,7 @@ EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:<3} {meaning}" for code, mean
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.version_option(package_name="opsync", prog_name="opsync", message="%(prog)s %(version)s")
 def main() -> None:
     """Operate an opsync site: its buffer, dead letters, tokens and read model."""
 

@@ -14,10 +14,12 @@ The public API (``__all__``)::
         client.batches("housekeeping_sample", rows)                  # long lists -> [Receipt], one per chunk
         client.transaction(steps); client.update(table, id, values); client.delete(table, id)
         client.status(receipt.txn_id)["state"]                       # accepted, committed, replicated, failed
+        client.wait(receipt.txn_id, "replicated", timeout=60)          # -> State, following /v1/events (sync client)
 
 Every write takes an optional ``idempotency_key`` (pass your own to make a re-run of a whole script
 safe too). Errors: :class:`ApiError` (refused; do not retry as is) and :class:`Unavailable` (still
-failing transiently after ``retries``), both :class:`OpsyncError` with ``status`` and ``detail``.
+failing transiently after ``retries``), both :class:`OpsyncError` with ``status`` and ``detail``;
+:class:`TransactionFailed` when a waited-for transaction failed, ``TimeoutError`` when the wait ran out.
 """
 
 import asyncio
@@ -36,9 +38,12 @@ from uuid import UUID
 import httpx
 
 from opsync.config import Settings
-from opsync.envelope import Receipt
+from opsync.envelope import Receipt, State
 
-__all__ = ["MAX_RECORDS_PER_REQUEST", "ApiError", "AsyncOpsyncClient", "OpsyncClient", "OpsyncError", "Receipt", "Unavailable"]
+__all__ = [
+    "MAX_RECORDS_PER_REQUEST", "ApiError", "AsyncOpsyncClient", "OpsyncClient", "OpsyncError", "Receipt", "State",
+    "TransactionFailed", "Unavailable",
+]
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 TRANSIENT_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
@@ -66,6 +71,57 @@ class ApiError(OpsyncError):
 
 class Unavailable(OpsyncError):
     """Still failing transiently after every retry (no connection, timeouts, 502/503/504): safe to try again later."""
+
+
+class TransactionFailed(OpsyncError):
+    """The transaction a wait followed failed for good; ``detail`` is its last event (with the reason)."""
+
+
+PROGRESS = (State.accepted, State.committed, State.replicated)  # a later state implies every earlier one
+
+
+def reached(event: dict[str, Any], wanted: State) -> State | None:
+    """The state an event shows once it is ``wanted`` or past it; raises on ``failed``."""
+    if event.get("state") == State.failed:
+        raise TransactionFailed(None, event, "GET", EVENTS)
+    state = event.get("state")
+    if state in PROGRESS and PROGRESS.index(State(state)) >= PROGRESS.index(wanted):
+        return State(state)
+    return None
+
+
+EVENTS = "/v1/events"
+
+
+def followed_until(answer: httpx.Response, txn_id: str, wanted: State, deadline: float) -> State | None:
+    """Read one opened stream until the transaction is ``wanted`` (its state), it ends, or time is up (None)."""
+    if not answer.is_success:
+        answer.read()
+        if answer.status_code in RETRY_STATUSES:
+            return None
+        checked(answer, "GET", EVENTS)
+    for name, data in sse_events(answer.iter_lines()):
+        if name == "closed":
+            raise ApiError(401, data, "GET", EVENTS)
+        if name is None and data.get("txn_id") == txn_id and (now := reached(data, wanted)):
+            return now
+        if time.monotonic() > deadline:
+            break
+    return None
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    """``(name, data)`` of each server-sent event; keep-alive comments are skipped."""
+    name, data = None, None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data = json.loads(line.removeprefix("data: "))
+        elif line == "":
+            if data is not None:
+                yield name, data
+            name, data = None, None
 
 
 def encode(value: Any) -> str:
@@ -244,6 +300,24 @@ class OpsyncClient(Endpoints[Receipt, list[Receipt], dict[str, str]]):
 
     def _send_all(self, calls: list[Call]) -> list[Any]:
         return [self._send(call) for call in calls]
+
+    def wait(self, txn_id: UUID | str, state: State | str = State.replicated, timeout: float = 60.0) -> State:
+        """Block until the transaction is ``state`` or past it, and return where it is.
+
+        Follows ``GET /v1/events`` rather than polling: the stream opens with a snapshot of the transaction,
+        then pushes each change. A dropped stream is reopened (its snapshot covers what was missed) until
+        ``timeout`` seconds have passed, then ``TimeoutError``; :class:`TransactionFailed` if it failed."""
+        wanted, deadline = State(state), time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                params, limits = {"txn_id": str(txn_id)}, httpx.Timeout(10, read=left)
+                with self._http.stream("GET", EVENTS, params=params, timeout=limits) as answer:
+                    if now := followed_until(answer, str(txn_id), wanted, deadline):
+                        return now
+            except TRANSIENT_ERRORS:
+                pass
+            self._sleep(min(1.0, max(0.0, deadline - time.monotonic())))  # the stream ended or broke: reopen it
+        raise TimeoutError(f"transaction {txn_id} not {wanted} within {timeout} s")
 
 
 class AsyncOpsyncClient(Endpoints[Awaitable[Receipt], Awaitable[list[Receipt]], Awaitable[dict[str, str]]]):

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     )
     redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:16379/0"), description="The site buffer")
     read_model_path: Path = Field(Path(".run/datasette/opsync.db"), description="SQLite file Datasette serves")
+    datasette_publisher: bool = Field(
+        True, description="Run the read-model publisher inside Datasette; off where it runs as python -m opsync.publisher"
+    )
     timezone: str = Field("America/Santiago", description="Site time zone; defines the observing night")
     allow_non_durable: bool = Field(False, description="Start the API even if Redis is not fsync-durable (tests only)")
     max_records_per_request: int = Field(500, description="Largest list POST /v1/records accepts (each record is a step)")

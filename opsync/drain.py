@@ -12,6 +12,8 @@ functions; they hold no Airflow knowledge. Every batch and every run is counted 
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,11 +24,12 @@ from sqlalchemy import Engine
 from opsync import drain_metrics, fault_points
 from opsync.apply import BatchResult, Pending, Transient, apply_batch
 from opsync.buffer import Buffer, Entry, Settlement
-from opsync.lsn import Lsn, replica_position
+from opsync.lsn import Lsn, ReplicaError, replica_position
 from opsync.registry import UnknownTable
 
 UNREADABLE = "unreadable envelope"
 DEPENDS = "depends on dead-lettered"  # how apply_batch words the failure of a transaction needing a dead one
+CONFIRM_CHUNK = 1000  # transactions confirmed per pipelined round of status reads and CONFIRM calls
 CONSUMER = "drainer"  # one logical drainer per site: a rerun picks up what a dead run had claimed
 
 
@@ -48,6 +51,7 @@ class DrainSummary:
     dead_lettered: int = 0
     round_trips: int = 0
     reclaimed: int = 0  # entries taken over from consumers that died holding them
+    confirmed: int = 0  # transactions marked replicated between batches (see drain's ``readable``)
     elapsed_s: float = 0.0
     max_commit_lsn: Lsn | None = None  # what the replica must replay for this run's work to be readable
     budget_spent: bool = False  # stopped by the time budget, not by a short batch: entries may be left for the next run
@@ -69,6 +73,8 @@ class DrainSummary:
             f"{self.applied} applied, {self.duplicates} already applied (skipped), {self.dead_lettered} dead-lettered"
             f" in {self.batches} batches, {self.round_trips} round trips, {self.elapsed_s:.1f} s"
         )
+        if self.confirmed:
+            text += f"; {self.confirmed} confirmed replicated meanwhile"
         if self.max_commit_lsn is not None:
             text += f"; replica must reach {self.max_commit_lsn}"
         return text + ("; time budget spent, more may be buffered" if self.budget_spent else "")
@@ -82,6 +88,7 @@ def drain(
     consumer: str = CONSUMER,
     timeout_s: float = 60,
     min_idle_ms: int = 60_000,
+    readable: Callable[[], Lsn] | None = None,
 ) -> DrainSummary:
     """Drain batch after batch until a claim comes back less than full (the buffer was empty) or ``budget_s`` is spent.
 
@@ -89,13 +96,18 @@ def drain(
     steady ingest, so its work is confirmed at once; what arrived meanwhile is the next run's (the DAG
     runs every few seconds, and at once on a wake-up). The budget still bounds a backlog.
 
+    While a batch's round trips to the primary are in flight, the next batch is claimed and decoded,
+    and, given ``readable`` (how far this site can read now), up to a batch of earlier transactions
+    the replica has passed is confirmed: a backlog is then ``replicated`` as it drains, not only
+    after the run.
+
     Entries other consumers left idle for ``min_idle_ms`` are taken over first, so a crashed run's
     work is redone in stream order. Raises :class:`opsync.apply.Transient` when the primary
     cannot take a batch: nothing is lost or dead-lettered, the caller retries with backoff.
     The run is counted as succeeded or failed (with its error class) for the alert rules.
     """
     try:
-        summary = drain_run(buffer, primary, budget_s, batch_size, consumer, timeout_s, min_idle_ms)
+        summary = drain_run(buffer, primary, budget_s, batch_size, consumer, timeout_s, min_idle_ms, readable)
     except Exception as exc:
         with contextlib.suppress(redis.RedisError):  # the buffer's own failure cannot be counted in it
             drain_metrics.record_run(buffer, ok=False, error_class=run_error_class(exc))
@@ -105,19 +117,38 @@ def drain(
 
 
 def drain_run(
-    buffer: Buffer, primary: Engine, budget_s: float, batch_size: int, consumer: str, timeout_s: float, min_idle_ms: int
+    buffer: Buffer, primary: Engine, budget_s: float, batch_size: int, consumer: str, timeout_s: float, min_idle_ms: int,
+    readable: Callable[[], Lsn] | None = None,
 ) -> DrainSummary:
+    """Batches in stream order, each applied while the next is claimed (two at most are held, one commits at a time).
+
+    Batch N+1 is only claimed and decoded while batch N commits: its dead-row lookup and its apply
+    wait for N's settle, so it sees N's dead letters and commits after N, as one batch after another
+    would. A crash anywhere leaves both claimed: redelivered in order, the ledger skips what committed.
+    """
     started = time.monotonic()
     buffer.ensure_group()
     summary = DrainSummary(reclaimed=buffer.reclaim(consumer, min_idle_ms))
-    while time.monotonic() - started < budget_s:
-        batch = drain_batch(buffer, primary, consumer, batch_size, timeout_s)
+    with ThreadPoolExecutor(1, thread_name_prefix="opsync-apply") as database:
+        batch = claim_batch(buffer, consumer, batch_size)
         if batch is not None:
-            summary.add(batch)
-        if batch is None or batch.entries < batch_size:
-            break
-    else:
-        summary.budget_spent = True
+            fault_points.reach("after_claim")  # crash tests (tests/test_drain_crash.py); inert unless armed
+        while batch is not None:
+            committing = database.submit(commit_batch, buffer, primary, batch, timeout_s)
+            full = len(batch.entries) == batch_size
+            summary.budget_spent = full and time.monotonic() - started >= budget_s
+            following = None
+            if full and not summary.budget_spent:
+                following = claim_batch(buffer, consumer, batch_size, after=batch.entries[-1].stream_id)
+                if following is not None:
+                    fault_points.reach("next_claimed")  # batch N+1 claimed while batch N commits
+            if readable is not None:
+                confirmed = confirm_passed(buffer, readable, batch_size)
+                if confirmed is None:
+                    readable = None  # the replica cannot say how far it is: not asked again in this run
+                summary.confirmed += confirmed or 0
+            summary.add(settle_batch(buffer, batch, committing.result()))
+            batch = following
     summary.elapsed_s = time.monotonic() - started
     buffer.note("drain", now())
     return summary
@@ -127,28 +158,66 @@ def drain_batch(
     buffer: Buffer, primary: Engine, consumer: str = CONSUMER, batch_size: int = 1000, timeout_s: float = 60
 ) -> BatchReport | None:
     """Claim, apply, settle one batch; None when there was nothing to claim."""
+    batch = claim_batch(buffer, consumer, batch_size)
+    if batch is None:
+        return None
+    return settle_batch(buffer, batch, commit_batch(buffer, primary, batch, timeout_s))
+
+
+@dataclass
+class Claimed:
+    """A claimed batch, decoded: what will be applied, and the settlements already known (gone, unreadable)."""
+
+    entries: list[Entry]
+    txns: list[tuple[str, Pending]]
+    settlements: list[Settlement]
+    started: float  # when it was claimed: a batch's time runs from its claim to its settle
+
+
+def claim_batch(buffer: Buffer, consumer: str, batch_size: int, after: str = "0") -> Claimed | None:
+    """Claim up to ``batch_size`` entries (``consumer``'s pending ones past ``after`` first) and decode them; None if none."""
     started = time.monotonic()
-    entries = buffer.claim(consumer, batch_size)
+    entries = buffer.claim(consumer, batch_size, after)
     if not entries:
         return None
-    fault_points.reach("after_claim")  # crash tests (tests/test_drain_crash.py); inert unless armed
     txns, settlements = read_entries(entries)
-    result = apply_batch(primary, [txn for _, txn in txns], dead_rows(buffer, txns), timeout_s) if txns else BatchResult()
+    return Claimed(entries, txns, settlements, started)
+
+
+def commit_batch(buffer: Buffer, primary: Engine, batch: Claimed, timeout_s: float) -> BatchResult:
+    """One DB transaction for the batch; the rows it needs from earlier dead letters are looked up first."""
+    if not batch.txns:
+        return BatchResult()
+    return apply_batch(primary, [txn for _, txn in batch.txns], dead_rows(buffer, batch.txns), timeout_s)
+
+
+def settle_batch(buffer: Buffer, batch: Claimed, result: BatchResult) -> BatchReport:
+    """Acknowledge the committed batch with each entry's outcome, in stream order, and count it."""
     fault_points.reach("after_commit")
-    settlements += outcomes(txns, result)
+    settlements = batch.settlements + outcomes(batch.txns, result)
     buffer.settle(sorted(settlements, key=lambda s: stream_order(s.stream_id)), result.commit_lsn, now())
     drain_metrics.record_batch(
         buffer, records=sum(len(t.steps) for t in result.applied), transactions=len(result.applied),
-        seconds=time.monotonic() - started, round_trips=result.round_trips, errors=batch_errors(settlements),
+        seconds=time.monotonic() - batch.started, round_trips=result.round_trips, errors=batch_errors(settlements),
     )
     return BatchReport(
-        entries=len(entries),
+        entries=len(batch.entries),
         applied=len(result.applied),
         duplicates=len(result.duplicates),
         dead_lettered=sum(s.outcome == "failed" for s in settlements),
         round_trips=result.round_trips,
         commit_lsn=result.commit_lsn,
     )
+
+
+def confirm_passed(buffer: Buffer, readable: Callable[[], Lsn], most: int) -> int | None:
+    """Confirm up to ``most`` transactions the site can read now; None when its position is unknown (the DAG's
+    confirm task, after its sensor, reports that): draining never waits for, or fails with, the replica."""
+    try:
+        position = readable()
+    except ReplicaError:
+        return None
+    return confirm(buffer, position, chunk=min(most, CONFIRM_CHUNK), most=most).confirmed
 
 
 def batch_errors(settlements: list[Settlement]) -> Counter[str]:
@@ -215,8 +284,9 @@ class Confirmation:
     remaining: int  # still waiting for the replica
 
 
-def confirm(buffer: Buffer, position: Lsn, chunk: int = 1000) -> Confirmation:
-    """Mark replicated every awaiting transaction committed at or before ``position``.
+def confirm(buffer: Buffer, position: Lsn, chunk: int = CONFIRM_CHUNK, most: int | None = None) -> Confirmation:
+    """Mark replicated every awaiting transaction committed at or before ``position`` (about ``most`` at most,
+    in chunks of ``chunk``: the drain confirms a batch's worth between its batches).
 
     Idempotent and safe to run concurrently (the sensor path and the reconcile job): each
     transaction changes state in one atomic step that first takes it out of the awaiting set.
@@ -228,7 +298,7 @@ def confirm(buffer: Buffer, position: Lsn, chunk: int = 1000) -> Confirmation:
         statuses = buffer.statuses(txn_ids)
         due = [(t, (s or {}).get("stream_id", "")) for t, s in zip(txn_ids, statuses, strict=True) if passed(s, position)]
         confirmed += buffer.mark_replicated(due, now())
-        if len(txn_ids) < chunk or not due:
+        if len(txn_ids) < chunk or not due or (most is not None and confirmed >= most):
             break
     buffer.note("confirm", now())
     return Confirmation(position, confirmed, buffer.client.zcard(buffer.awaiting_replica))

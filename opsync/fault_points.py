@@ -1,10 +1,11 @@
 """Crash points a test harness arms in another process, so it can SIGKILL a drainer inside its window.
 
 Inert unless the process starts with ``OPSYNC_FAULT_POINT`` set: then, on reaching that point
-(:func:`reach`, e.g. ``after_claim``, ``after_commit`` in :func:`opsync.drain.drain_batch`), it
-writes its pid to the file ``OPSYNC_FAULT_SIGNAL`` names and blocks there until killed; it never
-goes past the point. Unset (as in production), a point costs one string comparison. (The soak's
-faults, from outside the processes, are :mod:`opsync.stack.faults`.)
+(:func:`reach`; in :func:`opsync.drain.drain_run`: ``after_claim``, a run's first batch claimed and
+nothing sent; ``next_claimed``, batch N+1 claimed while batch N commits; ``after_commit``, committed
+and not acknowledged), it writes its pid to the file ``OPSYNC_FAULT_SIGNAL`` names and blocks there
+until killed; it never goes past the point. Unset (as in production), a point costs one string
+comparison. (The soak's faults, from outside the processes, are :mod:`opsync.stack.faults`.)
 """
 
 import os

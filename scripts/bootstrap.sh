@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian 12 machine lacks for opsync: system packages through apt, then a
-# virtualenv with the pinned requirements and the project in editable mode. Idempotent and quick
+# virtualenv with the dev lock (locks/dev.txt) and the project in editable mode. Idempotent and quick
 # when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,13 +29,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 stamp="$VENV/.opsync-installed"
-want="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat locks/dev.txt pyproject.toml setup.cfg | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   [ -x "$VENV/bin/uv" ] || "$VENV/bin/python" -m pip install -q uv
   echo "installing pinned requirements into $VENV"
   # Compiled now: where PYTHONDONTWRITEBYTECODE is set, nothing else would cache bytecode, and every
   # process (each API worker, Airflow task, test) would compile every module it imports from source.
-  "$VENV/bin/uv" pip install -q -p "$VENV/bin/python" --compile-bytecode -r requirements.txt
+  "$VENV/bin/uv" pip install -q -p "$VENV/bin/python" --compile-bytecode -r locks/dev.txt
+  rm -rf opsync.egg-info  # metadata now goes to scripts/ (setup.cfg says why); a copy left here doubles the plugins
   "$VENV/bin/uv" pip install -q -p "$VENV/bin/python" --no-deps -e .
   echo "$want" > "$stamp"
 fi

@@ -69,7 +69,7 @@ def auth_manager():
 
 @pytest.fixture(scope="module")
 def airflow_app(auth_manager) -> FastAPI:
-    """An app with the plugin mounted by Airflow's own code, from the plugins folder, as the API server does."""
+    """An app with the plugin mounted by Airflow's own code, from opsync's entry point, as the API server does."""
     root = FastAPI()
     init_plugins(root)
     return root

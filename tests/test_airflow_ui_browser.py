@@ -46,7 +46,7 @@ def site(migrated, own_redis) -> Buffer:
 
 @pytest.fixture
 def api_server(migrated, own_redis, tmp_path):
-    """``airflow api-server`` alone (no scheduler: the page needs none) with the plugins folder and the site's connections."""
+    """``airflow api-server`` alone (no scheduler: the page needs none) with the plugin from its entry point and the site's connections."""
     home = tmp_path / "airflow"
     home.mkdir()
     port = free_port()

@@ -376,7 +376,8 @@ def test_final_status_expires_after_the_retention_others_never(
     while drain.confirm_replica(buffer, replica_engine).remaining:
         assert time.monotonic() < deadline, "the replica never replayed the drain's commit"
         time.sleep(0.02)
-    assert expected - 5 <= redis.ttl(key) <= expected
+    assert not redis.exists(key)  # replicated: moved into its bucket, which expires after the retention
+    assert expected - 5 <= redis.ttl(buffer.final_key(receipt["txn_id"])[0]) <= expected
     status = api_client.get(receipt["status_url"], headers=headers).json()
     assert status["state"] == "replicated" and status["commit_lsn"] == str(summary.max_commit_lsn)
 

@@ -6,8 +6,10 @@ clients; ``Flavour`` gives them one blocking interface so each scenario is writt
 """
 
 import asyncio
+import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -15,8 +17,8 @@ from typing import Any
 import pytest
 
 from opsync.buffer import Buffer
-from opsync.client import MAX_RECORDS_PER_REQUEST, ApiError, AsyncOpsyncClient, OpsyncClient
-from opsync.envelope import Receipt, Transaction
+from opsync.client import MAX_RECORDS_PER_REQUEST, ApiError, AsyncOpsyncClient, OpsyncClient, TransactionFailed
+from opsync.envelope import Receipt, State, Transaction
 
 T = "executed_obs_unit"
 DIRECT = "instrument"
@@ -301,3 +303,65 @@ def test_batches_with_a_key_are_replayed_not_duplicated(client, observation, str
     again = api.call("batches", T, rows, size=3, idempotency_key=key)
     assert [len(r.ids) for r in first] == [3, 3, 1]
     assert again == first and len(stream) == before + 3
+
+
+def settle_later(primary_engine, replica_engine, delay: float = 0.5) -> threading.Thread:
+    """Drain and confirm in the background after ``delay``, while a wait follows the events."""
+    from ingest_api import deps
+    from opsync import drain
+
+    def run() -> None:
+        time.sleep(delay)
+        buffer = deps.get_buffer()
+        drain.drain(buffer, primary_engine)
+        deadline = time.monotonic() + 20
+        while drain.confirm_replica(buffer, replica_engine).remaining and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_wait_follows_the_events_until_replicated(live_api, token, observation, primary_engine, replica_engine):
+    with OpsyncClient(live_api, token) as api:
+        receipt = api.records(T, observation())
+        assert api.wait(receipt.txn_id, "accepted", timeout=10) is State.accepted
+        with pytest.raises(TimeoutError):
+            api.wait(receipt.txn_id, "committed", timeout=1)
+        settling = settle_later(primary_engine, replica_engine)
+        assert api.wait(receipt.txn_id, "replicated", timeout=30) is State.replicated
+        settling.join(30)
+        assert api.wait(receipt.txn_id, "committed", timeout=5) is State.replicated  # past it counts
+
+
+def test_wait_raises_when_the_transaction_fails(live_api, issue_token, primary_engine, replica_engine):
+    from tests.test_api_guarantees import raw_file
+
+    with OpsyncClient(live_api, issue_token(["write:raw_data_file", "read:raw_data_file"])) as api:
+        receipt = api.records("raw_data_file", raw_file())  # its observation does not exist: the primary refuses it
+        settling = settle_later(primary_engine, replica_engine)
+        with pytest.raises(TransactionFailed) as failed:
+            api.wait(receipt.txn_id, "replicated", timeout=30)
+        settling.join(30)
+    assert failed.value.detail["state"] == "failed"
+
+
+def test_the_example_script_records_and_waits_until_replicated(live_api, token, observation, primary_engine,
+                                                                replica_engine, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from opsync.stack.settings import REPO
+
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([observation(), observation()]))
+    settling = settle_later(primary_engine, replica_engine, delay=2)
+    done = subprocess.run([sys.executable, str(REPO / "examples/record_and_wait.py"), T, str(rows), "--timeout", "30"],
+                          env={**os.environ, "OPSYNC_API_URL": live_api, "OPSYNC_TOKEN": token}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    settling.join(30)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["state"] == "replicated" and len(out["ids"]) == 2

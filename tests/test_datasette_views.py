@@ -152,7 +152,8 @@ def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None 
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "datasette"), "serve", str(model_path), "--host", "127.0.0.1", "--port", str(port),
              "--metadata", str(metadata), "--plugins-dir", str(plugins), *SETTINGS],
-            env={**os.environ, "PYTHONPATH": str(REPO), "OPSYNC_DATASETTE_PUBLIC": "true", **(env or {})},
+            env={**os.environ, "PYTHONPATH": str(REPO), "OPSYNC_DATASETTE_PUBLIC": "true", "OPSYNC_DATASETTE_PUBLISHER": "false",
+                 **(env or {})},
             stdout=log, stderr=subprocess.STDOUT,
         )
         try:

@@ -1,4 +1,5 @@
-"""A drain process killed (SIGKILL) inside its window: between claim and commit, and between commit and acknowledgement.
+"""A drain process killed (SIGKILL) inside its window: between claim and commit, between commit and acknowledgement,
+and with the next batch claimed while the first one commits (the drain's pipelining).
 
 The drain runs as its own process, ``opsync backlog drain``, with a fault point armed through its
 environment (:mod:`opsync.fault_points`): the harness waits until the process is blocked at the point,
@@ -63,16 +64,18 @@ def posted(own_redis, api_client, auth_headers, planning):
             "status_urls": [t["status_url"] for t in txns], "headers": headers, "obs_unit": str(planning["obs_unit"])}
 
 
-def kill_at(point: str, tmp_path: Path) -> str:
-    """Start ``opsync backlog drain`` armed at ``point``, SIGKILL it (by pid) once it is blocked there; its consumer name."""
+def kill_at(point: str, tmp_path: Path, batch: int = 1000, before_kill=lambda: None) -> str:
+    """Start ``opsync backlog drain`` armed at ``point``, SIGKILL it (by pid) once it is blocked there and
+    ``before_kill`` has returned; its consumer name."""
     signal_file = tmp_path / f"{point}.pid"
     env = {**os.environ, "OPSYNC_FAULT_POINT": point, "OPSYNC_FAULT_SIGNAL": str(signal_file)}
-    proc = subprocess.Popen([str(OPSYNC), "backlog", "drain"], env=env, cwd=tmp_path,
+    proc = subprocess.Popen([str(OPSYNC), "backlog", "drain", "--batch", str(batch)], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: signal_file.exists() or proc.poll() is not None, timeout=60, what=f"the drain to reach {point}")
         assert proc.poll() is None, f"the drain ended before {point}: {proc.communicate()}"
         assert int(signal_file.read_text()) == proc.pid
+        before_kill()
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -162,6 +165,34 @@ def test_kill_between_claim_and_commit_redelivers_and_applies_each_transaction_o
     assert (summary.reclaimed, summary.applied, summary.duplicates, summary.dead_lettered) == (TXNS, TXNS, 0, 0)
     assert rows(primary, posted) == (TXNS, TXNS)
     assert [txn_id for txn_id, _ in ledger(primary, posted)] == sorted(posted["txn_ids"])
+    assert pending(buffer) == [] and buffer.client.xlen(buffer.dead_letters) == 0
+    assert replicated_through_the_api(api_client, buffer, replica_engine, posted) == ["replicated"] * TXNS
+    assert rows(replica_engine, posted) == (TXNS, TXNS)
+
+
+def test_kill_with_the_next_batch_claimed_while_the_first_commits_applies_each_transaction_once(
+    tmp_path, buffer, posted, primary, api_client, replica_engine
+):
+    first, second = posted["txn_ids"][:TXNS // 2], posted["txn_ids"][TXNS // 2:]
+
+    def first_committed() -> None:  # the first batch's commit was in flight when the second was claimed: let it land
+        wait_for(lambda: len(ledger(primary, posted)) == len(first), timeout=30, what="the first batch's commit")
+
+    dead = kill_at("next_claimed", tmp_path, batch=TXNS // 2, before_kill=first_committed)
+
+    killed = ledger(primary, posted)
+    assert sorted(txn_id for txn_id, _ in killed) == sorted(first)  # the first batch committed, alone...
+    assert rows(primary, posted) == (TXNS // 2, TXNS // 2)
+    assert states(buffer, posted) == ["accepted"] * TXNS  # ...neither batch was acknowledged...
+    assert [(p["consumer"].decode(), p["times_delivered"]) for p in pending(buffer)] == [(dead, 1)] * TXNS  # ...both claimed
+
+    summary = take_over(buffer, primary)
+
+    assert (summary.reclaimed, summary.applied, summary.duplicates, summary.dead_lettered) == (TXNS, TXNS // 2, TXNS // 2, 0)
+    assert rows(primary, posted) == (TXNS, TXNS)  # no duplicate, nothing lost
+    after = dict(ledger(primary, posted))
+    assert {t: after[t] for t in first} == dict(killed)  # the first batch skipped: as the killed process applied it
+    assert sorted(after) == sorted(posted["txn_ids"]) and {after[t] for t in second}.isdisjoint(after[t] for t in first)
     assert pending(buffer) == [] and buffer.client.xlen(buffer.dead_letters) == 0
     assert replicated_through_the_api(api_client, buffer, replica_engine, posted) == ["replicated"] * TXNS
     assert rows(replica_engine, posted) == (TXNS, TXNS)

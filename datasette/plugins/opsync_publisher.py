@@ -3,7 +3,8 @@
 Started from ``asgi_wrapper`` when the lifespan scope starts: in Datasette 0.65.5 a task created
 in the ``startup`` hook never runs under ``datasette serve`` (it lands on a throwaway loop). The
 publisher's blocking loop runs in a worker thread; if it ever dies it is restarted with backoff,
-and on shutdown it is told to stop and awaited. Enable it with ``--plugins-dir datasette/plugins``
+and on shutdown it is told to stop and awaited. Installed opsync registers it (a ``datasette`` entry
+point); ``OPSYNC_DATASETTE_PUBLISHER=false`` leaves it out where the publisher runs as its own process
 (settings from the ``OPSYNC_*`` environment, see ``opsync.config``).
 """
 
@@ -58,6 +59,8 @@ def run_publisher(stop: threading.Event) -> None:
 
 @hookimpl
 def asgi_wrapper(datasette):
+    if not get_settings().datasette_publisher:
+        return None
     supervisor = Supervisor()
 
     def wrap(app):

@@ -4,15 +4,17 @@ The site comes up as ``make up`` brings it (in a temporary directory, on free po
 site and the replica reach the primary only through a :class:`~opsync.stack.wan.WanProxy` this process
 controls. Writer threads post through the public API with :class:`~opsync.client.OpsyncClient`:
 batches of housekeeping samples, observation transactions with dependent steps, updates of rows
-that are likely still buffered, resubmissions of earlier requests with their Idempotency-Key, and
-a few transactions the primary must refuse (an unknown ``obs_unit_id``: valid at the site, a
-foreign-key violation in Cologne). Every 202 is logged with what it must have left behind.
-Meanwhile :class:`~opsync.stack.faults.Faults` kills, stops and cuts things at seeded moments.
+that are likely still buffered, deletes of files, resubmissions of earlier requests with their
+Idempotency-Key, and a few transactions the primary must refuse (an unknown ``obs_unit_id``: valid at
+the site, a foreign-key violation in Cologne). Every 202 is logged with what it must have left
+behind; each update and delete is read back at once through the API's merged view. Meanwhile
+:class:`~opsync.stack.faults.Faults` kills, stops and cuts things, every kind until it took effect.
 
 Then the faults are healed, the site settles, and the log is checked against the primary, the
-replica, the read model (its SQLite file), the buffer (Redis) and the status API. Progress goes to
-stderr; the last stdout line is one JSON object (see README "Soak test"); the exit code is 1 when
-anything was lost, duplicated, stuck or stale.
+replica, the read model (its SQLite file), the API's merged pages, Datasette's JSON, the buffer
+(Redis) and the status API. Progress goes to stderr; the last stdout line is one JSON object (see
+README "Soak test"); the exit code is 1 when anything was lost, duplicated, stuck, stale or
+undeleted, a valid transaction was dead-lettered, or a kind of fault never took effect.
 
     python -m opsync.stack.soak --duration 300 --seed 42 --records 5000
 """
@@ -32,6 +34,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,7 +49,7 @@ from opsync.buffer import Buffer
 from opsync.client import ApiError, OpsyncClient, Unavailable
 from opsync.envelope import Receipt
 from opsync.read_model import json_text, utc_text
-from opsync.stack.faults import BASE_RTT_S, Faults
+from opsync.stack.faults import BASE_RTT_S, KINDS, Faults
 from opsync.stack.local import LocalStack
 from opsync.stack.settings import StackSettings
 from opsync.stack.wan import WanProxy
@@ -73,6 +76,9 @@ T0 = datetime(2026, 11, 21, tzinfo=UTC)
 STATUS_CHUNK = 200  # transaction ids per status request: the URL stays well below server limits
 WRITERS = 2
 RECENT = 30  # observations a writer may still update, requests it may resubmit
+HARMS = (  # counts in the result that fail the run when not zero
+    "lost", "duplicated", "stuck", "stale", "undeleted", "dead_lettered_valid", "read_mismatches", "refused", "unresolved",
+)
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 started_at = time.monotonic()
@@ -87,10 +93,15 @@ class Acks:
     """The harness's log of every 202: the rows each acknowledged write must leave, with their final values."""
 
     rows: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # id -> (table, expected values)
+    deleted: dict[str, str] = field(default_factory=dict)  # id -> table: rows an acknowledged delete removed
     txns: dict[str, bool] = field(default_factory=dict)  # txn_id -> refused by the primary on purpose
     records: int = 0
     updates: int = 0
+    deletes: int = 0
     resubmitted: int = 0
+    in_flight: int = 0  # write requests sent and not answered yet (what a killed API or publisher has to deal with)
+    read_mismatches: list[str] = field(default_factory=list)  # a merged read right after a write that did not show it
+    reads_unanswered: int = 0  # such reads that got no answer (a fault): not checked
     replay_mismatches: list[str] = field(default_factory=list)  # a resubmission answered with another transaction
     refused: list[str] = field(default_factory=list)  # answers that should not have come (4xx, 500)
     unresolved: int = 0  # requests still unanswered when the harness gave up
@@ -110,6 +121,12 @@ class Acks:
             self.rows[key][1].update(changes)
             self.updates += 1
 
+    def removed(self, receipt: Receipt, key: str) -> None:
+        with self.lock:
+            self.txns[str(receipt.txn_id)] = False
+            self.deleted[key] = self.rows.pop(key)[0]
+            self.deletes += 1
+
     def valid_txns(self) -> list[str]:
         return [txn for txn, invalid in self.txns.items() if not invalid]
 
@@ -124,10 +141,12 @@ class Plan:
     invalid: int  # transactions the primary must refuse
     write_until: float  # monotonic: stop starting writes once the quota is met
     give_up_at: float  # monotonic: stop retrying an unanswered request
+    faults_done: threading.Event  # writes go on until the faults are done: each needs writes in flight
 
 
 class Writer(threading.Thread):
-    """One script writing continuously: samples, observations, updates, resubmissions; paced to spread its quota."""
+    """One script writing continuously: samples, observations, updates, deletes, resubmissions; paced to spread
+    its quota. Each update and delete is read back at once through the API's merged view."""
 
     def __init__(self, index: int, api: str, token: str, fixtures: dict[str, str], plan: Plan, acks: Acks) -> None:
         super().__init__(name=f"writer-{index}", daemon=True)
@@ -138,16 +157,21 @@ class Writer(threading.Thread):
         self.calls = 0
         self.sent: list[tuple[str, tuple, str, str]] = []  # recent (method, args, key, txn_id) to resubmit
         self.observations: list[dict[str, Any]] = []  # recent observations to update
+        self.deletable: list[tuple[str, str]] = []  # recent (table, id) of files to delete (the one deletable buffered table)
         self.invalid_at = sorted(self.rng.randrange(plan.quota) for _ in range(plan.invalid))
         self.client: OpsyncClient | None = None
+        self.reader: httpx.Client | None = None  # merged reads right after a write
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            with OpsyncClient(self.api, self.token, timeout=15, retries=6, backoff=0.25, max_backoff=4) as self.client:
+            with (
+                OpsyncClient(self.api, self.token, timeout=15, retries=6, backoff=0.25, max_backoff=4) as self.client,
+                httpx.Client(base_url=self.api, headers={"Authorization": f"Bearer {self.token}"}, timeout=10) as self.reader,
+            ):
                 began = time.monotonic()
                 rate = self.plan.quota / max(1.0, self.plan.write_until - began)
-                while time.monotonic() < self.plan.write_until or self.written < self.plan.quota:
+                while time.monotonic() < self.plan.write_until or self.written < self.plan.quota or not self.plan.faults_done.is_set():
                     if time.monotonic() > self.plan.give_up_at:
                         break
                     self.step()
@@ -160,9 +184,11 @@ class Writer(threading.Thread):
         if self.invalid_at and self.written >= self.invalid_at[0]:
             self.invalid_at.pop(0)
             return self.observation(invalid=True)
-        op = self.rng.choices(["samples", "observation", "update", "resubmit"], weights=[5, 3, 3, 1])[0]
+        op = self.rng.choices(["samples", "observation", "update", "delete", "resubmit"], weights=[5, 3, 3, 2, 1])[0]
         if op == "update" and self.observations:
             return self.update()
+        if op == "delete" and self.deletable:
+            return self.delete()
         if op == "resubmit" and self.sent:
             return self.resubmit()
         return self.observation() if op == "observation" else self.samples()
@@ -214,6 +240,7 @@ class Writer(threading.Thread):
         self.acks.created(receipt, rows)
         self.written += len(rows)
         self.observations = [*self.observations, {"obs": str(receipt.ids[0]), "pkg": package, "start": start}][-RECENT:]
+        self.deletable = [*self.deletable, *(("raw_data_file", str(key)) for key in receipt.ids[2:])][-RECENT:]
 
     def update(self) -> None:
         """Change a recent observation or its package: most are still buffered, some already replicated."""
@@ -234,6 +261,30 @@ class Writer(threading.Thread):
             }
         if receipt := self.call("update", table, key, changes):
             self.acks.updated(receipt, key, changes)
+            self.read_back(table, key, changes)
+
+    def delete(self) -> None:
+        """Delete a recent file (most still buffered): gone at once from the merged view, and for good."""
+        table, key = self.deletable.pop(self.rng.randrange(len(self.deletable)))
+        if receipt := self.call("delete", table, key):
+            self.acks.removed(receipt, key)
+            self.read_back(table, key, None)
+
+    def read_back(self, table: str, key: str, changes: dict[str, Any] | None) -> None:
+        """The merged view right after a 202: the row with the changes, or (``None``) no row. One try: a fault
+        that keeps the read from an answer is counted, not retried; a wrong answer is a mismatch."""
+        try:
+            response = self.reader.get(f"/v1/records/{table}/{key}")
+        except httpx.HTTPError:
+            response = None
+        if response is None or response.status_code not in (200, 404):
+            with self.acks.lock:
+                self.acks.reads_unanswered += 1
+            return
+        seen = response.json() if response.status_code == 200 else None
+        if (seen is None) != (changes is None) or (seen is not None and stale(changes, seen)):
+            with self.acks.lock:
+                self.acks.read_mismatches.append(f"{table} {key}: {changes or 'deleted'} read as {seen}")
 
     def resubmit(self) -> None:
         """Send an earlier request again with its Idempotency-Key: the answer must be the original's, nothing new written."""
@@ -256,7 +307,8 @@ class Writer(threading.Thread):
         """As a careful script does: on no answer, the same request with the same key again until it is answered."""
         while True:
             try:
-                return getattr(self.client, method)(*args, idempotency_key=key)
+                with self.open_request():
+                    return getattr(self.client, method)(*args, idempotency_key=key)
             except Unavailable as exc:
                 if time.monotonic() > self.plan.give_up_at:
                     with self.acks.lock:
@@ -269,6 +321,17 @@ class Writer(threading.Thread):
                     self.acks.refused.append(f"{method} ({key}): {exc}")
                 say(f"{self.name}: refused: {exc}")
                 return None
+
+    @contextmanager
+    def open_request(self) -> Iterator[None]:
+        """Counted while unanswered: the faults that need requests in flight wait for one."""
+        with self.acks.lock:
+            self.acks.in_flight += 1
+        try:
+            yield
+        finally:
+            with self.acks.lock:
+                self.acks.in_flight -= 1
 
 
 def pick(values: dict[str, Any], table: str) -> dict[str, Any]:
@@ -327,13 +390,14 @@ class Soak:
         self.wait_streaming_through_link()
         fixtures = self.fixtures()
         up_s = time.monotonic() - up_started
-        faults = Faults(self.stack, self.wan, random.Random(f"{self.seed}/faults"), say)
+        faults = Faults(self.stack, self.wan, random.Random(f"{self.seed}/faults"), say, lambda: self.acks.in_flight)
+        faults_done = threading.Event()
         write_started = time.monotonic()
         write_until = write_started + self.duration_s
         writers = [
             Writer(i, self.api, self.token, fixtures, Plan(
                 self.seed, -(-self.records // WRITERS), -(-self.invalid // WRITERS),
-                write_until, write_until + self.duration_s / 2 + self.settle_timeout_s,
+                write_until, write_until + self.duration_s / 2 + self.settle_timeout_s, faults_done,
             ), self.acks)
             for i in range(WRITERS)
         ]
@@ -341,7 +405,7 @@ class Soak:
         for writer in writers:
             writer.start()
         fault_error: list[BaseException] = []
-        injector = threading.Thread(target=guarded(faults.schedule, fault_error), args=(write_until, self.fault_gap_s))
+        injector = threading.Thread(target=guarded(faults.schedule, fault_error, faults_done), args=(write_until, self.fault_gap_s))
         injector.start()
         ticks = 0
         while any(w.is_alive() for w in writers) or injector.is_alive():
@@ -360,9 +424,9 @@ class Soak:
         return {
             "seed": self.seed, "duration_s": self.duration_s,
             "acknowledged": self.acks.records, "transactions": len(self.acks.valid_txns()),
-            "updates": self.acks.updates, "resubmitted": self.acks.resubmitted,
+            "updates": self.acks.updates, "deletes": self.acks.deletes, "resubmitted": self.acks.resubmitted,
             "invalid_sent": len(self.acks.invalid_txns()),
-            "faults": dict(sorted(faults.injected.items())), "fault_kinds": len(faults.injected),
+            "faults": faults.counts(), "fault_kinds": sum(1 for c in faults.counts().values() if c["effective"]),
             **report,
             "refused": len(self.acks.refused), "unresolved": self.acks.unresolved, "errors": errors,
             "settled": settled, "settle_s": round(settle_s, 1), "up_s": round(up_s, 1), "write_s": round(write_s, 1),
@@ -425,10 +489,12 @@ class Soak:
         return found
 
     def read_model_rows(self) -> dict[str, dict[str, Any]]:
-        """The read model's rows of every acknowledged record, by id: state and checked columns."""
+        """The read model's rows of every acknowledged record, deleted ones too, by id: state and checked columns."""
         found: dict[str, dict[str, Any]] = {}
         by_table: dict[str, list[str]] = {}
-        for key, (table, _) in list(self.acks.rows.items()):
+        with self.acks.lock:
+            tables = [*((key, table) for key, (table, _) in self.acks.rows.items()), *self.acks.deleted.items()]
+        for key, table in tables:
             by_table.setdefault(table, []).append(key)
         with sqlite3.connect(f"file:{self.stack.read_model_path}?mode=ro", uri=True, timeout=10) as db:
             for table, keys in by_table.items():
@@ -439,7 +505,7 @@ class Soak:
         return found
 
     def read_model_behind(self) -> int:
-        """Acknowledged rows the read model does not yet show as replicated with their last values."""
+        """Acknowledged rows the read model does not yet show as replicated with their last values, or still shows deleted."""
         try:
             rows = self.read_model_rows()
         except sqlite3.Error as exc:
@@ -448,7 +514,41 @@ class Soak:
         return sum(
             1 for key, (_, expected) in self.acks.rows.items()
             if (row := rows.get(key)) is None or row["_sync_state"] != "replicated" or stale(expected, row)
-        )
+        ) + sum(1 for key in self.acks.deleted if key in rows)
+
+    def api_rows(self) -> dict[str, dict[str, Any]]:
+        """Every row of the buffered tables as the API's merged view pages them (``GET /v1/records/{table}``), by id."""
+        found: dict[str, dict[str, Any]] = {}
+        with httpx.Client(base_url=self.api, headers={"Authorization": f"Bearer {self.token}"}, timeout=30) as http:
+            for table in CHECKED:
+                after = None
+                while True:
+                    response = http.get(f"/v1/records/{table}", params={"limit": 1000, **({"after": after} if after else {})})
+                    response.raise_for_status()
+                    page = response.json()
+                    found.update((str(row["id"]), row) for row in page["rows"])
+                    if not (after := page["next"]):
+                        break
+        return found
+
+    def datasette_rows(self) -> dict[str, dict[str, Any]]:
+        """Every row of the buffered tables as Datasette's JSON API pages them (``/opsync/{table}.json``), by id.
+
+        Paged in key order (``_sort=id``): under a table's default sort on a column with ties (two writers'
+        samples share ``sampled_at``) Datasette 0.65.5 orders its first page without the key as tie-break,
+        so a row at the page boundary can be skipped."""
+        found: dict[str, dict[str, Any]] = {}
+        base = f"http://{self.stack.settings.host}:{self.stack.settings.datasette_port}"
+        with httpx.Client(timeout=30) as http:
+            for table in CHECKED:
+                url: str | None = f"{base}/{self.stack.read_model_path.stem}/{table}.json?_shape=objects&_size=max&_sort=id"
+                while url:
+                    response = http.get(url)
+                    response.raise_for_status()
+                    page = response.json()
+                    found.update((str(row["id"]), row) for row in page["rows"])
+                    url = page.get("next_url")
+        return found
 
     def buffer(self) -> Buffer:
         return Buffer(redis.Redis.from_url(self.stack.redis.url, socket_timeout=10))
@@ -480,30 +580,46 @@ class Soak:
                     found[str(row[0])] = {"table": table, **dict(zip(columns[1:], row[1:], strict=True))}
         return found
 
+    def readers_rows(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """The rows as the API and Datasette serve them; a reader that does not answer shows none (all lost)."""
+        found = []
+        for name, rows in (("API", self.api_rows), ("Datasette", self.datasette_rows)):
+            try:
+                found.append(rows())
+            except (httpx.HTTPError, KeyError, ValueError) as exc:
+                say(f"{name} rows unreadable: {exc!r}")
+                found.append({})
+        return found[0], found[1]
+
     def ledger(self) -> list[str]:
         with self.stack.primary.connect() as conn:
             return [str(row[0]) for row in conn.execute("SELECT txn_id FROM sync_ledger")]
 
     def check(self) -> dict[str, Any]:
-        """Every acknowledged record once in the primary, in the replica, replicated in the read model, with its
-        last update; every transaction final as expected; nothing left in the buffer; no second row anywhere."""
-        expected = dict(self.acks.rows)
+        """Every acknowledged record once in the primary, in the replica, replicated in the read model, the API
+        and Datasette, with its last update; every deleted one nowhere; every transaction final as expected
+        (no valid one dead-lettered); nothing left in the buffer; no second row anywhere."""
+        expected, deleted = dict(self.acks.rows), set(self.acks.deleted)
         primary, replica = self.database_rows(self.stack.primary), self.database_rows(self.stack.replica)
         try:
             model = self.read_model_rows()
         except sqlite3.Error as exc:  # counted below: every row then is not replicated in the read model
             say(f"read model unreadable: {exc}")
             model = {}
+        api, datasette = self.readers_rows()
         statuses = self.statuses(list(self.acks.txns))
         missing_primary = {k for k in expected if k not in primary}
         missing_replica = {k for k in expected if k not in replica}
         not_replicated = {k for k in expected if (model.get(k) or {}).get("_sync_state") != "replicated"}
+        missing_api = {k for k in expected if (api.get(k) or {}).get("_sync_state") != "replicated"}
+        missing_datasette = {k for k in expected if (datasette.get(k) or {}).get("_sync_state") != "replicated"}
         stale_rows = {
             k for k, (_, values) in expected.items()
-            if any(k in rows and stale(values, rows[k]) for rows in (primary, replica, model))
+            if any(k in rows and stale(values, rows[k]) for rows in (primary, replica, model, api, datasette))
         }
+        undeleted = {k for k in deleted if any(k in rows for rows in (primary, replica, model, api, datasette))}
         acked = set(self.acks.txns)
-        extra_rows = [k for k in primary if k not in expected]
+        extra_rows = [k for k in primary if k not in expected and k not in deleted]
         unacked_ledger = [t for t in self.ledger() if t not in acked]
         state = {t: (s or {}).get("state") for t, s in statuses.items()}
         invalid = set(self.acks.invalid_txns())
@@ -516,9 +632,11 @@ class Soak:
             dead = [e[1].get(b"txn_id", b"").decode() for e in buffer.client.xrange(buffer.dead_letters)]
         finally:
             buffer.client.close()
+        dead_valid = {t for t in dead if t not in invalid} | set(valid_failed)
         details = {
             "missing_primary": len(missing_primary), "missing_replica": len(missing_replica),
-            "read_model_not_replicated": len(not_replicated), "valid_failed": len(valid_failed),
+            "read_model_not_replicated": len(not_replicated), "api_not_replicated": len(missing_api),
+            "datasette_not_replicated": len(missing_datasette), "valid_failed": len(valid_failed),
             "extra_rows": len(extra_rows), "unacknowledged_ledger_txns": len(unacked_ledger),
             "replay_mismatches": len(self.acks.replay_mismatches), "not_final": len(not_final),
             "invalid_not_failed": len(invalid_not_failed), "buffer": leftovers,
@@ -526,7 +644,10 @@ class Soak:
         }
         for name, sample in (
             ("missing in the primary", missing_primary), ("missing in the replica", missing_replica),
-            ("not replicated in the read model", not_replicated), ("stale", stale_rows), ("extra rows", extra_rows),
+            ("not replicated in the read model", not_replicated), ("not replicated in the API's merged view", missing_api),
+            ("not replicated in Datasette's JSON", missing_datasette), ("stale", stale_rows), ("extra rows", extra_rows),
+            ("deleted but still there", undeleted), ("valid but dead-lettered", dead_valid),
+            ("merged reads after a write that did not show it", self.acks.read_mismatches),
             ("not final", not_final), ("valid but failed", valid_failed), ("refused", self.acks.refused),
             ("replay mismatches", self.acks.replay_mismatches),
         ):
@@ -534,22 +655,27 @@ class Soak:
                 say(f"{name}: {len(sample)}, e.g. {sorted(sample)[:5]}")
         return {
             "invalid_failed": len(invalid) - len(invalid_not_failed),
-            "lost": len(missing_primary | missing_replica | not_replicated),
+            "lost": len(missing_primary | missing_replica | not_replicated | missing_api | missing_datasette),
             "duplicated": len(extra_rows) + len(unacked_ledger) + len(self.acks.replay_mismatches),
             "stuck": len(not_final) + len(invalid_not_failed) + sum(leftovers.values()),
             "stale": len(stale_rows),
+            "undeleted": len(undeleted),
+            "dead_lettered_valid": len(dead_valid),
+            "read_mismatches": len(self.acks.read_mismatches), "reads_unanswered": self.acks.reads_unanswered,
             "details": details,
         }
 
 
-def guarded(target: Callable, errors: list[BaseException]) -> Callable:
-    """``target`` for a thread, its exception kept for the report instead of lost in the thread."""
+def guarded(target: Callable, errors: list[BaseException], done: threading.Event) -> Callable:
+    """``target`` for a thread, its exception kept for the report instead of lost in the thread; ``done`` set after."""
     def run(*args) -> None:
         try:
             target(*args)
         except BaseException as exc:
             errors.append(exc)
             traceback.print_exc()
+        finally:
+            done.set()
     return run
 
 
@@ -572,9 +698,14 @@ def airflow_port() -> int:
             continue
 
 
-def failed(result: dict[str, Any]) -> bool:
-    counts = ("lost", "duplicated", "stuck", "stale", "refused", "unresolved")
-    return any(result[name] for name in counts) or bool(result["errors"]) or not result["settled"]
+def failures(result: dict[str, Any]) -> list[str]:
+    """Why the run failed (none: it passed): a count of harm, an error, no settling, or a kind of fault that
+    never took effect (then the run proved nothing about it)."""
+    found = [f"{name}: {result[name]}" for name in HARMS if result[name]]
+    found += [f"{kind}: no effect in {result['faults'].get(kind, {}).get('injected', 0)} injections"
+              for kind in KINDS if not result["faults"].get(kind, {}).get("effective")]
+    found += [f"error: {error}" for error in result["errors"]]
+    return found if result["settled"] else [*found, f"not settled within {result['settle_s']} s"]
 
 
 def parse_gap(value: str) -> tuple[float, float]:
@@ -620,8 +751,9 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"run directory kept: {run_dir}")
             else:
                 shutil.rmtree(run_dir, ignore_errors=True)
+    result["failures"] = failures(result)
     print(json.dumps(result), flush=True)
-    return 1 if failed(result) else 0
+    return 1 if result["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -149,6 +149,7 @@ class WanProxy:
         self._server: asyncio.Server | None = None
         self._up: asyncio.Event | None = None
         self._links: dict[Link, asyncio.Task] = {}
+        self.held = 0  # chunks that arrived while the link was cut: shows a blackhole held live traffic
 
     def start(self) -> int:
         """Listen (on a free port unless one was given) and return the port."""
@@ -233,6 +234,7 @@ class WanProxy:
     async def until(self, due: float) -> None:
         """Wait until ``due`` has come with the link up; re-checked after each wait, as the link may be cut meanwhile."""
         loop = asyncio.get_running_loop()
+        self.held += not self._up.is_set()
         while not self._up.is_set() or loop.time() < due:
             await self._up.wait()
             await asyncio.sleep(max(0.0, due - loop.time()))

@@ -1,9 +1,11 @@
 """Operators over :mod:`opsync.drain`, :mod:`opsync.reconcile` and :mod:`opsync.read_model_check`: connections in,
 plain log lines out."""
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from airflow.sdk import BaseOperator
+from sqlalchemy import Engine
 
 from opsync.apply import Transient
 from opsync.config import SiteType, get_settings
@@ -43,8 +45,19 @@ def readable_position(primary_conn_id: str = PRIMARY_CONN_ID, replica_conn_id: s
         return replica_position(replica)
 
 
+@contextmanager
+def readable_source(primary: Engine, replica_conn_id: str = REPLICA_CONN_ID) -> Iterator[Callable[[], Lsn]]:
+    """:func:`readable_position` as a function for a whole task: one replica engine, asked between batches."""
+    if get_settings().site_type is SiteType.main:
+        yield lambda: current_position(primary)
+        return
+    with engine(replica_conn_id) as replica:
+        yield lambda: replica_position(replica)
+
+
 class DrainOperator(BaseOperator):
-    """Claim → apply → acknowledge until a batch comes back less than full or the budget is spent.
+    """Claim → apply → acknowledge until a batch comes back less than full or the budget is spent; between
+    batches, confirm what the replica has passed already (the ``confirm`` task after the sensor does the rest).
 
     Returns (as XCom) the highest commit LSN of the run for the replica sensor, ``""`` when nothing
     was committed (a None would not be stored, and the sensor's pull would log a missing XCom). A
@@ -56,9 +69,11 @@ class DrainOperator(BaseOperator):
 
     def __init__(
         self, *, budget_s: float = 60, batch_size: int = 1000, batch_timeout_s: float = 60, reclaim_idle_s: float = 60,
-        buffer_conn_id: str = BUFFER_CONN_ID, primary_conn_id: str = PRIMARY_CONN_ID, **kwargs,
+        buffer_conn_id: str = BUFFER_CONN_ID, primary_conn_id: str = PRIMARY_CONN_ID,
+        replica_conn_id: str = REPLICA_CONN_ID, **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self.replica_conn_id = replica_conn_id
         self.budget_s = budget_s
         self.batch_size = batch_size
         self.batch_timeout_s = batch_timeout_s
@@ -68,11 +83,14 @@ class DrainOperator(BaseOperator):
 
     def execute(self, context) -> str:
         buffer = SiteBufferHook(self.buffer_conn_id).get_buffer()
-        with engine(self.primary_conn_id, autocommit=True) as primary:  # apply_batch's alone: two round trips fewer
+        with (
+            engine(self.primary_conn_id, autocommit=True) as primary,  # apply_batch's alone: two round trips fewer
+            readable_source(primary, self.replica_conn_id) as readable,
+        ):
             try:
                 summary = drain(
                     buffer, primary, budget_s=self.budget_s, batch_size=self.batch_size,
-                    timeout_s=self.batch_timeout_s, min_idle_ms=int(self.reclaim_idle_s * 1000),
+                    timeout_s=self.batch_timeout_s, min_idle_ms=int(self.reclaim_idle_s * 1000), readable=readable,
                 )
             except Transient as exc:
                 depth = buffer_stats(buffer.client, buffer).depth

@@ -1,6 +1,7 @@
 """Registers the "Sync status" page with Airflow: its FastAPI app on the API server, its entry in the navigation.
 
-The code lives in the installed package (:mod:`opsync_airflow.ui`); this file only tells Airflow where.
+Registered through the package's ``airflow.plugins`` entry point, so every Airflow that has opsync installed
+loads it, with no plugins folder configured.
 """
 
 from airflow.plugins_manager import AirflowPlugin

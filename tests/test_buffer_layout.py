@@ -1,0 +1,139 @@
+"""The buffer's compact Redis layout: replicated statuses in bucket hashes, packed idempotency records,
+confirmation in bounded bulk calls; and records of the earlier layout, still read and drained."""
+
+import hashlib
+import json
+import uuid
+
+import pytest
+
+import opsync.buffer
+from opsync import drain
+from opsync.buffer import Buffer, IdempotencyConflict, Settlement
+from opsync.envelope import State
+from opsync.ingest import StepIn, answer, build_transaction
+from opsync.lsn import Lsn
+
+AT = "2026-12-07T06:00:00.123456+00:00"
+
+
+@pytest.fixture
+def buffer(redis_server):
+    return Buffer(redis_server.client(), prefix=f"layout-{uuid.uuid4().hex[:8]}", status_ttl_s=4321)
+
+
+def housekeeping(steps: int = 1, key: str | None = None):
+    """A transaction of ``steps`` housekeeping samples, as the API builds it (references are not checked here)."""
+    rows = [StepIn(table="housekeeping_sample", values={
+        "instrument_module_id": str(uuid.uuid4()), "sensor": "mixer", "sampled_at": "2026-11-21T02:00:00Z",
+        "value": 4.2, "unit": "K",
+    }) for _ in range(steps)]
+    return build_transaction(rows, "test", key)
+
+
+def body_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def settle_committed(buffer: Buffer, lsn: int) -> list[str]:
+    """Claim everything and settle it committed at ``lsn`` (no primary: what Redis holds is under test)."""
+    entries = buffer.claim("test", 10_000)
+    txn_ids = [json.loads(e.envelope)["txn_id"] for e in entries]
+    buffer.settle([Settlement("committed", e.stream_id, t) for e, t in zip(entries, txn_ids, strict=True)], Lsn(lsn), AT)
+    return txn_ids
+
+
+def test_a_replicated_status_moves_into_its_bucket_with_every_figure_kept(buffer):
+    buffer.ensure_group()
+    txns = [housekeeping() for _ in range(3)]
+    for txn in txns:
+        buffer.enqueue(txn, answer(txn, State.accepted), ("script", str(uuid.uuid4())), body_hash("x"), in_replica=())
+    settle_committed(buffer, 0x3000)
+    committed = buffer.statuses([t.txn_id for t in txns])
+
+    assert drain.confirm(buffer, Lsn(0x3000)).confirmed == 3
+
+    for txn, before, after in zip(txns, committed, buffer.statuses([t.txn_id for t in txns]), strict=True):
+        assert not buffer.client.exists(buffer.status_key(txn.txn_id))
+        bucket, _ = buffer.final_key(txn.txn_id)
+        assert 4321 - 5 <= buffer.client.ttl(bucket) <= 4321
+        expected = {k: v for k, v in before.items() if k != "stream_id"} | {"state": "replicated"}
+        assert after == expected | {"replicated_at": after["replicated_at"]}
+        assert after["accepted_at"] == txn.accepted_at.isoformat() and after["committed_at"] == AT
+        assert after["tables"] == "housekeeping_sample" and after["commit_lsn"] == str(Lsn(0x3000))
+    assert drain.confirm(buffer, Lsn(0x3000)).confirmed == 0  # idempotent
+
+
+def test_a_redelivered_duplicate_of_a_replicated_transaction_stays_replicated(buffer):
+    """SETTLE finds the status in its bucket: a duplicate does not make it committed (and awaiting) again."""
+    buffer.ensure_group()
+    txn = housekeeping()
+    buffer.enqueue(txn, answer(txn, State.accepted), in_replica=())
+    [txn_id] = settle_committed(buffer, 0x1000)
+    drain.confirm(buffer, Lsn(0x1000))
+    again = buffer.client.xadd(buffer.stream, {"txn": txn.model_dump_json()})
+    buffer.claim("test", 10)
+    buffer.settle([Settlement("duplicate", again.decode(), txn_id)], Lsn(0x2000), AT)
+    assert buffer.status(txn_id)["state"] == "replicated"
+    assert buffer.client.zcard(buffer.awaiting_replica) == 0
+
+
+def test_confirmation_in_bulk_stops_at_its_budget_and_the_rest_follow(buffer, monkeypatch):
+    monkeypatch.setattr(opsync.buffer, "CONFIRM_STEPS", 3)
+    buffer.ensure_group()
+    txns = [housekeeping(steps=4) for _ in range(5)] + [housekeeping() for _ in range(20)]
+    for txn in txns:
+        buffer.enqueue(txn, answer(txn, State.accepted), in_replica=())
+    settle_committed(buffer, 0x1000)
+    due = [(str(t.txn_id), s["stream_id"]) for t, s in zip(txns, buffer.statuses([t.txn_id for t in txns]), strict=True)]
+
+    assert buffer.mark_replicated(due, AT) == len(txns)
+
+    assert {s["state"] for s in buffer.statuses([t.txn_id for t in txns])} == {"replicated"}
+    assert buffer.client.xlen(buffer.stream) == 0
+    assert not buffer.client.keys(f"{buffer.prefix}:row:*") and not buffer.client.keys(f"{buffer.prefix}:idx:*")
+
+
+def test_idempotency_records_of_the_earlier_layout_still_replay_and_conflict(buffer):
+    """A site upgraded with transactions buffered: their records (a hash of body_hash and the JSON answer)
+    answer retries as before, through the enqueue script and through the direct-write path."""
+    txn = housekeeping(key="k1")
+    original = answer(txn, State.accepted)
+    old = buffer.idempotency_key("script", "k1")
+    buffer.client.hset(old, mapping={"body_hash": body_hash("body"), "response": json.dumps(original), "txn_id": str(txn.txn_id)})
+
+    retry = housekeeping(key="k1")
+    replayed = buffer.enqueue(retry, answer(retry, State.accepted), ("script", "k1"), body_hash("body"), in_replica=())
+    assert replayed.replayed and replayed.response == original
+    assert buffer.replay(("script", "k1"), body_hash("body")) == original
+    with pytest.raises(IdempotencyConflict):
+        buffer.enqueue(retry, answer(retry, State.accepted), ("script", "k1"), body_hash("other"), in_replica=())
+    with pytest.raises(IdempotencyConflict):
+        buffer.replay(("script", "k1"), body_hash("other"))
+    assert buffer.client.xlen(buffer.stream) == 0
+
+
+def test_packed_idempotency_records_answer_exactly_the_original(buffer):
+    txn = housekeeping(steps=2, key="k2")
+    original = answer(txn, State.accepted)
+    first = buffer.enqueue(txn, original, ("script", "k2"), body_hash("body"), in_replica=())
+    retry = housekeeping(key="k2")
+    again = buffer.enqueue(retry, answer(retry, State.accepted), ("script", "k2"), body_hash("body"), in_replica=())
+    assert (first.replayed, again.replayed) == (False, True)
+    assert again.response == first.response == json.loads(json.dumps(original))
+    assert len(buffer.client.get(buffer.idempotency_key("script", "k2"))) < len(json.dumps(original))
+    committed = {"txn_id": str(txn.txn_id), "ids": [], "state": "committed", "accepted_at": AT, "commit_lsn": "0/10"}
+    buffer.remember(("script", "k3"), body_hash("b"), committed)
+    assert buffer.replay(("script", "k3"), body_hash("b")) == committed
+
+
+def test_statuses_of_the_earlier_layout_stay_readable_and_drain(buffer):
+    """Replicated statuses kept whole (before the buckets) read as before; buffered entries drain and confirm."""
+    buffer.ensure_group()
+    done = str(uuid.uuid4())
+    buffer.client.hset(buffer.status_key(done), mapping={"state": "replicated", "accepted_at": AT, "replicated_at": AT})
+    txn = housekeeping()
+    buffer.enqueue(txn, answer(txn, State.accepted), in_replica=())
+    settle_committed(buffer, 0x1000)
+    assert drain.confirm(buffer, Lsn(0x1000)).confirmed == 1
+    assert [s["state"] for s in buffer.statuses([done, txn.txn_id, uuid.uuid4()]) if s] == ["replicated", "replicated"]
