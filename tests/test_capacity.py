@@ -22,7 +22,7 @@ from opsync.capacity import MIN_FILL_TXNS, capacity
 from opsync.config import Settings, get_settings
 from opsync.drain_metrics import DrainMetrics
 from opsync.ingest import StepIn, build_transaction
-from opsync.stack.postgres import REPLICATION_SLOT, PostgresServer, provision
+from opsync.stack.postgres import REPLICATION_SLOT, Credentials, PostgresServer, provision
 from opsync.status import site_status
 from tests.conftest import PG_BIN, PG_OS_USER, free_port, wait_for
 from tests.test_drain import confirm_all
@@ -152,12 +152,13 @@ def test_metrics_show_the_forecasts_with_infinity_for_never_and_nothing_for_unkn
 
 
 @pytest.fixture
-def small_slot(tmp_path, migrated):
+def small_slot(service_root):
     """A primary of its own with a streaming replica and ``max_slot_wal_keep_size`` of 64 MB (four WAL segments)."""
-    tmp_path.chmod(0o755)
+    root = service_root / f"small-slot-{secrets.token_hex(4)}"
+    credentials = Credentials(password=secrets.token_urlsafe(16), replication_password=secrets.token_urlsafe(16))
 
     def server(name: str) -> PostgresServer:
-        return PostgresServer(name, tmp_path / name, free_port(), PG_BIN, PG_OS_USER, migrated.primary.credentials)
+        return PostgresServer(name, root / name, free_port(), PG_BIN, PG_OS_USER, credentials)
 
     primary, replica = server("primary"), server("replica")
     provision(primary, replica)
@@ -169,6 +170,7 @@ def small_slot(tmp_path, migrated):
     for srv in (replica, primary):
         if srv.pid() is not None:
             srv.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def slot_finding(buffer: Buffer, primary, replica):
