@@ -19,9 +19,11 @@ tells it while the drain runs.
 
 **The forecasts.** The high-water mark is reached when either of backpressure's marks is
 (:func:`opsync.stats.high_water`): ``high_water_entries`` unsent transactions, or ``used_memory`` at
-``high_water_memory_fraction`` of ``maxmemory``. Both are forecast at the current ingest rate as if nothing
-drained from now on: in an outage that is the countdown, otherwise it is how long an outage starting now
-could last. The drain's ETA is when what waits now (unsent plus awaiting the replica) is replicated or
+``high_water_memory_fraction`` of ``maxmemory``. The transactions left before the first of them are
+:func:`opsync.sizing.room` (finished transactions kept for their TTL count, as they hold memory), each at the
+bytes per transaction measured here or, until that is measured, at the benchmark's figure; the time is that
+room at the current ingest rate, as if nothing drained from now on: in an outage that is the countdown,
+otherwise it is how long an outage starting now could last. The drain's ETA is when what waits now (unsent plus awaiting the replica) is replicated or
 failed, at the rate transactions left that backlog over the window: end to end, so a drain that commits
 while the replica cannot confirm is not shown as making progress.
 
@@ -35,10 +37,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
+from opsync import sizing
 from opsync.buffer import Buffer
 from opsync.config import Settings
 from opsync.drain_metrics import totals_key
 from opsync.lsn import Lsn
+from opsync.stats import Fill, high_water
 
 SAMPLES_PER_WINDOW = 60
 MIN_FILL_TXNS = 1000  # accepted while nothing drained, before bytes per transaction is trusted
@@ -159,18 +163,16 @@ class Capacity:
     applied_per_s: float | None  # transactions the drain applied to the primary
     bytes_per_txn: float | None  # Redis memory per transaction buffered; None: not measured yet
     bytes_measured_over: int  # transactions it was measured over
-    high_water: Forecast  # the earlier of the two marks
-    entries_mark: Forecast
-    memory_mark: Forecast
+    room: int  # transactions the buffer takes before a high-water mark refuses them (opsync.sizing.room)
+    high_water: Forecast  # when the first of backpressure's marks is reached at the current ingest rate
     drain_eta: Forecast
 
     def as_json(self) -> dict:
         return {
             "span_s": self.span_s, "ingest_per_s": self.ingest_per_s, "finished_per_s": self.finished_per_s,
             "applied_per_s": self.applied_per_s, "bytes_per_txn": self.bytes_per_txn,
-            "bytes_measured_over": self.bytes_measured_over,
-            "high_water": self.high_water.as_json(), "entries_mark": self.entries_mark.as_json(),
-            "memory_mark": self.memory_mark.as_json(), "drain_eta": self.drain_eta.as_json(),
+            "bytes_measured_over": self.bytes_measured_over, "room": self.room,
+            "high_water": self.high_water.as_json(), "drain_eta": self.drain_eta.as_json(),
         }
 
 
@@ -224,59 +226,38 @@ def forecast(readings: list[Reading], bytes_per_txn: float | None, bytes_over: i
         return max(0.0, (count(now) - count(first)) / span) if measured else None
 
     ingest = rate(lambda r: r.accepted)
-    unknown = f"measuring: rates need readings at least {min_span_s:g} s apart (have {span:.0f} s)"
-    entries = entries_mark(now, ingest, settings.high_water_entries, span, unknown)
-    memory = memory_mark(now, ingest, bytes_per_txn, maxmemory, settings.high_water_memory_fraction, span, unknown)
+    unknown = f"measuring: rates need readings at least {min_span_s:g} s apart (have {span:.1f} s)"
+    high_water, room = high_water_eta(now, ingest, bytes_per_txn, maxmemory, settings, span, unknown)
     finished = rate(lambda r: r.finished)
     return Capacity(
         span_s=span, ingest_per_s=ingest, finished_per_s=finished, applied_per_s=rate(lambda r: r.applied),
-        bytes_per_txn=bytes_per_txn, bytes_measured_over=bytes_over,
-        high_water=earlier(entries, memory), entries_mark=entries, memory_mark=memory,
+        bytes_per_txn=bytes_per_txn, bytes_measured_over=bytes_over, room=room, high_water=high_water,
         drain_eta=drain_eta(now, finished, span, unknown),
     )
 
 
-def entries_mark(now: Reading, ingest: float | None, mark: int, span: float, unknown: str) -> Forecast:
-    if now.unsent >= mark:
-        return Forecast(0.0, f"{now.unsent:,} unsent transactions: at the high-water mark ({mark:,})")
+def high_water_eta(now: Reading, ingest: float | None, measured_bytes: float | None, maxmemory: int,
+                   settings: Settings, span: float, unknown: str) -> tuple[Forecast, int]:
+    """Backpressure's own verdict says whether the mark is reached; before it, :func:`opsync.sizing.room` counts
+    the transactions left (at the bytes measured here, else at the benchmark's), and the ingest rate times them."""
+    fill = Fill(depth=now.unsent, used_memory=now.used_memory, maxmemory=maxmemory)
+    if reason := high_water(fill, settings):
+        return Forecast(0.0, f"at the high-water mark: {reason}"), 0
+    per_txn = measured_bytes if measured_bytes and measured_bytes > 0 else sizing.BUFFERED_TXN_BYTES
+    left = sizing.room(fill, settings, bytes_per_txn=per_txn)
+    if left == 0:
+        return Forecast(0.0, f"no room for one more transaction of {per_txn:,.0f} bytes under the memory mark"), 0
     if ingest is None:
-        return Forecast(None, unknown)
+        return Forecast(None, unknown), left
     if ingest == 0:
-        return Forecast(math.inf, f"nothing accepted in the last {span:.0f} s")
-    return Forecast((mark - now.unsent) / ingest, f"{mark - now.unsent:,} transactions to the mark ({mark:,}) at {ingest:.3g}/s")
-
-
-def memory_mark(now: Reading, ingest: float | None, per_txn: float | None, maxmemory: int, fraction: float, span: float,
-                unknown: str) -> Forecast:
-    if not maxmemory:
-        return Forecast(math.inf, "Redis has no maxmemory: no memory mark")
-    limit = int(maxmemory * fraction)
-    if now.used_memory >= limit:
-        return Forecast(0.0, f"Redis uses {now.used_memory:,} bytes: at the memory mark ({fraction:.0%} of maxmemory)")
-    if ingest is None:
-        return Forecast(None, unknown)
-    if ingest == 0:
-        return Forecast(math.inf, f"nothing accepted in the last {span:.0f} s")
-    if per_txn is None:
-        return Forecast(None, f"bytes per transaction not measured yet (needs {MIN_FILL_TXNS:,} accepted while nothing drains)")
-    if per_txn <= 0:
-        return Forecast(math.inf, f"memory does not grow with ingest ({per_txn:.0f} bytes per transaction)")
-    left = limit - now.used_memory
-    return Forecast(left / (ingest * per_txn), f"{left:,} bytes to the memory mark at {ingest:.3g}/s x {per_txn:,.0f} bytes")
-
-
-def earlier(entries: Forecast, memory: Forecast) -> Forecast:
-    """The mark reached first; one unknown mark is named, since it might come earlier than the known one."""
-    known = [f for f in (entries, memory) if f.seconds is not None]
-    if not known:
-        return Forecast(None, entries.why)
-    first = min(known, key=lambda f: f.seconds)
-    other = memory if first is entries else entries
-    if other.seconds is None:
-        if math.isinf(first.seconds):
-            return Forecast(None, other.why)
-        return Forecast(first.seconds, f"{first.why}; the other mark unknown: {other.why}")
-    return first
+        return Forecast(math.inf, f"nothing accepted in the last {span:.0f} s ({left:,} transactions of room)"), left
+    if left < settings.high_water_entries - now.unsent:
+        source = "measured" if per_txn == measured_bytes else "as benchmarked"
+        mark = (f"the memory mark ({settings.high_water_memory_fraction:.0%} of maxmemory, {per_txn:,.0f} bytes each,"
+                f" {source})")
+    else:
+        mark = f"the entries mark ({settings.high_water_entries:,})"
+    return Forecast(left / ingest, f"{left:,} transactions to {mark} at {ingest:.3g}/s"), left
 
 
 def drain_eta(now: Reading, finished: float | None, span: float, unknown: str) -> Forecast:

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
 
-from opsync import drain
+from opsync import drain, sizing
 from opsync.alerts import Level, Thresholds, evaluate
 from opsync.buffer import Buffer
 from opsync.capacity import MIN_FILL_TXNS, capacity
@@ -76,27 +76,47 @@ def test_time_to_high_water_from_a_real_buffer_filled_at_a_known_rate(own_redis,
     assert c.bytes_measured_over >= MIN_FILL_TXNS
     assert c.bytes_per_txn == pytest.approx(grown / count, rel=0.2)  # the growth the test measured itself
     assert 300 < c.bytes_per_txn < 10_000
-    assert c.entries_mark.state == "due"
-    assert c.entries_mark.seconds == pytest.approx((10_000 - count) / c.ingest_per_s, rel=0.01)
-    assert c.memory_mark.state == "never" and "no maxmemory" in c.memory_mark.why  
-    assert c.high_water == c.entries_mark
+    assert c.room == 10_000 - count and c.high_water.state == "due" and "entries mark" in c.high_water.why
+    assert c.high_water.seconds == pytest.approx((10_000 - count) / c.ingest_per_s, rel=0.01)
     assert c.drain_eta.state == "never" and "no drain has applied anything yet" in c.drain_eta.why
 
     used = used_memory(buffer)  # a limit whose 90% mark lies 1 MB ahead: the memory mark now comes first
     buffer.client.config_set("maxmemory", int((used + 1_000_000) / 0.9))
     tight = capacity(buffer, settings)
-    assert tight.high_water == tight.memory_mark and tight.memory_mark.state == "due"
+    assert tight.high_water.state == "due" and "memory mark" in tight.high_water.why and "measured" in tight.high_water.why
+    assert tight.room == pytest.approx(1_000_000 / tight.bytes_per_txn, rel=0.1)
     expected = 1_000_000 / (tight.ingest_per_s * tight.bytes_per_txn)
-    assert tight.memory_mark.seconds == pytest.approx(expected, rel=0.1)
+    assert tight.high_water.seconds == pytest.approx(expected, rel=0.1)
 
     quiet = Settings(capacity_window_s=1, high_water_entries=10_000)
     time.sleep(1.1)  # every reading of the one-second window is older than the last write
     capacity(buffer, quiet)
     time.sleep(0.2)
     idle = capacity(buffer, quiet)
-    assert idle.ingest_per_s == 0 and idle.entries_mark.state == "never"
-    assert idle.entries_mark.as_json() == {"seconds": None, "state": "never", "why": idle.entries_mark.why}
+    assert idle.ingest_per_s == 0 and idle.high_water.state == "never" and idle.room > 0
+    assert idle.high_water.as_json() == {"seconds": None, "state": "never", "why": idle.high_water.why}
     assert idle.bytes_per_txn == pytest.approx(c.bytes_per_txn, rel=0.05)  # kept from the fill, though this window saw none
+
+
+def test_before_bytes_are_measured_the_benchmarks_figure_sizes_the_memory_mark_and_a_mark_reached_is_now(own_redis,
+                                                                                                         planning):
+    buffer = Buffer(own_redis.client())
+    settings = Settings(capacity_window_s=60, high_water_entries=10_000)
+    used = used_memory(buffer)
+    buffer.client.config_set("maxmemory", int((used + 2_000_000) / settings.high_water_memory_fraction))
+    capacity(buffer, settings)
+    fill(buffer, planning["module"], 300, 200)
+    c = capacity(buffer, settings)
+
+    assert c.bytes_per_txn is None and "as benchmarked" in c.high_water.why  # 300 are too few to measure
+    free = settings.high_water_memory_fraction * buffer.client.info("memory")["maxmemory"] - used_memory(buffer)
+    assert c.room == pytest.approx(free // sizing.BUFFERED_TXN_BYTES, abs=2)
+    assert c.high_water.seconds == pytest.approx(c.room / c.ingest_per_s, rel=0.01)
+
+    reached = capacity(buffer, Settings(capacity_window_s=60, high_water_entries=300))
+    assert (reached.high_water.seconds, reached.room) == (0, 0) and reached.high_water.state == "now"
+    assert "holds 300 unsent transactions (high-water mark 300)" in reached.high_water.why  # backpressure's own words
+    buffer.client.config_set("maxmemory", 0)
 
 
 def test_drain_eta_from_a_real_drain_and_zero_once_replicated(own_redis, planning, primary_engine, replica_engine):
