@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from opsync.alerts import Finding, Level
-from opsync.capacity import Forecast
+from opsync.capacity import Forecast, duration
 from opsync_airflow.ui.site import Snapshot
 
 CHART_WIDTH, CHART_HEIGHT = 720, 120
@@ -46,14 +46,6 @@ class Chart:
 
 def count(value: int) -> str:
     return f"{value:,}"
-
-
-def duration(seconds: float) -> str:
-    """``42 s``, ``17 min``, ``3 h 05 min``: precise enough to judge, short enough to scan."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    minutes = int(seconds // 60)
-    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def ago(seconds: float) -> str:
