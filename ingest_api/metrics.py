@@ -187,14 +187,18 @@ class CapacityCollector(Collector):
             c = None
         if c is not None:
             rates = {
-                "opsync_buffer_ingest_rate": ("Transactions accepted per second over the capacity window", c.ingest_per_s),
-                "opsync_backlog_finished_rate": ("Transactions per second that left the backlog (replicated or failed)",
-                                                 c.finished_per_s),
-                "opsync_drain_apply_rate": ("Transactions per second the drain applied to the primary", c.applied_per_s),
-                "opsync_buffer_bytes_per_transaction": ("Redis memory per transaction buffered, measured while nothing"
-                                                        " drained", c.bytes_per_txn),
-                "opsync_buffer_high_water_seconds": ("Until the high-water mark at the current ingest rate if nothing"
-                                                     " drains (+Inf: never, 0: reached)", c.high_water.seconds),
+                "opsync_buffer_ingest_transactions_per_second": ("Transactions accepted per second over the capacity"
+                                                                 " window", c.ingest_per_s),
+                "opsync_backlog_finished_transactions_per_second": ("Transactions per second that left the backlog"
+                                                                    " (replicated or failed)", c.finished_per_s),
+                "opsync_drain_applied_transactions_per_second": ("Transactions per second the drain applied to the"
+                                                                 " primary", c.applied_per_s),
+                "opsync_buffer_transaction_memory_bytes": ("Redis memory per transaction buffered, measured while"
+                                                           " nothing drained", c.bytes_per_txn),
+                "opsync_buffer_high_water_room_transactions": ("Transactions the buffer takes before a high-water mark"
+                                                               " refuses writes", c.room),
+                "opsync_buffer_high_water_eta_seconds": ("Until the high-water mark at the current ingest rate if"
+                                                         " nothing drains (+Inf: never, 0: reached)", c.high_water.seconds),
                 "opsync_drain_eta_seconds": ("Until what waits now (unsent, awaiting the replica) is replicated, at the"
                                              " rate the backlog clears (+Inf: it does not, 0: nothing waits)",
                                              c.drain_eta.seconds),

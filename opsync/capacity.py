@@ -23,9 +23,9 @@ tells it while the drain runs.
 :func:`opsync.sizing.room` (finished transactions kept for their TTL count, as they hold memory), each at the
 bytes per transaction measured here or, until that is measured, at the benchmark's figure; the time is that
 room at the current ingest rate, as if nothing drained from now on: in an outage that is the countdown,
-otherwise it is how long an outage starting now could last. The drain's ETA is when what waits now (unsent plus awaiting the replica) is replicated or
-failed, at the rate transactions left that backlog over the window: end to end, so a drain that commits
-while the replica cannot confirm is not shown as making progress.
+otherwise it is how long an outage starting now could last. The drain's ETA is when what waits now
+(unsent plus awaiting the replica) is replicated or failed, at the rate transactions left that backlog over
+the window: end to end, so a drain that commits while the replica cannot confirm is not shown as making progress.
 
 **The slot.** PostgreSQL keeps WAL for the replica's replication slot up to ``max_slot_wal_keep_size``;
 ``safe_wal_size`` is how much more WAL may be written before the slot is invalidated (``wal_status`` turns

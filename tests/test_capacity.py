@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
 
+from ingest_api import deps
 from opsync import drain, sizing
 from opsync.alerts import Level, Thresholds, evaluate
 from opsync.buffer import Buffer
@@ -159,13 +160,27 @@ def test_metrics_show_the_forecasts_with_infinity_for_never_and_nothing_for_unkn
     time.sleep(0.3)
     second = gauges(api_client.get("/metrics").text)
 
-    assert "opsync_buffer_high_water_seconds" not in first and "opsync_drain_eta_seconds" not in first  # one reading
-    assert second["opsync_buffer_ingest_rate"] == 0
-    assert second["opsync_buffer_high_water_seconds"] == math.inf  # nothing accepted since: never at this rate
+    assert "opsync_buffer_high_water_eta_seconds" not in first and "opsync_drain_eta_seconds" not in first  # one reading
+    assert second["opsync_buffer_ingest_transactions_per_second"] == 0
+    assert second["opsync_buffer_high_water_eta_seconds"] == math.inf  # nothing accepted since: never at this rate
     assert second["opsync_drain_eta_seconds"] == math.inf  # 5 wait, nothing drains
     assert second["opsync_replica_slot_up"] == 1 and second["opsync_replica_slot_wal_status{status=reserved}"] == 1
     assert second["opsync_replica_slot_wal_status{status=lost}"] == 0
     assert 0 < second["opsync_replica_slot_safe_wal_bytes"] and second["opsync_replica_slot_max_wal_keep_bytes"] == 10 * 2**30
+    assert second["opsync_buffer_high_water_room_transactions"] > 0
+    assert "opsync_buffer_transaction_memory_bytes" not in second  # 5 transactions measure nothing: absent, never -1
+    ours = {k: v for k, v in second.items() if k.startswith(("opsync_replica_slot", "opsync_buffer_high_water", "opsync_drain_eta"))}
+    assert all(v >= 0 for v in ours.values()), ours
+
+    monkeypatch.setenv("OPSYNC_PRIMARY_URL", f"postgresql+psycopg://opsync:x@127.0.0.1:{free_port()}/opsync")
+    get_settings.cache_clear()
+    deps.get_primary.cache_clear()
+    try:
+        cut = gauges(api_client.get("/metrics").text)
+    finally:
+        deps.get_primary.cache_clear()
+    assert cut["opsync_replica_slot_up"] == 0 and not any(k.startswith("opsync_replica_slot_wal") for k in cut)
+    assert "opsync_drain_eta_seconds" in cut  # the forecasts need Redis only
 
 
 # --- the replica's slot -------------------------------------------------------------------------------------
