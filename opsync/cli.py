@@ -427,7 +427,8 @@ def capacity_rows(report: SiteStatus) -> list[tuple[str, str]]:
     rate = "unknown" if c.ingest_per_s is None else f"{c.ingest_per_s:.3g} transactions/s"
     if c.bytes_per_txn is not None:
         rate += f", {c.bytes_per_txn:,.0f} bytes each (measured over {c.bytes_measured_over:,})"
-    return [("ingest", rate), ("high-water in", escape(c.high_water.describe())), ("drain ETA", escape(c.drain_eta.describe()))]
+    return [("ingest", rate), ("high-water in", escape(c.high_water.describe())),
+            ("room", f"{c.room:,} transactions before the high-water mark"), ("drain ETA", escape(c.drain_eta.describe()))]
 
 
 def read_model_rows(report: SiteStatus) -> list[tuple[str, str]]:
