@@ -7,6 +7,7 @@ exposes them, read at scrape time too. Requests are labelled with the route temp
 IDs cannot blow up the number of series.
 """
 
+import math
 import os
 import time
 from functools import cache
@@ -18,11 +19,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+from sqlalchemy.exc import DBAPIError
 from starlette.types import Message, Receive, Scope, Send
 
-from ingest_api.deps import get_buffer
+from ingest_api.deps import get_buffer, get_primary
 from ingest_api.guards import HttpMiddleware
 from ingest_api.reads import get_replica
+from opsync.capacity import capacity, replication_slot
 from opsync.config import get_settings
 from opsync.drain_metrics import ERROR_CLASSES, drain_metrics
 from opsync.read_model_figures import read_model_figures
@@ -171,9 +174,66 @@ class ReadModelCollector(Collector):
                                     "Age of the oldest change the read model does not show yet (0: caught up)", value=figures.freshness_s)
 
 
+class CapacityCollector(Collector):
+    """The forecasts (:mod:`opsync.capacity`): ``+Inf`` is never at this rate, 0 is already; a figure not measured
+    yet is left out. The replica's slot is read on the primary, so it is left out while the primary is out of reach
+    (``opsync_replica_slot_up`` 0)."""
+
+    def collect(self):
+        buffer, settings = get_buffer(), get_settings()
+        try:
+            c = capacity(buffer, settings)
+        except redis.RedisError:
+            c = None
+        if c is not None:
+            rates = {
+                "opsync_buffer_ingest_transactions_per_second": ("Transactions accepted per second over the capacity"
+                                                                 " window", c.ingest_per_s),
+                "opsync_backlog_finished_transactions_per_second": ("Transactions per second that left the backlog"
+                                                                    " (replicated or failed)", c.finished_per_s),
+                "opsync_drain_applied_transactions_per_second": ("Transactions per second the drain applied to the"
+                                                                 " primary", c.applied_per_s),
+                "opsync_buffer_transaction_memory_bytes": ("Redis memory per transaction buffered, measured while"
+                                                           " nothing drained", c.bytes_per_txn),
+                "opsync_buffer_high_water_room_transactions": ("Transactions the buffer takes before a high-water mark"
+                                                               " refuses writes", c.room),
+                "opsync_buffer_high_water_eta_seconds": ("Until the high-water mark at the current ingest rate if"
+                                                         " nothing drains (+Inf: never, 0: reached)", c.high_water.seconds),
+                "opsync_drain_eta_seconds": ("Until what waits now (unsent, awaiting the replica) is replicated, at the"
+                                             " rate the backlog clears (+Inf: it does not, 0: nothing waits)",
+                                             c.drain_eta.seconds),
+            }
+            for name, (documentation, value) in rates.items():
+                if value is not None:
+                    yield GaugeMetricFamily(name, documentation, value=value)
+        yield from slot_figures(settings.site)
+
+
+def slot_figures(name: str):
+    try:
+        with get_primary().connect() as conn:
+            slot = replication_slot(conn, name)
+    except DBAPIError:
+        yield GaugeMetricFamily("opsync_replica_slot_up", "1 when the primary answered about the replica's slot", value=0)
+        return
+    yield GaugeMetricFamily("opsync_replica_slot_up", "1 when the primary answered about the replica's slot", value=1)
+    status = GaugeMetricFamily("opsync_replica_slot_wal_status", "1 for the slot's wal_status now (missing: no such slot)",
+                               labels=["status"])
+    current = slot.wal_status if slot.exists else "missing"
+    for state in ("reserved", "extended", "unreserved", "lost", "missing"):
+        status.add_metric([state], int(state == current))
+    yield status
+    if slot.safe_wal_size is not None:
+        yield GaugeMetricFamily("opsync_replica_slot_safe_wal_bytes", "WAL the primary may still write before the slot"
+                                " is dropped (safe_wal_size)", value=slot.safe_wal_size)
+    yield GaugeMetricFamily("opsync_replica_slot_max_wal_keep_bytes", "max_slot_wal_keep_size (+Inf: no limit)",
+                            value=math.inf if slot.max_keep is None else slot.max_keep)
+
+
 REGISTRY.register(BufferCollector())
 REGISTRY.register(DrainCollector())
 REGISTRY.register(ReadModelCollector())
+REGISTRY.register(CapacityCollector())
 
 
 def exposition_registry() -> CollectorRegistry:
@@ -186,6 +246,7 @@ def exposition_registry() -> CollectorRegistry:
     registry.register(BufferCollector())
     registry.register(DrainCollector())
     registry.register(ReadModelCollector())
+    registry.register(CapacityCollector())
     return registry
 
 router = APIRouter(tags=["health"])

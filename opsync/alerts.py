@@ -59,6 +59,13 @@ class Thresholds(BaseSettings):
     read_model_freshness_critical_s: float | None = Field(
         900, description="Age of the oldest change the read model (Datasette) does not show yet, seconds"
     )
+    slot_safe_wal_warn_fraction: float | None = Field(
+        0.5, description="The replica's slot: WAL the primary may still write before dropping it, as a fraction of"
+        " max_slot_wal_keep_size; at or below it warns (unreserved and lost are always critical)"
+    )
+    slot_safe_wal_critical_fraction: float | None = Field(
+        0.2, description="The replica's slot: fraction of max_slot_wal_keep_size left at or below which it is critical"
+    )
 
 
 class Level(StrEnum):
@@ -78,6 +85,7 @@ class Finding:
 FIGURES = (
     "buffer_oldest_age_s", "depth", "awaiting_replica", "lag_bytes", "lag_s",
     "dead_letters", "drain_failed_runs", "last_drain_s", "last_confirm_s", "poison_rows", "read_model_freshness_s",
+    "replica_slot",
 )
 
 
@@ -112,7 +120,37 @@ def evaluate(status: SiteStatus, metrics: DrainMetrics, thresholds: Thresholds) 
     """One finding per figure of :data:`FIGURES`, in that order."""
     measured = figures(status, metrics)
     found = [judge(rule, *measured[figure]) for figure, rule in rules(thresholds).items()]
-    return [with_latest(f, status.read_model) if f.figure == "poison_rows" else f for f in found]
+    found = [with_latest(f, status.read_model) if f.figure == "poison_rows" else f for f in found]
+    return [*found, judge_slot(status, thresholds)]
+
+
+def judge_slot(status: SiteStatus, t: Thresholds) -> Finding:
+    """Before ``max_slot_wal_keep_size`` drops the replica's slot: its WAL reserve as a fraction of the limit is
+    judged low-is-bad; ``unreserved`` (past the limit, dropped at the next checkpoint) and ``lost`` are critical."""
+    slot = status.slot
+    if slot is None:
+        why = status.unavailable.get("primary", "not measured")
+        return Finding("replica_slot", None, Level.warn, f"replica slot unknown (primary: {why})")
+    name = f"replica slot {slot.name}"
+    if not slot.exists:
+        return Finding("replica_slot", None, Level.critical, f"{name} does not exist on the primary: the replica cannot"
+                       " stream through it (create it and clone the replica again, see README)")
+    if slot.wal_status == "lost":
+        return Finding("replica_slot", None, Level.critical, f"{name} lost: the primary removed WAL the replica still"
+                       " needed; clone the replica again (see README)")
+    if slot.wal_status == "unreserved":
+        return Finding("replica_slot", slot.safe_wal_size, Level.critical, f"{name} unreserved: past"
+                       f" max_slot_wal_keep_size ({slot.max_keep:,} bytes), lost at the next checkpoint unless the"
+                       " replica catches up")
+    fraction = slot.safe_fraction
+    if fraction is None:
+        why = "reserves no WAL yet" if slot.wal_status is None else "no max_slot_wal_keep_size: WAL kept without limit"
+        return Finding("replica_slot", slot.safe_wal_size, Level.ok, f"{name}: {why}")
+    text = f"{name}: {slot.wal_status}, {slot.safe_wal_size:,} bytes of WAL ({fraction:.0%} of max_slot_wal_keep_size) before it is dropped"
+    for level, threshold in ((Level.critical, t.slot_safe_wal_critical_fraction), (Level.warn, t.slot_safe_wal_warn_fraction)):
+        if threshold is not None and fraction <= threshold:
+            return Finding("replica_slot", slot.safe_wal_size, level, f"{text} ({level} at {threshold:.0%})")
+    return Finding("replica_slot", slot.safe_wal_size, Level.ok, text)
 
 
 def figures(status: SiteStatus, metrics: DrainMetrics) -> dict[str, tuple[float | int | None, str | None, bool]]:

@@ -411,9 +411,24 @@ def status_rows(report: SiteStatus) -> list[tuple[str, str]]:
     if report.lag_from == "slot":
         lag += " (from the replication slot: the replica is down)"
     rows.append(("replica lag", lag))
+    if report.slot is not None:
+        rows.append(("replica slot", f"{report.slot.name}: {report.slot.describe()}"))
+    rows += capacity_rows(report)
     rows += read_model_rows(report)
     rows += [(part, f"[red]unavailable[/]: {why}") for part, why in report.unavailable.items()]
     return rows
+
+
+def capacity_rows(report: SiteStatus) -> list[tuple[str, str]]:
+    """The forecasts: when the high-water mark comes at this ingest rate, when the backlog is replicated."""
+    c = report.capacity
+    if c is None:
+        return []
+    rate = "unknown" if c.ingest_per_s is None else f"{c.ingest_per_s:.3g} transactions/s"
+    if c.bytes_per_txn is not None:
+        rate += f", {c.bytes_per_txn:,.0f} bytes each (measured over {c.bytes_measured_over:,})"
+    return [("ingest", rate), ("high-water in", escape(c.high_water.describe())),
+            ("room", f"{c.room:,} transactions before the high-water mark"), ("drain ETA", escape(c.drain_eta.describe()))]
 
 
 def read_model_rows(report: SiteStatus) -> list[tuple[str, str]]:

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
         gt=0, le=1,
         description="Fraction of Redis maxmemory (when set) above which writes get 503; the rest is room for the drainer",
     )
+    capacity_window_s: float = Field(
+        300, gt=0, description="Rates behind the high-water and drain forecasts are measured over this many seconds"
+    )
     retry_after_s: int = Field(30, description="Retry-After of a 503 for backpressure")
     backpressure_cache_s: float = Field(
         0.5, description="How often the buffer is re-measured for the high-water check (the last verdict answers meanwhile)"

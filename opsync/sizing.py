@@ -21,12 +21,12 @@ def maxmemory_for(entries: int, kept: int, memory_fraction: float) -> int:
     return round((entries * BUFFERED_TXN_BYTES + kept * KEPT_TXN_BYTES) / memory_fraction)
 
 
-def room(fill: Fill, settings: Settings) -> int:
+def room(fill: Fill, settings: Settings, bytes_per_txn: float = BUFFERED_TXN_BYTES) -> int:
     """How many more single-record transactions the buffer takes before a high-water mark refuses them:
     the memory already used (finished transactions kept for their TTL included) counts; without a
-    ``maxmemory`` only the entries mark does."""
+    ``maxmemory`` only the entries mark does. ``bytes_per_txn``: a figure measured live (opsync.capacity)."""
     by_entries = settings.high_water_entries - fill.depth
     if not fill.maxmemory:
         return max(0, by_entries)
     free = settings.high_water_memory_fraction * fill.maxmemory - fill.used_memory
-    return max(0, min(by_entries, int(free // BUFFERED_TXN_BYTES)))
+    return max(0, min(by_entries, int(free // bytes_per_txn)))

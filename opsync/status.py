@@ -10,6 +10,9 @@ Replica lag in bytes is the primary's current WAL position minus the replica's r
 the primary's replication slot tells the last position the replica confirmed, so the lag still
 shows. Lag in seconds is 0 when caught up, else the time since the replica replayed its last
 transaction; it is an upper bound when the primary cannot be asked.
+
+The same measurement forecasts the high-water mark and the drain's ETA, and reads the slot's WAL reserve
+(:mod:`opsync.capacity`).
 """
 
 from dataclasses import dataclass, field
@@ -20,11 +23,12 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from opsync.buffer import Buffer
+from opsync.capacity import Capacity, Slot, capacity, replication_slot
+from opsync.config import Settings, get_settings
 from opsync.lsn import CURRENT_SQL, Lsn, ReplicaError, replay_position
 from opsync.read_model_figures import ReadModelFigures, read_model_figures
 from opsync.stats import BufferStats, buffer_stats
 
-SLOT_SQL = "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = :slot"
 REPLICA_SQL = (
     "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text,"
     " extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8"
@@ -41,6 +45,8 @@ class SiteStatus:
     replay_age_s: float | None = None  # since the replica replayed its last transaction
     unavailable: dict[str, str] = field(default_factory=dict)  # part ("redis", "primary", "replica") -> why
     read_model: ReadModelFigures = field(default_factory=ReadModelFigures)  # poison rows skipped, freshness
+    capacity: Capacity | None = None  # None when Redis is unavailable
+    slot: Slot | None = None  # the replica's slot on the primary; None when the primary is unavailable
 
     @property
     def degraded(self) -> bool:
@@ -72,17 +78,20 @@ class SiteStatus:
                 "primary_lsn": self.primary_lsn and str(self.primary_lsn),
                 "replica_lsn": self.replica_lsn and str(self.replica_lsn),
                 "lag_from": self.lag_from, "lag_bytes": self.lag_bytes, "lag_s": self.lag_s,
+                "slot": self.slot and self.slot.as_json(),
             },
+            "capacity": self.capacity and self.capacity.as_json(),
             "read_model": self.read_model.as_json(),
             "unavailable": self.unavailable,
         }
 
 
-def site_status(buffer: Buffer, primary: Engine, replica: Engine, slot: str) -> SiteStatus:
+def site_status(buffer: Buffer, primary: Engine, replica: Engine, slot: str, settings: Settings | None = None) -> SiteStatus:
     """Measure every part; ``slot`` is the replica's replication slot on the primary (named after the site)."""
     status = SiteStatus(at=datetime.now(UTC).isoformat())
     try:
         status.buffer = buffer_stats(buffer.client, buffer)
+        status.capacity = capacity(buffer, settings or get_settings())
     except redis.RedisError as exc:
         status.unavailable["redis"] = one_line(exc)
     slot_lsn = measure_primary(status, primary, slot)
@@ -99,11 +108,11 @@ def measure_primary(status: SiteStatus, primary: Engine, slot: str) -> Lsn | Non
     try:
         with primary.connect() as conn:
             status.primary_lsn = Lsn.parse(conn.execute(text(CURRENT_SQL)).scalar_one())
-            restart = conn.execute(text(SLOT_SQL), {"slot": slot}).scalar()
+            status.slot = replication_slot(conn, slot)
     except DBAPIError as exc:
         status.unavailable["primary"] = one_line(exc.orig)
         return None
-    return Lsn.parse(restart) if restart else None
+    return status.slot.restart_lsn
 
 
 def measure_replica(status: SiteStatus, replica: Engine) -> None:

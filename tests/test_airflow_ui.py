@@ -167,8 +167,9 @@ def test_figures_equal_opsync_status_and_are_coloured_by_the_thresholds(client, 
 
     def steady(report: dict) -> dict:
         """What cannot move between two measurements a moment apart."""
+        slot = report["replica"]["slot"] | {"safe_wal_size": 0, "safe_fraction": 0, "restart_lsn": ""}  # WAL moves on
         return report | {"at": "", "buffer": report["buffer"] | {"oldest_age_s": 0, "last_drain_s": 0, "last_confirm_s": 0},
-                         "replica": report["replica"] | {"primary_lsn": "", "replica_lsn": ""}}
+                         "replica": report["replica"] | {"primary_lsn": "", "replica_lsn": "", "slot": slot}}
 
     common = {"at", "degraded", "buffer", "replica", "unavailable"}  # SiteStatus.as_json(); the CLI may add more
     assert steady({k: ours[k] for k in common}) == steady({k: theirs[k] for k in common})
@@ -187,6 +188,10 @@ def test_figures_equal_opsync_status_and_are_coloured_by_the_thresholds(client, 
     assert shown.figures["awaiting_replica"]["level"] == ("warn" if buffer["committed_not_replicated"] else "ok")
     assert len(shown.bars) == 60 and sum(shown.bars) == ours["drain"]["records_applied_last_hour"]
     assert shown.buttons == []  # a viewer sees no requeue or discard
+    slot = theirs["replica"]["slot"]
+    assert (slot["name"], slot["wal_status"], slot["active"]) == ("observatory", "reserved", True)
+    assert shown.figures["replica_slot"]["level"] == "ok" and int(shown.figures["replica_slot"]["value"]) > 0
+    assert {"high_water", "drain_eta"} <= shown.figures.keys() and ours["capacity"]["room"] > 0  # the forecasts
 
 
 def test_rows_the_read_model_skips_and_its_freshness_are_figures_of_the_page(client, site, token):

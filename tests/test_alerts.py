@@ -27,6 +27,7 @@ from pydantic import ValidationError  # noqa: E402
 from opsync import dlq, drain  # noqa: E402
 from opsync.alerts import FIGURES, Change, Finding, Level, Thresholds, announce, due, evaluate, payload, stored_findings, summary  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
+from opsync.capacity import Slot  # noqa: E402
 from opsync.drain_metrics import DrainMetrics, drain_metrics, record_run  # noqa: E402
 from opsync.lsn import Lsn  # noqa: E402
 from opsync.read_model import ReadModel  # noqa: E402
@@ -46,14 +47,17 @@ HEALTHY = BufferStats(
 
 
 CAUGHT_UP = ReadModelFigures(poison_rows=0, poison_skipped=0, stream_age_s=0.0, changes_age_s=0.0)
+GIB = 2**30
+STREAMING = Slot("observatory", exists=True, wal_status="reserved", safe_wal_size=10 * GIB, max_keep=10 * GIB, active=True,
+                 restart_lsn=Lsn.parse("0/5000000"))
 
 
 def status(buffer: BufferStats | None = HEALTHY, lag_bytes: int = 0, replay_age_s: float | None = 1.0,
-           read_model: ReadModelFigures = CAUGHT_UP, **unavailable) -> SiteStatus:
+           read_model: ReadModelFigures = CAUGHT_UP, slot: Slot = STREAMING, **unavailable) -> SiteStatus:
     s = SiteStatus(at="2026-11-21T03:00:00+00:00", buffer=buffer, unavailable=unavailable,
                    read_model=ReadModelFigures() if "redis" in unavailable else read_model)
     if "primary" not in unavailable:
-        s.primary_lsn = Lsn.parse("0/5000000")
+        s.primary_lsn, s.slot = Lsn.parse("0/5000000"), slot
     if "replica" not in unavailable:
         s.replica_lsn, s.lag_from, s.replay_age_s = Lsn(int(Lsn.parse("0/5000000")) - lag_bytes), "replica", replay_age_s
     return s
@@ -118,11 +122,38 @@ def test_what_cannot_be_measured_warns_and_says_why():
     assert findings["depth"].message == "site buffer (Redis) unavailable: Connection refused"
 
     cut = judged(status(primary="timeout expired", replica="connection refused"))
-    assert levels(cut) == {"lag_bytes": "warn", "lag_s": "warn"}
+    assert levels(cut) == {"lag_bytes": "warn", "lag_s": "warn", "replica_slot": "warn"}  # the slot is read on the primary
     assert cut["lag_bytes"].message == "replica lag unknown (primary: timeout expired; replica: connection refused)"
+    assert cut["replica_slot"].message == "replica slot unknown (primary: timeout expired)"
+    assert "replica_slot" not in levels(judged(status(replica="connection refused"))), "the slot needs the primary only"
 
     never = replace(HEALTHY, last_drain_s=None)
     assert judged(status(never))["last_drain_s"].message == "no drain run has finished yet"
+
+
+def test_the_slot_warns_and_is_critical_by_its_wal_reserve_and_lost_or_missing_is_critical(monkeypatch):
+    def slot(**fields) -> Finding:
+        return judged(status(slot=replace(STREAMING, **fields)))["replica_slot"]
+
+    assert slot(safe_wal_size=int(0.51 * 10 * GIB)).level == "ok"
+    half = slot(wal_status="extended", safe_wal_size=5 * GIB)
+    assert (half.level, half.value) == ("warn", 5 * GIB)
+    assert half.message == ("replica slot observatory: extended, 5,368,709,120 bytes of WAL (50% of max_slot_wal_keep_size)"
+                            " before it is dropped (warn at 50%)")
+    assert slot(safe_wal_size=2 * GIB).level == "critical"
+    assert slot(safe_wal_size=0).level == "critical"
+    past = slot(wal_status="unreserved", safe_wal_size=-4096, active=False)
+    assert past.level == "critical" and "lost at the next checkpoint" in past.message
+    lost = slot(wal_status="lost", safe_wal_size=None, restart_lsn=None, active=False)
+    assert lost.level == "critical" and "clone the replica again" in lost.message
+    missing = slot(exists=False, wal_status=None, safe_wal_size=None, active=False, restart_lsn=None)
+    assert missing.level == "critical" and "does not exist" in missing.message
+    unlimited = slot(safe_wal_size=None, max_keep=None)
+    assert unlimited.level == "ok" and "without limit" in unlimited.message
+
+    monkeypatch.setenv("OPSYNC_ALERT_SLOT_SAFE_WAL_WARN_FRACTION", "none")
+    monkeypatch.setenv("OPSYNC_ALERT_SLOT_SAFE_WAL_CRITICAL_FRACTION", "0.05")
+    assert (slot(safe_wal_size=2 * GIB).level, slot(safe_wal_size=GIB // 2).level) == ("ok", "critical")
 
 
 def test_confirmation_age_counts_only_while_transactions_await_the_replica():

@@ -149,8 +149,12 @@ def test_status_json_matches_site_status(run, site_env, buffer, observation, pri
         assert shown["buffer"][figure] == direct["buffer"][figure], figure
     assert shown["buffer"]["depth"] == 5 and shown["unavailable"] == {} and not shown["degraded"]
     assert 0 <= shown["buffer"]["oldest_age_s"] <= direct["buffer"]["oldest_age_s"]
+    assert shown["replica"]["slot"]["name"] == site_env.site and shown["replica"]["slot"]["wal_status"] == "reserved"
+    assert shown["capacity"]["drain_eta"]["state"] in ("unknown", "never") and shown["capacity"]["room"] > 0
     human = run("status")
     assert human.exit_code == 0 and "buffered" in human.stdout and "5 (0 claimed by a drainer)" in human.stdout
+    for row in ("replica slot", f"{site_env.site}: reserved", "high-water in", "drain ETA"):
+        assert row in human.stdout, row
 
 
 def test_status_limits_make_it_degraded(run, buffer, observation):

@@ -5,10 +5,11 @@ with ``opsync status --json``) and the level of its finding (the colour).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from opsync.alerts import Finding
+from opsync.alerts import Finding, Level
+from opsync.capacity import Forecast, duration
 from opsync_airflow.ui.site import Snapshot
 
 CHART_WIDTH, CHART_HEIGHT = 720, 120
@@ -47,14 +48,6 @@ def count(value: int) -> str:
     return f"{value:,}"
 
 
-def duration(seconds: float) -> str:
-    """``42 s``, ``17 min``, ``3 h 05 min``: precise enough to judge, short enough to scan."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    minutes = int(seconds // 60)
-    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60:02d} min"
-
-
 def ago(seconds: float) -> str:
     return f"{duration(seconds)} ago"
 
@@ -81,8 +74,22 @@ def figures(snapshot: Snapshot) -> list[Figure]:
         ("last_confirm_s", "Last confirm", b and b.last_confirm_s, ago),
         ("poison_rows", "Rows the read model skips", status.read_model.poison_rows, count),
         ("read_model_freshness_s", "Read model behind by", status.read_model.freshness_s, duration),
+        ("replica_slot", "Replica slot WAL reserve", status.slot and status.slot.safe_wal_size, lambda v: status.slot.describe()),
     ]
-    return [figure(key, label, value, show, snapshot.findings[key], b is not None) for key, label, value, show in rows]
+    shown = [figure(key, label, value, show, snapshot.findings[key], b is not None) for key, label, value, show in rows]
+    if status.slot is not None and status.slot.safe_wal_size is None:  # lost, missing, no limit: no figure, but known
+        shown[-1] = replace(shown[-1], text=status.slot.describe())
+    c = status.capacity
+    if c is not None:
+        shown += [forecast("high_water", "High-water mark in", c.high_water), forecast("drain_eta", "Drain ETA", c.drain_eta)]
+    return shown
+
+
+def forecast(key: str, label: str, f: Forecast) -> Figure:
+    """A forecast has no alert rule: neutral, its reason on hover; ``data-value`` empty unless it is a finite time."""
+    value = f.as_json()["seconds"]
+    text = duration(value) if f.state == "due" else f.state
+    return Figure(key, label, value, text, str(Level.ok), f.why)
 
 
 def figure(key: str, label: str, value, show: Callable, finding: Finding, buffer_known: bool) -> Figure:
