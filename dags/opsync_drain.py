@@ -39,6 +39,8 @@ def opsync_drain():
         task_id="drain",
         budget_s=settings.drain_budget_s,
         batch_size=settings.drain_batch_size,
+        batch_records=settings.drain_batch_records,
+        batch_bytes=settings.drain_batch_bytes,
         reclaim_idle_s=settings.reclaim_idle_s,
         retries=settings.drain_retries,
         retry_delay=timedelta(seconds=10),

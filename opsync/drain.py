@@ -1,7 +1,8 @@
 """Draining the site buffer into the primary, and confirming what the replica has replayed.
 
 claim → apply → settle: entries are claimed through the stream's consumer group, applied in one
-DB transaction per batch (:func:`opsync.apply.apply_batch`), and only then acknowledged, with
+DB transaction per batch (:func:`opsync.apply.apply_batch`; a batch is bounded in transactions, records
+and envelope bytes: :class:`BatchLimits`), and only then acknowledged, with
 their new states, in atomic Redis steps of bounded size. A crash before or between them leaves the
 rest claimed and redelivered; the ledger skips what had been committed. Committed transactions
 then wait, scored by commit LSN, until :func:`confirm` sees the replica past them; any run may
@@ -23,7 +24,7 @@ from sqlalchemy import Engine
 
 from opsync import drain_metrics, fault_points
 from opsync.apply import BatchResult, Pending, Transient, apply_batch
-from opsync.buffer import Buffer, Entry, Settlement
+from opsync.buffer import CLAIM_PAGE, Buffer, Entry, Settlement
 from opsync.lsn import Lsn, ReplicaError, replica_position
 from opsync.registry import UnknownTable
 
@@ -31,6 +32,19 @@ UNREADABLE = "unreadable envelope"
 DEPENDS = "depends on dead-lettered"  # how apply_batch words the failure of a transaction needing a dead one
 CONFIRM_CHUNK = 1000  # transactions confirmed per pipelined round of status reads and CONFIRM calls
 CONSUMER = "drainer"  # one logical drainer per site: a rerun picks up what a dead run had claimed
+BATCH_SIZE = 2000  # transactions per batch: a round trip to the primary (200-500 ms) per batch bounds the rate
+BATCH_RECORDS = 20_000  # records (steps) per batch: what one primary transaction and the drainer's memory hold
+BATCH_BYTES = 16 * 1024 * 1024  # envelope bytes per batch: the same bound for records near the body limit
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What one applied batch holds at most. A transaction alone over ``records`` or ``bytes`` is a batch of its
+    own, whole: a transaction is never split (its steps commit together or not at all)."""
+
+    transactions: int = BATCH_SIZE
+    records: int = BATCH_RECORDS
+    bytes: int = BATCH_BYTES
 
 
 @dataclass(frozen=True)
@@ -84,13 +98,19 @@ def drain(
     buffer: Buffer,
     primary: Engine,
     budget_s: float = 60,
-    batch_size: int = 1000,
+    batch_size: int = BATCH_SIZE,
     consumer: str = CONSUMER,
     timeout_s: float = 60,
     min_idle_ms: int = 60_000,
     readable: Callable[[], Lsn] | None = None,
+    batch_records: int = BATCH_RECORDS,
+    batch_bytes: int = BATCH_BYTES,
 ) -> DrainSummary:
     """Drain batch after batch until a claim comes back less than full (the buffer was empty) or ``budget_s`` is spent.
+
+    A batch is ``batch_size`` transactions, or fewer where the next one would take it past
+    ``batch_records`` records or ``batch_bytes`` envelope bytes (:class:`BatchLimits`); a batch cut
+    there counts as full.
 
     Ending at the first short batch, rather than when a claim finds nothing, keeps a run short under
     steady ingest, so its work is confirmed at once; what arrived meanwhile is the next run's (the DAG
@@ -107,7 +127,8 @@ def drain(
     The run is counted as succeeded or failed (with its error class) for the alert rules.
     """
     try:
-        summary = drain_run(buffer, primary, budget_s, batch_size, consumer, timeout_s, min_idle_ms, readable)
+        limits = BatchLimits(batch_size, batch_records, batch_bytes)
+        summary = drain_run(buffer, primary, budget_s, limits, consumer, timeout_s, min_idle_ms, readable)
     except Exception as exc:
         with contextlib.suppress(redis.RedisError):  # the buffer's own failure cannot be counted in it
             drain_metrics.record_run(buffer, ok=False, error_class=run_error_class(exc))
@@ -117,7 +138,7 @@ def drain(
 
 
 def drain_run(
-    buffer: Buffer, primary: Engine, budget_s: float, batch_size: int, consumer: str, timeout_s: float, min_idle_ms: int,
+    buffer: Buffer, primary: Engine, budget_s: float, limits: BatchLimits, consumer: str, timeout_s: float, min_idle_ms: int,
     readable: Callable[[], Lsn] | None = None,
 ) -> DrainSummary:
     """Batches in stream order, each applied while the next is claimed (two at most are held, one commits at a time).
@@ -130,20 +151,19 @@ def drain_run(
     buffer.ensure_group()
     summary = DrainSummary(reclaimed=buffer.reclaim(consumer, min_idle_ms))
     with ThreadPoolExecutor(1, thread_name_prefix="opsync-apply") as database:
-        batch = claim_batch(buffer, consumer, batch_size)
+        batch = claim_batch(buffer, consumer, limits)
         if batch is not None:
             fault_points.reach("after_claim")  # crash tests (tests/test_drain_crash.py); inert unless armed
         while batch is not None:
             committing = database.submit(commit_batch, buffer, primary, batch, timeout_s)
-            full = len(batch.entries) == batch_size
-            summary.budget_spent = full and time.monotonic() - started >= budget_s
+            summary.budget_spent = batch.full and time.monotonic() - started >= budget_s
             following = None
-            if full and not summary.budget_spent:
-                following = claim_batch(buffer, consumer, batch_size, after=batch.entries[-1].stream_id)
+            if batch.full and not summary.budget_spent:
+                following = claim_batch(buffer, consumer, limits, after=batch.entries[-1].stream_id)
                 if following is not None:
                     fault_points.reach("next_claimed")  # batch N+1 claimed while batch N commits
             if readable is not None:
-                confirmed = confirm_passed(buffer, readable, batch_size)
+                confirmed = confirm_passed(buffer, readable, limits.transactions)
                 if confirmed is None:
                     readable = None  # the replica cannot say how far it is: not asked again in this run
                 summary.confirmed += confirmed or 0
@@ -155,10 +175,11 @@ def drain_run(
 
 
 def drain_batch(
-    buffer: Buffer, primary: Engine, consumer: str = CONSUMER, batch_size: int = 1000, timeout_s: float = 60
+    buffer: Buffer, primary: Engine, consumer: str = CONSUMER, batch_size: int = BATCH_SIZE, timeout_s: float = 60,
+    batch_records: int = BATCH_RECORDS, batch_bytes: int = BATCH_BYTES,
 ) -> BatchReport | None:
-    """Claim, apply, settle one batch; None when there was nothing to claim."""
-    batch = claim_batch(buffer, consumer, batch_size)
+    """Claim, apply, settle one batch (within :class:`BatchLimits`); None when there was nothing to claim."""
+    batch = claim_batch(buffer, consumer, BatchLimits(batch_size, batch_records, batch_bytes))
     if batch is None:
         return None
     return settle_batch(buffer, batch, commit_batch(buffer, primary, batch, timeout_s))
@@ -172,16 +193,58 @@ class Claimed:
     txns: list[tuple[str, Pending]]
     settlements: list[Settlement]
     started: float  # when it was claimed: a batch's time runs from its claim to its settle
+    full: bool = False  # it ended at a limit, not at the end of the stream: more may be waiting
+    records: int = 0
+    bytes: int = 0
+
+    def fits(self, entry: Entry, decoded: Pending | Settlement, limits: BatchLimits) -> bool:
+        """Whether ``entry`` may join; the first one always does, however large (a transaction is never split)."""
+        if not self.entries:
+            return True
+        return self.records + records_of(decoded) <= limits.records and self.bytes + len(entry.envelope or b"") <= limits.bytes
+
+    def add(self, entry: Entry, decoded: Pending | Settlement) -> None:
+        self.entries.append(entry)
+        self.records += records_of(decoded)
+        self.bytes += len(entry.envelope or b"")
+        if isinstance(decoded, Settlement):
+            self.settlements.append(decoded)
+        else:
+            self.txns.append((entry.stream_id, decoded))
 
 
-def claim_batch(buffer: Buffer, consumer: str, batch_size: int, after: str = "0") -> Claimed | None:
-    """Claim up to ``batch_size`` entries (``consumer``'s pending ones past ``after`` first) and decode them; None if none."""
-    started = time.monotonic()
-    entries = buffer.claim(consumer, batch_size, after)
-    if not entries:
-        return None
-    txns, settlements = read_entries(entries)
-    return Claimed(entries, txns, settlements, started)
+def claim_batch(buffer: Buffer, consumer: str, limits: BatchLimits, after: str = "0") -> Claimed | None:
+    """Claim entries in stream order (``consumer``'s pending ones past ``after`` first) and decode them, up to
+    ``limits``; None if none.
+
+    Read a page at a time and stopped at the first entry over the records or bytes cap, so at most
+    one page beyond the cap is read. What was read past the cut stays claimed by ``consumer``,
+    pending after this batch's last entry: the next claim (``after`` it) reads it first, in order,
+    and a run that ends before then leaves it to be redelivered, as a crash would.
+    """
+    batch = Claimed([], [], [], time.monotonic())
+    while not batch.full:
+        room = min(limits.transactions - len(batch.entries), limits.records - batch.records)
+        if room <= 0 or batch.bytes >= limits.bytes:
+            batch.full = True
+            break
+        want = min(CLAIM_PAGE, room)
+        page = buffer.claim(consumer, want, after)
+        txns, settlements = read_entries(page)
+        decoded = dict(txns) | {s.stream_id: s for s in settlements}  # stream IDs are unique: back in stream order
+        for entry in page:
+            if not batch.fits(entry, decoded[entry.stream_id], limits):
+                batch.full = True
+                break
+            batch.add(entry, decoded[entry.stream_id])
+        if len(page) < want:
+            break  # the stream has nothing more for now
+        after = page[-1].stream_id
+    return batch if batch.entries else None
+
+
+def records_of(decoded: Pending | Settlement) -> int:
+    return 0 if isinstance(decoded, Settlement) else len(decoded.steps)
 
 
 def commit_batch(buffer: Buffer, primary: Engine, batch: Claimed, timeout_s: float) -> BatchResult:

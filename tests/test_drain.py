@@ -538,3 +538,25 @@ def test_a_drain_goes_on_when_the_replica_cannot_say_how_far_it_is(buffer, prima
 
     assert (summary.applied, summary.confirmed, len(asked)) == (4, 0, 1)  # asked once: a replica timing out would slow each batch
     assert states(buffer, txns) == ["committed"] * 4
+
+
+def test_a_batch_ends_before_the_transaction_over_the_record_cap_and_a_larger_one_goes_alone_whole(buffer, primary, planning):
+    """Caps of 4 records: 2+2 | 5 (alone, never split) | 2+2 | 1, applied in stream order, each once."""
+    sizes = [2, 2, 5, 2, 2, 1]
+    txns = [buffered(buffer, observation(planning, ref="o"), *(raw_file({"$ref": "o"}) for _ in range(n - 1))) for n in sizes]
+    batches = []
+    apply = drain.apply_batch
+
+    def spy(engine, pending, *args, **kwargs):
+        batches.append([len(t.steps) for t in pending])
+        return apply(engine, pending, *args, **kwargs)
+
+    drain.apply_batch = spy
+    try:
+        summary = drain.drain(buffer, primary, batch_size=100, batch_records=4)
+    finally:
+        drain.apply_batch = apply
+    assert batches == [[2, 2], [5], [2, 2], [1]]
+    assert (summary.batches, summary.applied, summary.duplicates) == (4, 6, 0)
+    assert ledger_has(primary, txns) == 6 and states(buffer, txns) == ["committed"] * 6
+    assert buffer_stats(buffer.client, buffer).pending == 0

@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 
 from opsync.apply import Transient
 from opsync.config import SiteType, get_settings
-from opsync.drain import confirm, drain
+from opsync.drain import BATCH_BYTES, BATCH_RECORDS, BATCH_SIZE, confirm, drain
 from opsync.lsn import Lsn, current_position, replica_position
 from opsync.read_model import ReadModel
 from opsync.read_model_check import ReadModelCheck
@@ -62,13 +62,15 @@ class DrainOperator(BaseOperator):
     Returns (as XCom) the highest commit LSN of the run for the replica sensor, ``""`` when nothing
     was committed (a None would not be stored, and the sensor's pull would log a missing XCom). A
     primary that cannot take a batch fails the task (retried by Airflow) without losing or
-    dead-lettering anything.
+    dead-lettering anything. A batch is ``batch_size`` transactions, cut short before one that would
+    pass ``batch_records`` records or ``batch_bytes`` envelope bytes (:class:`opsync.drain.BatchLimits`).
     """
 
     ui_color = "#d9ecff"
 
     def __init__(
-        self, *, budget_s: float = 60, batch_size: int = 1000, batch_timeout_s: float = 60, reclaim_idle_s: float = 60,
+        self, *, budget_s: float = 60, batch_size: int = BATCH_SIZE, batch_timeout_s: float = 60, reclaim_idle_s: float = 60,
+        batch_records: int = BATCH_RECORDS, batch_bytes: int = BATCH_BYTES,
         buffer_conn_id: str = BUFFER_CONN_ID, primary_conn_id: str = PRIMARY_CONN_ID,
         replica_conn_id: str = REPLICA_CONN_ID, **kwargs,
     ) -> None:
@@ -76,6 +78,8 @@ class DrainOperator(BaseOperator):
         self.replica_conn_id = replica_conn_id
         self.budget_s = budget_s
         self.batch_size = batch_size
+        self.batch_records = batch_records
+        self.batch_bytes = batch_bytes
         self.batch_timeout_s = batch_timeout_s
         self.reclaim_idle_s = reclaim_idle_s
         self.buffer_conn_id = buffer_conn_id
@@ -91,6 +95,7 @@ class DrainOperator(BaseOperator):
                 summary = drain(
                     buffer, primary, budget_s=self.budget_s, batch_size=self.batch_size,
                     timeout_s=self.batch_timeout_s, min_idle_ms=int(self.reclaim_idle_s * 1000), readable=readable,
+                    batch_records=self.batch_records, batch_bytes=self.batch_bytes,
                 )
             except Transient as exc:
                 depth = buffer_stats(buffer.client, buffer).depth
