@@ -11,17 +11,17 @@ with ``closed`` once it is revoked or expired.
 """
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 from uuid import UUID
 
 import anyio
 import redis
 import redis.asyncio as aioredis
-from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.concurrency import run_in_threadpool
@@ -49,28 +49,30 @@ TxnIds = Annotated[
 ]
 
 
-def sse(data: dict, event: str | None = None) -> str:
+KEEP_ALIVE = ServerSentEvent(comment="keep-alive")
+
+
+def sse(data: dict, event: str | None = None) -> ServerSentEvent:
     """One SSE message; unnamed ones reach EventSource's ``onmessage``."""
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data)}\n\n"
+    return ServerSentEvent(data=data, event=event)
 
 
-@router.get(
-    "/events",
-    summary="Follow transaction state changes (server-sent events)",
-    response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {"example": 'data: {"txn_id": "…", "state": "committed"}\n\n'}}}},
-)
-async def events(
+@dataclass(frozen=True)
+class Stream:
+    """What one stream follows, for whom, on which Redis connection and how often it keeps alive."""
+
+    client: aioredis.Redis
+    buffer: Buffer
+    txn_ids: set[str]
+    keepalive_s: float
+    watch: "Watch"
+
+
+async def opened(
     request: Request, settings: SettingsDep, buffer: BufferDep, who: PrincipalDep, txn_ids: TxnIds = [],  # noqa: B006
-) -> StreamingResponse:
-    """Unnamed events are state changes ``{"txn_id", "state", "at", ...}`` of the transactions the token
-    may see (``read:`` or ``write:`` on each table involved; ``admin`` all); ``ready`` follows each
-    (re)subscription and precedes a snapshot (``"snapshot": true``) of each followed transaction;
-    ``unavailable`` means the site buffer is unreachable and the stream is retrying; ``closed`` ends
-    the stream when its token is revoked or expires; comments keep idle connections open. Following
-    a transaction the token may not see is 404, as for an unknown one.
-    """
+) -> AsyncIterator[Stream]:
+    """The stream's checks and its own Redis connection, as a dependency: a refusal (404, 503) is answered
+    before the stream begins, and the connection closes once the stream has ended, however it ended."""
     followed_ids = sorted({str(t) for t in txn_ids})
     if followed_ids:
         for txn_id, status in zip(followed_ids, await run_in_threadpool(buffer.statuses, followed_ids), strict=True):
@@ -79,11 +81,30 @@ async def events(
     client = aioredis.Redis.from_url(
         settings.redis_url.get_secret_value(), retry=Retry(NoBackoff(), 0), socket_timeout=5, socket_connect_timeout=3
     )
-    watch = Watch(who, bearer(request.headers["authorization"]), client, buffer)
-    stream = follow(client, buffer, set(followed_ids), settings.events_keepalive_s, watch)
-    return StreamingResponse(
-        stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    try:
+        watch = Watch(who, bearer(request.headers["authorization"]), client, buffer)
+        yield Stream(client, buffer, set(followed_ids), settings.events_keepalive_s, watch)
+    finally:
+        with anyio.CancelScope(shield=True):  # the cancelled stream must still close its connection
+            await client.aclose()
+
+
+@router.get(
+    "/events",
+    summary="Follow transaction state changes (server-sent events)",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {"example": 'data: {"txn_id": "…", "state": "committed"}\n\n'}}}},
+)
+async def events(stream: Annotated[Stream, Depends(opened)]) -> AsyncIterable[ServerSentEvent]:
+    """Unnamed events are state changes ``{"txn_id", "state", "at", ...}`` of the transactions the token
+    may see (``read:`` or ``write:`` on each table involved; ``admin`` all); ``ready`` follows each
+    (re)subscription and precedes a snapshot (``"snapshot": true``) of each followed transaction;
+    ``unavailable`` means the site buffer is unreachable and the stream is retrying; ``closed`` ends
+    the stream when its token is revoked or expires; comments keep idle connections open. Following
+    a transaction the token may not see is 404, as for an unknown one.
+    """
+    async for event in follow(stream):
+        yield event
 
 
 class Closed(Exception):
@@ -134,32 +155,27 @@ class Watch:
         return self.who.may_see(tables)
 
 
-async def follow(
-    client: aioredis.Redis, buffer: Buffer, txn_ids: set[str], keepalive_s: float, watch: Watch
-) -> AsyncIterator[str]:
+async def follow(stream: Stream) -> AsyncIterator[ServerSentEvent]:
     """Subscriptions until the client goes away (the response cancels this generator) or the token ends."""
     try:
         while True:
             try:
-                async for message in subscription(client, buffer, txn_ids, keepalive_s, watch):
+                async for message in subscription(stream):
                     yield message
             except redis.RedisError as exc:
                 detail = f"site buffer unavailable: {exc.__class__.__name__}"
                 yield sse({"detail": detail, "retry_in_s": RECONNECT_S}, "unavailable")
                 await asyncio.sleep(RECONNECT_S)
-                await watch.check()
+                await stream.watch.check()
     except Closed as exc:
         yield sse({"detail": str(exc)}, "closed")
-    finally:
-        with anyio.CancelScope(shield=True):  # the cancelled stream must still close its connection
-            await client.aclose()
 
 
-async def subscription(
-    client: aioredis.Redis, buffer: Buffer, txn_ids: set[str], keepalive_s: float, watch: Watch
-) -> AsyncIterator[str]:
+async def subscription(stream: Stream) -> AsyncIterator[ServerSentEvent]:
     """Events of the followed transactions (all the caller may see when none is named: those named
-    were checked before the stream began), a keep-alive each ``keepalive_s`` of quiet."""
+    were checked before the stream began), a keep-alive each ``keepalive_s`` of quiet (FastAPI's own,
+    every 15 s, never comes while it is shorter)."""
+    client, buffer, txn_ids, keepalive_s, watch = stream.client, stream.buffer, stream.txn_ids, stream.keepalive_s, stream.watch
     async with client.pubsub() as pubsub:
         await pubsub.subscribe(buffer.events)
         yield sse({"following": sorted(txn_ids) or "all"}, "ready")
@@ -175,7 +191,7 @@ async def subscription(
                 yield sse(shown(event))
                 quiet_until = time.monotonic() + keepalive_s
             elif time.monotonic() >= quiet_until:
-                yield ": keep-alive\n\n"
+                yield KEEP_ALIVE
                 quiet_until = time.monotonic() + keepalive_s
 
 

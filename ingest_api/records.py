@@ -157,8 +157,8 @@ def body_hash(request: Request, body: Any) -> str:
 
 def accepted(receipt: Receipt) -> Response:
     """The receipt as the answer, serialised once: returning the model would make FastAPI validate and
-    encode it again (``response_model`` still documents it)."""
-    return Response(receipt.model_dump_json(), status_code=202, media_type="application/json")
+    encode it again (``response_model`` still documents it). ``Location`` is where to follow it."""
+    return Response(receipt.model_dump_json(), status_code=202, media_type="application/json", headers={"Location": receipt.status_url})
 
 
 async def run(steps: list[StepIn], request: Request, w: Writer, raw_body) -> Response:
