@@ -103,22 +103,21 @@ class BufferCollector(Collector):
             "opsync_buffer_up": ("1 when the site buffer (Redis) answers", 1),
             "opsync_buffer_depth": ("Transactions not yet acknowledged by the drainer", stats.depth),
             "opsync_buffer_pending": ("Of those, claimed by a drainer and not yet acknowledged", stats.pending),
-            "opsync_buffer_oldest_age_seconds": ("Age of the oldest unacknowledged transaction", stats.oldest_age_s),
+            "opsync_buffer_oldest_enqueued_timestamp_seconds": (
+                "When the oldest unacknowledged transaction was buffered (absent: none)", stats.oldest_at),
             "opsync_committed_not_replicated": ("Committed in the primary, not yet replayed by the local replica", stats.awaiting_replica),
             "opsync_dead_letters": ("Transactions that failed permanently", stats.dead_letters),
             "opsync_buffer_memory_used_bytes": ("Memory Redis uses", stats.used_memory),
             "opsync_buffer_memory_max_bytes": ("Redis maxmemory (0: none set)", stats.maxmemory),
-            "opsync_last_drain_age_seconds": ("Since the drainer last finished a drain (-1: never)", age(stats.last_drain_s)),
-            "opsync_last_confirm_age_seconds": ("Since the last confirmation against the replica (-1: never)", age(stats.last_confirm_s)),
+            "opsync_last_drain_timestamp_seconds": ("When the drainer last finished a drain (absent: never)", stats.last_drain_at),
+            "opsync_last_confirm_timestamp_seconds": (
+                "When transactions were last confirmed against the replica (absent: never)", stats.last_confirm_at),
             "opsync_buffer_high_water_entries": ("Depth at which writes get 503", settings.high_water_entries),
             "opsync_buffer_above_high_water": ("1 while writes are refused for backpressure", int(above)),
         }
         for name, (documentation, value) in figures.items():
-            yield GaugeMetricFamily(name, documentation, value=value)
-
-
-def age(seconds: float | None) -> float:
-    return -1.0 if seconds is None else seconds
+            if value is not None:  # a moment that never happened has no sample (Prometheus practice), not a sentinel
+                yield GaugeMetricFamily(name, documentation, value=value)
 
 
 class DrainCollector(Collector):
@@ -153,9 +152,10 @@ class DrainCollector(Collector):
         yield GaugeMetricFamily(
             "opsync_drain_runs_failed_consecutive", "Drain runs failed in a row (0 after a success)", value=m.failed_runs_consecutive
         )
-        yield GaugeMetricFamily(
-            "opsync_drain_last_run_age_seconds", "Since a drain run last finished (-1: never)", value=age(m.last_run_age_s)
-        )
+        if m.last_run_at is not None:
+            yield GaugeMetricFamily(
+                "opsync_drain_last_run_timestamp_seconds", "When a drain run last finished (absent: never)", value=m.last_run_at
+            )
 
 
 class ReadModelCollector(Collector):

@@ -107,6 +107,7 @@ class DrainMetrics:
     batch_buckets: tuple[tuple[float, int], ...] = ()  # (upper bound, cumulative count) as Prometheus has them
     last_batch_s: float | None = None
     last_run_age_s: float | None = None  # by Redis' clock; None: never ran
+    last_run_at: float | None = None  # Unix time (Redis' clock) the last run finished; None: never ran
 
     @property
     def mean_batch_s(self) -> float | None:
@@ -177,6 +178,7 @@ def drain_metrics(client: redis.Redis, buffer: Buffer) -> DrainMetrics:
         batch_buckets=tuple(cumulative),
         last_batch_s=float(totals["last_batch_s"]) if "last_batch_s" in totals else None,
         last_run_age_s=None if last_run is None else max(0.0, seconds + micros / 1e6 - float(last_run)),
+        last_run_at=None if last_run is None else float(last_run),
     )
 
 

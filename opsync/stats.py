@@ -37,6 +37,10 @@ class BufferStats(Fill):
     dead_letters: int  # failed permanently
     last_drain_s: float | None = None  # seconds since the last drain that finished; None: never
     last_confirm_s: float | None = None  # seconds since the last confirmation against the replica
+    # The same moments as Unix times (Redis' clock), for Prometheus' ``*_timestamp_seconds``; None: no such event.
+    oldest_at: float | None = None  # when the oldest unacknowledged transaction was buffered
+    last_drain_at: float | None = None
+    last_confirm_at: float | None = None
 
 
 async def fill(client: aioredis.Redis, buffer: Buffer) -> Fill:
@@ -67,6 +71,7 @@ def buffer_stats(client: redis.Redis, buffer: Buffer) -> BufferStats:
     depth = int(unsent or 0)
     oldest = _oldest_id(client, buffer, group) if depth else None
     clock = now[0] + now[1] / 1e6
+    drain_at, confirm_at = _epoch(activity.get(b"drain_at")), _epoch(activity.get(b"confirm_at"))
     return BufferStats(
         depth=depth,
         pending=group["pending"] if group else 0,
@@ -75,13 +80,20 @@ def buffer_stats(client: redis.Redis, buffer: Buffer) -> BufferStats:
         dead_letters=dead,
         used_memory=memory["used_memory"],
         maxmemory=memory["maxmemory"],
-        last_drain_s=_since(activity.get(b"drain_at"), clock),
-        last_confirm_s=_since(activity.get(b"confirm_at"), clock),
+        last_drain_s=_since(drain_at, clock),
+        last_confirm_s=_since(confirm_at, clock),
+        oldest_at=_id_seconds(oldest) if oldest else None,
+        last_drain_at=drain_at,
+        last_confirm_at=confirm_at,
     )
 
 
-def _since(moment: bytes | None, clock: float) -> float | None:
-    return None if moment is None else max(0.0, clock - datetime.fromisoformat(moment.decode()).timestamp())
+def _epoch(moment: bytes | None) -> float | None:
+    return None if moment is None else datetime.fromisoformat(moment.decode()).timestamp()
+
+
+def _since(moment: float | None, clock: float) -> float | None:
+    return None if moment is None else max(0.0, clock - moment)
 
 
 def _group(groups, name: str) -> dict | None:

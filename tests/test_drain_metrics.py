@@ -156,7 +156,8 @@ def test_metrics_endpoint_exposes_the_drainers_figures(own_redis, api_client, pr
     assert value[("opsync_drain_batch_seconds_count", ())] == 1
     assert value[("opsync_drain_batch_seconds_bucket", (("le", "+Inf"),))] == 1
     assert 0 < value[("opsync_drain_batch_seconds_sum", ())] < 5
-    assert 0 <= value[("opsync_drain_last_run_age_seconds", ())] < 5
+    assert time.time() - 5 < value[("opsync_drain_last_run_timestamp_seconds", ())] <= time.time() + 1
+    assert time.time() - 5 < value[("opsync_last_drain_timestamp_seconds", ())] <= time.time() + 1
     assert value[("opsync_buffer_up", ())] == 1  # the buffer's figures are still there
 
 
