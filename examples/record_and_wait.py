@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from opsync.client import OpsyncClient, State, TransactionFailed
+from opsync.client import OpsyncClient, State, TransactionFailed, WaitTimeout
 
 
 def main() -> int:
@@ -31,10 +31,10 @@ def main() -> int:
         try:
             out["state"] = client.wait(receipt.txn_id, args.wait, timeout=args.timeout).value
         except TransactionFailed as failed:
-            print(json.dumps(out | {"state": "failed", "reason": failed.detail.get("reason")}))
+            print(json.dumps(out | {"state": State.failed.value, "reason": failed.reason}))
             return 1
-        except TimeoutError:
-            print(json.dumps(out | {"state": client.status(receipt.txn_id)["state"], "timed_out": True}))
+        except WaitTimeout as late:
+            print(json.dumps(out | {"state": late.last, "timed_out": True}))
             return 2
     print(json.dumps(out))
     return 0

@@ -10,16 +10,17 @@ The public API (``__all__``)::
 
     with OpsyncClient("http://127.0.0.1:8000", token) as client:   # or: async with AsyncOpsyncClient(...)
         receipt = client.records("executed_obs_unit", {...})         # one row or a list -> Receipt
-        receipt.ids, receipt.status_url                              # keys of the rows; where to follow it
+        receipt.ids, receipt.accepted_at, receipt.status_url          # keys of the rows; when; where to follow it
         client.batches("housekeeping_sample", rows)                  # long lists -> [Receipt], one per chunk
         client.transaction(steps); client.update(table, id, values); client.delete(table, id)
-        client.status(receipt.txn_id)["state"]                       # accepted, committed, replicated, failed
-        client.wait(receipt.txn_id, "replicated", timeout=60)          # -> State, following /v1/events (sync client)
+        client.status(receipt.txn_id).state                          # -> TransactionStatus: State, commit_lsn, times
+        client.wait(receipt.txn_id, "replicated", timeout=60)        # -> State, following /v1/events (await it: async)
 
 Every write takes an optional ``idempotency_key`` (pass your own to make a re-run of a whole script
 safe too). Errors: :class:`ApiError` (refused; do not retry as is) and :class:`Unavailable` (still
 failing transiently after ``retries``), both :class:`OpsyncError` with ``status`` and ``detail``;
-:class:`TransactionFailed` when a waited-for transaction failed, ``TimeoutError`` when the wait ran out.
+:class:`TransactionFailed` when a waited-for transaction failed (dead-lettered, with its ``reason``),
+:class:`WaitTimeout` (a ``TimeoutError``) when the wait ran out, naming the last state seen.
 """
 
 import asyncio
@@ -36,13 +37,14 @@ from typing import Any, Generic, Self, TypeVar
 from uuid import UUID
 
 import httpx
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from opsync.config import Settings
-from opsync.envelope import Receipt, State
+from opsync.envelope import State
 
 __all__ = [
-    "MAX_RECORDS_PER_REQUEST", "ApiError", "AsyncOpsyncClient", "OpsyncClient", "OpsyncError", "Receipt", "State",
-    "TransactionFailed", "Unavailable",
+    "MAX_RECORDS_PER_REQUEST", "ApiError", "AsyncOpsyncClient", "Following", "OpsyncClient", "OpsyncError", "Receipt",
+    "State", "TransactionFailed", "TransactionStatus", "Unavailable", "WaitTimeout",
 ]
 
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -74,54 +76,167 @@ class Unavailable(OpsyncError):
 
 
 class TransactionFailed(OpsyncError):
-    """The transaction a wait followed failed for good; ``detail`` is its last event (with the reason)."""
+    """The transaction a wait followed failed for good (it is in the dead-letter stream): ``reason`` says why,
+    ``detail`` is the event or status that said so."""
+
+    def __init__(self, txn_id: str, detail: dict[str, Any]):
+        self.txn_id, self.reason, self.status, self.detail = txn_id, detail.get("reason"), None, detail
+        Exception.__init__(self, f"transaction {txn_id} failed (dead-lettered): {self.reason or 'no reason given'}")
+
+
+class WaitTimeout(TimeoutError):
+    """A wait ran out: ``txn_id``, the ``wanted`` state and the ``last`` one seen (None if none was)."""
+
+    def __init__(self, txn_id: str, wanted: State, last: str | None, timeout: float):
+        super().__init__(f"transaction {txn_id} not {wanted} within {timeout} s (last state seen: {last or 'none'})")
+        self.txn_id, self.wanted, self.last = txn_id, wanted, last
+
+
+class Receipt(BaseModel):
+    """The API's ``202`` answer to a write (the server's :class:`opsync.envelope.Receipt`), times as datetimes;
+    fields a newer server adds are kept, not refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    txn_id: UUID
+    state: State
+    ids: list[UUID]
+    accepted_at: datetime
+    commit_lsn: str | None = None
+    status_url: str
+
+    @property
+    def id(self) -> UUID:
+        """The key of the only row of a one-row write."""
+        (only,) = self.ids
+        return only
+
+
+class TransactionStatus(BaseModel):
+    """``GET /v1/transactions/{txn_id}``: where a transaction is and when it got there; fields a newer server
+    adds are kept, not refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    txn_id: UUID
+    state: State
+    accepted_at: datetime | None = None
+    committed_at: datetime | None = None
+    commit_lsn: str | None = None
+    replicated_at: datetime | None = None
+    failed_at: datetime | None = None
+    reason: str | None = None
+    tables: list[str] = []
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def split(cls, value: Any) -> Any:
+        """The server sends the tables comma-separated, as its status record holds them."""
+        return [t for t in value.split(",") if t] if isinstance(value, str) else value
+
+    def reached(self, wanted: State | str) -> bool:
+        """Whether this is ``wanted`` or a state past it (``replicated`` is past ``committed``)."""
+        return passed(self.state, State(wanted))
 
 
 PROGRESS = (State.accepted, State.committed, State.replicated)  # a later state implies every earlier one
-
-
-def reached(event: dict[str, Any], wanted: State) -> State | None:
-    """The state an event shows once it is ``wanted`` or past it; raises on ``failed``."""
-    if event.get("state") == State.failed:
-        raise TransactionFailed(None, event, "GET", EVENTS)
-    state = event.get("state")
-    if state in PROGRESS and PROGRESS.index(State(state)) >= PROGRESS.index(wanted):
-        return State(state)
-    return None
-
-
 EVENTS = "/v1/events"
+RECONNECT_S = 1.0  # the least pause before reopening a stream that ended or broke
 
 
-def followed_until(answer: httpx.Response, txn_id: str, wanted: State, deadline: float) -> State | None:
-    """Read one opened stream until the transaction is ``wanted`` (its state), it ends, or time is up (None)."""
-    if not answer.is_success:
-        answer.read()
-        if answer.status_code in RETRY_STATUSES:
-            return None
-        checked(answer, "GET", EVENTS)
-    for name, data in sse_events(answer.iter_lines()):
-        if name == "closed":
-            raise ApiError(401, data, "GET", EVENTS)
-        if name is None and data.get("txn_id") == txn_id and (now := reached(data, wanted)):
-            return now
-        if time.monotonic() > deadline:
-            break
-    return None
+def passed(state: str | None, wanted: State) -> bool:
+    return state in PROGRESS and PROGRESS.index(State(state)) >= PROGRESS.index(wanted)
 
 
-def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, dict[str, Any]]]:
-    """``(name, data)`` of each server-sent event; keep-alive comments are skipped."""
-    name, data = None, None
-    for line in lines:
-        if line.startswith("event: "):
-            name = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            data = json.loads(line.removeprefix("data: "))
+class Following:
+    """One wait's logic, free of I/O so that the sync and the async client share it.
+
+    The client opens ``GET /v1/events?txn_id=...`` and feeds each line to :meth:`line`, which parses the
+    server-sent events and answers the state once it is the wanted one or past it. The stream opens with a
+    snapshot of the transaction, so opening it never misses a change; when it ended or broke, the client
+    pauses (:meth:`pause`: at least ``Retry-After`` after a 503), and before reopening asks the status
+    endpoint once (:meth:`polled`), so a wait still ends if the stream cannot be had. ``failed`` raises
+    :class:`TransactionFailed`, the token's end ``ApiError`` (401), the deadline :class:`WaitTimeout`.
+    """
+
+    def __init__(self, txn_id: UUID | str, state: State | str, timeout: float, clock: Callable[[], float] = time.monotonic):
+        self.txn_id, self.wanted, self.timeout = str(txn_id), State(state), timeout
+        if self.wanted not in PROGRESS:
+            raise ValueError(f"cannot wait for {self.wanted}: wait for one of {', '.join(PROGRESS)}")
+        self.clock = clock
+        self.deadline = clock() + timeout
+        self.last: str | None = None  # the last state seen
+        self.retry_after: float | None = None  # the server's Retry-After of the last 503
+        self.params = {"txn_id": self.txn_id}
+        self.status_path = f"/v1/transactions/{self.txn_id}"
+        self._event: str | None = None
+        self._data: str | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        """The attempts: the first always, then as long as time is left; 0 opens the stream, the others poll first."""
+        attempt = 0
+        while attempt == 0 or self.left() > 0:
+            yield attempt
+            attempt += 1
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - self.clock())
+
+    def timeouts(self) -> httpx.Timeout:
+        """A stream may stay quiet up to the deadline (keep-alives come far sooner); connecting may not."""
+        return httpx.Timeout(min(10.0, self.left() or 0.001), read=self.left() or 0.001)
+
+    def opened(self, answer: httpx.Response) -> bool:
+        """Whether the stream's answer (its body read when it is an error) is a stream to follow; a transient
+        failure (502/503/504) is False, anything else refused raises :class:`ApiError` (404: unknown to the token)."""
+        return self.usable(answer, EVENTS)
+
+    def polled(self, answer: httpx.Response) -> State | None:
+        """The status endpoint's answer: the state once wanted or past it, None while not (or not answering)."""
+        return self.saw(answer.json()) if self.usable(answer, self.status_path) else None
+
+    def line(self, line: str) -> State | None:
+        """One line of the stream: an event completes at its blank line (comments, the keep-alives, are skipped)."""
+        if line.startswith("event:"):
+            self._event = line.removeprefix("event:").strip()
+        elif line.startswith("data:"):
+            self._data = line.removeprefix("data:").strip()
         elif line == "":
+            name, data, self._event, self._data = self._event, self._data, None, None
             if data is not None:
-                yield name, data
-            name, data = None, None
+                return self.event(name, json.loads(data))
+        return None
+
+    def event(self, name: str | None, data: Any) -> State | None:
+        """Unnamed events are state changes; ``closed`` ends the stream for good (its token was revoked or expired);
+        ``ready`` and ``unavailable`` are the stream's own news (the server resubscribes and sends a snapshot)."""
+        if name == "closed":
+            raise ApiError(401, data.get("detail", data), "GET", EVENTS)
+        if name is None and isinstance(data, dict) and data.get("txn_id") == self.txn_id:
+            return self.saw(data)
+        return None
+
+    def saw(self, change: dict[str, Any]) -> State | None:
+        """A state the transaction is in (an event, or a status); a state this client does not know is no answer."""
+        self.last = change.get("state")
+        if self.last == State.failed:
+            raise TransactionFailed(self.txn_id, change)
+        return State(self.last) if passed(self.last, self.wanted) else None
+
+    def usable(self, answer: httpx.Response, path: str) -> bool:
+        if answer.status_code in RETRY_STATUSES:
+            self.retry_after = seconds(answer.headers.get("Retry-After"))
+            return False
+        checked(answer, "GET", path)
+        return True
+
+    def pause(self) -> float:
+        """How long to wait before the next attempt: ``RECONNECT_S``, or the server's ``Retry-After``, within the deadline."""
+        pause, self.retry_after = max(RECONNECT_S, self.retry_after or 0.0), None
+        return min(pause, self.left())
+
+    def timed_out(self) -> WaitTimeout:
+        return WaitTimeout(self.txn_id, self.wanted, self.last, self.timeout)
 
 
 def encode(value: Any) -> str:
@@ -240,8 +355,9 @@ class Endpoints(Generic[ReceiptT, ReceiptsT, StatusT]):
         return self._send(write("DELETE", f"/v1/records/{table}/{id}", None, idempotency_key))
 
     def status(self, txn_id: UUID | str) -> StatusT:
-        """Where a transaction is now: ``state`` (accepted, committed, replicated, failed) and its times."""
-        return self._send(Call("GET", f"/v1/transactions/{txn_id}", dict))
+        """Where a transaction is now: its :class:`State` (accepted, committed, replicated, failed), ``commit_lsn``,
+        the time of each transition and, once failed, the ``reason``."""
+        return self._send(Call("GET", f"/v1/transactions/{txn_id}", TransactionStatus.model_validate))
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Full jitter, so scripts retrying after the same outage do not hit the API in lockstep; never
@@ -264,7 +380,7 @@ def http_options(base_url: str, token: str, timeout: float) -> dict[str, Any]:
     }
 
 
-class OpsyncClient(Endpoints[Receipt, list[Receipt], dict[str, str]]):
+class OpsyncClient(Endpoints[Receipt, list[Receipt], TransactionStatus]):
     """Writes records to the ingest API; ``with OpsyncClient(url, token) as client: ...``."""
 
     def __init__(
@@ -304,23 +420,29 @@ class OpsyncClient(Endpoints[Receipt, list[Receipt], dict[str, str]]):
     def wait(self, txn_id: UUID | str, state: State | str = State.replicated, timeout: float = 60.0) -> State:
         """Block until the transaction is ``state`` or past it, and return where it is.
 
-        Follows ``GET /v1/events`` rather than polling: the stream opens with a snapshot of the transaction,
-        then pushes each change. A dropped stream is reopened (its snapshot covers what was missed) until
-        ``timeout`` seconds have passed, then ``TimeoutError``; :class:`TransactionFailed` if it failed."""
-        wanted, deadline = State(state), time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
+        Follows ``GET /v1/events`` rather than polling (see :class:`Following`) until ``timeout`` seconds have
+        passed, then :class:`WaitTimeout`; :class:`TransactionFailed` if it failed."""
+        following = Following(txn_id, state, timeout)
+        for attempt in following:
             try:
-                params, limits = {"txn_id": str(txn_id)}, httpx.Timeout(10, read=left)
-                with self._http.stream("GET", EVENTS, params=params, timeout=limits) as answer:
-                    if now := followed_until(answer, str(txn_id), wanted, deadline):
-                        return now
+                if attempt and (now := following.polled(self._http.get(following.status_path, timeout=following.timeouts()))):
+                    return now
+                with self._http.stream("GET", EVENTS, params=following.params, timeout=following.timeouts()) as answer:
+                    if not answer.is_success:
+                        answer.read()
+                    if following.opened(answer):
+                        for line in answer.iter_lines():
+                            if now := following.line(line):
+                                return now
+                            if not following.left():
+                                break
             except TRANSIENT_ERRORS:
                 pass
-            self._sleep(min(1.0, max(0.0, deadline - time.monotonic())))  # the stream ended or broke: reopen it
-        raise TimeoutError(f"transaction {txn_id} not {wanted} within {timeout} s")
+            self._sleep(following.pause())
+        raise following.timed_out()
 
 
-class AsyncOpsyncClient(Endpoints[Awaitable[Receipt], Awaitable[list[Receipt]], Awaitable[dict[str, str]]]):
+class AsyncOpsyncClient(Endpoints[Awaitable[Receipt], Awaitable[list[Receipt]], Awaitable[TransactionStatus]]):
     """The same calls for asyncio code, each awaited: ``async with AsyncOpsyncClient(url, token) as client: ...``."""
 
     def __init__(
@@ -357,6 +479,27 @@ class AsyncOpsyncClient(Endpoints[Awaitable[Receipt], Awaitable[list[Receipt]], 
     async def _send_all(self, calls: list[Call]) -> list[Any]:
         """One after the other: the stream keeps the order of the chunks, as one long list would have."""
         return [await self._send(call) for call in calls]
+
+    async def wait(self, txn_id: UUID | str, state: State | str = State.replicated, timeout: float = 60.0) -> State:
+        """Until the transaction is ``state`` or past it, the state it is in, as :meth:`OpsyncClient.wait`."""
+        following = Following(txn_id, state, timeout)
+        for attempt in following:
+            try:
+                if attempt and (now := following.polled(await self._http.get(following.status_path, timeout=following.timeouts()))):
+                    return now
+                async with self._http.stream("GET", EVENTS, params=following.params, timeout=following.timeouts()) as answer:
+                    if not answer.is_success:
+                        await answer.aread()
+                    if following.opened(answer):
+                        async for line in answer.aiter_lines():
+                            if now := following.line(line):
+                                return now
+                            if not following.left():
+                                break
+            except TRANSIENT_ERRORS:
+                pass
+            await self._sleep(following.pause())
+        raise following.timed_out()
 
 
 def seconds(retry_after: str | None) -> float | None:

@@ -339,7 +339,7 @@ class Recorder:
 
     def states(self) -> Counter[str]:
         """Where each transaction is now (a repeated run's receipts are the original ones, possibly further on)."""
-        return Counter(self.client.status(receipt.txn_id)["state"] for receipt in self.receipts)
+        return Counter(self.client.status(receipt.txn_id).state.value for receipt in self.receipts)
 
 
 def describe(event: Execution | HousekeepingBatch, tz: ZoneInfo) -> str:

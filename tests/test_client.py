@@ -6,19 +6,36 @@ clients; ``Flavour`` gives them one blocking interface so each scenario is writt
 """
 
 import asyncio
+import json
 import os
+import re
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
+import httpx
 import pytest
 
+from opsync import envelope
 from opsync.buffer import Buffer
-from opsync.client import MAX_RECORDS_PER_REQUEST, ApiError, AsyncOpsyncClient, OpsyncClient, TransactionFailed
-from opsync.envelope import Receipt, State, Transaction
+from opsync.client import (
+    MAX_RECORDS_PER_REQUEST,
+    RECONNECT_S,
+    ApiError,
+    AsyncOpsyncClient,
+    Following,
+    OpsyncClient,
+    Receipt,
+    State,
+    TransactionFailed,
+    TransactionStatus,
+    WaitTimeout,
+)
+from opsync.envelope import Transaction
 
 T = "executed_obs_unit"
 DIRECT = "instrument"
@@ -29,11 +46,14 @@ class Proxy:
 
     A lost answer is forwarded to the API, which acts on it, and then the client's connection is
     closed before any byte of the answer reaches it: what a link dropping at the wrong moment does.
+    A connection whose first request line contains ``refuse`` is closed unanswered (a proxy that
+    cannot pass that route).
     """
 
-    def __init__(self, target_port: int, lose: int = 0, port: int = 0):
+    def __init__(self, target_port: int, lose: int = 0, port: int = 0, refuse: bytes | None = None):
         self.target_port = target_port
         self.lose = lose
+        self.refuse = refuse
         self.connections = 0
         self._sockets: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", port))
@@ -50,6 +70,9 @@ class Proxy:
             threading.Thread(target=self._relay, args=(client, self.connections <= self.lose), daemon=True).start()
 
     def _relay(self, client: socket.socket, lose: bool) -> None:
+        if self.refuse and self.refuse in client.recv(65536, socket.MSG_PEEK).split(b"\r\n")[0]:
+            close(client)
+            return
         upstream = socket.create_connection(("127.0.0.1", self.target_port))
         self._sockets += [client, upstream]
         threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
@@ -89,16 +112,20 @@ class Flavour:
     """A client of either kind behind one blocking interface; ``delays`` are the backoff sleeps it asked for.
 
     The async client lives on its own event loop in a thread (its connections belong to that loop);
-    ``on_sleep(n)`` runs at the n-th sleep, which is where a test repairs the fault it staged.
+    ``on_sleep(n)`` runs at the n-th sleep, which is where a test repairs the fault it staged. Sleeps
+    are skipped unless ``sleeps`` (a wait must pause between its streams to let time pass).
     """
 
-    def __init__(self, kind: str, base_url: str, token: str, on_sleep: Callable[[int], None], **options):
+    def __init__(self, kind: str, base_url: str, token: str, on_sleep: Callable[[int], None], sleeps: bool = False,
+                 **options):
         self.kind = kind
         self.delays: list[float] = []
 
         def note(seconds: float) -> None:
             self.delays.append(seconds)
             on_sleep(len(self.delays))
+            if sleeps:
+                time.sleep(seconds)
 
         async def async_note(seconds: float) -> None:
             await asyncio.to_thread(note, seconds)
@@ -160,7 +187,8 @@ def client(kind, live_api, token):
     """``client(base_url=live_api, on_sleep=None, **options)``: a client of this test's kind, closed afterwards."""
     made = []
 
-    def make(base_url: str = live_api, on_sleep: Callable[[int], None] = lambda n: None, **options) -> Flavour:
+    def make(base_url: str = live_api, on_sleep: Callable[[int], None] = lambda n: None, token: str = token,
+             **options) -> Flavour:
         made.append(Flavour(kind, base_url, token, on_sleep, **options))
         return made[-1]
 
@@ -179,7 +207,7 @@ def test_records_returns_ids_and_status_url(client, live_api, observation, strea
     one = api.call("records", T, observation())
     assert isinstance(one, Receipt) and one.state == "accepted" and len(one.ids) == 1 and one.id == one.ids[0]
     assert one.status_url == f"{live_api}/v1/transactions/{one.txn_id}"
-    assert api.call("status", one.txn_id)["state"] == "accepted"
+    assert api.call("status", one.txn_id).state is State.accepted
     given = uuid.uuid4()
     several = api.call("records", T, [observation(id=given), observation(), observation()])
     assert len(several.ids) == 3 and several.ids[0] == given
@@ -323,33 +351,113 @@ def settle_later(primary_engine, replica_engine, delay: float = 0.5) -> threadin
     return thread
 
 
-def test_wait_follows_the_events_until_replicated(live_api, token, observation, primary_engine, replica_engine):
+LSN = re.compile(r"^[0-9A-F]+/[0-9A-F]+$")
+
+
+def test_wait_follows_the_events_until_replicated_and_the_models_read_the_servers_answers(
+    client, observation, primary_engine, replica_engine
+):
+    api = client(sleeps=True)
+    receipt = api.call("records", T, observation())
+    assert isinstance(receipt.accepted_at, datetime) and receipt.accepted_at.utcoffset() is not None
+    assert api.call("wait", receipt.txn_id, "accepted", timeout=10) is State.accepted
+    accepted = api.call("status", receipt.txn_id)
+    assert (accepted.state, accepted.accepted_at, accepted.commit_lsn) == (State.accepted, receipt.accepted_at, None)
+    settling = settle_later(primary_engine, replica_engine)
+    assert api.call("wait", receipt.txn_id, "replicated", timeout=30) is State.replicated
+    settling.join(30)
+    assert api.call("wait", receipt.txn_id, "committed", timeout=5) is State.replicated  # past it counts
+    done = api.call("status", receipt.txn_id)
+    assert isinstance(done, TransactionStatus) and done.txn_id == receipt.txn_id and done.tables == [T]
+    assert done.accepted_at == receipt.accepted_at <= done.committed_at <= done.replicated_at
+    assert LSN.match(done.commit_lsn) and done.failed_at is None and done.reason is None
+    assert api.delays == []  # the stream's snapshot and its pushed changes answered each wait
+
+
+def test_the_clients_models_have_every_field_of_the_servers_and_keep_new_ones(live_api, token, observation):
+    """Same fields as the API's own response model; a field a newer server adds is kept, a new state refused."""
+    assert set(Receipt.model_fields) == set(envelope.Receipt.model_fields)
     with OpsyncClient(live_api, token) as api:
-        receipt = api.records(T, observation())
-        assert api.wait(receipt.txn_id, "accepted", timeout=10) is State.accepted
-        with pytest.raises(TimeoutError):
-            api.wait(receipt.txn_id, "committed", timeout=1)
-        settling = settle_later(primary_engine, replica_engine)
-        assert api.wait(receipt.txn_id, "replicated", timeout=30) is State.replicated
-        settling.join(30)
-        assert api.wait(receipt.txn_id, "committed", timeout=5) is State.replicated  # past it counts
+        txn_id = api.records(T, observation()).txn_id
+        answer = httpx.get(f"{live_api}/v1/transactions/{txn_id}", headers={"Authorization": f"Bearer {token}"}).json()
+    status = TransactionStatus.model_validate(answer | {"priority": "high"})
+    assert status.state is State.accepted and status.model_extra["priority"] == "high"
+    assert set(answer) - set(TransactionStatus.model_fields) <= {"stream_id"}  # where it sits in the buffer: no type needed
+    with pytest.raises(ValueError, match="state"):
+        TransactionStatus.model_validate(answer | {"state": "teleported"})
 
 
-def test_wait_raises_when_the_transaction_fails(live_api, issue_token, primary_engine, replica_engine):
+def test_a_wait_that_runs_out_names_the_transaction_and_the_last_state(client, observation):
+    api = client(sleeps=True)
+    receipt = api.call("records", T, observation())
+    started = time.monotonic()
+    with pytest.raises(TimeoutError) as late:
+        api.call("wait", receipt.txn_id, "committed", timeout=1)
+    assert time.monotonic() - started < 5
+    assert isinstance(late.value, WaitTimeout) and late.value.last == "accepted" and late.value.wanted is State.committed
+    assert str(late.value) == f"transaction {receipt.txn_id} not committed within 1 s (last state seen: accepted)"
+
+
+def test_a_wait_that_cannot_have_the_stream_asks_the_status(client, live_api, observation):
+    """A proxy in the way refuses the stream: the client pauses, then the status endpoint answers the wait."""
+    receipt = client().call("records", T, observation())
+    proxy = Proxy(port_of(live_api), refuse=b"/v1/events")
+    try:
+        api = client(f"http://127.0.0.1:{proxy.port}")
+        assert api.call("wait", receipt.txn_id, "accepted", timeout=10) is State.accepted
+    finally:
+        proxy.close()
+    assert proxy.connections == 2 and api.delays == [RECONNECT_S]  # the stream refused, then the status
+
+
+def test_wait_raises_when_the_transaction_fails(client, issue_token, primary_engine, replica_engine):
     from tests.test_api_guarantees import raw_file
 
-    with OpsyncClient(live_api, issue_token(["write:raw_data_file", "read:raw_data_file"])) as api:
-        receipt = api.records("raw_data_file", raw_file())  # its observation does not exist: the primary refuses it
-        settling = settle_later(primary_engine, replica_engine)
-        with pytest.raises(TransactionFailed) as failed:
-            api.wait(receipt.txn_id, "replicated", timeout=30)
-        settling.join(30)
-    assert failed.value.detail["state"] == "failed"
+    api = client(sleeps=True, token=issue_token(["write:raw_data_file", "read:raw_data_file"]))
+    receipt = api.call("records", "raw_data_file", raw_file())  # its observation does not exist: the primary refuses it
+    settling = settle_later(primary_engine, replica_engine)
+    with pytest.raises(TransactionFailed) as failed:
+        api.call("wait", receipt.txn_id, "replicated", timeout=30)
+    settling.join(30)
+    assert failed.value.txn_id == str(receipt.txn_id) and failed.value.detail["state"] == "failed"
+    assert "foreign key" in failed.value.reason or "violates" in failed.value.reason
+    assert str(failed.value) == f"transaction {receipt.txn_id} failed (dead-lettered): {failed.value.reason}"
+    status = api.call("status", receipt.txn_id)
+    assert (status.state, status.reason) == (State.failed, failed.value.reason) and status.failed_at is not None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_following_orders_the_states_and_honours_retry_after():
+    """The state logic both clients share: past the wanted state counts, a 503's Retry-After is the pause."""
+    clock, txn = Clock(), str(uuid.uuid4())
+    following = Following(txn, "committed", timeout=30, clock=clock)
+    lines = ["event: ready", f"data: {json.dumps({'following': [txn]})}", "", ": keep-alive", "",
+             f"data: {json.dumps({'txn_id': txn, 'state': 'accepted', 'snapshot': True})}", "",
+             f"data: {json.dumps({'txn_id': str(uuid.uuid4()), 'state': 'replicated'})}", ""]  # another's
+    assert [following.line(line) for line in lines] == [None] * len(lines) and following.last == "accepted"
+    assert following.pause() == RECONNECT_S
+    assert not following.opened(httpx.Response(503, headers={"Retry-After": "7"}))
+    assert following.pause() == 7 and following.pause() == RECONNECT_S  # that answer's, once
+    clock.now = 27
+    assert not following.opened(httpx.Response(503, headers={"Retry-After": "7"})) and following.pause() == 3  # within the deadline
+    assert following.polled(httpx.Response(200, json={"txn_id": txn, "state": "replicated"})) is State.replicated
+    assert following.polled(httpx.Response(200, json={"txn_id": txn, "state": "teleported"})) is None  # not one it knows
+    with pytest.raises(ApiError) as closed:
+        [following.line(line) for line in ["event: closed", 'data: {"detail": "token revoked"}', ""]]
+    assert closed.value.status == 401 and closed.value.detail == "token revoked"
+    with pytest.raises(ValueError, match="cannot wait for failed"):
+        Following(txn, "failed", timeout=1)
 
 
 def test_the_example_script_records_and_waits_until_replicated(live_api, token, observation, primary_engine,
                                                                 replica_engine, tmp_path):
-    import json
     import subprocess
     import sys
 

@@ -46,8 +46,7 @@ from psycopg import sql
 from rich.console import Console
 
 from opsync.buffer import Buffer
-from opsync.client import ApiError, OpsyncClient, Unavailable
-from opsync.envelope import Receipt
+from opsync.client import ApiError, OpsyncClient, Receipt, Unavailable
 from opsync.read_model import json_text, utc_text
 from opsync.stack.faults import BASE_RTT_S, KINDS, Faults
 from opsync.stack.local import LocalStack
