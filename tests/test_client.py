@@ -333,18 +333,22 @@ def test_batches_with_a_key_are_replayed_not_duplicated(client, observation, str
     assert again == first and len(stream) == before + 3
 
 
-def settle_later(primary_engine, replica_engine, delay: float = 0.5) -> threading.Thread:
-    """Drain and confirm in the background after ``delay``, while a wait follows the events."""
+def settle_later(primary_engine, replica_engine, delay: float = 0.5, until: threading.Event | None = None) -> threading.Thread:
+    """Drain and confirm in the background after ``delay``, while a wait follows the events; again and again
+    until ``until`` is set, when another process writes meanwhile."""
     from ingest_api import deps
     from opsync import drain
 
     def run() -> None:
         time.sleep(delay)
         buffer = deps.get_buffer()
-        drain.drain(buffer, primary_engine)
-        deadline = time.monotonic() + 20
-        while drain.confirm_replica(buffer, replica_engine).remaining and time.monotonic() < deadline:
-            time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while True:
+            drain.drain(buffer, primary_engine)
+            while drain.confirm_replica(buffer, replica_engine).remaining and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if until is None or until.wait(0.2) or time.monotonic() > deadline:
+                return
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -456,20 +460,47 @@ def test_following_orders_the_states_and_honours_retry_after():
         Following(txn, "failed", timeout=1)
 
 
-def test_the_example_script_records_and_waits_until_replicated(live_api, token, observation, primary_engine,
-                                                                replica_engine, tmp_path):
+def run_example(name: str, *args: str, live_api: str, token: str, cwd) -> tuple[int, list[dict]]:
+    """An example script run as a user would, against the real API: its exit code and its JSON lines."""
     import subprocess
     import sys
 
     from opsync.stack.settings import REPO
 
+    done = subprocess.run([sys.executable, str(REPO / "examples" / name), *args],
+                          env={**os.environ, "OPSYNC_API_URL": live_api, "OPSYNC_TOKEN": token}, cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout, done.stderr
+    return done.returncode, [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_the_example_script_records_and_waits_until_replicated(live_api, token, observation, primary_engine,
+                                                                replica_engine, tmp_path):
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps([observation(), observation()]))
-    settling = settle_later(primary_engine, replica_engine, delay=2)
-    done = subprocess.run([sys.executable, str(REPO / "examples/record_and_wait.py"), T, str(rows), "--timeout", "30"],
-                          env={**os.environ, "OPSYNC_API_URL": live_api, "OPSYNC_TOKEN": token}, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    late, (out,) = run_example("record_and_wait.py", T, str(rows), "--wait", "committed", "--timeout", "1",
+                               live_api=live_api, token=token, cwd=tmp_path)
+    assert late == 2 and out["state"] == "accepted" and out["timed_out"]
+    settling = settle_later(primary_engine, replica_engine, until=(done := threading.Event()))
+    code, (out,) = run_example("record_and_wait.py", T, str(rows), "--timeout", "30", live_api=live_api, token=token, cwd=tmp_path)
+    done.set()
     settling.join(30)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout.splitlines()[-1])
-    assert out["state"] == "replicated" and len(out["ids"]) == 2
+    assert code == 0 and out["state"] == "replicated" and len(out["ids"]) == 2
+
+
+def test_the_async_example_follows_each_transaction_until_replicated(live_api, issue_token, observation, primary_engine,
+                                                                     replica_engine, tmp_path):
+    from tests.test_api_guarantees import raw_file
+
+    token = issue_token([f"write:{T}", "write:raw_data_file", "read:raw_data_file"])
+    with OpsyncClient(live_api, token) as api:
+        obs = str(api.records(T, observation()).id)  # drained first, in the stream's order
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([raw_file(executed_obs_unit_id=obs), raw_file(), raw_file(executed_obs_unit_id=obs)]))
+    settling = settle_later(primary_engine, replica_engine, until=(done := threading.Event()))
+    code, outs = run_example("record_each_async.py", "raw_data_file", str(rows), "--timeout", "30", live_api=live_api,
+                             token=token, cwd=tmp_path)
+    done.set()
+    settling.join(30)
+    assert code == 1 and [o["state"] for o in outs] == ["replicated", "failed", "replicated"]  # the 2nd names no observation
+    assert outs[1]["reason"] and len({o["txn_id"] for o in outs}) == 3

@@ -152,7 +152,8 @@ def test_the_client_imports_with_no_server_side_installed(venv):
     assert json.loads(run_in(path, "python", "-c", probe)) == []
     typed = "import importlib.resources as r; print(r.files('opsync').joinpath('py.typed').is_file())"
     assert run_in(path, "python", "-c", typed).strip() == "True"  # type checkers read the client's annotations
-    assert "--wait" in run_in(path, "python", str(REPO / "examples/record_and_wait.py"), "--help")
+    for example in ("record_and_wait.py", "record_each_async.py"):
+        assert "--wait" in run_in(path, "python", str(REPO / "examples" / example), "--help")
 
 
 def test_opsync_version_comes_from_the_package_metadata(venv):
