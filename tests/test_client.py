@@ -386,6 +386,8 @@ def test_the_clients_models_have_every_field_of_the_servers_and_keep_new_ones(li
         answer = httpx.get(f"{live_api}/v1/transactions/{txn_id}", headers={"Authorization": f"Bearer {token}"}).json()
     status = TransactionStatus.model_validate(answer | {"priority": "high"})
     assert status.state is State.accepted and status.model_extra["priority"] == "high"
+    assert status.reached("accepted") and not status.reached(State.committed)
+    assert TransactionStatus.model_validate(answer | {"state": "replicated"}).reached("committed")  # past it counts
     assert set(answer) - set(TransactionStatus.model_fields) <= {"stream_id"}  # where it sits in the buffer: no type needed
     with pytest.raises(ValueError, match="state"):
         TransactionStatus.model_validate(answer | {"state": "teleported"})
