@@ -421,25 +421,30 @@ class OpsyncClient(Endpoints[Receipt, list[Receipt], TransactionStatus]):
         """Block until the transaction is ``state`` or past it, and return where it is.
 
         Follows ``GET /v1/events`` rather than polling (see :class:`Following`) until ``timeout`` seconds have
-        passed, then :class:`WaitTimeout`; :class:`TransactionFailed` if it failed."""
+        passed, then :class:`WaitTimeout`; :class:`TransactionFailed` if it failed. The deadline is checked at
+        each line of the stream, so it may pass by up to the server's keep-alive interval (15 s by default)."""
         following = Following(txn_id, state, timeout)
         for attempt in following:
             try:
-                if attempt and (now := following.polled(self._http.get(following.status_path, timeout=following.timeouts()))):
+                if now := self._follow_once(following, attempt):
                     return now
-                with self._http.stream("GET", EVENTS, params=following.params, timeout=following.timeouts()) as answer:
-                    if not answer.is_success:
-                        answer.read()
-                    if following.opened(answer):
-                        for line in answer.iter_lines():
-                            if now := following.line(line):
-                                return now
-                            if not following.left():
-                                break
             except TRANSIENT_ERRORS:
                 pass
             self._sleep(following.pause())
         raise following.timed_out()
+
+    def _follow_once(self, following: Following, attempt: int) -> State | None:
+        """One attempt of :meth:`wait`: the status first when reopening, then the stream until it ends or time is up."""
+        if attempt and (now := following.polled(self._http.get(following.status_path, timeout=following.timeouts()))):
+            return now
+        with self._http.stream("GET", EVENTS, params=following.params, timeout=following.timeouts()) as answer:
+            if not answer.is_success:
+                answer.read()
+            if following.opened(answer):
+                for line in answer.iter_lines():
+                    if (now := following.line(line)) or not following.left():
+                        return now
+        return None
 
 
 class AsyncOpsyncClient(Endpoints[Awaitable[Receipt], Awaitable[list[Receipt]], Awaitable[TransactionStatus]]):
@@ -481,25 +486,31 @@ class AsyncOpsyncClient(Endpoints[Awaitable[Receipt], Awaitable[list[Receipt]], 
         return [await self._send(call) for call in calls]
 
     async def wait(self, txn_id: UUID | str, state: State | str = State.replicated, timeout: float = 60.0) -> State:
-        """Until the transaction is ``state`` or past it, the state it is in, as :meth:`OpsyncClient.wait`."""
+        """Until the transaction is ``state`` or past it, the state it is in, as :meth:`OpsyncClient.wait`
+        (here the deadline is kept to the moment: a quiet stream is cancelled)."""
         following = Following(txn_id, state, timeout)
         for attempt in following:
             try:
-                if attempt and (now := following.polled(await self._http.get(following.status_path, timeout=following.timeouts()))):
-                    return now
-                async with self._http.stream("GET", EVENTS, params=following.params, timeout=following.timeouts()) as answer:
-                    if not answer.is_success:
-                        await answer.aread()
-                    if following.opened(answer):
-                        async for line in answer.aiter_lines():
-                            if now := following.line(line):
-                                return now
-                            if not following.left():
-                                break
-            except TRANSIENT_ERRORS:
+                async with asyncio.timeout(following.left()):
+                    if now := await self._follow_once(following, attempt):
+                        return now
+            except (*TRANSIENT_ERRORS, TimeoutError):
                 pass
             await self._sleep(following.pause())
         raise following.timed_out()
+
+    async def _follow_once(self, following: Following, attempt: int) -> State | None:
+        """One attempt of :meth:`wait`: the status first when reopening, then the stream until it ends."""
+        if attempt and (now := following.polled(await self._http.get(following.status_path, timeout=following.timeouts()))):
+            return now
+        async with self._http.stream("GET", EVENTS, params=following.params, timeout=following.timeouts()) as answer:
+            if not answer.is_success:
+                await answer.aread()
+            if following.opened(answer):
+                async for line in answer.aiter_lines():
+                    if now := following.line(line):
+                        return now
+        return None
 
 
 def seconds(retry_after: str | None) -> float | None:
