@@ -196,11 +196,14 @@ class Following:
         return self.saw(answer.json()) if self.usable(answer, self.status_path) else None
 
     def line(self, line: str) -> State | None:
-        """One line of the stream: an event completes at its blank line (comments, the keep-alives, are skipped)."""
-        if line.startswith("event:"):
-            self._event = line.removeprefix("event:").strip()
-        elif line.startswith("data:"):
-            self._data = line.removeprefix("data:").strip()
+        """One line of the stream: an event completes at its blank line (comments, the keep-alives, are skipped;
+        several ``data`` lines are one value, as the SSE standard joins them)."""
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            self._event = value
+        elif field == "data":
+            self._data = value if self._data is None else f"{self._data}\n{value}"
         elif line == "":
             name, data, self._event, self._data = self._event, self._data, None, None
             if data is not None:

@@ -446,8 +446,10 @@ def test_following_orders_the_states_and_honours_retry_after():
     following = Following(txn, "committed", timeout=30, clock=clock)
     lines = ["event: ready", f"data: {json.dumps({'following': [txn]})}", "", ": keep-alive", "",
              f"data: {json.dumps({'txn_id': txn, 'state': 'accepted', 'snapshot': True})}", "",
-             f"data: {json.dumps({'txn_id': str(uuid.uuid4()), 'state': 'replicated'})}", ""]  # another's
+             f"data: {json.dumps({'txn_id': str(uuid.uuid4()), 'state': 'replicated'})}", "",  # another's
+             "data: {", f'data: "txn_id": "{txn}", "state": "committed"}}', "retry: 1000"]  # one value on two lines ...
     assert [following.line(line) for line in lines] == [None] * len(lines) and following.last == "accepted"
+    assert following.line("") is State.committed and following.last == "committed"  # ... complete at its blank line
     assert following.pause() == RECONNECT_S
     assert not following.opened(httpx.Response(503, headers={"Retry-After": "7"}))
     assert following.pause() == 7 and following.pause() == RECONNECT_S  # that answer's, once
