@@ -353,7 +353,7 @@ def test_the_example_script_records_and_waits_until_replicated(live_api, token, 
     import subprocess
     import sys
 
-    from opsync.stack.settings import REPO
+    from devstack.settings import REPO
 
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps([observation(), observation()]))
