@@ -9,16 +9,16 @@ bootstrap:
 	@scripts/bootstrap.sh
 
 up: bootstrap
-	@$(VENV)/bin/opsync-stack up
+	@$(PY) -m devstack.cli up
 
 down:
-	@$(VENV)/bin/opsync-stack down
+	@$(PY) -m devstack.cli down
 
 status:
-	@$(VENV)/bin/opsync-stack status
+	@$(PY) -m devstack.cli status
 
 demo: bootstrap
-	@$(PY) -m opsync.demo
+	@$(PY) -m devstack.demo
 
 test: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -28,7 +28,7 @@ DURATION ?= 300
 RECORDS ?= 5000
 SEED ?=
 soak: bootstrap
-	$(PY) -m opsync.stack.soak --duration $(DURATION) --records $(RECORDS) $(if $(SEED),--seed $(SEED))
+	$(PY) -m devstack.soak --duration $(DURATION) --records $(RECORDS) $(if $(SEED),--seed $(SEED))
 
 # Benchmarks (see README "Benchmarks"): make bench-drain SIZE=smoke runs every phase briefly; bench-smoke runs each at smoke size.
 SIZE ?= full

@@ -1,7 +1,7 @@
 """``make bench-buffer-memory``: what the site buffer costs in Redis per transaction, next to a raw XADD.
 
 It starts its own durable Redis (the site's configuration: ``appendfsync always``, AOF with an RDB
-preamble, :class:`opsync.stack.redis.RedisServer`) in a temporary directory and measures, in one run:
+preamble, :class:`devstack.redis.RedisServer`) in a temporary directory and measures, in one run:
 
 - Baseline: the same envelopes written by raw pipelined ``XADD`` into a stream of their own:
   bytes of Redis memory (``used_memory``) per entry, and the time from ``kill -9`` of Redis holding
@@ -35,12 +35,12 @@ from pathlib import Path
 
 import redis
 
+from devstack.redis import RedisServer
 from opsync.buffer import ENQUEUE, Buffer, Settlement
 from opsync.drain import confirm
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
 from opsync.lsn import Lsn
-from opsync.stack.redis import RedisServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: the logger's sample records)

@@ -3,7 +3,7 @@
 It fills a read model of realistic size straight through :class:`opsync.read_model.ReadModel` (the
 layout, indexes and stored forms the publisher writes; ``full``: 1M rows shaped as ``make bench-read``
 loads them, ``smoke``: 20k), and starts a real ``datasette serve`` with the command ``make up`` uses
-(:func:`opsync.stack.local.datasette_command`: metadata, settings, plugins), minus the publisher plugin
+(:func:`devstack.local.datasette_command`: metadata, settings, plugins), minus the publisher plugin
 (no Redis or PostgreSQL here; the file is written before Datasette starts). Then, in the same run:
 
 - baseline: the ``executed_obs_unit`` table page (JSON, its default facets and sort) requested one at
@@ -38,10 +38,10 @@ from pathlib import Path
 import httpx
 import psutil
 
+from devstack.local import datasette_command
+from devstack.settings import REPO
 from opsync.ids import new_id
 from opsync.read_model import ReadModel
-from opsync.stack.local import datasette_command
-from opsync.stack.settings import REPO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: free_port)

@@ -16,7 +16,7 @@ replica) and measures, in one run:
   transaction into the same tables, emptied by ``TRUNCATE`` (same indexes, constraints and
   foreign keys; a ``CHECKPOINT`` and a caught-up replica before each timed load, for both).
 - The same drain with 250 ms round trips between the drainer and the primary
-  (:class:`opsync.stack.wan.WanProxy`), ``wan_records`` records; the connection's set-up (paid
+  (:class:`devstack.wan.WanProxy`), ``wan_records`` records; the connection's set-up (paid
   once per drain task) is timed apart from the drain.
 - Small transactions: ``small_txns`` single-record housekeeping transactions, each with an
   idempotency key as :mod:`opsync.client` sends them (the 48-hour outage's bulk), drained through
@@ -63,6 +63,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine, create_engine, make_url, text
 
+from devstack.wan import WanProxy
 from opsync import drain as drainer
 from opsync.apply import engine_options
 from opsync.buffer import Buffer
@@ -70,7 +71,6 @@ from opsync.drain import DrainSummary, confirm_replica, drain
 from opsync.envelope import Transaction
 from opsync.ingest import StepIn, build_transaction
 from opsync.lsn import current_position, replica_position
-from opsync.stack.wan import WanProxy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: services, API server, samples, HTTP client)

@@ -2,7 +2,7 @@
 
 It starts its own services in a temporary directory (a durable Redis with ``appendfsync always``,
 a migrated PostgreSQL primary with its streaming replica) and the real API as a subprocess, with
-the command ``make up`` uses (:func:`opsync.stack.local.api_command`: its workers, no access log,
+the command ``make up`` uses (:func:`devstack.local.api_command`: its workers, no access log,
 uvloop and httptools picked automatically), so the load generator never shares the API's CPU or GIL.
 
 - Single-record POSTs at fixed open-loop rates. Sends are scheduled at fixed times and latency
@@ -62,15 +62,15 @@ from rich.table import Table
 from sqlalchemy import Engine, create_engine, insert
 from sqlalchemy.exc import ProgrammingError
 
+from devstack.local import api_command
+from devstack.postgres import Credentials, PostgresServer, provision
+from devstack.redis import RedisServer
+from devstack.settings import REPO, StackSettings
+from devstack.wan import WanProxy
 from opsync.auth import AuthError, TokenVerifier, create_token
 from opsync.ingest import StepIn, build_transaction
 from opsync.migrate import upgrade
 from opsync.schema import Instrument, InstrumentModule
-from opsync.stack.local import api_command
-from opsync.stack.postgres import Credentials, PostgresServer, provision
-from opsync.stack.redis import RedisServer
-from opsync.stack.settings import REPO, StackSettings
-from opsync.stack.wan import WanProxy
 
 TABLE = "housekeeping_sample"
 RATES = (200, 500, 1000)  # single-record POSTs per second

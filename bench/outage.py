@@ -4,7 +4,7 @@ It starts its own services in a temporary directory (:func:`ingest.services`: a 
 ``appendfsync always`` and its production ``maxmemory``, a migrated PostgreSQL primary with its
 streaming replica), the real ingest API under uvicorn (:func:`ingest.api_server`), a real
 ``datasette serve`` with the publisher inside (:func:`read.datasette`), and the link to the primary
-as the WAN proxy (:class:`opsync.stack.wan.WanProxy`, 250 ms round trips), then:
+as the WAN proxy (:class:`devstack.wan.WanProxy`, 250 ms round trips), then:
 
 - idle: single-record POSTs at ``PROBE_RATE``/s, open loop, for ``idle_seconds``: the idle p99;
 - the link is cut (``blackhole``) and the fill posts the README's peak workload for ``--hours``
@@ -70,12 +70,12 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine, make_url, text
 
+from devstack.redis import RedisServer
+from devstack.wan import WanProxy
 from opsync.buffer import Buffer
 from opsync.client import encode, write
 from opsync.config import Settings
 from opsync.read_model import ReadModel
-from opsync.stack.redis import RedisServer
-from opsync.stack.wan import WanProxy
 from opsync.stats import buffer_stats, high_water
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

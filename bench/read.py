@@ -55,13 +55,13 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine, create_engine, text
 
+from devstack.local import datasette_command
+from devstack.settings import REPO
 from opsync.buffer import Buffer
 from opsync.ids import new_id
 from opsync.lsn import current_position, replica_position
 from opsync.publisher import Publisher
 from opsync.read_model import ReadModel, layouts
-from opsync.stack.local import datasette_command
-from opsync.stack.settings import REPO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: services, API server, token)

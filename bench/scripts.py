@@ -52,6 +52,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from devstack.redis import RedisServer
 from opsync import dlq
 from opsync.buffer import CLAIM_PAGE, CONFIRM, DISCARD, ENQUEUE, REQUEUE, SETTLE, Buffer, Entry, Settlement
 from opsync.config import Settings
@@ -59,7 +60,6 @@ from opsync.envelope import Transaction
 from opsync.ingest import StepIn, build_transaction
 from opsync.lsn import Lsn
 from opsync.publisher import OVERLAY_EXISTS_LUA, Tuning
-from opsync.stack.redis import RedisServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import free_port  # noqa: E402  (bench/ingest.py)

@@ -13,7 +13,6 @@ original receipts and buffers nothing twice.
 
 import argparse
 import hashlib
-import json
 import os
 import random
 import re
@@ -32,7 +31,6 @@ from rich.table import Table
 from opsync.client import OpsyncClient, OpsyncError, Receipt, Unavailable
 from opsync.config import get_settings
 from opsync.envelope import Op, State
-from opsync.stack.settings import StackSettings
 
 Row = dict[str, Any]
 
@@ -375,19 +373,18 @@ def summary(title: str, recorder: Recorder, states: Counter[str]) -> Table:
 
 
 def api_url() -> str:
-    stack = StackSettings()
-    return os.environ.get("OPSYNC_API_URL") or f"http://{stack.host}:{stack.api_port}"
+    return from_env("OPSYNC_API_URL")
 
 
 def api_token() -> str:
-    """``OPSYNC_API_TOKEN``, else the demo token ``make up`` keeps with the site's secrets."""
-    if token := os.environ.get("OPSYNC_API_TOKEN"):
-        return token
-    path = StackSettings().secrets_path
-    try:
-        return json.loads(path.read_text())["demo_token"]
-    except (FileNotFoundError, KeyError):
-        raise SystemExit(f"no API token: set OPSYNC_API_TOKEN or run `make up` (writes demo_token to {path})") from None
+    return from_env("OPSYNC_API_TOKEN")
+
+
+def from_env(name: str) -> str:
+    """Any site's API: ``make demo`` sets both variables for the one ``make up`` runs (:mod:`devstack.demo`)."""
+    if value := os.environ.get(name):
+        return value
+    raise SystemExit(f"set {name}, or run `make demo` against the site of `make up`")
 
 
 def observations(value: str) -> int:

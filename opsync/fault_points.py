@@ -5,7 +5,7 @@ Inert unless the process starts with ``OPSYNC_FAULT_POINT`` set: then, on reachi
 nothing sent; ``next_claimed``, batch N+1 claimed while batch N commits; ``after_commit``, committed
 and not acknowledged), it writes its pid to the file ``OPSYNC_FAULT_SIGNAL`` names and blocks there
 until killed; it never goes past the point. Unset (as in production), a point costs one string
-comparison. (The soak's faults, from outside the processes, are :mod:`opsync.stack.faults`.)
+comparison. (The soak's faults, from outside the processes, are :mod:`devstack.faults`.)
 """
 
 import os

@@ -38,5 +38,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/uv" pip install -q -p "$VENV/bin/python" --compile-bytecode -r locks/dev.txt
   rm -rf opsync.egg-info  # metadata now goes to scripts/ (setup.cfg says why); a copy left here doubles the plugins
   "$VENV/bin/uv" pip install -q -p "$VENV/bin/python" --no-deps -e .
+  # The development tooling (devstack/) is in no wheel, so no image has it: this venv finds it in the checkout.
+  pwd > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/opsync-checkout.pth"
   echo "$want" > "$stamp"
 fi

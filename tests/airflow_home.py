@@ -12,8 +12,8 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from opsync.stack.airflow import airflow_env, migrate_metadata_db, new_airflow_secrets
-from opsync.stack.settings import REPO
+from devstack.airflow import airflow_env, migrate_metadata_db, new_airflow_secrets
+from devstack.settings import REPO
 
 UNUSED_API_PORT = 18080  # dag.test() serves the execution API in-process; nothing listens here
 

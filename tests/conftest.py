@@ -1,6 +1,6 @@
 """Real services for the tests: a PostgreSQL primary with a streaming replica, and a durable Redis.
 
-Session-scoped, on free ports in a temporary directory, built by the same ``opsync.stack`` code
+Session-scoped, on free ports in a temporary directory, built by the same ``devstack`` code
 that ``make up`` uses. Tests may stop, kill and restart any of them (fault tests).
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from opsync.stack.postgres import Credentials, PostgresServer, provision
-from opsync.stack.redis import RedisServer
-from opsync.stack.settings import StackSettings
+from devstack.postgres import Credentials, PostgresServer, provision
+from devstack.redis import RedisServer
+from devstack.settings import StackSettings
 
 PG_BIN = StackSettings().pg_bin
 PG_OS_USER = StackSettings().pg_os_user

@@ -30,8 +30,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit  # noqa: E402
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 
-from opsync.stack.airflow import AIRFLOW, airflow_env, migrate_metadata_db, new_airflow_secrets  # noqa: E402
-from opsync.stack.settings import REPO  # noqa: E402
+from devstack.airflow import AIRFLOW, airflow_env, migrate_metadata_db, new_airflow_secrets  # noqa: E402
+from devstack.settings import REPO  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 CONFIG_FILE = REPO / "deploy" / "airflow" / "webserver_config.py"

@@ -24,11 +24,11 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine
 from websockets.sync.client import connect
 
+from devstack.airflow import AIRFLOW, airflow_env, migrate_metadata_db, new_airflow_secrets, passwords_file
+from devstack.process import write_private
+from devstack.settings import REPO
 from opsync import cli, dlq, drain
 from opsync.buffer import Buffer
-from opsync.stack.airflow import AIRFLOW, airflow_env, migrate_metadata_db, new_airflow_secrets, passwords_file
-from opsync.stack.process import write_private
-from opsync.stack.settings import REPO
 from tests.conftest import free_port
 from tests.test_browser import CHROMIUM, OPTED_OUT, WINDOW, chromium_installed  # noqa: F401 (the fixture fails without chromium)
 from tests.test_dlq import fix_cause, in_ledger, poison, unsent

@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
+from devstack.settings import REPO  # noqa: E402
 from opsync import dlq, drain  # noqa: E402
 from opsync.alerts import FIGURES, Change, Finding, Level, Thresholds, announce, due, evaluate, payload, stored_findings, summary  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
@@ -32,7 +33,6 @@ from opsync.drain_metrics import DrainMetrics, drain_metrics, record_run  # noqa
 from opsync.lsn import Lsn  # noqa: E402
 from opsync.read_model import ReadModel  # noqa: E402
 from opsync.read_model_figures import Poison, ReadModelFigures  # noqa: E402
-from opsync.stack.settings import REPO  # noqa: E402
 from opsync.stats import BufferStats  # noqa: E402
 from opsync.status import SiteStatus  # noqa: E402
 from tests.conftest import free_port  # noqa: E402

@@ -6,13 +6,13 @@ import uuid
 
 import redis
 
+from devstack.redis import RedisServer
 from opsync import drain, sizing
 from opsync.buffer import Settlement
 from opsync.config import Settings
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
 from opsync.lsn import Lsn
-from opsync.stack.redis import RedisServer
 from opsync.stats import Fill
 
 HK = "/v1/records/housekeeping_sample"

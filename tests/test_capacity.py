@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
 
+from devstack.postgres import REPLICATION_SLOT, Credentials, PostgresServer, provision
 from ingest_api import deps
 from opsync import drain, sizing
 from opsync.alerts import Level, Thresholds, evaluate
@@ -23,7 +24,6 @@ from opsync.capacity import MIN_FILL_TXNS, capacity
 from opsync.config import Settings, get_settings
 from opsync.drain_metrics import DrainMetrics
 from opsync.ingest import StepIn, build_transaction
-from opsync.stack.postgres import REPLICATION_SLOT, Credentials, PostgresServer, provision
 from opsync.status import site_status
 from tests.conftest import PG_BIN, PG_OS_USER, free_port, wait_for
 from tests.test_drain import confirm_all

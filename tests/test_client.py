@@ -469,7 +469,7 @@ def run_example(name: str, *args: str, live_api: str, token: str, cwd) -> tuple[
     import subprocess
     import sys
 
-    from opsync.stack.settings import REPO
+    from devstack.settings import REPO
 
     done = subprocess.run([sys.executable, str(REPO / "examples" / name), *args],
                           env={**os.environ, "OPSYNC_API_URL": live_api, "OPSYNC_TOKEN": token}, cwd=cwd,

@@ -33,8 +33,8 @@ import redis
 import yaml
 from conftest import PG_BIN, PG_OS_USER, free_port
 
-from opsync.stack.process import is_root, make_owned_dir, run_as, write_private
-from opsync.stack.settings import REPO
+from devstack.process import is_root, make_owned_dir, run_as, write_private
+from devstack.settings import REPO
 
 COMPOSE_TEXT = (REPO / "docker-compose.yaml").read_text()
 COMPOSE = yaml.safe_load(COMPOSE_TEXT)

@@ -13,7 +13,7 @@ from airflow.dag_processing.dagbag import DagBag  # noqa: E402
 from airflow.models.log import Log  # noqa: E402
 from airflow.utils.session import create_session  # noqa: E402
 
-from opsync.stack.settings import REPO  # noqa: E402
+from devstack.settings import REPO  # noqa: E402
 
 DAGS = REPO / "dags"
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from opsync.stack.local import DATASETTE_SETTINGS
+from devstack.local import DATASETTE_SETTINGS
 from tests.test_datasette_views import DB, METADATA, datasette_site, fill_read_model, serve_datasette
 
 REPO = Path(__file__).resolve().parents[1]

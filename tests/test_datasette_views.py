@@ -23,16 +23,16 @@ import pendulum
 import pytest
 import yaml
 
+from devstack.local import DATASETTE_SETTINGS
 from opsync.ids import new_id
 from opsync.read_model import ReadModel, layouts
-from opsync.stack.local import DATASETTE_SETTINGS
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 METADATA = REPO / "datasette/metadata.yml"
 SITE_TZ = "America/Santiago"
 DB = "opsync"
-# The settings `make up` gives Datasette (opsync/stack/local.py), without the plugins directory.
+# The settings `make up` gives Datasette (devstack/local.py), without the plugins directory.
 SETTINGS = list(DATASETTE_SETTINGS)
 
 

@@ -14,6 +14,8 @@ import uvicorn
 from rich.console import Console
 from sqlalchemy import text
 
+from devstack import demo as make_demo
+from devstack.settings import StackSettings
 from opsync import demo
 from opsync.buffer import Buffer
 from opsync.client import ApiError, OpsyncClient, Unavailable
@@ -208,10 +210,16 @@ def test_gives_up_after_the_retries_with_the_last_failure():
     assert raised.value.status == 504 and len(script.requests) == 3 and len(sleeps) == 2
 
 
-def test_the_demo_finds_the_api_and_the_token_that_make_up_wrote(tmp_path, monkeypatch):
+def test_make_demo_finds_the_api_and_the_token_that_make_up_wrote(tmp_path, monkeypatch):
     for name in ("OPSYNC_API_URL", "OPSYNC_API_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OPSYNC_RUN_DIR", str(tmp_path))
     monkeypatch.setenv("OPSYNC_API_PORT", "18000")
+    with pytest.raises(SystemExit, match="OPSYNC_API_URL"):
+        demo.api_url()  # the demo itself knows no local site: make demo (devstack.demo) gives it one
+    with pytest.raises(SystemExit, match="run `make up`"):
+        make_demo.demo_env(StackSettings())
     (tmp_path / "secrets.json").write_text(json.dumps({"demo_token": "ops_demo"}))
+    for name, value in make_demo.demo_env(StackSettings()).items():
+        monkeypatch.setenv(name, value)
     assert (demo.api_url(), demo.api_token()) == ("http://127.0.0.1:18000", "ops_demo")

@@ -10,6 +10,7 @@ import uuid
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
+from devstack.wan import WanProxy
 from opsync import drain, merged, registry, stats
 from opsync.apply import Transient
 from opsync.buffer import Buffer
@@ -17,7 +18,6 @@ from opsync.envelope import Op, Step, Transaction
 from opsync.ids import new_id
 from opsync.ingest import StepIn, build_transaction, write_direct
 from opsync.lsn import ReplicaUnreachable, current_position
-from opsync.stack.wan import WanProxy
 from opsync.stats import buffer_stats
 
 SHA = "ab" * 32

@@ -21,9 +21,9 @@ import pytest  # noqa: E402
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
+from devstack.settings import REPO  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
 from opsync.lsn import Lsn, current_position, replica_position  # noqa: E402
-from opsync.stack.settings import REPO  # noqa: E402
 from opsync.stats import buffer_stats  # noqa: E402
 from opsync_airflow.triggers import BufferWakeTrigger, ReplicaLsnTrigger  # noqa: E402
 from tests.conftest import free_port  # noqa: E402

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
 
+from devstack.wan import WanProxy
 from opsync import drain, drain_metrics
 from opsync.alerts import Finding, Level, store_findings
 from opsync.apply import Transient
@@ -20,7 +21,6 @@ from opsync.envelope import Op, Step, Transaction
 from opsync.ids import new_id
 from opsync.publisher import Publisher
 from opsync.read_model import ReadModel
-from opsync.stack.wan import WanProxy
 from tests.test_drain import buffered, engine, observation, raw_file
 
 

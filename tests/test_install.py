@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tomllib
+import zipfile
 from functools import cache
 from importlib.metadata import packages_distributions
 from pathlib import Path
@@ -20,9 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from opsync.stack.airflow import airflow_env, new_airflow_secrets, passwords_file
-from opsync.stack.process import write_private
-from opsync.stack.settings import REPO
+from devstack.airflow import airflow_env, new_airflow_secrets, passwords_file
+from devstack.process import write_private
+from devstack.settings import REPO
 from tests.conftest import free_port
 from tests.test_airflow_ui_browser import START_TIMEOUT_S, ready, stop_group, wait_until
 
@@ -39,14 +40,16 @@ OUR_DATASETTE_HOOKS = [  # one entry per plugin module of datasette/plugins
 ]
 
 
-IMPORTED_BY = {  # what each extra's code is; opsync.stack is the dev tools'
+IMPORTED_BY = {  # what each extra's code is
     "client": ("opsync/client.py", "opsync/config.py", "opsync/envelope.py"),
     "server": ("opsync",),
     "api": ("ingest_api",),
     "datasette": ("datasette/plugins",),
     "airflow": ("plugins", "dags"),
+    "dev": ("devstack",),  # the development tooling, in no wheel
 }
-FIRST_PARTY = {"opsync", "ingest_api", "opsync_airflow", "opsync_datasette"}
+PRODUCTION = ("opsync", "ingest_api", "plugins", "dags", "datasette", "migrations", "deploy")  # what the images run
+FIRST_PARTY = {"devstack", "opsync", "ingest_api", "opsync_airflow", "opsync_datasette"}
 
 
 def canonical(name: str) -> str:
@@ -77,15 +80,24 @@ def declared(extra: str) -> set[str]:
     return names
 
 
-def imported(paths: tuple[str, ...]) -> set[str]:
-    """Top-level modules the code under ``paths`` imports, but the standard library's and ours."""
-    files = [f for p in paths for f in ([REPO / p] if p.endswith(".py") else (REPO / p).rglob("*.py")) if "stack" not in f.parts]
+def python_files(paths: tuple[str, ...]) -> list[Path]:
+    return [f for p in paths for f in ([REPO / p] if p.endswith(".py") else (REPO / p).rglob("*.py"))]
+
+
+def top_level_imports(file: Path) -> set[str]:
+    """Every module ``file`` imports absolutely, at its top or inside a function, by its first name."""
     found = set()
-    for node in (n for f in files for n in ast.walk(ast.parse(f.read_text()))):
+    for node in ast.walk(ast.parse(file.read_text())):
         if isinstance(node, ast.Import):
             found |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             found.add(node.module.split(".")[0])
+    return found
+
+
+def imported(paths: tuple[str, ...]) -> set[str]:
+    """Top-level modules the code under ``paths`` imports, but the standard library's and ours."""
+    found = set().union(*map(top_level_imports, python_files(paths)))
     return found - set(sys.stdlib_module_names) - FIRST_PARTY
 
 
@@ -96,16 +108,33 @@ def test_every_direct_import_is_declared_by_its_extra(extra):
     assert undeclared == set(), f"imported by the {extra} code but not declared in its extra"
 
 
+def test_no_production_code_imports_the_development_tooling():
+    """devstack imports opsync, never the reverse: what an image runs must not need what no wheel has."""
+    files = python_files(PRODUCTION)
+    assert len(files) > 50
+    assert [str(f.relative_to(REPO)) for f in files if "devstack" in top_level_imports(f)] == []
+
+
+def test_the_import_check_sees_an_import_inside_a_function(tmp_path):
+    (tmp_path / "late.py").write_text("def up():\n    from devstack.local import LocalStack\n")
+    assert "devstack" in top_level_imports(tmp_path / "late.py")
+
+
 @pytest.fixture(scope="module")
 def outside(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("install")
 
 
 @pytest.fixture(scope="module")
-def venv(outside):
-    """``venv(extra)``: a virtualenv with the wheel, that extra and its lock (made once per module)."""
+def wheel(outside) -> Path:
     uv("build", "--wheel", "--quiet", "--out-dir", str(outside / "dist"), str(REPO))
-    (wheel,) = (outside / "dist").glob("opsync-*.whl")
+    (built,) = (outside / "dist").glob("opsync-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def venv(outside, wheel):
+    """``venv(extra)``: a virtualenv with the wheel, that extra and its lock (made once per module)."""
 
     @cache
     def make(extra: str) -> Path:
@@ -126,6 +155,16 @@ def test_the_dev_lock_is_what_make_locks_makes_from_pyproject(outside):
     uv("pip", "compile", "--quiet", str(REPO / "pyproject.toml"), "--extra", "dev", "--python-version", "3.11.13",
        "--python-platform", "x86_64-manylinux_2_28", "-o", str(fresh))
     assert pins(fresh.read_text()) == pins((REPO / "locks/dev.txt").read_text())
+
+
+def test_the_wheel_holds_no_development_tooling(wheel):
+    with zipfile.ZipFile(wheel) as built:
+        names = built.namelist()
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = built.read(entry_points).decode()
+    assert {n.split("/")[0] for n in names} >= {"opsync", "ingest_api", "opsync_airflow", "opsync_datasette"}
+    assert [n for n in names if n.startswith(("devstack/", "opsync/stack/"))] == []
+    assert "opsync = opsync.cli:main" in scripts and "devstack" not in scripts
 
 
 @pytest.mark.parametrize("extra", IMAGES)

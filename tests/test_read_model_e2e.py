@@ -1,6 +1,6 @@
 """The read model end to end, with every part real: the ingest API over HTTP, the site's Redis buffer,
 the drain to the PostgreSQL primary and the confirmation against its streaming replica, and a real
-``datasette serve`` started as ``make up`` starts it (:func:`opsync.stack.local.datasette_command`), the
+``datasette serve`` started as ``make up`` starts it (:func:`devstack.local.datasette_command`), the
 read-model publisher running inside it. Everything is read back through Datasette's JSON API, the way
 a script reads it, with the script token.
 
@@ -19,12 +19,12 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
+from devstack.local import datasette_command
+from devstack.settings import REPO
 from opsync import dlq, drain
 from opsync.buffer import Buffer
 from opsync.read_model import ReadModel, ensure_read_model, layouts
 from opsync.read_model_check import ReadModelCheck
-from opsync.stack.local import datasette_command
-from opsync.stack.settings import REPO
 from tests.conftest import free_port, wait_for
 
 TABLE, FILES = "executed_obs_unit", "raw_data_file"  # files can be deleted through the API, observations not

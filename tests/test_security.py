@@ -24,12 +24,12 @@ import pytest
 import redis
 from sqlalchemy import make_url, text
 
+from devstack.local import LocalStack
+from devstack.postgres import REPLICATION_USER, SUPERUSER
+from devstack.settings import StackSettings
 from opsync.auth import TOKEN_PREFIX, create_token, hash_token, revoke_token
 from opsync.read_model import ensure_read_model, layouts
 from opsync.schema import ApiToken
-from opsync.stack.local import LocalStack
-from opsync.stack.postgres import REPLICATION_USER, SUPERUSER
-from opsync.stack.settings import StackSettings
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ from collections import Counter
 
 import pytest
 
-from opsync.stack import faults as faults_module
-from opsync.stack.faults import FIRST_ROUND_TRIES, KINDS, Faults, Outcome
-from opsync.stack.settings import REPO
-from opsync.stack.soak import failures
+from devstack import faults as faults_module
+from devstack.faults import FIRST_ROUND_TRIES, KINDS, Faults, Outcome
+from devstack.settings import REPO
+from devstack.soak import failures
 
 SEED = 20261121
 RECORDS = 5000
@@ -98,7 +98,7 @@ def test_every_kind_the_faults_inject_is_judged():
 def test_nothing_acknowledged_is_lost_duplicated_or_stuck_under_faults():
     proc = subprocess.run(
         [
-            sys.executable, "-m", "opsync.stack.soak", "--seed", str(SEED), "--records", str(RECORDS),
+            sys.executable, "-m", "devstack.soak", "--seed", str(SEED), "--records", str(RECORDS),
             "--duration", "100", "--fault-gap", "0.5,2", "--settle-timeout", "120",
         ],
         cwd=REPO, capture_output=True, text=True, timeout=480,

@@ -19,9 +19,9 @@ import psycopg
 import pytest
 import redis
 
+from devstack.faults import TASK_TITLE, normal
+from devstack.settings import REPO
 from opsync.lsn import Lsn
-from opsync.stack.faults import TASK_TITLE, normal
-from opsync.stack.settings import REPO
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.stack
@@ -130,7 +130,7 @@ def test_make_up_starts_every_part_and_make_down_keeps_the_buffer(stack_env):
     with pytest.raises(redis.ConnectionError):
         redis_client(env).ping()
     not_running = subprocess.run(
-        [sys.executable, "-m", "opsync.stack.cli", "status"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "devstack.cli", "status"], env=env, capture_output=True, text=True
     )
     assert not_running.returncode == 3, not_running.stdout
 

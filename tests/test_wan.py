@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from opsync.stack.wan import WanProxy
+from devstack.wan import WanProxy
 from tests.conftest import free_port
 
 ONE_WAY_S = 0.125  # 250 ms round trips, a typical Atacama-Cologne figure
@@ -91,7 +91,7 @@ def test_a_refused_target_resets_the_client(pg):
 def test_the_command_line_proxy_forwards_until_terminated(pg):
     port = free_port()
     target = f"{pg.primary.host}:{pg.primary.port}"
-    args = [sys.executable, "-m", "opsync.stack.wan", "--listen", str(port), "--target", target, "--rtt-ms", "100"]
+    args = [sys.executable, "-m", "devstack.wan", "--listen", str(port), "--target", target, "--rtt-ms", "100"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     try:
         assert f"127.0.0.1:{port} -> {target}" in proc.stdout.readline()

@@ -10,7 +10,7 @@ were callable. This plugin bounds each of those:
   at once: arbitrary SQL (``?sql=``, ``?_where=``) and table pages asked for more than their default
   view (``?_facet=``, ``?_search=``, ``?_stream=``, any filter but equality on an indexed column, a
   sort on an unindexed one: each scans every row). Others wait up to ``sql_wait_s`` for a slot, then
-  get ``503`` with ``Retry-After``. Datasette runs ``num_sql_threads`` threads (``opsync/stack/local.py``
+  get ``503`` with ``Retry-After``. Datasette runs ``num_sql_threads`` threads (``devstack/local.py``
   sets them), so the rest stay free for the ordinary pages, which are never queued here: table pages
   with their default facets and sort, equality filters and sorts on indexed columns (the facet links,
   a row's "links from other tables"), rows, canned queries, and the dashboards' own chart queries

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from airflow.sdk import Variable, conf
 
-from opsync.stack.airflow import METADATA_DB_ENV
+from opsync_airflow import METADATA_DB_ENV
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ import psutil
 import psycopg
 import redis
 
+from devstack.local import LocalStack
+from devstack.wan import WanProxy
 from opsync.buffer import Buffer
-from opsync.stack.local import LocalStack
-from opsync.stack.wan import WanProxy
 
 BASE_RTT_S = 0.25
 RTT_RANGE_S = (0.25, 0.5)

@@ -1,14 +1,14 @@
 """``make soak``: the whole site under continuous writes and injected faults, then proof that nothing was lost.
 
 The site comes up as ``make up`` brings it (in a temporary directory, on free ports), except that the
-site and the replica reach the primary only through a :class:`~opsync.stack.wan.WanProxy` this process
+site and the replica reach the primary only through a :class:`~devstack.wan.WanProxy` this process
 controls. Writer threads post through the public API with :class:`~opsync.client.OpsyncClient`:
 batches of housekeeping samples, observation transactions with dependent steps, updates of rows
 that are likely still buffered, deletes of files, resubmissions of earlier requests with their
 Idempotency-Key, and a few transactions the primary must refuse (an unknown ``obs_unit_id``: valid at
 the site, a foreign-key violation in Cologne). Every 202 is logged with what it must have left
 behind; each update and delete is read back at once through the API's merged view. Meanwhile
-:class:`~opsync.stack.faults.Faults` kills, stops and cuts things, every kind until it took effect.
+:class:`~devstack.faults.Faults` kills, stops and cuts things, every kind until it took effect.
 
 Then the faults are healed, the site settles, and the log is checked against the primary, the
 replica, the read model (its SQLite file), the API's merged pages, Datasette's JSON, the buffer
@@ -16,7 +16,7 @@ replica, the read model (its SQLite file), the API's merged pages, Datasette's J
 README "Soak test"); the exit code is 1 when anything was lost, duplicated, stuck, stale or
 undeleted, a valid transaction was dead-lettered, or a kind of fault never took effect.
 
-    python -m opsync.stack.soak --duration 300 --seed 42 --records 5000
+    python -m devstack.soak --duration 300 --seed 42 --records 5000
 """
 
 import argparse
@@ -45,13 +45,13 @@ import redis
 from psycopg import sql
 from rich.console import Console
 
+from devstack.faults import BASE_RTT_S, KINDS, Faults
+from devstack.local import LocalStack
+from devstack.settings import StackSettings
+from devstack.wan import WanProxy
 from opsync.buffer import Buffer
 from opsync.client import ApiError, OpsyncClient, Receipt, Unavailable
 from opsync.read_model import json_text, utc_text
-from opsync.stack.faults import BASE_RTT_S, KINDS, Faults
-from opsync.stack.local import LocalStack
-from opsync.stack.settings import StackSettings
-from opsync.stack.wan import WanProxy
 
 # Shorter waits than production so that a few minutes settle everything a fault left behind. A task
 # whose scheduler was killed is adopted by the next scheduler only at its orphan check (60 s under
@@ -713,7 +713,7 @@ def parse_gap(value: str) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m opsync.stack.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devstack.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=300, help="seconds of writes and faults (default 300)")
     parser.add_argument("--seed", type=int, default=None, help="replays a run; default: a random one, printed")
     parser.add_argument("--records", type=int, default=5000, help="records to acknowledge at least (default 5000)")
@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(tempfile.mkdtemp(prefix="opsync-soak-"))
     run_dir.chmod(0o755)  # PostgreSQL's unprivileged user must traverse it
-    say(f"soak seed {seed} (replay: python -m opsync.stack.soak --seed {seed} ...); site in {run_dir}")
+    say(f"soak seed {seed} (replay: python -m devstack.soak --seed {seed} ...); site in {run_dir}")
     primary_port = free_port()
     wan = WanProxy("127.0.0.1", primary_port, delay_s=BASE_RTT_S / 2)
     wan.start()

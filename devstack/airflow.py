@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 from cryptography.fernet import Fernet
 
+from devstack.process import run_as, write_private
 from opsync.health import Health
-from opsync.stack.process import run_as, write_private
+from opsync_airflow import METADATA_DB_ENV
 
 VENV_BIN = Path(sys.prefix) / "bin"
 AIRFLOW = str(VENV_BIN / "airflow")
@@ -25,7 +26,6 @@ ADMIN = "admin"
 SECRET_KEYS = ("fernet_key", "jwt_secret", "secret_key")
 HEALTH_COMPONENTS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
-METADATA_DB_ENV = "OPSYNC_AIRFLOW_METADATA_DB"
 SCHEDULER_RECOVERY = {
     "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "60",
     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "120",

@@ -1,11 +1,11 @@
-"""``opsync-stack up|down|status``: the local site, as ``make up`` and ``make down`` run it."""
+"""``python -m devstack.cli up|down|status``: the local site, as ``make up``, ``make down`` and ``make status`` run it."""
 
 import argparse
 import sys
 
 from rich.console import Console
 
-from opsync.stack.local import LocalStack
+from devstack.local import LocalStack
 
 console = Console(soft_wrap=True)
 
@@ -40,7 +40,7 @@ def status(stack: LocalStack) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="opsync-stack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devstack.cli", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)
     stack = LocalStack()

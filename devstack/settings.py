@@ -8,10 +8,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opsync.stack.airflow import new_airflow_secrets
-from opsync.stack.process import write_private
+from devstack.airflow import new_airflow_secrets
+from devstack.process import write_private
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 class StackSettings(BaseSettings):

@@ -13,8 +13,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from devstack.process import make_owned_dir, run_as, write_private
 from opsync.health import postgres_role
-from opsync.stack.process import make_owned_dir, run_as, write_private
 
 DATABASE = "opsync"
 SUPERUSER = "opsync"

@@ -16,7 +16,7 @@ first byte moves. The link can be cut at runtime:
 
 CLI (SIGUSR1 toggles the blackhole, SIGUSR2 resets open connections)::
 
-    python -m opsync.stack.wan --listen 15500 --target 127.0.0.1:15432 --rtt-ms 250
+    python -m devstack.wan --listen 15500 --target 127.0.0.1:15432 --rtt-ms 250
 """
 
 import argparse

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import redis
 
+from devstack.process import write_private
 from opsync.health import DURABLE_REDIS
-from opsync.stack.process import write_private
 
 # Small hashes stay listpacks (a few bytes per field, not a hash table's ~50): the buffer's bucketed
 # replicated statuses (up to 512 per 256 ms of acceptance, ~110 bytes each) and overlay rows. Redis'

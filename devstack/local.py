@@ -19,14 +19,14 @@ import redis
 from psycopg import sql
 from sqlalchemy import create_engine
 
+from devstack import airflow
+from devstack.postgres import Credentials, PostgresServer, provision
+from devstack.redis import RedisServer
+from devstack.settings import REPO, StackSettings
 from opsync import health, migrate
 from opsync.auth import create_token
 from opsync.read_model import ensure_read_model
 from opsync.registry import ingestible_tables
-from opsync.stack import airflow
-from opsync.stack.postgres import Credentials, PostgresServer, provision
-from opsync.stack.redis import RedisServer
-from opsync.stack.settings import REPO, StackSettings
 
 VENV_BIN = Path(sys.executable).parent
 
