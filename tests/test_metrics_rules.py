@@ -5,6 +5,7 @@ measurements (through a real ``promtool test rules``), and a live ``/metrics`` o
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -17,18 +18,21 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
+from ingest_api import deps, reads
 from opsync import alert_rules, drain
 from opsync.alerts import FIGURES, Level, Thresholds, evaluate, rules
 from opsync.buffer import Buffer
 from opsync.capacity import Slot
 from opsync.cli import main
+from opsync.config import get_settings
 from opsync.drain_metrics import DrainMetrics
 from opsync.lsn import Lsn
 from opsync.read_model_figures import ReadModelFigures
 from opsync.stats import BufferStats
 from opsync.status import SiteStatus
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 from tests.test_drain import buffered, confirm_all, observation
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,7 +150,7 @@ def alert_names() -> list[str]:
 
 def test_the_checked_in_rules_are_what_opsync_alert_rules_prints_at_the_default_thresholds(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no .env
-    for variable in [v for v in __import__("os").environ if v.startswith("OPSYNC_ALERT_")]:
+    for variable in [v for v in os.environ if v.startswith("OPSYNC_ALERT_")]:
         monkeypatch.delenv(variable)
     printed = CliRunner().invoke(main, ["alert-rules"])
     assert printed.exit_code == 0, printed.output
@@ -217,3 +221,99 @@ def test_the_rules_fire_exactly_where_opsync_alerts_judges_warn_or_critical(tmp_
 
     assert tested.returncode == 0, tested.stdout[-6000:] + tested.stderr
     assert sum(map(len, fired.values())) >= 40  # the cases do cross the thresholds
+
+
+# --- /metrics, live ---------------------------------------------------------------------------------------------------
+
+
+def scraped(text: str) -> dict[str, float]:
+    return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_metrics_show_the_replicas_lag_as_opsync_status_measures_it_and_leave_out_what_is_unknown(
+        api_client, migrated, primary_engine, planning, monkeypatch):
+    def write() -> None:
+        with primary_engine.begin() as conn:
+            conn.execute(text("INSERT INTO instrument (id, name) VALUES (:i, :n)"), {"i": uuid.uuid4(), "n": f"lag-{uuid.uuid4()}"})
+
+    caught_up = wait_for(lambda: (g := scraped(api_client.get("/metrics").text)).get("opsync_replica_lag_bytes") == 0 and g,
+                         what="the replica to catch up")
+    assert caught_up["opsync_replica_lag_seconds"] == 0
+
+    with migrated.replica.connect(autocommit=True) as replica:
+        replica.execute("SELECT pg_wal_replay_pause()")
+        try:
+            write()
+            time.sleep(0.2)
+            paused = scraped(api_client.get("/metrics").text)
+        finally:
+            replica.execute("SELECT pg_wal_replay_resume()")
+    assert paused["opsync_replica_lag_bytes"] > 0 and paused["opsync_replica_lag_seconds"] > 0
+    wait_for(lambda: scraped(api_client.get("/metrics").text).get("opsync_replica_lag_bytes") == 0, what="replay to resume")
+
+    dead = f"postgresql+psycopg://opsync:x@127.0.0.1:{free_port()}/opsync"
+    def cut(variable: str) -> dict[str, float]:
+        monkeypatch.setenv(variable, dead)
+        for cached in (get_settings, reads.get_replica, deps.get_primary):
+            cached.cache_clear()
+        return scraped(api_client.get("/metrics").text)
+
+    try:
+        write()
+        replica_down = cut("OPSYNC_REPLICA_URL")
+        both_down = cut("OPSYNC_PRIMARY_URL")
+    finally:
+        monkeypatch.undo()
+        for cached in (get_settings, reads.get_replica, deps.get_primary):
+            cached.cache_clear()
+    # from the position the slot confirmed (the replica still streams: only the API's way to it is cut); no replay
+    # time without the replica, so seconds are known only as 0 when nothing is behind: else absent, never -1
+    assert replica_down["opsync_replica_lag_bytes"] >= 0
+    assert replica_down.get("opsync_replica_lag_seconds", "absent") == (0 if replica_down["opsync_replica_lag_bytes"] == 0
+                                                                        else "absent")
+    assert not any(k.startswith("opsync_replica_lag") for k in both_down) and both_down["opsync_replica_slot_up"] == 0
+
+
+@pytest.fixture
+def full_scrape(own_redis, live_api, primary_engine, replica_engine, planning, monkeypatch):
+    """A live /metrics over HTTP where every figure is known: a transaction drained and confirmed, one still
+    buffered, a write answered, two capacity readings."""
+    import httpx
+
+    monkeypatch.setenv("OPSYNC_CAPACITY_WINDOW_S", "3")
+    get_settings.cache_clear()
+    buffer = Buffer(own_redis.client())  # the API's buffer: the default prefix
+    buffered(buffer, observation(planning))
+    drain.drain(buffer, primary_engine)
+    confirm_all(buffer, replica_engine)
+    buffered(buffer, observation(planning))
+    with httpx.Client(base_url=live_api, timeout=30) as client:
+        assert client.post("/v1/transactions", json={}).status_code == 401
+        client.get("/metrics")
+        time.sleep(0.2)
+        return client.get("/metrics").text
+
+
+def queried(expressions) -> set[str]:
+    return {name for e in expressions for name in re.findall(r"\b(?:opsync_\w+|up)\b(?=\s*[{\[)\s]|$)", e)}
+
+
+@needs_promtool
+def test_promtool_finds_nothing_to_fault_in_a_live_metrics_scrape(full_scrape):
+    checked = promtool("check", "metrics", stdin=full_scrape)
+    assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), checked.stdout + checked.stderr
+
+
+def test_every_metric_the_rules_and_the_dashboard_query_is_on_a_live_metrics(full_scrape):
+    names = {s.name for f in text_string_to_metric_families(full_scrape) for s in f.samples}
+    rule_exprs = [r["expr"] for r in yaml.safe_load(RULES.read_text())["groups"][0]["rules"]]
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    dashboard_exprs = [t["expr"] for p in panels for t in p["targets"]]
+    for source, expressions in (("rules", rule_exprs), ("dashboard", dashboard_exprs)):
+        missing = queried(expressions) - names - {"up"}  # up: Prometheus' own, per scrape target
+        assert not missing, f"the {source} query what /metrics does not export: {sorted(missing)}"
+    assert queried(rule_exprs) - {"up"} <= queried(dashboard_exprs), "a figure the rules judge has no panel"
+    assert {"opsync_http_requests_total", "opsync_http_request_duration_seconds_bucket"} <= queried(dashboard_exprs)
+    assert {"opsync_replica_lag_bytes", "opsync_replica_slot_wal_status", "opsync_last_confirm_timestamp_seconds", "up"} <= queried(
+        rule_exprs)  # the names are found
