@@ -178,7 +178,7 @@ class ReadModelCollector(Collector):
 class CapacityCollector(Collector):
     """The forecasts (:mod:`opsync.capacity`): ``+Inf`` is never at this rate, 0 is already; a figure not measured
     yet is left out. The replica's slot is read on the primary, so it is left out while the primary is out of reach
-    (``opsync_replica_slot_up`` 0)."""
+    (``opsync_replica_slot_up`` 0), and so is the replica's lag (which the alert rules need too)."""
 
     def collect(self):
         buffer, settings = get_buffer(), get_settings()

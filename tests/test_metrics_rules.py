@@ -317,3 +317,17 @@ def test_every_metric_the_rules_and_the_dashboard_query_is_on_a_live_metrics(ful
     assert {"opsync_http_requests_total", "opsync_http_request_duration_seconds_bucket"} <= queried(dashboard_exprs)
     assert {"opsync_replica_lag_bytes", "opsync_replica_slot_wal_status", "opsync_last_confirm_timestamp_seconds", "up"} <= queried(
         rule_exprs)  # the names are found
+
+
+def test_the_dashboard_colours_each_figure_at_its_default_thresholds_and_takes_its_data_source_as_a_variable():
+    dashboard = json.loads(DASHBOARD.read_text())
+    shown = {}
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}" and all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
+        if m := re.match(r"figure (\w+)", panel["description"]):
+            shown.setdefault(m[1], panel)
+    assert set(shown) == set(FIGURES)
+    for figure, rule in rules(Thresholds(_env_file=None)).items():
+        steps = [s["value"] for s in shown[figure]["fieldConfig"]["defaults"]["thresholds"]["steps"][1:]]
+        assert steps == [t / rule.scale for t in (rule.warn, rule.critical) if t is not None], figure
+    assert {v["name"]: v["type"] for v in dashboard["templating"]["list"]} == {"datasource": "datasource", "instance": "query"}
