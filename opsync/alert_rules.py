@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from opsync.alerts import FIGURES, Level, Rule, Thresholds, number, rules
+from opsync.alerts import Level, Rule, Thresholds, number, rules
 
 UP = "opsync_buffer_up"  # on every scrape that answered, 0 or 1
 SEVERITY = {Level.warn: "warning", Level.critical: "critical"}
@@ -82,7 +82,6 @@ def document(thresholds: Thresholds, job: str = "opsync") -> dict:
         "annotations": {"summary": "the ingest API's /metrics did not answer: no other opsync rule can fire",
                         "description": "Prometheus could not scrape {{ $labels.instance }}.", "runbook": RUNBOOK},
     })
-    assert {r["labels"]["figure"] for r in found} == {*FIGURES, "scrape"}  # a new figure of alerts.py needs its rules
     return {"groups": [{"name": "opsync", "rules": found}]}
 
 
@@ -137,32 +136,33 @@ def unknown_rule(figure: str, expr: str, why: str) -> dict:
 
 
 def slot_rules(t: Thresholds) -> list[dict]:
-    """alerts.judge_slot: the reserve as a fraction of ``max_slot_wal_keep_size`` (none with no limit), low is bad."""
+    """alerts.judge_slot: the reserve as a fraction of ``max_slot_wal_keep_size`` (none with no limit), low is bad;
+    a slot ``unreserved``, ``lost`` or missing is critical whatever its reserve."""
+    warn, critical = t.slot_safe_wal_warn_fraction, t.slot_safe_wal_critical_fraction
+    left = "replica slot: {{ $value | humanizePercentage }} of max_slot_wal_keep_size left before it is dropped"
     gone = ("replica slot {{ $labels.status }}: the primary drops it (unreserved: at the next checkpoint unless the"
             " replica catches up; lost or missing: clone the replica again, see README)")
-    runbook = ("README.md, \"When the replica's slot is lost\": pg_basebackup -c fast -X stream -S <slot> -R through the"
-               " lost slot (create a missing one first)")
-    found = []
-    for level, threshold, above in ((Level.warn, t.slot_safe_wal_warn_fraction, t.slot_safe_wal_critical_fraction),
-                                    (Level.critical, t.slot_safe_wal_critical_fraction, None)):
-        expr = None if threshold is None else f"{SLOT_FRACTION} <= {threshold!r}" + ("" if above is None else f" > {above!r}")
-        if level is Level.critical:
-            expr = SLOT_GONE + ("" if expr is None else f" or ignoring(status) {expr}")
-            summary = ("{{ if $labels.status }}" + gone + "{{ else }}replica slot: {{ $value | humanizePercentage }} of"
-                       f" max_slot_wal_keep_size left before it is dropped (critical at {threshold:.0%}){{{{ end }}}}"
-                       if threshold is not None else gone)
-        elif expr is None:
-            continue
-        else:
-            expr = f"({expr}) unless ignoring(status) {SLOT_GONE}"
-            summary = ("replica slot: {{ $value | humanizePercentage }} of max_slot_wal_keep_size left before it is"
-                       f" dropped (warn at {threshold:.0%})")
-        found.append({
-            "alert": name("replica_slot", SEVERITY[level].capitalize()), "expr": expr,
-            "labels": {"severity": SEVERITY[level], "figure": "replica_slot"},
-            "annotations": {"summary": summary, "description": Thresholds.model_fields[
-                f"slot_safe_wal_{level.name}_fraction"].description + " on {{ $labels.instance }}.", "runbook": runbook},
-        })
+    if critical is None:
+        found = [slot_rule(Level.critical, SLOT_GONE, gone)]
+    else:
+        found = [slot_rule(Level.critical, f"{SLOT_GONE} or ignoring(status) {SLOT_FRACTION} <= {critical!r}",
+                           f"{{{{ if $labels.status }}}}{gone}{{{{ else }}}}{left} (critical at {critical:.0%}){{{{ end }}}}")]
+    if warn is not None:
+        expr = f"{SLOT_FRACTION} <= {warn!r}" + ("" if critical is None else f" > {critical!r}")
+        found.insert(0, slot_rule(Level.warn, f"({expr}) unless ignoring(status) {SLOT_GONE}", f"{left} (warn at {warn:.0%})"))
     found.append(unknown_rule("replica_slot", "opsync_replica_slot_up == 0", "replica slot unknown (the primary did not"
                               " answer about it)"))
     return found
+
+
+def slot_rule(level: Level, expr: str, summary: str) -> dict:
+    return {
+        "alert": name("replica_slot", SEVERITY[level].capitalize()), "expr": expr,
+        "labels": {"severity": SEVERITY[level], "figure": "replica_slot"},
+        "annotations": {
+            "summary": summary,
+            "description": Thresholds.model_fields[f"slot_safe_wal_{level.name}_fraction"].description + " on {{ $labels.instance }}.",
+            "runbook": "README.md, \"When the replica's slot is lost\": pg_basebackup -c fast -X stream -S <slot> -R through the"
+                       " lost slot (create a missing one first)",
+        },
+    }

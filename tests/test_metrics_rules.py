@@ -106,10 +106,10 @@ def at(figure: str, value: float) -> tuple[SiteStatus, DrainMetrics]:
     return site(replace(HEALTHY, **b), **kwargs), DrainMetrics(failed_runs_consecutive=value if figure == "drain_failed_runs" else 0)
 
 
-def cases() -> dict[str, tuple[SiteStatus, DrainMetrics]]:
+def cases(t: Thresholds) -> dict[str, tuple[SiteStatus, DrainMetrics]]:
     """Each threshold just below and at its value, the slot's every state, and each way of not knowing."""
     found = {}
-    for figure, rule in rules(Thresholds(_env_file=None)).items():
+    for figure, rule in rules(t).items():
         for threshold in (rule.warn, rule.critical):
             if threshold is not None:
                 exact = threshold / rule.scale
@@ -187,21 +187,24 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass():
 
 
 @needs_promtool
-def test_the_rules_fire_exactly_where_opsync_alerts_judges_warn_or_critical(tmp_path):
+@pytest.mark.parametrize("changed", [{}, {"depth_warn": 5, "dead_letters_warn": 1, "dead_letters_critical": None,
+                                         "lag_warn_s": 0.5, "slot_safe_wal_critical_fraction": None}], ids=["defaults", "changed"])
+def test_the_rules_fire_exactly_where_opsync_alerts_judges_warn_or_critical(changed, tmp_path):
     """promtool evaluates every rule on the series each measurement exports; opsync.alerts judges the measurement."""
-    document = yaml.safe_load(RULES.read_text())
+    t = Thresholds(_env_file=None, **changed)
+    document = alert_rules.document(t) if changed else yaml.safe_load(RULES.read_text())
     for rule in document["groups"][0]["rules"]:
         rule.pop("annotations")  # promtool would compare them; test_promtool_accepts_... renders some
     (tmp_path / "rules.yml").write_text(yaml.safe_dump(document))
     severity = {Level.warn: "warning", Level.critical: "critical"}
-    fired: dict[str, list[dict]] = {name: [] for name in alert_names()}
+    fired: dict[str, list[dict]] = {rule["alert"]: [] for rule in document["groups"][0]["rules"]}
     inputs = []
-    for case, (status, metrics) in cases().items():
+    for case, (status, metrics) in cases(t).items():
         for series, value in exported(status, metrics).items():
             labels = f'job="opsync",instance="{case}"'
             series = series.replace("{", "{" + labels + ",") if "{" in series else f"{series}{{{labels}}}"
             inputs.append({"series": series, "values": f"{value!r}+0x10".replace("inf", "Inf")})
-        for finding in evaluate(status, metrics, Thresholds(_env_file=None)):
+        for finding in evaluate(status, metrics, t):
             if finding.level is Level.ok:
                 continue
             unknown = finding.value is None and finding.level is Level.warn
