@@ -64,6 +64,7 @@ locks: bootstrap
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .
+	promtool check rules deploy/prometheus/opsync-rules.yml && promtool test rules deploy/prometheus/opsync-rules.test.yml
 
 clean: down
 	rm -rf .run

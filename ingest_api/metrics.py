@@ -10,6 +10,7 @@ IDs cannot blow up the number of series.
 import math
 import os
 import time
+from datetime import UTC, datetime
 from functools import cache
 
 import redis
@@ -19,17 +20,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from sqlalchemy.exc import DBAPIError
 from starlette.types import Message, Receive, Scope, Send
 
 from ingest_api.deps import get_buffer, get_primary
 from ingest_api.guards import HttpMiddleware
 from ingest_api.reads import get_replica
-from opsync.capacity import capacity, replication_slot
+from opsync.capacity import capacity
 from opsync.config import get_settings
 from opsync.drain_metrics import ERROR_CLASSES, drain_metrics
 from opsync.read_model_figures import read_model_figures
 from opsync.stats import buffer_stats, high_water
+from opsync.status import SiteStatus, measure_replication
 
 REGISTRY = CollectorRegistry()
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
@@ -177,7 +178,7 @@ class ReadModelCollector(Collector):
 class CapacityCollector(Collector):
     """The forecasts (:mod:`opsync.capacity`): ``+Inf`` is never at this rate, 0 is already; a figure not measured
     yet is left out. The replica's slot is read on the primary, so it is left out while the primary is out of reach
-    (``opsync_replica_slot_up`` 0)."""
+    (``opsync_replica_slot_up`` 0), and so is the replica's lag (which the alert rules need too)."""
 
     def collect(self):
         buffer, settings = get_buffer(), get_settings()
@@ -206,17 +207,25 @@ class CapacityCollector(Collector):
             for name, (documentation, value) in rates.items():
                 if value is not None:
                     yield GaugeMetricFamily(name, documentation, value=value)
-        yield from slot_figures(settings.site)
+        yield from replication_figures(settings.site)
 
 
-def slot_figures(name: str):
-    try:
-        with get_primary().connect() as conn:
-            slot = replication_slot(conn, name)
-    except DBAPIError:
-        yield GaugeMetricFamily("opsync_replica_slot_up", "1 when the primary answered about the replica's slot", value=0)
+def replication_figures(name: str):
+    """The slot and the replica's lag as :mod:`opsync.status` measures them for the alerts: one query on the primary,
+    one on the local replica; a lag that cannot be measured is left out."""
+    measured = SiteStatus(at=datetime.now(UTC).isoformat())
+    measure_replication(measured, get_primary(), get_replica(), name)
+    if measured.lag_bytes is not None:
+        yield GaugeMetricFamily("opsync_replica_lag_bytes", "Replica behind the primary, bytes of WAL (while the replica"
+                                " is down, from the position its slot confirmed)", value=measured.lag_bytes)
+    if measured.lag_s is not None:
+        yield GaugeMetricFamily("opsync_replica_lag_seconds", "Replica behind the primary: 0 when caught up, else since"
+                                " it replayed a transaction", value=measured.lag_s)
+    slot = measured.slot
+    yield GaugeMetricFamily("opsync_replica_slot_up", "1 when the primary answered about the replica's slot",
+                            value=int(slot is not None))
+    if slot is None:
         return
-    yield GaugeMetricFamily("opsync_replica_slot_up", "1 when the primary answered about the replica's slot", value=1)
     status = GaugeMetricFamily("opsync_replica_slot_wal_status", "1 for the slot's wal_status now (missing: no such slot)",
                                labels=["status"])
     current = slot.wal_status if slot.exists else "missing"

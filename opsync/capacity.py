@@ -79,7 +79,7 @@ return {reading, redis.call('LRANGE', KEYS[5], 0, -1), maxmemory, redis.call('HG
 
 SLOT_SQL = (
     "SELECT s.slot_name IS NOT NULL, s.restart_lsn::text, s.wal_status, s.safe_wal_size, coalesce(s.active, false),"
-    " pg_size_bytes(current_setting('max_slot_wal_keep_size'))"
+    " pg_size_bytes(current_setting('max_slot_wal_keep_size')), pg_current_wal_lsn()::text"
     " FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots AS s ON s.slot_name = :slot"
 )
 
@@ -282,6 +282,7 @@ class Slot:
     max_keep: int | None  # max_slot_wal_keep_size in bytes; None: unlimited (-1)
     active: bool  # a replica streams through it now
     restart_lsn: Lsn | None  # the oldest WAL it keeps: what the replica confirmed
+    primary_lsn: Lsn | None = None  # the primary's WAL position as it answered: replica lag is measured against it
 
     @property
     def safe_fraction(self) -> float | None:
@@ -308,6 +309,8 @@ class Slot:
 
 
 def replication_slot(conn: Connection, name: str) -> Slot:
-    """One query, on a connection the caller already holds: the primary may be a WAN away."""
-    exists, restart, wal_status, safe, active, keep = conn.execute(text(SLOT_SQL), {"slot": name}).one()
-    return Slot(name, exists, wal_status, safe, None if keep < 0 else keep, active, Lsn.parse(restart) if restart else None)
+    """One query, on a connection the caller already holds, that also reads the primary's WAL position: the
+    primary may be a WAN away."""
+    exists, restart, wal_status, safe, active, keep, current = conn.execute(text(SLOT_SQL), {"slot": name}).one()
+    return Slot(name, exists, wal_status, safe, None if keep < 0 else keep, active, Lsn.parse(restart) if restart else None,
+                Lsn.parse(current))

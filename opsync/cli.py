@@ -44,7 +44,8 @@ from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import NullPool
 
-from opsync import auth, dlq, tokens
+from opsync import alert_rules, auth, dlq, tokens
+from opsync.alerts import Thresholds
 from opsync.apply import Transient, engine_options
 from opsync.buffer import Buffer
 from opsync.config import SiteType, get_settings
@@ -812,3 +813,12 @@ def replay(since: datetime, until: datetime | None, tables: tuple[str, ...], as_
         say("Warning: changes of this range were purged from the change table already, so rows changed before the"
             " oldest change kept were not replayed; the opsync_read_model_check DAG compares and repairs every row.")
         click.get_current_context().exit(DEGRADED)
+
+
+@main.command("alert-rules")
+@click.option("--job", default="opsync", show_default=True, help="Prometheus' scrape job of the ingest API's /metrics.")
+def alert_rules_command(job: str) -> None:
+    """Print Prometheus alerting rules (YAML) at this site's OPSYNC_ALERT_* thresholds.
+
+    The same rules as the opsync_alerts DAG's; deploy/prometheus/opsync-rules.yml is this at the defaults."""
+    click.echo(alert_rules.render(Thresholds(), job), nl=False)

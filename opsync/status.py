@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from opsync.buffer import Buffer
 from opsync.capacity import Capacity, Slot, capacity, replication_slot
 from opsync.config import Settings, get_settings
-from opsync.lsn import CURRENT_SQL, Lsn, ReplicaError, replay_position
+from opsync.lsn import Lsn, ReplicaError, replay_position
 from opsync.read_model_figures import ReadModelFigures, read_model_figures
 from opsync.stats import BufferStats, buffer_stats
 
@@ -94,21 +94,27 @@ def site_status(buffer: Buffer, primary: Engine, replica: Engine, slot: str, set
         status.capacity = capacity(buffer, settings or get_settings())
     except redis.RedisError as exc:
         status.unavailable["redis"] = one_line(exc)
-    slot_lsn = measure_primary(status, primary, slot)
-    measure_replica(status, replica)
+    measure_replication(status, primary, replica, slot)
     if "redis" not in status.unavailable:  # else it would wait through redis-py's retries again
         status.read_model = read_model_figures(buffer, replica)
-    if status.replica_lsn is None and slot_lsn is not None:
-        status.replica_lsn, status.lag_from = slot_lsn, "slot"
     return status
 
 
+def measure_replication(status: SiteStatus, primary: Engine, replica: Engine, slot: str) -> None:
+    """The lag and the slot (also what ``/metrics`` exports): while the replica is down, the position its slot
+    confirmed stands in for its replay position."""
+    slot_lsn = measure_primary(status, primary, slot)
+    measure_replica(status, replica)
+    if status.replica_lsn is None and slot_lsn is not None:
+        status.replica_lsn, status.lag_from = slot_lsn, "slot"
+
+
 def measure_primary(status: SiteStatus, primary: Engine, slot: str) -> Lsn | None:
-    """The primary's position, and the slot's: one connection, as the primary may be a WAN away."""
+    """The primary's position, and the slot's: one query, as the primary may be a WAN away."""
     try:
         with primary.connect() as conn:
-            status.primary_lsn = Lsn.parse(conn.execute(text(CURRENT_SQL)).scalar_one())
             status.slot = replication_slot(conn, slot)
+            status.primary_lsn = status.slot.primary_lsn
     except DBAPIError as exc:
         status.unavailable["primary"] = one_line(exc.orig)
         return None

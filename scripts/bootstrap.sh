@@ -13,6 +13,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 [ -x "$PG_BIN/postgres" ] || missing+=(postgresql-15)
 python3 -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
 command -v chromium >/dev/null || missing+=(chromium)  # headless browser tests (tests/test_browser.py)
+command -v promtool >/dev/null || missing+=(prometheus)  # promtool: make lint and tests/test_metrics_rules.py check the alert rules
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then
