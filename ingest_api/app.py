@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from ingest_api import events, metrics, reads, records
 from ingest_api.backpressure import pressure
-from ingest_api.deps import get_redis, warm_up
+from ingest_api.deps import RETRY_AFTER, get_redis, warm_up
 from ingest_api.errors import error
 from ingest_api.guards import protect
 from opsync.admission import JudgeUnavailable
@@ -111,7 +111,7 @@ def unavailable(detail: str) -> JSONResponse:
     return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503, headers=retry_after)
 
 
-@app.get("/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health}})
+@app.get("/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health, "headers": RETRY_AFTER}})
 async def readyz(client: Annotated[redis.Redis, Depends(get_redis)]):
     """Readiness: the buffer is reachable, durable (a 202 means "on disk") and below its high-water mark,
     by the verdict the write routes use. Public, so it names the reason but no figures (``/metrics`` has them)."""

@@ -235,9 +235,16 @@ ERROR_TEXT = {
 }
 
 
+RETRY_AFTER = {"Retry-After": {
+    "description": "Seconds to wait before retrying", "required": True, "schema": {"type": "integer", "minimum": 1},
+}}
+"""Every ``503`` carries it (``ingest_api.errors.error``); tests/test_api_headers.py holds each route to it."""
+
+
 def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the error codes a route can answer, so clients and fuzzers know them all."""
-    return {code: {"model": ErrorBody, "description": ERROR_TEXT[code]} for code in codes}
+    return {code: {"model": ErrorBody, "description": ERROR_TEXT[code]} | ({"headers": RETRY_AFTER} if code == 503 else {})
+            for code in codes}
 
 
 SettingsDep = Annotated[Settings, on_loop(get_settings)]

@@ -48,8 +48,13 @@ class ExactNumbersRoute(APIRoute):
         return route
 
 
-router = APIRouter(
-    prefix="/v1", tags=["records"], responses=documented(400, 401, 403, 404, 409, 413, 422, 503), route_class=ExactNumbersRoute,
+LOCATION = {"Location": {
+    "description": "The status URL of the accepted transaction (the receipt's `status_url`)", "required": True,
+    "schema": {"type": "string", "format": "uri"},
+}}
+router = APIRouter(  # every route here answers 202 (:func:`accepted`)
+    prefix="/v1", tags=["records"], route_class=ExactNumbersRoute,
+    responses=documented(400, 401, 403, 404, 409, 413, 422, 503) | {202: {"headers": LOCATION}},
 )
 
 

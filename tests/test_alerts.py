@@ -12,6 +12,7 @@ AIRFLOW_HOME = configure_airflow()
 import asyncore  # noqa: E402
 import email  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import secrets  # noqa: E402
 import smtpd  # noqa: E402  (3.11 still has it: a real SMTP server for the test)
 import threading  # noqa: E402
@@ -269,6 +270,11 @@ class Receiver(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}{self.path_secret}"
 
+    @property
+    def apprise_url(self) -> str:
+        """The same endpoint as Apprise's JSON service: it POSTs ``{"title", "message", "type", ...}``."""
+        return f"json://127.0.0.1:{self.server_address[1]}{self.path_secret}"
+
 
 class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
@@ -366,6 +372,71 @@ def test_a_slack_webhook_connection_gets_text(site, receiver, dagbag, monkeypatc
 
     assert run_alerts(dagbag) == "success"
     assert receiver.bodies == [{"text": "opsync observatory: CRITICAL\nCRITICAL dead_letters: dead letters: 1 (critical at 1)"}]
+
+
+def dead_letter(buffer: Buffer) -> None:
+    buffer.client.xadd(buffer.dead_letters, {"txn": "", "txn_id": "", "reason": "test", "stream_id": "0-1", "failed_at": "now"})
+
+
+DEAD_LETTER_ALERT = "opsync observatory: CRITICAL\nCRITICAL dead_letters: dead letters: 1 (critical at 1)"
+
+
+def test_an_apprise_url_gets_the_alert_text_once_per_change_and_never_logs_its_secret(
+    site, receiver, dagbag, monkeypatch, capsys, caplog
+):
+    """Through Apprise alone (``OPSYNC_ALERT_APPRISE_URL``): the text the other channels get, its first line
+    the title; nothing again while unchanged; the resolution. Apprise and urllib3 would log the URL at DEBUG."""
+    monkeypatch.delenv("OPSYNC_ALERT_WEBHOOK_URL")
+    monkeypatch.setenv("OPSYNC_ALERT_APPRISE_URL", receiver.apprise_url)
+    for name in ("apprise", "urllib3"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    dead_letter(site)
+    site.note("drain", drain.now())
+
+    assert run_alerts(dagbag) == "success"
+    (alert,) = receiver.bodies
+    assert (alert["title"], alert["message"], alert["type"]) == ("opsync observatory: CRITICAL", DEAD_LETTER_ALERT, "failure")
+    assert run_alerts(dagbag) == "success"
+    assert len(receiver.bodies) == 1  # unchanged: nothing sent
+
+    site.client.delete(site.dead_letters)
+    assert run_alerts(dagbag) == "success"
+    resolved = receiver.bodies[-1]
+    assert (resolved["title"], resolved["type"]) == ("opsync observatory: resolved", "success") and len(receiver.bodies) == 2
+    assert resolved["message"] == "opsync observatory: resolved\nRESOLVED dead_letters: dead letters: 0"
+    logged = capsys.readouterr().out + caplog.text
+    assert "Sent JSON POST notification" in logged  # Apprise's log is kept, at INFO
+    assert receiver.path_secret not in logged
+
+
+def test_an_apprise_connection_that_fails_fails_the_task_and_the_alert_comes_at_the_next_run(site, receiver, dagbag, monkeypatch, capsys):
+    """The provider's connection (type ``apprise``) wins over the variable; Apprise's failure is the task's."""
+    monkeypatch.delenv("OPSYNC_ALERT_WEBHOOK_URL")
+    monkeypatch.setenv("OPSYNC_ALERT_APPRISE_URL", "json://127.0.0.1:9/nowhere")  # the connection wins
+    connection = {"conn_type": "apprise", "extra": {"config": {"path": receiver.apprise_url}}}
+    monkeypatch.setenv("AIRFLOW_CONN_OPSYNC_ALERT_APPRISE", json.dumps(connection))
+    dead_letter(site)
+    site.note("drain", drain.now())
+    receiver.status = 503
+
+    assert run_alerts(dagbag) == "failed"
+    log = capsys.readouterr().out
+    assert "Apprise delivery failure: 1 of 1 services failed" in log and receiver.path_secret not in log
+
+    receiver.status = 200
+    assert run_alerts(dagbag) == "success"
+    assert [body["message"] for body in receiver.bodies] == [DEAD_LETTER_ALERT]
+
+
+def test_an_apprise_url_it_cannot_use_fails_the_task_without_naming_it(site, dagbag, monkeypatch, capsys):
+    monkeypatch.delenv("OPSYNC_ALERT_WEBHOOK_URL")
+    monkeypatch.setenv("OPSYNC_ALERT_APPRISE_URL", "nosuchservice://s3cr3t-token@example.org")
+    dead_letter(site)
+    site.note("drain", drain.now())
+
+    assert run_alerts(dagbag) == "failed"
+    log = capsys.readouterr().out
+    assert "is not one Apprise can use" in log and "s3cr3t-token" not in log
 
 
 def test_the_drain_tasks_failure_callback_announces_n_failed_runs_in_a_row(site, receiver, migrated, planning, dagbag, monkeypatch):

@@ -1,4 +1,4 @@
-"""Alerts through Airflow's callbacks: the site's findings (:mod:`opsync.alerts`) to a webhook, and by email.
+"""Alerts through Airflow's callbacks: the site's findings (:mod:`opsync.alerts`) to Apprise, a webhook, and by email.
 
 :class:`SiteAlertNotifier` measures the site, judges it by :class:`opsync.alerts.Thresholds` and
 announces only what changed since the last announcement (kept in Redis, shared by every caller),
@@ -10,17 +10,28 @@ The webhook URL may hold a secret (Slack's does), so it is never logged: it come
 connection ``opsync_alert_webhook`` (extra ``{"url": ..., "format": "slack"}``) or from
 ``OPSYNC_ALERT_WEBHOOK_URL``, and is posted to with the standard library, which logs nothing.
 Email goes through the SMTP provider (connection ``smtp_default``) when ``OPSYNC_ALERT_EMAIL_TO`` is set.
+
+Any service Apprise knows (Slack, Teams, Matrix, ntfy, e-mail, a JSON endpoint, ...) gets the alert text
+through the Apprise provider: its connection ``opsync_alert_apprise`` (type ``apprise``, extra
+``{"config": {"path": URL}}``) or ``OPSYNC_ALERT_APPRISE_URL``. Apprise masks the secrets of the URLs it logs,
+except at DEBUG (urllib3 too): those loggers are held at INFO while an alert is sent.
+The provider's own notifier drops Apprise's result, so a failed delivery would be recorded as sent and
+the alert lost: the provider's hook reads the connection, and the result of Apprise's ``notify`` decides.
 """
 
 import html
 import json
+import logging
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 
+import apprise
 import redis
+from airflow.providers.apprise.hooks.apprise import AppriseHook
 from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 from airflow.sdk import BaseNotifier
 from airflow.sdk.bases.hook import BaseHook
@@ -28,7 +39,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opsync.alerts import FIGURES, Change, Finding, Thresholds, announce, evaluate, payload, store_findings, summary
+from opsync.alerts import FIGURES, Change, Finding, Level, Thresholds, announce, evaluate, payload, store_findings, summary
 from opsync.buffer import Buffer
 from opsync.config import get_settings
 from opsync.drain_metrics import DrainMetrics, drain_metrics
@@ -38,6 +49,9 @@ from opsync_airflow.hooks import BUFFER_CONN_ID, PRIMARY_CONN_ID, REPLICA_CONN_I
 from opsync_airflow.operators import engine
 
 WEBHOOK_CONN_ID = "opsync_alert_webhook"
+APPRISE_CONN_ID = "opsync_alert_apprise"
+NOTIFY_TYPES = {Level.critical: apprise.NotifyType.FAILURE, Level.warn: apprise.NotifyType.WARNING}
+"""Apprise's type of a message by its worst firing level (colour, icon); only resolutions: success."""
 BUFFER_FIGURES = frozenset({"depth", "buffer_oldest_age_s", "awaiting_replica", "dead_letters", "drain_failed_runs", "last_drain_s"})
 """Figures measured from Redis alone: judging only these needs no database connection."""
 
@@ -48,7 +62,8 @@ class WebhookFormat(StrEnum):
 
 
 class Delivery(BaseSettings):
-    """Where alerts go, from the environment; an Airflow connection ``opsync_alert_webhook`` wins over the URL here."""
+    """Where alerts go, from the environment; the Airflow connections ``opsync_alert_webhook`` and ``opsync_alert_apprise``
+    win over the URLs here."""
 
     model_config = SettingsConfigDict(env_prefix="OPSYNC_ALERT_", env_file=".env", extra="ignore")
 
@@ -56,17 +71,18 @@ class Delivery(BaseSettings):
     webhook_format: WebhookFormat = Field(WebhookFormat.json, description="json (generic) or slack ({\"text\": ...})")
     webhook_timeout_s: float = Field(10, description="How long a webhook may take to answer")
     email_to: list[str] = Field([], description="Addresses alerts are mailed to through Airflow's SMTP connection")
+    apprise_url: SecretStr | None = Field(None, description="Apprise URL(s) alerts are sent to, comma-separated (may hold secrets)")
 
 
 class DeliveryFailed(Exception):
-    """The webhook did not take the alert; it is announced again at the next evaluation."""
+    """The webhook or an Apprise service did not take the alert; it is announced again at the next evaluation."""
 
 
 class SiteAlertNotifier(BaseNotifier):
-    """Announce the changes in the site's findings (all of them, or ``figures``) to the webhook and by email."""
+    """Announce the changes in the site's findings (all of them, or ``figures``) to Apprise, the webhook and by email."""
 
     def __init__(
-        self, *, figures: Sequence[str] = FIGURES, webhook_conn_id: str = WEBHOOK_CONN_ID,
+        self, *, figures: Sequence[str] = FIGURES, webhook_conn_id: str = WEBHOOK_CONN_ID, apprise_conn_id: str = APPRISE_CONN_ID,
         buffer_conn_id: str = BUFFER_CONN_ID, primary_conn_id: str = PRIMARY_CONN_ID, replica_conn_id: str = REPLICA_CONN_ID,
     ) -> None:
         super().__init__()
@@ -74,6 +90,7 @@ class SiteAlertNotifier(BaseNotifier):
             raise ValueError(f"unknown figures {sorted(unknown)}; known: {', '.join(FIGURES)}")
         self.figures = tuple(figures)
         self.webhook_conn_id = webhook_conn_id
+        self.apprise_conn_id = apprise_conn_id
         self.buffer_conn_id = buffer_conn_id
         self.primary_conn_id = primary_conn_id
         self.replica_conn_id = replica_conn_id
@@ -124,11 +141,16 @@ class SiteAlertNotifier(BaseNotifier):
     def deliver(self, context, changes: list[Change]) -> None:
         delivery, site = Delivery(), get_settings().site
         url, fmt = self.webhook(delivery)
-        if url is None and not delivery.email_to:
+        with urls_unlogged():
+            services = self.apprise(delivery)
+        if url is None and services is None and not delivery.email_to:
             self.log.warning(
-                "no webhook (connection %s or OPSYNC_ALERT_WEBHOOK_URL) and no email configured: alert only logged",
-                self.webhook_conn_id,
+                "no Apprise URL (connection %s or OPSYNC_ALERT_APPRISE_URL), webhook (connection %s or"
+                " OPSYNC_ALERT_WEBHOOK_URL) or email configured: alert only logged", self.apprise_conn_id, self.webhook_conn_id,
             )
+        if services is not None:
+            with urls_unlogged():
+                notify_apprise(services, site, changes)
         if url is not None:
             post_json(url, payload(site, changes, slack=fmt is WebhookFormat.slack), delivery.webhook_timeout_s)
         if delivery.email_to:
@@ -144,6 +166,51 @@ class SiteAlertNotifier(BaseNotifier):
             url = delivery.webhook_url and delivery.webhook_url.get_secret_value()
             return url or None, delivery.webhook_format
         return extra.get("url"), WebhookFormat(extra.get("format", delivery.webhook_format))
+
+
+    def apprise(self, delivery: Delivery) -> apprise.Apprise | None:
+        """The services of the Apprise connection (the provider's format: a URL, or a list with tags), else of
+        ``OPSYNC_ALERT_APPRISE_URL``; None when neither is set. A URL Apprise cannot use fails the delivery."""
+        services = apprise.Apprise()
+        try:
+            connection = AppriseHook.get_connection(self.apprise_conn_id)
+        except AirflowNotFoundException:
+            if delivery.apprise_url is None:
+                return None
+            understood = services.add(delivery.apprise_url.get_secret_value())
+        else:
+            AppriseHook(self.apprise_conn_id).set_config_from_conn(connection, services)
+            understood = len(services) > 0
+        if not understood:
+            where = f"connection {self.apprise_conn_id} or OPSYNC_ALERT_APPRISE_URL"
+            raise DeliveryFailed(f"an Apprise URL ({where}) is not one Apprise can use")
+        return services
+
+
+def notify_apprise(services: apprise.Apprise, site: str, changes: list[Change]) -> None:
+    """The alert's text (its first line as the title, as the e-mail's subject) to every service; any not taking it fails it."""
+    text = summary(site, changes)
+    worst = max((c.finding.level for c in changes if not c.resolved), key=list(Level).index, default=Level.ok)
+    result = services.notify(body=text, title=text.splitlines()[0], notify_type=NOTIFY_TYPES.get(worst, apprise.NotifyType.SUCCESS))
+    if not result:
+        raise DeliveryFailed(f"Apprise delivery {result.status.name.lower()}: {result.failed_count} of {len(result)} services failed")
+
+
+@contextmanager
+def urls_unlogged() -> Iterator[None]:
+    """Apprise (loading a URL, sending to it) and urllib3 log whole URLs, secrets included, at DEBUG: not while this lasts."""
+    loggers = [logging.getLogger(name) for name in URL_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.INFO))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+URL_LOGGERS = ("apprise", "urllib3")
 
 
 def post_json(url: str, body: dict, timeout_s: float) -> None:
