@@ -62,9 +62,11 @@ locks: bootstrap
 	@for extra in $(EXTRAS); do $(VENV)/bin/uv pip compile -q pyproject.toml --extra $$extra --python-version 3.11.13 \
 	  --python-platform x86_64-manylinux_2_28 --custom-compile-command "make locks" -o locks/$$extra.txt; done
 
+# mypy checks what [tool.mypy] in pyproject.toml names (opsync/ and ingest_api/).
 lint: bootstrap
 	$(VENV)/bin/ruff check .
 	promtool check rules deploy/prometheus/opsync-rules.yml && promtool test rules deploy/prometheus/opsync-rules.test.yml
+	$(VENV)/bin/mypy
 
 clean: down
 	rm -rf .run

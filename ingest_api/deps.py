@@ -146,7 +146,8 @@ class Caller(HTTPBearer):
     def __init__(self) -> None:
         super().__init__(auto_error=False, scheme_name="bearer", description="Authorization: Bearer <token> (opsync tokens create)")
 
-    async def __call__(self, request: Request) -> Principal:
+    # HTTPBearer for its OpenAPI scheme only: this answers the principal, not the credentials
+    async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
         return await principal(request.headers.get("authorization"))
 
 

@@ -148,7 +148,7 @@ class Watch:
             if not isinstance(field, str):
                 field = await self.client.hget(self.buffer.status_key(txn_id), "tables")
                 if field is None:  # replicated: in its bucket
-                    field = (final_status(await self.client.hget(*self.buffer.final_key(txn_id))) or {}).get("tables")
+                    field = (final_status(await self.client.hget(*self.buffer.final_key(txn_id))) or {}).get("tables")  # type: ignore[arg-type]  # bytes
             if len(self.tables) >= MAX_REMEMBERED:
                 self.tables.clear()
             tables = self.tables[txn_id] = involved_tables(field)

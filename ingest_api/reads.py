@@ -32,7 +32,7 @@ class OutOfRangeAsText(TimestamptzLoader):
     """A time Python cannot hold (``infinity``, years past 9999: PostgreSQL has them, and writers at the
     main site may use them) as PostgreSQL's text, instead of an error that failed every read of the table."""
 
-    def load(self, data) -> datetime | str:
+    def load(self, data) -> datetime | str:  # type: ignore[override]  # text is the point
         try:
             return super().load(data)
         except psycopg.DataError:
@@ -94,7 +94,7 @@ def get_transaction(txn_id: UUID, buffer: BufferDep, who: PrincipalDep) -> dict[
     status = buffer.status(txn_id)
     if not visible(who, status):
         raise HTTPException(404, unknown_transaction(txn_id))
-    return {"txn_id": str(txn_id), **status}
+    return {"txn_id": str(txn_id), **status}  # type: ignore[dict-item]  # visible(): not None
 
 
 def unknown_transaction(txn_id) -> str:

@@ -126,7 +126,7 @@ class WriteAccess(Caller):
     """A writer, from one dependency (see :class:`Caller`): the caller (401), then the idempotency key.
     Backpressure comes in :func:`run`, after the scopes: only an authorised writer learns how full the buffer is."""
 
-    async def __call__(self, request: Request) -> Writer:
+    async def __call__(self, request: Request) -> Writer:  # type: ignore[override]  # see Caller
         who = await super().__call__(request)
         return Writer(get_settings(), get_enqueuer(), get_primary(), who, idempotency_key(request), get_replica())
 

@@ -129,10 +129,11 @@ def judge_integer(bits: int) -> Callable[[Any], Any]:
 
     def judge(value: Any) -> Any:
         if type(value) is int:
-            number = value
+            number: int | Decimal = value
         elif type(value) is float and value - value == 0.0:
             number = Decimal(msgspec.json.encode(value).decode())
-            if number.as_tuple().exponent < 0:  # numeric prints its fraction digits, which int8in refuses
+            # numeric prints its fraction digits, which int8in refuses; finite, so the exponent is an int
+            if number.as_tuple().exponent < 0:  # type: ignore[operator]
                 raise Refused(f"not a valid integer: {kind} refuses {numeric_text(value)}")
             number = int(number)
         elif isinstance(value, str) and (found := INT_TEXT.fullmatch(value)):
@@ -174,7 +175,7 @@ def judge_bool(value: Any) -> Any:
     if isinstance(value, bool):
         return value
     text = scalar_text(value)
-    word = BOOL_TEXT.fullmatch(text)[1].lower() if text is not None else ""
+    word = BOOL_TEXT.fullmatch(text)[1].lower() if text is not None else ""  # type: ignore[index]  # (.*?) matches any text
     if word and word[0] in "ty" and ("true" if word[0] == "t" else "yes").startswith(word):
         return True
     if word and word[0] in "fn" and ("false" if word[0] == "f" else "no").startswith(word):
@@ -445,7 +446,7 @@ class ReplicaJudge:
         except DBAPIError as exc:
             state = getattr(exc.orig, "sqlstate", None) or ""
             if state.startswith("22"):
-                raise Refused(exc.orig.diag.message_primary) from None
+                raise Refused(exc.orig.diag.message_primary) from None  # type: ignore[union-attr]  # psycopg's, as its sqlstate says
             raise JudgeUnavailable(f"the local replica, which judges this value, is unavailable ({state or 'no answer'})") from None
 
 

@@ -241,7 +241,7 @@ def due(buffer: Buffer, findings: Iterable[Finding]) -> list[Change]:
     sent = buffer.client.hmget(sent_key(buffer), [f.figure for f in findings]) if findings else []
     changes = []
     for finding, previous in zip(findings, sent, strict=True):
-        before = Level(previous.decode()) if previous else Level.ok
+        before = Level(previous.decode()) if previous else Level.ok  # type: ignore[union-attr]  # bytes: no decode_responses
         if finding.level is not before:
             changes.append(Change(finding, before))
     return changes
@@ -251,7 +251,7 @@ def mark_sent(buffer: Buffer, changes: Iterable[Change]) -> None:
     """Remember what was announced, once it was delivered: a failed delivery is retried at the next evaluation."""
     levels = {c.finding.figure: str(c.finding.level) for c in changes}
     if levels:
-        buffer.client.hset(sent_key(buffer), mapping=levels)
+        buffer.client.hset(sent_key(buffer), mapping=levels)  # type: ignore[arg-type]  # redis-py's Mapping key is invariant
 
 
 def announce(buffer: Buffer, findings: Iterable[Finding], deliver: Callable[[list[Change]], None]) -> list[Change]:

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import msgspec
@@ -55,7 +55,7 @@ def apply_transaction(conn: Connection, txn: Transaction) -> bool:
             conn.exec_driver_sql(statement, tuple(params))
     except DBAPIError as exc:
         if getattr(exc.orig, "sqlstate", None) == NO_SUCH_ROW:
-            raise RowNotFound(exc.orig.diag.message_primary) from None
+            raise RowNotFound(exc.orig.diag.message_primary) from None  # type: ignore[union-attr]  # psycopg's, as its sqlstate says
         raise
     return True
 
@@ -186,7 +186,8 @@ def apply_batch(
     try:
         with engine.connect() as sa_conn:
             sa_conn = sa_conn.execution_options(isolation_level="AUTOCOMMIT")
-            batch = Batch(sa_conn.connection.driver_connection, dict(dead_rows or {}))
+            # SQLAlchemy types driver_connection Optional: an open connection has one (psycopg's, see engine_options)
+            batch = Batch(cast(psycopg.Connection, sa_conn.connection.driver_connection), dict(dead_rows or {}))
             try:
                 with deadline(batch.conn, timeout_s) as expired:
                     batch.run(txns)
@@ -194,7 +195,7 @@ def apply_batch(
                 sa_conn.invalidate()
                 raise Transient(transient_reason(exc, expired.is_set(), timeout_s)) from exc
     except DBAPIError as exc:
-        raise Transient(f"primary unreachable: {first_line(exc.orig)}") from exc
+        raise Transient(f"primary unreachable: {first_line(exc.orig or exc)}") from exc
     return batch.result
 
 
@@ -235,7 +236,7 @@ class Batch:
             self.bisect(txns)
             with self.round_trip():
                 self.finish()
-        self.result.commit_lsn = Lsn.parse(self.lsn_cursor.fetchone()[0])
+        self.result.commit_lsn = Lsn.parse(self.lsn_cursor.fetchone()[0])  # type: ignore[union-attr, index]  # finish() set it: one row
 
     def needs_dead(self, txns: list[Pending]) -> bool:
         return bool(self.dead_rows) and any(row in self.dead_rows for txn in txns for row in txn.needs)

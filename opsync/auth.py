@@ -18,6 +18,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import TypeGuard
 
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import OperationalError
@@ -127,7 +128,7 @@ class TokenVerifier:
         digest = hash_token(token)
         return self._checked(self._refresh(digest, self._cache.get(digest)))
 
-    def _fresh(self, entry: _Cached | None) -> bool:
+    def _fresh(self, entry: _Cached | None) -> TypeGuard[_Cached]:
         return entry is not None and time.monotonic() - entry.fetched <= self.ttl_s
 
     @staticmethod

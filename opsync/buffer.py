@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -647,7 +648,7 @@ def enqueued(result: list, txn: Transaction, idempotency: tuple[str, str] | None
     """What the ENQUEUE script answered: the stored response, or why nothing was written."""
     outcome, *rest = result
     if outcome == b"conflict":
-        raise IdempotencyConflict(idempotency[1])
+        raise IdempotencyConflict(idempotency[1])  # type: ignore[index]  # only a request with a key conflicts
     if outcome == b"deleted":
         raise NoSuchRow(txn, rest[0], rest[1].decode())
     if outcome == b"unknown":
@@ -817,14 +818,14 @@ class Buffer:
             value = self.client.get(key)
         except redis.ResponseError:  # WRONGTYPE: a record of the layout before the compact one
             old, response = self.client.hmget(key, "body_hash", "response")
-            body = digest(old.decode())
+            body = digest(old.decode())  # type: ignore[union-attr]  # bytes: no decode_responses
         else:
             if value is None:
                 return None
-            body, response = value[1:value[0] + 1], value[value[0] + 1:]
+            body, response = value[1:value[0] + 1], value[value[0] + 1:]  # type: ignore[assignment, operator]  # bytes: no decode_responses
         if body != digest(body_hash):
             raise IdempotencyConflict(idempotency[1])
-        return unpack_response(response)
+        return unpack_response(response)  # type: ignore[arg-type]  # the old layout's record has both fields
 
     def remember(self, idempotency: tuple[str, str], body_hash: str, response: dict) -> None:
         hashed = digest(body_hash)
@@ -863,7 +864,7 @@ class Buffer:
         """
         fields = {"commit_lsn": str(commit_lsn), **fields}
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.status_key(txn_id), mapping={"state": State.committed, "committed_at": at, **fields})
+        pipe.hset(self.status_key(txn_id), mapping={"state": State.committed, "committed_at": at, **fields})  # type: ignore[dict-item]  # invariant key
         pipe.zadd(self.awaiting_replica, {str(txn_id): float(commit_lsn)})
         pipe.publish(self.events, json.dumps({"txn_id": str(txn_id), "state": State.committed, "at": at, **fields}))
         pipe.execute()
@@ -893,7 +894,7 @@ class Buffer:
         while len(entries) < count:
             want = min(CLAIM_PAGE, count - len(entries))
             reply = self.client.xreadgroup(self.group, consumer, {self.stream: start}, count=want)
-            page = [Entry(sid.decode(), (fields or {}).get(b"txn")) for _, messages in reply for sid, fields in messages]
+            page = [Entry(sid.decode(), (fields or {}).get(b"txn")) for _, messages in reply for sid, fields in messages]  # type: ignore[union-attr, str-unpack]  # bytes
             entries += page
             if len(page) < want:
                 break
@@ -914,7 +915,7 @@ class Buffer:
         if not rows:
             return {}
         owners = self.client.hmget(self.dead_rows, rows)
-        return {row: owner.decode() for row, owner in zip(rows, owners, strict=True) if owner is not None}
+        return {row: owner.decode() for row, owner in zip(rows, owners, strict=True) if owner is not None}  # type: ignore[union-attr]  # bytes
 
     def settle(self, settlements: list[Settlement], commit_lsn: Lsn | None, at: str) -> None:
         """Acknowledge entries and record their states, only after the primary's commit, in bounded atomic steps.
@@ -924,7 +925,7 @@ class Buffer:
         call holds Redis long; a crash before or between them redelivers the entries not settled
         yet, which the ledger then skips (and a failed one fails again, for the same reason).
         """
-        head = [self.group, self.prefix, self.events, at, self.status_ttl_s, str(commit_lsn or ""), float(commit_lsn or 0)]
+        head: list[Any] = [self.group, self.prefix, self.events, at, self.status_ttl_s, str(commit_lsn or ""), float(commit_lsn or 0)]
         for chunk in settle_chunks(settlements):
             args = list(head)
             for s in chunk:
@@ -933,7 +934,7 @@ class Buffer:
 
     def awaiting(self, upto: Lsn, count: int) -> list[str]:
         """The txn_ids committed at or before ``upto`` (by score; callers check the exact LSN)."""
-        return [m.decode() for m in self.client.zrangebyscore(self.awaiting_replica, "-inf", float(upto), start=0, num=count)]
+        return [m.decode() for m in self.client.zrangebyscore(self.awaiting_replica, "-inf", float(upto), start=0, num=count)]  # type: ignore[union-attr]  # bytes
 
     def mark_replicated(self, confirmed: list[tuple[str, str]], at: str) -> int:
         """Mark each (txn_id, stream_id) replicated, release the overlay rows of its entry and drop the entry.
@@ -941,7 +942,7 @@ class Buffer:
         Atomic per transaction and idempotent: one already confirmed (by another run) is left alone.
         Returns how many changed state now.
         """
-        head = [self.prefix, at, self.status_ttl_s, self.events, CONFIRM_STEPS, len(indexed_args()), *indexed_args()]
+        head: list[Any] = [self.prefix, at, self.status_ttl_s, self.events, CONFIRM_STEPS, len(indexed_args()), *indexed_args()]
         changed, todo = 0, list(confirmed)
         while todo:
             chunks = [todo[first:first + CONFIRM_TRANSACTIONS] for first in range(0, len(todo), CONFIRM_TRANSACTIONS)]

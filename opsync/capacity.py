@@ -136,7 +136,7 @@ class Forecast:
 
     def describe(self) -> str:
         """For people: ``3 h 05 min (why)``, ``never (why)``, ``unknown (why)``, ``now (why)``."""
-        head = duration(self.seconds) if self.state == "due" else self.state
+        head = duration(self.seconds) if self.state == "due" else self.state  # type: ignore[arg-type]  # "due": seconds set
         return f"{head} ({self.why})"
 
     def as_json(self) -> dict:

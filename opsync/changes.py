@@ -89,7 +89,8 @@ def read_changes(replica: Engine, position: Position, limit: int = 10_000) -> Ch
         if position.xid < horizon:
             return Changes({}, position, missed=True, complete=True)
         params = {"xmin": xmin, "xid": position.xid, "seq": position.seq, "limit": limit}
-        with conn.connection.driver_connection.cursor() as cursor:  # in the snapshot's transaction
+        # in the snapshot's transaction; SQLAlchemy types driver_connection Optional, an open connection has one
+        with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
             rows = cursor.execute(CHANGES_SQL, params).fetchall()
     keys: dict[str, set[str]] = {}
     for _, _, table, row_id in rows:

@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time as clock
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -225,15 +225,15 @@ def tokens_group() -> None:
 @tokens_group.command()
 @click.argument("name")
 @click.option("--scope", "scopes", type=ScopeType(), multiple=True, required=True,
-              help=f"{tokens.ADMIN}, read:TABLE or write:TABLE; repeat for several.")
+              help=f"{auth.ADMIN}, read:TABLE or write:TABLE; repeat for several.")
 @click.option("--expires", type=ExpiryType(), help="90d from now, a date (00:00 UTC) or an ISO time; default never.")
 @json_option
-def create(name: str, scopes: tuple[str, ...], expires: datetime | None, as_json: bool) -> None:
+def create(name: str, scopes: Sequence[str], expires: datetime | None, as_json: bool) -> None:
     """Issue a token NAME; it is printed once, to stdout, and never stored (only its hash is)."""
     scopes = list(dict.fromkeys(scopes))
     with database("primary") as engine:
         try:
-            token = auth.create_token(engine, name, scopes, expires)
+            token = auth.create_token(engine, name, list(scopes), expires)
         except IntegrityError as exc:
             if not isinstance(exc.orig, UniqueViolation):
                 raise
@@ -255,7 +255,7 @@ def list_(as_json: bool) -> None:
     if as_json:
         echo_json([info.as_json() for info in found])
         return
-    fold = {"overflow": "fold"}  # never "…": the name is what `revoke` needs, the scopes what it grants
+    fold: dict[str, Any] = {"overflow": "fold"}  # never "…": the name is what `revoke` needs, the scopes what it grants
     table = Table(Column("name", **fold), "state", Column("scopes", **fold), "created", "expires", "revoked", "last used")
     for info in found:
         table.add_row(
@@ -649,10 +649,10 @@ class Meter:
         if self.task is None:
             self.task = self.progress.add_task("draining", total=done.remaining, remaining=done.remaining)
         state = self.progress.tasks[self.task]
-        if done.remaining > state.total - state.completed:  # arriving faster than draining: the total grows
+        if done.remaining > state.total - state.completed:  # type: ignore[operator]  # add_task set it; arriving faster than draining: the total grows
             self.progress.update(self.task, total=state.completed + done.remaining, remaining=done.remaining)
         else:
-            self.progress.update(self.task, completed=state.total - done.remaining, remaining=done.remaining)
+            self.progress.update(self.task, completed=state.total - done.remaining, remaining=done.remaining)  # type: ignore[operator]  # as above
         if self.as_json:
             click.echo(json.dumps(done.as_json(event, state.speed, state.time_remaining, clock.monotonic() - self.started)))
 

@@ -80,8 +80,8 @@ def dead_letters(buffer: Buffer) -> list[DeadLetter]:
     """Every dead letter, oldest first (failures are rare: the stream stays small)."""
     letters, start = [], "-"
     while page := buffer.client.xrange(buffer.dead_letters, min=start, count=PAGE):
-        letters += [parse(entry_id.decode(), fields) for entry_id, fields in page]
-        start = "(" + page[-1][0].decode()
+        letters += [parse(entry_id.decode(), fields) for entry_id, fields in page]  # type: ignore[union-attr, arg-type]  # bytes: no decode_responses
+        start = "(" + page[-1][0].decode()  # type: ignore[union-attr]  # bytes: no decode_responses
     return letters
 
 
@@ -182,7 +182,7 @@ def previous(buffer: Buffer, txn_id: str, done: str) -> Action | None:
 def history(buffer: Buffer, count: int = 100) -> list[dict[str, str]]:
     """The latest requeues and discards, newest first: who did what, when, and why it had failed."""
     entries = buffer.client.xrevrange(buffer.dlq_audit, count=count)
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]  # type: ignore[union-attr]  # bytes: no decode_responses
 
 
 def now() -> str:

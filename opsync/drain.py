@@ -321,7 +321,7 @@ def read_entries(entries: list[Entry]) -> tuple[list[tuple[str, Pending]], list[
 def dead_rows(buffer: Buffer, txns: list[tuple[str, Pending]]) -> dict[tuple[str, str], str]:
     """Rows the batch needs that earlier dead-lettered transactions would have created: one Redis round trip."""
     wanted = sorted({f"{table}:{key}" for _, txn in txns for table, key in txn.needs})
-    return {tuple(row.split(":", 1)): owner for row, owner in buffer.dead_owners(wanted).items()}
+    return {tuple(row.split(":", 1)): owner for row, owner in buffer.dead_owners(wanted).items()}  # type: ignore[misc]  # "table:key"
 
 
 def outcomes(txns: list[tuple[str, Pending]], result: BatchResult) -> list[Settlement]:

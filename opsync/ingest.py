@@ -233,14 +233,14 @@ class Admitting:
 
     def check_references(self, rules: admission.TableRules, row: dict, loc: tuple) -> None:
         for column, referred in rules.foreign.items():
-            target = self.rows.get((referred, row.get(column)))
+            target = self.rows.get((referred, row.get(column)))  # type: ignore[arg-type]  # a missing key finds no row
             if target is not None and target.deleted:
                 self.errors.append(problem((*loc, column), f"refers to {referred} {row[column]}, deleted by step {target.step}"))
 
     def values(self, rules: admission.TableRules, raw: dict, loc: tuple, partial: bool) -> dict:
         """Each value as PostgreSQL would store it; problems noted. Inserts must give the required columns."""
         self.errors += unstorable(raw, loc, self.max_json_depth)
-        shown = {}
+        shown: dict[str, Any] = {}
         for name, value in raw.items():
             judge = rules.judges.get(name)
             if judge is None:

@@ -92,7 +92,7 @@ def list_rows(
     base = replica_rows(replica, entry, filters, after=after, limit=limit)
     partial, partial_end = partial_candidates(buffer, replica, entry, filters, after, limit) if filters else ({}, None)
     ends = [keys[-1] for keys in (indexed, sorted(base)) if len(keys) >= limit] + [partial_end] * (partial_end is not None)
-    boundary = min(ends) if ends else None
+    boundary = min(ends) if ends else None  # type: ignore[type-var]  # partial_end only when not None
     overlays = read_overlays(buffer, entry, sorted(set(indexed) | set(base)))
     missing = [UUID(k) for k, o in overlays.items() if o.needs_base and k not in base]
     base |= replica_rows(replica, entry, {}, ids=missing)
@@ -111,9 +111,10 @@ def partial_candidates(
     Returns the matches and, when ``limit`` were found, the last key examined (the boundary).
     Partial overlays are the updates of rows already replicated, few next to buffered inserts.
     """
+    found: dict[str, dict]
     start, found = (f"({after}" if after else "-"), {}
     while len(found) < limit:
-        chunk = [k.decode() for k in buffer.client.zrangebylex(buffer.partial_index(entry.name), start, "+", 0, limit)]
+        chunk = [k.decode() for k in buffer.client.zrangebylex(buffer.partial_index(entry.name), start, "+", 0, limit)]  # type: ignore[union-attr]  # bytes
         if not chunk:
             return found, None
         overlays = read_overlays(buffer, entry, chunk)
@@ -129,16 +130,16 @@ def overlay_candidates(buffer: Buffer, entry: Ingestible, filters: dict, after: 
     indexes = [buffer.field_index(entry.name, f, v) for f, v in filters.items()] or [buffer.rows_index(entry.name)]
     start = f"({after}" if after else "-"
     if len(indexes) == 1:
-        return [k.decode() for k in client.zrangebylex(indexes[0], start, "+", 0, limit)]
+        return [k.decode() for k in client.zrangebylex(indexes[0], start, "+", 0, limit)]  # type: ignore[union-attr]  # bytes: no decode_responses
     smallest, *others = sorted(indexes, key=client.zcard)
     found: list[str] = []
     while len(found) < limit:
         chunk = client.zrangebylex(smallest, start, "+", 0, limit)
         if not chunk:
             break
-        scores = [client.zmscore(index, chunk) for index in others]
-        found += [k.decode() for i, k in enumerate(chunk) if all(s[i] is not None for s in scores)]
-        start = f"({chunk[-1].decode()}"
+        scores = [client.zmscore(index, chunk) for index in others]  # type: ignore[arg-type]  # takes bytes members too
+        found += [k.decode() for i, k in enumerate(chunk) if all(s[i] is not None for s in scores)]  # type: ignore[union-attr]  # bytes
+        start = f"({chunk[-1].decode()}"  # type: ignore[union-attr]  # bytes: no decode_responses
     return found[:limit]
 
 
@@ -154,7 +155,7 @@ def read_overlays(buffer: Buffer, entry: Ingestible, keys: list[str]) -> dict[st
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         values = {k[2:]: json.loads(v) for k, v in fields.items() if k.startswith("v:")}
         flags = [fields.get(flag) == "1" for flag in ("partial", "deleted", "creates")]
-        overlays[key] = Overlay(values, fields["txn_id"], *flags)
+        overlays[key] = Overlay(values, fields["txn_id"], *flags)  # type: ignore[arg-type]  # partial, deleted, creates
     states = txn_states(buffer, {o.txn_id for o in overlays.values()})
     for overlay in overlays.values():
         overlay.state, overlay.commit_lsn = states[overlay.txn_id]
@@ -215,7 +216,7 @@ def merge_one(key: str, base: dict | None, overlay: Overlay | None) -> dict | No
     elif overlay.deleted or (overlay.partial and base is None and not overlay.creates):
         return None
     state = State.failed if overlay.failed else overlay.state
-    meta = {"id": key, "_sync_state": ROW_STATE.get(state, state), "_txn_id": overlay.txn_id, "_commit_lsn": overlay.commit_lsn}
+    meta = {"id": key, "_sync_state": ROW_STATE.get(state, state), "_txn_id": overlay.txn_id, "_commit_lsn": overlay.commit_lsn}  # type: ignore[call-overload]  # state None: unknown, kept
     return (base or {}) | overlay.values | meta
 
 
@@ -234,4 +235,4 @@ def txn_states(buffer: Buffer, txn_ids: set[str]) -> dict[str, tuple[str | None,
     for txn_id, value in zip(replicated, pipe.execute() if replicated else (), strict=True):
         if status := final_status(value):
             states[txn_id] = (status["state"], status.get("commit_lsn"))
-    return states
+    return states  # type: ignore[return-value]  # each a (state, commit_lsn) pair

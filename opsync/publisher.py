@@ -28,7 +28,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -402,7 +402,7 @@ class Publisher:
         if not keys:
             return {}
         sql, params = layout.keyed_sql
-        with self.replica.connect() as conn, conn.connection.driver_connection.cursor() as cursor:
+        with self.replica.connect() as conn, conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]  # open: set
             cursor.execute(sql, {**params, "ids": ",".join(keys)})
             return {row[0]: row for row in cursor.fetchall()}
 
@@ -441,15 +441,15 @@ class Publisher:
         keys: dict[str, set[str]] = {}
         for _, fields in entries:
             try:
-                txn = Transaction.model_validate_json(fields.get(b"txn", b""))
+                txn = Transaction.model_validate_json(fields.get(b"txn", b""))  # type: ignore[union-attr]  # entries have fields
             except ValidationError:
                 continue  # the drainer dead-letters it; it has no rows to show
             for table, key in txn.row_keys():
                 keys.setdefault(table, set()).add(str(key))
         self.refresh_all(keys, replica_optional=True)
         with self.model.transaction() as conn:
-            self.model.set_state(conn, state, entries[-1][0].decode())
-        save_position(self.buffer, state, entries[-1][0].decode())
+            self.model.set_state(conn, state, entries[-1][0].decode())  # type: ignore[union-attr]  # bytes: no decode_responses
+        save_position(self.buffer, state, entries[-1][0].decode())  # type: ignore[union-attr]  # bytes: no decode_responses
         return len(entries) == self.tuning.chunk
 
     def sweep(self) -> None:
@@ -458,7 +458,7 @@ class Publisher:
         size = self.tuning.sweep_chunk
         for layout in self.layouts.values():
             overlay_from, unsettled_from = self.sweep_from.get(layout.name, ("-", ""))
-            overlay = [k.decode() for k in self.buffer.client.zrangebylex(self.buffer.rows_index(layout.name), overlay_from, "+", 0, size)]
+            overlay = [k.decode() for k in self.buffer.client.zrangebylex(self.buffer.rows_index(layout.name), overlay_from, "+", 0, size)]  # type: ignore[union-attr]  # bytes
             unsettled = self.model.unsettled_keys(layout, unsettled_from, size)
             if overlay or unsettled:
                 self.refresh(layout, sorted(set(overlay) | set(unsettled)), duty="sweep")
@@ -550,9 +550,10 @@ class Publisher:
         elapsed = time.monotonic() - started
         log.info("full load: %d rows in %.1f s (%.0f rows/s)", total, elapsed, total / max(elapsed, 1e-9))
 
-    def load_rows(self, layout: Layout, rows: list, at: str) -> int:
+    def load_rows(self, layout: Layout, rows: Sequence, at: str) -> int:
         """One chunk of the full load, written in its own transaction; returns rows written."""
         try:
+            refused: dict
             records, refused = [layout.loaded_record(row, at) for row in rows], {}
         except Exception:  # rendering is pure: some row's fault, found row by row
             rendered, refused = render_each({row[layout.key_position]: row for row in rows}, lambda row: layout.loaded_record(row, at))
@@ -604,7 +605,7 @@ class Publisher:
         return Replayed(keys, written, skipped, complete)
 
     def purge(self) -> None:
-        purged = purge_changes(self.primary, self.tuning.change_retention)
+        purged = purge_changes(self.primary, self.tuning.change_retention)  # type: ignore[arg-type]  # a duty only with a primary
         if purged:
             log.info("purged %d changes older than %s from the primary's change table", purged, self.tuning.change_retention)
 

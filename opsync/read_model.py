@@ -26,7 +26,7 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Column, Integer, Select, Text, UniqueConstraint, bindparam, cast, func, select
+from sqlalchemy import Column, ColumnElement, Integer, Select, Text, UniqueConstraint, bindparam, cast, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, psycopg
 from sqlalchemy.sql.sqltypes import JSON
 
@@ -215,7 +215,7 @@ class Layout:
 
         Columns keep their names, so a row also serves as the replica's side of a merge.
         """
-        columns = []
+        columns: list[ColumnElement[Any]] = []
         for column in self.data_columns:
             kind = None if isinstance(column.type, JSON) else column.type.python_type
             if kind is UUID:

@@ -85,7 +85,7 @@ def save_position(buffer: Buffer, name: str, value: str) -> None:
 
 
 def load_poison(buffer: Buffer) -> dict[tuple[str, str], Poison]:
-    return {(p.table, p.key): p for p in map(decode, buffer.client.hvals(poison_key(buffer)))}
+    return {(p.table, p.key): p for p in map(decode, buffer.client.hvals(poison_key(buffer)))}  # type: ignore[arg-type]  # bytes: no decode_responses
 
 
 def store_poison(buffer: Buffer, poisoned: dict[tuple[str, str], Poison], new: int) -> None:
@@ -127,7 +127,7 @@ def read_model_figures(buffer: Buffer, replica: Engine) -> ReadModelFigures:
         with replica.connect() as conn:
             found["changes_age_s"] = conn.execute(CHANGES_AGE_SQL, {"xid": int(xid), "seq": int(seq)}).scalar() or 0.0
     except DBAPIError as exc:
-        found["unavailable"]["replica"] = one_line(exc.orig)
+        found["unavailable"]["replica"] = one_line(exc.orig or exc)
     return ReadModelFigures(**found)
 
 

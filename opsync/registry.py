@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import AfterValidator, AwareDatetime, Field
 from sqlalchemy import BigInteger, Column, Integer, SmallInteger, Table, UniqueConstraint
@@ -142,7 +142,7 @@ def input_columns(table: Table) -> list[Column]:
 
 
 def ingestible(model: type[schema.Base], mode: Mode, deletable: bool) -> Ingestible:
-    table = model.__table__
+    table = cast(Table, model.__table__)  # typed FromClause for mapping a join; our models map tables
     return Ingestible(table, mode, deletable)
 
 

@@ -8,6 +8,7 @@ keep. Ages use Redis' own clock, the one that stamped the stream IDs.
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import final
 
 import redis
 import redis.asyncio as aioredis
@@ -29,6 +30,7 @@ class Fill:
         return self.used_memory / self.maxmemory if self.maxmemory else None
 
 
+@final  # no subclass may be falsy: ``stats and stats.depth`` is a figure or None
 @dataclass(frozen=True)
 class BufferStats(Fill):
     pending: int  # of the depth, claimed by a drainer (being applied or to be redelivered)
@@ -111,7 +113,7 @@ def _oldest_id(client: redis.Redis, buffer: Buffer, group: dict | None) -> bytes
         return client.xpending(buffer.stream, buffer.group)["min"]
     start = b"(" + group["last-delivered-id"] if group else "-"
     first = client.xrange(buffer.stream, min=start, count=1)
-    return first[0][0] if first else None
+    return first[0][0] if first else None  # type: ignore[return-value]  # bytes: no decode_responses
 
 
 def _id_seconds(stream_id: bytes) -> float:

@@ -116,7 +116,7 @@ def measure_primary(status: SiteStatus, primary: Engine, slot: str) -> Lsn | Non
             status.slot = replication_slot(conn, slot)
             status.primary_lsn = status.slot.primary_lsn
     except DBAPIError as exc:
-        status.unavailable["primary"] = one_line(exc.orig)
+        status.unavailable["primary"] = one_line(exc.orig or exc)
         return None
     return status.slot.restart_lsn
 
@@ -127,7 +127,7 @@ def measure_replica(status: SiteStatus, replica: Engine) -> None:
             in_recovery, replay_lsn, age = conn.execute(text(REPLICA_SQL)).one()
         status.replica_lsn = replay_position(in_recovery, replay_lsn)
     except DBAPIError as exc:
-        status.unavailable["replica"] = one_line(exc.orig)
+        status.unavailable["replica"] = one_line(exc.orig or exc)
         return
     except ReplicaError as exc:
         status.unavailable["replica"] = str(exc)
