@@ -161,7 +161,7 @@ def slot_rule(level: Level, expr: str, summary: str) -> dict:
         "labels": {"severity": SEVERITY[level], "figure": "replica_slot"},
         "annotations": {
             "summary": summary,
-            "description": Thresholds.model_fields[f"slot_safe_wal_{level.name}_fraction"].description + " on {{ $labels.instance }}.",
+            "description": f"{Thresholds.model_fields[f'slot_safe_wal_{level.name}_fraction'].description} on {{{{ $labels.instance }}}}.",
             "runbook": "README.md, \"When the replica's slot is lost\": pg_basebackup -c fast -X stream -S <slot> -R through the"
                        " lost slot (create a missing one first)",
         },

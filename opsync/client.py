@@ -224,7 +224,7 @@ class Following:
         self.last = change.get("state")
         if self.last == State.failed:
             raise TransactionFailed(self.txn_id, change)
-        return State(self.last) if passed(self.last, self.wanted) else None
+        return State(self.last) if isinstance(self.last, str) and passed(self.last, self.wanted) else None
 
     def usable(self, answer: httpx.Response, path: str) -> bool:
         if answer.status_code in RETRY_STATUSES:
