@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 
 import msgspec
 import redis
+from pydantic import PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Engine
 
 from opsync import drain_metrics, fault_points
@@ -45,6 +47,20 @@ class BatchLimits:
     transactions: int = BATCH_SIZE
     records: int = BATCH_RECORDS
     bytes: int = BATCH_BYTES
+
+
+class BatchSettings(BaseSettings):
+    """The configured :class:`BatchLimits` (``OPSYNC_DRAIN_BATCH_SIZE``, ``_RECORDS``, ``_BYTES``), read where there is
+    no DAG to pass them: ``opsync backlog drain`` and the benchmarks drain with what the DAG drains with."""
+
+    model_config = SettingsConfigDict(env_prefix="OPSYNC_DRAIN_", env_file=".env", extra="ignore")
+
+    batch_size: PositiveInt = BATCH_SIZE
+    batch_records: PositiveInt = BATCH_RECORDS
+    batch_bytes: PositiveInt = BATCH_BYTES
+
+    def limits(self) -> BatchLimits:
+        return BatchLimits(self.batch_size, self.batch_records, self.batch_bytes)
 
 
 @dataclass(frozen=True)
