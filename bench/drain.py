@@ -32,10 +32,21 @@ replica) and measures, in one run:
   every 10 s and at once on a wake-up event, and each task start costs a few seconds, so under
   Airflow the figure is higher by that overhead. Per transaction: from its ``202`` (client clock)
   to its ``replicated_at`` (read from the status records in bulk at the end, same clock).
+- The sweep that chose the default batch caps: for each candidate of ``SWEEP`` and the configured
+  caps, through one 250 ms link in the same run, ``sweep_txns`` single-record transactions drained to
+  ``replicated`` as DAG runs do it, then ``sweep_records`` records of the peak mix drained and
+  confirmed. Per candidate: the rates, the batches' sizes, the drainer's RSS growth (:class:`Watch`:
+  sampled, so a lower bound; the candidates run smallest first, so memory a smaller one kept and
+  freed is not counted against a larger one), and the longest single Redis call (SLOWLOG).
 
-``--size smoke`` runs every phase on a few thousand records and 5 s of steady ingest: it checks the
-benchmark still runs and prints every figure (``FIGURES``), in well under a minute; its figures
-mean little. ``--records``, ``--wan-records`` and ``--steady-seconds`` override the size's.
+Every phase drains with the product's batch caps (:class:`opsync.drain.BatchSettings`:
+``OPSYNC_DRAIN_BATCH_*`` or their defaults, as the DAG does); ``--batch``, ``--batch-records`` and
+``--batch-bytes`` override them (the sweep still measures its own candidates beside them).
+
+``--size smoke`` runs every phase on a few thousand records and 5 s of steady ingest, and the sweep
+on two candidates: it checks the benchmark still runs and prints every figure (``FIGURES``), in well
+under a minute; its figures mean little. ``--records``, ``--wan-records``, ``--small-txns``,
+``--steady-seconds``, ``--sweep-txns``, ``--sweep-records`` and ``--sweep-candidates`` override the size's.
 
 Prints a summary, then one JSON line with every figure, last.
 """
