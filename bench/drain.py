@@ -36,8 +36,8 @@ replica) and measures, in one run:
   caps, through one 250 ms link in the same run, ``sweep_txns`` single-record transactions drained to
   ``replicated`` as DAG runs do it, then ``sweep_records`` records of the peak mix drained and
   confirmed. Per candidate: the rates, the batches' sizes, the drainer's RSS growth (:class:`Watch`:
-  sampled, so a lower bound; the candidates run smallest first, so memory a smaller one kept and
-  freed is not counted against a larger one), and the longest single Redis call (SLOWLOG).
+  sampled, and above what the process holds already, so memory an earlier phase freed and the
+  allocator kept is reused uncounted: a lower bound), and the longest single Redis call (SLOWLOG).
 
 Every phase drains with the product's batch caps (:class:`opsync.drain.BatchSettings`:
 ``OPSYNC_DRAIN_BATCH_*`` or their defaults, as the DAG does); ``--batch``, ``--batch-records`` and
