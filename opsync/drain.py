@@ -34,9 +34,10 @@ UNREADABLE = "unreadable envelope"
 DEPENDS = "depends on dead-lettered"  # how apply_batch words the failure of a transaction needing a dead one
 CONFIRM_CHUNK = 1000  # transactions confirmed per pipelined round of status reads and CONFIRM calls
 CONSUMER = "drainer"  # one logical drainer per site: a rerun picks up what a dead run had claimed
-BATCH_SIZE = 2000  # transactions per batch: a round trip to the primary (200-500 ms) per batch bounds the rate
-BATCH_RECORDS = 20_000  # records (steps) per batch: what one primary transaction and the drainer's memory hold
-BATCH_BYTES = 16 * 1024 * 1024  # envelope bytes per batch: the same bound for records near the body limit
+BATCH_SIZE = 4000  # transactions per batch: a round trip to the primary (200-500 ms) per batch bounds the rate
+BATCH_RECORDS = 40_000  # records (steps) per batch: what one primary transaction and the drainer's memory hold
+BATCH_BYTES = 32 * 1024 * 1024  # envelope bytes per batch: the same bound for records near the body limit
+# The three chosen by bench-drain's sweep (README "Benchmarks"): twice these, both backlogs drained slower.
 
 
 @dataclass(frozen=True)
