@@ -32,10 +32,21 @@ replica) and measures, in one run:
   every 10 s and at once on a wake-up event, and each task start costs a few seconds, so under
   Airflow the figure is higher by that overhead. Per transaction: from its ``202`` (client clock)
   to its ``replicated_at`` (read from the status records in bulk at the end, same clock).
+- The sweep that chose the default batch caps: for each candidate of ``SWEEP`` and the configured
+  caps, through one 250 ms link in the same run, ``sweep_txns`` single-record transactions drained to
+  ``replicated`` as DAG runs do it, then ``sweep_records`` records of the peak mix drained and
+  confirmed. Per candidate: the rates, the batches' sizes, the drainer's RSS growth (:class:`Watch`:
+  sampled, and above what the process holds already, so memory an earlier phase freed and the
+  allocator kept is reused uncounted: a lower bound), and the longest single Redis call (SLOWLOG).
 
-``--size smoke`` runs every phase on a few thousand records and 5 s of steady ingest: it checks the
-benchmark still runs and prints every figure (``FIGURES``), in well under a minute; its figures
-mean little. ``--records``, ``--wan-records`` and ``--steady-seconds`` override the size's.
+Every phase drains with the product's batch caps (:class:`opsync.drain.BatchSettings`:
+``OPSYNC_DRAIN_BATCH_*`` or their defaults, as the DAG does); ``--batch``, ``--batch-records`` and
+``--batch-bytes`` override them (the sweep still measures its own candidates beside them).
+
+``--size smoke`` runs every phase on a few thousand records and 5 s of steady ingest, and the sweep
+on the configured caps alone: it checks the benchmark still runs and prints every figure (``FIGURES``), in well
+under a minute; its figures mean little. ``--records``, ``--wan-records``, ``--small-txns``,
+``--steady-seconds``, ``--sweep-txns``, ``--sweep-records`` and ``--sweep-candidates`` override the size's.
 
 Prints a summary, then one JSON line with every figure, last.
 """
@@ -56,6 +67,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httptools
+import psutil
 import psycopg
 import redis
 import uvloop
@@ -67,7 +79,7 @@ from devstack.wan import WanProxy
 from opsync import drain as drainer
 from opsync.apply import engine_options
 from opsync.buffer import Buffer
-from opsync.drain import DrainSummary, confirm_replica, drain
+from opsync.drain import BatchLimits, BatchSettings, DrainSummary, confirm_replica, drain
 from opsync.envelope import Transaction
 from opsync.ingest import StepIn, build_transaction
 from opsync.lsn import current_position, replica_position
@@ -75,7 +87,6 @@ from opsync.lsn import current_position, replica_position
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: services, API server, samples, HTTP client)
 
-BATCH_SIZE = 1000  # transactions per batch: OPSYNC_DRAIN_BATCH_SIZE's default
 BUDGET_S = 60  # OPSYNC_DRAIN_BUDGET_S's default: a run starts no batch after this; the next run goes on
 FILES_PER_OBS = 10  # raw files per executed observation; with the observation and its package, 12 records
 HK_PER_LIST = 100  # housekeeping samples per POSTed list (one transaction)
@@ -94,6 +105,13 @@ OUTAGE_TXNS = 3_456_000  # the README's 48-hour outage at its peak rate, nearly 
 TARGET_OUTAGE_MIN = 30  # issue 17: everything replicated this soon after the link returns
 DATA_TABLES = ("executed_obs_unit", "raw_data_package", "raw_data_file", "housekeeping_sample")  # foreign-key order
 SHA = "5d" * 32
+MIB = 2**20
+SWEEP = (  # candidate caps, smallest first: the first two are the figures before the sweep chose the defaults
+    BatchLimits(1000, 20_000, 16 * MIB),  # what bench-drain, bench-scripts and `opsync backlog drain` still used
+    BatchLimits(2000, 20_000, 16 * MIB),  # the defaults before the sweep
+    BatchLimits(4000, 40_000, 32 * MIB),
+    BatchLimits(8000, 80_000, 64 * MIB),
+)
 
 
 @dataclass(frozen=True)
@@ -102,14 +120,20 @@ class Size:
     wan_records: int  # drained at 250 ms RTT
     small_txns: int  # single-record transactions drained and confirmed at 250 ms RTT
     steady_seconds: int  # of steady ingest
+    sweep_txns: int  # single-record transactions per candidate of the sweep
+    sweep_records: int  # records of the peak mix per candidate of the sweep
+    sweep_candidates: int  # how many of SWEEP (the configured limits are always measured too)
 
 
 SIZES = {
-    "full": Size(records=200_000, wan_records=50_000, small_txns=100_000, steady_seconds=30),
-    "smoke": Size(records=5_000, wan_records=2_000, small_txns=3_000, steady_seconds=5),
+    "full": Size(records=200_000, wan_records=50_000, small_txns=100_000, steady_seconds=30, sweep_txns=60_000,
+                 sweep_records=300_000, sweep_candidates=len(SWEEP)),
+    "smoke": Size(records=5_000, wan_records=2_000, small_txns=3_000, steady_seconds=5, sweep_txns=500,
+                  sweep_records=1_000, sweep_candidates=0),
 }
 FIGURES = (
-    "records", "transactions", "batch_size", "buffer_records_per_s", "drain_s", "drain_records_per_s", "drain_batches",
+    "records", "transactions", "batch_size", "batch_records", "batch_bytes", "buffer_records_per_s", "drain_s", "drain_records_per_s",
+    "drain_batches",
     "round_trips_per_batch", "drain_share_claim", "drain_share_parse", "drain_share_dead_rows", "drain_share_apply",
     "drain_share_settle", "drain_client_cpu_s", "drain_apply_client_cpu_s", "drain_apply_wait_s", "confirm_s", "confirmed_txns",
     "copy_s", "copy_records_per_s", "drain_vs_copy", "wan_records", "wan_transactions", "wan_batches", "wan_round_trips_per_batch",
@@ -121,7 +145,9 @@ FIGURES = (
     "post_to_replicated_p95_s", "post_to_replicated_p99_s", "post_to_replicated_max_s", "steady_drain_runs", "steady_drain_batches",
     "steady_drain_run_mean_s", "steady_drain_run_max_s", "steady_run_to_replicated_mean_s", "steady_generator_lag_p99_ms",
     "target_drain_vs_copy", "target_records_per_s_250ms_rtt", "target_post_to_replicated_p95_s", "drain_vs_copy_target_met",
-    "wan_target_met", "p95_target_met",
+    "wan_target_met", "p95_target_met", "sweep", "sweep_configured", "sweep_configured_small_replicated_txns_per_s",
+    "sweep_configured_mixed_records_per_s", "sweep_best_small", "sweep_best_mixed", "sweep_longest_redis_call_ms",
+    "sweep_max_rss_growth_mib",
 )
 
 
@@ -293,12 +319,12 @@ class Parts:
         return {name: round(self.seconds[name] / total, 3) for name in self.NAMES}
 
 
-def drain_everything(buffer: Buffer, primary: Engine) -> DrainSummary:
+def drain_everything(buffer: Buffer, primary: Engine, limits: BatchLimits) -> DrainSummary:
     """Drain until the buffer is empty: one ``drain`` call is one DAG run; a run that spent its budget is followed by the next."""
     total = DrainSummary()
     started = time.monotonic()
     while True:
-        run = drain(buffer, primary, budget_s=BUDGET_S, batch_size=BATCH_SIZE)
+        run = drain(buffer, primary, budget_s=BUDGET_S, **batch_options(limits))
         for name in ("batches", "applied", "duplicates", "dead_lettered", "round_trips", "reclaimed"):
             setattr(total, name, getattr(total, name) + getattr(run, name))
         if run.max_commit_lsn is not None:
@@ -307,6 +333,11 @@ def drain_everything(buffer: Buffer, primary: Engine) -> DrainSummary:
             break
     total.elapsed_s = time.monotonic() - started
     return total
+
+
+def batch_options(limits: BatchLimits) -> dict[str, int]:
+    """``drain``'s keyword arguments for ``limits``."""
+    return {"batch_size": limits.transactions, "batch_records": limits.records, "batch_bytes": limits.bytes}
 
 
 def confirm_everything(buffer: Buffer, replica: Engine, timeout_s: float = 120) -> tuple[int, float]:
@@ -400,14 +431,14 @@ class Cycles:
     replicated_s: float = 0.0  # from the first claim to every transaction replicated
 
 
-def drain_to_replicated(buffer: Buffer, primary: Engine, replica: Engine, batch_size: int) -> Cycles:
+def drain_to_replicated(buffer: Buffer, primary: Engine, replica: Engine, limits: BatchLimits) -> Cycles:
     """As ``opsync_drain`` runs back to back on a backlog: each run drains for its budget (confirming between
     batches what the replica has passed, as the drain task does), its sensor waits for the replica to pass
     the run's commits, its confirm task confirms the rest; until a run ends short."""
     cycles, started = Cycles(), time.monotonic()
     while True:
         run_started = time.monotonic()
-        run = drain(buffer, primary, budget_s=BUDGET_S, batch_size=batch_size, readable=lambda: replica_position(replica))
+        run = drain(buffer, primary, budget_s=BUDGET_S, readable=lambda: replica_position(replica), **batch_options(limits))
         cycles.drain_s += time.monotonic() - run_started
         for name in ("batches", "applied", "duplicates", "dead_lettered", "round_trips"):
             setattr(cycles.summary, name, getattr(cycles.summary, name) + getattr(run, name))
@@ -423,7 +454,7 @@ def drain_to_replicated(buffer: Buffer, primary: Engine, replica: Engine, batch_
 
 
 def small_txns(site, primary_url: str, primary: Engine, replica: Engine, plan: Planning, start: datetime,
-               console: Console, txns: int, batch_size: int) -> dict:
+               console: Console, txns: int, limits: BatchLimits) -> dict:
     buffer = Buffer(redis_client(site), prefix="bench-drain-small")
     console.print(f"buffering {txns:,} single-record transactions with idempotency keys …")
     small = buffer_small(buffer, Workload(plan, start), txns)
@@ -435,8 +466,8 @@ def small_txns(site, primary_url: str, primary: Engine, replica: Engine, plan: P
             with far.connect():  # connected once per drain task: not part of the rate
                 pass
             console.print(f"draining and confirming them through the WAN proxy (250 ms round trips), as DAG runs, "
-                          f"batches of {batch_size} …")
-            cycles = drain_to_replicated(buffer, far, replica, batch_size)
+                          f"batches of {describe(limits)} …")
+            cycles = drain_to_replicated(buffer, far, replica, limits)
         finally:
             far.dispose()
         summary = cycles.summary
@@ -452,7 +483,7 @@ def small_txns(site, primary_url: str, primary: Engine, replica: Engine, plan: P
     rate = txns / cycles.replicated_s
     projected = OUTAGE_TXNS / rate / 60
     return {
-        "small_txns": txns, "small_batch_size": batch_size, "small_batches": summary.batches,
+        "small_txns": txns, "small_batch_size": limits.transactions, "small_batches": summary.batches,
         "small_round_trips_per_batch": round(summary.round_trips / summary.batches, 2),
         "small_drain_s": round(cycles.drain_s, 2), "small_drain_txns_per_s": round(txns / cycles.drain_s),
         "small_confirm_wait_s": round(cycles.replicated_s - cycles.drain_s, 2),
@@ -532,9 +563,10 @@ async def post_steadily(port: int, raws: list[bytes], rate: float) -> Posted:
 class DagStandIn(threading.Thread):
     """What ``opsync_drain`` does, on a short fixed schedule: drain, wait for the replica, confirm."""
 
-    def __init__(self, buffer: Buffer, primary_url: str, replica: Engine):
+    def __init__(self, buffer: Buffer, primary_url: str, replica: Engine, limits: BatchLimits | None = None):
         super().__init__(name="dag-stand-in", daemon=True)
         self.buffer, self.primary_url, self.replica = buffer, primary_url, replica
+        self.limits = limits or BatchSettings().limits()  # the DAG's: OPSYNC_DRAIN_BATCH_* or their defaults
         self.stopping = threading.Event()
         self.runs: list[tuple[int, int, float, float]] = []  # (applied, batches, drain seconds, start-to-confirmed seconds)
         self.error: BaseException | None = None
@@ -545,8 +577,8 @@ class DagStandIn(threading.Thread):
                 started = time.monotonic()
                 primary = engine(self.primary_url, autocommit=True)  # as the drain task's: a new engine, so a new connection, per run
                 try:
-                    summary = drain(self.buffer, primary, budget_s=BUDGET_S, batch_size=BATCH_SIZE,
-                                    readable=lambda: replica_position(self.replica))  # as the drain task
+                    summary = drain(self.buffer, primary, budget_s=BUDGET_S, readable=lambda: replica_position(self.replica),
+                                    **batch_options(self.limits))  # as the drain task
                 finally:
                     primary.dispose()
                 drained = time.monotonic()
@@ -560,7 +592,8 @@ class DagStandIn(threading.Thread):
             self.error = exc
 
 
-def steady_ingest(site, primary_url: str, primary: Engine, replica: Engine, workdir: Path, console: Console, seconds: int) -> dict:
+def steady_ingest(site, primary_url: str, primary: Engine, replica: Engine, workdir: Path, console: Console, seconds: int,
+                  limits: BatchLimits) -> dict:
     module = ingest_bench.instrument_module(primary)
     samples = ingest_bench.Samples(module)
     token = ingest_bench.replicated_token(primary, replica)
@@ -574,7 +607,7 @@ def steady_ingest(site, primary_url: str, primary: Engine, replica: Engine, work
         loop = uvloop.new_event_loop()
         stack.callback(loop.close)
         raws = [requests.post(samples.body()) for _ in range(STEADY_RATE * seconds)]
-        dag = DagStandIn(buffer, far_url, replica)
+        dag = DagStandIn(buffer, far_url, replica, limits)
         dag.start()
         console.print(f"steady ingest: {STEADY_RATE} single-record POSTs/s for {seconds} s, drained every "
                       f"{DAG_INTERVAL_S:g} s through the 250 ms link …")
@@ -615,7 +648,140 @@ def steady_ingest(site, primary_url: str, primary: Engine, replica: Engine, work
     }
 
 
+# --- the sweep: which batch caps drain fastest through the link -------------------------------------
+
+
+def describe(limits: BatchLimits) -> str:
+    return f"{limits.transactions:,} txns / {limits.records:,} records / {limits.bytes // 2**20} MiB"
+
+
+class Watch:
+    """What one drain costs beside its time: the peak RSS of this process above its RSS before (sampled every
+    ``every_s``), and the longest single Redis call (from the SLOWLOG, calls over ``SLOW_US``)."""
+
+    SLOW_US = 1000
+
+    def __init__(self, client: redis.Redis, every_s: float = 0.02):
+        self.client, self.every_s = client, every_s
+        self.process = psutil.Process()
+        self.peak = self.before = 0
+        self.stopping = threading.Event()
+
+    @contextmanager
+    def watching(self) -> Iterator["Watch"]:
+        self.client.config_set("slowlog-log-slower-than", self.SLOW_US)
+        self.client.config_set("slowlog-max-len", 10_000)
+        self.client.slowlog_reset()
+        self.before = self.peak = self.process.memory_info().rss
+        self.stopping.clear()
+        sampler = threading.Thread(target=self.sample, name="rss-sampler", daemon=True)
+        sampler.start()
+        try:
+            yield self
+        finally:
+            self.stopping.set()
+            sampler.join()
+
+    def sample(self) -> None:
+        while not self.stopping.wait(self.every_s):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def rss_growth_mib(self) -> float:
+        return round((self.peak - self.before) / 2**20, 1)
+
+    def longest_call(self) -> tuple[float, str]:
+        """(ms, command) of the longest logged call since :meth:`watching` began; (0, "") when none took 1 ms."""
+        entries = self.client.slowlog_get(10_000)
+        if not entries:
+            return 0.0, ""
+        worst = max(entries, key=lambda e: e["duration"])
+        command = worst["command"]
+        return round(worst["duration"] / 1000, 1), (command.decode() if isinstance(command, bytes) else str(command)).split(" ")[0]
+
+
+def sweep_small(site, far: Engine, primary: Engine, replica: Engine, plan: Planning, start: datetime, txns: int,
+                limits: BatchLimits) -> dict:
+    """``txns`` single-record transactions to ``replicated`` through the link, as DAG runs do it, at ``limits``."""
+    buffer = Buffer(redis_client(site), prefix=f"bench-sweep-small-{uuid.uuid4().hex[:6]}")
+    buffer_small(buffer, Workload(plan, start), txns)
+    truncate(primary)
+    quiesce(primary, replica)
+    with Watch(buffer.client).watching() as watch:
+        cycles = drain_to_replicated(buffer, far, replica, limits)
+    assert cycles.summary.applied == txns and not cycles.summary.dead_lettered, cycles.summary.describe()
+    longest_ms, longest = watch.longest_call()
+    return {
+        "small_batches": cycles.summary.batches, "small_txns_per_batch": round(txns / cycles.summary.batches),
+        "small_drain_txns_per_s": round(txns / cycles.drain_s), "small_replicated_txns_per_s": round(txns / cycles.replicated_s),
+        "small_rss_growth_mib": watch.rss_growth_mib(), "small_longest_redis_call_ms": longest_ms, "small_longest_redis_call": longest,
+    }
+
+
+def sweep_mixed(site, far: Engine, primary: Engine, replica: Engine, plan: Planning, start: datetime, records: int,
+                limits: BatchLimits) -> dict:
+    """``records`` records of the peak mix (observations with package and files, housekeeping lists) through the link."""
+    buffer = Buffer(redis_client(site), prefix=f"bench-sweep-mixed-{uuid.uuid4().hex[:6]}")
+    mixed = buffer_records(buffer, Workload(plan, start), records)
+    truncate(primary)
+    quiesce(primary, replica)
+    with Watch(buffer.client).watching() as watch:
+        summary = drain_everything(buffer, far, limits)
+        confirm_everything(buffer, replica)
+    assert summary.applied == len(mixed.txns) and not summary.dead_lettered, summary.describe()
+    longest_ms, longest = watch.longest_call()
+    return {
+        "mixed_batches": summary.batches, "mixed_records_per_batch": round(records / summary.batches),
+        "mixed_txns_per_batch": round(len(mixed.txns) / summary.batches), "mixed_records_per_s": round(records / summary.elapsed_s),
+        "mixed_rss_growth_mib": watch.rss_growth_mib(), "mixed_longest_redis_call_ms": longest_ms, "mixed_longest_redis_call": longest,
+    }
+
+
+def sweep(site, primary_url: str, primary: Engine, replica: Engine, plan: Planning, start: datetime, console: Console,
+          size: "Size", configured: BatchLimits) -> dict:
+    """Each candidate of ``size.sweep`` (and the configured limits), both phases, through one 250 ms link, in one run."""
+    candidates = list(dict.fromkeys([*SWEEP[: size.sweep_candidates], configured]))
+    results = []
+    with WanProxy("127.0.0.1", site.primary.port, delay_s=WAN_ONE_WAY_S) as wan:
+        far = engine(primary_url, wan.port, autocommit=True)
+        try:
+            with far.connect():  # connected once per drain task: not part of the rate
+                pass
+            for index, limits in enumerate(candidates):
+                console.print(f"sweep {index + 1}/{len(candidates)}: {describe(limits)}: {size.sweep_txns:,} single-record "
+                              f"transactions, then {size.sweep_records:,} records of the peak mix, through the link …")
+                when = start + timedelta(days=90 + 10 * index)
+                row = {"transactions": limits.transactions, "records": limits.records, "bytes": limits.bytes,
+                       "configured": limits == configured}
+                row |= sweep_small(site, far, primary, replica, plan, when, size.sweep_txns, limits)
+                row |= sweep_mixed(site, far, primary, replica, plan, when + timedelta(days=5), size.sweep_records, limits)
+                results.append(row)
+        finally:
+            far.dispose()
+    truncate(primary)
+    quiesce(primary, replica)
+    chosen = next(r for r in results if r["configured"])
+    label = lambda r: f"{r['transactions']}/{r['records']}/{r['bytes']}"  # noqa: E731
+    return {
+        "sweep": results,
+        "sweep_configured": label(chosen),
+        "sweep_configured_small_replicated_txns_per_s": chosen["small_replicated_txns_per_s"],
+        "sweep_configured_mixed_records_per_s": chosen["mixed_records_per_s"],
+        "sweep_best_small": label(max(results, key=lambda r: r["small_replicated_txns_per_s"])),
+        "sweep_best_mixed": label(max(results, key=lambda r: r["mixed_records_per_s"])),
+        "sweep_longest_redis_call_ms": max(max(r["small_longest_redis_call_ms"], r["mixed_longest_redis_call_ms"]) for r in results),
+        "sweep_max_rss_growth_mib": max(max(r["small_rss_growth_mib"], r["mixed_rss_growth_mib"]) for r in results),
+    }
+
+
 # --- the run -----------------------------------------------------------------------------------------
+
+
+def positive(text: str) -> int:
+    """A batch cap: a whole number above zero (argparse names the option when this refuses)."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {value}")
+    return value
 
 
 def main() -> None:
@@ -624,11 +790,22 @@ def main() -> None:
     parser.add_argument("--records", type=int, help=f"records drained locally (full: {SIZES['full'].records:,})")
     parser.add_argument("--wan-records", type=int, help=f"records drained at 250 ms RTT (full: {SIZES['full'].wan_records:,})")
     parser.add_argument("--small-txns", type=int, help=f"single-record transactions at 250 ms RTT (full: {SIZES['full'].small_txns:,})")
-    parser.add_argument("--small-batch", type=int, default=BATCH_SIZE, help=f"batch size of that phase (default {BATCH_SIZE})")
     parser.add_argument("--steady-seconds", type=int, help=f"steady ingest phase (full: {SIZES['full'].steady_seconds})")
+    parser.add_argument("--sweep-txns", type=int,
+                        help=f"single-record transactions per sweep candidate (full: {SIZES['full'].sweep_txns:,})")
+    parser.add_argument("--sweep-records", type=int, help=f"peak-mix records per sweep candidate (full: {SIZES['full'].sweep_records:,})")
+    parser.add_argument("--sweep-candidates", type=int, help=f"how many of the sweep's candidates (full: {len(SWEEP)})")
+    configured = BatchSettings()  # OPSYNC_DRAIN_BATCH_* or the product's defaults
+    parser.add_argument("--batch", type=positive, default=configured.batch_size,
+                        help=f"transactions per batch (OPSYNC_DRAIN_BATCH_SIZE: {configured.batch_size})")
+    parser.add_argument("--batch-records", type=positive, default=configured.batch_records,
+                        help=f"records per batch at most (OPSYNC_DRAIN_BATCH_RECORDS: {configured.batch_records})")
+    parser.add_argument("--batch-bytes", type=positive, default=configured.batch_bytes,
+                        help=f"envelope bytes per batch at most (OPSYNC_DRAIN_BATCH_BYTES: {configured.batch_bytes})")
     parser.set_defaults(**asdict(SIZES[parser.parse_known_args()[0].size]))
     args = parser.parse_args()
     records, wan_records = args.records, args.wan_records
+    limits = BatchLimits(args.batch, args.batch_records, args.batch_bytes)
     console = Console(stderr=True)
     figures: dict[str, float | int | bool | None] = {}
     with ExitStack() as stack:
@@ -647,9 +824,9 @@ def main() -> None:
         console.print(f"buffering {records:,} records (build_transaction + Buffer.enqueue) …")
         local = buffer_records(buffer, Workload(plan, start), records)
         quiesce(primary, replica)
-        console.print(f"draining {len(local.txns):,} transactions into the primary, batches of {BATCH_SIZE} …")
+        console.print(f"draining {len(local.txns):,} transactions into the primary, batches of {describe(limits)} …")
         with Parts().watching(buffer) as parts:
-            summary = drain_everything(buffer, primary)
+            summary = drain_everything(buffer, primary, limits)
         confirmed, confirm_s = confirm_everything(buffer, replica)
         assert summary.applied == len(local.txns) and not summary.dead_lettered, summary.describe()
         drained_rows = count_rows(primary)
@@ -678,7 +855,7 @@ def main() -> None:
                 with far.connect():  # the hook's engine connects once per task: timed apart
                     pass
                 wan_connect_s = time.perf_counter() - connect_started
-                wan_summary = drain_everything(wan_buffer, far)
+                wan_summary = drain_everything(wan_buffer, far, limits)
             finally:
                 far.dispose()
         assert wan_summary.applied == len(wan_set.txns) and not wan_summary.dead_lettered, wan_summary.describe()
@@ -686,17 +863,23 @@ def main() -> None:
 
         # 4. single-record transactions to replicated, through the same link
         figures |= small_txns(site, primary_url, primary, replica, plan, start + timedelta(days=60), console, args.small_txns,
-                              args.small_batch)
+                              limits)
 
         # 5. POST to replicated at a steady rate
-        figures |= steady_ingest(site, primary_url, primary, replica, workdir, console, args.steady_seconds)
+        figures |= steady_ingest(site, primary_url, primary, replica, workdir, console, args.steady_seconds, limits)
+
+        # 6. the sweep of batch caps, both kinds of backlog, through the link
+        size = Size(**{name: getattr(args, name) for name in Size.__dataclass_fields__})
+        figures |= sweep(site, primary_url, primary, replica, plan, start + timedelta(days=120), console, size, limits)
 
     drain_rate, copy_rate = records / summary.elapsed_s, records / copy_s
     wan_rate = wan_records / wan_summary.elapsed_s
     figures = {
         "records": records,
         "transactions": len(local.txns),
-        "batch_size": BATCH_SIZE,
+        "batch_size": limits.transactions,
+        "batch_records": limits.records,
+        "batch_bytes": limits.bytes,
         "buffer_records_per_s": round(local.records / local.seconds),
         "drain_s": round(summary.elapsed_s, 2),
         "drain_records_per_s": round(drain_rate),
@@ -752,6 +935,16 @@ def main() -> None:
             f"[yellow]note[/]: one drain run of the steady phase lasted {longest} s: a run ends at its first batch that "
             f"is not full, so the drainer could not keep up with {STEADY_RATE} records/s through the 250 ms link"
         )
+    sweep_table = Table("caps: txns / records / MiB", "1-record txn/s", "txn/batch", "mix rec/s", "rec/batch", "+RSS MiB",
+                        "Redis ms")
+    for row in figures["sweep"]:
+        sweep_table.add_row(
+            f"{row['transactions']:,} / {row['records']:,} / {row['bytes'] // MIB}" + (" (configured)" if row["configured"] else ""),
+            f"{row['small_replicated_txns_per_s']:,}", f"{row['small_txns_per_batch']:,}", f"{row['mixed_records_per_s']:,}",
+            f"{row['mixed_records_per_batch']:,}", f"{max(row['small_rss_growth_mib'], row['mixed_rss_growth_mib']):g}",
+            f"{max(row['small_longest_redis_call_ms'], row['mixed_longest_redis_call_ms']):g}",
+        )
+    console.print(sweep_table)
     console.print("drain time by part: " + ", ".join(
         f"{name} {parts.seconds[name]:.2f} s" for name in Parts.NAMES
     ) + f" (of {summary.elapsed_s:.2f} s); this process's CPU {sum(parts.cpu.values()):.2f} s, apply waiting on the primary "

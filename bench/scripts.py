@@ -18,12 +18,16 @@ The largest inputs, from :class:`opsync.config.Settings` (so ``OPSYNC_*`` variab
   characters); ``enqueue_update``: as many updates of those buffered rows, changing every indexed
   column; ``enqueue_delete``: deletes of them; ``enqueue_largest_body``: one observation whose
   ``metadata`` fills the body limit.
-- ``claim``: the drainer's read of a batch (not a script, but the same pause for everyone) when the
-  stream holds entries of the largest body: read :data:`opsync.buffer.CLAIM_PAGE` at a time.
-- ``settle``: a full drain batch (``DRAIN_BATCH`` entries, the DAG's default) of transactions with
-  the most steps, all failed (each moved to the dead letters with all its rows in the dead-rows
-  hash); ``settle_committed``: the same batch, all committed (the usual case);
-  ``settle_largest_body``: ``LARGE_ENTRIES`` failed entries of the largest body. The drainer splits
+- Drain batches as large as the drain's caps allow (:class:`opsync.drain.BatchSettings`, the DAG's
+  ``OPSYNC_DRAIN_BATCH_SIZE``, ``_RECORDS``, ``_BYTES``): of each case's transaction, as many as one
+  batch holds before passing a cap (:func:`batch_of`).
+- ``claim``: the drainer's read of a batch (:func:`opsync.drain.claim_batch`; not a script, but the same
+  pause for everyone) of entries of the largest body: read :data:`opsync.buffer.CLAIM_PAGE` at a time,
+  up to a page past the cut.
+- ``settle``: a full drain batch of transactions with the most steps, all failed (each moved to the
+  dead letters with all its rows in the dead-rows hash); ``settle_committed``: a full batch of
+  single-record transactions, all committed (the usual case, and the most entries a batch holds);
+  ``settle_largest_body``: a full batch of failed entries of the largest body. The drainer splits
   a batch into bounded calls (:func:`opsync.buffer.settle_chunks`); the longest call counts.
 - ``confirm``: the largest transaction replicated (its overlay released); ``confirm_largest_body``.
 - ``requeue``, ``discard``: a dead letter of the largest transaction (``opsync dlq``).
@@ -56,6 +60,7 @@ from devstack.redis import RedisServer
 from opsync import dlq
 from opsync.buffer import CLAIM_PAGE, CONFIRM, DISCARD, ENQUEUE, REQUEUE, SETTLE, Buffer, Entry, Settlement
 from opsync.config import Settings
+from opsync.drain import BatchLimits, BatchSettings, claim_batch
 from opsync.envelope import Transaction
 from opsync.ingest import StepIn, build_transaction
 from opsync.lsn import Lsn
@@ -66,10 +71,9 @@ from ingest import free_port  # noqa: E402  (bench/ingest.py)
 
 LIMIT_MS = 50.0
 SLOWLOG_LEN = 100_000  # more than the commands of any one script call
-DRAIN_BATCH = 1000  # OPSYNC_DRAIN_BATCH_SIZE's default: entries settled per batch
-LARGE_ENTRIES = 8  # failed entries of the largest body in one batch
 REPEATS = {"smoke": 1, "full": 3}
-SMOKE = {"steps": 50, "body": 256 * 1024, "batch": 20, "chunk": 1000}  # smoke: the machinery, not the figures
+SMOKE = {"steps": 50, "body": 256 * 1024, "chunk": 1000}  # smoke: the machinery, not the figures
+SMOKE_LIMITS = BatchLimits(transactions=20, records=1000, bytes=2 * 1024 * 1024)
 PATH_CHARS = 1024  # raw_data_file.path's length
 SHA = "ab" * 32
 WIDE = "\U0001d52d"  # 4 bytes in UTF-8: a path of 1,024 characters holds the most bytes
@@ -80,7 +84,9 @@ CASES = (
 )
 CHECKED = tuple(case for case in CASES if case not in ("empty_eval", "xadd_largest_envelope"))  # held to LIMIT_MS
 FIGURES = (  # every key of the JSON line, written out: bench/smoke.py reads them from this source
-    "size", "max_steps_per_transaction", "max_body_bytes", "drain_batch", "limit_ms", "empty_eval_ms", "xadd_largest_envelope_ms",
+    "size", "max_steps_per_transaction", "max_body_bytes", "drain_batch", "drain_batch_records", "drain_batch_bytes",
+    "claim_entries", "settle_entries", "settle_committed_entries", "settle_largest_body_entries", "limit_ms", "empty_eval_ms",
+    "xadd_largest_envelope_ms",
     "enqueue_insert_ms", "enqueue_update_ms", "enqueue_delete_ms", "enqueue_largest_body_ms", "claim_ms", "settle_ms",
     "settle_committed_ms", "settle_largest_body_ms", "confirm_ms", "confirm_largest_body_ms", "requeue_ms", "discard_ms",
     "overlay_exists_ms", "empty_eval_best_ms", "xadd_largest_envelope_best_ms", "enqueue_insert_best_ms",
@@ -224,6 +230,13 @@ def updates(txn: Transaction) -> list[StepIn]:
     ]
 
 
+def batch_of(txn: Transaction, limits: BatchLimits) -> int:
+    """How many copies of ``txn`` one drain batch holds: the first always, then as long as no cap is passed (as
+    :meth:`opsync.drain.Claimed.fits` counts: steps, and the envelope's bytes as :meth:`Cases.claimed` buffers it)."""
+    size = len(txn.model_dump_json().encode())
+    return max(1, min(limits.transactions, limits.records // len(txn.steps), limits.bytes // size))
+
+
 def deletes(txn: Transaction) -> list[StepIn]:
     return [StepIn(op="delete", table=step.table, id=step.key) for step in txn.steps]
 
@@ -231,8 +244,9 @@ def deletes(txn: Transaction) -> list[StepIn]:
 class Cases:
     """Each case's input, built afresh per repeat so every call does its full work."""
 
-    def __init__(self, buffer: Buffer, steps: int, body_limit: int, batch: int):
-        self.buffer, self.steps, self.body_limit, self.batch = buffer, steps, body_limit, batch
+    def __init__(self, buffer: Buffer, steps: int, body_limit: int, limits: BatchLimits):
+        self.buffer, self.steps, self.body_limit, self.limits = buffer, steps, body_limit, limits
+        self.entries: dict[str, int] = {}  # entries per batch of each drain case
         self.now = datetime.now(UTC).isoformat()
         buffer.ensure_group()
 
@@ -312,6 +326,10 @@ class Cases:
         widest = build_transaction(body(), "observatory")
         heaviest = widest.model_dump_json()
         most_rows = build_transaction([file_step(40) for _ in range(self.steps)], "observatory")
+        one_row = build_transaction([file_step(40)], "observatory")
+        self.entries = {"claim": batch_of(widest, self.limits), "settle": batch_of(most_rows, self.limits),
+                        "settle_committed": batch_of(one_row, self.limits), "settle_largest_body": batch_of(widest, self.limits)}
+        n = self.entries
         built = lambda steps: lambda: build_transaction(steps(), "observatory")  # noqa: E731
         enqueue = lambda txn: self.buffer.enqueue(txn, answer(txn))  # noqa: E731
         overlay_exists = client.register_script(OVERLAY_EXISTS_LUA)
@@ -327,12 +345,13 @@ class Cases:
         slowlog.measure("enqueue_update", lambda: build_transaction(updates(self.enqueued(files())), "observatory"), enqueue)
         slowlog.measure("enqueue_delete", lambda: build_transaction(deletes(self.enqueued(files())), "observatory"), enqueue)
         slowlog.measure("enqueue_largest_body", built(body), enqueue)
-        slowlog.measure("claim", lambda: self.unclaimed(widest, 2 * CLAIM_PAGE), lambda _: self.buffer.claim("drainer", self.batch),
-                        b"XREADGROUP")
-        slowlog.measure("settle", lambda: self.failed(most_rows, self.batch), lambda s: self.buffer.settle(s, None, now))
-        slowlog.measure("settle_committed", lambda: self.committed_batch(most_rows, self.batch),
+        slowlog.measure("claim", lambda: self.unclaimed(widest, n["claim"] + CLAIM_PAGE),
+                        lambda _: claim_batch(self.buffer, "drainer", self.limits), b"XREADGROUP")
+        slowlog.measure("settle", lambda: self.failed(most_rows, n["settle"]), lambda s: self.buffer.settle(s, None, now))
+        slowlog.measure("settle_committed", lambda: self.committed_batch(one_row, n["settle_committed"]),
                         lambda s: self.buffer.settle(s, Lsn.parse("0/1"), now))
-        slowlog.measure("settle_largest_body", lambda: self.failed(widest, LARGE_ENTRIES), lambda s: self.buffer.settle(s, None, now))
+        slowlog.measure("settle_largest_body", lambda: self.failed(widest, n["settle_largest_body"]),
+                        lambda s: self.buffer.settle(s, None, now))
         self.reset()
         slowlog.measure("confirm", lambda: self.committed(files()), self.confirm)
         slowlog.measure("confirm_largest_body", lambda: self.committed(body()), self.confirm)
@@ -349,18 +368,22 @@ def main() -> None:
     smoke = args.size == "smoke"
     steps = SMOKE["steps"] if smoke else settings.max_steps_per_transaction
     body = SMOKE["body"] if smoke else settings.max_body_bytes
-    batch = SMOKE["batch"] if smoke else DRAIN_BATCH
+    limits = SMOKE_LIMITS if smoke else BatchSettings().limits()
     chunk = SMOKE["chunk"] if smoke else Tuning().chunk
     console = Console(stderr=True)
-    console.print(f"[bold]{args.size}[/]: {steps} steps per transaction, bodies up to {body:,} bytes, batches of {batch}")
+    console.print(f"[bold]{args.size}[/]: {steps} steps per transaction, bodies up to {body:,} bytes, batches of at most "
+                  f"{limits.transactions:,} transactions, {limits.records:,} records, {limits.bytes:,} bytes")
     with durable_redis() as client:
         slowlog = Slowlog(client, REPEATS[args.size])
         buffer = Buffer(client, prefix="bench-scripts")
         buffer._settle = slowlog.per_call(buffer._settle)  # a batch is many calls, each with thousands of commands
-        Cases(buffer, steps, body, batch).run(slowlog, chunk)
+        cases = Cases(buffer, steps, body, limits)
+        cases.run(slowlog, chunk)
     worst = max(CHECKED, key=slowlog.worst_ms.__getitem__)
     figures = {
-        "size": args.size, "max_steps_per_transaction": steps, "max_body_bytes": body, "drain_batch": batch, "limit_ms": LIMIT_MS,
+        "size": args.size, "max_steps_per_transaction": steps, "max_body_bytes": body, "drain_batch": limits.transactions,
+        "drain_batch_records": limits.records, "drain_batch_bytes": limits.bytes,
+        **{f"{case}_entries": entries for case, entries in cases.entries.items()}, "limit_ms": LIMIT_MS,
         **{f"{case}_ms": slowlog.worst_ms[case] for case in CASES},
         **{f"{case}_best_ms": slowlog.best_ms[case] for case in CASES},
         **{f"{case}_cpu_ms": slowlog.cpu_ms[case] for case in CASES}, "settle_calls": slowlog.calls["settle"],

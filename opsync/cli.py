@@ -25,6 +25,7 @@ from typing import Any
 import click
 import redis
 from psycopg.errors import UniqueViolation
+from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
@@ -49,7 +50,7 @@ from opsync.alerts import Thresholds
 from opsync.apply import Transient, engine_options
 from opsync.buffer import Buffer
 from opsync.config import SiteType, get_settings
-from opsync.drain import Confirmation, DrainSummary, confirm, confirm_replica, drain
+from opsync.drain import BatchLimits, BatchSettings, Confirmation, DrainSummary, confirm, confirm_replica, drain
 from opsync.lsn import ReplicaError, current_position
 from opsync.publisher import Publisher
 from opsync.read_model import ReadModel
@@ -685,10 +686,16 @@ def stop_on_ctrl_c() -> Iterator[threading.Event]:
 @backlog_group.command("drain")
 @click.option("--follow", is_flag=True,
               help="Keep draining, and confirming against the replica, until nothing is buffered or awaits the replica.")
-@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True,
-              help="Transactions per batch: one DB transaction each.")
+@click.option("--batch", type=click.IntRange(1, 100_000),
+              help="Transactions per batch: one DB transaction each. [default: OPSYNC_DRAIN_BATCH_SIZE, as the DAG's]")
+@click.option("--batch-records", type=click.IntRange(min=1),
+              help="A batch ends before the transaction that would pass this many records."
+                   " [default: OPSYNC_DRAIN_BATCH_RECORDS, as the DAG's]")
+@click.option("--batch-bytes", type=click.IntRange(min=1),
+              help="A batch ends before the transaction that would pass this many envelope bytes (a larger one goes"
+                   " alone, whole). [default: OPSYNC_DRAIN_BATCH_BYTES, as the DAG's]")
 @json_option
-def backlog_drain(follow: bool, batch: int, as_json: bool) -> None:
+def backlog_drain(follow: bool, batch: int | None, batch_records: int | None, batch_bytes: int | None, as_json: bool) -> None:
     """Drain the site buffer into the primary now, with the functions the opsync_drain DAG runs.
 
     Without --follow: until a batch comes back less than full (the buffer was empty). With
@@ -696,6 +703,7 @@ def backlog_drain(follow: bool, batch: int, as_json: bool) -> None:
     the ETA (--json: a start line, a progress line a second, then a summary line). Ctrl-C stops
     between batches, exit 130: nothing is half-applied.
     """
+    limits = batch_limits(batch, batch_records, batch_bytes)
     consumer = f"cli-{socket.gethostname()}-{os.getpid()}"  # its own claims: never re-read another drainer's
     done = Drained()
     with (
@@ -710,9 +718,9 @@ def backlog_drain(follow: bool, batch: int, as_json: bool) -> None:
         try:
             if follow:
                 meter.show(done, "start")
-                follow_backlog(buffer, primary_db, replica_db, batch, consumer, stop, done, meter)
+                follow_backlog(buffer, primary_db, replica_db, limits, consumer, stop, done, meter)
             else:
-                drain_backlog(buffer, primary_db, batch, consumer, stop, done)
+                drain_backlog(buffer, primary_db, limits, consumer, stop, done)
         finally:
             forget_consumer(buffer, consumer)
         done.measure(buffer)
@@ -722,18 +730,30 @@ def backlog_drain(follow: bool, batch: int, as_json: bool) -> None:
         click.get_current_context().exit(INTERRUPTED)
 
 
-def drain_backlog(buffer: Buffer, primary_db: Engine, batch: int, consumer: str, stop: threading.Event, done: Drained) -> None:
+def batch_limits(batch: int | None, records: int | None, size: int | None) -> BatchLimits:
+    """The options given, the rest as the DAG has them (``OPSYNC_DRAIN_BATCH_*``, else the defaults); a bad variable
+    is a usage error naming it."""
+    try:
+        configured = BatchSettings().limits()
+    except ValidationError as exc:
+        wrong = "; ".join(f"OPSYNC_DRAIN_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors())
+        raise click.UsageError(wrong) from None
+    return BatchLimits(batch or configured.transactions, records or configured.records, size or configured.bytes)
+
+
+def drain_backlog(buffer: Buffer, primary_db: Engine, limits: BatchLimits, consumer: str, stop: threading.Event,
+                  done: Drained) -> None:
     """Drain runs until one ends at a batch less than full (the buffer was empty), or Ctrl-C."""
     while not stop.is_set():
-        if not drain_slice(buffer, primary_db, batch, consumer, done).budget_spent:
+        if not drain_slice(buffer, primary_db, limits, consumer, done).budget_spent:
             return
 
 
-def follow_backlog(buffer: Buffer, primary_db: Engine, replica_db: Engine, batch: int, consumer: str,
+def follow_backlog(buffer: Buffer, primary_db: Engine, replica_db: Engine, limits: BatchLimits, consumer: str,
                    stop: threading.Event, done: Drained, meter: Meter) -> None:
     """Drain and confirm, showing progress after each drain run, until nothing remains or Ctrl-C."""
     while not stop.is_set():
-        run = drain_slice(buffer, primary_db, batch, consumer, done)
+        run = drain_slice(buffer, primary_db, limits, consumer, done)
         if done.awaiting_replica or run.batches:
             done.confirmed += readable(buffer, primary_db, replica_db).confirmed
         done.measure(buffer)
@@ -744,10 +764,11 @@ def follow_backlog(buffer: Buffer, primary_db: Engine, replica_db: Engine, batch
             stop.wait(IDLE_WAIT_S)
 
 
-def drain_slice(buffer: Buffer, primary_db: Engine, batch: int, consumer: str, done: Drained) -> DrainSummary:
+def drain_slice(buffer: Buffer, primary_db: Engine, limits: BatchLimits, consumer: str, done: Drained) -> DrainSummary:
     """One drain run of about a second; a primary that cannot take a batch ends the command, losing nothing."""
     try:
-        run = drain(buffer, primary_db, budget_s=DRAIN_SLICE_S, batch_size=batch, consumer=consumer)
+        run = drain(buffer, primary_db, budget_s=DRAIN_SLICE_S, batch_size=limits.transactions, consumer=consumer,
+                    batch_records=limits.records, batch_bytes=limits.bytes)
     except Transient as exc:
         depth = buffer_stats(buffer.client, buffer).depth
         raise Unavailable(f"{exc}; nothing lost: {depth} transactions stay buffered, run it again later") from None

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 
 import msgspec
 import redis
+from pydantic import PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Engine
 
 from opsync import drain_metrics, fault_points
@@ -32,9 +34,10 @@ UNREADABLE = "unreadable envelope"
 DEPENDS = "depends on dead-lettered"  # how apply_batch words the failure of a transaction needing a dead one
 CONFIRM_CHUNK = 1000  # transactions confirmed per pipelined round of status reads and CONFIRM calls
 CONSUMER = "drainer"  # one logical drainer per site: a rerun picks up what a dead run had claimed
-BATCH_SIZE = 2000  # transactions per batch: a round trip to the primary (200-500 ms) per batch bounds the rate
-BATCH_RECORDS = 20_000  # records (steps) per batch: what one primary transaction and the drainer's memory hold
-BATCH_BYTES = 16 * 1024 * 1024  # envelope bytes per batch: the same bound for records near the body limit
+BATCH_SIZE = 4000  # transactions per batch: a round trip to the primary (200-500 ms) per batch bounds the rate
+BATCH_RECORDS = 40_000  # records (steps) per batch: what one primary transaction and the drainer's memory hold
+BATCH_BYTES = 32 * 1024 * 1024  # envelope bytes per batch: the same bound for records near the body limit
+# The three chosen by bench-drain's sweep (README "Benchmarks"): twice these, both backlogs drained slower.
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,20 @@ class BatchLimits:
     transactions: int = BATCH_SIZE
     records: int = BATCH_RECORDS
     bytes: int = BATCH_BYTES
+
+
+class BatchSettings(BaseSettings):
+    """The configured :class:`BatchLimits` (``OPSYNC_DRAIN_BATCH_SIZE``, ``_RECORDS``, ``_BYTES``), read where there is
+    no DAG to pass them: ``opsync backlog drain`` and the benchmarks drain with what the DAG drains with."""
+
+    model_config = SettingsConfigDict(env_prefix="OPSYNC_DRAIN_", env_file=".env", extra="ignore")
+
+    batch_size: PositiveInt = BATCH_SIZE
+    batch_records: PositiveInt = BATCH_RECORDS
+    batch_bytes: PositiveInt = BATCH_BYTES
+
+    def limits(self) -> BatchLimits:
+        return BatchLimits(self.batch_size, self.batch_records, self.batch_bytes)
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,8 @@ def test_help_and_readme_document_every_exit_code():
 
 
 def test_usage_errors_exit_2(run):
-    for args in (("status", "--interval", "0"), ("backlog", "drain", "--batch", "0"), ("replay",),
+    for args in (("status", "--interval", "0"), ("backlog", "drain", "--batch", "0"), ("backlog", "drain", "--batch-records", "0"),
+                 ("backlog", "drain", "--batch-bytes", "-1"), ("replay",),
                  ("replay", "--since", "yesterday"), ("replay", "--since", "2026-11-21T03:00"),
                  ("replay", "--since", "1d", "--table", "no_such_table"), ("replay", "--since", "1h", "--until", "2h")):
         result = run(*args)
@@ -234,6 +235,34 @@ def test_backlog_drain_once_and_with_a_progress_bar(run, buffer, observation, pr
     assert "0 still buffered, 0 await the replica" in human.stderr
     nothing = run("backlog", "drain", "--follow", "--json")
     assert nothing.exit_code == 0 and lines(nothing.stdout)[-1]["applied"] == 0
+
+
+def test_backlog_drain_takes_its_batch_caps_from_the_options_else_from_the_dags_settings(
+    run, buffer, observation, primary_engine, monkeypatch
+):
+    monkeypatch.setenv("OPSYNC_DRAIN_BATCH_SIZE", "4")
+    first = buffered(buffer, observation, 10)
+    from_settings = run("backlog", "drain", "--json")
+    assert from_settings.exit_code == 0, from_settings.output
+    assert (lines(from_settings.stdout)[-1]["applied"], lines(from_settings.stdout)[-1]["batches"]) == (10, 3)  # 4, 4, 2
+
+    second = buffered(buffer, observation, 10)
+    by_records = run("backlog", "drain", "--batch", "100", "--batch-records", "3", "--json")
+    assert by_records.exit_code == 0, by_records.output
+    assert (lines(by_records.stdout)[-1]["applied"], lines(by_records.stdout)[-1]["batches"]) == (10, 4)  # 3, 3, 3, 1
+
+    third = buffered(buffer, observation, 3)
+    by_bytes = run("backlog", "drain", "--batch-bytes", "1", "--json")  # each transaction is larger: each goes alone
+    assert by_bytes.exit_code == 0, by_bytes.output
+    assert (lines(by_bytes.stdout)[-1]["applied"], lines(by_bytes.stdout)[-1]["batches"]) == (3, 3)
+    assert in_ledger(primary_engine, first + second + third) == 23
+
+    buffered(buffer, observation, 2)
+    monkeypatch.setenv("OPSYNC_DRAIN_BATCH_RECORDS", "0")
+    refused = run("backlog", "drain")
+    assert refused.exit_code == cli.USAGE, refused.output
+    assert "OPSYNC_DRAIN_BATCH_RECORDS" in refused.stderr and "greater than 0" in refused.stderr
+    assert "Traceback" not in refused.stderr and buffer_stats(buffer.client, buffer).depth == 2  # nothing drained
 
 
 def test_backlog_drain_follow_with_the_replica_unreachable_exits_5_after_applying(run, buffer, observation, monkeypatch):

@@ -560,3 +560,38 @@ def test_a_batch_ends_before_the_transaction_over_the_record_cap_and_a_larger_on
     assert (summary.batches, summary.applied, summary.duplicates) == (4, 6, 0)
     assert ledger_has(primary, txns) == 6 and states(buffer, txns) == ["committed"] * 6
     assert buffer_stats(buffer.client, buffer).pending == 0
+
+
+def test_a_batch_ends_before_the_transaction_over_the_byte_cap_and_a_larger_one_goes_alone_whole(
+    buffer, primary, planning, monkeypatch
+):
+    """A cap of 2.5 small envelopes: s+s | B (alone, whole: its 3 steps) | s+s | s, applied in stream order, each once."""
+    def small():
+        return build_transaction([observation(planning, metadata={"pad": "s" * 1000})], "test")
+
+    def big():
+        return build_transaction([observation(planning, ref="o", metadata={"pad": "B" * 10_000}),
+                                  raw_file({"$ref": "o"}), raw_file({"$ref": "o"})], "test")
+
+    probe = Buffer(buffer.client, prefix=f"{buffer.prefix}-probe")  # the envelope's size as the stream holds it
+    probe.ensure_group()
+    probe.enqueue(small(), {})
+    [entry] = probe.claim("probe", 1)
+    cap = int(2.5 * len(entry.envelope))
+    txns = [enqueued(buffer, t) for t in (small(), small(), big(), small(), small(), small())]
+    batches = []
+    apply = drain.apply_batch
+
+    def spy(engine, pending, *args, **kwargs):
+        batches.append([str(t.txn_id) for t in pending])
+        return apply(engine, pending, *args, **kwargs)
+
+    monkeypatch.setattr(drain, "apply_batch", spy)
+    summary = drain.drain(buffer, primary, batch_size=100, batch_records=100, batch_bytes=cap)
+
+    ids = [str(t.txn_id) for t in txns]
+    assert batches == [ids[0:2], ids[2:3], ids[3:5], ids[5:6]]
+    assert (summary.batches, summary.applied, summary.duplicates) == (4, 6, 0)
+    assert rows_in(primary, "raw_data_file", [s.key for s in txns[2].steps[1:]]) == 2
+    assert ledger_has(primary, txns) == 6 and states(buffer, txns) == ["committed"] * 6
+    assert buffer_stats(buffer.client, buffer).pending == 0
