@@ -6,7 +6,8 @@ streaming replica), the real ingest API under uvicorn (:func:`ingest.api_server`
 ``datasette serve`` with the publisher inside (:func:`read.datasette`), and the link to the primary
 as the WAN proxy (:class:`devstack.wan.WanProxy`, 250 ms round trips), then:
 
-- idle: single-record POSTs at ``PROBE_RATE``/s, open loop, for ``idle_seconds``: the idle p99;
+- idle: single-record POSTs at ``PROBE_RATE``/s, open loop, for ``idle_seconds``: the idle p99 (this probe, idle
+  and while draining, posts from a process of its own, as a site's clients do: not sharing a GIL with the drain);
 - the link is cut (``blackhole``) and the fill posts the README's peak workload for ``--hours``
   hours: 200 housekeeping sensors sampled every 10 s, each sample its own single-record POST
   (20/s), and ``OBS_PER_MINUTE`` executed observations a minute, each one ``POST /v1/transactions``
@@ -47,6 +48,7 @@ Prints a summary, then one JSON line with every figure, last.
 import argparse
 import asyncio
 import json
+import multiprocessing
 import secrets
 import sys
 import tempfile
@@ -264,16 +266,49 @@ def until(stop: threading.Event, items: Iterator[Item]) -> Iterator[Item]:
         yield item
 
 
-class Probe(threading.Thread):
-    """Single-record POSTs at ``PROBE_RATE``/s until stopped: the ingest latency while something else goes on."""
+class Probe:
+    """Single-record POSTs at ``PROBE_RATE``/s from ``go`` until ``stop``: the ingest latency, idle or while something
+    else goes on, from a process of its own, as a site's clients are: in this one, the drain stand-in's threads would
+    hold the probe's GIL, and its latencies would be theirs. Started ahead, so its imports are done before ``go``."""
 
     def __init__(self, port: int, workload: Workload, receipts: Receipts):
-        super().__init__(name="probe", daemon=True)
-        self.stop, self.port, self.workload, self.receipts = threading.Event(), port, workload, receipts
+        context = multiprocessing.get_context("spawn")
+        self.go, self.stop, self.receipts = context.Event(), context.Event(), receipts
+        self.results, sending = context.Pipe(duplex=False)
+        self.process = context.Process(target=probe_posts, args=(port, workload, self.go, self.stop, sending), name="probe", daemon=True)
+        self.process.start()
         self.phase: Phase | None = None
 
-    def run(self) -> None:
-        self.phase = send(self.port, until(self.stop, self.workload.housekeeping()), self.receipts, PROBE_SENDERS, PROBE_RATE)
+    def join(self) -> None:
+        """Its phase, and its accepted POSTs counted in ``receipts``; once stopped (again: nothing more)."""
+        if self.phase is None:
+            self.phase, accepted = self.results.recv()
+            self.process.join()
+            for item, body in accepted:
+                self.receipts.accept(item, body)
+
+
+class Accepted(list):
+    """A probe process's answers, for its parent's :class:`Receipts`."""
+
+    def accept(self, item: Item, body: bytes) -> None:
+        self.append((Item(item.tables, b""), body))
+
+
+def probe_posts(port: int, workload: Workload, go, stop, results) -> None:
+    accepted = Accepted()
+    go.wait()
+    results.send((send(port, until(stop, workload.housekeeping()), accepted, PROBE_SENDERS, PROBE_RATE), accepted))
+
+
+def probed(port: int, workload: Workload, receipts: Receipts, seconds: float) -> Phase:
+    """The probe for ``seconds`` with nothing else going on: the idle latency, measured as the draining one is."""
+    idle = Probe(port, workload, receipts)
+    idle.go.set()
+    time.sleep(seconds)
+    idle.stop.set()
+    idle.join()
+    return idle.phase
 
 
 def high_water_figures(client: redis.Redis, buffer: Buffer, planned: int, console: Console) -> dict:
@@ -468,10 +503,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="full", help="smoke: every phase, on ~1,400 transactions (default full)")
     parser.add_argument("--hours", type=float, help="outage length at the peak (full: 48; smoke: 0.02)")
+    parser.add_argument("--idle-seconds", type=float, help="of the idle probe (full: 30; smoke: 2)")
     parser.add_argument("--rate", type=float, default=0, help="fill POSTs per second (default 0: as fast as the API answers)")
     args = parser.parse_args()
     size = SIZES[args.size]
     hours = args.hours if args.hours is not None else size.hours
+    idle_seconds = args.idle_seconds if args.idle_seconds is not None else size.idle_seconds
     console = Console(stderr=True, log_path=False)
     figures: dict = {"hours": hours}
     with ExitStack() as stack:
@@ -495,12 +532,13 @@ def main() -> None:
         receipts = Receipts(workdir)
         start = datetime(2026, 11, 21, tzinfo=UTC)
         probes = Workload(port, token, plan, start)  # its own sensor names: no clash with the fill's samples
+        # each probe process posts from a copy of its workload: its own sensor names too, so no sample is sent twice
+        probing = lambda: Workload(port, token, plan, start)  # noqa: E731
         fill = Workload(port, token, plan, start)
         buffer = Buffer(drain_bench.redis_client(site))
 
-        console.log(f"idle: {PROBE_RATE} single-record POSTs/s for {size.idle_seconds:g} s …")
-        idle = send(port, (item for _, item in zip(range(round(PROBE_RATE * size.idle_seconds)), probes.housekeeping(),
-                                                   strict=False)), receipts, PROBE_SENDERS, PROBE_RATE)
+        console.log(f"idle: {PROBE_RATE} single-record POSTs/s for {idle_seconds:g} s …")
+        idle = probed(port, probing(), receipts, idle_seconds)
 
         wan.blackhole()
         client = drain_bench.redis_client(site)
@@ -518,7 +556,7 @@ def main() -> None:
         console.log(f"filled: {fill_txns:,} transactions, {fill_records:,} records in {filled.seconds:.1f} s; "
                       f"{memory / max(fill_txns, 1):,.0f} B of Redis memory per transaction")
 
-        figures |= high_water_figures(client, buffer, round(hours * TXNS_PER_HOUR) + round(PROBE_RATE * size.idle_seconds), console)
+        figures |= high_water_figures(client, buffer, round(hours * TXNS_PER_HOUR) + round(PROBE_RATE * idle_seconds), console)
         console.log("kill -9 of redis-server with the buffer full, restart on its AOF, POST until 202 …")
         redis_ready_s, restart_s, failed_posts = restart_to_accepted(site, port, next(probes.housekeeping()), receipts)
         client = drain_bench.redis_client(site)
@@ -528,12 +566,12 @@ def main() -> None:
 
         buffer = Buffer(drain_bench.redis_client(site))
         console.log("link back at 250 ms RTT: draining, with single-record POSTs going on …")
-        probe = Probe(port, probes, receipts)
+        probe = Probe(port, probing(), receipts)
         dag = drain_bench.DagStandIn(buffer, far_url, replica)
         wan.restore()
         link_back = time.monotonic()
         dag.start()
-        probe.start()
+        probe.go.set()
         committed_s = replicated_s = datasette_s = None
         deadline = link_back + size.drain_timeout_s
         while time.monotonic() < deadline and dag.error is None:

@@ -21,7 +21,7 @@ delete of a row a buffered transaction deleted or that neither the overlay nor t
 The drainer's side is atomic the same way: SETTLE acknowledges a batch only after the primary's
 commit and records each outcome (committed and awaiting the replica, or failed and moved to the
 dead-letter stream); CONFIRM marks a transaction replicated and releases its overlay in one step
-(a few hundred per call), leaving a compact status in a bucket hash for the retention (see
+(a few dozen per call), leaving a compact status in a bucket hash for the retention (see
 :meth:`Buffer.final_key`); idempotency records are single strings (:func:`pack_response`). Records of
 the earlier layout (idempotency hashes, replicated statuses kept whole) are still read.
 An operator's REQUEUE (back into the stream) and DISCARD of a dead letter are single scripts too,
@@ -615,9 +615,11 @@ class Settlement:
 
 
 CLAIM_PAGE = 50  # entries per stream read: a reply of 50 bodies of the largest size takes Redis ~20 ms
-CONFIRM_TRANSACTIONS = 250  # per CONFIRM call, in one pipeline: one call per transaction made confirmation CPU-bound
-CONFIRM_STEPS = 500  # a CONFIRM call stops past this many released steps (+1 per transaction): the largest one took ~14 ms
-SETTLE_ENTRIES = 250  # entries per SETTLE call: a few µs each (ack, status, event)
+# A drain's calls are sized to hold Redis ~1-2 ms each (every POST waits behind the one running): 250 transactions
+# confirmed or settled per call made the ingest p99 while draining ~10x its idle one (``make bench-outage``).
+CONFIRM_TRANSACTIONS = 25  # per CONFIRM call: ~50 µs each (release, status, event); one call per transaction was CPU-bound
+CONFIRM_STEPS = 50  # a CONFIRM call stops past this many released steps (+1 per transaction)
+SETTLE_ENTRIES = 100  # entries per SETTLE call: ~15 µs each (ack, status, event)
 SETTLE_ROWS = 1000  # failed entries' rows per call, one dead-rows HSET each
 SETTLE_FAILED = 2  # failed entries per call: each copies its envelope (up to the body limit) into the dead letters
 
@@ -944,16 +946,12 @@ class Buffer:
         """
         head: list[Any] = [self.prefix, at, self.status_ttl_s, self.events, CONFIRM_STEPS, len(indexed_args()), *indexed_args()]
         changed, todo = 0, list(confirmed)
-        while todo:
-            chunks = [todo[first:first + CONFIRM_TRANSACTIONS] for first in range(0, len(todo), CONFIRM_TRANSACTIONS)]
-            pipe = self.client.pipeline(transaction=False)
-            for chunk in chunks:
-                pairs = [item for pair in chunk for item in pair]
-                self._confirm(keys=[self.awaiting_replica, self.stream], args=[*head, *pairs], client=pipe)
-            todo = []
-            for chunk, (count, done) in zip(chunks, pipe.execute(), strict=True):
-                changed += count
-                todo += chunk[done:]  # a call that reached its budget: the rest go again
+        while todo:  # one call at a time, not pipelined: Redis runs a pipeline's calls back to back, a pause for every POST
+            chunk, todo = todo[:CONFIRM_TRANSACTIONS], todo[CONFIRM_TRANSACTIONS:]
+            pairs = [item for pair in chunk for item in pair]
+            count, done = self._confirm(keys=[self.awaiting_replica, self.stream], args=[*head, *pairs])
+            changed += count
+            todo = chunk[done:] + todo  # a call that reached its budget: the rest go again
         return changed
 
     def requeue_dead(self, entry_id: str, txn: Transaction, created: list[str], at: str, by: str) -> str | None:

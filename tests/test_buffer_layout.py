@@ -94,6 +94,61 @@ def test_confirmation_in_bulk_stops_at_its_budget_and_the_rest_follow(buffer, mo
     assert not buffer.client.keys(f"{buffer.prefix}:row:*") and not buffer.client.keys(f"{buffer.prefix}:idx:*")
 
 
+def committed_housekeeping(buffer: Buffer, n: int) -> list[tuple[str, str]]:
+    """``n`` single-record transactions buffered and settled committed: (txn_id, stream_id) of each, due at 0x1000."""
+    buffer.ensure_group()
+    txns = [housekeeping() for _ in range(n)]
+    for txn in txns:
+        buffer.enqueue(txn, answer(txn, State.accepted), in_replica=())
+    settle_committed(buffer, 0x1000)
+    return [(str(t.txn_id), s["stream_id"]) for t, s in zip(txns, buffer.statuses([t.txn_id for t in txns]), strict=True)]
+
+
+def replicated(buffer: Buffer, due: list[tuple[str, str]]) -> int:
+    return sum(s["state"] == "replicated" for s in buffer.statuses([t for t, _ in due]))
+
+
+def test_confirmation_larger_than_a_call_goes_one_call_at_a_time(buffer, monkeypatch):
+    """Each CONFIRM call is sent alone, after the one before has run: pipelined, Redis would run them back to
+    back and every POST would wait behind all of them."""
+    monkeypatch.setattr(opsync.buffer, "CONFIRM_TRANSACTIONS", 2)
+    due = committed_housekeeping(buffer, 7)
+    confirm, before_each = buffer._confirm, []
+
+    def counted(**kwargs):
+        before_each.append(replicated(buffer, due))
+        return confirm(**kwargs)
+
+    monkeypatch.setattr(buffer, "_confirm", counted)
+    assert buffer.mark_replicated(due, AT) == 7
+    assert before_each == [0, 2, 4, 6] and replicated(buffer, due) == 7
+
+
+def test_a_crash_between_confirm_calls_leaves_the_rest_awaiting_and_the_next_confirm_finishes(buffer, monkeypatch):
+    monkeypatch.setattr(opsync.buffer, "CONFIRM_TRANSACTIONS", 2)
+    due = committed_housekeeping(buffer, 7)
+    confirm, calls = buffer._confirm, []
+
+    def dies_at_the_third_call(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 3:
+            raise RuntimeError("confirmer killed between two CONFIRM calls")
+        return confirm(**kwargs)
+
+    monkeypatch.setattr(buffer, "_confirm", dies_at_the_third_call)
+    with pytest.raises(RuntimeError):
+        drain.confirm(buffer, Lsn(0x1000))
+    assert replicated(buffer, due) == 4  # the first two calls, whole
+    assert buffer.client.zcard(buffer.awaiting_replica) == 3 and buffer.client.xlen(buffer.stream) == 3
+    assert len(buffer.client.keys(f"{buffer.prefix}:row:*")) == 3  # the rest still show in the overlay
+
+    monkeypatch.setattr(buffer, "_confirm", confirm)
+    assert drain.confirm(buffer, Lsn(0x1000)).confirmed == 3
+
+    assert replicated(buffer, due) == 7 and buffer.client.zcard(buffer.awaiting_replica) == 0
+    assert buffer.client.xlen(buffer.stream) == 0 and not buffer.client.keys(f"{buffer.prefix}:row:*")
+
+
 def test_idempotency_records_of_the_earlier_layout_still_replay_and_conflict(buffer):
     """A site upgraded with transactions buffered: their records (a hash of body_hash and the JSON answer)
     answer retries as before, through the enqueue script and through the direct-write path."""

@@ -133,7 +133,8 @@ def test_settle_chunks_keep_the_order_and_bound_entries_rows_and_failures():
         assert len(chunk) <= buffer_module.SETTLE_ENTRIES
         assert sum(s.outcome == "failed" for s in chunk) <= buffer_module.SETTLE_FAILED
         assert len(chunk) == 1 or sum(len(s.rows) for s in chunk) <= buffer_module.SETTLE_ROWS
-    assert [len(c) for c in chunks] == [250, 250, 101, 1, 2, 2, 2]  # entries, rows, then failures close a chunk
+    entries = buffer_module.SETTLE_ENTRIES  # 600 committed ones, then the failed: entries, rows, then failures close a chunk
+    assert [len(c) for c in chunks] == [entries] * (600 // entries) + [600 % entries + 1, 1, 2, 2, 2]
 
 
 def test_an_entry_larger_than_a_chunk_is_settled_alone():
