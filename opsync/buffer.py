@@ -30,9 +30,11 @@ so a second or concurrent call finds the entry gone and changes nothing.
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import cache
 
 import redis
@@ -61,8 +63,13 @@ end
 """
 
 REMEMBERED = """
--- An idempotency record: (body hash, response), nil when none. One string: a length byte, the body
--- hash, the response; or, written before that layout, a hash of body_hash (hex) and response.
+-- An idempotency record: (body hash, response), nil when none. One string: byte 255, the 16-byte body
+-- hash, the binary answer without its leading 255 (see pack_response); or a length byte, the body hash,
+-- the response (text); or, written before those layouts, a hash of body_hash (hex) and response.
+local function record_of(hash, response)
+  if #hash == 16 and string.byte(response, 1) == 255 then return '\\255' .. hash .. string.sub(response, 2) end
+  return string.char(#hash) .. hash .. response
+end
 local function remembered(key)
   if redis.call('TYPE', key).ok == 'hash' then
     local old = redis.call('HMGET', key, 'body_hash', 'response')
@@ -75,6 +82,7 @@ local function remembered(key)
   local value = redis.call('GET', key)
   if not value then return nil end
   local n = string.byte(value, 1)
+  if n == 255 then return string.sub(value, 2, 17), '\\255' .. string.sub(value, 18) end
   return string.sub(value, 2, n + 1), string.sub(value, n + 2)
 end
 """
@@ -136,7 +144,7 @@ local entry = redis.call('XADD', KEYS[1], '*', 'txn', ARGV[1])
 redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[2], 'state', 'accepted', 'accepted_at', ARGV[3], 'stream_id', entry, 'tables', ARGV[9])
 if KEYS[3] ~= '' then
-  redis.call('SET', KEYS[3], string.char(#ARGV[4]) .. ARGV[4] .. ARGV[5], 'EX', ARGV[6])
+  redis.call('SET', KEYS[3], record_of(ARGV[4], ARGV[5]), 'EX', ARGV[6])
 end
 local pos = 11
 -- Sorted-set members of new rows, added per set in a few ZADDs rather than one per row and set;
@@ -501,20 +509,48 @@ def compact_json(value) -> str:
 ACCEPTED_ANSWER = ("txn_id", "ids", "state", "accepted_at")
 
 
-def pack_response(response: dict) -> str:
-    """An answer as its idempotency record keeps it: the usual ``202`` (:func:`opsync.ingest.answer`) as
-    ``|``-separated values (state ``accepted`` as nothing, a UTC time without its ``+00:00``), 60%
-    of its JSON; any other answer as compact JSON."""
+BINARY = b"\xff"  # the first byte of a binary answer: no text answer (JSON, or a txn_id's hex digit) starts with it
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def pack_response(response: dict) -> bytes:
+    """An answer as its idempotency record keeps it: the usual ``202`` (:func:`opsync.ingest.answer`) in
+    binary (:func:`binary_answer`, 41 bytes for one row, a third of its text); else ``|``-separated values
+    (state ``accepted`` as nothing, a UTC time without its ``+00:00``); any other answer as compact JSON."""
     if tuple(response) == ACCEPTED_ANSWER:
+        if (packed := binary_answer(response)) is not None:
+            return packed
         state = "" if response["state"] == State.accepted else response["state"]
         values = [response["txn_id"], state, utc_short(response["accepted_at"]), ",".join(response["ids"])]
         if all(isinstance(v, str) and "|" not in v for v in values) and all("," not in i for i in response["ids"]):
-            return "|".join(values)
-    return compact_json(response)
+            return "|".join(values).encode()
+    return compact_json(response).encode()
+
+
+def binary_answer(response: dict) -> bytes | None:
+    """An ``accepted`` answer as :data:`BINARY`, its txn_id's 16 bytes, its UTC ``accepted_at`` in µs since
+    the epoch (8 bytes), each id's 16 bytes; None unless that gives back exactly the same text."""
+    try:
+        uuids = [uuid.UUID(response["txn_id"]), *map(uuid.UUID, response["ids"])]
+        moment = datetime.fromisoformat(response["accepted_at"])
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if response["state"] != State.accepted or moment.utcoffset() != timedelta(0):
+        return None
+    micros = (moment - EPOCH) // timedelta(microseconds=1)
+    packed = BINARY + uuids[0].bytes + micros.to_bytes(8, "big", signed=True) + b"".join(u.bytes for u in uuids[1:])
+    return packed if unpack_response(packed) == response else None
 
 
 def unpack_response(packed: bytes | str) -> dict:
     """The answer :func:`pack_response` packed (or JSON, as records of the earlier layout hold it)."""
+    if isinstance(packed, bytes) and packed.startswith(BINARY):
+        ids = [str(uuid.UUID(bytes=packed[i:i + 16])) for i in range(25, len(packed), 16)]
+        moment = EPOCH + timedelta(microseconds=int.from_bytes(packed[17:25], "big", signed=True))
+        return {
+            "txn_id": str(uuid.UUID(bytes=packed[1:17])), "ids": ids, "state": State.accepted.value,
+            "accepted_at": moment.isoformat(),
+        }
     text = packed.decode() if isinstance(packed, bytes) else packed
     if text.startswith("{"):
         return json.loads(text)
@@ -821,14 +857,20 @@ class Buffer:
         else:
             if value is None:
                 return None
-            body, response = value[1:value[0] + 1], value[value[0] + 1:]
+            if value.startswith(BINARY):
+                body, response = value[1:17], BINARY + value[17:]
+            else:
+                body, response = value[1:value[0] + 1], value[value[0] + 1:]
         if body != digest(body_hash):
             raise IdempotencyConflict(idempotency[1])
         return unpack_response(response)
 
     def remember(self, idempotency: tuple[str, str], body_hash: str, response: dict) -> None:
-        hashed = digest(body_hash)
-        value = bytes([len(hashed)]) + hashed + pack_response(response).encode()
+        hashed, packed = digest(body_hash), pack_response(response)
+        if len(hashed) == 16 and packed.startswith(BINARY):
+            value = BINARY + hashed + packed[1:]
+        else:
+            value = bytes([len(hashed)]) + hashed + packed
         self.client.set(self.idempotency_key(*idempotency), value, ex=self.idempotency_ttl_s)
 
     def status(self, txn_id) -> dict[str, str] | None:

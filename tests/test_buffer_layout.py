@@ -127,6 +127,26 @@ def test_packed_idempotency_records_answer_exactly_the_original(buffer):
     assert buffer.replay(("script", "k3"), body_hash("b")) == committed
 
 
+def test_an_accepted_answer_is_kept_in_binary_and_text_records_of_the_earlier_layout_still_replay(buffer):
+    """One row's 202 takes 57 bytes (marker, body hash, txn_id, accepted_at, id), not its 118 of text; a
+    record of the text layout (a length byte, the hash, '|'-separated values) answers retries as before."""
+    txn = housekeeping(key="k4")
+    original = answer(txn, State.accepted)
+    buffer.enqueue(txn, original, ("script", "k4"), body_hash("body"), in_replica=())
+    assert len(buffer.client.get(buffer.idempotency_key("script", "k4"))) == 1 + 16 + 16 + 8 + 16
+    assert buffer.replay(("script", "k4"), body_hash("body")) == json.loads(json.dumps(original))
+
+    old = housekeeping(key="k5")
+    text = f"{old.txn_id}||{old.accepted_at.isoformat().removesuffix('+00:00')}|{old.steps[0].key}".encode()
+    buffer.client.set(buffer.idempotency_key("script", "k5"), bytes([16]) + bytes.fromhex(body_hash("body"))[:16] + text)
+    retry = housekeeping(key="k5")
+    replayed = buffer.enqueue(retry, answer(retry, State.accepted), ("script", "k5"), body_hash("body"), in_replica=())
+    assert replayed.replayed and replayed.response == json.loads(json.dumps(answer(old, State.accepted)))
+    assert buffer.replay(("script", "k5"), body_hash("body")) == replayed.response
+    with pytest.raises(IdempotencyConflict):
+        buffer.enqueue(retry, answer(retry, State.accepted), ("script", "k5"), body_hash("other"), in_replica=())
+
+
 def test_statuses_of_the_earlier_layout_stay_readable_and_drain(buffer):
     """Replicated statuses kept whole (before the buckets) read as before; buffered entries drain and confirm."""
     buffer.ensure_group()
