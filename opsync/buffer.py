@@ -87,7 +87,28 @@ local function remembered(key)
 end
 """
 
-ENQUEUE = STATE_OF + REMEMBERED + """
+INDEXES = """
+-- An index of overlay rows (all rows of a table, its partial ones, or those with one value of a filterable
+-- column) is a set of buckets: the keys of one ~4 s of UUIDv7 time (their first 10 characters) in a small
+-- sorted set that stays a listpack, plus a directory of its buckets (see Buffer.index_range). An index of
+-- the layout before the buckets (one sorted set, the base name itself) is only ever shrunk.
+local function bucket_of(prefix, base, key)
+  local bucket = string.sub(key, 1, 10)
+  return prefix .. ':b:' .. bucket .. ':' .. base, prefix .. ':dir:' .. base, bucket
+end
+local function index_add(prefix, base, key)
+  local set, dir, bucket = bucket_of(prefix, base, key)
+  redis.call('ZADD', set, 0, key)
+  redis.call('ZADD', dir, 0, bucket)
+end
+local function index_rem(prefix, base, key)
+  local set, dir, bucket = bucket_of(prefix, base, key)
+  if redis.call('ZREM', set, key) == 1 and redis.call('EXISTS', set) == 0 then redis.call('ZREM', dir, bucket) end
+  redis.call('ZREM', prefix .. ':' .. base, key)
+end
+"""
+
+ENQUEUE = STATE_OF + REMEMBERED + INDEXES + """
 -- KEYS: stream, status, idempotency ('' when none), unsent counter
 -- ARGV: envelope, txn_id, accepted_at, body hash (the SHA-256 digest, 32 bytes), response, idempotency_ttl, events channel,
 --       key prefix, tables it involves (see tables_field), rows the caller found in the replica
@@ -147,10 +168,10 @@ if KEYS[3] ~= '' then
   redis.call('SET', KEYS[3], record_of(ARGV[4], ARGV[5]), 'EX', ARGV[6])
 end
 local pos = 11
--- Sorted-set members of new rows, added per set in a few ZADDs rather than one per row and set;
+-- Index members of new rows, added per bucket in a few ZADDs rather than one per row and index;
 -- flushed before a row that exists already is merged (it may read or remove what is pending here).
 local pending, order = {}, {}
-local function later(set, key)
+local function add(set, member)
   local members = pending[set]
   if not members then
     members = {}
@@ -158,7 +179,16 @@ local function later(set, key)
     order[#order + 1] = set
   end
   members[#members + 1] = 0
-  members[#members + 1] = key
+  members[#members + 1] = member
+end
+local listed = {}  -- buckets pending for their directory already
+local function later(base, key)
+  local set, dir, bucket = bucket_of(prefix, base, key)
+  add(set, key)
+  if not listed[set] then
+    listed[set] = true
+    add(dir, bucket)
+  end
 end
 local function flush()
   for _, set in ipairs(order) do
@@ -167,7 +197,7 @@ local function flush()
       redis.call('ZADD', set, unpack(members, first, math.min(first + 1999, #members)))
     end
   end
-  pending, order = {}, {}
+  pending, order, listed = {}, {}, {}
 end
 while pos <= #ARGV do
   local tbl, key, op, nvalues = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], tonumber(ARGV[pos + 3])
@@ -182,19 +212,19 @@ while pos <= #ARGV do
     local partial = op == 'insert' and '0' or '1'
     redis.call('HSET', row, 'txn_id', ARGV[2], 'partial', partial, unpack(values))
     if op == 'upsert' then redis.call('HSET', row, 'creates', '1') end
-    later(prefix .. ':rows:' .. tbl, key)
-    if partial == '1' then later(prefix .. ':partial:' .. tbl, key) end
+    later('rows:' .. tbl, key)
+    if partial == '1' then later('partial:' .. tbl, key) end
     local given = {}
     for i = 1, #values, 2 do given[values[i]] = values[i + 1] end
     for _, field in ipairs(indexed) do
       local value = given['v:' .. field]
-      if value then later(prefix .. ':idx:' .. tbl .. ':' .. field .. ':' .. value, key) end
+      if value then later('idx:' .. tbl .. ':' .. field .. ':' .. value, key) end
     end
   else
     flush()
     for _, field in ipairs(indexed) do
       local old = redis.call('HGET', row, 'v:' .. field)
-      if old then redis.call('ZREM', prefix .. ':idx:' .. tbl .. ':' .. field .. ':' .. old, key) end
+      if old then index_rem(prefix, 'idx:' .. tbl .. ':' .. field .. ':' .. old, key) end
     end
     local current = redis.call('HMGET', row, 'partial', 'txn_id', 'deleted')
     local partial, failed = current[1] or '1', current[2] and not live(current[2])
@@ -211,18 +241,19 @@ while pos <= #ARGV do
     if op == 'upsert' then redis.call('HSET', row, 'creates', '1') end
     if op == 'delete' or (op == 'update' and gone) then  -- an update brings no deleted row back
       redis.call('HSET', row, 'deleted', '1')
-      redis.call('ZREM', prefix .. ':rows:' .. tbl, key, prefix .. ':partial:' .. tbl, key)
+      index_rem(prefix, 'rows:' .. tbl, key)
+      index_rem(prefix, 'partial:' .. tbl, key)
     else
       redis.call('HDEL', row, 'deleted')
-      redis.call('ZADD', prefix .. ':rows:' .. tbl, 0, key)
+      index_add(prefix, 'rows:' .. tbl, key)
       if partial == '1' then
-        redis.call('ZADD', prefix .. ':partial:' .. tbl, 0, key)
+        index_add(prefix, 'partial:' .. tbl, key)
       else
-        redis.call('ZREM', prefix .. ':partial:' .. tbl, key)
+        index_rem(prefix, 'partial:' .. tbl, key)
       end
       for _, field in ipairs(indexed) do
         local value = redis.call('HGET', row, 'v:' .. field)
-        if value then redis.call('ZADD', prefix .. ':idx:' .. tbl .. ':' .. field .. ':' .. value, 0, key) end
+        if value then index_add(prefix, 'idx:' .. tbl .. ':' .. field .. ':' .. value, key) end
       end
     end
   end
@@ -243,10 +274,10 @@ local function release_rows(prefix, txn, args, pos)
     if redis.call('HGET', row, 'txn_id') == txn then
       for i = pos + 3, pos + 2 + nindexed do
         local value = redis.call('HGET', row, 'v:' .. args[i])
-        if value then redis.call('ZREM', prefix .. ':idx:' .. tbl .. ':' .. args[i] .. ':' .. value, key) end
+        if value then index_rem(prefix, 'idx:' .. tbl .. ':' .. args[i] .. ':' .. value, key) end
       end
-      redis.call('ZREM', prefix .. ':rows:' .. tbl, key)
-      redis.call('ZREM', prefix .. ':partial:' .. tbl, key)
+      index_rem(prefix, 'rows:' .. tbl, key)
+      index_rem(prefix, 'partial:' .. tbl, key)
       redis.call('DEL', row)
       released = released + 1
     end
@@ -299,7 +330,7 @@ while pos <= #ARGV do
 end
 """
 
-CONFIRM = STATE_OF + RELEASE_ROWS + """
+CONFIRM = STATE_OF + INDEXES + RELEASE_ROWS + """
 -- Committed transactions are in the replica: mark each, release its overlay rows, forget its entry.
 -- The rows are read from the entry's envelope here, so no envelope travels to the client and back.
 -- A status of the usual fields moves into its bucket (see final_of): a few dozen bytes instead of a
@@ -422,7 +453,7 @@ redis.call('PUBLISH', ARGV[5], cjson.encode({txn_id = txn, state = 'accepted', a
 return id
 """
 
-DISCARD = DEAD_ENTRY + RELEASE_ROWS + """
+DISCARD = DEAD_ENTRY + INDEXES + RELEASE_ROWS + """
 -- Give a dead letter up: forget it, release its overlay rows, keep its status failed with who and when.
 -- KEYS: dead letters, status ('' when the envelope was unreadable), dead rows, audit
 -- ARGV: key prefix, dead entry id, txn_id, at, by, status ttl, events channel, n created rows, those rows,
@@ -443,6 +474,30 @@ redis.call('XADD', KEYS[4], '*', 'action', 'discard', 'txn_id', txn, 'by', by, '
 return 1
 """
 
+
+INDEX_RANGE = """
+-- Up to limit keys of an index past start ('-' or '(key'), in no particular order: its buckets from the one
+-- start is in, in order, until limit keys are found, and those of the earlier layout's single sorted set.
+-- ARGV: key prefix, index, start, limit, bucket characters
+local prefix, base, start, limit, chars = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local found = redis.call('ZRANGEBYLEX', prefix .. ':' .. base, start, '+', 'LIMIT', 0, limit)
+local cursor, count = start == '-' and '-' or '[' .. string.sub(start, 2, 1 + chars), 0
+while count < limit do
+  local buckets = redis.call('ZRANGEBYLEX', prefix .. ':dir:' .. base, cursor, '+', 'LIMIT', 0, 16)
+  for _, bucket in ipairs(buckets) do
+    for _, key in ipairs(redis.call('ZRANGEBYLEX', prefix .. ':b:' .. bucket .. ':' .. base, start, '+', 'LIMIT', 0, limit - count)) do
+      found[#found + 1] = key
+      count = count + 1
+    end
+    if count >= limit then break end
+  end
+  if #buckets < 16 then break end
+  cursor = '(' .. buckets[#buckets]
+end
+return found
+"""
+
+BUCKET_CHARS = 10  # of a UUID's text: 36 bits of its 48-bit millisecond time, ~4 s (see Buffer.index_bucket)
 
 CREATES = (Op.insert, Op.upsert)
 
@@ -758,6 +813,7 @@ class Buffer:
         self._confirm = client.register_script(CONFIRM)
         self._requeue = client.register_script(REQUEUE)
         self._discard = client.register_script(DISCARD)
+        self._index_range = client.register_script(INDEX_RANGE)
 
     @property
     def stream(self) -> str:
@@ -1027,15 +1083,49 @@ class Buffer:
         return f"{self.prefix}:row:{table}:{key}"
 
     def rows_index(self, table: str) -> str:
-        """All overlay rows of a table, score 0, so members sort by key: UUIDv7 keys sort by time."""
-        return f"{self.prefix}:rows:{table}"
+        """All overlay rows of a table (an index's name, see :meth:`index_range`): UUIDv7 keys sort by time."""
+        return f"rows:{table}"
 
     def partial_index(self, table: str) -> str:
         """Overlay rows that hold only some columns (updates of rows already in the replica)."""
-        return f"{self.prefix}:partial:{table}"
+        return f"partial:{table}"
 
     def field_index(self, table: str, field: str, value) -> str:
-        return f"{self.prefix}:idx:{table}:{field}:{encode(value)}"
+        return f"idx:{table}:{field}:{encode(value)}"
+
+    def index_bucket(self, index: str, key: str) -> str:
+        """The sorted set of ``index`` that holds ``key``: the keys sharing its first 10 characters (~4 s of
+        UUIDv7 time, ~80 keys at the README's peak), few enough to stay a listpack (~40 bytes a key, not
+        a skiplist's ~130); the index's directory (``<prefix>:dir:<index>``) lists its buckets."""
+        return f"{self.prefix}:b:{key[:BUCKET_CHARS]}:{index}"
+
+    def index_range(self, index: str, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` keys of ``index`` past ``after``, in key order, in one round trip (:data:`INDEX_RANGE`)."""
+        start = f"({after}" if after else "-"
+        found = self._index_range(args=[self.prefix, index, start, limit, BUCKET_CHARS])
+        return sorted({k.decode() for k in found})[:limit]
+
+    def index_contains(self, index: str, keys: list[str]) -> list[bool]:
+        """Whether each of ``keys`` is in ``index``: one ZMSCORE per bucket (and one in the earlier layout's set)."""
+        by_bucket: dict[str, list[str]] = {}
+        for key in keys:
+            by_bucket.setdefault(self.index_bucket(index, key), []).append(key)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zmscore(f"{self.prefix}:{index}", keys)
+        for bucket, members in by_bucket.items():
+            pipe.zmscore(bucket, members)
+        old, *scores = pipe.execute()
+        found = {k for members, got in zip(by_bucket.values(), scores, strict=True)
+                 for k, score in zip(members, got, strict=True) if score is not None}
+        return [key in found or score is not None for key, score in zip(keys, old, strict=True)]
+
+    def index_buckets(self, index: str) -> int:
+        """How many buckets ``index`` has (a size to compare indexes by), the earlier layout's set as one more per 80 keys."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zcard(f"{self.prefix}:dir:{index}")
+        pipe.zcard(f"{self.prefix}:{index}")
+        buckets, old = pipe.execute()
+        return buckets + -(-old // 80)
 
     def depth(self) -> int:
         return self.client.xlen(self.stream)

@@ -111,34 +111,33 @@ def partial_candidates(
     Returns the matches and, when ``limit`` were found, the last key examined (the boundary).
     Partial overlays are the updates of rows already replicated, few next to buffered inserts.
     """
-    start, found = (f"({after}" if after else "-"), {}
+    start, found = (str(after) if after else None), {}
     while len(found) < limit:
-        chunk = [k.decode() for k in buffer.client.zrangebylex(buffer.partial_index(entry.name), start, "+", 0, limit)]
+        chunk = buffer.index_range(buffer.partial_index(entry.name), start, limit)
         if not chunk:
             return found, None
         overlays = read_overlays(buffer, entry, chunk)
         base = replica_rows(replica, entry, {}, ids=[UUID(k) for k in chunk])
         found |= {row["id"]: row for row in merge_all(base, overlays, filters)}
-        start = f"({chunk[-1]}"
-    return found, start[1:]
+        start = chunk[-1]
+    return found, start
 
 
 def overlay_candidates(buffer: Buffer, entry: Ingestible, filters: dict, after: UUID | None, limit: int) -> list[str]:
     """Keys of buffered rows past ``after`` whose buffered values match, walking the smallest index."""
-    client = buffer.client
     indexes = [buffer.field_index(entry.name, f, v) for f, v in filters.items()] or [buffer.rows_index(entry.name)]
-    start = f"({after}" if after else "-"
+    start = str(after) if after else None
     if len(indexes) == 1:
-        return [k.decode() for k in client.zrangebylex(indexes[0], start, "+", 0, limit)]
-    smallest, *others = sorted(indexes, key=client.zcard)
+        return buffer.index_range(indexes[0], start, limit)
+    smallest, *others = sorted(indexes, key=buffer.index_buckets)
     found: list[str] = []
     while len(found) < limit:
-        chunk = client.zrangebylex(smallest, start, "+", 0, limit)
+        chunk = buffer.index_range(smallest, start, limit)
         if not chunk:
             break
-        scores = [client.zmscore(index, chunk) for index in others]
-        found += [k.decode() for i, k in enumerate(chunk) if all(s[i] is not None for s in scores)]
-        start = f"({chunk[-1].decode()}"
+        present = [buffer.index_contains(index, chunk) for index in others]
+        found += [k for i, k in enumerate(chunk) if all(p[i] for p in present)]
+        start = chunk[-1]
     return found[:limit]
 
 

@@ -91,7 +91,7 @@ def test_confirmation_in_bulk_stops_at_its_budget_and_the_rest_follow(buffer, mo
 
     assert {s["state"] for s in buffer.statuses([t.txn_id for t in txns])} == {"replicated"}
     assert buffer.client.xlen(buffer.stream) == 0
-    assert not buffer.client.keys(f"{buffer.prefix}:row:*") and not buffer.client.keys(f"{buffer.prefix}:idx:*")
+    assert not [k for part in ("row", "b", "dir", "rows", "idx") for k in buffer.client.keys(f"{buffer.prefix}:{part}:*")]
 
 
 def test_idempotency_records_of_the_earlier_layout_still_replay_and_conflict(buffer):
@@ -157,3 +157,57 @@ def test_statuses_of_the_earlier_layout_stay_readable_and_drain(buffer):
     settle_committed(buffer, 0x1000)
     assert drain.confirm(buffer, Lsn(0x1000)).confirmed == 1
     assert [s["state"] for s in buffer.statuses([done, txn.txn_id, uuid.uuid4()]) if s] == ["replicated", "replicated"]
+
+
+def key_at(millis: int) -> str:
+    """A UUIDv7 row key of that millisecond."""
+    return str(uuid.UUID(int=(millis << 80) | (0x7 << 76) | (uuid.uuid4().int & ((1 << 76) - 1)) & ~(0b11 << 62) | (0b10 << 62)))
+
+
+def test_indexes_are_listpack_buckets_of_key_time_listed_in_order_across_them(buffer):
+    """Rows 1 s apart over ~20 s fall into ~5 buckets, each a listpack; pages of 3 walk them all, in key order,
+    each key once, whether filtered (one value's index, intersected with another's) or not."""
+    start = 1_800_000_000_000
+    keys = [key_at(start + i * 1000) for i in range(20)]
+    for i, key in enumerate(keys):
+        txn = build_transaction([StepIn(table="housekeeping_sample", id=key, values={
+            "instrument_module_id": str(uuid.UUID(int=i % 2)), "sensor": "mixer", "sampled_at": "2026-11-21T02:00:00Z",
+            "value": 4.2, "unit": "K"})], "test")
+        buffer.enqueue(txn, answer(txn, State.accepted), in_replica=())
+    rows = buffer.rows_index("housekeeping_sample")
+    buckets = buffer.client.zrange(f"{buffer.prefix}:dir:{rows}", 0, -1)
+    assert len(buckets) >= 4 and buffer.index_buckets(rows) == len(buckets)
+    assert {buffer.client.object("encoding", f"{buffer.prefix}:b:{b.decode()}:{rows}") for b in buckets} == {b"listpack"}
+
+    def walk(index, size=3):
+        seen, after = [], None
+        while page := buffer.index_range(index, after, size):
+            seen, after = seen + page, page[-1]
+        return seen
+
+    assert walk(rows) == sorted(keys)
+    even = buffer.field_index("housekeeping_sample", "instrument_module_id", str(uuid.UUID(int=0)))
+    assert walk(even) == sorted(keys[::2])
+    assert buffer.index_contains(even, keys[:4]) == [True, False, True, False]
+
+
+def test_an_index_of_the_earlier_layout_is_still_listed_and_released(buffer):
+    """A site upgraded with rows buffered: their row hashes and single sorted-set indexes are listed with the
+    new buckets, and confirming their transaction releases them from it."""
+    buffer.ensure_group()
+    old, new = housekeeping(), housekeeping()
+    buffer.enqueue(old, answer(old, State.accepted), in_replica=())
+    old_key, new_key = str(old.steps[0].key), str(new.steps[0].key)
+    rows = buffer.rows_index("housekeeping_sample")
+    sensor = buffer.field_index("housekeeping_sample", "sensor", "mixer")
+    for index in (rows, sensor):  # as the earlier layout held it
+        buffer.client.delete(buffer.index_bucket(index, old_key), f"{buffer.prefix}:dir:{index}")
+        buffer.client.zadd(f"{buffer.prefix}:{index}", {old_key: 0})
+    buffer.enqueue(new, answer(new, State.accepted), in_replica=())
+
+    assert buffer.index_range(rows, None, 10) == sorted([old_key, new_key])
+    assert buffer.index_contains(sensor, [old_key, new_key]) == [True, True]
+    settle_committed(buffer, 0x1000)
+    assert drain.confirm(buffer, Lsn(0x1000)).confirmed == 2
+    assert buffer.index_range(rows, None, 10) == [] and buffer.index_contains(sensor, [old_key]) == [False]
+    assert not buffer.client.exists(f"{buffer.prefix}:{rows}", f"{buffer.prefix}:{sensor}")
