@@ -46,16 +46,36 @@ from opsync.envelope import Op, State, Transaction
 from opsync.lsn import Lsn
 
 STATE_OF = """
--- Where a transaction's status lives: its own hash while on its way (and when failed), else, once
--- replicated, one field of the bucket hash of its 256 ms window of acceptance (see Buffer.final_key).
+-- Where a transaction's status lives: on its way (accepted, committed), one field of the bucket hash
+-- 'on' of its 256 ms window of acceptance; once replicated, one field of the bucket 'done' of that
+-- window (see Buffer.final_key); a hash of its own when failed, requeued or written straight to the
+-- primary (reasons, who, when), and for statuses written before the 'on' buckets.
 -- The field is the rest of the txn_id as bytes (11, not 25 characters of text).
-local function final_of(prefix, txn)
+local function slot_of(prefix, tag, txn)
   local rest = string.gsub(string.sub(txn, 12), '-', '')
-  return prefix .. ':done:' .. string.sub(txn, 1, 11), (string.gsub(rest, '..', function(cc) return string.char(tonumber(cc, 16)) end))
+  local bytes = string.gsub(rest, '..', function(cc) return string.char(tonumber(cc, 16)) end)
+  return prefix .. ':' .. tag .. ':' .. string.sub(txn, 1, 11), bytes
+end
+local function final_of(prefix, txn)
+  return slot_of(prefix, 'done', txn)
+end
+-- A status on its way, as the fields of its hash would be, and where it is (nil when not in a bucket).
+-- Its value: 'a' or 'c' (accepted, committed), stream_id, accepted_at, tables[, committed_at, commit_lsn].
+local function travelling(prefix, txn)
+  local bucket, field = slot_of(prefix, 'on', txn)
+  local value = redis.call('HGET', bucket, field)
+  if not value then return nil end
+  local p = {}
+  for part in string.gmatch(value .. '|', '([^|]*)|') do p[#p + 1] = part end
+  local status = {state = p[1] == 'c' and 'committed' or 'accepted', stream_id = p[2], accepted_at = p[3], tables = p[4]}
+  if p[1] == 'c' then status.committed_at, status.commit_lsn = p[5], p[6] end
+  return status, bucket, field
 end
 local function state_of(prefix, txn)
   local state = redis.call('HGET', prefix .. ':txn:' .. txn, 'state')
   if state then return state end
+  local status = travelling(prefix, txn)
+  if status then return status.state end
   local bucket, field = final_of(prefix, txn)
   if redis.call('HEXISTS', bucket, field) == 1 then return 'replicated' end
   return nil
@@ -163,7 +183,8 @@ if ARGV[10] ~= '*' then
 end
 local entry = redis.call('XADD', KEYS[1], '*', 'txn', ARGV[1])
 redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[2], 'state', 'accepted', 'accepted_at', ARGV[3], 'stream_id', entry, 'tables', ARGV[9])
+local bucket, slot = slot_of(prefix, 'on', ARGV[2])
+redis.call('HSET', bucket, slot, 'a|' .. entry .. '|' .. ARGV[3] .. '|' .. ARGV[9])
 if KEYS[3] ~= '' then
   redis.call('SET', KEYS[3], record_of(ARGV[4], ARGV[5]), 'EX', ARGV[6])
 end
@@ -295,7 +316,17 @@ SETTLE = STATE_OF + """
 --       n rows it creates, rows ('table:key')...
 local group, prefix, channel, at, ttl, lsn, score = unpack(ARGV, 1, 7)
 local function record(txn, state, field, value)  -- the status change and its event, as Buffer.mark_committed does it
-  redis.call('HSET', prefix .. ':txn:' .. txn, 'state', state, state .. '_at', at, field, value)
+  local key, status, bucket, slot = prefix .. ':txn:' .. txn, travelling(prefix, txn)
+  if status and state == 'committed' then
+    redis.call('HSET', bucket, slot, table.concat({'c', status.stream_id, status.accepted_at, status.tables, at, value}, '|'))
+  else
+    if status then  -- failed: into a hash of its own, with the reason
+      redis.call('HDEL', bucket, slot)
+      status.state = nil
+      for name, kept in pairs(status) do redis.call('HSET', key, name, kept) end
+    end
+    redis.call('HSET', key, 'state', state, state .. '_at', at, field, value)
+  end
   redis.call('PUBLISH', channel, cjson.encode({txn_id = txn, state = state, at = at, [field] = value}))
 end
 local function commit(txn)
@@ -374,6 +405,13 @@ local function finish(txn)
   for i = 1, #flat, 2 do
     fields[flat[i]] = flat[i + 1]
     if not KNOWN[flat[i]] or string.find(flat[i + 1], '|', 1, true) then compact = false end
+  end
+  if #flat == 0 then
+    local status, bucket, slot = travelling(prefix, txn)
+    if status then
+      fields = status
+      redis.call('HDEL', bucket, slot)
+    end
   end
   if compact then
     local bucket, field = final_of(prefix, txn)
@@ -644,6 +682,18 @@ def final_status(value: bytes | None) -> dict[str, str] | None:
         if name in status:
             status[name] = utc_long(status[name])
     return {"state": State.replicated.value} | status
+
+
+TRAVELLING_FIELDS = ("stream_id", "accepted_at", "tables", "committed_at", "commit_lsn")
+
+
+def travelling_status(value: bytes | None) -> dict[str, str] | None:
+    """A status on its way from its bucket field (ENQUEUE's and SETTLE's): ``a`` (accepted) or ``c`` (committed),
+    then the stream_id, accepted_at and tables, and for a committed one committed_at and commit_lsn."""
+    if value is None:
+        return None
+    state, *parts = value.decode().split("|")
+    return {"state": (State.committed if state == "c" else State.accepted).value} | dict(zip(TRAVELLING_FIELDS, parts, strict=False))
 
 
 def encode(value) -> str:
@@ -937,14 +987,16 @@ class Buffer:
         None where unknown (or expired after the retention)."""
         pipe = self.client.pipeline(transaction=False)
         for txn_id in txn_ids:
-            pipe.hgetall(self.status_key(txn_id))
-        found = [{k.decode(): v.decode() for k, v in raw.items()} or None for raw in pipe.execute()]
+            pipe.hget(*self.travel_key(txn_id))
+            pipe.hget(*self.final_key(txn_id))
+        replies = pipe.execute()
+        found = [travelling_status(on) or final_status(done) for on, done in zip(replies[::2], replies[1::2], strict=True)]
         missing = [i for i, status in enumerate(found) if status is None]
-        if missing:
+        if missing:  # failed, requeued, written straight to the primary, or of the earlier layout: a hash of its own
             for i in missing:
-                pipe.hget(*self.final_key(txn_ids[i]))
-            for i, value in zip(missing, pipe.execute(), strict=True):
-                found[i] = final_status(value)
+                pipe.hgetall(self.status_key(txn_ids[i]))
+            for i, raw in zip(missing, pipe.execute(), strict=True):
+                found[i] = {k.decode(): v.decode() for k, v in raw.items()} or None
         return found
 
     def final_key(self, txn_id) -> tuple[str, bytes]:
@@ -953,6 +1005,12 @@ class Buffer:
         second, up to ``hash-max-listpack-entries`` (512 at the site) still a compact listpack."""
         txn_id = str(txn_id)
         return f"{self.prefix}:done:{txn_id[:11]}", bytes.fromhex(txn_id[11:].replace("-", ""))
+
+    def travel_key(self, txn_id) -> tuple[str, bytes]:
+        """(bucket hash, field) of a status on its way (accepted, committed): as :meth:`final_key`, in the
+        bucket ``on``, a field of ~80 bytes instead of a hash of its own (~240); see :func:`travelling_status`."""
+        bucket, field = self.final_key(txn_id)
+        return bucket.replace(":done:", ":on:", 1), field
 
     def mark_committed(self, txn_id, commit_lsn: Lsn, at: str, **fields: str) -> None:
         """A transaction written straight to the primary: committed, and awaiting the replica like drained ones.

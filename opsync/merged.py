@@ -18,7 +18,7 @@ from pydantic_core import to_jsonable_python
 from sqlalchemy import Engine, any_, literal, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from opsync.buffer import Buffer, final_status
+from opsync.buffer import Buffer
 from opsync.envelope import State
 from opsync.registry import Ingestible, python_type
 
@@ -220,17 +220,7 @@ def merge_one(key: str, base: dict | None, overlay: Overlay | None) -> dict | No
 
 def txn_states(buffer: Buffer, txn_ids: set[str]) -> dict[str, tuple[str | None, str | None]]:
     ids = sorted(txn_ids)
-    pipe = buffer.client.pipeline(transaction=False)
-    for txn_id in ids:
-        pipe.hmget(buffer.status_key(txn_id), "state", "commit_lsn")
-    states = {
-        txn_id: tuple(v.decode() if v else None for v in values)
-        for txn_id, values in zip(ids, pipe.execute(), strict=True)
+    return {
+        txn_id: (status["state"], status.get("commit_lsn")) if status else (None, None)
+        for txn_id, status in zip(ids, buffer.statuses(ids), strict=True)
     }
-    replicated = [txn_id for txn_id, (state, _) in states.items() if state is None]  # or in a status bucket
-    for txn_id in replicated:
-        pipe.hget(*buffer.final_key(txn_id))
-    for txn_id, value in zip(replicated, pipe.execute() if replicated else (), strict=True):
-        if status := final_status(value):
-            states[txn_id] = (status["state"], status.get("commit_lsn"))
-    return states

@@ -22,9 +22,11 @@ def assert_consistent(buffer: Buffer) -> None:
     assert int(client.get(buffer.unsent) or 0) == len(entries)
     by_txn = {txn["txn_id"]: (sid, txn) for sid, txn in entries.items()}
     awaiting = {m.decode() for m in client.zrange(buffer.awaiting_replica, 0, -1)}
-    statuses = {key.decode().removeprefix(buffer.status_key("")): decoded(client.hgetall(key))
-                for key in client.scan_iter(buffer.status_key("*"))}
-    assert set(statuses) == set(by_txn) | awaiting
+    known = sorted(set(by_txn) | awaiting)
+    statuses = dict(zip(known, buffer.statuses(known), strict=True))
+    stored = len(list(client.scan_iter(buffer.status_key("*")))) + sum(
+        client.hlen(key) for key in client.scan_iter(f"{buffer.prefix}:on:*"))
+    assert None not in statuses.values() and stored == len(known)
     for txn_id, (sid, _) in by_txn.items():
         assert statuses[txn_id]["state"] == "accepted" and statuses[txn_id]["stream_id"] == sid
     for txn_id in awaiting:

@@ -211,3 +211,30 @@ def test_an_index_of_the_earlier_layout_is_still_listed_and_released(buffer):
     assert drain.confirm(buffer, Lsn(0x1000)).confirmed == 2
     assert buffer.index_range(rows, None, 10) == [] and buffer.index_contains(sensor, [old_key]) == [False]
     assert not buffer.client.exists(f"{buffer.prefix}:{rows}", f"{buffer.prefix}:{sensor}")
+
+
+def test_a_status_on_its_way_is_a_bucket_field_and_one_of_the_earlier_layout_still_drains(buffer):
+    """Accepted and committed statuses are fields of the 'on' bucket of their window (no hash of their own),
+    with every figure; an accepted status hash written before the buckets settles and confirms as before."""
+    buffer.ensure_group()
+    txn, old = housekeeping(), housekeeping()
+    buffer.enqueue(txn, answer(txn, State.accepted), in_replica=())
+    buffer.enqueue(old, answer(old, State.accepted), in_replica=())
+    old_status = buffer.status(old.txn_id)
+    buffer.client.hdel(*buffer.travel_key(old.txn_id))
+    buffer.client.hset(buffer.status_key(old.txn_id), mapping=old_status)  # as the earlier layout wrote it
+    status = buffer.status(txn.txn_id)
+    assert status == {"state": "accepted", "stream_id": status["stream_id"], "accepted_at": txn.accepted_at.isoformat(),
+                      "tables": "housekeeping_sample"}
+    assert not buffer.client.exists(buffer.status_key(txn.txn_id))
+    assert buffer.client.object("encoding", buffer.travel_key(txn.txn_id)[0]) == b"listpack"
+
+    settle_committed(buffer, 0x1000)
+    committed = buffer.statuses([txn.txn_id, old.txn_id])
+    assert [s["state"] for s in committed] == ["committed", "committed"]
+    assert committed[0] == status | {"state": "committed", "committed_at": AT, "commit_lsn": "0/1000"}
+    assert not buffer.client.exists(buffer.status_key(txn.txn_id))
+    assert drain.confirm(buffer, Lsn(0x1000)).confirmed == 2
+    done = buffer.statuses([txn.txn_id, old.txn_id])
+    assert [s["state"] for s in done] == ["replicated", "replicated"] and done[0]["commit_lsn"] == "0/1000"
+    assert not buffer.client.hexists(*buffer.travel_key(txn.txn_id)) and not buffer.client.exists(buffer.status_key(old.txn_id))
