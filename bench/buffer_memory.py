@@ -76,13 +76,15 @@ def txn_id_at(millis: int) -> uuid.UUID:
 
 def transactions(count: int, samples: ingest_bench.Samples, rate: float = RATE):
     """(txn, response, idempotency, body hash) of one single-record POST each, as the API builds them, their
-    txn_ids stamped ``rate`` per second (as an outage at that peak would stamp them), not at the fill's speed."""
+    txn_ids and row keys stamped ``rate`` per second (as an outage at that peak would stamp them: both are
+    UUIDv7s generated at ingest), not at the fill's speed."""
     start = int(time.time() * 1000)
     for i in range(count):
         record = samples.record()
         key = str(uuid.uuid4())
-        txn = build_transaction([StepIn(table=ingest_bench.TABLE, values=record)], "observatory", key)
-        txn = txn.model_copy(update={"txn_id": txn_id_at(start + int(i * 1000 / rate))})
+        millis = start + int(i * 1000 / rate)
+        txn = build_transaction([StepIn(table=ingest_bench.TABLE, values=record, id=txn_id_at(millis))], "observatory", key)
+        txn = txn.model_copy(update={"txn_id": txn_id_at(millis)})
         canonical = json.dumps(["POST", f"/v1/records/{ingest_bench.TABLE}", record], sort_keys=True)
         yield txn, answer(txn, State.accepted), (CLIENT, key), hashlib.sha256(canonical.encode()).hexdigest()
 

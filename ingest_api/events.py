@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from ingest_api.deps import BufferDep, PrincipalDep, SettingsDep, bearer, checked, documented, get_verifier
 from ingest_api.reads import unknown_transaction
 from opsync.auth import AuthError, AuthUnavailable, Principal
-from opsync.buffer import Buffer, final_status, involved_tables
+from opsync.buffer import Buffer, final_status, involved_tables, travelling_status
 from opsync.events import followed, parse_event, shown, snapshot_event, visible
 
 router = APIRouter(prefix="/v1", tags=["events"], responses=documented(401, 404, 422, 503))
@@ -146,9 +146,9 @@ class Watch:
         if tables is None:
             field = event.get("tables")
             if not isinstance(field, str):
-                field = await self.client.hget(self.buffer.status_key(txn_id), "tables")
-                if field is None:  # replicated: in its bucket
-                    field = (final_status(await self.client.hget(*self.buffer.final_key(txn_id))) or {}).get("tables")  # type: ignore[arg-type]  # bytes
+                status = travelling_status(await self.client.hget(*self.buffer.travel_key(txn_id)))  # type: ignore[arg-type]  # bytes
+                status = status or final_status(await self.client.hget(*self.buffer.final_key(txn_id)))  # type: ignore[arg-type]  # bytes
+                field = status.get("tables") if status else await self.client.hget(self.buffer.status_key(txn_id), "tables")
             if len(self.tables) >= MAX_REMEMBERED:
                 self.tables.clear()
             tables = self.tables[txn_id] = involved_tables(field)

@@ -18,7 +18,7 @@ from pydantic_core import to_jsonable_python
 from sqlalchemy import Engine, any_, literal, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from opsync.buffer import Buffer, final_status
+from opsync.buffer import Buffer
 from opsync.envelope import State
 from opsync.registry import Ingestible, python_type
 
@@ -111,35 +111,34 @@ def partial_candidates(
     Returns the matches and, when ``limit`` were found, the last key examined (the boundary).
     Partial overlays are the updates of rows already replicated, few next to buffered inserts.
     """
-    found: dict[str, dict]
-    start, found = (f"({after}" if after else "-"), {}
+    found: dict[str, dict] = {}
+    start = str(after) if after else None
     while len(found) < limit:
-        chunk = [k.decode() for k in buffer.client.zrangebylex(buffer.partial_index(entry.name), start, "+", 0, limit)]  # type: ignore[union-attr]  # bytes
+        chunk = buffer.index_range(buffer.partial_index(entry.name), start, limit)
         if not chunk:
             return found, None
         overlays = read_overlays(buffer, entry, chunk)
         base = replica_rows(replica, entry, {}, ids=[UUID(k) for k in chunk])
         found |= {row["id"]: row for row in merge_all(base, overlays, filters)}
-        start = f"({chunk[-1]}"
-    return found, start[1:]
+        start = chunk[-1]
+    return found, start
 
 
 def overlay_candidates(buffer: Buffer, entry: Ingestible, filters: dict, after: UUID | None, limit: int) -> list[str]:
     """Keys of buffered rows past ``after`` whose buffered values match, walking the smallest index."""
-    client = buffer.client
     indexes = [buffer.field_index(entry.name, f, v) for f, v in filters.items()] or [buffer.rows_index(entry.name)]
-    start = f"({after}" if after else "-"
+    start = str(after) if after else None
     if len(indexes) == 1:
-        return [k.decode() for k in client.zrangebylex(indexes[0], start, "+", 0, limit)]  # type: ignore[union-attr]  # bytes: no decode_responses
-    smallest, *others = sorted(indexes, key=client.zcard)
+        return buffer.index_range(indexes[0], start, limit)
+    smallest, *others = sorted(indexes, key=buffer.index_buckets)
     found: list[str] = []
     while len(found) < limit:
-        chunk = client.zrangebylex(smallest, start, "+", 0, limit)
+        chunk = buffer.index_range(smallest, start, limit)
         if not chunk:
             break
-        scores = [client.zmscore(index, chunk) for index in others]  # type: ignore[arg-type]  # takes bytes members too
-        found += [k.decode() for i, k in enumerate(chunk) if all(s[i] is not None for s in scores)]  # type: ignore[union-attr]  # bytes
-        start = f"({chunk[-1].decode()}"  # type: ignore[union-attr]  # bytes: no decode_responses
+        present = [buffer.index_contains(index, chunk) for index in others]
+        found += [k for i, k in enumerate(chunk) if all(p[i] for p in present)]
+        start = chunk[-1]
     return found[:limit]
 
 
@@ -222,17 +221,7 @@ def merge_one(key: str, base: dict | None, overlay: Overlay | None) -> dict | No
 
 def txn_states(buffer: Buffer, txn_ids: set[str]) -> dict[str, tuple[str | None, str | None]]:
     ids = sorted(txn_ids)
-    pipe = buffer.client.pipeline(transaction=False)
-    for txn_id in ids:
-        pipe.hmget(buffer.status_key(txn_id), "state", "commit_lsn")
-    states = {
-        txn_id: tuple(v.decode() if v else None for v in values)
-        for txn_id, values in zip(ids, pipe.execute(), strict=True)
+    return {
+        txn_id: (status["state"], status.get("commit_lsn")) if status else (None, None)
+        for txn_id, status in zip(ids, buffer.statuses(ids), strict=True)
     }
-    replicated = [txn_id for txn_id, (state, _) in states.items() if state is None]  # or in a status bucket
-    for txn_id in replicated:
-        pipe.hget(*buffer.final_key(txn_id))
-    for txn_id, value in zip(replicated, pipe.execute() if replicated else (), strict=True):
-        if status := final_status(value):
-            states[txn_id] = (status["state"], status.get("commit_lsn"))
-    return states  # type: ignore[return-value]  # each a (state, commit_lsn) pair

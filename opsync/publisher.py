@@ -226,7 +226,7 @@ class Publisher:
     tuning: Tuning = field(default_factory=Tuning)
     state_events: set[str] = field(default_factory=set)  # txn_ids whose state changed, not yet applied
     pubsub: redis.client.PubSub | None = None
-    sweep_from: dict[str, tuple[str, str]] = field(default_factory=dict)  # table -> (overlay, unsettled) positions
+    sweep_from: dict[str, tuple[str | None, str]] = field(default_factory=dict)  # table -> (overlay, unsettled) positions
     poisoned: dict[tuple[str, str], Poison] = field(default_factory=dict)  # (table, key) -> a row skipped now, and why
     poison_new: int = 0  # rows become poison since the count in Redis was last raised
     poison_stored: bool | None = None  # None: Redis' list not read yet; False: ours changed since it was stored
@@ -457,13 +457,13 @@ class Publisher:
         index, no scan) and of rows the file shows unsettled, re-read from the truth. Wraps around."""
         size = self.tuning.sweep_chunk
         for layout in self.layouts.values():
-            overlay_from, unsettled_from = self.sweep_from.get(layout.name, ("-", ""))
-            overlay = [k.decode() for k in self.buffer.client.zrangebylex(self.buffer.rows_index(layout.name), overlay_from, "+", 0, size)]  # type: ignore[union-attr]  # bytes
+            overlay_from, unsettled_from = self.sweep_from.get(layout.name, (None, ""))
+            overlay = self.buffer.index_range(self.buffer.rows_index(layout.name), overlay_from, size)
             unsettled = self.model.unsettled_keys(layout, unsettled_from, size)
             if overlay or unsettled:
                 self.refresh(layout, sorted(set(overlay) | set(unsettled)), duty="sweep")
             self.sweep_from[layout.name] = (
-                f"({overlay[-1]}" if len(overlay) == size else "-",
+                overlay[-1] if len(overlay) == size else None,
                 unsettled[-1] if len(unsettled) == size else "",
             )
 

@@ -11,8 +11,8 @@ from opsync.stats import Fill
 
 # Measured on this machine (bench/buffer_memory.py, 50,000 single-record housekeeping transactions with
 # idempotency keys, as opsync.client posts them): Redis used_memory per transaction.
-BUFFERED_TXN_BYTES = 1_910  # buffered: stream entry, status, idempotency record, overlay row and its indexes
-KEPT_TXN_BYTES = 465  # after confirmation, until the status TTL: status (bucketed) and idempotency record
+BUFFERED_TXN_BYTES = 1_397  # buffered: stream entry, status (bucketed), idempotency record, overlay row, index buckets
+KEPT_TXN_BYTES = 381  # after confirmation, until the status TTL: status (bucketed) and idempotency record
 
 
 def maxmemory_for(entries: int, kept: int, memory_fraction: float) -> int:

@@ -22,9 +22,11 @@ def assert_consistent(buffer: Buffer) -> None:
     assert int(client.get(buffer.unsent) or 0) == len(entries)
     by_txn = {txn["txn_id"]: (sid, txn) for sid, txn in entries.items()}
     awaiting = {m.decode() for m in client.zrange(buffer.awaiting_replica, 0, -1)}
-    statuses = {key.decode().removeprefix(buffer.status_key("")): decoded(client.hgetall(key))
-                for key in client.scan_iter(buffer.status_key("*"))}
-    assert set(statuses) == set(by_txn) | awaiting
+    known = sorted(set(by_txn) | awaiting)
+    statuses = dict(zip(known, buffer.statuses(known), strict=True))
+    stored = len(list(client.scan_iter(buffer.status_key("*")))) + sum(
+        client.hlen(key) for key in client.scan_iter(f"{buffer.prefix}:on:*"))
+    assert None not in statuses.values() and stored == len(known)
     for txn_id, (sid, _) in by_txn.items():
         assert statuses[txn_id]["state"] == "accepted" and statuses[txn_id]["stream_id"] == sid
     for txn_id in awaiting:
@@ -37,12 +39,18 @@ def assert_consistent(buffer: Buffer) -> None:
     assert set(rows) == set(touched)
     for (table, row), fields in rows.items():
         assert fields["txn_id"] == touched[(table, row)]
-        listed = client.zscore(buffer.rows_index(table), row) is not None
+        listed = buffer.index_contains(buffer.rows_index(table), [row]) == [True]
         assert listed == (fields.get("deleted") != "1")
-    for key in client.scan_iter(f"{buffer.prefix}:rows:*"):
-        table = key.decode().split(":", 2)[2]
-        assert all((table, m.decode()) in rows for m in client.zrange(key, 0, -1))
-    for key in client.scan_iter(f"{buffer.prefix}:idx:*"):
-        _, _, table, field, value = key.decode().split(":", 4)
-        for member in client.zrange(key, 0, -1):
-            assert rows[(table, member.decode())].get(f"v:{field}") == value
+    for key in client.scan_iter(f"{buffer.prefix}:b:*"):
+        _, _, bucket, index = key.decode().split(":", 3)
+        assert client.zscore(f"{buffer.prefix}:dir:{index}", bucket) is not None
+        members = [m.decode() for m in client.zrange(key, 0, -1)]
+        assert members and all(m.startswith(bucket) for m in members)
+        kind, table, *filtered = index.split(":", 3)
+        assert all((table, m) in rows for m in members)
+        if kind == "idx":
+            field, value = filtered
+            assert all(rows[(table, m)].get(f"v:{field}") == value for m in members)
+    for key in client.scan_iter(f"{buffer.prefix}:dir:*"):
+        index = key.decode().split(":", 2)[2]
+        assert all(client.exists(f"{buffer.prefix}:b:{b.decode()}:{index}") for b in client.zrange(key, 0, -1))

@@ -42,7 +42,7 @@ def written(client) -> dict:
     return {
         "keys": client.dbsize(),
         "stream": client.xlen("opsync:buffer"),
-        "status": sorted(client.scan_iter("opsync:txn:*")),
+        "status": sorted(client.scan_iter("opsync:txn:*")) + [(k, client.hlen(k)) for k in sorted(client.scan_iter("opsync:on:*"))],
         "rows": sorted(client.scan_iter("opsync:row:*")),
         "idempotency": sorted(client.scan_iter("opsync:idem:*")),
     }
@@ -367,8 +367,8 @@ def test_final_status_expires_after_the_retention_others_never(
     redis = own_redis.client()
     receipt = api_client.post("/v1/records/executed_obs_unit", json=observation(), headers=headers).json()
     failed = api_client.post(RAW, json=raw_file(), headers=headers).json()  # its observation does not exist
-    key, failed_key = buffer.status_key(receipt["txn_id"]), buffer.status_key(failed["txn_id"])
-    assert redis.ttl(key) == redis.ttl(failed_key) == -1  # accepted: kept however long the link is down
+    (key, slot), failed_key = buffer.travel_key(receipt["txn_id"]), buffer.status_key(failed["txn_id"])
+    assert redis.ttl(key) == redis.ttl(buffer.travel_key(failed["txn_id"])[0]) == -1  # accepted: kept however long the link is down
 
     summary = drain.drain(buffer, primary_engine)
     assert (summary.applied, summary.dead_lettered) == (1, 1)
@@ -380,7 +380,7 @@ def test_final_status_expires_after_the_retention_others_never(
     while drain.confirm_replica(buffer, replica_engine).remaining:
         assert time.monotonic() < deadline, "the replica never replayed the drain's commit"
         time.sleep(0.02)
-    assert not redis.exists(key)  # replicated: moved into its bucket, which expires after the retention
+    assert not redis.hexists(key, slot)  # replicated: moved into its bucket, which expires after the retention
     assert expected - 5 <= redis.ttl(buffer.final_key(receipt["txn_id"])[0]) <= expected
     status = api_client.get(receipt["status_url"], headers=headers).json()
     assert status["state"] == "replicated" and status["commit_lsn"] == str(summary.max_commit_lsn)
@@ -422,7 +422,7 @@ def test_a_final_status_is_gone_after_its_ttl_while_older_unfinished_ones_stay(
         time.sleep(0.02)
     assert state(travelling) == "replicated"
     wait_until(lambda: state(travelling) == 404, "the replicated status expiring")
-    assert state(waiting) == "accepted" and own_redis.client().ttl(buffer.status_key(waiting["txn_id"])) == -1
+    assert state(waiting) == "accepted" and own_redis.client().ttl(buffer.travel_key(waiting["txn_id"])[0]) == -1
 
 
 def test_an_idempotency_key_past_its_ttl_makes_a_new_transaction(own_redis, api_client, headers, observation, monkeypatch):

@@ -91,7 +91,7 @@ def test_confirmation_in_bulk_stops_at_its_budget_and_the_rest_follow(buffer, mo
 
     assert {s["state"] for s in buffer.statuses([t.txn_id for t in txns])} == {"replicated"}
     assert buffer.client.xlen(buffer.stream) == 0
-    assert not buffer.client.keys(f"{buffer.prefix}:row:*") and not buffer.client.keys(f"{buffer.prefix}:idx:*")
+    assert not [k for part in ("row", "b", "dir", "rows", "idx") for k in buffer.client.keys(f"{buffer.prefix}:{part}:*")]
 
 
 def committed_housekeeping(buffer: Buffer, n: int) -> list[tuple[str, str]]:
@@ -182,6 +182,26 @@ def test_packed_idempotency_records_answer_exactly_the_original(buffer):
     assert buffer.replay(("script", "k3"), body_hash("b")) == committed
 
 
+def test_an_accepted_answer_is_kept_in_binary_and_text_records_of_the_earlier_layout_still_replay(buffer):
+    """One row's 202 takes 57 bytes (marker, body hash, txn_id, accepted_at, id), not its 118 of text; a
+    record of the text layout (a length byte, the hash, '|'-separated values) answers retries as before."""
+    txn = housekeeping(key="k4")
+    original = answer(txn, State.accepted)
+    buffer.enqueue(txn, original, ("script", "k4"), body_hash("body"), in_replica=())
+    assert len(buffer.client.get(buffer.idempotency_key("script", "k4"))) == 1 + 16 + 16 + 8 + 16
+    assert buffer.replay(("script", "k4"), body_hash("body")) == json.loads(json.dumps(original))
+
+    old = housekeeping(key="k5")
+    text = f"{old.txn_id}||{old.accepted_at.isoformat().removesuffix('+00:00')}|{old.steps[0].key}".encode()
+    buffer.client.set(buffer.idempotency_key("script", "k5"), bytes([16]) + bytes.fromhex(body_hash("body"))[:16] + text)
+    retry = housekeeping(key="k5")
+    replayed = buffer.enqueue(retry, answer(retry, State.accepted), ("script", "k5"), body_hash("body"), in_replica=())
+    assert replayed.replayed and replayed.response == json.loads(json.dumps(answer(old, State.accepted)))
+    assert buffer.replay(("script", "k5"), body_hash("body")) == replayed.response
+    with pytest.raises(IdempotencyConflict):
+        buffer.enqueue(retry, answer(retry, State.accepted), ("script", "k5"), body_hash("other"), in_replica=())
+
+
 def test_statuses_of_the_earlier_layout_stay_readable_and_drain(buffer):
     """Replicated statuses kept whole (before the buckets) read as before; buffered entries drain and confirm."""
     buffer.ensure_group()
@@ -192,3 +212,84 @@ def test_statuses_of_the_earlier_layout_stay_readable_and_drain(buffer):
     settle_committed(buffer, 0x1000)
     assert drain.confirm(buffer, Lsn(0x1000)).confirmed == 1
     assert [s["state"] for s in buffer.statuses([done, txn.txn_id, uuid.uuid4()]) if s] == ["replicated", "replicated"]
+
+
+def key_at(millis: int) -> str:
+    """A UUIDv7 row key of that millisecond."""
+    return str(uuid.UUID(int=(millis << 80) | (0x7 << 76) | (uuid.uuid4().int & ((1 << 76) - 1)) & ~(0b11 << 62) | (0b10 << 62)))
+
+
+def test_indexes_are_listpack_buckets_of_key_time_listed_in_order_across_them(buffer):
+    """Rows 1 s apart over ~20 s fall into ~5 buckets, each a listpack; pages of 3 walk them all, in key order,
+    each key once, whether filtered (one value's index, intersected with another's) or not."""
+    start = 1_800_000_000_000
+    keys = [key_at(start + i * 1000) for i in range(20)]
+    for i, key in enumerate(keys):
+        txn = build_transaction([StepIn(table="housekeeping_sample", id=key, values={
+            "instrument_module_id": str(uuid.UUID(int=i % 2)), "sensor": "mixer", "sampled_at": "2026-11-21T02:00:00Z",
+            "value": 4.2, "unit": "K"})], "test")
+        buffer.enqueue(txn, answer(txn, State.accepted), in_replica=())
+    rows = buffer.rows_index("housekeeping_sample")
+    buckets = buffer.client.zrange(f"{buffer.prefix}:dir:{rows}", 0, -1)
+    assert len(buckets) >= 4 and buffer.index_buckets(rows) == len(buckets)
+    assert {buffer.client.object("encoding", f"{buffer.prefix}:b:{b.decode()}:{rows}") for b in buckets} == {b"listpack"}
+
+    def walk(index, size=3):
+        seen, after = [], None
+        while page := buffer.index_range(index, after, size):
+            seen, after = seen + page, page[-1]
+        return seen
+
+    assert walk(rows) == sorted(keys)
+    even = buffer.field_index("housekeeping_sample", "instrument_module_id", str(uuid.UUID(int=0)))
+    assert walk(even) == sorted(keys[::2])
+    assert buffer.index_contains(even, keys[:4]) == [True, False, True, False]
+
+
+def test_an_index_of_the_earlier_layout_is_still_listed_and_released(buffer):
+    """A site upgraded with rows buffered: their row hashes and single sorted-set indexes are listed with the
+    new buckets, and confirming their transaction releases them from it."""
+    buffer.ensure_group()
+    old, new = housekeeping(), housekeeping()
+    buffer.enqueue(old, answer(old, State.accepted), in_replica=())
+    old_key, new_key = str(old.steps[0].key), str(new.steps[0].key)
+    rows = buffer.rows_index("housekeeping_sample")
+    sensor = buffer.field_index("housekeeping_sample", "sensor", "mixer")
+    for index in (rows, sensor):  # as the earlier layout held it
+        buffer.client.delete(buffer.index_bucket(index, old_key), f"{buffer.prefix}:dir:{index}")
+        buffer.client.zadd(f"{buffer.prefix}:{index}", {old_key: 0})
+    buffer.enqueue(new, answer(new, State.accepted), in_replica=())
+
+    assert buffer.index_range(rows, None, 10) == sorted([old_key, new_key])
+    assert buffer.index_contains(sensor, [old_key, new_key]) == [True, True]
+    settle_committed(buffer, 0x1000)
+    assert drain.confirm(buffer, Lsn(0x1000)).confirmed == 2
+    assert buffer.index_range(rows, None, 10) == [] and buffer.index_contains(sensor, [old_key]) == [False]
+    assert not buffer.client.exists(f"{buffer.prefix}:{rows}", f"{buffer.prefix}:{sensor}")
+
+
+def test_a_status_on_its_way_is_a_bucket_field_and_one_of_the_earlier_layout_still_drains(buffer):
+    """Accepted and committed statuses are fields of the 'on' bucket of their window (no hash of their own),
+    with every figure; an accepted status hash written before the buckets settles and confirms as before."""
+    buffer.ensure_group()
+    txn, old = housekeeping(), housekeeping()
+    buffer.enqueue(txn, answer(txn, State.accepted), in_replica=())
+    buffer.enqueue(old, answer(old, State.accepted), in_replica=())
+    old_status = buffer.status(old.txn_id)
+    buffer.client.hdel(*buffer.travel_key(old.txn_id))
+    buffer.client.hset(buffer.status_key(old.txn_id), mapping=old_status)  # as the earlier layout wrote it
+    status = buffer.status(txn.txn_id)
+    assert status == {"state": "accepted", "stream_id": status["stream_id"], "accepted_at": txn.accepted_at.isoformat(),
+                      "tables": "housekeeping_sample"}
+    assert not buffer.client.exists(buffer.status_key(txn.txn_id))
+    assert buffer.client.object("encoding", buffer.travel_key(txn.txn_id)[0]) == b"listpack"
+
+    settle_committed(buffer, 0x1000)
+    committed = buffer.statuses([txn.txn_id, old.txn_id])
+    assert [s["state"] for s in committed] == ["committed", "committed"]
+    assert committed[0] == status | {"state": "committed", "committed_at": AT, "commit_lsn": "0/1000"}
+    assert not buffer.client.exists(buffer.status_key(txn.txn_id))
+    assert drain.confirm(buffer, Lsn(0x1000)).confirmed == 2
+    done = buffer.statuses([txn.txn_id, old.txn_id])
+    assert [s["state"] for s in done] == ["replicated", "replicated"] and done[0]["commit_lsn"] == "0/1000"
+    assert not buffer.client.hexists(*buffer.travel_key(txn.txn_id)) and not buffer.client.exists(buffer.status_key(old.txn_id))

@@ -34,6 +34,7 @@ import yaml
 from conftest import PG_BIN, PG_OS_USER, free_port
 
 from devstack.process import is_root, make_owned_dir, run_as, write_private
+from devstack.redis import BUFFER_REDIS_TUNING
 from devstack.settings import REPO
 
 COMPOSE_TEXT = (REPO / "docker-compose.yaml").read_text()
@@ -284,6 +285,8 @@ def test_buffer_redis_is_durable_private_and_password_protected():
         "--maxmemory ${REDIS_MAXMEMORY:-10gb}", "--protected-mode yes",
     ):
         assert setting in options
+    for key, value in BUFFER_REDIS_TUNING.items():  # the buffer's layout is sized for these, as the test stack runs it
+        assert f"--{key} {value}" in options, key
     assert redis["entrypoint"] == ["/opsync/redis-entrypoint.sh", "REDIS_PASSWORD"]
     assert "requirepass" in (REPO / "deploy/redis-entrypoint.sh").read_text()
     for name in ("redis", "airflow-broker", "airflow-db"):
