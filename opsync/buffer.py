@@ -30,7 +30,9 @@ so a second or concurrent call finds the entry gone and changes nothing.
 
 import asyncio
 import json
+import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -87,9 +89,15 @@ REMEMBERED = """
 -- An idempotency record: (body hash, response), nil when none. One string: byte 255, the 16-byte body
 -- hash, the binary answer without its leading 255 (see pack_response); or a length byte, the body hash,
 -- the response (text); or, written before those layouts, a hash of body_hash (hex) and response.
+-- Small records are fields of bucket hashes (see Buffer.idempotency_buckets), larger ones a key each.
 local function record_of(hash, response)
   if #hash == 16 and string.byte(response, 1) == 255 then return '\\255' .. hash .. string.sub(response, 2) end
   return string.char(#hash) .. hash .. response
+end
+local function unpacked(value)
+  local n = string.byte(value, 1)
+  if n == 255 then return string.sub(value, 2, 17), '\\255' .. string.sub(value, 18) end
+  return string.sub(value, 2, n + 1), string.sub(value, n + 2)
 end
 local function remembered(key)
   if redis.call('TYPE', key).ok == 'hash' then
@@ -102,9 +110,17 @@ local function remembered(key)
   end
   local value = redis.call('GET', key)
   if not value then return nil end
-  local n = string.byte(value, 1)
-  if n == 255 then return string.sub(value, 2, 17), '\\255' .. string.sub(value, 18) end
-  return string.sub(value, 2, n + 1), string.sub(value, n + 2)
+  return unpacked(value)
+end
+-- The record in its own key or in one of the buckets (keys first to last, newest window first).
+local function remembered_in(key, buckets, field)
+  local body, response = remembered(key)
+  if body then return body, response end
+  for _, bucket in ipairs(buckets) do
+    local value = redis.call('HGET', bucket, field)
+    if value then return unpacked(value) end
+  end
+  return nil
 end
 """
 
@@ -130,13 +146,17 @@ end
 """
 
 ENQUEUE = STATE_OF + REMEMBERED + INDEXES + """
--- KEYS: stream, status, idempotency ('' when none), unsent counter
--- ARGV: envelope, txn_id, accepted_at, body hash (the SHA-256 digest, 32 bytes), response, idempotency_ttl, events channel,
+-- KEYS: stream, status, idempotency ('' when none), unsent counter, then the idempotency buckets to read
+--       (newest window first; the record is written to the first), none when the record takes a key of its own
+-- ARGV: envelope, txn_id, accepted_at, body hash (the SHA-256 digest, 16 bytes), response,
+--       idempotency: 'ttl' (its own key) or 'ttl expire_at_ms field' (the buckets), events channel,
 --       key prefix, tables it involves (see tables_field), rows the caller found in the replica
 --       ('table:key,...'; '*': nothing to check), then the overlay writes (see overlay_args)
 -- Every check comes before the first write: Redis does not roll a script back.
+local ttl, expire_at, field = string.match(ARGV[6], '^(%d+) ?(%d*) ?(.*)$')
+local buckets = {unpack(KEYS, 5)}
 if KEYS[3] ~= '' then
-  local body, response = remembered(KEYS[3])
+  local body, response = remembered_in(KEYS[3], buckets, field)
   if body then
     if body == ARGV[4] then return {'replayed', response} end
     return {'conflict', response}
@@ -187,7 +207,13 @@ redis.call('INCR', KEYS[4])
 local bucket, slot = slot_of(prefix, 'on', ARGV[2])
 redis.call('HSET', bucket, slot, 'a|' .. entry .. '|' .. ARGV[3] .. '|' .. ARGV[9])
 if KEYS[3] ~= '' then
-  redis.call('SET', KEYS[3], record_of(ARGV[4], ARGV[5]), 'EX', ARGV[6])
+  local record = record_of(ARGV[4], ARGV[5])
+  if #buckets > 0 then
+    redis.call('HSET', buckets[1], field, record)
+    redis.call('PEXPIREAT', buckets[1], expire_at, 'NX')  -- the same for every record of the window
+  else
+    redis.call('SET', KEYS[3], record, 'EX', ttl)
+  end
 end
 local pos = 11
 -- Index members of new rows, added per bucket in a few ZADDs rather than one per row and index;
@@ -596,6 +622,30 @@ def digest(body_hash: str) -> bytes:
     return body_hash.encode()
 
 
+IDEMPOTENCY_WINDOWS = 8  # windows per TTL: a record lives at most an eighth of the TTL longer; a lookup reads 9 buckets
+IDEMPOTENCY_BUCKETS = 1024  # bucket hashes per window, by a hash of the key: ~50 records each at 50,000 keys a window
+OWN_KEY_RECORD_BYTES = 200  # a larger record (field and value) keeps a key of its own: buckets stay listpacks
+
+
+def idempotency_field(client_id: str, key: str) -> str:
+    """A record's field in its bucket: the client and its key, apart (no header value holds a NUL)."""
+    return f"{client_id}\0{key}"
+
+
+def record(hashed: bytes, packed: bytes) -> bytes:
+    """An idempotency record as the ENQUEUE script's ``record_of`` writes it."""
+    if len(hashed) == 16 and packed.startswith(BINARY):
+        return BINARY + hashed + packed[1:]
+    return bytes([len(hashed)]) + hashed + packed
+
+
+def split_record(value: bytes) -> tuple[bytes, bytes]:
+    """(body hash, packed answer) of a record :func:`record` wrote."""
+    if value.startswith(BINARY):
+        return value[1:17], BINARY + value[17:]
+    return value[1:value[0] + 1], value[value[0] + 1:]
+
+
 def compact_json(value) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -945,42 +995,68 @@ class Buffer:
         in_replica: Iterable[str] | None = None,
     ) -> dict:
         """The keys and arguments of the ENQUEUE script for ``txn``, whichever client runs it."""
-        idem_key = self.idempotency_key(*idempotency) if idempotency else ""
+        idem_key, idem_arg, buckets = "", str(self.idempotency_ttl_s), list[str]()
+        if idempotency:
+            idem_key, hashed, packed = self.idempotency_key(*idempotency), digest(body_hash), pack_response(response)
+            if len(record(hashed, packed)) + len(idempotency_field(*idempotency)) <= OWN_KEY_RECORD_BYTES:
+                buckets, expire_at = self.idempotency_buckets(idempotency)
+                idem_arg += f" {expire_at} {idempotency_field(*idempotency)}"
         return {
-            "keys": [self.stream, self.status_key(txn.txn_id), idem_key, self.unsent],
+            "keys": [self.stream, self.status_key(txn.txn_id), idem_key, self.unsent, *buckets],
             "args": [
                 txn.model_dump_json(), str(txn.txn_id), txn.accepted_at.isoformat(), digest(body_hash),
-                pack_response(response), self.idempotency_ttl_s, self.events, self.prefix, tables_field(txn),
+                pack_response(response), idem_arg, self.events, self.prefix, tables_field(txn),
                 checked_rows(txn, in_replica), *overlay_args(txn),
             ],
         }
 
+    def idempotency_buckets(self, idempotency: tuple[str, str]) -> tuple[list[str], int]:
+        """The bucket hashes that may hold the record of ``idempotency`` (newest window first: a new record goes
+        there), and when that bucket expires (ms since the epoch).
+
+        A TTL is :data:`IDEMPOTENCY_WINDOWS` windows; a bucket is one window's records of one of
+        :data:`IDEMPOTENCY_BUCKETS` hashes of the key, and expires as a whole a TTL after its window ends, so a
+        record lives between the TTL and the TTL plus one window, and a lookup reads one bucket per window that
+        may still live (one more than the windows, in the same script or pipeline).
+        """
+        ttl_ms = self.idempotency_ttl_s * 1000
+        window_ms = -(-ttl_ms // IDEMPOTENCY_WINDOWS)
+        now = time.time_ns() // 1_000_000 // window_ms
+        slot = zlib.crc32(idempotency_field(*idempotency).encode()) % IDEMPOTENCY_BUCKETS
+        names = [f"{self.prefix}:idem:#{window}:{slot}" for window in range(now, now - IDEMPOTENCY_WINDOWS - 1, -1)]
+        return names, (now + 1) * window_ms + ttl_ms
+
     def replay(self, idempotency: tuple[str, str], body_hash: str) -> dict | None:
         """The stored answer to an earlier identical request, None if there was none."""
         key = self.idempotency_key(*idempotency)
-        try:
-            value: bytes | None = self.client.get(key)  # type: ignore[assignment]  # bytes: no decode_responses
-        except redis.ResponseError:  # WRONGTYPE: a record of the layout before the compact one
+        pipe = self.client.pipeline(transaction=False)
+        pipe.type(key)
+        pipe.get(key)
+        for bucket in self.idempotency_buckets(idempotency)[0]:
+            pipe.hget(bucket, idempotency_field(*idempotency))
+        kind, value, *found = pipe.execute(raise_on_error=False)
+        if kind == b"hash":  # a record of the layout before the compact one
             old, response = self.client.hmget(key, "body_hash", "response")
             body = digest(old.decode())  # type: ignore[union-attr]  # bytes: no decode_responses
         else:
+            value = value if isinstance(value, bytes) else next((v for v in found if v is not None), None)
             if value is None:
                 return None
-            if value.startswith(BINARY):
-                body, response = value[1:17], BINARY + value[17:]
-            else:
-                body, response = value[1:value[0] + 1], value[value[0] + 1:]
+            body, response = split_record(value)
         if body != digest(body_hash):
             raise IdempotencyConflict(idempotency[1])
         return unpack_response(response)  # type: ignore[arg-type]  # the old layout's record has both fields
 
     def remember(self, idempotency: tuple[str, str], body_hash: str, response: dict) -> None:
-        hashed, packed = digest(body_hash), pack_response(response)
-        if len(hashed) == 16 and packed.startswith(BINARY):
-            value = BINARY + hashed + packed[1:]
-        else:
-            value = bytes([len(hashed)]) + hashed + packed
-        self.client.set(self.idempotency_key(*idempotency), value, ex=self.idempotency_ttl_s)
+        value, field = record(digest(body_hash), pack_response(response)), idempotency_field(*idempotency)
+        if len(value) + len(field) > OWN_KEY_RECORD_BYTES:
+            self.client.set(self.idempotency_key(*idempotency), value, ex=self.idempotency_ttl_s)
+            return
+        buckets, expire_at = self.idempotency_buckets(idempotency)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(buckets[0], field, value)
+        pipe.pexpireat(buckets[0], expire_at, nx=True)
+        pipe.execute()
 
     def status(self, txn_id) -> dict[str, str] | None:
         return self.statuses([txn_id])[0]

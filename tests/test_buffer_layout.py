@@ -9,7 +9,7 @@ import pytest
 
 import opsync.buffer
 from opsync import drain
-from opsync.buffer import Buffer, IdempotencyConflict, Settlement
+from opsync.buffer import Buffer, IdempotencyConflict, Settlement, idempotency_field
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
 from opsync.lsn import Lsn
@@ -29,6 +29,11 @@ def housekeeping(steps: int = 1, key: str | None = None):
         "value": 4.2, "unit": "K",
     }) for _ in range(steps)]
     return build_transaction(rows, "test", key)
+
+
+def stored(buffer: Buffer, idempotency: tuple[str, str]) -> bytes | None:
+    """The idempotency record the current window's bucket holds for ``idempotency``."""
+    return buffer.client.hget(buffer.idempotency_buckets(idempotency)[0][0], idempotency_field(*idempotency))
 
 
 def body_hash(text: str) -> str:
@@ -176,10 +181,55 @@ def test_packed_idempotency_records_answer_exactly_the_original(buffer):
     again = buffer.enqueue(retry, answer(retry, State.accepted), ("script", "k2"), body_hash("body"), in_replica=())
     assert (first.replayed, again.replayed) == (False, True)
     assert again.response == first.response == json.loads(json.dumps(original))
-    assert len(buffer.client.get(buffer.idempotency_key("script", "k2"))) < len(json.dumps(original))
+    assert len(stored(buffer, ("script", "k2"))) < len(json.dumps(original))
     committed = {"txn_id": str(txn.txn_id), "ids": [], "state": "committed", "accepted_at": AT, "commit_lsn": "0/10"}
     buffer.remember(("script", "k3"), body_hash("b"), committed)
     assert buffer.replay(("script", "k3"), body_hash("b")) == committed
+
+
+def test_idempotency_records_are_fields_of_bucket_hashes_that_expire_whole_after_the_ttl(buffer):
+    """No key per record: a small record joins its window's bucket (a listpack), which expires a TTL after the
+    window ends; a record of an earlier window still answers; one too large for a bucket keeps its own key."""
+    buffer.idempotency_ttl_s = 800
+    txn = housekeeping(key="b1")
+    first = buffer.enqueue(txn, answer(txn, State.accepted), ("script", "b1"), body_hash("body"), in_replica=())
+    buckets, _ = buffer.idempotency_buckets(("script", "b1"))
+    assert buffer.client.keys(f"{buffer.prefix}:idem:*") == [buckets[0].encode()]
+    assert buffer.client.object("encoding", buckets[0]) == b"listpack"
+    assert 800 <= buffer.client.ttl(buckets[0]) <= 800 + 100  # the TTL, plus at most a window (an eighth of it)
+
+    earlier = ("script", "b2")
+    record = stored(buffer, ("script", "b1"))
+    buffer.client.hset(buffer.idempotency_buckets(earlier)[0][-1], idempotency_field(*earlier), record)
+    retry = housekeeping(key="b2")
+    replayed = buffer.enqueue(retry, answer(retry, State.accepted), earlier, body_hash("body"), in_replica=())
+    assert replayed.replayed and replayed.response == first.response
+    assert buffer.replay(earlier, body_hash("body")) == first.response
+    with pytest.raises(IdempotencyConflict):
+        buffer.enqueue(retry, answer(retry, State.accepted), earlier, body_hash("other"), in_replica=())
+
+    long_key = ("script", "k" * 200)
+    buffer.enqueue(housekeeping(), answer(txn, State.accepted), long_key, body_hash("body"), in_replica=())
+    assert 0 < buffer.client.ttl(buffer.idempotency_key(*long_key)) <= 800
+    assert buffer.replay(long_key, body_hash("body")) == first.response
+    buffer.remember(("script", "b3"), body_hash("b"), first.response)
+    assert stored(buffer, ("script", "b3")) and buffer.replay(("script", "b3"), body_hash("b")) == first.response
+    assert buffer.client.xlen(buffer.stream) == 2
+
+
+def test_records_of_their_own_key_written_before_the_buckets_still_replay(buffer):
+    txn = housekeeping(key="o1")
+    original = answer(txn, State.accepted)
+    buffer.enqueue(txn, original, ("script", "o1"), body_hash("body"), in_replica=())
+    record = stored(buffer, ("script", "o1"))
+    buffer.client.set(buffer.idempotency_key("script", "o2"), record, ex=60)  # as written before the buckets
+    retry = housekeeping(key="o2")
+    replayed = buffer.enqueue(retry, answer(retry, State.accepted), ("script", "o2"), body_hash("body"), in_replica=())
+    assert replayed.replayed and replayed.response == json.loads(json.dumps(original))
+    assert buffer.replay(("script", "o2"), body_hash("body")) == replayed.response
+    with pytest.raises(IdempotencyConflict):
+        buffer.replay(("script", "o2"), body_hash("other"))
+    assert stored(buffer, ("script", "o2")) is None and buffer.client.xlen(buffer.stream) == 1
 
 
 def test_an_accepted_answer_is_kept_in_binary_and_text_records_of_the_earlier_layout_still_replay(buffer):
@@ -188,7 +238,7 @@ def test_an_accepted_answer_is_kept_in_binary_and_text_records_of_the_earlier_la
     txn = housekeeping(key="k4")
     original = answer(txn, State.accepted)
     buffer.enqueue(txn, original, ("script", "k4"), body_hash("body"), in_replica=())
-    assert len(buffer.client.get(buffer.idempotency_key("script", "k4"))) == 1 + 16 + 16 + 8 + 16
+    assert len(stored(buffer, ("script", "k4"))) == 1 + 16 + 16 + 8 + 16
     assert buffer.replay(("script", "k4"), body_hash("body")) == json.loads(json.dumps(original))
 
     old = housekeeping(key="k5")
