@@ -15,7 +15,8 @@ preamble, :class:`devstack.redis.RedisServer`) in a temporary directory and meas
   increasing commit LSNs, no PostgreSQL: this measures Redis), then confirmed in bulk by the real
   :func:`opsync.drain.confirm` against the last LSN: its rate in transactions per second, and the
   bytes each transaction still holds afterwards (its status and idempotency record, kept for their
-  TTL) as a share of the peak.
+  TTL) as a share of the peak. The idempotency records fill their bucket hashes as at the README's peak
+  (:func:`peak_buckets`: ~190 records each), not as thinly as a few thousand records in 8,192 buckets would.
 
 ``--size smoke`` runs it on a few thousand transactions in well under a minute (figures mean
 little); ``full`` on 1,000,000 (the issue's third of a 48 h outage; ~2 GB of Redis). ``--txns``
@@ -36,7 +37,7 @@ from pathlib import Path
 import redis
 
 from devstack.redis import RedisServer
-from opsync.buffer import ENQUEUE, Buffer, Settlement
+from opsync.buffer import ENQUEUE, IDEMPOTENCY_BUCKETS, IDEMPOTENCY_WINDOWS, Buffer, Settlement
 from opsync.drain import confirm
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
@@ -56,6 +57,12 @@ FIGURES = (
     "held_bytes_per_txn", "held_share_of_peak", "confirm_txns_per_s", "settle_txns_per_s",
     "xadd_restart_s", "buffered_restart_s", "envelope_bytes",
 )
+
+
+def peak_buckets(count: int, ttl_s: int = 7 * 86400) -> int:
+    """Idempotency buckets for ``count`` records (all in one window here) that fill each as at the README's
+    peak: ``RATE`` a second over a window (an eighth of the TTL) in :data:`IDEMPOTENCY_BUCKETS` buckets."""
+    return max(1, round(count * IDEMPOTENCY_BUCKETS * IDEMPOTENCY_WINDOWS / (RATE * ttl_s)))
 
 
 def log(message: str) -> None:
@@ -164,7 +171,7 @@ def main() -> None:
         server = RedisServer(Path(tmp) / "buffer", free_port(), secrets.token_hex(16), maxmemory="0")
         server.start()
         client = server.client()
-        buffer = Buffer(client)
+        buffer = Buffer(client, idempotency_buckets=peak_buckets(count))
         buffer.ensure_group()
         empty = used(client)
         aof_empty = aof_bytes(server)
@@ -176,7 +183,7 @@ def main() -> None:
         spare = list(transactions(1, samples))[0]
         buffered_restart = restart_s(server, lambda c: Buffer(c).enqueue(*spare[:2], spare[2], spare[3], in_replica=()))
         client = server.client()
-        buffer = Buffer(client)
+        buffer = Buffer(client, idempotency_buckets=peak_buckets(count))
         log(f"buffer: {peak / count:.0f} B/txn, AOF {aof / count:.0f} B/txn, restart {buffered_restart:.2f} s")
 
         start = time.perf_counter()

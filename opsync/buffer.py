@@ -623,7 +623,9 @@ def digest(body_hash: str) -> bytes:
 
 
 IDEMPOTENCY_WINDOWS = 8  # windows per TTL: a record lives at most an eighth of the TTL longer; a lookup reads 9 buckets
-IDEMPOTENCY_BUCKETS = 1024  # bucket hashes per window, by a hash of the key: ~50 records each at 50,000 keys a window
+# Bucket hashes per window, by a hash of the key: at the README's peak (21 txns/s, a 7-day TTL: 1.6M records a
+# window) ~190 records each, listpacks under hash-max-listpack-entries 512 up to 2.6 times that rate.
+IDEMPOTENCY_BUCKETS = 8192
 OWN_KEY_RECORD_BYTES = 200  # a larger record (field and value) keeps a key of its own: buckets stay listpacks
 
 
@@ -905,9 +907,11 @@ class Buffer:
     """The durable queue at the site; keys live under one prefix so several sites can share a test Redis."""
 
     def __init__(
-        self, client: redis.Redis, prefix: str = "opsync", idempotency_ttl_s: int = 7 * 86400, status_ttl_s: int = 7 * 86400
+        self, client: redis.Redis, prefix: str = "opsync", idempotency_ttl_s: int = 7 * 86400, status_ttl_s: int = 7 * 86400,
+        idempotency_buckets: int = IDEMPOTENCY_BUCKETS,
     ):
         self.client = client
+        self.idempotency_buckets_per_window = idempotency_buckets
         self.prefix = prefix
         self.idempotency_ttl_s = idempotency_ttl_s
         self.status_ttl_s = status_ttl_s
@@ -1015,14 +1019,15 @@ class Buffer:
         there), and when that bucket expires (ms since the epoch).
 
         A TTL is :data:`IDEMPOTENCY_WINDOWS` windows; a bucket is one window's records of one of
-        :data:`IDEMPOTENCY_BUCKETS` hashes of the key, and expires as a whole a TTL after its window ends, so a
+        ``idempotency_buckets`` hashes of the key (:data:`IDEMPOTENCY_BUCKETS`), and expires as a whole a TTL
+        after its window ends, so a
         record lives between the TTL and the TTL plus one window, and a lookup reads one bucket per window that
         may still live (one more than the windows, in the same script or pipeline).
         """
         ttl_ms = self.idempotency_ttl_s * 1000
         window_ms = -(-ttl_ms // IDEMPOTENCY_WINDOWS)
         now = time.time_ns() // 1_000_000 // window_ms
-        slot = zlib.crc32(idempotency_field(*idempotency).encode()) % IDEMPOTENCY_BUCKETS
+        slot = zlib.crc32(idempotency_field(*idempotency).encode()) % self.idempotency_buckets_per_window
         names = [f"{self.prefix}:idem:#{window}:{slot}" for window in range(now, now - IDEMPOTENCY_WINDOWS - 1, -1)]
         return names, (now + 1) * window_ms + ttl_ms
 
