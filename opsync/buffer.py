@@ -22,8 +22,9 @@ The drainer's side is atomic the same way: SETTLE acknowledges a batch only afte
 commit and records each outcome (committed and awaiting the replica, or failed and moved to the
 dead-letter stream); CONFIRM marks a transaction replicated and releases its overlay in one step
 (a few dozen per call), leaving a compact status in a bucket hash for the retention (see
-:meth:`Buffer.final_key`); idempotency records are single strings (:func:`pack_response`). Records of
-the earlier layout (idempotency hashes, replicated statuses kept whole) are still read.
+:meth:`Buffer.final_key`); idempotency records (:func:`pack_response`) are fields of bucket hashes by time
+window (see :meth:`Buffer.idempotency_buckets`). Records of the earlier layouts (idempotency strings and
+hashes of their own, replicated statuses kept whole) are still read.
 An operator's REQUEUE (back into the stream) and DISCARD of a dead letter are single scripts too,
 so a second or concurrent call finds the entry gone and changes nothing.
 """
