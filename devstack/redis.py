@@ -20,12 +20,13 @@ from opsync.health import DURABLE_REDIS
 # replicated statuses (up to 512 per 256 ms of acceptance, ~110 bytes each) and overlay rows. Redis'
 # defaults (128 fields, 64 bytes) make those buckets hash tables; README "Backpressure" has the figures.
 # Small sorted sets likewise: the overlay's index buckets (~4 s of row keys each, ~80 at the peak; up to
-# 512, 125 rows/s, ~40 bytes a key instead of a skiplist's ~130).
+# 1,024, 250 rows/s, ~40 bytes a key instead of a skiplist's ~130: a burst past 512 in one bucket made its
+# conversion cost more than the room backpressure had left, tests/test_buffer_sizing.py).
 # A restart loads the AOF's RDB base fast and replays its incremental part command by command (~2.5x
 # slower per byte here): rewriting once the incremental part is a quarter of the base, not as big as it
 # (Redis' default 100%), bounds the replay, at about 5x instead of 2x the final size written over a fill.
 BUFFER_REDIS_TUNING = {
-    "hash-max-listpack-entries": "512", "hash-max-listpack-value": "256", "zset-max-listpack-entries": "512",
+    "hash-max-listpack-entries": "512", "hash-max-listpack-value": "256", "zset-max-listpack-entries": "1024",
     "auto-aof-rewrite-percentage": "25",
 }
 
