@@ -53,9 +53,18 @@ RATE = 20  # transactions per second at the README's peak: what the txn_ids' tim
 CLIENT = "logger"  # the token name the idempotency keys are scoped to
 
 FIGURES = (
-    "txns", "xadd_bytes_per_entry", "buffered_bytes_per_txn", "buffered_vs_xadd", "aof_bytes_per_txn",
-    "held_bytes_per_txn", "held_share_of_peak", "confirm_txns_per_s", "settle_txns_per_s",
-    "xadd_restart_s", "buffered_restart_s", "envelope_bytes",
+    "txns",
+    "xadd_bytes_per_entry",
+    "buffered_bytes_per_txn",
+    "buffered_vs_xadd",
+    "aof_bytes_per_txn",
+    "held_bytes_per_txn",
+    "held_share_of_peak",
+    "confirm_txns_per_s",
+    "settle_txns_per_s",
+    "xadd_restart_s",
+    "buffered_restart_s",
+    "envelope_bytes",
 )
 
 
@@ -121,7 +130,7 @@ def restart_s(server: RedisServer, write) -> float:
 def fill_xadd(client: redis.Redis, envelopes: list[str]) -> None:
     for first in range(0, len(envelopes), PIPELINE):
         pipe = client.pipeline(transaction=False)
-        for envelope in envelopes[first:first + PIPELINE]:
+        for envelope in envelopes[first : first + PIPELINE]:
             pipe.xadd("bench:xadd", {"txn": envelope})
         pipe.execute()
 
@@ -130,7 +139,7 @@ def fill_buffer(buffer: Buffer, txns: list) -> None:
     script = buffer.client.register_script(ENQUEUE)
     for first in range(0, len(txns), PIPELINE):
         pipe = buffer.client.pipeline(transaction=False)
-        for txn, response, idempotency, body_hash in txns[first:first + PIPELINE]:
+        for txn, response, idempotency, body_hash in txns[first : first + PIPELINE]:
             script(**buffer.enqueue_call(txn, response, idempotency, body_hash, in_replica=()), client=pipe)
         for result in pipe.execute():
             assert result[0] == b"created", result

@@ -46,8 +46,7 @@ from opsync.read_model import ReadModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: free_port)
 
-SIZES = {"full": {"rows": 1_000_000, "seconds": 30, "baseline": 40},
-         "smoke": {"rows": 20_000, "seconds": 6, "baseline": 10}}
+SIZES = {"full": {"rows": 1_000_000, "seconds": 30, "baseline": 40}, "smoke": {"rows": 20_000, "seconds": 6, "baseline": 10}}
 FILES_PER_OBS, OBS_SHARE, SENSORS, MODULES = 10, 0.10, 25, 4  # as bench/read.py loads the primary
 TIMEZONE = "America/Santiago"
 DATABASE = "opsync"
@@ -74,12 +73,28 @@ HOSTILE_PAGES = (  # table pages asked for facets, filters and sorts that scan e
 )
 HOSTILE = tuple((f"/{DATABASE}.json", {"sql": sql, "_shape": "array"}) for sql in HOSTILE_SQL) + HOSTILE_PAGES
 FIGURES = (
-    "size", "rows", "build_s", "hostile_clients", "hostile_seconds",
-    "page_baseline_p50_ms", "page_baseline_p95_ms", "page_under_load_p50_ms", "page_under_load_p95_ms",
-    "page_under_load_max_ms", "page_requests_under_load", "page_errors_under_load",
-    "hostile_requests", "hostile_ok", "hostile_refused_400", "hostile_busy_503", "hostile_other",
-    "rss_baseline_mb", "rss_peak_hostile_mb", "rss_high_water_mb",
-    "target_page_p95_ms", "page_target_met",
+    "size",
+    "rows",
+    "build_s",
+    "hostile_clients",
+    "hostile_seconds",
+    "page_baseline_p50_ms",
+    "page_baseline_p95_ms",
+    "page_under_load_p50_ms",
+    "page_under_load_p95_ms",
+    "page_under_load_max_ms",
+    "page_requests_under_load",
+    "page_errors_under_load",
+    "hostile_requests",
+    "hostile_ok",
+    "hostile_refused_400",
+    "hostile_busy_503",
+    "hostile_other",
+    "rss_baseline_mb",
+    "rss_peak_hostile_mb",
+    "rss_high_water_mb",
+    "target_page_p95_ms",
+    "page_target_met",
 )
 
 
@@ -97,22 +112,69 @@ def fill(path: Path, rows: int) -> None:
     try:
         with model.bulk_load(), model.transaction() as conn:
             model.insert(conn, tables["instrument"], records("instrument", [{"id": instrument, "name": "CHAI", "active": True}]))
-            model.insert(conn, tables["instrument_module"], records("instrument_module", [
-                {"id": m, "instrument_id": instrument, "name": f"band-{n}", "active": True} for n, m in enumerate(modules)]))
-            model.insert(conn, tables["obs_unit"], records("obs_unit", [
-                {"id": p, "name": f"orion-{n}", "program": "P-BENCH", "source_name": "Orion KL", "ra_deg": 83.8,
-                 "dec_deg": -5.4, "priority": 3} for n, p in enumerate(plans)]))
+            model.insert(
+                conn,
+                tables["instrument_module"],
+                records(
+                    "instrument_module",
+                    [{"id": m, "instrument_id": instrument, "name": f"band-{n}", "active": True} for n, m in enumerate(modules)],
+                ),
+            )
+            model.insert(
+                conn,
+                tables["obs_unit"],
+                records(
+                    "obs_unit",
+                    [
+                        {
+                            "id": p,
+                            "name": f"orion-{n}",
+                            "program": "P-BENCH",
+                            "source_name": "Orion KL",
+                            "ra_deg": 83.8,
+                            "dec_deg": -5.4,
+                            "priority": 3,
+                        }
+                        for n, p in enumerate(plans)
+                    ],
+                ),
+            )
             obs, packages, files = [], [], []
             for n in range(observations):
                 begin, key, package = start + timedelta(minutes=10 * n), str(new_id()), str(new_id())
-                obs.append({"id": key, "obs_unit_id": plans[n % len(plans)], "instrument_module_id": modules[n % MODULES],
-                            "status": "completed", "start_time": begin, "end_time": begin + timedelta(minutes=8),
-                            "metadata": {"pwv_mm": round(0.4 + n % 50 / 100, 2)}})
-                packages.append({"id": package, "name": f"obs-{n:07d}.tar", "executed_obs_unit_id": key, "status": "sealed",
-                                 "size_bytes": FILES_PER_OBS * 734_003_200, "checksum_sha256": "ab" * 32})
-                files += [{"id": str(new_id()), "path": f"/data/{n:07d}/scan-{f:02d}.fits", "size_bytes": 734_003_200,
-                           "checksum_sha256": "ab" * 32, "file_type": "fits" if f else "log", "executed_obs_unit_id": key,
-                           "raw_data_package_id": package} for f in range(FILES_PER_OBS)]
+                obs.append(
+                    {
+                        "id": key,
+                        "obs_unit_id": plans[n % len(plans)],
+                        "instrument_module_id": modules[n % MODULES],
+                        "status": "completed",
+                        "start_time": begin,
+                        "end_time": begin + timedelta(minutes=8),
+                        "metadata": {"pwv_mm": round(0.4 + n % 50 / 100, 2)},
+                    }
+                )
+                packages.append(
+                    {
+                        "id": package,
+                        "name": f"obs-{n:07d}.tar",
+                        "executed_obs_unit_id": key,
+                        "status": "sealed",
+                        "size_bytes": FILES_PER_OBS * 734_003_200,
+                        "checksum_sha256": "ab" * 32,
+                    }
+                )
+                files += [
+                    {
+                        "id": str(new_id()),
+                        "path": f"/data/{n:07d}/scan-{f:02d}.fits",
+                        "size_bytes": 734_003_200,
+                        "checksum_sha256": "ab" * 32,
+                        "file_type": "fits" if f else "log",
+                        "executed_obs_unit_id": key,
+                        "raw_data_package_id": package,
+                    }
+                    for f in range(FILES_PER_OBS)
+                ]
             for table, found in (("executed_obs_unit", obs), ("raw_data_package", packages), ("raw_data_file", files)):
                 model.insert(conn, tables[table], records(table, found))
             samples = rows - len(obs) - len(packages) - len(files)
@@ -122,8 +184,16 @@ def fill(path: Path, rows: int) -> None:
                 for n in range(first, min(first + 50_000, samples)):
                     sweep, slot = divmod(n, per_sweep)
                     module, sensor = divmod(slot, SENSORS)
-                    batch.append({"id": str(new_id()), "instrument_module_id": modules[module], "sensor": f"sensor_{sensor:02d}",
-                                  "sampled_at": start + timedelta(seconds=sweep), "value": 4.2 + (n % 97) / 1000, "unit": "K"})
+                    batch.append(
+                        {
+                            "id": str(new_id()),
+                            "instrument_module_id": modules[module],
+                            "sensor": f"sensor_{sensor:02d}",
+                            "sampled_at": start + timedelta(seconds=sweep),
+                            "value": 4.2 + (n % 97) / 1000,
+                            "unit": "K",
+                        }
+                    )
                 model.insert(conn, tables["housekeeping_sample"], records("housekeeping_sample", batch))
     finally:
         model.close()
@@ -143,8 +213,7 @@ def datasette(model: Path, workdir: Path) -> Iterator[tuple[str, psutil.Process]
     log_path = workdir / "datasette.log"
     with open(log_path, "ab") as log:
         env = {**os.environ, "PYTHONPATH": str(REPO), "OPSYNC_DATASETTE_PUBLISHER": "false"}
-        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         ingest_bench.wait_ready(proc, 60, f"{base}/-/versions.json", f"datasette (log: {log_path})")
@@ -263,10 +332,12 @@ def main() -> None:
         "target_page_p95_ms": TARGET_P95_MS,
     }
     figures["page_target_met"] = bool(loaded) and not loaded_errors and figures["page_under_load_p95_ms"] < TARGET_P95_MS
-    log(f"page {PAGE}: baseline p50 {figures['page_baseline_p50_ms']} ms, p95 {figures['page_baseline_p95_ms']} ms; "
+    log(
+        f"page {PAGE}: baseline p50 {figures['page_baseline_p50_ms']} ms, p95 {figures['page_baseline_p95_ms']} ms; "
         f"under load p50 {figures['page_under_load_p50_ms']} ms, p95 {figures['page_under_load_p95_ms']} ms "
         f"(target < {TARGET_P95_MS} ms: {'met' if figures['page_target_met'] else 'NOT met'}); "
-        f"hostile answers {dict(answers)}; RSS {figures['rss_baseline_mb']} → peak {figures['rss_peak_hostile_mb']} MB")
+        f"hostile answers {dict(answers)}; RSS {figures['rss_baseline_mb']} → peak {figures['rss_peak_hostile_mb']} MB"
+    )
     print(json.dumps(figures), flush=True)
 
 

@@ -126,27 +126,93 @@ class Size:
 
 
 SIZES = {
-    "full": Size(records=200_000, wan_records=50_000, small_txns=100_000, steady_seconds=30, sweep_txns=60_000,
-                 sweep_records=300_000, sweep_candidates=len(SWEEP)),
-    "smoke": Size(records=5_000, wan_records=2_000, small_txns=3_000, steady_seconds=5, sweep_txns=500,
-                  sweep_records=1_000, sweep_candidates=0),
+    "full": Size(
+        records=200_000,
+        wan_records=50_000,
+        small_txns=100_000,
+        steady_seconds=30,
+        sweep_txns=60_000,
+        sweep_records=300_000,
+        sweep_candidates=len(SWEEP),
+    ),
+    "smoke": Size(
+        records=5_000, wan_records=2_000, small_txns=3_000, steady_seconds=5, sweep_txns=500, sweep_records=1_000, sweep_candidates=0
+    ),
 }
 FIGURES = (
-    "records", "transactions", "batch_size", "batch_records", "batch_bytes", "buffer_records_per_s", "drain_s", "drain_records_per_s",
+    "records",
+    "transactions",
+    "batch_size",
+    "batch_records",
+    "batch_bytes",
+    "buffer_records_per_s",
+    "drain_s",
+    "drain_records_per_s",
     "drain_batches",
-    "round_trips_per_batch", "drain_share_claim", "drain_share_parse", "drain_share_dead_rows", "drain_share_apply",
-    "drain_share_settle", "drain_client_cpu_s", "drain_apply_client_cpu_s", "drain_apply_wait_s", "confirm_s", "confirmed_txns",
-    "copy_s", "copy_records_per_s", "drain_vs_copy", "wan_records", "wan_transactions", "wan_batches", "wan_round_trips_per_batch",
-    "wan_connect_s", "drain_s_250ms_rtt", "drain_records_per_s_250ms_rtt", "drain_records_per_s_250ms_rtt_with_connect",
-    "small_txns", "small_batch_size", "small_batches", "small_round_trips_per_batch", "small_drain_s", "small_drain_txns_per_s",
-    "small_confirm_wait_s", "small_replicated_s", "small_replicated_txns_per_s", "small_copy_s", "small_copy_rows_per_s",
-    "small_drain_vs_copy", "small_projected_48h_min", "target_small_projected_48h_min", "small_target_met",
-    "steady_posts", "steady_accepted", "steady_errors", "steady_not_replicated", "post_to_replicated_p50_s",
-    "post_to_replicated_p95_s", "post_to_replicated_p99_s", "post_to_replicated_max_s", "steady_drain_runs", "steady_drain_batches",
-    "steady_drain_run_mean_s", "steady_drain_run_max_s", "steady_run_to_replicated_mean_s", "steady_generator_lag_p99_ms",
-    "target_drain_vs_copy", "target_records_per_s_250ms_rtt", "target_post_to_replicated_p95_s", "drain_vs_copy_target_met",
-    "wan_target_met", "p95_target_met", "sweep", "sweep_configured", "sweep_configured_small_replicated_txns_per_s",
-    "sweep_configured_mixed_records_per_s", "sweep_best_small", "sweep_best_mixed", "sweep_longest_redis_call_ms",
+    "round_trips_per_batch",
+    "drain_share_claim",
+    "drain_share_parse",
+    "drain_share_dead_rows",
+    "drain_share_apply",
+    "drain_share_settle",
+    "drain_client_cpu_s",
+    "drain_apply_client_cpu_s",
+    "drain_apply_wait_s",
+    "confirm_s",
+    "confirmed_txns",
+    "copy_s",
+    "copy_records_per_s",
+    "drain_vs_copy",
+    "wan_records",
+    "wan_transactions",
+    "wan_batches",
+    "wan_round_trips_per_batch",
+    "wan_connect_s",
+    "drain_s_250ms_rtt",
+    "drain_records_per_s_250ms_rtt",
+    "drain_records_per_s_250ms_rtt_with_connect",
+    "small_txns",
+    "small_batch_size",
+    "small_batches",
+    "small_round_trips_per_batch",
+    "small_drain_s",
+    "small_drain_txns_per_s",
+    "small_confirm_wait_s",
+    "small_replicated_s",
+    "small_replicated_txns_per_s",
+    "small_copy_s",
+    "small_copy_rows_per_s",
+    "small_drain_vs_copy",
+    "small_projected_48h_min",
+    "target_small_projected_48h_min",
+    "small_target_met",
+    "steady_posts",
+    "steady_accepted",
+    "steady_errors",
+    "steady_not_replicated",
+    "post_to_replicated_p50_s",
+    "post_to_replicated_p95_s",
+    "post_to_replicated_p99_s",
+    "post_to_replicated_max_s",
+    "steady_drain_runs",
+    "steady_drain_batches",
+    "steady_drain_run_mean_s",
+    "steady_drain_run_max_s",
+    "steady_run_to_replicated_mean_s",
+    "steady_generator_lag_p99_ms",
+    "target_drain_vs_copy",
+    "target_records_per_s_250ms_rtt",
+    "target_post_to_replicated_p95_s",
+    "drain_vs_copy_target_met",
+    "wan_target_met",
+    "p95_target_met",
+    "sweep",
+    "sweep_configured",
+    "sweep_configured_small_replicated_txns_per_s",
+    "sweep_configured_mixed_records_per_s",
+    "sweep_best_small",
+    "sweep_best_mixed",
+    "sweep_longest_redis_call_ms",
     "sweep_max_rss_growth_mib",
 )
 
@@ -197,22 +263,41 @@ class Workload:
     def observation(self) -> list[StepIn]:
         n = self.observations = self.observations + 1
         begin = self.start + timedelta(minutes=5 * n)
-        obs = StepIn(table="executed_obs_unit", ref="obs", values={
-            "obs_unit_id": self.plan.obs_units[n % len(self.plan.obs_units)],
-            "instrument_module_id": self.plan.modules[n % MODULES], "status": "completed",
-            "start_time": begin.isoformat(), "end_time": (begin + timedelta(minutes=4)).isoformat(),
-            "metadata": {"pwv_mm": round(0.4 + (n % 50) / 100, 2), "tau_225": round(0.03 + (n % 7) / 100, 3), "scan": "otf"},
-        })
-        package = StepIn(table="raw_data_package", ref="pkg", values={
-            "name": f"bench-{self.tag}-{n:07d}.tar", "executed_obs_unit_id": {"$ref": "obs"}, "status": "sealed",
-            "size_bytes": FILES_PER_OBS * 734_003_200, "checksum_sha256": SHA,
-        })
+        obs = StepIn(
+            table="executed_obs_unit",
+            ref="obs",
+            values={
+                "obs_unit_id": self.plan.obs_units[n % len(self.plan.obs_units)],
+                "instrument_module_id": self.plan.modules[n % MODULES],
+                "status": "completed",
+                "start_time": begin.isoformat(),
+                "end_time": (begin + timedelta(minutes=4)).isoformat(),
+                "metadata": {"pwv_mm": round(0.4 + (n % 50) / 100, 2), "tau_225": round(0.03 + (n % 7) / 100, 3), "scan": "otf"},
+            },
+        )
+        package = StepIn(
+            table="raw_data_package",
+            ref="pkg",
+            values={
+                "name": f"bench-{self.tag}-{n:07d}.tar",
+                "executed_obs_unit_id": {"$ref": "obs"},
+                "status": "sealed",
+                "size_bytes": FILES_PER_OBS * 734_003_200,
+                "checksum_sha256": SHA,
+            },
+        )
         files = [
-            StepIn(table="raw_data_file", values={
-                "path": f"/data/bench/{self.tag}/{n:07d}/scan_{i:03d}.{'fits' if i else 'log'}",
-                "size_bytes": 734_003_200 if i else 81_920, "checksum_sha256": SHA, "file_type": "fits" if i else "log",
-                "executed_obs_unit_id": {"$ref": "obs"}, "raw_data_package_id": {"$ref": "pkg"},
-            })
+            StepIn(
+                table="raw_data_file",
+                values={
+                    "path": f"/data/bench/{self.tag}/{n:07d}/scan_{i:03d}.{'fits' if i else 'log'}",
+                    "size_bytes": 734_003_200 if i else 81_920,
+                    "checksum_sha256": SHA,
+                    "file_type": "fits" if i else "log",
+                    "executed_obs_unit_id": {"$ref": "obs"},
+                    "raw_data_package_id": {"$ref": "pkg"},
+                },
+            )
             for i in range(FILES_PER_OBS)
         ]
         return [obs, package, *files]
@@ -222,10 +307,16 @@ class Workload:
         self.sweeps += 1
         at = (self.start + timedelta(seconds=10 * self.sweeps)).isoformat()
         return [
-            StepIn(table="housekeeping_sample", values={
-                "instrument_module_id": self.plan.modules[i % MODULES], "sensor": f"bench_{self.tag}_{i // MODULES:02d}",
-                "sampled_at": at, "value": round(4.2 + ((self.sweeps + i) % 97) / 1000, 4), "unit": "K",
-            })
+            StepIn(
+                table="housekeeping_sample",
+                values={
+                    "instrument_module_id": self.plan.modules[i % MODULES],
+                    "sensor": f"bench_{self.tag}_{i // MODULES:02d}",
+                    "sampled_at": at,
+                    "value": round(4.2 + ((self.sweeps + i) % 97) / 1000, 4),
+                    "unit": "K",
+                },
+            )
             for i in range(size)
         ]
 
@@ -268,8 +359,12 @@ def buffer_records(buffer: Buffer, workload: Workload, records: int) -> Buffered
     started = time.perf_counter()
     for steps in workload.transactions(records):
         txn = build_transaction(steps, "observatory")
-        answer = {"txn_id": str(txn.txn_id), "ids": [str(s.key) for s in txn.steps], "state": "accepted",
-                  "accepted_at": txn.accepted_at.isoformat()}
+        answer = {
+            "txn_id": str(txn.txn_id),
+            "ids": [str(s.key) for s in txn.steps],
+            "state": "accepted",
+            "accepted_at": txn.accepted_at.isoformat(),
+        }
         buffer.enqueue(txn, answer)
         out.txns.append(txn)
         out.records += len(steps)
@@ -413,8 +508,12 @@ def buffer_small(buffer: Buffer, workload: Workload, txns: int) -> Buffered:
     for index in range(txns):
         key = f"bench-{workload.tag}-{index}"
         txn = build_transaction(workload.housekeeping(1), "observatory", idempotency_key=key)
-        answer = {"txn_id": str(txn.txn_id), "ids": [str(txn.steps[0].key)], "state": "accepted",
-                  "accepted_at": txn.accepted_at.isoformat()}
+        answer = {
+            "txn_id": str(txn.txn_id),
+            "ids": [str(txn.steps[0].key)],
+            "state": "accepted",
+            "accepted_at": txn.accepted_at.isoformat(),
+        }
         buffer.enqueue(txn, answer, idempotency=("bench-client", key), body_hash=key)
         out.txns.append(txn)
         out.records += 1
@@ -453,8 +552,17 @@ def drain_to_replicated(buffer: Buffer, primary: Engine, replica: Engine, limits
     return cycles
 
 
-def small_txns(site, primary_url: str, primary: Engine, replica: Engine, plan: Planning, start: datetime,
-               console: Console, txns: int, limits: BatchLimits) -> dict:
+def small_txns(
+    site,
+    primary_url: str,
+    primary: Engine,
+    replica: Engine,
+    plan: Planning,
+    start: datetime,
+    console: Console,
+    txns: int,
+    limits: BatchLimits,
+) -> dict:
     buffer = Buffer(redis_client(site), prefix="bench-drain-small")
     console.print(f"buffering {txns:,} single-record transactions with idempotency keys …")
     small = buffer_small(buffer, Workload(plan, start), txns)
@@ -465,8 +573,9 @@ def small_txns(site, primary_url: str, primary: Engine, replica: Engine, plan: P
         try:
             with far.connect():  # connected once per drain task: not part of the rate
                 pass
-            console.print(f"draining and confirming them through the WAN proxy (250 ms round trips), as DAG runs, "
-                          f"batches of {describe(limits)} …")
+            console.print(
+                f"draining and confirming them through the WAN proxy (250 ms round trips), as DAG runs, batches of {describe(limits)} …"
+            )
             cycles = drain_to_replicated(buffer, far, replica, limits)
         finally:
             far.dispose()
@@ -483,14 +592,20 @@ def small_txns(site, primary_url: str, primary: Engine, replica: Engine, plan: P
     rate = txns / cycles.replicated_s
     projected = OUTAGE_TXNS / rate / 60
     return {
-        "small_txns": txns, "small_batch_size": limits.transactions, "small_batches": summary.batches,
+        "small_txns": txns,
+        "small_batch_size": limits.transactions,
+        "small_batches": summary.batches,
         "small_round_trips_per_batch": round(summary.round_trips / summary.batches, 2),
-        "small_drain_s": round(cycles.drain_s, 2), "small_drain_txns_per_s": round(txns / cycles.drain_s),
+        "small_drain_s": round(cycles.drain_s, 2),
+        "small_drain_txns_per_s": round(txns / cycles.drain_s),
         "small_confirm_wait_s": round(cycles.replicated_s - cycles.drain_s, 2),
-        "small_replicated_s": round(cycles.replicated_s, 2), "small_replicated_txns_per_s": round(rate),
-        "small_copy_s": round(copy_s, 2), "small_copy_rows_per_s": round(txns / copy_s),
+        "small_replicated_s": round(cycles.replicated_s, 2),
+        "small_replicated_txns_per_s": round(rate),
+        "small_copy_s": round(copy_s, 2),
+        "small_copy_rows_per_s": round(txns / copy_s),
         "small_drain_vs_copy": round(copy_s / cycles.drain_s, 3),
-        "small_projected_48h_min": round(projected, 1), "target_small_projected_48h_min": TARGET_OUTAGE_MIN,
+        "small_projected_48h_min": round(projected, 1),
+        "target_small_projected_48h_min": TARGET_OUTAGE_MIN,
         "small_target_met": projected <= TARGET_OUTAGE_MIN,
     }
 
@@ -577,8 +692,13 @@ class DagStandIn(threading.Thread):
                 started = time.monotonic()
                 primary = engine(self.primary_url, autocommit=True)  # as the drain task's: a new engine, so a new connection, per run
                 try:
-                    summary = drain(self.buffer, primary, budget_s=BUDGET_S, readable=lambda: replica_position(self.replica),
-                                    **batch_options(self.limits))  # as the drain task
+                    summary = drain(
+                        self.buffer,
+                        primary,
+                        budget_s=BUDGET_S,
+                        readable=lambda: replica_position(self.replica),
+                        **batch_options(self.limits),
+                    )  # as the drain task
                 finally:
                     primary.dispose()
                 drained = time.monotonic()
@@ -592,8 +712,9 @@ class DagStandIn(threading.Thread):
             self.error = exc
 
 
-def steady_ingest(site, primary_url: str, primary: Engine, replica: Engine, workdir: Path, console: Console, seconds: int,
-                  limits: BatchLimits) -> dict:
+def steady_ingest(
+    site, primary_url: str, primary: Engine, replica: Engine, workdir: Path, console: Console, seconds: int, limits: BatchLimits
+) -> dict:
     module = ingest_bench.instrument_module(primary)
     samples = ingest_bench.Samples(module)
     token = ingest_bench.replicated_token(primary, replica)
@@ -609,8 +730,10 @@ def steady_ingest(site, primary_url: str, primary: Engine, replica: Engine, work
         raws = [requests.post(samples.body()) for _ in range(STEADY_RATE * seconds)]
         dag = DagStandIn(buffer, far_url, replica, limits)
         dag.start()
-        console.print(f"steady ingest: {STEADY_RATE} single-record POSTs/s for {seconds} s, drained every "
-                      f"{DAG_INTERVAL_S:g} s through the 250 ms link …")
+        console.print(
+            f"steady ingest: {STEADY_RATE} single-record POSTs/s for {seconds} s, drained every "
+            f"{DAG_INTERVAL_S:g} s through the 250 ms link …"
+        )
         posted = loop.run_until_complete(post_steadily(port, raws, STEADY_RATE))
         ids, deadline = list(posted.accepted), time.monotonic() + SETTLE_TIMEOUT_S
         while dag.error is None and time.monotonic() < deadline:
@@ -635,9 +758,13 @@ def steady_ingest(site, primary_url: str, primary: Engine, replica: Engine, work
         return round(value, 2) if value != float("inf") else None
 
     return {
-        "steady_posts": len(raws), "steady_accepted": len(ids), "steady_errors": posted.errors,
+        "steady_posts": len(raws),
+        "steady_accepted": len(ids),
+        "steady_errors": posted.errors,
         "steady_not_replicated": sum(x == float("inf") for x in latencies),
-        "post_to_replicated_p50_s": q(0.5), "post_to_replicated_p95_s": q(0.95), "post_to_replicated_p99_s": q(0.99),
+        "post_to_replicated_p50_s": q(0.5),
+        "post_to_replicated_p95_s": q(0.95),
+        "post_to_replicated_p99_s": q(0.99),
         "post_to_replicated_max_s": q(1.0),
         "steady_drain_runs": len(drains),
         "steady_drain_batches": sum(r[1] for r in drains),
@@ -699,8 +826,9 @@ class Watch:
         return round(worst["duration"] / 1000, 1), (command.decode() if isinstance(command, bytes) else str(command)).split(" ")[0]
 
 
-def sweep_small(site, far: Engine, primary: Engine, replica: Engine, plan: Planning, start: datetime, txns: int,
-                limits: BatchLimits) -> dict:
+def sweep_small(
+    site, far: Engine, primary: Engine, replica: Engine, plan: Planning, start: datetime, txns: int, limits: BatchLimits
+) -> dict:
     """``txns`` single-record transactions to ``replicated`` through the link, as DAG runs do it, at ``limits``."""
     buffer = Buffer(redis_client(site), prefix=f"bench-sweep-small-{uuid.uuid4().hex[:6]}")
     buffer_small(buffer, Workload(plan, start), txns)
@@ -711,14 +839,19 @@ def sweep_small(site, far: Engine, primary: Engine, replica: Engine, plan: Plann
     assert cycles.summary.applied == txns and not cycles.summary.dead_lettered, cycles.summary.describe()
     longest_ms, longest = watch.longest_call()
     return {
-        "small_batches": cycles.summary.batches, "small_txns_per_batch": round(txns / cycles.summary.batches),
-        "small_drain_txns_per_s": round(txns / cycles.drain_s), "small_replicated_txns_per_s": round(txns / cycles.replicated_s),
-        "small_rss_growth_mib": watch.rss_growth_mib(), "small_longest_redis_call_ms": longest_ms, "small_longest_redis_call": longest,
+        "small_batches": cycles.summary.batches,
+        "small_txns_per_batch": round(txns / cycles.summary.batches),
+        "small_drain_txns_per_s": round(txns / cycles.drain_s),
+        "small_replicated_txns_per_s": round(txns / cycles.replicated_s),
+        "small_rss_growth_mib": watch.rss_growth_mib(),
+        "small_longest_redis_call_ms": longest_ms,
+        "small_longest_redis_call": longest,
     }
 
 
-def sweep_mixed(site, far: Engine, primary: Engine, replica: Engine, plan: Planning, start: datetime, records: int,
-                limits: BatchLimits) -> dict:
+def sweep_mixed(
+    site, far: Engine, primary: Engine, replica: Engine, plan: Planning, start: datetime, records: int, limits: BatchLimits
+) -> dict:
     """``records`` records of the peak mix (observations with package and files, housekeeping lists) through the link."""
     buffer = Buffer(redis_client(site), prefix=f"bench-sweep-mixed-{uuid.uuid4().hex[:6]}")
     mixed = buffer_records(buffer, Workload(plan, start), records)
@@ -730,14 +863,27 @@ def sweep_mixed(site, far: Engine, primary: Engine, replica: Engine, plan: Plann
     assert summary.applied == len(mixed.txns) and not summary.dead_lettered, summary.describe()
     longest_ms, longest = watch.longest_call()
     return {
-        "mixed_batches": summary.batches, "mixed_records_per_batch": round(records / summary.batches),
-        "mixed_txns_per_batch": round(len(mixed.txns) / summary.batches), "mixed_records_per_s": round(records / summary.elapsed_s),
-        "mixed_rss_growth_mib": watch.rss_growth_mib(), "mixed_longest_redis_call_ms": longest_ms, "mixed_longest_redis_call": longest,
+        "mixed_batches": summary.batches,
+        "mixed_records_per_batch": round(records / summary.batches),
+        "mixed_txns_per_batch": round(len(mixed.txns) / summary.batches),
+        "mixed_records_per_s": round(records / summary.elapsed_s),
+        "mixed_rss_growth_mib": watch.rss_growth_mib(),
+        "mixed_longest_redis_call_ms": longest_ms,
+        "mixed_longest_redis_call": longest,
     }
 
 
-def sweep(site, primary_url: str, primary: Engine, replica: Engine, plan: Planning, start: datetime, console: Console,
-          size: "Size", configured: BatchLimits) -> dict:
+def sweep(
+    site,
+    primary_url: str,
+    primary: Engine,
+    replica: Engine,
+    plan: Planning,
+    start: datetime,
+    console: Console,
+    size: "Size",
+    configured: BatchLimits,
+) -> dict:
     """Each candidate of ``size.sweep`` (and the configured limits), both phases, through one 250 ms link, in one run."""
     candidates = list(dict.fromkeys([*SWEEP[: size.sweep_candidates], configured]))
     results = []
@@ -747,11 +893,17 @@ def sweep(site, primary_url: str, primary: Engine, replica: Engine, plan: Planni
             with far.connect():  # connected once per drain task: not part of the rate
                 pass
             for index, limits in enumerate(candidates):
-                console.print(f"sweep {index + 1}/{len(candidates)}: {describe(limits)}: {size.sweep_txns:,} single-record "
-                              f"transactions, then {size.sweep_records:,} records of the peak mix, through the link …")
+                console.print(
+                    f"sweep {index + 1}/{len(candidates)}: {describe(limits)}: {size.sweep_txns:,} single-record "
+                    f"transactions, then {size.sweep_records:,} records of the peak mix, through the link …"
+                )
                 when = start + timedelta(days=90 + 10 * index)
-                row = {"transactions": limits.transactions, "records": limits.records, "bytes": limits.bytes,
-                       "configured": limits == configured}
+                row = {
+                    "transactions": limits.transactions,
+                    "records": limits.records,
+                    "bytes": limits.bytes,
+                    "configured": limits == configured,
+                }
                 row |= sweep_small(site, far, primary, replica, plan, when, size.sweep_txns, limits)
                 row |= sweep_mixed(site, far, primary, replica, plan, when + timedelta(days=5), size.sweep_records, limits)
                 results.append(row)
@@ -791,17 +943,30 @@ def main() -> None:
     parser.add_argument("--wan-records", type=int, help=f"records drained at 250 ms RTT (full: {SIZES['full'].wan_records:,})")
     parser.add_argument("--small-txns", type=int, help=f"single-record transactions at 250 ms RTT (full: {SIZES['full'].small_txns:,})")
     parser.add_argument("--steady-seconds", type=int, help=f"steady ingest phase (full: {SIZES['full'].steady_seconds})")
-    parser.add_argument("--sweep-txns", type=int,
-                        help=f"single-record transactions per sweep candidate (full: {SIZES['full'].sweep_txns:,})")
+    parser.add_argument(
+        "--sweep-txns", type=int, help=f"single-record transactions per sweep candidate (full: {SIZES['full'].sweep_txns:,})"
+    )
     parser.add_argument("--sweep-records", type=int, help=f"peak-mix records per sweep candidate (full: {SIZES['full'].sweep_records:,})")
     parser.add_argument("--sweep-candidates", type=int, help=f"how many of the sweep's candidates (full: {len(SWEEP)})")
     configured = BatchSettings()  # OPSYNC_DRAIN_BATCH_* or the product's defaults
-    parser.add_argument("--batch", type=positive, default=configured.batch_size,
-                        help=f"transactions per batch (OPSYNC_DRAIN_BATCH_SIZE: {configured.batch_size})")
-    parser.add_argument("--batch-records", type=positive, default=configured.batch_records,
-                        help=f"records per batch at most (OPSYNC_DRAIN_BATCH_RECORDS: {configured.batch_records})")
-    parser.add_argument("--batch-bytes", type=positive, default=configured.batch_bytes,
-                        help=f"envelope bytes per batch at most (OPSYNC_DRAIN_BATCH_BYTES: {configured.batch_bytes})")
+    parser.add_argument(
+        "--batch",
+        type=positive,
+        default=configured.batch_size,
+        help=f"transactions per batch (OPSYNC_DRAIN_BATCH_SIZE: {configured.batch_size})",
+    )
+    parser.add_argument(
+        "--batch-records",
+        type=positive,
+        default=configured.batch_records,
+        help=f"records per batch at most (OPSYNC_DRAIN_BATCH_RECORDS: {configured.batch_records})",
+    )
+    parser.add_argument(
+        "--batch-bytes",
+        type=positive,
+        default=configured.batch_bytes,
+        help=f"envelope bytes per batch at most (OPSYNC_DRAIN_BATCH_BYTES: {configured.batch_bytes})",
+    )
     parser.set_defaults(**asdict(SIZES[parser.parse_known_args()[0].size]))
     args = parser.parse_args()
     records, wan_records = args.records, args.wan_records
@@ -862,8 +1027,7 @@ def main() -> None:
         confirm_everything(wan_buffer, replica)
 
         # 4. single-record transactions to replicated, through the same link
-        figures |= small_txns(site, primary_url, primary, replica, plan, start + timedelta(days=60), console, args.small_txns,
-                              limits)
+        figures |= small_txns(site, primary_url, primary, replica, plan, start + timedelta(days=60), console, args.small_txns, limits)
 
         # 5. POST to replicated at a steady rate
         figures |= steady_ingest(site, primary_url, primary, replica, workdir, console, args.steady_seconds, limits)
@@ -916,18 +1080,31 @@ def main() -> None:
     yes = {True: "[green]yes[/]", False: "[red]no[/]"}
     table.add_row("drain records/s (local)", f"{drain_rate:,.0f}", "", "")
     table.add_row("raw COPY records/s", f"{copy_rate:,.0f}", "", "")
-    table.add_row("drain / COPY", f"{figures['drain_vs_copy']:.0%}", f"≥ {TARGET_DRAIN_VS_COPY:.0%}",
-                  yes[figures["drain_vs_copy_target_met"]])
+    table.add_row(
+        "drain / COPY", f"{figures['drain_vs_copy']:.0%}", f"≥ {TARGET_DRAIN_VS_COPY:.0%}", yes[figures["drain_vs_copy_target_met"]]
+    )
     table.add_row("round trips per batch", f"{figures['round_trips_per_batch']:g}", "constant", "")
     table.add_row("confirm on the replica", f"{confirm_s:.2f} s ({confirmed:,} txns)", "", "")
-    table.add_row("drain records/s, 250 ms RTT", f"{wan_rate:,.0f}", f"≥ {TARGET_WAN_RECORDS_PER_S:,}",
-                  yes[figures["wan_target_met"]])
-    table.add_row("  same, with the connection set-up", f"{figures['drain_records_per_s_250ms_rtt_with_connect']:,} "
-                  f"({wan_connect_s:.1f} s to connect)", "", "")
-    table.add_row("single-record txns/s to replicated, 250 ms RTT", f"{figures['small_replicated_txns_per_s']:,} "
-                  f"(drain {figures['small_drain_txns_per_s']:,}/s, raw COPY {figures['small_copy_rows_per_s']:,} rows/s)", "", "")
-    table.add_row("  48-hour backlog to replicated", f"{figures['small_projected_48h_min']} min", f"≤ {TARGET_OUTAGE_MIN} min",
-                  yes[figures["small_target_met"]])
+    table.add_row("drain records/s, 250 ms RTT", f"{wan_rate:,.0f}", f"≥ {TARGET_WAN_RECORDS_PER_S:,}", yes[figures["wan_target_met"]])
+    table.add_row(
+        "  same, with the connection set-up",
+        f"{figures['drain_records_per_s_250ms_rtt_with_connect']:,} ({wan_connect_s:.1f} s to connect)",
+        "",
+        "",
+    )
+    table.add_row(
+        "single-record txns/s to replicated, 250 ms RTT",
+        f"{figures['small_replicated_txns_per_s']:,} "
+        f"(drain {figures['small_drain_txns_per_s']:,}/s, raw COPY {figures['small_copy_rows_per_s']:,} rows/s)",
+        "",
+        "",
+    )
+    table.add_row(
+        "  48-hour backlog to replicated",
+        f"{figures['small_projected_48h_min']} min",
+        f"≤ {TARGET_OUTAGE_MIN} min",
+        yes[figures["small_target_met"]],
+    )
     table.add_row(f"POST→replicated p95 at {STEADY_RATE}/s", f"{p95} s", f"≤ {TARGET_P95_S:g} s", yes[figures["p95_target_met"]])
     console.print(table)
     if (longest := figures["steady_drain_run_max_s"]) and longest > LONG_RUN_S:
@@ -935,20 +1112,24 @@ def main() -> None:
             f"[yellow]note[/]: one drain run of the steady phase lasted {longest} s: a run ends at its first batch that "
             f"is not full, so the drainer could not keep up with {STEADY_RATE} records/s through the 250 ms link"
         )
-    sweep_table = Table("caps: txns / records / MiB", "1-record txn/s", "txn/batch", "mix rec/s", "rec/batch", "+RSS MiB",
-                        "Redis ms")
+    sweep_table = Table("caps: txns / records / MiB", "1-record txn/s", "txn/batch", "mix rec/s", "rec/batch", "+RSS MiB", "Redis ms")
     for row in figures["sweep"]:
         sweep_table.add_row(
             f"{row['transactions']:,} / {row['records']:,} / {row['bytes'] // MIB}" + (" (configured)" if row["configured"] else ""),
-            f"{row['small_replicated_txns_per_s']:,}", f"{row['small_txns_per_batch']:,}", f"{row['mixed_records_per_s']:,}",
-            f"{row['mixed_records_per_batch']:,}", f"{max(row['small_rss_growth_mib'], row['mixed_rss_growth_mib']):g}",
+            f"{row['small_replicated_txns_per_s']:,}",
+            f"{row['small_txns_per_batch']:,}",
+            f"{row['mixed_records_per_s']:,}",
+            f"{row['mixed_records_per_batch']:,}",
+            f"{max(row['small_rss_growth_mib'], row['mixed_rss_growth_mib']):g}",
             f"{max(row['small_longest_redis_call_ms'], row['mixed_longest_redis_call_ms']):g}",
         )
     console.print(sweep_table)
-    console.print("drain time by part: " + ", ".join(
-        f"{name} {parts.seconds[name]:.2f} s" for name in Parts.NAMES
-    ) + f" (of {summary.elapsed_s:.2f} s); this process's CPU {sum(parts.cpu.values()):.2f} s, apply waiting on the primary "
-      f"{figures['drain_apply_wait_s']:.2f} s")
+    console.print(
+        "drain time by part: "
+        + ", ".join(f"{name} {parts.seconds[name]:.2f} s" for name in Parts.NAMES)
+        + f" (of {summary.elapsed_s:.2f} s); this process's CPU {sum(parts.cpu.values()):.2f} s, apply waiting on the primary "
+        f"{figures['drain_apply_wait_s']:.2f} s"
+    )
     print(json.dumps(figures), flush=True)
 
 

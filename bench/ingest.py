@@ -106,23 +106,72 @@ class Size:
 
 SIZES = {
     "full": Size(),
-    "smoke": Size(rate_seconds=1, warmup_requests=100, batch_seconds=1, xadd_seconds=0.5, wan_samples=3, wan_connect_samples=1,
-                  cpu_requests=300, search_seconds=0.5, search_steps=3, search_rest_s=0.1),
+    "smoke": Size(
+        rate_seconds=1,
+        warmup_requests=100,
+        batch_seconds=1,
+        xadd_seconds=0.5,
+        wan_samples=3,
+        wan_connect_samples=1,
+        cpu_requests=300,
+        search_seconds=0.5,
+        search_steps=3,
+        search_rest_s=0.1,
+    ),
 }
 FIGURES = (
-    "p50_ms_at_200", "p99_ms_at_200", "errors_at_200", "failures_at_200", "generator_lag_p99_ms_at_200",
-    "p50_ms_at_500", "p99_ms_at_500", "errors_at_500", "failures_at_500", "generator_lag_p99_ms_at_500",
-    "p50_ms_at_1000", "p99_ms_at_1000", "errors_at_1000", "failures_at_1000", "generator_lag_p99_ms_at_1000",
-    "floor_p50_ms_at_1000", "floor_p99_ms_at_1000", "floor_errors_at_1000", "floor_failures_at_1000",
+    "p50_ms_at_200",
+    "p99_ms_at_200",
+    "errors_at_200",
+    "failures_at_200",
+    "generator_lag_p99_ms_at_200",
+    "p50_ms_at_500",
+    "p99_ms_at_500",
+    "errors_at_500",
+    "failures_at_500",
+    "generator_lag_p99_ms_at_500",
+    "p50_ms_at_1000",
+    "p99_ms_at_1000",
+    "errors_at_1000",
+    "failures_at_1000",
+    "generator_lag_p99_ms_at_1000",
+    "floor_p50_ms_at_1000",
+    "floor_p99_ms_at_1000",
+    "floor_errors_at_1000",
+    "floor_failures_at_1000",
     "floor_generator_lag_p99_ms_at_1000",
-    "batch_records_per_s", "batch_errors", "batch_failures", "xadd_limit_records_per_s", "xadd_packed_records_per_s",
-    "batch_vs_limit", "direct_wan_p50_ms", "direct_wan_p99_ms", "direct_wan_connect_p50_ms",
-    "target_p99_ms_at_1000", "target_batch_vs_limit", "p99_target_met", "batch_target_met",
-    "api_cpu_us_per_request", "api_server_cpu_us_per_request", "api_redis_cpu_us_per_request",
-    "floor_cpu_us_per_request", "floor_server_cpu_us_per_request", "floor_redis_cpu_us_per_request", "api_vs_floor_cpu",
-    "api_max_rate_per_s", "api_max_rate_p99_ms", "api_max_rate_generator_lag_p99_ms", "api_search_steps",
-    "floor_max_rate_per_s", "floor_max_rate_p99_ms", "floor_max_rate_generator_lag_p99_ms", "floor_search_steps",
-    "api_vs_floor_rate", "capacity_p99_ms", "target_api_vs_floor_rate", "api_vs_floor_rate_target_met",
+    "batch_records_per_s",
+    "batch_errors",
+    "batch_failures",
+    "xadd_limit_records_per_s",
+    "xadd_packed_records_per_s",
+    "batch_vs_limit",
+    "direct_wan_p50_ms",
+    "direct_wan_p99_ms",
+    "direct_wan_connect_p50_ms",
+    "target_p99_ms_at_1000",
+    "target_batch_vs_limit",
+    "p99_target_met",
+    "batch_target_met",
+    "api_cpu_us_per_request",
+    "api_server_cpu_us_per_request",
+    "api_redis_cpu_us_per_request",
+    "floor_cpu_us_per_request",
+    "floor_server_cpu_us_per_request",
+    "floor_redis_cpu_us_per_request",
+    "api_vs_floor_cpu",
+    "api_max_rate_per_s",
+    "api_max_rate_p99_ms",
+    "api_max_rate_generator_lag_p99_ms",
+    "api_search_steps",
+    "floor_max_rate_per_s",
+    "floor_max_rate_p99_ms",
+    "floor_max_rate_generator_lag_p99_ms",
+    "floor_search_steps",
+    "api_vs_floor_rate",
+    "capacity_p99_ms",
+    "target_api_vs_floor_rate",
+    "api_vs_floor_rate_target_met",
 )
 
 
@@ -248,8 +297,11 @@ class Samples:
         self.count += 1
         at = self.start + timedelta(milliseconds=self.count)
         return {
-            "instrument_module_id": self.module_id, "sensor": "lfa_mixer_temperature",
-            "sampled_at": at.isoformat(), "value": round(4.2 + (self.count % 97) / 1000, 4), "unit": "K",
+            "instrument_module_id": self.module_id,
+            "sensor": "lfa_mixer_temperature",
+            "sampled_at": at.isoformat(),
+            "value": round(4.2 + (self.count % 97) / 1000, 4),
+            "unit": "K",
         }
 
     def body(self, size: int | None = None) -> bytes:
@@ -517,8 +569,10 @@ def capacity_search(targets: list[Target], samples: Samples, size: Size, console
         for target, search, rate in pending:
             run = rate_phase(target.pool, target.requests, samples, rate, size.search_seconds, target.server, loop)
             verdict = "sustained" if search.record(rate, run) else "missed"
-            console.print(f"  {target.name} at {rate}/s: p99 {run.ms(0.99)} ms, {run.errors} errors, "
-                          f"generator lag p99 {run.ms(0.99, run.lags)} ms: {verdict}")
+            console.print(
+                f"  {target.name} at {rate}/s: p99 {run.ms(0.99)} ms, {run.errors} errors, "
+                f"generator lag p99 {run.ms(0.99, run.lags)} ms: {verdict}"
+            )
             time.sleep(size.search_rest_s)
 
 
@@ -528,15 +582,20 @@ def capacity_figures(cpu: dict[str, tuple[float, float]], searches: dict[str, Se
         search = searches[name]
         best = search.best or Run()
         figures |= {
-            f"{name}_cpu_us_per_request": round(server_us + redis_us, 1), f"{name}_server_cpu_us_per_request": round(server_us, 1),
-            f"{name}_redis_cpu_us_per_request": round(redis_us, 1), f"{name}_max_rate_per_s": search.passed,
-            f"{name}_max_rate_p99_ms": best.ms(0.99), f"{name}_max_rate_generator_lag_p99_ms": best.ms(0.99, best.lags),
+            f"{name}_cpu_us_per_request": round(server_us + redis_us, 1),
+            f"{name}_server_cpu_us_per_request": round(server_us, 1),
+            f"{name}_redis_cpu_us_per_request": round(redis_us, 1),
+            f"{name}_max_rate_per_s": search.passed,
+            f"{name}_max_rate_p99_ms": best.ms(0.99),
+            f"{name}_max_rate_generator_lag_p99_ms": best.ms(0.99, best.lags),
             f"{name}_search_steps": search.steps,
         }
     ratio = figures["api_max_rate_per_s"] / figures["floor_max_rate_per_s"] if figures["floor_max_rate_per_s"] else float("nan")
     return figures | {
         "api_vs_floor_cpu": round(figures["api_cpu_us_per_request"] / figures["floor_cpu_us_per_request"], 2),
-        "api_vs_floor_rate": round(ratio, 3), "capacity_p99_ms": CAPACITY_P99_MS, "target_api_vs_floor_rate": TARGET_CAPACITY_SHARE,
+        "api_vs_floor_rate": round(ratio, 3),
+        "capacity_p99_ms": CAPACITY_P99_MS,
+        "target_api_vs_floor_rate": TARGET_CAPACITY_SHARE,
         "api_vs_floor_rate_target_met": ratio >= TARGET_CAPACITY_SHARE,
     }
 
@@ -608,13 +667,26 @@ def connected(server: subprocess.Popen, token: str, samples: Samples, warmup_req
 
 
 def add_row(table: Table, phase: str, run: Run, lags: bool = True) -> None:
-    table.add_row(phase, str(len(run.latencies) + run.errors), f"{run.ms(0.5)}", f"{run.ms(0.99)}", f"{run.ms(1.0)}",
-                  str(run.errors), f"{run.server_cpu:.2f}", f"{run.ms(0.99, run.lags)}" if lags else "")
+    table.add_row(
+        phase,
+        str(len(run.latencies) + run.errors),
+        f"{run.ms(0.5)}",
+        f"{run.ms(0.99)}",
+        f"{run.ms(1.0)}",
+        str(run.errors),
+        f"{run.server_cpu:.2f}",
+        f"{run.ms(0.99, run.lags)}" if lags else "",
+    )
 
 
 def rate_figures(run: Run, suffix: str, prefix: str = "") -> dict:
-    return {f"{prefix}p50_ms_{suffix}": run.ms(0.5), f"{prefix}p99_ms_{suffix}": run.ms(0.99), f"{prefix}errors_{suffix}": run.errors,
-            f"{prefix}failures_{suffix}": run.failures, f"{prefix}generator_lag_p99_ms_{suffix}": run.ms(0.99, run.lags)}
+    return {
+        f"{prefix}p50_ms_{suffix}": run.ms(0.5),
+        f"{prefix}p99_ms_{suffix}": run.ms(0.99),
+        f"{prefix}errors_{suffix}": run.errors,
+        f"{prefix}failures_{suffix}": run.failures,
+        f"{prefix}generator_lag_p99_ms_{suffix}": run.ms(0.99, run.lags),
+    }
 
 
 def main() -> None:

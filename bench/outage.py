@@ -117,22 +117,80 @@ SIZES = {
     "smoke": Size(hours=0.02, idle_seconds=2, drain_timeout_s=90),
 }
 FIGURES = (
-    "hours", "high_water_entries", "planned_txns", "buffered_depth", "high_water_share", "high_water_passed",
-    "fill_txns", "fill_records", "fill_housekeeping_txns", "fill_observation_txns",
-    "fill_errors", "fill_failures",
-    "fill_s", "fill_txns_per_s", "compression", "fill_p50_ms", "fill_p99_ms", "idle_p50_ms", "idle_p99_ms",
-    "drain_ingest_p50_ms", "drain_ingest_p99_ms", "drain_ingest_errors", "drain_p99_vs_idle",
-    "redis_bytes", "bytes_per_txn", "bytes_per_record", "aof_bytes", "aof_bytes_per_txn", "aof_bytes_per_record",
-    "aof_peak_bytes", "aof_rewrites", "maxmemory_bytes", "peak_used_memory_bytes", "peak_rss_bytes",
-    "peak_rss_during_rewrite_bytes", "peak_rss_vs_maxmemory", "rss_samples", "rewrite_samples",
-    "restart_redis_ready_s", "restart_s", "restart_failed_posts",
-    "xadd_entries", "xadd_bytes_per_txn", "xadd_aof_bytes_per_txn", "xadd_restart_s", "bytes_vs_xadd", "restart_vs_xadd",
-    "committed_after_link_s", "replicated_after_link_s", "datasette_replicated_after_link_s", "drain_runs",
-    "drain_txns_per_s", "held_after_bytes", "held_after_vs_peak", "accepted_txns", "accepted_rows",
-    "lost", "duplicated", "stuck", "copy_records", "copy_s_250ms_rtt", "copy_records_per_s_250ms_rtt", "drain_vs_copy",
-    "target_bytes_per_txn", "target_restart_s", "target_replicated_after_link_s", "target_held_vs_peak",
-    "target_drain_p99_vs_idle", "bytes_target_met", "restart_target_met", "replicated_target_met", "held_target_met",
-    "drain_p99_target_met", "nothing_lost_target_met",
+    "hours",
+    "high_water_entries",
+    "planned_txns",
+    "buffered_depth",
+    "high_water_share",
+    "high_water_passed",
+    "fill_txns",
+    "fill_records",
+    "fill_housekeeping_txns",
+    "fill_observation_txns",
+    "fill_errors",
+    "fill_failures",
+    "fill_s",
+    "fill_txns_per_s",
+    "compression",
+    "fill_p50_ms",
+    "fill_p99_ms",
+    "idle_p50_ms",
+    "idle_p99_ms",
+    "drain_ingest_p50_ms",
+    "drain_ingest_p99_ms",
+    "drain_ingest_errors",
+    "drain_p99_vs_idle",
+    "redis_bytes",
+    "bytes_per_txn",
+    "bytes_per_record",
+    "aof_bytes",
+    "aof_bytes_per_txn",
+    "aof_bytes_per_record",
+    "aof_peak_bytes",
+    "aof_rewrites",
+    "maxmemory_bytes",
+    "peak_used_memory_bytes",
+    "peak_rss_bytes",
+    "peak_rss_during_rewrite_bytes",
+    "peak_rss_vs_maxmemory",
+    "rss_samples",
+    "rewrite_samples",
+    "restart_redis_ready_s",
+    "restart_s",
+    "restart_failed_posts",
+    "xadd_entries",
+    "xadd_bytes_per_txn",
+    "xadd_aof_bytes_per_txn",
+    "xadd_restart_s",
+    "bytes_vs_xadd",
+    "restart_vs_xadd",
+    "committed_after_link_s",
+    "replicated_after_link_s",
+    "datasette_replicated_after_link_s",
+    "drain_runs",
+    "drain_txns_per_s",
+    "held_after_bytes",
+    "held_after_vs_peak",
+    "accepted_txns",
+    "accepted_rows",
+    "lost",
+    "duplicated",
+    "stuck",
+    "copy_records",
+    "copy_s_250ms_rtt",
+    "copy_records_per_s_250ms_rtt",
+    "drain_vs_copy",
+    "target_bytes_per_txn",
+    "target_restart_s",
+    "target_replicated_after_link_s",
+    "target_held_vs_peak",
+    "target_drain_p99_vs_idle",
+    "bytes_target_met",
+    "restart_target_met",
+    "replicated_target_met",
+    "held_target_met",
+    "drain_p99_target_met",
+    "nothing_lost_target_met",
 )
 
 
@@ -143,9 +201,12 @@ def raw_request(port: int, token: str, path: str, body) -> bytes:
     """The HTTP/1.1 bytes of the call :func:`opsync.client.write` builds (its fresh ``Idempotency-Key``, its encoding)."""
     call = write("POST", path, body, None)
     content = encode(call.body).encode()
-    head = (f"POST {call.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(content)}\r\n"
-            + "".join(f"{name}: {value}\r\n" for name, value in call.headers.items()) + "\r\n")
+    head = (
+        f"POST {call.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(content)}\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in call.headers.items())
+        + "\r\n"
+    )
     return head.encode() + content
 
 
@@ -319,8 +380,13 @@ def high_water_figures(client: redis.Redis, buffer: Buffer, planned: int, consol
     reason = high_water(fill, settings)
     if reason:
         console.log(f"[yellow]note[/]: the buffer is past its high-water mark ({reason}); later POSTs got 503")
-    return {"high_water_entries": settings.high_water_entries, "planned_txns": planned, "buffered_depth": fill.depth,
-            "high_water_share": round(fill.depth / settings.high_water_entries, 4), "high_water_passed": reason is not None}
+    return {
+        "high_water_entries": settings.high_water_entries,
+        "planned_txns": planned,
+        "buffered_depth": fill.depth,
+        "high_water_share": round(fill.depth / settings.high_water_entries, 4),
+        "high_water_passed": reason is not None,
+    }
 
 
 # --- Redis: memory, AOF, restarts -------------------------------------------------------------------
@@ -426,8 +492,12 @@ def xadd_baseline(site, workdir: Path, stream: str) -> dict:
     finally:
         server.stop()
         source.close()
-    return {"xadd_entries": entries, "xadd_bytes_per_txn": round(memory / max(entries, 1)),
-            "xadd_aof_bytes_per_txn": round(aof / max(entries, 1)), "xadd_restart_s": round(restart_s, 2)}
+    return {
+        "xadd_entries": entries,
+        "xadd_bytes_per_txn": round(memory / max(entries, 1)),
+        "xadd_aof_bytes_per_txn": round(aof / max(entries, 1)),
+        "xadd_restart_s": round(restart_s, 2),
+    }
 
 
 # --- the drain and the checks -------------------------------------------------------------------------
@@ -462,10 +532,14 @@ def checked(primary: Engine, receipts: Receipts, buffer: Buffer) -> dict:
                 copy.write(block)
         lost = duplicated = 0
         for table in drain_bench.DATA_TABLES:
-            lost += conn.execute(text(f"SELECT count(*) FROM accepted_row a WHERE a.tbl = :t AND NOT EXISTS "
-                                      f"(SELECT 1 FROM {table} r WHERE r.id = a.id)"), {"t": table}).scalar_one()
-            duplicated += conn.execute(text(f"SELECT count(*) FROM {table} r WHERE NOT EXISTS "
-                                            f"(SELECT 1 FROM accepted_row a WHERE a.tbl = :t AND a.id = r.id)"), {"t": table}).scalar_one()
+            lost += conn.execute(
+                text(f"SELECT count(*) FROM accepted_row a WHERE a.tbl = :t AND NOT EXISTS (SELECT 1 FROM {table} r WHERE r.id = a.id)"),
+                {"t": table},
+            ).scalar_one()
+            duplicated += conn.execute(
+                text(f"SELECT count(*) FROM {table} r WHERE NOT EXISTS (SELECT 1 FROM accepted_row a WHERE a.tbl = :t AND a.id = r.id)"),
+                {"t": table},
+            ).scalar_one()
     stuck = sum(not s or s.get("state") != "replicated" for chunk in receipts.txn_ids() for s in buffer.statuses(chunk))
     pending = buffer.client.xpending(buffer.stream, buffer.group)["pending"] if buffer.client.exists(buffer.stream) else 0
     return {"lost": lost, "duplicated": duplicated, "stuck": stuck + pending}
@@ -525,8 +599,11 @@ def main() -> None:
         ReadModel(workdir / "opsync.db", TIMEZONE).close()  # the file Datasette serves; the publisher in it fills it
         env = {**site.env, "OPSYNC_READ_MODEL_PATH": str(workdir / "opsync.db"), "OPSYNC_TIMEZONE": TIMEZONE}
         viewing = stack.enter_context(ExitStack())  # Datasette, stopped before the COPY baseline empties the tables
-        datasette = viewing.enter_context(httpx.Client(
-            base_url=viewing.enter_context(read_bench.datasette(workdir / "opsync.db", env, workdir / "datasette.log")), timeout=30))
+        datasette = viewing.enter_context(
+            httpx.Client(
+                base_url=viewing.enter_context(read_bench.datasette(workdir / "opsync.db", env, workdir / "datasette.log")), timeout=30
+            )
+        )
         wan = stack.enter_context(WanProxy("127.0.0.1", site.primary.port, delay_s=RTT_ONE_WAY_S))
         far_url = make_url(site.primary.url()).set(port=wan.port).render_as_string(hide_password=False)
         receipts = Receipts(workdir)
@@ -547,14 +624,18 @@ def main() -> None:
         sampler = Sampler(site.redis)
         sampler.start()
         accepted_before, rows_before = receipts.accepted, sum(receipts.per_table.values())
-        console.log(f"link cut; fill: {hours:g} h at the peak = {round(hours * TXNS_PER_HOUR):,} transactions "
-                      f"({'as fast as answered' if not args.rate else f'{args.rate:g}/s'}) …")
+        console.log(
+            f"link cut; fill: {hours:g} h at the peak = {round(hours * TXNS_PER_HOUR):,} transactions "
+            f"({'as fast as answered' if not args.rate else f'{args.rate:g}/s'}) …"
+        )
         filled = send(port, fill.outage(hours), receipts, PROBE_SENDERS if args.rate else FILL_SENDERS, args.rate)
         forks = sampler.forks()
         fill_txns, fill_records = receipts.accepted - accepted_before, sum(receipts.per_table.values()) - rows_before
         memory, aof = used_memory(client) - memory_before, aof_bytes(site.redis) - aof_before
-        console.log(f"filled: {fill_txns:,} transactions, {fill_records:,} records in {filled.seconds:.1f} s; "
-                      f"{memory / max(fill_txns, 1):,.0f} B of Redis memory per transaction")
+        console.log(
+            f"filled: {fill_txns:,} transactions, {fill_records:,} records in {filled.seconds:.1f} s; "
+            f"{memory / max(fill_txns, 1):,.0f} B of Redis memory per transaction"
+        )
 
         figures |= high_water_figures(client, buffer, round(hours * TXNS_PER_HOUR) + round(PROBE_RATE * idle_seconds), console)
         console.log("kill -9 of redis-server with the buffer full, restart on its AOF, POST until 202 …")
@@ -610,40 +691,61 @@ def main() -> None:
     drained = replicated_s and accepted_at_link / replicated_s
     idle_p99, drain_p99 = idle.ms(0.99), during.ms(0.99)
     figures |= {
-        "fill_txns": fill_txns, "fill_records": fill_records,
-        "fill_housekeeping_txns": fill_txns - fill.steps.observations, "fill_observation_txns": fill.steps.observations,
-        "fill_errors": sum(filled.failures.values()), "fill_failures": dict(filled.failures),
-        "fill_s": round(filled.seconds, 1), "fill_txns_per_s": round(fill_txns / filled.seconds),
+        "fill_txns": fill_txns,
+        "fill_records": fill_records,
+        "fill_housekeeping_txns": fill_txns - fill.steps.observations,
+        "fill_observation_txns": fill.steps.observations,
+        "fill_errors": sum(filled.failures.values()),
+        "fill_failures": dict(filled.failures),
+        "fill_s": round(filled.seconds, 1),
+        "fill_txns_per_s": round(fill_txns / filled.seconds),
         "compression": round(hours * 3600 / filled.seconds, 1),
-        "fill_p50_ms": filled.ms(0.5), "fill_p99_ms": filled.ms(0.99), "idle_p50_ms": idle.ms(0.5), "idle_p99_ms": idle_p99,
-        "drain_ingest_p50_ms": during.ms(0.5), "drain_ingest_p99_ms": drain_p99,
+        "fill_p50_ms": filled.ms(0.5),
+        "fill_p99_ms": filled.ms(0.99),
+        "idle_p50_ms": idle.ms(0.5),
+        "idle_p99_ms": idle_p99,
+        "drain_ingest_p50_ms": during.ms(0.5),
+        "drain_ingest_p99_ms": drain_p99,
         "drain_ingest_errors": sum(during.failures.values()),
         "drain_p99_vs_idle": round(drain_p99 / idle_p99, 2) if drain_p99 and idle_p99 else None,
-        "redis_bytes": memory, "bytes_per_txn": round(memory / max(fill_txns, 1)),
-        "bytes_per_record": round(memory / max(fill_records, 1)), "aof_bytes": aof,
-        "aof_bytes_per_txn": round(aof / max(fill_txns, 1)), "aof_bytes_per_record": round(aof / max(fill_records, 1)),
-        "aof_peak_bytes": sampler.peak_aof, "aof_rewrites": forks - sampler.forks_before,
-        "peak_used_memory_bytes": sampler.peak_used, "peak_rss_bytes": sampler.peak_rss,
+        "redis_bytes": memory,
+        "bytes_per_txn": round(memory / max(fill_txns, 1)),
+        "bytes_per_record": round(memory / max(fill_records, 1)),
+        "aof_bytes": aof,
+        "aof_bytes_per_txn": round(aof / max(fill_txns, 1)),
+        "aof_bytes_per_record": round(aof / max(fill_records, 1)),
+        "aof_peak_bytes": sampler.peak_aof,
+        "aof_rewrites": forks - sampler.forks_before,
+        "peak_used_memory_bytes": sampler.peak_used,
+        "peak_rss_bytes": sampler.peak_rss,
         "peak_rss_during_rewrite_bytes": sampler.peak_rewrite_rss,
         "peak_rss_vs_maxmemory": round(max(sampler.peak_rss, sampler.peak_rewrite_rss) / figures["maxmemory_bytes"], 3),
-        "rss_samples": sampler.samples, "rewrite_samples": sampler.rewrite_samples,
-        "restart_redis_ready_s": round(redis_ready_s, 2), "restart_s": restart_s and round(restart_s, 2),
+        "rss_samples": sampler.samples,
+        "rewrite_samples": sampler.rewrite_samples,
+        "restart_redis_ready_s": round(redis_ready_s, 2),
+        "restart_s": restart_s and round(restart_s, 2),
         "restart_failed_posts": failed_posts,
         "committed_after_link_s": committed_s and round(committed_s, 1),
         "replicated_after_link_s": replicated_s and round(replicated_s, 1),
         "datasette_replicated_after_link_s": datasette_s and round(datasette_s, 1),
-        "drain_runs": sum(1 for run in dag.runs if run[0]), "drain_txns_per_s": drained and round(drained),
-        "held_after_bytes": held, "held_after_vs_peak": round(held / peak, 3),
-        "accepted_txns": receipts.accepted, "accepted_rows": sum(receipts.per_table.values()),
-        "copy_records": copy_records, "copy_s_250ms_rtt": round(copy_s, 2),
+        "drain_runs": sum(1 for run in dag.runs if run[0]),
+        "drain_txns_per_s": drained and round(drained),
+        "held_after_bytes": held,
+        "held_after_vs_peak": round(held / peak, 3),
+        "accepted_txns": receipts.accepted,
+        "accepted_rows": sum(receipts.per_table.values()),
+        "copy_records": copy_records,
+        "copy_s_250ms_rtt": round(copy_s, 2),
         "copy_records_per_s_250ms_rtt": round(copy_records / copy_s),
         "drain_vs_copy": replicated_s and round(copy_s / replicated_s, 3),
     }
     figures["bytes_vs_xadd"] = round(figures["bytes_per_txn"] / max(figures["xadd_bytes_per_txn"], 1), 2)
     figures["restart_vs_xadd"] = restart_s and round(restart_s / max(figures["xadd_restart_s"], 0.01), 2)
     figures |= {
-        "target_bytes_per_txn": TARGET_BYTES_PER_TXN, "target_restart_s": TARGET_RESTART_S,
-        "target_replicated_after_link_s": TARGET_REPLICATED_S, "target_held_vs_peak": TARGET_HELD_VS_PEAK,
+        "target_bytes_per_txn": TARGET_BYTES_PER_TXN,
+        "target_restart_s": TARGET_RESTART_S,
+        "target_replicated_after_link_s": TARGET_REPLICATED_S,
+        "target_held_vs_peak": TARGET_HELD_VS_PEAK,
         "target_drain_p99_vs_idle": TARGET_DRAIN_P99_VS_IDLE,
         "bytes_target_met": figures["bytes_per_txn"] <= TARGET_BYTES_PER_TXN,
         "restart_target_met": restart_s is not None and restart_s <= TARGET_RESTART_S,
@@ -659,19 +761,40 @@ def main() -> None:
 def summary(console: Console, f: dict) -> None:
     yes = {True: "[green]yes[/]", False: "[red]no[/]"}
     table = Table("figure", "value", "baseline", "target", "met")
-    table.add_row("Redis memory per transaction", f"{f['bytes_per_txn']:,} B", f"XADD {f['xadd_bytes_per_txn']:,} B",
-                  f"≤ {TARGET_BYTES_PER_TXN:,} B", yes[f["bytes_target_met"]])
+    table.add_row(
+        "Redis memory per transaction",
+        f"{f['bytes_per_txn']:,} B",
+        f"XADD {f['xadd_bytes_per_txn']:,} B",
+        f"≤ {TARGET_BYTES_PER_TXN:,} B",
+        yes[f["bytes_target_met"]],
+    )
     table.add_row("AOF per transaction", f"{f['aof_bytes_per_txn']:,} B", f"XADD {f['xadd_aof_bytes_per_txn']:,} B", "", "")
     table.add_row("peak RSS / maxmemory", f"{f['peak_rss_vs_maxmemory']:.1%}", "", "", "")
-    table.add_row("kill -9 to first 202", f"{f['restart_s']} s", f"XADD {f['xadd_restart_s']} s", f"≤ {TARGET_RESTART_S} s",
-                  yes[f["restart_target_met"]])
-    table.add_row("link back to Datasette all replicated", f"{f['datasette_replicated_after_link_s']} s",
-                  f"COPY {f['copy_s_250ms_rtt']} s", f"≤ {TARGET_REPLICATED_S} s", yes[f["replicated_target_met"]])
+    table.add_row(
+        "kill -9 to first 202",
+        f"{f['restart_s']} s",
+        f"XADD {f['xadd_restart_s']} s",
+        f"≤ {TARGET_RESTART_S} s",
+        yes[f["restart_target_met"]],
+    )
+    table.add_row(
+        "link back to Datasette all replicated",
+        f"{f['datasette_replicated_after_link_s']} s",
+        f"COPY {f['copy_s_250ms_rtt']} s",
+        f"≤ {TARGET_REPLICATED_S} s",
+        yes[f["replicated_target_met"]],
+    )
     table.add_row("held after / peak", f"{f['held_after_vs_peak']:.1%}", "", f"≤ {TARGET_HELD_VS_PEAK:.0%}", yes[f["held_target_met"]])
-    table.add_row("ingest p99 draining / idle", f"{f['drain_ingest_p99_ms']} / {f['idle_p99_ms']} ms", "",
-                  f"≤ {TARGET_DRAIN_P99_VS_IDLE:g}×", yes[f["drain_p99_target_met"]])
-    table.add_row("lost / duplicated / stuck", f"{f['lost']} / {f['duplicated']} / {f['stuck']}", "", "0",
-                  yes[f["nothing_lost_target_met"]])
+    table.add_row(
+        "ingest p99 draining / idle",
+        f"{f['drain_ingest_p99_ms']} / {f['idle_p99_ms']} ms",
+        "",
+        f"≤ {TARGET_DRAIN_P99_VS_IDLE:g}×",
+        yes[f["drain_p99_target_met"]],
+    )
+    table.add_row(
+        "lost / duplicated / stuck", f"{f['lost']} / {f['duplicated']} / {f['stuck']}", "", "0", yes[f["nothing_lost_target_met"]]
+    )
     console.print(table)
 
 

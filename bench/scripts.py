@@ -78,25 +78,86 @@ PATH_CHARS = 1024  # raw_data_file.path's length
 SHA = "ab" * 32
 WIDE = "\U0001d52d"  # 4 bytes in UTF-8: a path of 1,024 characters holds the most bytes
 CASES = (
-    "empty_eval", "xadd_largest_envelope", "enqueue_insert", "enqueue_update", "enqueue_delete", "enqueue_largest_body",
-    "claim", "settle", "settle_committed", "settle_largest_body", "confirm", "confirm_largest_body", "requeue", "discard",
+    "empty_eval",
+    "xadd_largest_envelope",
+    "enqueue_insert",
+    "enqueue_update",
+    "enqueue_delete",
+    "enqueue_largest_body",
+    "claim",
+    "settle",
+    "settle_committed",
+    "settle_largest_body",
+    "confirm",
+    "confirm_largest_body",
+    "requeue",
+    "discard",
     "overlay_exists",
 )
 CHECKED = tuple(case for case in CASES if case not in ("empty_eval", "xadd_largest_envelope"))  # held to LIMIT_MS
 FIGURES = (  # every key of the JSON line, written out: bench/smoke.py reads them from this source
-    "size", "max_steps_per_transaction", "max_body_bytes", "drain_batch", "drain_batch_records", "drain_batch_bytes",
-    "claim_entries", "settle_entries", "settle_committed_entries", "settle_largest_body_entries", "limit_ms", "empty_eval_ms",
+    "size",
+    "max_steps_per_transaction",
+    "max_body_bytes",
+    "drain_batch",
+    "drain_batch_records",
+    "drain_batch_bytes",
+    "claim_entries",
+    "settle_entries",
+    "settle_committed_entries",
+    "settle_largest_body_entries",
+    "limit_ms",
+    "empty_eval_ms",
     "xadd_largest_envelope_ms",
-    "enqueue_insert_ms", "enqueue_update_ms", "enqueue_delete_ms", "enqueue_largest_body_ms", "claim_ms", "settle_ms",
-    "settle_committed_ms", "settle_largest_body_ms", "confirm_ms", "confirm_largest_body_ms", "requeue_ms", "discard_ms",
-    "overlay_exists_ms", "empty_eval_best_ms", "xadd_largest_envelope_best_ms", "enqueue_insert_best_ms",
-    "enqueue_update_best_ms", "enqueue_delete_best_ms", "enqueue_largest_body_best_ms", "claim_best_ms", "settle_best_ms",
-    "settle_committed_best_ms", "settle_largest_body_best_ms", "confirm_best_ms", "confirm_largest_body_best_ms",
-    "requeue_best_ms", "discard_best_ms", "overlay_exists_best_ms", "empty_eval_cpu_ms", "xadd_largest_envelope_cpu_ms",
-    "enqueue_insert_cpu_ms", "enqueue_update_cpu_ms", "enqueue_delete_cpu_ms", "enqueue_largest_body_cpu_ms", "claim_cpu_ms",
-    "settle_cpu_ms", "settle_committed_cpu_ms", "settle_largest_body_cpu_ms", "confirm_cpu_ms", "confirm_largest_body_cpu_ms",
-    "requeue_cpu_ms", "discard_cpu_ms", "overlay_exists_cpu_ms", "settle_calls", "worst_script", "worst_script_ms",
-    "all_within_limit", "worst_script_best_ms", "all_within_limit_best",
+    "enqueue_insert_ms",
+    "enqueue_update_ms",
+    "enqueue_delete_ms",
+    "enqueue_largest_body_ms",
+    "claim_ms",
+    "settle_ms",
+    "settle_committed_ms",
+    "settle_largest_body_ms",
+    "confirm_ms",
+    "confirm_largest_body_ms",
+    "requeue_ms",
+    "discard_ms",
+    "overlay_exists_ms",
+    "empty_eval_best_ms",
+    "xadd_largest_envelope_best_ms",
+    "enqueue_insert_best_ms",
+    "enqueue_update_best_ms",
+    "enqueue_delete_best_ms",
+    "enqueue_largest_body_best_ms",
+    "claim_best_ms",
+    "settle_best_ms",
+    "settle_committed_best_ms",
+    "settle_largest_body_best_ms",
+    "confirm_best_ms",
+    "confirm_largest_body_best_ms",
+    "requeue_best_ms",
+    "discard_best_ms",
+    "overlay_exists_best_ms",
+    "empty_eval_cpu_ms",
+    "xadd_largest_envelope_cpu_ms",
+    "enqueue_insert_cpu_ms",
+    "enqueue_update_cpu_ms",
+    "enqueue_delete_cpu_ms",
+    "enqueue_largest_body_cpu_ms",
+    "claim_cpu_ms",
+    "settle_cpu_ms",
+    "settle_committed_cpu_ms",
+    "settle_largest_body_cpu_ms",
+    "confirm_cpu_ms",
+    "confirm_largest_body_cpu_ms",
+    "requeue_cpu_ms",
+    "discard_cpu_ms",
+    "overlay_exists_cpu_ms",
+    "settle_calls",
+    "worst_script",
+    "worst_script_ms",
+    "all_within_limit",
+    "worst_script_best_ms",
+    "all_within_limit_best",
 )
 
 
@@ -191,10 +252,17 @@ def body_bytes(steps: list[StepIn]) -> int:
 
 def file_step(path_chars: int) -> StepIn:
     """A ``raw_data_file`` insert with every indexed value its own (so each is its own index set)."""
-    return StepIn(table="raw_data_file", values={
-        "path": f"/{uuid.uuid4()}/" + WIDE * (path_chars - 38), "size_bytes": 2**62, "checksum_sha256": SHA,
-        "file_type": uuid.uuid4().hex, "executed_obs_unit_id": str(uuid.uuid4()), "raw_data_package_id": str(uuid.uuid4()),
-    })
+    return StepIn(
+        table="raw_data_file",
+        values={
+            "path": f"/{uuid.uuid4()}/" + WIDE * (path_chars - 38),
+            "size_bytes": 2**62,
+            "checksum_sha256": SHA,
+            "file_type": uuid.uuid4().hex,
+            "executed_obs_unit_id": str(uuid.uuid4()),
+            "raw_data_package_id": str(uuid.uuid4()),
+        },
+    )
 
 
 def largest_files(steps: int, body_limit: int) -> list[StepIn]:
@@ -208,10 +276,15 @@ def largest_files(steps: int, body_limit: int) -> list[StepIn]:
 
 def largest_body(body_limit: int) -> list[StepIn]:
     """One observation whose metadata fills the body limit (JSON strings of 1,000 characters)."""
-    base = StepIn(table="executed_obs_unit", values={
-        "obs_unit_id": str(uuid.uuid4()), "instrument_module_id": str(uuid.uuid4()), "start_time": "2026-11-21T02:10:00Z",
-        "metadata": {},
-    })
+    base = StepIn(
+        table="executed_obs_unit",
+        values={
+            "obs_unit_id": str(uuid.uuid4()),
+            "instrument_module_id": str(uuid.uuid4()),
+            "start_time": "2026-11-21T02:10:00Z",
+            "metadata": {},
+        },
+    )
     room = body_limit - body_bytes([base]) - 64
     item = len('"k0000000":"",') + 1000
     base.values["metadata"] = {f"k{i:07d}": "m" * 1000 for i in range(room // item)}
@@ -222,10 +295,17 @@ def largest_body(body_limit: int) -> list[StepIn]:
 def updates(txn: Transaction) -> list[StepIn]:
     """An update of each row ``txn`` buffered, changing every indexed column (each old index entry goes)."""
     return [
-        StepIn(op="update", table=step.table, id=step.key, values={
-            "path": step.values["path"][:-1] + "q", "file_type": uuid.uuid4().hex,
-            "executed_obs_unit_id": str(uuid.uuid4()), "raw_data_package_id": str(uuid.uuid4()),
-        })
+        StepIn(
+            op="update",
+            table=step.table,
+            id=step.key,
+            values={
+                "path": step.values["path"][:-1] + "q",
+                "file_type": uuid.uuid4().hex,
+                "executed_obs_unit_id": str(uuid.uuid4()),
+                "raw_data_package_id": str(uuid.uuid4()),
+            },
+        )
         for step in txn.steps
     ]
 
@@ -327,8 +407,12 @@ class Cases:
         heaviest = widest.model_dump_json()
         most_rows = build_transaction([file_step(40) for _ in range(self.steps)], "observatory")
         one_row = build_transaction([file_step(40)], "observatory")
-        self.entries = {"claim": batch_of(widest, self.limits), "settle": batch_of(most_rows, self.limits),
-                        "settle_committed": batch_of(one_row, self.limits), "settle_largest_body": batch_of(widest, self.limits)}
+        self.entries = {
+            "claim": batch_of(widest, self.limits),
+            "settle": batch_of(most_rows, self.limits),
+            "settle_committed": batch_of(one_row, self.limits),
+            "settle_largest_body": batch_of(widest, self.limits),
+        }
         n = self.entries
         built = lambda steps: lambda: build_transaction(steps(), "observatory")  # noqa: E731
         enqueue = lambda txn: self.buffer.enqueue(txn, answer(txn))  # noqa: E731
@@ -345,13 +429,21 @@ class Cases:
         slowlog.measure("enqueue_update", lambda: build_transaction(updates(self.enqueued(files())), "observatory"), enqueue)
         slowlog.measure("enqueue_delete", lambda: build_transaction(deletes(self.enqueued(files())), "observatory"), enqueue)
         slowlog.measure("enqueue_largest_body", built(body), enqueue)
-        slowlog.measure("claim", lambda: self.unclaimed(widest, n["claim"] + CLAIM_PAGE),
-                        lambda _: claim_batch(self.buffer, "drainer", self.limits), b"XREADGROUP")
+        slowlog.measure(
+            "claim",
+            lambda: self.unclaimed(widest, n["claim"] + CLAIM_PAGE),
+            lambda _: claim_batch(self.buffer, "drainer", self.limits),
+            b"XREADGROUP",
+        )
         slowlog.measure("settle", lambda: self.failed(most_rows, n["settle"]), lambda s: self.buffer.settle(s, None, now))
-        slowlog.measure("settle_committed", lambda: self.committed_batch(one_row, n["settle_committed"]),
-                        lambda s: self.buffer.settle(s, Lsn.parse("0/1"), now))
-        slowlog.measure("settle_largest_body", lambda: self.failed(widest, n["settle_largest_body"]),
-                        lambda s: self.buffer.settle(s, None, now))
+        slowlog.measure(
+            "settle_committed",
+            lambda: self.committed_batch(one_row, n["settle_committed"]),
+            lambda s: self.buffer.settle(s, Lsn.parse("0/1"), now),
+        )
+        slowlog.measure(
+            "settle_largest_body", lambda: self.failed(widest, n["settle_largest_body"]), lambda s: self.buffer.settle(s, None, now)
+        )
         self.reset()
         slowlog.measure("confirm", lambda: self.committed(files()), self.confirm)
         slowlog.measure("confirm_largest_body", lambda: self.committed(body()), self.confirm)
@@ -371,8 +463,10 @@ def main() -> None:
     limits = SMOKE_LIMITS if smoke else BatchSettings().limits()
     chunk = SMOKE["chunk"] if smoke else Tuning().chunk
     console = Console(stderr=True)
-    console.print(f"[bold]{args.size}[/]: {steps} steps per transaction, bodies up to {body:,} bytes, batches of at most "
-                  f"{limits.transactions:,} transactions, {limits.records:,} records, {limits.bytes:,} bytes")
+    console.print(
+        f"[bold]{args.size}[/]: {steps} steps per transaction, bodies up to {body:,} bytes, batches of at most "
+        f"{limits.transactions:,} transactions, {limits.records:,} records, {limits.bytes:,} bytes"
+    )
     with durable_redis() as client:
         slowlog = Slowlog(client, REPEATS[args.size])
         buffer = Buffer(client, prefix="bench-scripts")
@@ -381,13 +475,20 @@ def main() -> None:
         cases.run(slowlog, chunk)
     worst = max(CHECKED, key=slowlog.worst_ms.__getitem__)
     figures = {
-        "size": args.size, "max_steps_per_transaction": steps, "max_body_bytes": body, "drain_batch": limits.transactions,
-        "drain_batch_records": limits.records, "drain_batch_bytes": limits.bytes,
-        **{f"{case}_entries": entries for case, entries in cases.entries.items()}, "limit_ms": LIMIT_MS,
+        "size": args.size,
+        "max_steps_per_transaction": steps,
+        "max_body_bytes": body,
+        "drain_batch": limits.transactions,
+        "drain_batch_records": limits.records,
+        "drain_batch_bytes": limits.bytes,
+        **{f"{case}_entries": entries for case, entries in cases.entries.items()},
+        "limit_ms": LIMIT_MS,
         **{f"{case}_ms": slowlog.worst_ms[case] for case in CASES},
         **{f"{case}_best_ms": slowlog.best_ms[case] for case in CASES},
-        **{f"{case}_cpu_ms": slowlog.cpu_ms[case] for case in CASES}, "settle_calls": slowlog.calls["settle"],
-        "worst_script": worst, "worst_script_ms": slowlog.worst_ms[worst],
+        **{f"{case}_cpu_ms": slowlog.cpu_ms[case] for case in CASES},
+        "settle_calls": slowlog.calls["settle"],
+        "worst_script": worst,
+        "worst_script_ms": slowlog.worst_ms[worst],
         "all_within_limit": slowlog.worst_ms[worst] <= LIMIT_MS,
         "worst_script_best_ms": max(slowlog.best_ms[case] for case in CHECKED),
         "all_within_limit_best": max(slowlog.best_ms[case] for case in CHECKED) <= LIMIT_MS,

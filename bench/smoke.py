@@ -76,8 +76,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def run(path: Path, timeout_s: float) -> tuple[int | None, str]:
     """``path --size smoke``: (exit status, or None after a timeout; its stdout)."""
-    proc = subprocess.Popen([sys.executable, str(path), "--size", "smoke"], stdout=subprocess.PIPE, text=True,
-                            cwd=BENCH.parent, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(path), "--size", "smoke"], stdout=subprocess.PIPE, text=True, cwd=BENCH.parent, start_new_session=True
+    )
     try:
         stdout, _ = proc.communicate(timeout=timeout_s)
         return proc.returncode, stdout
@@ -128,11 +129,17 @@ def main() -> int:
     for path in found:
         print(f"{path.stem}: --size smoke …", file=sys.stderr, flush=True)
         verdicts.append(verdict := check(path, args.timeout))
-        print(f"{'ok  ' if verdict.error is None else 'FAIL'} {verdict.name} ({verdict.seconds:g} s)"
-              + (f": {verdict.error}" if verdict.error else ""), flush=True)
+        print(
+            f"{'ok  ' if verdict.error is None else 'FAIL'} {verdict.name} ({verdict.seconds:g} s)"
+            + (f": {verdict.error}" if verdict.error else ""),
+            flush=True,
+        )
     failed = [v.name for v in verdicts if v.error]
-    print(f"{len(verdicts) - len(failed)} of {len(verdicts)} benchmarks passed at smoke size in "
-          f"{time.monotonic() - started:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    print(
+        f"{len(verdicts) - len(failed)} of {len(verdicts)} benchmarks passed at smoke size in "
+        f"{time.monotonic() - started:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""),
+        flush=True,
+    )
     return 1 if failed else 0
 
 

@@ -19,15 +19,14 @@ from opsync_airflow.triggers import BufferWakeTrigger
 
 settings = DagSettings()
 records_accepted = Asset(
-    "opsync_site_buffer", uri="opsync://site-buffer",
+    "opsync_site_buffer",
+    uri="opsync://site-buffer",
     watchers=[AssetWatcher(name="opsync_records_accepted", trigger=BufferWakeTrigger())],
 )
 
 
 @dag(
-    schedule=AssetOrTimeSchedule(
-        timetable=DeltaTriggerTimetable(timedelta(seconds=settings.drain_interval_s)), assets=records_accepted
-    ),
+    schedule=AssetOrTimeSchedule(timetable=DeltaTriggerTimetable(timedelta(seconds=settings.drain_interval_s)), assets=records_accepted),
     **UNATTENDED,
     tags=["opsync", "drain"],
     default_args={"owner": "opsync"},

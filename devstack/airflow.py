@@ -53,9 +53,7 @@ def passwords_file(home: Path) -> Path:
     return home / "simple_auth_manager_passwords.json"
 
 
-def airflow_env(
-    home: Path, port: int, secrets: Mapping[str, str], repo: Path, host: str = "127.0.0.1"
-) -> dict[str, str]:
+def airflow_env(home: Path, port: int, secrets: Mapping[str, str], repo: Path, host: str = "127.0.0.1") -> dict[str, str]:
     """Every setting of a one-machine Airflow site on 2 cores, as environment variables.
 
     ``secrets`` holds the keys of :func:`new_airflow_secrets`. The log servers of the scheduler

@@ -37,12 +37,29 @@ RTT_RANGE_S = (0.25, 0.5)
 DRAIN_DAG, DRAIN_TASK = "opsync_drain", "drain"
 TASK_TITLE = "airflow worker -- "  # Airflow's process title of a running task (task_runner.startup)
 PROGRAMS = (
-    "primary", "replica", "redis", "ingest-api", "datasette",
-    "airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
+    "primary",
+    "replica",
+    "redis",
+    "ingest-api",
+    "datasette",
+    "airflow-api-server",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
 )
 KINDS = (  # every kind of fault, as Faults.kinds() names them
-    "kill_redis", "kill_ingest_api", "kill_scheduler", "kill_triggerer", "kill_publisher", "kill_drain_task",
-    "restart_primary", "restart_replica", "replica_lag", "wan_latency", "wan_blackhole", "wan_reset",
+    "kill_redis",
+    "kill_ingest_api",
+    "kill_scheduler",
+    "kill_triggerer",
+    "kill_publisher",
+    "kill_drain_task",
+    "restart_primary",
+    "restart_replica",
+    "replica_lag",
+    "wan_latency",
+    "wan_blackhole",
+    "wan_reset",
 )
 FIRST = "kill_redis"  # first of the first round: the buffer is never fuller than while the writers start
 FIRST_ROUND_TRIES = 3  # attempts per kind to see it effective before the run goes on without
@@ -176,6 +193,7 @@ class Faults:
             if before is None or after is None or stream_id(after) < stream_id(before):
                 return None
             return f"it came back from its AOF with the stream up to {before}"
+
         return lambda: poll(kept, 30)
 
     def api_answers(self) -> Check:
@@ -184,9 +202,11 @@ class Faults:
 
     def new_job(self, job_type: str) -> Callable[[], Check]:
         """The restarted Airflow component registered itself anew in the metadata DB (a new job row)."""
+
         def watch() -> Check:
             before = self.last_job(job_type)
             return lambda: poll(lambda: self.last_job(job_type) > before and f"a new {job_type} registered", 60)
+
         return watch
 
     def last_job(self, job_type: str) -> int:
@@ -204,10 +224,12 @@ class Faults:
         def check() -> str | None:
             def moved() -> str | None:
                 return "the new publisher wrote the read model" if db.execute("PRAGMA data_version").fetchone()[0] != before else None
+
             try:
                 return poll(moved, 30)
             finally:
                 db.close()
+
         return check
 
     def primary_answers(self) -> Check:
@@ -243,7 +265,11 @@ class Faults:
         return words[1] if len(words) > 1 else "UNKNOWN"
 
     def kill_program(
-        self, program: str, work: Callable[[], str | None], watch: Callable[[], Check], wait_s: float = WORK_WAIT_S,
+        self,
+        program: str,
+        work: Callable[[], str | None],
+        watch: Callable[[], Check],
+        wait_s: float = WORK_WAIT_S,
     ) -> Outcome:
         """SIGKILL ``program``'s tree once it has ``work`` in flight (or after ``wait_s`` for it); effective when
         it had, and ``watch``'s check sees it working again in its new process."""
@@ -307,7 +333,8 @@ class Faults:
         try:
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2) as conn:
                 rows = conn.execute(
-                    "SELECT id FROM task_instance WHERE dag_id = ? AND task_id = ? AND state = ?", (DRAIN_DAG, task_id, state),
+                    "SELECT id FROM task_instance WHERE dag_id = ? AND task_id = ? AND state = ?",
+                    (DRAIN_DAG, task_id, state),
                 ).fetchall()
         except sqlite3.OperationalError:  # locked by a writer this instant: look again on the next poll
             return []
@@ -323,7 +350,7 @@ class Faults:
         found = []
         for proc in psutil.process_iter(["cmdline"]):
             title = " ".join(proc.info["cmdline"] or [])
-            if title.startswith(TASK_TITLE) and normal(title[len(TASK_TITLE):]) in running:
+            if title.startswith(TASK_TITLE) and normal(title[len(TASK_TITLE) :]) in running:
                 found.append(proc)
         return found
 
@@ -369,9 +396,12 @@ class Faults:
             conn.execute("SELECT pg_wal_replay_pause()")
             started = time.monotonic()
             while (waited := time.monotonic() - started) < paused_s or (not behind and waited < paused_s + WORK_WAIT_S):
-                behind = max(behind, conn.execute(
-                    "SELECT coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)",
-                ).fetchone()[0])
+                behind = max(
+                    behind,
+                    conn.execute(
+                        "SELECT coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)",
+                    ).fetchone()[0],
+                )
                 time.sleep(0.5)
             conn.execute("SELECT pg_wal_replay_resume()")
         seen = f"{behind} bytes of WAL waited to be replayed" if behind > 0 else None

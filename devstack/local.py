@@ -51,17 +51,34 @@ class Check:
 def api_command(host: str, port: int, workers: int, metrics_dir: Path) -> list[str]:
     """How the ingest API runs, for ``make up`` and ``make bench-ingest`` alike (see ``ingest_api.__main__``)."""
     return [
-        str(VENV_BIN / "python"), "-m", "ingest_api", "--host", host, "--port", str(port), "--workers", str(workers),
-        "--metrics-dir", str(metrics_dir),
+        str(VENV_BIN / "python"),
+        "-m",
+        "ingest_api",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--metrics-dir",
+        str(metrics_dir),
     ]
 
 
 DATASETTE_SETTINGS = (  # for `make up`, bench-read and the tests; docker-compose.yaml repeats them
-    "--setting", "facet_time_limit_ms", "1000",  # 1M-row facets take up to ~0.25 s: don't let them vanish
-    "--setting", "suggest_facets", "off",  # suggestions tried every column: 1.1 s of a 1M-row page (make bench-read)
-    "--setting", "sql_time_limit_ms", "1000",  # every query, arbitrary SQL too (Datasette's default, made explicit)
+    "--setting",
+    "facet_time_limit_ms",
+    "1000",  # 1M-row facets take up to ~0.25 s: don't let them vanish
+    "--setting",
+    "suggest_facets",
+    "off",  # suggestions tried every column: 1.1 s of a 1M-row page (make bench-read)
+    "--setting",
+    "sql_time_limit_ms",
+    "1000",  # every query, arbitrary SQL too (Datasette's default, made explicit)
     # Threads: SQL of the client's choosing gets 2 at most (datasette/plugins/opsync_sql_limits.py), the rest pages.
-    "--setting", "num_sql_threads", "6",
+    "--setting",
+    "num_sql_threads",
+    "6",
 )
 
 
@@ -72,10 +89,19 @@ def datasette_command(read_model: Path, host: str, port: int, public: bool = Tru
     ``datasette/plugins/opsync_access.py``); set in the command so that every caller gets it.
     """
     return [
-        "/usr/bin/env", f"OPSYNC_DATASETTE_PUBLIC={'true' if public else 'false'}",
-        str(VENV_BIN / "datasette"), "serve", str(read_model), "--host", host, "--port", str(port),
-        "--metadata", str(REPO / "datasette/metadata.yml"),
-        "--plugins-dir", str(REPO / "datasette/plugins"),  # runs the read-model publisher, adds row links
+        "/usr/bin/env",
+        f"OPSYNC_DATASETTE_PUBLIC={'true' if public else 'false'}",
+        str(VENV_BIN / "datasette"),
+        "serve",
+        str(read_model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--metadata",
+        str(REPO / "datasette/metadata.yml"),
+        "--plugins-dir",
+        str(REPO / "datasette/plugins"),  # runs the read-model publisher, adds row links
         *DATASETTE_SETTINGS,
     ]
 
@@ -92,9 +118,7 @@ class LocalStack:
         self.replica = PostgresServer("replica", s.run_dir / "pg/replica", s.replica_port, s.pg_bin, user, credentials, s.host)
         # what the site calls the primary: the server itself, or the link in front of it (soak test)
         self.primary_link = replace(self.primary, port=s.primary_link_port) if s.primary_link_port else self.primary
-        self.redis = RedisServer(
-            s.run_dir / "redis", s.redis_port, s.secrets["redis_password"], s.redis_bin, s.host, s.redis_maxmemory
-        )
+        self.redis = RedisServer(s.run_dir / "redis", s.redis_port, s.secrets["redis_password"], s.redis_bin, s.host, s.redis_maxmemory)
         self.airflow_home = s.run_dir / "airflow"
 
     @property
@@ -145,8 +169,7 @@ class LocalStack:
             ),
         ]
         programs += [
-            Program(f"airflow-{name}", command, 30, group_kill=True)
-            for name, command in airflow.airflow_programs(s.airflow_port).items()
+            Program(f"airflow-{name}", command, 30, group_kill=True) for name, command in airflow.airflow_programs(s.airflow_port).items()
         ]
         return programs
 
@@ -199,7 +222,9 @@ class LocalStack:
     def supervisorctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(
             [str(VENV_BIN / "supervisorctl"), "-c", str(self.conf_path), *args],
-            capture_output=True, text=True, check=check,
+            capture_output=True,
+            text=True,
+            check=check,
         )
 
     def supervisord_pid(self) -> int | None:

@@ -96,8 +96,17 @@ class PostgresServer:
         write_private(pwfile, self.credentials.password + "\n", self.os_user)
         try:
             self._pg(
-                "initdb", "-D", str(self.data_dir), "-U", SUPERUSER, f"--pwfile={pwfile}",
-                "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8",
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                SUPERUSER,
+                f"--pwfile={pwfile}",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
             )
         finally:
             pwfile.unlink()
@@ -118,8 +127,22 @@ class PostgresServer:
         """Streaming replica of a running primary, through the slot, as ``pg_basebackup -R`` sets it up."""
         make_owned_dir(self.root, self.os_user)
         self._pg(
-            "pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U", REPLICATION_USER,
-            "-D", str(self.data_dir), "-R", "-c", "fast", "-X", "stream", "-S", REPLICATION_SLOT,
+            "pg_basebackup",
+            "-h",
+            primary.host,
+            "-p",
+            str(primary.port),
+            "-U",
+            REPLICATION_USER,
+            "-D",
+            str(self.data_dir),
+            "-R",
+            "-c",
+            "fast",
+            "-X",
+            "stream",
+            "-S",
+            REPLICATION_SLOT,
             env={**os.environ, "PGPASSWORD": self.credentials.replication_password},
         )
         self._write_conf("opsync.conf", self._settings())

@@ -26,7 +26,9 @@ from opsync.health import DURABLE_REDIS
 # slower per byte here): rewriting once the incremental part is a quarter of the base, not as big as it
 # (Redis' default 100%), bounds the replay, at about 5x instead of 2x the final size written over a fill.
 BUFFER_REDIS_TUNING = {
-    "hash-max-listpack-entries": "512", "hash-max-listpack-value": "256", "zset-max-listpack-entries": "1024",
+    "hash-max-listpack-entries": "512",
+    "hash-max-listpack-value": "256",
+    "zset-max-listpack-entries": "1024",
     "auto-aof-rewrite-percentage": "25",
 }
 

@@ -30,7 +30,8 @@ class StackSettings(BaseSettings):
     )
     api_workers: int = Field(2, ge=1, description="uvicorn worker processes of the ingest API")
     primary_link_port: int | None = Field(
-        None, description="Port of a link (a WanProxy) in front of the primary: the site and the replica reach it only"
+        None,
+        description="Port of a link (a WanProxy) in front of the primary: the site and the replica reach it only"
         " through there (the soak test); unset: directly, as in make up",
     )
     pg_bin: Path = Path("/usr/lib/postgresql/15/bin")

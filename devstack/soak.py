@@ -76,7 +76,15 @@ STATUS_CHUNK = 200  # transaction ids per status request: the URL stays well bel
 WRITERS = 2
 RECENT = 30  # observations a writer may still update, requests it may resubmit
 HARMS = (  # counts in the result that fail the run when not zero
-    "lost", "duplicated", "stuck", "stale", "undeleted", "dead_lettered_valid", "read_mismatches", "refused", "unresolved",
+    "lost",
+    "duplicated",
+    "stuck",
+    "stale",
+    "undeleted",
+    "dead_lettered_valid",
+    "read_mismatches",
+    "refused",
+    "unresolved",
 )
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -196,11 +204,15 @@ class Writer(threading.Thread):
         rows = []
         for _ in range(self.rng.randint(10, 40)):
             self.seq += 1
-            rows.append({
-                "instrument_module_id": self.fixtures["module"], "sensor": f"w{self.index}-s{self.seq % 8}",
-                "sampled_at": (T0 + timedelta(milliseconds=10 * self.seq)).isoformat(),
-                "value": round(self.rng.uniform(-50, 300), 6), "unit": "K",
-            })
+            rows.append(
+                {
+                    "instrument_module_id": self.fixtures["module"],
+                    "sensor": f"w{self.index}-s{self.seq % 8}",
+                    "sampled_at": (T0 + timedelta(milliseconds=10 * self.seq)).isoformat(),
+                    "value": round(self.rng.uniform(-50, 300), 6),
+                    "unit": "K",
+                }
+            )
         if receipt := self.call("records", "housekeeping_sample", rows):
             self.acks.created(receipt, [("housekeeping_sample", pick(row, "housekeeping_sample")) for row in rows])
             self.written += len(rows)
@@ -211,20 +223,40 @@ class Writer(threading.Thread):
         n, start = self.seq, T0 + timedelta(seconds=self.seq)
         obs_unit = str(uuid.UUID(int=self.rng.getrandbits(128))) if invalid else self.fixtures["obs_unit"]
         steps = [
-            {"table": "executed_obs_unit", "ref": "obs", "values": {
-                "obs_unit_id": obs_unit, "instrument_module_id": self.fixtures["module"], "start_time": start.isoformat(),
-                "metadata": {"soak": self.plan.seed, "writer": self.index, "n": n},
-            }},
-            {"table": "raw_data_package", "ref": "pkg", "values": {
-                "name": f"soak-{self.plan.seed}-w{self.index}-{n}.tar", "executed_obs_unit_id": {"$ref": "obs"},
-            }},
+            {
+                "table": "executed_obs_unit",
+                "ref": "obs",
+                "values": {
+                    "obs_unit_id": obs_unit,
+                    "instrument_module_id": self.fixtures["module"],
+                    "start_time": start.isoformat(),
+                    "metadata": {"soak": self.plan.seed, "writer": self.index, "n": n},
+                },
+            },
+            {
+                "table": "raw_data_package",
+                "ref": "pkg",
+                "values": {
+                    "name": f"soak-{self.plan.seed}-w{self.index}-{n}.tar",
+                    "executed_obs_unit_id": {"$ref": "obs"},
+                },
+            },
         ]
         for j in range(self.rng.randint(1, 3)):
             path = f"/soak/{self.plan.seed}/w{self.index}/{n}/scan{j}.fits"
-            steps.append({"table": "raw_data_file", "values": {
-                "path": path, "size_bytes": self.rng.randint(1, 10**9), "checksum_sha256": sha256(path),
-                "file_type": "fits", "executed_obs_unit_id": {"$ref": "obs"}, "raw_data_package_id": {"$ref": "pkg"},
-            }})
+            steps.append(
+                {
+                    "table": "raw_data_file",
+                    "values": {
+                        "path": path,
+                        "size_bytes": self.rng.randint(1, 10**9),
+                        "checksum_sha256": sha256(path),
+                        "file_type": "fits",
+                        "executed_obs_unit_id": {"$ref": "obs"},
+                        "raw_data_package_id": {"$ref": "pkg"},
+                    },
+                }
+            )
         receipt = self.call("transaction", steps)
         if receipt is None:
             return
@@ -256,7 +288,8 @@ class Writer(threading.Thread):
             table, key = "raw_data_package", obs["pkg"]
             changes = {
                 "status": self.rng.choice(["sealed", "transferred", "archived"]),
-                "size_bytes": self.rng.randint(0, 10**12), "checksum_sha256": sha256(f"{key}/{self.rng.random()}"),
+                "size_bytes": self.rng.randint(0, 10**12),
+                "checksum_sha256": sha256(f"{key}/{self.rng.random()}"),
             }
         if receipt := self.call("update", table, key, changes):
             self.acks.updated(receipt, key, changes)
@@ -360,7 +393,7 @@ def stale(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
 
 def chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 @dataclass
@@ -394,10 +427,21 @@ class Soak:
         write_started = time.monotonic()
         write_until = write_started + self.duration_s
         writers = [
-            Writer(i, self.api, self.token, fixtures, Plan(
-                self.seed, -(-self.records // WRITERS), -(-self.invalid // WRITERS),
-                write_until, write_until + self.duration_s / 2 + self.settle_timeout_s, faults_done,
-            ), self.acks)
+            Writer(
+                i,
+                self.api,
+                self.token,
+                fixtures,
+                Plan(
+                    self.seed,
+                    -(-self.records // WRITERS),
+                    -(-self.invalid // WRITERS),
+                    write_until,
+                    write_until + self.duration_s / 2 + self.settle_timeout_s,
+                    faults_done,
+                ),
+                self.acks,
+            )
             for i in range(WRITERS)
         ]
         say(f"writing {self.records} records for {self.duration_s:.0f} s with {WRITERS} writers, injecting faults")
@@ -421,14 +465,24 @@ class Soak:
         settle_s = time.monotonic() - settle_started
         report = self.check()
         return {
-            "seed": self.seed, "duration_s": self.duration_s,
-            "acknowledged": self.acks.records, "transactions": len(self.acks.valid_txns()),
-            "updates": self.acks.updates, "deletes": self.acks.deletes, "resubmitted": self.acks.resubmitted,
+            "seed": self.seed,
+            "duration_s": self.duration_s,
+            "acknowledged": self.acks.records,
+            "transactions": len(self.acks.valid_txns()),
+            "updates": self.acks.updates,
+            "deletes": self.acks.deletes,
+            "resubmitted": self.acks.resubmitted,
             "invalid_sent": len(self.acks.invalid_txns()),
-            "faults": faults.counts(), "fault_kinds": sum(1 for c in faults.counts().values() if c["effective"]),
+            "faults": faults.counts(),
+            "fault_kinds": sum(1 for c in faults.counts().values() if c["effective"]),
             **report,
-            "refused": len(self.acks.refused), "unresolved": self.acks.unresolved, "errors": errors,
-            "settled": settled, "settle_s": round(settle_s, 1), "up_s": round(up_s, 1), "write_s": round(write_s, 1),
+            "refused": len(self.acks.refused),
+            "unresolved": self.acks.unresolved,
+            "errors": errors,
+            "settled": settled,
+            "settle_s": round(settle_s, 1),
+            "up_s": round(up_s, 1),
+            "write_s": round(write_s, 1),
         }
 
     def wait_streaming_through_link(self, timeout_s: float = 60) -> None:
@@ -450,9 +504,16 @@ class Soak:
             tag = f"SOAK-{self.seed}"
             instrument = client.records("instrument", {"name": tag})
             module = client.records("instrument_module", {"instrument_id": str(instrument.id), "name": "M1"})
-            obs_unit = client.records("obs_unit", {
-                "name": tag, "program": "SOAK", "source_name": "Orion KL", "ra_deg": 83.8, "dec_deg": -5.4,
-            })
+            obs_unit = client.records(
+                "obs_unit",
+                {
+                    "name": tag,
+                    "program": "SOAK",
+                    "source_name": "Orion KL",
+                    "ra_deg": 83.8,
+                    "dec_deg": -5.4,
+                },
+            )
         for receipt in (instrument, module, obs_unit):
             self.acks.txns[str(receipt.txn_id)] = False
         return {"module": str(module.id), "obs_unit": str(obs_unit.id)}
@@ -469,8 +530,11 @@ class Soak:
                 return True
             if time.monotonic() > deadline:
                 return False
-            say(f"settling: {len(waiting)} transactions not final" if waiting else
-                f"settling: read model behind by {behind} rows, buffer holds {leftovers}")
+            say(
+                f"settling: {len(waiting)} transactions not final"
+                if waiting
+                else f"settling: read model behind by {behind} rows, buffer holds {leftovers}"
+            )
             time.sleep(3)
 
     def statuses(self, txn_ids: list[str]) -> dict[str, dict | None]:
@@ -511,7 +575,8 @@ class Soak:
             say(f"read model: {exc}")
             return len(self.acks.rows)
         return sum(
-            1 for key, (_, expected) in self.acks.rows.items()
+            1
+            for key, (_, expected) in self.acks.rows.items()
             if (row := rows.get(key)) is None or row["_sync_state"] != "replicated" or stale(expected, row)
         ) + sum(1 for key in self.acks.deleted if key in rows)
 
@@ -613,7 +678,8 @@ class Soak:
         missing_api = {k for k in expected if (api.get(k) or {}).get("_sync_state") != "replicated"}
         missing_datasette = {k for k in expected if (datasette.get(k) or {}).get("_sync_state") != "replicated"}
         stale_rows = {
-            k for k, (_, values) in expected.items()
+            k
+            for k, (_, values) in expected.items()
             if any(k in rows and stale(values, rows[k]) for rows in (primary, replica, model, api, datasette))
         }
         undeleted = {k for k in deleted if any(k in rows for rows in (primary, replica, model, api, datasette))}
@@ -633,21 +699,34 @@ class Soak:
             buffer.client.close()
         dead_valid = {t for t in dead if t not in invalid} | set(valid_failed)
         details = {
-            "missing_primary": len(missing_primary), "missing_replica": len(missing_replica),
-            "read_model_not_replicated": len(not_replicated), "api_not_replicated": len(missing_api),
-            "datasette_not_replicated": len(missing_datasette), "valid_failed": len(valid_failed),
-            "extra_rows": len(extra_rows), "unacknowledged_ledger_txns": len(unacked_ledger),
-            "replay_mismatches": len(self.acks.replay_mismatches), "not_final": len(not_final),
-            "invalid_not_failed": len(invalid_not_failed), "buffer": leftovers,
+            "missing_primary": len(missing_primary),
+            "missing_replica": len(missing_replica),
+            "read_model_not_replicated": len(not_replicated),
+            "api_not_replicated": len(missing_api),
+            "datasette_not_replicated": len(missing_datasette),
+            "valid_failed": len(valid_failed),
+            "extra_rows": len(extra_rows),
+            "unacknowledged_ledger_txns": len(unacked_ledger),
+            "replay_mismatches": len(self.acks.replay_mismatches),
+            "not_final": len(not_final),
+            "invalid_not_failed": len(invalid_not_failed),
+            "buffer": leftovers,
             "unexpected_dead_letters": len([t for t in dead if t not in invalid]),
         }
         for name, sample in (
-            ("missing in the primary", missing_primary), ("missing in the replica", missing_replica),
-            ("not replicated in the read model", not_replicated), ("not replicated in the API's merged view", missing_api),
-            ("not replicated in Datasette's JSON", missing_datasette), ("stale", stale_rows), ("extra rows", extra_rows),
-            ("deleted but still there", undeleted), ("valid but dead-lettered", dead_valid),
+            ("missing in the primary", missing_primary),
+            ("missing in the replica", missing_replica),
+            ("not replicated in the read model", not_replicated),
+            ("not replicated in the API's merged view", missing_api),
+            ("not replicated in Datasette's JSON", missing_datasette),
+            ("stale", stale_rows),
+            ("extra rows", extra_rows),
+            ("deleted but still there", undeleted),
+            ("valid but dead-lettered", dead_valid),
             ("merged reads after a write that did not show it", self.acks.read_mismatches),
-            ("not final", not_final), ("valid but failed", valid_failed), ("refused", self.acks.refused),
+            ("not final", not_final),
+            ("valid but failed", valid_failed),
+            ("refused", self.acks.refused),
             ("replay mismatches", self.acks.replay_mismatches),
         ):
             if sample:
@@ -660,13 +739,15 @@ class Soak:
             "stale": len(stale_rows),
             "undeleted": len(undeleted),
             "dead_lettered_valid": len(dead_valid),
-            "read_mismatches": len(self.acks.read_mismatches), "reads_unanswered": self.acks.reads_unanswered,
+            "read_mismatches": len(self.acks.read_mismatches),
+            "reads_unanswered": self.acks.reads_unanswered,
             "details": details,
         }
 
 
 def guarded(target: Callable, errors: list[BaseException], done: threading.Event) -> Callable:
     """``target`` for a thread, its exception kept for the report instead of lost in the thread; ``done`` set after."""
+
     def run(*args) -> None:
         try:
             target(*args)
@@ -675,6 +756,7 @@ def guarded(target: Callable, errors: list[BaseException], done: threading.Event
             traceback.print_exc()
         finally:
             done.set()
+
     return run
 
 
@@ -701,8 +783,11 @@ def failures(result: dict[str, Any]) -> list[str]:
     """Why the run failed (none: it passed): a count of harm, an error, no settling, or a kind of fault that
     never took effect (then the run proved nothing about it)."""
     found = [f"{name}: {result[name]}" for name in HARMS if result[name]]
-    found += [f"{kind}: no effect in {result['faults'].get(kind, {}).get('injected', 0)} injections"
-              for kind in KINDS if not result["faults"].get(kind, {}).get("effective")]
+    found += [
+        f"{kind}: no effect in {result['faults'].get(kind, {}).get('injected', 0)} injections"
+        for kind in KINDS
+        if not result["faults"].get(kind, {}).get("effective")
+    ]
     found += [f"error: {error}" for error in result["errors"]]
     return found if result["settled"] else [*found, f"not settled within {result['settle_s']} s"]
 
@@ -733,9 +818,15 @@ def main(argv: list[str] | None = None) -> int:
     wan = WanProxy("127.0.0.1", primary_port, delay_s=BASE_RTT_S / 2)
     wan.start()
     settings = StackSettings(
-        run_dir=run_dir, primary_port=primary_port, replica_port=free_port(), redis_port=free_port(),
-        api_port=free_port(), datasette_port=free_port(), airflow_port=airflow_port(),
-        primary_link_port=wan.port, api_workers=1,
+        run_dir=run_dir,
+        primary_port=primary_port,
+        replica_port=free_port(),
+        redis_port=free_port(),
+        api_port=free_port(),
+        datasette_port=free_port(),
+        airflow_port=airflow_port(),
+        primary_link_port=wan.port,
+        api_workers=1,
     )
     stack = LocalStack(settings)
     soak = Soak(stack, wan, seed, args.duration, args.records, args.invalid, args.settle_timeout, args.fault_gap)

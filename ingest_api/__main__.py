@@ -51,7 +51,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def worker(sockets: list[socket.socket], index: int, app: str = APP) -> None:
     """One uvicorn process serving ``app`` ("module:attribute"), imported here, after the fork, on
     ``sockets[index]``; it closes its siblings' copies, so a socket dies with its worker."""
-    for other in sockets[:index] + sockets[index + 1:]:
+    for other in sockets[:index] + sockets[index + 1 :]:
         other.close()
     module, _, attribute = app.partition(":")
     asgi_app = getattr(importlib.import_module(module), attribute)

@@ -53,7 +53,8 @@ def get_enqueuer() -> AsyncEnqueuer:
     enqueuer = _enqueuers.get(loop)
     if enqueuer is None or enqueuer.buffer is not buffer:
         client = aioredis.Redis.from_url(
-            get_settings().redis_url.get_secret_value(), socket_connect_timeout=REDIS_TIMEOUT_S,
+            get_settings().redis_url.get_secret_value(),
+            socket_connect_timeout=REDIS_TIMEOUT_S,
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
             connection_class=PackedConnection,
         )
@@ -232,20 +233,25 @@ ERROR_TEXT = {
     413: "Request body or record list larger than the limit",
     422: "Invalid input (JSON nested too deeply included): each problem's location (field) and reason",
     503: "Site buffer, local replica or primary (direct tables) unavailable, or the buffer is above its high-water mark; "
-         "retry later (Retry-After)",
+    "retry later (Retry-After)",
 }
 
 
-RETRY_AFTER = {"Retry-After": {
-    "description": "Seconds to wait before retrying", "required": True, "schema": {"type": "integer", "minimum": 1},
-}}
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
 """Every ``503`` carries it (``ingest_api.errors.error``); tests/test_api_headers.py holds each route to it."""
 
 
 def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the error codes a route can answer, so clients and fuzzers know them all."""
-    return {code: {"model": ErrorBody, "description": ERROR_TEXT[code]} | ({"headers": RETRY_AFTER} if code == 503 else {})
-            for code in codes}
+    return {
+        code: {"model": ErrorBody, "description": ERROR_TEXT[code]} | ({"headers": RETRY_AFTER} if code == 503 else {}) for code in codes
+    }
 
 
 SettingsDep = Annotated[Settings, on_loop(get_settings)]

@@ -43,7 +43,8 @@ MAX_REMEMBERED = 10_000  # transactions whose tables a stream keeps, so it looks
 TxnIds = Annotated[
     list[UUID],
     Query(
-        alias="txn_id", max_length=MAX_FOLLOWED,
+        alias="txn_id",
+        max_length=MAX_FOLLOWED,
         description="Follow only these transactions (repeat the parameter); none: follow all",
     ),
 ]
@@ -69,7 +70,11 @@ class Stream:
 
 
 async def opened(
-    request: Request, settings: SettingsDep, buffer: BufferDep, who: PrincipalDep, txn_ids: TxnIds = [],  # noqa: B006
+    request: Request,
+    settings: SettingsDep,
+    buffer: BufferDep,
+    who: PrincipalDep,
+    txn_ids: TxnIds = [],  # noqa: B006
 ) -> AsyncIterator[Stream]:
     """The stream's checks and its own Redis connection, as a dependency: a refusal (404, 503) is answered
     before the stream begins, and the connection closes once the stream has ended, however it ended."""

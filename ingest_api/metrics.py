@@ -105,14 +105,18 @@ class BufferCollector(Collector):
             "opsync_buffer_depth": ("Transactions not yet acknowledged by the drainer", stats.depth),
             "opsync_buffer_pending": ("Of those, claimed by a drainer and not yet acknowledged", stats.pending),
             "opsync_buffer_oldest_enqueued_timestamp_seconds": (
-                "When the oldest unacknowledged transaction was buffered (absent: none)", stats.oldest_at),
+                "When the oldest unacknowledged transaction was buffered (absent: none)",
+                stats.oldest_at,
+            ),
             "opsync_committed_not_replicated": ("Committed in the primary, not yet replayed by the local replica", stats.awaiting_replica),
             "opsync_dead_letters": ("Transactions that failed permanently", stats.dead_letters),
             "opsync_buffer_memory_used_bytes": ("Memory Redis uses", stats.used_memory),
             "opsync_buffer_memory_max_bytes": ("Redis maxmemory (0: none set)", stats.maxmemory),
             "opsync_last_drain_timestamp_seconds": ("When the drainer last finished a drain (absent: never)", stats.last_drain_at),
             "opsync_last_confirm_timestamp_seconds": (
-                "When transactions were last confirmed against the replica (absent: never)", stats.last_confirm_at),
+                "When transactions were last confirmed against the replica (absent: never)",
+                stats.last_confirm_at,
+            ),
             "opsync_buffer_high_water_entries": ("Depth at which writes get 503", settings.high_water_entries),
             "opsync_buffer_above_high_water": ("1 while writes are refused for backpressure", int(above)),
         }
@@ -140,15 +144,18 @@ class DrainCollector(Collector):
         for name, (documentation, value) in counters.items():
             yield CounterMetricFamily(name, documentation, value=value)
         errors = CounterMetricFamily(
-            "opsync_drain_errors", "Drain errors by class: failed runs (transient, redis, other), dead-lettered"
-            " transactions (poison, dependent, unreadable)", labels=["class"],
+            "opsync_drain_errors",
+            "Drain errors by class: failed runs (transient, redis, other), dead-lettered transactions (poison, dependent, unreadable)",
+            labels=["class"],
         )
         for cls in ERROR_CLASSES:
             errors.add_metric([cls], m.errors.get(cls, 0))
         yield errors
         yield HistogramMetricFamily(
-            "opsync_drain_batch_seconds", "Time of a drain batch, claim to settle",
-            buckets=[(floatToGoString(bound), count) for bound, count in m.batch_buckets], sum_value=m.batch_seconds_sum,
+            "opsync_drain_batch_seconds",
+            "Time of a drain batch, claim to settle",
+            buckets=[(floatToGoString(bound), count) for bound, count in m.batch_buckets],
+            sum_value=m.batch_seconds_sum,
         )
         yield GaugeMetricFamily(
             "opsync_drain_runs_failed_consecutive", "Drain runs failed in a row (0 after a success)", value=m.failed_runs_consecutive
@@ -166,13 +173,18 @@ class ReadModelCollector(Collector):
     def collect(self):
         figures = read_model_figures(get_buffer(), get_replica())
         if figures.poison_rows is not None:
-            yield GaugeMetricFamily("opsync_read_model_poison_rows", "Rows the publisher skips now: it cannot render or write them",
-                                    value=figures.poison_rows)
-            yield CounterMetricFamily("opsync_read_model_poison_skipped", "Times a row became poison (skipped by the publisher)",
-                                      value=figures.poison_skipped)
+            yield GaugeMetricFamily(
+                "opsync_read_model_poison_rows", "Rows the publisher skips now: it cannot render or write them", value=figures.poison_rows
+            )
+            yield CounterMetricFamily(
+                "opsync_read_model_poison_skipped", "Times a row became poison (skipped by the publisher)", value=figures.poison_skipped
+            )
         if figures.freshness_s is not None:
-            yield GaugeMetricFamily("opsync_read_model_freshness_seconds",
-                                    "Age of the oldest change the read model does not show yet (0: caught up)", value=figures.freshness_s)
+            yield GaugeMetricFamily(
+                "opsync_read_model_freshness_seconds",
+                "Age of the oldest change the read model does not show yet (0: caught up)",
+                value=figures.freshness_s,
+            )
 
 
 class CapacityCollector(Collector):
@@ -188,21 +200,35 @@ class CapacityCollector(Collector):
             c = None
         if c is not None:
             rates = {
-                "opsync_buffer_ingest_transactions_per_second": ("Transactions accepted per second over the capacity"
-                                                                 " window", c.ingest_per_s),
-                "opsync_backlog_finished_transactions_per_second": ("Transactions per second that left the backlog"
-                                                                    " (replicated or failed)", c.finished_per_s),
-                "opsync_drain_applied_transactions_per_second": ("Transactions per second the drain applied to the"
-                                                                 " primary", c.applied_per_s),
-                "opsync_buffer_transaction_memory_bytes": ("Redis memory per transaction buffered, measured while"
-                                                           " nothing drained", c.bytes_per_txn),
-                "opsync_buffer_high_water_room_transactions": ("Transactions the buffer takes before a high-water mark"
-                                                               " refuses writes", c.room),
-                "opsync_buffer_high_water_eta_seconds": ("Until the high-water mark at the current ingest rate if"
-                                                         " nothing drains (+Inf: never, 0: reached)", c.high_water.seconds),
-                "opsync_drain_eta_seconds": ("Until what waits now (unsent, awaiting the replica) is replicated, at the"
-                                             " rate the backlog clears (+Inf: it does not, 0: nothing waits)",
-                                             c.drain_eta.seconds),
+                "opsync_buffer_ingest_transactions_per_second": (
+                    "Transactions accepted per second over the capacity window",
+                    c.ingest_per_s,
+                ),
+                "opsync_backlog_finished_transactions_per_second": (
+                    "Transactions per second that left the backlog (replicated or failed)",
+                    c.finished_per_s,
+                ),
+                "opsync_drain_applied_transactions_per_second": (
+                    "Transactions per second the drain applied to the primary",
+                    c.applied_per_s,
+                ),
+                "opsync_buffer_transaction_memory_bytes": (
+                    "Redis memory per transaction buffered, measured while nothing drained",
+                    c.bytes_per_txn,
+                ),
+                "opsync_buffer_high_water_room_transactions": (
+                    "Transactions the buffer takes before a high-water mark refuses writes",
+                    c.room,
+                ),
+                "opsync_buffer_high_water_eta_seconds": (
+                    "Until the high-water mark at the current ingest rate if nothing drains (+Inf: never, 0: reached)",
+                    c.high_water.seconds,
+                ),
+                "opsync_drain_eta_seconds": (
+                    "Until what waits now (unsent, awaiting the replica) is replicated, at the"
+                    " rate the backlog clears (+Inf: it does not, 0: nothing waits)",
+                    c.drain_eta.seconds,
+                ),
             }
             for name, (documentation, value) in rates.items():
                 if value is not None:
@@ -216,27 +242,39 @@ def replication_figures(name: str):
     measured = SiteStatus(at=datetime.now(UTC).isoformat())
     measure_replication(measured, get_primary(), get_replica(), name)
     if measured.lag_bytes is not None:
-        yield GaugeMetricFamily("opsync_replica_lag_bytes", "Replica behind the primary, bytes of WAL (while the replica"
-                                " is down, from the position its slot confirmed)", value=measured.lag_bytes)
+        yield GaugeMetricFamily(
+            "opsync_replica_lag_bytes",
+            "Replica behind the primary, bytes of WAL (while the replica is down, from the position its slot confirmed)",
+            value=measured.lag_bytes,
+        )
     if measured.lag_s is not None:
-        yield GaugeMetricFamily("opsync_replica_lag_seconds", "Replica behind the primary: 0 when caught up, else since"
-                                " it replayed a transaction", value=measured.lag_s)
+        yield GaugeMetricFamily(
+            "opsync_replica_lag_seconds",
+            "Replica behind the primary: 0 when caught up, else since it replayed a transaction",
+            value=measured.lag_s,
+        )
     slot = measured.slot
-    yield GaugeMetricFamily("opsync_replica_slot_up", "1 when the primary answered about the replica's slot",
-                            value=int(slot is not None))
+    yield GaugeMetricFamily("opsync_replica_slot_up", "1 when the primary answered about the replica's slot", value=int(slot is not None))
     if slot is None:
         return
-    status = GaugeMetricFamily("opsync_replica_slot_wal_status", "1 for the slot's wal_status now (missing: no such slot)",
-                               labels=["status"])
+    status = GaugeMetricFamily(
+        "opsync_replica_slot_wal_status", "1 for the slot's wal_status now (missing: no such slot)", labels=["status"]
+    )
     current = slot.wal_status if slot.exists else "missing"
     for state in ("reserved", "extended", "unreserved", "lost", "missing"):
         status.add_metric([state], int(state == current))
     yield status
     if slot.safe_wal_size is not None:
-        yield GaugeMetricFamily("opsync_replica_slot_safe_wal_bytes", "WAL the primary may still write before the slot"
-                                " is dropped (safe_wal_size)", value=slot.safe_wal_size)
-    yield GaugeMetricFamily("opsync_replica_slot_max_wal_keep_bytes", "max_slot_wal_keep_size (+Inf: no limit)",
-                            value=math.inf if slot.max_keep is None else slot.max_keep)
+        yield GaugeMetricFamily(
+            "opsync_replica_slot_safe_wal_bytes",
+            "WAL the primary may still write before the slot is dropped (safe_wal_size)",
+            value=slot.safe_wal_size,
+        )
+    yield GaugeMetricFamily(
+        "opsync_replica_slot_max_wal_keep_bytes",
+        "max_slot_wal_keep_size (+Inf: no limit)",
+        value=math.inf if slot.max_keep is None else slot.max_keep,
+    )
 
 
 REGISTRY.register(BufferCollector())
@@ -257,6 +295,7 @@ def exposition_registry() -> CollectorRegistry:
     registry.register(ReadModelCollector())
     registry.register(CapacityCollector())
     return registry
+
 
 router = APIRouter(tags=["health"])
 

@@ -71,7 +71,11 @@ def get_record(table: str, row_id: UUID, buffer: BufferDep, replica: ReplicaDep,
 
 @router.get("/records/{table}", response_model=Page, summary="Rows, merged, filtered by column values", responses=documented(400))
 def list_records(
-    table: str, request: Request, buffer: BufferDep, replica: ReplicaDep, who: PrincipalDep,
+    table: str,
+    request: Request,
+    buffer: BufferDep,
+    replica: ReplicaDep,
+    who: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[UUID | None, Query(description="Cursor: the `next` of the previous page")] = None,
 ) -> Page:
@@ -103,7 +107,8 @@ def unknown_transaction(txn_id) -> str:
 
 @router.get("/transactions", summary="States of many transactions")
 def get_transactions(
-    buffer: BufferDep, who: PrincipalDep,
+    buffer: BufferDep,
+    who: PrincipalDep,
     ids: Annotated[list[str], Query(description="Transaction ids, repeated or comma-separated (at most 1000)")],
 ) -> dict[str, dict[str, str] | None]:
     """Unknown ids map to null, so a script can poll all of its transactions in one request; so do those

@@ -27,6 +27,8 @@ from opsync.ingest import Invalid, StepIn, admitted, problem, submit
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200
+
+
 class ExactNumbers(Request):
     """A request whose JSON body keeps 1e-400 and 1e400 apart from 0 and infinity, as :func:`records_body` does."""
 
@@ -48,12 +50,17 @@ class ExactNumbersRoute(APIRoute):
         return route
 
 
-LOCATION = {"Location": {
-    "description": "The status URL of the accepted transaction (the receipt's `status_url`)", "required": True,
-    "schema": {"type": "string", "format": "uri"},
-}}
+LOCATION = {
+    "Location": {
+        "description": "The status URL of the accepted transaction (the receipt's `status_url`)",
+        "required": True,
+        "schema": {"type": "string", "format": "uri"},
+    }
+}
 router = APIRouter(  # every route here answers 202 (:func:`accepted`)
-    prefix="/v1", tags=["records"], route_class=ExactNumbersRoute,
+    prefix="/v1",
+    tags=["records"],
+    route_class=ExactNumbersRoute,
     responses=documented(400, 401, 403, 404, 409, 413, 422, 503) | {202: {"headers": LOCATION}},
 )
 
@@ -63,17 +70,30 @@ def idempotency_key(request: Request) -> str | None:
     is one more for FastAPI to solve on every request."""
     key = request.headers.get(IDEMPOTENCY_KEY)
     if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
-        raise RequestValidationError([{
-            "type": "string_too_long", "loc": ("header", IDEMPOTENCY_KEY.lower()), "input": key,
-            "msg": f"String should have at most {MAX_IDEMPOTENCY_KEY} characters",
-        }])
+        raise RequestValidationError(
+            [
+                {
+                    "type": "string_too_long",
+                    "loc": ("header", IDEMPOTENCY_KEY.lower()),
+                    "input": key,
+                    "msg": f"String should have at most {MAX_IDEMPOTENCY_KEY} characters",
+                }
+            ]
+        )
     return key
 
 
-IDEMPOTENT = {"parameters": [{
-    "name": IDEMPOTENCY_KEY, "in": "header", "required": False, "schema": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY},
-    "description": "Retries with the same key and body return the original answer; a different body is 409",
-}]}
+IDEMPOTENT = {
+    "parameters": [
+        {
+            "name": IDEMPOTENCY_KEY,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY},
+            "description": "Retries with the same key and body return the original answer; a different body is 409",
+        }
+    ]
+}
 TableName = Annotated[str, Path(description="An ingestible table", examples=["raw_data_file"])]
 
 
@@ -87,7 +107,8 @@ class TransactionIn(BaseModel):
                 {
                     "steps": [
                         {
-                            "table": "executed_obs_unit", "ref": "obs",
+                            "table": "executed_obs_unit",
+                            "ref": "obs",
                             "values": {
                                 "obs_unit_id": "019a0000-0000-7000-8000-000000000001",
                                 "instrument_module_id": "019a0000-0000-7000-8000-000000000002",
@@ -99,14 +120,15 @@ class TransactionIn(BaseModel):
                             "values": {
                                 "executed_obs_unit_id": {"$ref": "obs"},
                                 "path": "/data/2026-11-20/scan_0001.fits",
-                                "size_bytes": 104857600, "file_type": "fits",
+                                "size_bytes": 104857600,
+                                "file_type": "fits",
                                 "checksum_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
                             },
                         },
                     ]
                 }
             ]
-        }
+        },
     }
 
 
@@ -201,13 +223,28 @@ def _base_url(scheme: str, server: tuple[str, int] | None, host: str | None, roo
 
 
 RECORDS = TypeAdapter(dict[str, Any] | list[dict[str, Any]])
-RECORDS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    **RECORDS.json_schema(), "title": "Records", "examples": [{
-        "executed_obs_unit_id": "019a0000-0000-7000-8000-000000000003",
-        "path": "/data/2026-11-20/scan_0001.fits", "size_bytes": 104857600, "file_type": "fits",
-        "checksum_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-    }],
-}}}}}
+RECORDS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    **RECORDS.json_schema(),
+                    "title": "Records",
+                    "examples": [
+                        {
+                            "executed_obs_unit_id": "019a0000-0000-7000-8000-000000000003",
+                            "path": "/data/2026-11-20/scan_0001.fits",
+                            "size_bytes": 104857600,
+                            "file_type": "fits",
+                            "checksum_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                        }
+                    ],
+                }
+            }
+        },
+    }
+}
 
 
 async def post_records(table: TableName, request: Request, w: WriterDep) -> Response:
@@ -221,8 +258,14 @@ async def post_records(table: TableName, request: Request, w: WriterDep) -> Resp
 
 
 router.add_api_route(
-    "/records/{table}", post_records, methods=["POST"], status_code=202, response_model=Receipt, summary="Record one row or a list",
-    openapi_extra={**IDEMPOTENT, **RECORDS_BODY}, route_class_override=RecordsRoute,
+    "/records/{table}",
+    post_records,
+    methods=["POST"],
+    status_code=202,
+    response_model=Receipt,
+    summary="Record one row or a list",
+    openapi_extra={**IDEMPOTENT, **RECORDS_BODY},
+    route_class_override=RecordsRoute,
 )
 
 
@@ -273,7 +316,9 @@ def record_steps(table: str, rows: list[dict[str, Any]]) -> list[StepIn]:
 
 @router.post("/transactions", status_code=202, response_model=Receipt, summary="Several steps, atomically", openapi_extra=IDEMPOTENT)
 async def post_transaction(
-    body: TransactionIn, request: Request, w: WriterDep,
+    body: TransactionIn,
+    request: Request,
+    w: WriterDep,
 ) -> Response:
     """Steps apply in order, all or nothing; a step may use ``{"$ref": name}`` for an earlier step's key."""
     return await run(body.steps, request, w, body)
@@ -281,7 +326,10 @@ async def post_transaction(
 
 @router.patch("/records/{table}/{row_id}", status_code=202, response_model=Receipt, summary="Update fields", openapi_extra=IDEMPOTENT)
 async def patch_record(
-    table: TableName, row_id: UUID, request: Request, w: WriterDep,
+    table: TableName,
+    row_id: UUID,
+    request: Request,
+    w: WriterDep,
     values: Annotated[dict[str, Any], Body(examples=[{"status": "completed", "end_time": "2026-11-21T02:40:00Z"}])],
 ) -> Response:
     """Works whether the row is still buffered, committed or replicated: applied after its create, in order.
@@ -292,7 +340,10 @@ async def patch_record(
 
 @router.delete("/records/{table}/{row_id}", status_code=202, response_model=Receipt, summary="Delete a row", openapi_extra=IDEMPOTENT)
 async def delete_record(
-    table: TableName, row_id: UUID, request: Request, w: WriterDep,
+    table: TableName,
+    row_id: UUID,
+    request: Request,
+    w: WriterDep,
 ) -> Response:
     steps = [StepIn(op=Op.delete, table=table, id=row_id)]
     return await run(steps, request, w, None)

@@ -305,8 +305,10 @@ def ordered(value: Any) -> Any:
 
 
 COMPARE = {
-    ">=": lambda a, b: ordered(a) >= ordered(b), ">": lambda a, b: ordered(a) > ordered(b),
-    "<=": lambda a, b: ordered(a) <= ordered(b), "<": lambda a, b: ordered(a) < ordered(b),
+    ">=": lambda a, b: ordered(a) >= ordered(b),
+    ">": lambda a, b: ordered(a) > ordered(b),
+    "<=": lambda a, b: ordered(a) <= ordered(b),
+    "<": lambda a, b: ordered(a) < ordered(b),
 }
 
 
@@ -332,8 +334,10 @@ def rule_test(column: str, rule: schema.Rule) -> Callable[[dict], bool]:
             return True
         key = ordered(value)
         return (
-            (rule.ge is None or key >= ordered(rule.ge)) and (rule.le is None or key <= ordered(rule.le))
-            and (rule.lt is None or key < ordered(rule.lt)) and (rule.pattern is None or bool(pattern.match(value)))
+            (rule.ge is None or key >= ordered(rule.ge))
+            and (rule.le is None or key <= ordered(rule.le))
+            and (rule.lt is None or key < ordered(rule.lt))
+            and (rule.pattern is None or bool(pattern.match(value)))
             and (not rule.choices or value in rule.choices)
         )
 
@@ -390,13 +394,13 @@ def rules_of(table: str) -> TableRules:
     judges = {c.key: judge_for(c) for c in columns}
     defaults = {k: judges[k](v) for k, v in entry.insert_defaults.items()}
     return TableRules(
-        entry=entry, judges=judges,
+        entry=entry,
+        judges=judges,
         not_null=frozenset(c.key for c in columns if not c.nullable),
         required=tuple(c.key for c in columns if not c.nullable and not registry.has_default(c)),
         checks=checks_of(entry),
         uniques=tuple(
-            tuple(c.key for c in constraint.columns) for constraint in entry.table.constraints
-            if isinstance(constraint, UniqueConstraint)
+            tuple(c.key for c in constraint.columns) for constraint in entry.table.constraints if isinstance(constraint, UniqueConstraint)
         ),
         foreign={c.key: fk.column.table.name for c in columns for fk in c.foreign_keys},
         defaults=defaults,
@@ -470,4 +474,3 @@ def encode(value: Any) -> str:
 def unique_key(value: Any) -> Any:
     """Equality as a unique index sees it: NaN equals NaN."""
     return "NaN" if type(value) is float and value != value else value
-

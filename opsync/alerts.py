@@ -60,8 +60,9 @@ class Thresholds(BaseSettings):
         900, description="Age of the oldest change the read model (Datasette) does not show yet, seconds"
     )
     slot_safe_wal_warn_fraction: float | None = Field(
-        0.5, description="The replica's slot: WAL the primary may still write before dropping it, as a fraction of"
-        " max_slot_wal_keep_size; at or below it warns (unreserved and lost are always critical)"
+        0.5,
+        description="The replica's slot: WAL the primary may still write before dropping it, as a fraction of"
+        " max_slot_wal_keep_size; at or below it warns (unreserved and lost are always critical)",
     )
     slot_safe_wal_critical_fraction: float | None = Field(
         0.2, description="The replica's slot: fraction of max_slot_wal_keep_size left at or below which it is critical"
@@ -83,8 +84,17 @@ class Finding:
 
 
 FIGURES = (
-    "buffer_oldest_age_s", "depth", "awaiting_replica", "lag_bytes", "lag_s",
-    "dead_letters", "drain_failed_runs", "last_drain_s", "last_confirm_s", "poison_rows", "read_model_freshness_s",
+    "buffer_oldest_age_s",
+    "depth",
+    "awaiting_replica",
+    "lag_bytes",
+    "lag_s",
+    "dead_letters",
+    "drain_failed_runs",
+    "last_drain_s",
+    "last_confirm_s",
+    "poison_rows",
+    "read_model_freshness_s",
     "replica_slot",
 )
 
@@ -100,20 +110,24 @@ class Rule:
 
 
 def rules(t: Thresholds) -> dict[str, Rule]:
-    return {r.figure: r for r in (
-        Rule("buffer_oldest_age_s", "oldest buffered transaction", "min", 1 / 60, t.buffer_age_warn_min, t.buffer_age_critical_min),
-        Rule("depth", "buffered transactions", "", 1, t.depth_warn, t.depth_critical),
-        Rule("awaiting_replica", "committed, not yet replicated", "", 1, t.awaiting_replica_warn, t.awaiting_replica_critical),
-        Rule("lag_bytes", "replica lag", "bytes", 1, t.lag_bytes_warn, t.lag_bytes_critical),
-        Rule("lag_s", "replica lag", "s", 1, t.lag_warn_s, t.lag_critical_s),
-        Rule("dead_letters", "dead letters", "", 1, t.dead_letters_warn, t.dead_letters_critical),
-        Rule("drain_failed_runs", "drain runs failed in a row", "", 1, t.drain_failed_runs_warn, t.drain_failed_runs_critical),
-        Rule("last_drain_s", "since the last drain", "s", 1, t.last_drain_warn_s, t.last_drain_critical_s),
-        Rule("last_confirm_s", "since the last confirmation", "s", 1, t.last_confirm_warn_s, t.last_confirm_critical_s),
-        Rule("poison_rows", "rows the read model skips", "", 1, t.poison_rows_warn, t.poison_rows_critical),
-        Rule("read_model_freshness_s", "read model behind by", "s", 1, t.read_model_freshness_warn_s,
-             t.read_model_freshness_critical_s),
-    )}
+    return {
+        r.figure: r
+        for r in (
+            Rule("buffer_oldest_age_s", "oldest buffered transaction", "min", 1 / 60, t.buffer_age_warn_min, t.buffer_age_critical_min),
+            Rule("depth", "buffered transactions", "", 1, t.depth_warn, t.depth_critical),
+            Rule("awaiting_replica", "committed, not yet replicated", "", 1, t.awaiting_replica_warn, t.awaiting_replica_critical),
+            Rule("lag_bytes", "replica lag", "bytes", 1, t.lag_bytes_warn, t.lag_bytes_critical),
+            Rule("lag_s", "replica lag", "s", 1, t.lag_warn_s, t.lag_critical_s),
+            Rule("dead_letters", "dead letters", "", 1, t.dead_letters_warn, t.dead_letters_critical),
+            Rule("drain_failed_runs", "drain runs failed in a row", "", 1, t.drain_failed_runs_warn, t.drain_failed_runs_critical),
+            Rule("last_drain_s", "since the last drain", "s", 1, t.last_drain_warn_s, t.last_drain_critical_s),
+            Rule("last_confirm_s", "since the last confirmation", "s", 1, t.last_confirm_warn_s, t.last_confirm_critical_s),
+            Rule("poison_rows", "rows the read model skips", "", 1, t.poison_rows_warn, t.poison_rows_critical),
+            Rule(
+                "read_model_freshness_s", "read model behind by", "s", 1, t.read_model_freshness_warn_s, t.read_model_freshness_critical_s
+            ),
+        )
+    }
 
 
 def evaluate(status: SiteStatus, metrics: DrainMetrics, thresholds: Thresholds) -> list[Finding]:
@@ -133,15 +147,29 @@ def judge_slot(status: SiteStatus, t: Thresholds) -> Finding:
         return Finding("replica_slot", None, Level.warn, f"replica slot unknown (primary: {why})")
     name = f"replica slot {slot.name}"
     if not slot.exists:
-        return Finding("replica_slot", None, Level.critical, f"{name} does not exist on the primary: the replica cannot"
-                       " stream through it (create it and clone the replica again, see README)")
+        return Finding(
+            "replica_slot",
+            None,
+            Level.critical,
+            f"{name} does not exist on the primary: the replica cannot"
+            " stream through it (create it and clone the replica again, see README)",
+        )
     if slot.wal_status == "lost":
-        return Finding("replica_slot", None, Level.critical, f"{name} lost: the primary removed WAL the replica still"
-                       " needed; clone the replica again (see README)")
+        return Finding(
+            "replica_slot",
+            None,
+            Level.critical,
+            f"{name} lost: the primary removed WAL the replica still needed; clone the replica again (see README)",
+        )
     if slot.wal_status == "unreserved":
-        return Finding("replica_slot", slot.safe_wal_size, Level.critical, f"{name} unreserved: past"
-                       f" max_slot_wal_keep_size ({slot.max_keep:,} bytes), lost at the next checkpoint unless the"
-                       " replica catches up")
+        return Finding(
+            "replica_slot",
+            slot.safe_wal_size,
+            Level.critical,
+            f"{name} unreserved: past"
+            f" max_slot_wal_keep_size ({slot.max_keep:,} bytes), lost at the next checkpoint unless the"
+            " replica catches up",
+        )
     fraction = slot.safe_fraction
     if fraction is None:
         why = "reserves no WAL yet" if slot.wal_status is None else "no max_slot_wal_keep_size: WAL kept without limit"
@@ -161,8 +189,10 @@ def figures(status: SiteStatus, metrics: DrainMetrics) -> dict[str, tuple[float 
     awaiting = bool(b and b.awaiting_replica)
     lag = unknown_lag(status)
     rm = status.read_model
-    read_model_unknown = unknown or "read model figures unknown (" + (
-        "; ".join(f"{part}: {why}" for part, why in rm.unavailable.items()) or "not measured") + ")"
+    read_model_unknown = (
+        unknown
+        or "read model figures unknown (" + ("; ".join(f"{part}: {why}" for part, why in rm.unavailable.items()) or "not measured") + ")"
+    )
     return {
         "buffer_oldest_age_s": (b and b.oldest_age_s, unknown, True),
         "depth": (b and b.depth, unknown, True),
@@ -173,7 +203,9 @@ def figures(status: SiteStatus, metrics: DrainMetrics) -> dict[str, tuple[float 
         "drain_failed_runs": (None if down else metrics.failed_runs_consecutive, unknown, True),  # counted in Redis
         "last_drain_s": (b and b.last_drain_s, unknown or "no drain run has finished yet", True),
         "last_confirm_s": (
-            b and b.last_confirm_s, unknown or "no confirmation yet while transactions await the replica", awaiting or b is None
+            b and b.last_confirm_s,
+            unknown or "no confirmation yet while transactions await the replica",
+            awaiting or b is None,
         ),
         "poison_rows": (rm.poison_rows, read_model_unknown, True),
         "read_model_freshness_s": (rm.freshness_s, read_model_unknown, True),
@@ -201,9 +233,7 @@ def judge(rule: Rule, value: float | int | None, unknown: str | None, applies: b
     unit = f" {rule.unit}" if rule.unit else ""
     for level, threshold in ((Level.critical, rule.critical), (Level.warn, rule.warn)):
         if threshold is not None and value * rule.scale >= threshold:
-            return Finding(
-                rule.figure, value, level, f"{rule.what}: {shown(value, rule)} ({level} at {number(threshold)}{unit})"
-            )
+            return Finding(rule.figure, value, level, f"{rule.what}: {shown(value, rule)} ({level} at {number(threshold)}{unit})")
     return Finding(rule.figure, value, Level.ok, f"{rule.what}: {shown(value, rule)}")
 
 
@@ -304,8 +334,12 @@ def payload(site: str, changes: list[Change], slack: bool = False) -> dict:
         "text": text,
         "changes": [
             {
-                "figure": c.finding.figure, "value": c.finding.value, "level": str(c.finding.level),
-                "previous": str(c.previous), "resolved": c.resolved, "message": c.finding.message,
+                "figure": c.finding.figure,
+                "value": c.finding.value,
+                "level": str(c.finding.level),
+                "previous": str(c.previous),
+                "resolved": c.resolved,
+                "message": c.finding.message,
             }
             for c in changes
         ],

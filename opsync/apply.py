@@ -83,8 +83,7 @@ CREATE OR REPLACE FUNCTION pg_temp.opsync_no_such_row(message text) RETURNS void
 $$ BEGIN RAISE EXCEPTION '%', message USING ERRCODE = 'no_data_found'; END $$
 """
 LEDGER_SQL = (
-    "INSERT INTO sync_ledger (txn_id, site) SELECT * FROM unnest(%s::uuid[], %s::text[])"
-    " ON CONFLICT DO NOTHING RETURNING txn_id::text"
+    "INSERT INTO sync_ledger (txn_id, site) SELECT * FROM unnest(%s::uuid[], %s::text[]) ON CONFLICT DO NOTHING RETURNING txn_id::text"
 )
 REPLAYED = "OP001"  # raised by pg_temp.opsync_replayed: a batch sent whole held a transaction the ledger has
 REPLAYED_FUNCTION = """
@@ -92,8 +91,7 @@ CREATE OR REPLACE FUNCTION pg_temp.opsync_replayed() RETURNS void LANGUAGE plpgs
 $$ BEGIN RAISE EXCEPTION 'already in the ledger' USING ERRCODE = 'OP001'; END $$
 """
 LEDGER_ALL_FRESH_SQL = (  # the ledger rows, or an error (so nothing after it runs) if any was there already
-    "WITH fresh AS (" + LEDGER_SQL + ") SELECT pg_temp.opsync_replayed() FROM (SELECT count(*) AS n FROM fresh) f"
-    " WHERE f.n < %s"
+    "WITH fresh AS (" + LEDGER_SQL + ") SELECT pg_temp.opsync_replayed() FROM (SELECT count(*) AS n FROM fresh) f WHERE f.n < %s"
 )
 KEY_COLUMN = "opsync_key"  # a run's row keys, zipped with its rows (not a column of any table)
 
@@ -170,9 +168,7 @@ class BatchResult:
     round_trips: int = 0
 
 
-def apply_batch(
-    engine: Engine, txns: list[Pending], dead_rows: Mapping[RowRef, str] | None = None, timeout_s: float = 60
-) -> BatchResult:
+def apply_batch(engine: Engine, txns: list[Pending], dead_rows: Mapping[RowRef, str] | None = None, timeout_s: float = 60) -> BatchResult:
     """Apply ``txns`` in stream order in one DB transaction; isolate the ones that fail for good.
 
     ``dead_rows`` maps rows created by earlier dead-lettered transactions to those transactions'
@@ -394,9 +390,7 @@ def creates(txn: Transaction) -> set[RowRef]:
 @lru_cache
 def references(table: str) -> tuple[tuple[str, str], ...]:
     """(column, referred table) of each foreign key of an ingestible table."""
-    return tuple(
-        (column.key, fk.column.table.name) for column in registry.get_table(table).table.columns for fk in column.foreign_keys
-    )
+    return tuple((column.key, fk.column.table.name) for column in registry.get_table(table).table.columns for fk in column.foreign_keys)
 
 
 def statements(txns: list[Pending]) -> Iterator[tuple[str, list]]:
@@ -468,16 +462,22 @@ def compose_step_sql(op: Op, table: str, columns: tuple[str, ...]) -> sql.Compos
         "SELECT pg_temp.opsync_no_such_row({message} || k.{key} || ': no such row') FROM k WHERE k.{key} NOT IN (SELECT id FROM done)"
     ).format(message=sql.Literal(f"{op} of {table} "), key=key)
     if op is Op.delete:
-        return sql.SQL(
-            "WITH k AS (SELECT unnest(%s::uuid[]) AS {key}), done AS (DELETE FROM {t} USING k WHERE {t}.id = k.{key} RETURNING {t}.id) "
-        ).format(t=t, key=key) + missing
+        return (
+            sql.SQL(
+                "WITH k AS (SELECT unnest(%s::uuid[]) AS {key}), done AS (DELETE FROM {t} USING k WHERE {t}.id = k.{key} RETURNING {t}.id) "
+            ).format(t=t, key=key)
+            + missing
+        )
     rows = sql.SQL("ROWS FROM (unnest(%s::uuid[]), jsonb_populate_recordset(NULL::{t}, %s)) AS k({key})").format(t=t, key=key)
     stamp = [sql.SQL("updated_at = now()")] if "updated_at" in registry.get_table(table).table.c else []
     if op is Op.update:
         sets = [sql.SQL("{c} = k.{c}").format(c=sql.Identifier(c)) for c in columns] + stamp
-        return sql.SQL(
-            "WITH k AS (SELECT * FROM {rows}), done AS (UPDATE {t} SET {sets} FROM k WHERE {t}.id = k.{key} RETURNING {t}.id) "
-        ).format(rows=rows, t=t, sets=sql.SQL(", ").join(sets), key=key) + missing
+        return (
+            sql.SQL(
+                "WITH k AS (SELECT * FROM {rows}), done AS (UPDATE {t} SET {sets} FROM k WHERE {t}.id = k.{key} RETURNING {t}.id) "
+            ).format(rows=rows, t=t, sets=sql.SQL(", ").join(sets), key=key)
+            + missing
+        )
     names = sql.SQL(", ").join(map(sql.Identifier, ("id", *columns)))
     values = sql.SQL(", ").join([sql.SQL("k.{}").format(key), *(sql.SQL("k.{}").format(sql.Identifier(c)) for c in columns)])
     insert = sql.SQL("INSERT INTO {t} ({names}) SELECT {values} FROM {rows}").format(t=t, names=names, values=values, rows=rows)

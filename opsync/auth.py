@@ -51,18 +51,14 @@ def create_token(primary: Engine, name: str, scopes: list[str], expires_at: date
     """Issue a token (256 random bits); the plaintext is returned once and never stored."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with primary.begin() as conn:
-        conn.execute(
-            insert(ApiToken).values(name=name, token_sha256=hash_token(token), scopes=scopes, expires_at=expires_at)
-        )
+        conn.execute(insert(ApiToken).values(name=name, token_sha256=hash_token(token), scopes=scopes, expires_at=expires_at))
     return token
 
 
 def revoke_token(primary: Engine, name: str) -> bool:
     with primary.begin() as conn:
         result = conn.execute(
-            update(ApiToken)
-            .where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
-            .values(revoked_at=datetime.now(UTC))
+            update(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC))
         )
     return result.rowcount > 0
 
@@ -146,8 +142,7 @@ class TokenVerifier:
         except OperationalError as exc:
             if cached is None:
                 raise AuthUnavailable(f"cannot check tokens now ({exc.orig.__class__.__name__}); retry") from None
-            log.warning("token store unreadable (%s): trusting cached token %r", exc.orig.__class__.__name__,
-                        cached.principal.name)
+            log.warning("token store unreadable (%s): trusting cached token %r", exc.orig.__class__.__name__, cached.principal.name)
             entry = replace(cached, fetched=time.monotonic())  # not a connect attempt per request meanwhile
         if entry is None:
             self._cache.pop(digest, None)
@@ -158,8 +153,9 @@ class TokenVerifier:
     def _fetch(self, digest: str) -> _Cached | None:
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(ApiToken.name, ApiToken.token_sha256, ApiToken.scopes, ApiToken.expires_at, ApiToken.revoked_at)
-                .where(ApiToken.token_sha256 == digest)
+                select(ApiToken.name, ApiToken.token_sha256, ApiToken.scopes, ApiToken.expires_at, ApiToken.revoked_at).where(
+                    ApiToken.token_sha256 == digest
+                )
             ).first()
         if row is None or not hmac.compare_digest(row.token_sha256, digest):
             return None

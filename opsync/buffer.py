@@ -146,7 +146,11 @@ local function index_rem(prefix, base, key)
 end
 """
 
-ENQUEUE = STATE_OF + REMEMBERED + INDEXES + """
+ENQUEUE = (
+    STATE_OF
+    + REMEMBERED
+    + INDEXES
+    + """
 -- KEYS: stream, status, idempotency ('' when none), unsent counter, then the idempotency buckets to read
 --       (newest window first; the record is written to the first), none when the record takes a key of its own
 -- ARGV: envelope, txn_id, accepted_at, body hash (the SHA-256 digest, 16 bytes), response,
@@ -311,6 +315,7 @@ flush()
 redis.call('PUBLISH', ARGV[7], cjson.encode({txn_id = ARGV[2], state = 'accepted', at = ARGV[3], tables = ARGV[9]}))
 return {'created', ARGV[5]}
 """
+)
 
 RELEASE_ROWS = """
 -- Drop overlay rows whose latest change is the given transaction (now in the replica).
@@ -336,7 +341,9 @@ local function release_rows(prefix, txn, args, pos)
 end
 """
 
-SETTLE = STATE_OF + """
+SETTLE = (
+    STATE_OF
+    + """
 -- Acknowledge a drained batch and record where each transaction went, all at once.
 -- KEYS: stream, awaiting replica, dead letters, dead rows, unsent counter
 -- ARGV: group, key prefix, events channel, at, status ttl, commit lsn, lsn score, then per entry:
@@ -388,8 +395,13 @@ while pos <= #ARGV do
   pos = pos + 5 + nrows
 end
 """
+)
 
-CONFIRM = STATE_OF + INDEXES + RELEASE_ROWS + """
+CONFIRM = (
+    STATE_OF
+    + INDEXES
+    + RELEASE_ROWS
+    + """
 -- Committed transactions are in the replica: mark each, release its overlay rows, forget its entry.
 -- The rows are read from the entry's envelope here, so no envelope travels to the client and back.
 -- A status of the usual fields moves into its bucket (see final_of): a few dozen bytes instead of a
@@ -479,6 +491,7 @@ while i <= #ARGV and work < budget do
 end
 return {confirmed, (i - last - 1) / 2}
 """
+)
 
 DEAD_ENTRY = """
 -- The dead letter at id (fields as a table), or nil when it was requeued or discarded already.
@@ -497,7 +510,9 @@ local function forget_dead_rows(hash, txn, args, pos, last)
 end
 """
 
-REQUEUE = DEAD_ENTRY + """
+REQUEUE = (
+    DEAD_ENTRY
+    + """
 -- Put a dead letter back into the buffer stream, fixed by an operator; the drain applies it (ledger-protected).
 -- KEYS: dead letters, stream, status, dead rows, audit, unsent counter
 -- ARGV: dead entry id, txn_id, at, by, events channel, accepted_at, then the rows it creates ('table:key')
@@ -518,8 +533,13 @@ redis.call('XADD', KEYS[5], '*', 'action', 'requeue', 'txn_id', txn, 'by', by, '
 redis.call('PUBLISH', ARGV[5], cjson.encode({txn_id = txn, state = 'accepted', at = at, requeued_by = by}))
 return id
 """
+)
 
-DISCARD = DEAD_ENTRY + INDEXES + RELEASE_ROWS + """
+DISCARD = (
+    DEAD_ENTRY
+    + INDEXES
+    + RELEASE_ROWS
+    + """
 -- Give a dead letter up: forget it, release its overlay rows, keep its status failed with who and when.
 -- KEYS: dead letters, status ('' when the envelope was unreadable), dead rows, audit
 -- ARGV: key prefix, dead entry id, txn_id, at, by, status ttl, events channel, n created rows, those rows,
@@ -539,6 +559,7 @@ redis.call('XADD', KEYS[4], '*', 'action', 'discard', 'txn_id', txn, 'by', by, '
            'entry', ARGV[2])
 return 1
 """
+)
 
 
 INDEX_RANGE = """
@@ -646,7 +667,7 @@ def split_record(value: bytes) -> tuple[bytes, bytes]:
     """(body hash, packed answer) of a record :func:`record` wrote."""
     if value.startswith(BINARY):
         return value[1:17], BINARY + value[17:]
-    return value[1:value[0] + 1], value[value[0] + 1:]
+    return value[1 : value[0] + 1], value[value[0] + 1 :]
 
 
 def compact_json(value) -> str:
@@ -692,10 +713,12 @@ def binary_answer(response: dict) -> bytes | None:
 def unpack_response(packed: bytes | str) -> dict:
     """The answer :func:`pack_response` packed (or JSON, as records of the earlier layout hold it)."""
     if isinstance(packed, bytes) and packed.startswith(BINARY):
-        ids = [str(uuid.UUID(bytes=packed[i:i + 16])) for i in range(25, len(packed), 16)]
+        ids = [str(uuid.UUID(bytes=packed[i : i + 16])) for i in range(25, len(packed), 16)]
         moment = EPOCH + timedelta(microseconds=int.from_bytes(packed[17:25], "big", signed=True))
         return {
-            "txn_id": str(uuid.UUID(bytes=packed[1:17])), "ids": ids, "state": State.accepted.value,
+            "txn_id": str(uuid.UUID(bytes=packed[1:17])),
+            "ids": ids,
+            "state": State.accepted.value,
             "accepted_at": moment.isoformat(),
         }
     text = packed.decode() if isinstance(packed, bytes) else packed
@@ -703,7 +726,9 @@ def unpack_response(packed: bytes | str) -> dict:
         return json.loads(text)
     txn_id, state, accepted_at, joined = text.split("|")
     return {
-        "txn_id": txn_id, "ids": joined.split(",") if joined else [], "state": state or State.accepted.value,
+        "txn_id": txn_id,
+        "ids": joined.split(",") if joined else [],
+        "state": state or State.accepted.value,
         "accepted_at": utc_long(accepted_at),
     }
 
@@ -730,7 +755,7 @@ def final_status(value: bytes | None) -> dict[str, str] | None:
     for i in (1, 4):  # committed_at, replicated_at: 'n~rest' shares its first n characters with accepted_at
         shared, sep, rest = parts[i].partition("~")
         if sep:
-            parts[i] = parts[0][:int(shared)] + rest
+            parts[i] = parts[0][: int(shared)] + rest
     status = {name: v for name, v in zip(FINAL_FIELDS, parts, strict=True) if v}
     for name in ("accepted_at", "committed_at", "replicated_at"):
         if name in status:
@@ -895,7 +920,11 @@ class AsyncEnqueuer:
             await self.client.script_load(ENQUEUE)
 
     async def enqueue(
-        self, txn: Transaction, response: dict, idempotency: tuple[str, str] | None = None, body_hash: str = "",
+        self,
+        txn: Transaction,
+        response: dict,
+        idempotency: tuple[str, str] | None = None,
+        body_hash: str = "",
         in_replica: Iterable[str] | None = None,
     ) -> Enqueued:
         call = self.buffer.enqueue_call(txn, response, idempotency, body_hash, in_replica)
@@ -908,7 +937,11 @@ class Buffer:
     """The durable queue at the site; keys live under one prefix so several sites can share a test Redis."""
 
     def __init__(
-        self, client: redis.Redis, prefix: str = "opsync", idempotency_ttl_s: int = 7 * 86400, status_ttl_s: int = 7 * 86400,
+        self,
+        client: redis.Redis,
+        prefix: str = "opsync",
+        idempotency_ttl_s: int = 7 * 86400,
+        status_ttl_s: int = 7 * 86400,
         idempotency_buckets: int = IDEMPOTENCY_BUCKETS,
     ):
         self.client = client
@@ -981,7 +1014,11 @@ class Buffer:
         return f"{self.prefix}:idem:{client_id}:{key}"
 
     def enqueue(
-        self, txn: Transaction, response: dict, idempotency: tuple[str, str] | None = None, body_hash: str = "",
+        self,
+        txn: Transaction,
+        response: dict,
+        idempotency: tuple[str, str] | None = None,
+        body_hash: str = "",
         in_replica: Iterable[str] | None = None,
     ) -> Enqueued:
         """Buffer ``txn`` durably and return ``response`` (or the original one for a replay).
@@ -996,7 +1033,11 @@ class Buffer:
         return enqueued(self._enqueue(**call), txn, idempotency)
 
     def enqueue_call(
-        self, txn: Transaction, response: dict, idempotency: tuple[str, str] | None, body_hash: str,
+        self,
+        txn: Transaction,
+        response: dict,
+        idempotency: tuple[str, str] | None,
+        body_hash: str,
         in_replica: Iterable[str] | None = None,
     ) -> dict:
         """The keys and arguments of the ENQUEUE script for ``txn``, whichever client runs it."""
@@ -1009,9 +1050,17 @@ class Buffer:
         return {
             "keys": [self.stream, self.status_key(txn.txn_id), idem_key, self.unsent, *buckets],
             "args": [
-                txn.model_dump_json(), str(txn.txn_id), txn.accepted_at.isoformat(), digest(body_hash),
-                pack_response(response), idem_arg, self.events, self.prefix, tables_field(txn),
-                checked_rows(txn, in_replica), *overlay_args(txn),
+                txn.model_dump_json(),
+                str(txn.txn_id),
+                txn.accepted_at.isoformat(),
+                digest(body_hash),
+                pack_response(response),
+                idem_arg,
+                self.events,
+                self.prefix,
+                tables_field(txn),
+                checked_rows(txn, in_replica),
+                *overlay_args(txn),
             ],
         }
 
@@ -1212,11 +1261,23 @@ class Buffer:
         is audited. False when the entry is gone already. ``txn`` is None for an unreadable envelope.
         """
         txn_id = str(txn.txn_id) if txn else ""
-        return bool(self._discard(
-            keys=[self.dead_letters, self.status_key(txn_id) if txn else "", self.dead_rows, self.dlq_audit],
-            args=[self.prefix, entry_id, txn_id, at, by, self.status_ttl_s, self.events, len(created), *created,
-                  *(release_args(txn) if txn else [])],
-        ))
+        return bool(
+            self._discard(
+                keys=[self.dead_letters, self.status_key(txn_id) if txn else "", self.dead_rows, self.dlq_audit],
+                args=[
+                    self.prefix,
+                    entry_id,
+                    txn_id,
+                    at,
+                    by,
+                    self.status_ttl_s,
+                    self.events,
+                    len(created),
+                    *created,
+                    *(release_args(txn) if txn else []),
+                ],
+            )
+        )
 
     def row_key(self, table: str, key) -> str:
         return f"{self.prefix}:row:{table}:{key}"
@@ -1254,8 +1315,12 @@ class Buffer:
         for bucket, members in by_bucket.items():
             pipe.zmscore(bucket, members)
         old, *scores = pipe.execute()
-        found = {k for members, got in zip(by_bucket.values(), scores, strict=True)
-                 for k, score in zip(members, got, strict=True) if score is not None}
+        found = {
+            k
+            for members, got in zip(by_bucket.values(), scores, strict=True)
+            for k, score in zip(members, got, strict=True)
+            if score is not None
+        }
         return [key in found or score is not None for key, score in zip(keys, old, strict=True)]
 
     def index_buckets(self, index: str) -> int:
@@ -1268,4 +1333,3 @@ class Buffer:
 
     def depth(self) -> int:
         return self.client.xlen(self.stream)
-

@@ -169,10 +169,15 @@ class Capacity:
 
     def as_json(self) -> dict:
         return {
-            "span_s": self.span_s, "ingest_per_s": self.ingest_per_s, "finished_per_s": self.finished_per_s,
-            "applied_per_s": self.applied_per_s, "bytes_per_txn": self.bytes_per_txn,
-            "bytes_measured_over": self.bytes_measured_over, "room": self.room,
-            "high_water": self.high_water.as_json(), "drain_eta": self.drain_eta.as_json(),
+            "span_s": self.span_s,
+            "ingest_per_s": self.ingest_per_s,
+            "finished_per_s": self.finished_per_s,
+            "applied_per_s": self.applied_per_s,
+            "bytes_per_txn": self.bytes_per_txn,
+            "bytes_measured_over": self.bytes_measured_over,
+            "room": self.room,
+            "high_water": self.high_water.as_json(),
+            "drain_eta": self.drain_eta.as_json(),
         }
 
 
@@ -180,8 +185,7 @@ def capacity(buffer: Buffer, settings: Settings) -> Capacity:
     """Read the counters (leaving a reading for later measurements) and forecast from the window's readings."""
     window = settings.capacity_window_s
     raw_now, raw_kept, maxmemory, stored = buffer.client.register_script(READ)(
-        keys=[buffer.stream, buffer.unsent, buffer.awaiting_replica, totals_key(buffer), readings_key(buffer),
-              measure_key(buffer)],
+        keys=[buffer.stream, buffer.unsent, buffer.awaiting_replica, totals_key(buffer), readings_key(buffer), measure_key(buffer)],
         args=[window, window / SAMPLES_PER_WINDOW],
     )
     now = Reading.parse(raw_now)
@@ -216,8 +220,9 @@ def fill_bytes(readings: list[Reading]) -> tuple[float | None, int]:
     return (grown / accepted if accepted else None), accepted
 
 
-def forecast(readings: list[Reading], bytes_per_txn: float | None, bytes_over: int, maxmemory: int, settings: Settings,
-             min_span_s: float) -> Capacity:
+def forecast(
+    readings: list[Reading], bytes_per_txn: float | None, bytes_over: int, maxmemory: int, settings: Settings, min_span_s: float
+) -> Capacity:
     first, now = readings[0], readings[-1]
     span = now.at - first.at
     measured = span >= min_span_s and span > 0
@@ -230,14 +235,21 @@ def forecast(readings: list[Reading], bytes_per_txn: float | None, bytes_over: i
     high_water, room = high_water_eta(now, ingest, bytes_per_txn, maxmemory, settings, span, unknown)
     finished = rate(lambda r: r.finished)
     return Capacity(
-        span_s=span, ingest_per_s=ingest, finished_per_s=finished, applied_per_s=rate(lambda r: r.applied),
-        bytes_per_txn=bytes_per_txn, bytes_measured_over=bytes_over, room=room, high_water=high_water,
+        span_s=span,
+        ingest_per_s=ingest,
+        finished_per_s=finished,
+        applied_per_s=rate(lambda r: r.applied),
+        bytes_per_txn=bytes_per_txn,
+        bytes_measured_over=bytes_over,
+        room=room,
+        high_water=high_water,
         drain_eta=drain_eta(now, finished, span, unknown),
     )
 
 
-def high_water_eta(now: Reading, ingest: float | None, measured_bytes: float | None, maxmemory: int,
-                   settings: Settings, span: float, unknown: str) -> tuple[Forecast, int]:
+def high_water_eta(
+    now: Reading, ingest: float | None, measured_bytes: float | None, maxmemory: int, settings: Settings, span: float, unknown: str
+) -> tuple[Forecast, int]:
     """Backpressure's own verdict says whether the mark is reached; before it, :func:`opsync.sizing.room` counts
     the transactions left (at the bytes measured here, else at the benchmark's), and the ingest rate times them."""
     fill = Fill(depth=now.unsent, used_memory=now.used_memory, maxmemory=maxmemory)
@@ -253,8 +265,7 @@ def high_water_eta(now: Reading, ingest: float | None, measured_bytes: float | N
         return Forecast(math.inf, f"nothing accepted in the last {span:.0f} s ({left:,} transactions of room)"), left
     if left < settings.high_water_entries - now.unsent:
         source = "measured" if per_txn == measured_bytes else "as benchmarked"
-        mark = (f"the memory mark ({settings.high_water_memory_fraction:.0%} of maxmemory, {per_txn:,.0f} bytes each,"
-                f" {source})")
+        mark = f"the memory mark ({settings.high_water_memory_fraction:.0%} of maxmemory, {per_txn:,.0f} bytes each, {source})"
     else:
         mark = f"the entries mark ({settings.high_water_entries:,})"
     return Forecast(left / ingest, f"{left:,} transactions to {mark} at {ingest:.3g}/s"), left
@@ -297,13 +308,20 @@ class Slot:
             return "lost: clone the replica again" if self.wal_status else "reserves no WAL yet"
         if self.max_keep is None:
             return f"{self.wal_status}, no max_slot_wal_keep_size (WAL kept without limit)"
-        return (f"{self.wal_status}, {self.safe_wal_size:,} bytes of WAL before it is dropped"
-                f" ({self.safe_fraction:.0%} of max_slot_wal_keep_size)")
+        return (
+            f"{self.wal_status}, {self.safe_wal_size:,} bytes of WAL before it is dropped"
+            f" ({self.safe_fraction:.0%} of max_slot_wal_keep_size)"
+        )
 
     def as_json(self) -> dict:
         return {
-            "name": self.name, "exists": self.exists, "wal_status": self.wal_status, "safe_wal_size": self.safe_wal_size,
-            "max_slot_wal_keep_size": self.max_keep, "safe_fraction": self.safe_fraction, "active": self.active,
+            "name": self.name,
+            "exists": self.exists,
+            "wal_status": self.wal_status,
+            "safe_wal_size": self.safe_wal_size,
+            "max_slot_wal_keep_size": self.max_keep,
+            "safe_fraction": self.safe_fraction,
+            "active": self.active,
             "restart_lsn": self.restart_lsn and str(self.restart_lsn),
         }
 
@@ -312,5 +330,6 @@ def replication_slot(conn: Connection, name: str) -> Slot:
     """One query, on a connection the caller already holds, that also reads the primary's WAL position: the
     primary may be a WAN away."""
     exists, restart, wal_status, safe, active, keep, current = conn.execute(text(SLOT_SQL), {"slot": name}).one()
-    return Slot(name, exists, wal_status, safe, None if keep < 0 else keep, active, Lsn.parse(restart) if restart else None,
-                Lsn.parse(current))
+    return Slot(
+        name, exists, wal_status, safe, None if keep < 0 else keep, active, Lsn.parse(restart) if restart else None, Lsn.parse(current)
+    )

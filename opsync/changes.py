@@ -32,9 +32,7 @@ from uuid import UUID
 
 from sqlalchemy import Engine, text
 
-SNAPSHOT_SQL = text(
-    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, (SELECT purged_below FROM row_change_horizon)"
-)
+SNAPSHOT_SQL = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, (SELECT purged_below FROM row_change_horizon)")
 # Run on the driver's cursor (psycopg placeholders): up to 10,000 plain tuples, keys as text, which is what
 # the publisher writes and sends back; no UUID or SQLAlchemy row objects built per change.
 CHANGES_SQL = (

@@ -73,11 +73,9 @@ EXIT_CODES = {
     0: "ok",
     ERROR: "error: the primary or Redis refused, or a confirmation was declined",
     USAGE: "usage: a bad option or argument (a misspelt scope, a date without UTC offset)",
-    DEGRADED: "degraded: status found a part unreachable or a --max-* limit passed; replay found changes"
-              " of its range purged",
+    DEGRADED: "degraded: status found a part unreachable or a --max-* limit passed; replay found changes of its range purged",
     NOT_FOUND: "not found: no such token, dead-lettered transaction or read model",
-    UNAVAILABLE: "unavailable: Redis, the primary or the replica cannot be reached; nothing was changed"
-                 " half-way, run it again later",
+    UNAVAILABLE: "unavailable: Redis, the primary or the replica cannot be reached; nothing was changed half-way, run it again later",
     EXISTS: "already exists: a token name (names are never reused)",
     INTERRUPTED: "interrupted: Ctrl-C stopped backlog drain between batches",
 }
@@ -225,8 +223,14 @@ def tokens_group() -> None:
 
 @tokens_group.command()
 @click.argument("name")
-@click.option("--scope", "scopes", type=ScopeType(), multiple=True, required=True,
-              help=f"{auth.ADMIN}, read:TABLE or write:TABLE; repeat for several.")
+@click.option(
+    "--scope",
+    "scopes",
+    type=ScopeType(),
+    multiple=True,
+    required=True,
+    help=f"{auth.ADMIN}, read:TABLE or write:TABLE; repeat for several.",
+)
 @click.option("--expires", type=ExpiryType(), help="90d from now, a date (00:00 UTC) or an ISO time; default never.")
 @json_option
 def create(name: str, scopes: Sequence[str], expires: datetime | None, as_json: bool) -> None:
@@ -243,8 +247,10 @@ def create(name: str, scopes: Sequence[str], expires: datetime | None, as_json: 
         echo_json({"name": name, "token": token, "scopes": scopes, "expires_at": expires and expires.isoformat()})
     else:
         click.echo(token)
-    say(f"Token {name!r} ({', '.join(scopes)}; expires {when(expires, 'never')}) is shown this once: "
-        "opsync keeps only its hash, so store it now.")
+    say(
+        f"Token {name!r} ({', '.join(scopes)}; expires {when(expires, 'never')}) is shown this once: "
+        "opsync keeps only its hash, so store it now."
+    )
 
 
 @tokens_group.command("list")
@@ -260,8 +266,13 @@ def list_(as_json: bool) -> None:
     table = Table(Column("name", **fold), "state", Column("scopes", **fold), "created", "expires", "revoked", "last used")
     for info in found:
         table.add_row(
-            info.name, info.state, " ".join(info.scopes), when(info.created_at),
-            when(info.expires_at, "never"), when(info.revoked_at), when(info.last_used_at, "never"),
+            info.name,
+            info.state,
+            " ".join(info.scopes),
+            when(info.created_at),
+            when(info.expires_at, "never"),
+            when(info.revoked_at),
+            when(info.last_used_at, "never"),
         )
     console().print(table)
 
@@ -279,8 +290,10 @@ def revoke(name: str, as_json: bool) -> None:
     if as_json:
         echo_json(info.as_json() | {"changed": changed})
     state = "revoked" if changed else "was already revoked"
-    say(f"Token {name!r} {state} at {when(info.revoked_at)}; sites refuse it once their replica has replayed "
-        f"this and their token cache ({get_settings().token_cache_ttl_s:g} s) has expired.")
+    say(
+        f"Token {name!r} {state} at {when(info.revoked_at)}; sites refuse it once their replica has replayed "
+        f"this and their token cache ({get_settings().token_cache_ttl_s:g} s) has expired."
+    )
 
 
 # --- the site's state: `status` and the dead-letter queue -------------------------------------------
@@ -332,18 +345,26 @@ class Limits:
             (report.lag_s, self.lag, "s replica lag", "--max-lag"),
             (b and b.dead_letters, self.dead_letters, "dead letters", "--max-dead-letters"),
         ]
-        return [f"{value:g} {what} (over {option} {limit:g})" for value, limit, what, option in found
-                if value is not None and limit is not None and value > limit]
+        return [
+            f"{value:g} {what} (over {option} {limit:g})"
+            for value, limit, what, option in found
+            if value is not None and limit is not None and value > limit
+        ]
 
 
 @main.command()
 @click.option("--watch", is_flag=True, help="Redraw until Ctrl-C (or --count refreshes).")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, metavar="SECONDS",
-              help="Seconds between refreshes of --watch.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between refreshes of --watch.",
+)
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop --watch after N refreshes (implies --watch).")
 @click.option("--max-depth", type=click.IntRange(min=0), help="Degraded when more transactions are buffered.")
-@click.option("--max-age", type=click.FloatRange(min=0), metavar="SECONDS",
-              help="Degraded when the oldest buffered transaction is older.")
+@click.option("--max-age", type=click.FloatRange(min=0), metavar="SECONDS", help="Degraded when the oldest buffered transaction is older.")
 @click.option("--max-lag", type=click.FloatRange(min=0), metavar="SECONDS", help="Degraded when the replica lags more.")
 @click.option("--max-dead-letters", type=click.IntRange(min=0), help="Degraded when more are dead-lettered.")
 @json_option
@@ -429,8 +450,12 @@ def capacity_rows(report: SiteStatus) -> list[tuple[str, str]]:
     rate = "unknown" if c.ingest_per_s is None else f"{c.ingest_per_s:.3g} transactions/s"
     if c.bytes_per_txn is not None:
         rate += f", {c.bytes_per_txn:,.0f} bytes each (measured over {c.bytes_measured_over:,})"
-    return [("ingest", rate), ("high-water in", escape(c.high_water.describe())),
-            ("room", f"{c.room:,} transactions before the high-water mark"), ("drain ETA", escape(c.drain_eta.describe()))]
+    return [
+        ("ingest", rate),
+        ("high-water in", escape(c.high_water.describe())),
+        ("room", f"{c.room:,} transactions before the high-water mark"),
+        ("drain ETA", escape(c.drain_eta.describe())),
+    ]
 
 
 def read_model_rows(report: SiteStatus) -> list[tuple[str, str]]:
@@ -451,8 +476,7 @@ def dlq_group() -> None:
 
 
 def by_option(func):
-    return click.option("--by", default=getpass.getuser, show_default="your OS user",
-                        help="Who acts, for the audit.")(func)
+    return click.option("--by", default=getpass.getuser, show_default="your OS user", help="Who acts, for the audit.")(func)
 
 
 yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
@@ -476,8 +500,13 @@ def dlq_list(as_json: bool) -> None:
         return
     table = Table("txn_id", "failed", "tables", "steps", Column("reason", overflow="fold"))
     for letter in letters:
-        table.add_row(letter.txn_id or letter.entry_id, when(parse_time(letter.failed_at)), " ".join(letter.tables),
-                      str(len(letter.txn.steps) if letter.txn else 0), letter.reason)
+        table.add_row(
+            letter.txn_id or letter.entry_id,
+            when(parse_time(letter.failed_at)),
+            " ".join(letter.tables),
+            str(len(letter.txn.steps) if letter.txn else 0),
+            letter.reason,
+        )
     console().print(table)
     say(f"{len(letters)} dead-lettered")
 
@@ -619,15 +648,27 @@ class Drained:
         self.batches += run.batches
 
     def as_json(self, event: str, rate: float | None, eta: float | None, elapsed: float) -> dict:
-        return {"event": event, "remaining": self.remaining, "buffered": self.buffered,
-                "awaiting_replica": self.awaiting_replica, "applied": self.applied, "duplicates": self.duplicates,
-                "dead_lettered": self.dead_lettered, "confirmed": self.confirmed, "batches": self.batches,
-                "rate_per_s": rate and round(rate, 1), "eta_s": eta, "elapsed_s": round(elapsed, 2)}
+        return {
+            "event": event,
+            "remaining": self.remaining,
+            "buffered": self.buffered,
+            "awaiting_replica": self.awaiting_replica,
+            "applied": self.applied,
+            "duplicates": self.duplicates,
+            "dead_lettered": self.dead_lettered,
+            "confirmed": self.confirmed,
+            "batches": self.batches,
+            "rate_per_s": rate and round(rate, 1),
+            "eta_s": eta,
+            "elapsed_s": round(elapsed, 2),
+        }
 
     def describe(self) -> str:
-        return (f"{self.applied} applied, {self.duplicates} already applied (skipped), {self.dead_lettered} dead-lettered,"
-                f" {self.confirmed} confirmed replicated in {self.batches} batches; {self.buffered} still buffered,"
-                f" {self.awaiting_replica} await the replica")
+        return (
+            f"{self.applied} applied, {self.duplicates} already applied (skipped), {self.dead_lettered} dead-lettered,"
+            f" {self.confirmed} confirmed replicated in {self.batches} batches; {self.buffered} still buffered,"
+            f" {self.awaiting_replica} await the replica"
+        )
 
 
 class RateColumn(ProgressColumn):
@@ -660,8 +701,15 @@ class Meter:
 
 @contextmanager
 def backlog_meter(as_json: bool, bar: bool) -> Iterator[Meter]:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[remaining]} remaining"),
-               RateColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[remaining]} remaining"),
+        RateColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True), disable=not bar) as progress:  # stderr: stdout is for data
         yield Meter(progress, as_json)
 
@@ -684,16 +732,25 @@ def stop_on_ctrl_c() -> Iterator[threading.Event]:
 
 
 @backlog_group.command("drain")
-@click.option("--follow", is_flag=True,
-              help="Keep draining, and confirming against the replica, until nothing is buffered or awaits the replica.")
-@click.option("--batch", type=click.IntRange(1, 100_000),
-              help="Transactions per batch: one DB transaction each. [default: OPSYNC_DRAIN_BATCH_SIZE, as the DAG's]")
-@click.option("--batch-records", type=click.IntRange(min=1),
-              help="A batch ends before the transaction that would pass this many records."
-                   " [default: OPSYNC_DRAIN_BATCH_RECORDS, as the DAG's]")
-@click.option("--batch-bytes", type=click.IntRange(min=1),
-              help="A batch ends before the transaction that would pass this many envelope bytes (a larger one goes"
-                   " alone, whole). [default: OPSYNC_DRAIN_BATCH_BYTES, as the DAG's]")
+@click.option(
+    "--follow", is_flag=True, help="Keep draining, and confirming against the replica, until nothing is buffered or awaits the replica."
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 100_000),
+    help="Transactions per batch: one DB transaction each. [default: OPSYNC_DRAIN_BATCH_SIZE, as the DAG's]",
+)
+@click.option(
+    "--batch-records",
+    type=click.IntRange(min=1),
+    help="A batch ends before the transaction that would pass this many records. [default: OPSYNC_DRAIN_BATCH_RECORDS, as the DAG's]",
+)
+@click.option(
+    "--batch-bytes",
+    type=click.IntRange(min=1),
+    help="A batch ends before the transaction that would pass this many envelope bytes (a larger one goes"
+    " alone, whole). [default: OPSYNC_DRAIN_BATCH_BYTES, as the DAG's]",
+)
 @json_option
 def backlog_drain(follow: bool, batch: int | None, batch_records: int | None, batch_bytes: int | None, as_json: bool) -> None:
     """Drain the site buffer into the primary now, with the functions the opsync_drain DAG runs.
@@ -741,16 +798,23 @@ def batch_limits(batch: int | None, records: int | None, size: int | None) -> Ba
     return BatchLimits(batch or configured.transactions, records or configured.records, size or configured.bytes)
 
 
-def drain_backlog(buffer: Buffer, primary_db: Engine, limits: BatchLimits, consumer: str, stop: threading.Event,
-                  done: Drained) -> None:
+def drain_backlog(buffer: Buffer, primary_db: Engine, limits: BatchLimits, consumer: str, stop: threading.Event, done: Drained) -> None:
     """Drain runs until one ends at a batch less than full (the buffer was empty), or Ctrl-C."""
     while not stop.is_set():
         if not drain_slice(buffer, primary_db, limits, consumer, done).budget_spent:
             return
 
 
-def follow_backlog(buffer: Buffer, primary_db: Engine, replica_db: Engine, limits: BatchLimits, consumer: str,
-                   stop: threading.Event, done: Drained, meter: Meter) -> None:
+def follow_backlog(
+    buffer: Buffer,
+    primary_db: Engine,
+    replica_db: Engine,
+    limits: BatchLimits,
+    consumer: str,
+    stop: threading.Event,
+    done: Drained,
+    meter: Meter,
+) -> None:
     """Drain and confirm, showing progress after each drain run, until nothing remains or Ctrl-C."""
     while not stop.is_set():
         run = drain_slice(buffer, primary_db, limits, consumer, done)
@@ -767,8 +831,15 @@ def follow_backlog(buffer: Buffer, primary_db: Engine, replica_db: Engine, limit
 def drain_slice(buffer: Buffer, primary_db: Engine, limits: BatchLimits, consumer: str, done: Drained) -> DrainSummary:
     """One drain run of about a second; a primary that cannot take a batch ends the command, losing nothing."""
     try:
-        run = drain(buffer, primary_db, budget_s=DRAIN_SLICE_S, batch_size=limits.transactions, consumer=consumer,
-                    batch_records=limits.records, batch_bytes=limits.bytes)
+        run = drain(
+            buffer,
+            primary_db,
+            budget_s=DRAIN_SLICE_S,
+            batch_size=limits.transactions,
+            consumer=consumer,
+            batch_records=limits.records,
+            batch_bytes=limits.bytes,
+        )
     except Transient as exc:
         depth = buffer_stats(buffer.client, buffer).depth
         raise Unavailable(f"{exc}; nothing lost: {depth} transactions stay buffered, run it again later") from None
@@ -795,8 +866,14 @@ def forget_consumer(buffer: Buffer, consumer: str) -> None:
 @main.command()
 @click.option("--since", type=MomentType(), required=True, help="Start: 6h or 3d ago, a date (00:00 UTC) or an ISO time.")
 @click.option("--until", type=MomentType(), help="End, excluded; default now.")
-@click.option("--table", "tables", multiple=True, type=click.Choice([t.name for t in ingestible_tables()]), metavar="TABLE",
-              help="Only this table; repeat for several; default all.")
+@click.option(
+    "--table",
+    "tables",
+    multiple=True,
+    type=click.Choice([t.name for t in ingestible_tables()]),
+    metavar="TABLE",
+    help="Only this table; repeat for several; default all.",
+)
 @json_option
 def replay(since: datetime, until: datetime | None, tables: tuple[str, ...], as_json: bool) -> None:
     """Re-publish into the read model (the SQLite file Datasette serves) the rows changed in a time range.
@@ -821,18 +898,33 @@ def replay(since: datetime, until: datetime | None, tables: tuple[str, ...], as_
         finally:
             publisher.close()
     if as_json:
-        echo_json({"since": since.isoformat(), "until": until.isoformat(), "read_model": str(path), "complete": done.complete,
-                   "tables": {name: {"changed": done.keys[name], "written": done.written[name], "skipped": done.skipped[name]}
-                              for name in names}})
+        echo_json(
+            {
+                "since": since.isoformat(),
+                "until": until.isoformat(),
+                "read_model": str(path),
+                "complete": done.complete,
+                "tables": {
+                    name: {"changed": done.keys[name], "written": done.written[name], "skipped": done.skipped[name]} for name in names
+                },
+            }
+        )
     else:
-        table = Table("table", "changed in range", "rewritten", "skipped (poison)",
-                      title=f"replayed {since:%Y-%m-%d %H:%M} – {until:%Y-%m-%d %H:%M} UTC")
+        table = Table(
+            "table",
+            "changed in range",
+            "rewritten",
+            "skipped (poison)",
+            title=f"replayed {since:%Y-%m-%d %H:%M} – {until:%Y-%m-%d %H:%M} UTC",
+        )
         for name in names:
             table.add_row(name, str(done.keys[name]), str(done.written[name]), str(done.skipped[name]))
         console().print(table)
     if not done.complete:
-        say("Warning: changes of this range were purged from the change table already, so rows changed before the"
-            " oldest change kept were not replayed; the opsync_read_model_check DAG compares and repairs every row.")
+        say(
+            "Warning: changes of this range were purged from the change table already, so rows changed before the"
+            " oldest change kept were not replayed; the opsync_read_model_check DAG compares and repairs every row."
+        )
         click.get_current_context().exit(DEGRADED)
 
 

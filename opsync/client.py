@@ -43,8 +43,18 @@ from opsync.config import Settings
 from opsync.envelope import State
 
 __all__ = [
-    "MAX_RECORDS_PER_REQUEST", "ApiError", "AsyncOpsyncClient", "Following", "OpsyncClient", "OpsyncError", "Receipt",
-    "State", "TransactionFailed", "TransactionStatus", "Unavailable", "WaitTimeout",
+    "MAX_RECORDS_PER_REQUEST",
+    "ApiError",
+    "AsyncOpsyncClient",
+    "Following",
+    "OpsyncClient",
+    "OpsyncError",
+    "Receipt",
+    "State",
+    "TransactionFailed",
+    "TransactionStatus",
+    "Unavailable",
+    "WaitTimeout",
 ]
 
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -278,7 +288,7 @@ def write(method: str, path: str, body: Any, idempotency_key: str | None) -> Cal
 def chunked(rows: list[Row], size: int) -> list[list[Row]]:
     if size < 1:
         raise ValueError(f"batch size must be at least 1, got {size}")
-    return [rows[start:start + size] for start in range(0, len(rows), size)]
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
 
 
 class Attempts:
@@ -334,9 +344,7 @@ class Endpoints(Generic[ReceiptT, ReceiptsT, StatusT]):
         """Record one row or a list of rows of ``table`` in one transaction."""
         return self._send(write("POST", f"/v1/records/{table}", rows, idempotency_key))
 
-    def batches(
-        self, table: str, rows: list[Row], size: int = MAX_RECORDS_PER_REQUEST, idempotency_key: str | None = None
-    ) -> ReceiptsT:
+    def batches(self, table: str, rows: list[Row], size: int = MAX_RECORDS_PER_REQUEST, idempotency_key: str | None = None) -> ReceiptsT:
         """Record a long list as consecutive transactions of at most ``size`` rows (the API refuses longer lists).
 
         A failure leaves the chunks before it recorded; with ``idempotency_key`` (chunk *i* uses

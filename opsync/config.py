@@ -47,9 +47,7 @@ class Settings(BaseSettings):
     )
     direct_timeout_s: int = Field(3, description="Connect/statement timeout of direct writes to the primary")
     idempotency_ttl_s: int = Field(7 * 86400, description="How long Idempotency-Key answers are kept")
-    status_ttl_s: int = Field(
-        7 * 86400, description="How long a transaction's status is kept once final (replicated or failed)"
-    )
+    status_ttl_s: int = Field(7 * 86400, description="How long a transaction's status is kept once final (replicated or failed)")
     high_water_entries: int = Field(
         3_628_800,
         description="Buffered (unacknowledged) transactions above which writes get 503 + Retry-After: "
@@ -57,7 +55,8 @@ class Settings(BaseSettings):
     )
     high_water_memory_fraction: float = Field(
         0.9,
-        gt=0, le=1,
+        gt=0,
+        le=1,
         description="Fraction of Redis maxmemory (when set) above which writes get 503; the rest is room for the drainer",
     )
     capacity_window_s: float = Field(
@@ -67,9 +66,7 @@ class Settings(BaseSettings):
     backpressure_cache_s: float = Field(
         0.5, description="How often the buffer is re-measured for the high-water check (the last verdict answers meanwhile)"
     )
-    max_body_bytes: int = Field(
-        512 * 1024, description="Largest request body; larger ones get 413 before being read (README 'Limits')"
-    )
+    max_body_bytes: int = Field(512 * 1024, description="Largest request body; larger ones get 413 before being read (README 'Limits')")
     max_json_depth: int = Field(32, description="Deepest nesting of JSON values a record may have")
     events_keepalive_s: float = Field(15, description="Interval of SSE keep-alive comments on GET /v1/events")
 

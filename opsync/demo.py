@@ -114,8 +114,14 @@ def planning_steps() -> list[Row]:
     ]
     steps += [
         upsert(
-            "obs_unit", obs_unit_id(source), name=f"{source.slug}-map", program=PROGRAM, source_name=source.name,
-            ra_deg=source.ra_deg, dec_deg=source.dec_deg, priority=3,
+            "obs_unit",
+            obs_unit_id(source),
+            name=f"{source.slug}-map",
+            program=PROGRAM,
+            source_name=source.name,
+            ra_deg=source.ra_deg,
+            dec_deg=source.dec_deg,
+            priority=3,
             parameters={"mode": "otf_map", "line": source.line, "module": source.module},
         )
         for source in SOURCES
@@ -211,15 +217,11 @@ def plan_night(night: date, seed: int, observations: int, tz: ZoneInfo) -> Night
     start = night_start(night, tz)
     slot = timedelta(seconds=NIGHT_LENGTH.total_seconds() // observations)
     aborted = rng.randrange(observations)
-    executions = tuple(
-        plan_execution(rng, night, tz, start + index * slot, slot, index == aborted) for index in range(observations)
-    )
+    executions = tuple(plan_execution(rng, night, tz, start + index * slot, slot, index == aborted) for index in range(observations))
     return Night(night, seed, tz, executions, plan_housekeeping(rng, start))
 
 
-def plan_execution(
-    rng: random.Random, night: date, tz: ZoneInfo, slot_start: datetime, slot: timedelta, aborted: bool
-) -> Execution:
+def plan_execution(rng: random.Random, night: date, tz: ZoneInfo, slot_start: datetime, slot: timedelta, aborted: bool) -> Execution:
     begin = slot_start + timedelta(seconds=rng.randrange(int(slot.total_seconds() / 10)))
     source = pick_source(rng, begin)
     label = f"{begin.astimezone(tz):%H%M%S}_{source.slug}"
@@ -249,27 +251,37 @@ def plan_housekeeping(rng: random.Random, start: datetime) -> tuple[Housekeeping
     first = start + timedelta(seconds=rng.randrange(int(SAMPLE_EVERY.total_seconds())))
     times = [first + index * SAMPLE_EVERY for index in range(int(NIGHT_LENGTH / SAMPLE_EVERY))]
     batches = [times[index : index + SAMPLES_PER_BATCH] for index in range(0, len(times), SAMPLES_PER_BATCH)]
-    return tuple(
-        HousekeepingBatch(batch[-1], tuple(sample(rng, *sampled, at) for at in batch for sampled in SAMPLED))
-        for batch in batches
-    )
+    return tuple(HousekeepingBatch(batch[-1], tuple(sample(rng, *sampled, at) for at in batch for sampled in SAMPLED)) for batch in batches)
 
 
 def sample(rng: random.Random, module: str, sensor: Sensor, at: datetime) -> Row:
     return {
-        "instrument_module_id": module_id(module), "sensor": sensor.name, "sampled_at": at,
-        "value": round(rng.gauss(sensor.mean, sensor.sd), 4), "unit": sensor.unit,
+        "instrument_module_id": module_id(module),
+        "sensor": sensor.name,
+        "sampled_at": at,
+        "value": round(rng.gauss(sensor.mean, sensor.sd), 4),
+        "unit": sensor.unit,
     }
 
 
 def opening_steps(run: Execution) -> list[Row]:
     """The execution as ``running`` with its (open) package, which names it by ``$ref`` before it has a key."""
     return [
-        {"table": "executed_obs_unit", "ref": "obs", "values": {
-            "obs_unit_id": obs_unit_id(run.source), "instrument_module_id": module_id(run.source.module),
-            "status": "running", "start_time": run.at, "metadata": run.metadata}},
-        {"table": "raw_data_package", "values": {
-            "name": f"{run.at:%Y%m%d}_{run.label}.tar", "executed_obs_unit_id": {"$ref": "obs"}, "status": "open"}},
+        {
+            "table": "executed_obs_unit",
+            "ref": "obs",
+            "values": {
+                "obs_unit_id": obs_unit_id(run.source),
+                "instrument_module_id": module_id(run.source.module),
+                "status": "running",
+                "start_time": run.at,
+                "metadata": run.metadata,
+            },
+        },
+        {
+            "table": "raw_data_package",
+            "values": {"name": f"{run.at:%Y%m%d}_{run.label}.tar", "executed_obs_unit_id": {"$ref": "obs"}, "status": "open"},
+        },
     ]
 
 
@@ -318,8 +330,14 @@ class Recorder:
         self.keep(opened, ("executed_obs_unit", Op.insert, 1), ("raw_data_package", Op.insert, 1))
         obs, package = opened.ids
         files = [
-            {"executed_obs_unit_id": obs, "raw_data_package_id": package, "path": f.path,
-             "size_bytes": f.size_bytes, "checksum_sha256": f.checksum_sha256, "file_type": "fits"}
+            {
+                "executed_obs_unit_id": obs,
+                "raw_data_package_id": package,
+                "path": f.path,
+                "size_bytes": f.size_bytes,
+                "checksum_sha256": f.checksum_sha256,
+                "file_type": "fits",
+            }
             for f in run.files
         ]
         stored = self.client.records("raw_data_file", files, self.key(f"{run.label}/files"))
@@ -396,8 +414,12 @@ def observations(value: str) -> int:
 
 def parse_args(argv: list[str] | None, tz: ZoneInfo) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m opsync.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--night", type=date.fromisoformat, default=last_complete_night(datetime.now(UTC), tz),
-                        help="evening date (site time) of the night; default: the last complete night")
+    parser.add_argument(
+        "--night",
+        type=date.fromisoformat,
+        default=last_complete_night(datetime.now(UTC), tz),
+        help="evening date (site time) of the night; default: the last complete night",
+    )
     parser.add_argument("--seed", type=int, default=1, help="the same seed and night give the same records")
     parser.add_argument("--observations", type=observations, default=8, help="executed observations (1-50)")
     return parser.parse_args(argv)

@@ -51,14 +51,20 @@ class DeadLetter:
 
     def summary(self) -> dict:
         return {
-            "txn_id": self.txn_id, "entry_id": self.entry_id, "failed_at": self.failed_at, "reason": self.reason,
-            "tables": self.tables, "step_count": len(self.txn.steps) if self.txn else 0,
+            "txn_id": self.txn_id,
+            "entry_id": self.entry_id,
+            "failed_at": self.failed_at,
+            "reason": self.reason,
+            "tables": self.tables,
+            "step_count": len(self.txn.steps) if self.txn else 0,
         }
 
     def details(self) -> dict:
         txn = self.txn.model_dump(mode="json") if self.txn else {}
         return self.summary() | {
-            "site": txn.get("site"), "accepted_at": txn.get("accepted_at"), "steps": txn.get("steps", []),
+            "site": txn.get("site"),
+            "accepted_at": txn.get("accepted_at"),
+            "steps": txn.get("steps", []),
         }
 
 

@@ -155,7 +155,13 @@ def drain(
 
 
 def drain_run(
-    buffer: Buffer, primary: Engine, budget_s: float, limits: BatchLimits, consumer: str, timeout_s: float, min_idle_ms: int,
+    buffer: Buffer,
+    primary: Engine,
+    budget_s: float,
+    limits: BatchLimits,
+    consumer: str,
+    timeout_s: float,
+    min_idle_ms: int,
     readable: Callable[[], Lsn] | None = None,
 ) -> DrainSummary:
     """Batches in stream order, each applied while the next is claimed (two at most are held, one commits at a time).
@@ -192,8 +198,13 @@ def drain_run(
 
 
 def drain_batch(
-    buffer: Buffer, primary: Engine, consumer: str = CONSUMER, batch_size: int = BATCH_SIZE, timeout_s: float = 60,
-    batch_records: int = BATCH_RECORDS, batch_bytes: int = BATCH_BYTES,
+    buffer: Buffer,
+    primary: Engine,
+    consumer: str = CONSUMER,
+    batch_size: int = BATCH_SIZE,
+    timeout_s: float = 60,
+    batch_records: int = BATCH_RECORDS,
+    batch_bytes: int = BATCH_BYTES,
 ) -> BatchReport | None:
     """Claim, apply, settle one batch (within :class:`BatchLimits`); None when there was nothing to claim."""
     batch = claim_batch(buffer, consumer, BatchLimits(batch_size, batch_records, batch_bytes))
@@ -277,8 +288,12 @@ def settle_batch(buffer: Buffer, batch: Claimed, result: BatchResult) -> BatchRe
     settlements = batch.settlements + outcomes(batch.txns, result)
     buffer.settle(sorted(settlements, key=lambda s: stream_order(s.stream_id)), result.commit_lsn, now())
     drain_metrics.record_batch(
-        buffer, records=sum(len(t.steps) for t in result.applied), transactions=len(result.applied),
-        seconds=time.monotonic() - batch.started, round_trips=result.round_trips, errors=batch_errors(settlements),
+        buffer,
+        records=sum(len(t.steps) for t in result.applied),
+        transactions=len(result.applied),
+        seconds=time.monotonic() - batch.started,
+        round_trips=result.round_trips,
+        errors=batch_errors(settlements),
     )
     return BatchReport(
         entries=len(batch.entries),

@@ -122,15 +122,19 @@ class DrainMetrics:
 
 
 def record_batch(
-    buffer: Buffer, *, records: int, transactions: int, seconds: float, round_trips: int,
+    buffer: Buffer,
+    *,
+    records: int,
+    transactions: int,
+    seconds: float,
+    round_trips: int,
     errors: Mapping[str, int] | None = None,
 ) -> None:
     """Count one applied batch, its latency and its per-transaction errors, and bump this minute's records."""
     pairs = [item for cls, n in (errors or {}).items() if n for item in (known_class(cls), n)]
     buffer.client.register_script(RECORD_BATCH)(
         keys=[totals_key(buffer), latency_key(buffer), errors_key(buffer)],
-        args=[minute_prefix(buffer), MINUTE_TTL_S, records, transactions, repr(float(seconds)), round_trips,
-              bucket_label(seconds), *pairs],
+        args=[minute_prefix(buffer), MINUTE_TTL_S, records, transactions, repr(float(seconds)), round_trips, bucket_label(seconds), *pairs],
     )
 
 

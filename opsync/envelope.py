@@ -32,6 +32,7 @@ class Step(BaseModel):
     table: str
     key: UUID = Field(description="Primary key of the row the step writes")
     values: dict[str, Any] = Field(default_factory=dict, description="Column values, JSON-encoded, exactly as sent")
+
     @cached_property
     def shown(self) -> dict[str, Any]:
         """What readers of the buffer see: the values as the primary will store them (see :meth:`admitted`)."""

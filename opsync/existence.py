@@ -26,8 +26,12 @@ class ReplicaUnavailable(Exception):
 
 
 async def enqueue_existing(
-    enqueuer: AsyncEnqueuer, replica: Engine, txn: Transaction, response: dict,
-    idempotency: tuple[str, str] | None, body_hash: str,
+    enqueuer: AsyncEnqueuer,
+    replica: Engine,
+    txn: Transaction,
+    response: dict,
+    idempotency: tuple[str, str] | None,
+    body_hash: str,
 ) -> Enqueued:
     """:meth:`AsyncEnqueuer.enqueue`, refusing (:class:`NoSuchRow`) updates and deletes of rows that are not there."""
     try:
@@ -48,6 +52,8 @@ def in_replica(replica: Engine, rows: list[tuple[str, str]]) -> list[str]:
             keys = [UUID(key) for t, key in rows if t == table]
             found += [f"{table}:{key}" for key in merged.replica_rows(replica, registry.get_table(table), {}, ids=keys)]
     except DBAPIError as exc:
-        raise ReplicaUnavailable(f"local replica unavailable ({exc.orig.__class__.__name__}): cannot tell whether the rows "
-                                 "to update or delete exist; retry later") from None
+        raise ReplicaUnavailable(
+            f"local replica unavailable ({exc.orig.__class__.__name__}): cannot tell whether the rows "
+            "to update or delete exist; retry later"
+        ) from None
     return found

@@ -38,9 +38,12 @@ def postgres_role(conninfo: str, expect_recovery: bool) -> Health:
     """The primary must accept writes; the replica must be a standby that is streaming."""
     try:
         with psycopg.connect(conninfo, connect_timeout=3) as conn:
-            in_recovery, replay_lsn = cast(tuple, conn.execute(  # no FROM: always one row
-                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()"
-            ).fetchone())
+            in_recovery, replay_lsn = cast(
+                tuple,
+                conn.execute(  # no FROM: always one row
+                    "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()"
+                ).fetchone(),
+            )
             streaming = conn.execute("SELECT status FROM pg_stat_wal_receiver").fetchone()
     except psycopg.Error as exc:
         return Health(False, f"unreachable: {str(exc).strip()}")

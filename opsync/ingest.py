@@ -60,7 +60,10 @@ def problem(loc: tuple, msg: str, kind: str = "value_error") -> dict:
 
 
 def build_transaction(
-    steps: list[StepIn], site: str, idempotency_key: str | None = None, max_json_depth: int = MAX_JSON_DEPTH,
+    steps: list[StepIn],
+    site: str,
+    idempotency_key: str | None = None,
+    max_json_depth: int = MAX_JSON_DEPTH,
     judge: admission.ReplicaJudge | None = None,
 ) -> Transaction:
     """The envelope of ``steps``, or :class:`Invalid` naming every problem the primary would refuse.
@@ -79,8 +82,11 @@ def build_transaction(
     if txn.undecided:
         raise Undecided()
     return Transaction(
-        txn_id=new_id(), site=site, accepted_at=datetime.now(UTC),
-        idempotency_key=idempotency_key, steps=built,
+        txn_id=new_id(),
+        site=site,
+        accepted_at=datetime.now(UTC),
+        idempotency_key=idempotency_key,
+        steps=built,
     )
 
 
@@ -89,7 +95,10 @@ class Undecided(Exception):
 
 
 async def admitted(
-    steps: list[StepIn], site: str, idempotency_key: str | None, max_json_depth: int,
+    steps: list[StepIn],
+    site: str,
+    idempotency_key: str | None,
+    max_json_depth: int,
     judge: Callable[[], admission.ReplicaJudge],
 ) -> Transaction:
     """:func:`build_transaction` on the event loop; in a thread with the replica's judge only when a value needs it."""
@@ -223,8 +232,10 @@ class Admitting:
             index = (table, columns, tuple(map(admission.unique_key, mine)))
             holder = self.unique.get(index)
             other = self.rows.get((table, holder)) if holder not in (None, key) else None
-            if other is not None and not other.deleted and all(
-                admission.unique_key(other.values.get(c)) == v for c, v in zip(columns, index[2], strict=True)
+            if (
+                other is not None
+                and not other.deleted
+                and all(admission.unique_key(other.values.get(c)) == v for c, v in zip(columns, index[2], strict=True))
             ):
                 same = f"duplicate ({', '.join(columns)}): step {other.step} of this transaction has the same"
                 self.errors.append(problem((*loc, columns[0]), same))
@@ -352,13 +363,20 @@ def buffered(txn: Transaction) -> bool:
 def answer(txn: Transaction, state: State, **fields: str) -> dict:
     """The API's answer to a write (stored with it for idempotent retries): where it is, its rows' keys."""
     return {
-        "txn_id": str(txn.txn_id), "ids": [str(step.key) for step in txn.steps],
-        "state": state, "accepted_at": txn.accepted_at.isoformat(), **fields,
+        "txn_id": str(txn.txn_id),
+        "ids": [str(step.key) for step in txn.steps],
+        "state": state,
+        "accepted_at": txn.accepted_at.isoformat(),
+        **fields,
     }
 
 
 async def submit(
-    txn: Transaction, enqueuer: AsyncEnqueuer, primary: Engine, idempotency: tuple[str, str] | None, body_hash: str,
+    txn: Transaction,
+    enqueuer: AsyncEnqueuer,
+    primary: Engine,
+    idempotency: tuple[str, str] | None,
+    body_hash: str,
     replica: Engine,
 ) -> tuple[dict, bool]:
     """Buffer (critical tables) or write at once (direct tables); returns (answer, replayed).

@@ -162,8 +162,12 @@ def read_overlays(buffer: Buffer, entry: Ingestible, keys: list[str]) -> dict[st
 
 
 def replica_rows(
-    replica: Engine, entry: Ingestible, filters: dict, ids: list[UUID] | None = None,
-    after: UUID | None = None, limit: int | None = None,
+    replica: Engine,
+    entry: Ingestible,
+    filters: dict,
+    ids: list[UUID] | None = None,
+    after: UUID | None = None,
+    limit: int | None = None,
 ) -> dict[str, dict]:
     """Rows as the replica holds them, JSON-ready, by key (empty without a query to make).
 

@@ -75,9 +75,7 @@ REPLAY_SQL = text(
     " WHERE changed_at >= :since AND changed_at < :until AND table_name IN :tables ORDER BY table_name, row_id"
 ).bindparams(bindparam("tables", expanding=True))
 # Changes were purged, and none at or before the range's start is left: some of the range's may be gone
-PURGED_SQL = text(
-    "SELECT purged_below > 0 AND NOT EXISTS (SELECT 1 FROM row_change WHERE changed_at <= :since) FROM row_change_horizon"
-)
+PURGED_SQL = text("SELECT purged_below > 0 AND NOT EXISTS (SELECT 1 FROM row_change WHERE changed_at <= :since) FROM row_change_horizon")
 # ARGV: the overlay hashes' key prefix, then the keys comma-separated (one argument, not 10,000 to encode)
 OVERLAY_EXISTS_LUA = """
 local found, i = {}, 0
@@ -618,14 +616,17 @@ class Publisher:
             self.store_poison()
         read_model = read_model_figures(self.buffer, self.replica)
         figures |= {
-            "poison_rows": len(self.poisoned), "poison_skipped": read_model.poison_skipped,
+            "poison_rows": len(self.poisoned),
+            "poison_skipped": read_model.poison_skipped,
             "read_model_freshness_s": read_model.freshness_s,
         }
         with suppress(redis.RedisError):
             stats = buffer_stats(self.buffer.client, self.buffer)
             figures |= {
-                "buffer_depth": stats.depth, "oldest_buffered_age_s": stats.oldest_age_s,
-                "awaiting_replica": stats.awaiting_replica, "dead_letters": stats.dead_letters,
+                "buffer_depth": stats.depth,
+                "oldest_buffered_age_s": stats.oldest_age_s,
+                "awaiting_replica": stats.awaiting_replica,
+                "dead_letters": stats.dead_letters,
             }
         with suppress(DBAPIError), self.replica.connect() as conn:
             lag = conn.execute(LAG_SQL).scalar()

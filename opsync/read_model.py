@@ -61,8 +61,15 @@ POISON_DDL = (
 )
 NOON = timedelta(hours=12)
 # A row the SQLite write refuses (a value it cannot bind or store); OperationalError (locked, disk full) is no row's fault
-WRITE_POISON = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError, sqlite3.InterfaceError,
-                ValueError, TypeError, OverflowError)
+WRITE_POISON = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.ProgrammingError,
+    sqlite3.InterfaceError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
 DRAIN_DDL = (  # the drainer's figures (opsync.drain_metrics) and the alert findings (opsync.alerts), as Redis has them
     f"CREATE TABLE IF NOT EXISTS {DRAIN_RATE} (minute TEXT PRIMARY KEY, records_applied INTEGER NOT NULL)",
     f"CREATE TABLE IF NOT EXISTS {FINDINGS} (figure TEXT PRIMARY KEY, value REAL, level TEXT NOT NULL, message TEXT NOT NULL,"
@@ -259,7 +266,7 @@ class Layout:
         """Index name -> CREATE statement: the primary's indexed columns, the sync columns and the night."""
         indexes = [[name] for name in indexed_columns(self.entry.table)]
         indexes += [["_sync_state", "id"], ["_txn_id"]] + ([["night"]] if self.night_source else [])
-        names = [f'ix_{self.name}_{"_".join(cols).strip("_")}' for cols in indexes]
+        names = [f"ix_{self.name}_{'_'.join(cols).strip('_')}" for cols in indexes]
         return {
             name: f'CREATE INDEX IF NOT EXISTS "{name}" ON "{self.name}" ({", ".join(cols)})'
             for name, cols in zip(names, indexes, strict=True)
@@ -335,7 +342,7 @@ def write(conn: sqlite3.Connection, layout: Layout, sql: str, records: list[tupl
 
 def chunks(items: list, size: int = CHUNK) -> Iterator[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 class ReadModel:

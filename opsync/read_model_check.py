@@ -47,15 +47,19 @@ class TableCheck:
         return self.missing + self.extra + self.altered
 
     def describe(self) -> str:
-        counts = (f"{self.table}: replica {self.replica_rows:,} rows (checksum {self.replica_checksum}), "
-                  f"read model {self.model_rows:,} replicated rows ({self.model_checksum}), {self.unsettled:,} buffered or in flight")
+        counts = (
+            f"{self.table}: replica {self.replica_rows:,} rows (checksum {self.replica_checksum}), "
+            f"read model {self.model_rows:,} replicated rows ({self.model_checksum}), {self.unsettled:,} buffered or in flight"
+        )
         if self.poison:
             counts += f"; {len(self.poison)} rows cannot be published, not compared {sample(sorted(self.poison))}"
         if not self.drift:
             return f"{counts}: no drift"
-        return (f"{counts}: drift in {len(self.mismatched_ranges)} of {self.ranges} key ranges: {len(self.missing)} missing "
-                f"{sample(self.missing)}, {len(self.extra)} extra {sample(self.extra)}, {len(self.altered)} altered "
-                f"{sample(self.altered)}; {self.repaired} rows repaired")
+        return (
+            f"{counts}: drift in {len(self.mismatched_ranges)} of {self.ranges} key ranges: {len(self.missing)} missing "
+            f"{sample(self.missing)}, {len(self.extra)} extra {sample(self.extra)}, {len(self.altered)} altered "
+            f"{sample(self.altered)}; {self.repaired} rows repaired"
+        )
 
 
 @dataclass

@@ -65,9 +65,13 @@ class ReadModelFigures:
 
     def as_json(self) -> dict:
         return {
-            "freshness_s": self.freshness_s, "stream_age_s": self.stream_age_s, "changes_age_s": self.changes_age_s,
-            "poison_rows": self.poison_rows, "poison_skipped": self.poison_skipped,
-            "recent_poison": [asdict(p) for p in self.recent], "unavailable": self.unavailable,
+            "freshness_s": self.freshness_s,
+            "stream_age_s": self.stream_age_s,
+            "changes_age_s": self.changes_age_s,
+            "poison_rows": self.poison_rows,
+            "poison_skipped": self.poison_skipped,
+            "recent_poison": [asdict(p) for p in self.recent],
+            "unavailable": self.unavailable,
         }
 
 

@@ -170,9 +170,7 @@ class ObsUnit(Keyed, Timestamped, Base):
     name: Mapped[str] = mapped_column(String(128), comment="Name, unique within the program")
     program: Mapped[str] = mapped_column(String(64), index=True, comment="Observing program (project) code")
     source_name: Mapped[str] = mapped_column(String(128), index=True, comment="Target source name")
-    ra_deg: Mapped[float] = mapped_column(
-        info=RIGHT_ASCENSION.info, comment="Right ascension (ICRS), degrees, [0, 360)"
-    )
+    ra_deg: Mapped[float] = mapped_column(info=RIGHT_ASCENSION.info, comment="Right ascension (ICRS), degrees, [0, 360)")
     dec_deg: Mapped[float] = mapped_column(info=DECLINATION.info, comment="Declination (ICRS), degrees, [-90, 90]")
     priority: Mapped[int] = mapped_column(
         SmallInteger, server_default=text("5"), info=PRIORITY.info, comment="Scheduling priority, 1 (highest) to 10"
@@ -195,9 +193,7 @@ class ExecutedObsUnit(Keyed, Timestamped, Base):
     )
 
     obs_unit_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("obs_unit.id"), index=True, comment="What was planned")
-    instrument_module_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("instrument_module.id"), comment="Module that observed"
-    )
+    instrument_module_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("instrument_module.id"), comment="Module that observed")
     status: Mapped[str] = status_column(EXECUTION_STATUS, initial="running")
     start_time: Mapped[datetime] = mapped_column(index=True, comment="Start of the execution (UTC)")
     end_time: Mapped[datetime | None] = mapped_column(comment="End of the execution (UTC); empty while running")
@@ -222,9 +218,7 @@ class RawDataPackage(Keyed, Timestamped, Base):
         ForeignKey("executed_obs_unit.id"), index=True, comment="Observation whose files it holds"
     )
     status: Mapped[str] = status_column(PACKAGE_STATUS, initial="open")
-    size_bytes: Mapped[int | None] = mapped_column(
-        BigInteger, info=NON_NEGATIVE.info, comment="Package size, bytes; known once sealed"
-    )
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, info=NON_NEGATIVE.info, comment="Package size, bytes; known once sealed")
     checksum_sha256: Mapped[str | None] = mapped_column(
         String(64), info=SHA256.info, comment="SHA-256 of the package, lowercase hex; known once sealed"
     )
@@ -261,9 +255,7 @@ class HousekeepingSample(Keyed, Base):
         {"comment": "Instrument sensor readings"},
     )
 
-    instrument_module_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("instrument_module.id"), comment="Module the sensor belongs to"
-    )
+    instrument_module_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("instrument_module.id"), comment="Module the sensor belongs to")
     sensor: Mapped[str] = mapped_column(String(64), comment="Sensor name, e.g. mixer_temperature")
     sampled_at: Mapped[datetime] = mapped_column(index=True, comment="Time of the reading (UTC)")
     value: Mapped[float] = mapped_column(comment="Reading, in the given unit")
@@ -304,9 +296,7 @@ class RowChange(Base):
         server_default=text("(pg_current_xact_id())::text::bigint"),
         comment="PostgreSQL transaction id (xid8) that changed the row",
     )
-    seq: Mapped[int] = mapped_column(
-        BigInteger, Identity(always=False), primary_key=True, comment="Order within the transaction"
-    )
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True, comment="Order within the transaction")
     table_name: Mapped[str] = mapped_column(String(63), comment="Ingestible table of the row")
     row_id: Mapped[uuid.UUID] = mapped_column(comment="Key of the changed row")
     op: Mapped[str] = mapped_column(String(6), comment="INSERT, UPDATE or DELETE")
@@ -321,9 +311,7 @@ class RowChangeHorizon(Base):
     __tablename__ = "row_change_horizon"
     __table_args__ = (CheckConstraint("singleton", name="singleton"), {"comment": "How far row_change has been purged"})
 
-    singleton: Mapped[bool] = mapped_column(
-        Boolean, primary_key=True, server_default=text("true"), comment="Always true: one row"
-    )
+    singleton: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"), comment="Always true: one row")
     purged_below: Mapped[int] = mapped_column(
         BigInteger, server_default=text("0"), comment="Changes of transactions below this xid may have been purged"
     )

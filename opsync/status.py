@@ -30,8 +30,7 @@ from opsync.read_model_figures import ReadModelFigures, read_model_figures
 from opsync.stats import BufferStats, buffer_stats
 
 REPLICA_SQL = (
-    "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text,"
-    " extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8"
+    "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8"
 )
 
 
@@ -69,15 +68,22 @@ class SiteStatus:
         return {
             "at": self.at,
             "degraded": self.degraded,
-            "buffer": b and {
-                "depth": b.depth, "pending": b.pending, "oldest_age_s": b.oldest_age_s,
-                "committed_not_replicated": b.awaiting_replica, "dead_letters": b.dead_letters,
-                "last_drain_s": b.last_drain_s, "last_confirm_s": b.last_confirm_s,
+            "buffer": b
+            and {
+                "depth": b.depth,
+                "pending": b.pending,
+                "oldest_age_s": b.oldest_age_s,
+                "committed_not_replicated": b.awaiting_replica,
+                "dead_letters": b.dead_letters,
+                "last_drain_s": b.last_drain_s,
+                "last_confirm_s": b.last_confirm_s,
             },
             "replica": {
                 "primary_lsn": self.primary_lsn and str(self.primary_lsn),
                 "replica_lsn": self.replica_lsn and str(self.replica_lsn),
-                "lag_from": self.lag_from, "lag_bytes": self.lag_bytes, "lag_s": self.lag_s,
+                "lag_from": self.lag_from,
+                "lag_bytes": self.lag_bytes,
+                "lag_s": self.lag_s,
                 "slot": self.slot and self.slot.as_json(),
             },
             "capacity": self.capacity and self.capacity.as_json(),

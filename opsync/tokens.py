@@ -57,7 +57,9 @@ class TokenInfo:
     def as_json(self) -> dict:
         times = {key: getattr(self, key) for key in ("created_at", "expires_at", "revoked_at", "last_used_at")}
         return {
-            "name": self.name, "scopes": self.scopes, "state": self.state,
+            "name": self.name,
+            "scopes": self.scopes,
+            "state": self.state,
             **{key: moment and moment.isoformat() for key, moment in times.items()},
         }
 

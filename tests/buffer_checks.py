@@ -25,7 +25,8 @@ def assert_consistent(buffer: Buffer) -> None:
     known = sorted(set(by_txn) | awaiting)
     statuses = dict(zip(known, buffer.statuses(known), strict=True))
     stored = len(list(client.scan_iter(buffer.status_key("*")))) + sum(
-        client.hlen(key) for key in client.scan_iter(f"{buffer.prefix}:on:*"))
+        client.hlen(key) for key in client.scan_iter(f"{buffer.prefix}:on:*")
+    )
     assert None not in statuses.values() and stored == len(known)
     for txn_id, (sid, _) in by_txn.items():
         assert statuses[txn_id]["state"] == "accepted" and statuses[txn_id]["stream_id"] == sid

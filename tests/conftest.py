@@ -165,10 +165,7 @@ def planning(primary_engine):
             {"m": ids["module"], "i": ids["instrument"]},
         )
         conn.execute(
-            text(
-                "INSERT INTO obs_unit (id, name, program, source_name, ra_deg, dec_deg)"
-                " VALUES (:o, :n, 'P1', 'Orion KL', 83.8, -5.4)"
-            ),
+            text("INSERT INTO obs_unit (id, name, program, source_name, ra_deg, dec_deg) VALUES (:o, :n, 'P1', 'Orion KL', 83.8, -5.4)"),
             {"o": ids["obs_unit"], "n": f"orion-{tag}"},
         )
     return ids

@@ -18,21 +18,30 @@ SHA = "ef" * 32
 
 @pytest.fixture
 def headers(auth_headers):
-    return auth_headers("executed_obs_unit", "raw_data_file", "housekeeping_sample", "obs_unit") | {
-        "Content-Type": "application/json"}
+    return auth_headers("executed_obs_unit", "raw_data_file", "housekeeping_sample", "obs_unit") | {"Content-Type": "application/json"}
 
 
 @pytest.fixture
 def sample(planning):
     def values(**overrides) -> dict:
-        return {"instrument_module_id": str(planning["module"]), "sensor": f"s-{uuid.uuid4().hex[:8]}",
-                "sampled_at": "2026-11-21T03:00:00Z", "value": 1.5} | overrides
+        return {
+            "instrument_module_id": str(planning["module"]),
+            "sensor": f"s-{uuid.uuid4().hex[:8]}",
+            "sampled_at": "2026-11-21T03:00:00Z",
+            "value": 1.5,
+        } | overrides
+
     return values
 
 
 def raw_file(obs, **overrides) -> dict:
-    return {"executed_obs_unit_id": obs, "path": f"/data/{uuid.uuid4()}.fits", "size_bytes": 1,
-            "checksum_sha256": SHA, "file_type": "fits"} | overrides
+    return {
+        "executed_obs_unit_id": obs,
+        "path": f"/data/{uuid.uuid4()}.fits",
+        "size_bytes": 1,
+        "checksum_sha256": SHA,
+        "file_type": "fits",
+    } | overrides
 
 
 def problem_at(response, field: str) -> str:
@@ -100,14 +109,19 @@ def test_a_unique_column_twice_in_one_request_is_refused(api_client, headers, ob
 def test_a_change_of_a_row_deleted_earlier_in_the_transaction_is_refused(api_client, headers, observation):
     obs = post(api_client, OBS, observation(), headers).json()["ids"][0]
     key = str(uuid.uuid4())
-    steps = [{"table": "raw_data_file", "id": key, "values": raw_file(obs)}, {"op": "delete", "table": "raw_data_file", "id": key},
-             {"op": "update", "table": "raw_data_file", "id": key, "values": {"size_bytes": 2}}]
+    steps = [
+        {"table": "raw_data_file", "id": key, "values": raw_file(obs)},
+        {"op": "delete", "table": "raw_data_file", "id": key},
+        {"op": "update", "table": "raw_data_file", "id": key, "values": {"size_bytes": 2}},
+    ]
     assert "deleted by step 1" in problem_at(post(api_client, "/v1/transactions", {"steps": steps}, headers), "id")
 
 
 def test_a_reference_to_a_step_of_another_table_as_a_foreign_key_is_refused(api_client, headers, observation, sample):
-    steps = [{"table": "housekeeping_sample", "ref": "hk", "values": sample()},
-             {"table": "raw_data_file", "values": raw_file({"$ref": "hk"})}]
+    steps = [
+        {"table": "housekeeping_sample", "ref": "hk", "values": sample()},
+        {"table": "raw_data_file", "values": raw_file({"$ref": "hk"})},
+    ]
     message = problem_at(post(api_client, "/v1/transactions", {"steps": steps}, headers), "executed_obs_unit_id")
     assert "names a row of housekeeping_sample" in message and "refers to executed_obs_unit" in message
     steps[0] = {"table": "executed_obs_unit", "ref": "hk", "values": observation()}
@@ -116,8 +130,10 @@ def test_a_reference_to_a_step_of_another_table_as_a_foreign_key_is_refused(api_
 
 @pytest.mark.parametrize("ref", [["obs"], 7, {"name": "obs"}, None])
 def test_a_reference_that_is_not_a_string_is_refused(api_client, headers, observation, ref):
-    steps = [{"table": "executed_obs_unit", "ref": "obs", "values": observation()},
-             {"table": "raw_data_file", "values": raw_file({"$ref": ref})}]
+    steps = [
+        {"table": "executed_obs_unit", "ref": "obs", "values": observation()},
+        {"table": "raw_data_file", "values": raw_file({"$ref": ref})},
+    ]
     assert "a string" in problem_at(post(api_client, "/v1/transactions", {"steps": steps}, headers), "executed_obs_unit_id")
 
 
@@ -134,16 +150,31 @@ def test_the_largest_offset_postgresql_accepts_is_shown_in_utc(api_client, heade
     assert row["start_time"] == "2026-11-20T11:01:00Z"
 
 
-@pytest.mark.parametrize("when", ["0001-01-01T00:30:00+01:00", "9999-12-31T23:59:59-05:00", "10000-01-01T00:00:00Z",
-                                  "0044-03-15 12:00:00+00 BC", "infinity", "-infinity"])
+@pytest.mark.parametrize(
+    "when",
+    [
+        "0001-01-01T00:30:00+01:00",
+        "9999-12-31T23:59:59-05:00",
+        "10000-01-01T00:00:00Z",
+        "0044-03-15 12:00:00+00 BC",
+        "infinity",
+        "-infinity",
+    ],
+)
 def test_times_readers_cannot_load_are_refused(api_client, headers, observation, when):
     assert "years 1 to 9999" in problem_at(post(api_client, OBS, observation(start_time=when), headers), "start_time")
 
 
-@pytest.mark.parametrize("when, reason", [
-    ("now", "relative time"), ("tomorrow 12:00+00", "relative time"), (" Today ", "relative time"),
-    ("2026-11-21 03:00:00", "UTC offset"), ("Nov 21 2026 03:00", "UTC offset"),
-])
+@pytest.mark.parametrize(
+    "when, reason",
+    [
+        ("now", "relative time"),
+        ("tomorrow 12:00+00", "relative time"),
+        (" Today ", "relative time"),
+        ("2026-11-21 03:00:00", "UTC offset"),
+        ("Nov 21 2026 03:00", "UTC offset"),
+    ],
+)
 def test_relative_and_naive_times_are_refused_naming_why(api_client, headers, observation, when, reason):
     assert reason in problem_at(post(api_client, OBS, observation(start_time=when), headers), "start_time")
 
@@ -249,9 +280,16 @@ def test_a_check_python_does_not_know_is_evaluated_by_the_replica(replica_engine
     assert not judge.holds("obs_unit", check, {"ra_deg": "NaN"})
 
 
-@pytest.mark.parametrize("value, judged", [
-    (12, 12), ("12", 12), (" +12\n", 12), (1e16, 10**16), ("-0", 0),
-])
+@pytest.mark.parametrize(
+    "value, judged",
+    [
+        (12, 12),
+        ("12", 12),
+        (" +12\n", 12),
+        (1e16, 10**16),
+        ("-0", 0),
+    ],
+)
 def test_bigint_judge(value, judged):
     assert admission.judge_integer(64)(value) == judged
 
@@ -262,9 +300,19 @@ def test_bigint_judge_refuses(value):
         admission.judge_integer(64)(value)
 
 
-@pytest.mark.parametrize("value, judged", [
-    ("t", True), ("TRU", True), (" yes\t", True), ("on", True), (1, True), ("of", False), ("0", False), ("n", False),
-])
+@pytest.mark.parametrize(
+    "value, judged",
+    [
+        ("t", True),
+        ("TRU", True),
+        (" yes\t", True),
+        ("on", True),
+        (1, True),
+        ("of", False),
+        ("0", False),
+        ("n", False),
+    ],
+)
 def test_boolean_judge(value, judged):
     assert admission.judge_bool(value) is judged
 

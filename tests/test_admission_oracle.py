@@ -64,8 +64,9 @@ def weighted(*choices: st.SearchStrategy) -> st.SearchStrategy:
 
 def json_values(max_leaves: int = 8) -> st.SearchStrategy:
     scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | TEXT
-    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
-                        max_leaves=max_leaves)
+    return st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=max_leaves
+    )
 
 
 def deep(depth: int) -> dict:
@@ -78,9 +79,15 @@ def deep(depth: int) -> dict:
 def junk() -> st.SearchStrategy:
     """Any column's wrong-type and edge values."""
     return st.one_of(
-        st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
-        st.sampled_from(RAW_NUMBERS).map(Raw), TEXT, json_values(),
-        st.integers(10, 40).map(deep), st.sampled_from([[], {}, "", "null", "true"]),
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.sampled_from(RAW_NUMBERS).map(Raw),
+        TEXT,
+        json_values(),
+        st.integers(10, 40).map(deep),
+        st.sampled_from([[], {}, "", "null", "true"]),
     )
 
 
@@ -89,8 +96,11 @@ def spelled_int() -> st.SearchStrategy:
     number = st.integers() | edges
     spelled = st.builds(lambda a, s, n, b: f"{a}{s}{n}{b}", WS, st.sampled_from(["", "+", "-"]), number.map(abs), WS)
     return weighted(
-        number, spelled, spelled,
-        edges.map(float), st.sampled_from([1.0, 1e16, 1e20, 1.5, -0.0, 1e-7, 1.5e300]),
+        number,
+        spelled,
+        spelled,
+        edges.map(float),
+        st.sampled_from([1.0, 1e16, 1e20, 1.5, -0.0, 1e-7, 1.5e300]),
         st.sampled_from(["1_000", "0x10", "1.0", "1e3", "١٢", "12 3", "+", "-", " ", "12a", "0012"]),
     )
 
@@ -98,27 +108,104 @@ def spelled_int() -> st.SearchStrategy:
 def spelled_float() -> st.SearchStrategy:
     spelled = st.builds(lambda a, f, b: f"{a}{f!r}{b}", WS, st.floats(allow_nan=False, allow_infinity=False), WS)
     return weighted(
-        st.floats(allow_nan=False, allow_infinity=False), st.integers(-(10**320), 10**320), st.sampled_from([10**308 * 2, 10**309]),
-        spelled, spelled,
-        st.sampled_from(["nan", "NaN", "-nan", " inf ", "+Infinity", "-infinity", "infinit", "INF", "1e", "1e+", ".5", "5.",
-                         "0x1p3", "0x1.8", "0x", "nan(123)", "1e400", "1e-400", "-1e-400", "2.5e-324", "1e-310", "1.0e2",
-                         "1,5", "1_0", "", "  ", "e5", "--1"]),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.integers(-(10**320), 10**320),
+        st.sampled_from([10**308 * 2, 10**309]),
+        spelled,
+        spelled,
+        st.sampled_from(
+            [
+                "nan",
+                "NaN",
+                "-nan",
+                " inf ",
+                "+Infinity",
+                "-infinity",
+                "infinit",
+                "INF",
+                "1e",
+                "1e+",
+                ".5",
+                "5.",
+                "0x1p3",
+                "0x1.8",
+                "0x",
+                "nan(123)",
+                "1e400",
+                "1e-400",
+                "-1e-400",
+                "2.5e-324",
+                "1e-310",
+                "1.0e2",
+                "1,5",
+                "1_0",
+                "",
+                "  ",
+                "e5",
+                "--1",
+            ]
+        ),
     )
 
 
 def spelled_bool() -> st.SearchStrategy:
-    words = ["t", "tr", "true", "TRUE", "True", "truex", "f", "fa", "false", "y", "ye", "yes", "n", "no", "nope",
-             "on", "ON", "o", "of", "off", "offf", "1", "0", "01", "2", "", " t ", "\tyes\n", "\u00a0t"]
+    words = [
+        "t",
+        "tr",
+        "true",
+        "TRUE",
+        "True",
+        "truex",
+        "f",
+        "fa",
+        "false",
+        "y",
+        "ye",
+        "yes",
+        "n",
+        "no",
+        "nope",
+        "on",
+        "ON",
+        "o",
+        "of",
+        "off",
+        "offf",
+        "1",
+        "0",
+        "01",
+        "2",
+        "",
+        " t ",
+        "\tyes\n",
+        "\u00a0t",
+    ]
     return st.sampled_from(words) | st.sampled_from([0, 1, 2, -1, 1.0, 0.0]) | st.booleans()
 
 
 def spelled_uuid(key: str) -> st.SearchStrategy:
     bare = key.replace("-", "")
-    return st.sampled_from([
-        key, key.upper(), f"{{{key}}}", bare, f"{{{bare}}}", "-".join(bare[i:i + 4] for i in range(0, 32, 4)),
-        f"urn:uuid:{key}", f" {key}", f"{key} ", f"{{{key}", key[:-1], key + "0", bare[:8] + "-" + bare[8:],
-        "-" + key, key.replace("-", "--", 1), "not-a-uuid", "",
-    ])
+    return st.sampled_from(
+        [
+            key,
+            key.upper(),
+            f"{{{key}}}",
+            bare,
+            f"{{{bare}}}",
+            "-".join(bare[i : i + 4] for i in range(0, 32, 4)),
+            f"urn:uuid:{key}",
+            f" {key}",
+            f"{key} ",
+            f"{{{key}",
+            key[:-1],
+            key + "0",
+            bare[:8] + "-" + bare[8:],
+            "-" + key,
+            key.replace("-", "--", 1),
+            "not-a-uuid",
+            "",
+        ]
+    )
 
 
 def spelled_string(length: int | None) -> st.SearchStrategy:
@@ -126,9 +213,15 @@ def spelled_string(length: int | None) -> st.SearchStrategy:
     return weighted(
         TEXT,
         st.sampled_from([n - 1, n, n + 1]).flatmap(lambda k: st.sampled_from(["a", "é", "🔭", " "]).map(lambda c: c * k)),
-        st.sampled_from([n, n - 1]).map(lambda k: "a" * k + "   "), st.sampled_from([n]).map(lambda k: "a" * k + " x"),
-        st.integers(), st.floats(allow_nan=False, allow_infinity=False), json_values(4),
-        st.just("0" * 64), st.just(SHA), st.just(SHA.upper()), st.just(SHA + "\n"),
+        st.sampled_from([n, n - 1]).map(lambda k: "a" * k + "   "),
+        st.sampled_from([n]).map(lambda k: "a" * k + " x"),
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        json_values(4),
+        st.just("0" * 64),
+        st.just(SHA),
+        st.just(SHA.upper()),
+        st.just(SHA + "\n"),
         st.sampled_from(["running", "completed", "open", "sealed", "running ", "Running"]),
     )
 
@@ -143,10 +236,26 @@ TIME_PARTS = {  # an RFC 3339 time's fields: valid values, and the edges one of 
     "second": (st.integers(0, 59), [60, 61]),
     "fraction": (st.sampled_from(["", ".5", ".123456", ".000001"]), [".1234567", ".9999995", ".9999999", ".", ".12345678901"]),
     "offset": (
-        st.just("Z") | st.builds(lambda s, h, m: f"{s}{h:02d}:{m:02d}", st.sampled_from("+-"), st.integers(0, 15),
-                                 st.sampled_from([0, 30, 45, 59])),
-        ["+16:00", "-16:00", "+23:59", "-23:59", "+15:60", "+24:00", "z", "", " UTC", " Europe/Berlin", " PST", "+00", "+0530",
-         "+05:30:15", "+15:59:59", "-15:59:60"],
+        st.just("Z")
+        | st.builds(lambda s, h, m: f"{s}{h:02d}:{m:02d}", st.sampled_from("+-"), st.integers(0, 15), st.sampled_from([0, 30, 45, 59])),
+        [
+            "+16:00",
+            "-16:00",
+            "+23:59",
+            "-23:59",
+            "+15:60",
+            "+24:00",
+            "z",
+            "",
+            " UTC",
+            " Europe/Berlin",
+            " PST",
+            "+00",
+            "+0530",
+            "+05:30:15",
+            "+15:59:59",
+            "-15:59:60",
+        ],
     ),
 }
 
@@ -157,18 +266,53 @@ def rfc3339(parts: dict) -> str:
 
 def spelled_time() -> st.SearchStrategy:
     """RFC 3339 times, valid but for at most one field at or past a limit, and other spellings PostgreSQL reads."""
-    rfc = st.sampled_from([None, *TIME_PARTS]).flatmap(lambda edge: st.fixed_dictionaries({
-        name: st.sampled_from(edges) if name == edge else valid for name, (valid, edges) in TIME_PARTS.items()
-    })).map(rfc3339)
+    rfc = (
+        st.sampled_from([None, *TIME_PARTS])
+        .flatmap(
+            lambda edge: st.fixed_dictionaries(
+                {name: st.sampled_from(edges) if name == edge else valid for name, (valid, edges) in TIME_PARTS.items()}
+            )
+        )
+        .map(rfc3339)
+    )
     return weighted(
-        rfc, rfc, rfc, rfc, st.builds(lambda y: f"{y}-06-01T00:00:00Z", st.sampled_from([10000, 99999, 294276, 294277])),
-        st.sampled_from([
-            "now", "today", "tomorrow", "yesterday", "Now", " today ", "today 12:00+00", "epoch", "infinity", "-infinity",
-            "allballs", "2026-11-21", "Nov 21 2026 02:10 PST", "2026-11-21 02:10:00 Europe/Berlin", "J2461000",
-            "0044-03-15 12:00:00+00 BC", "4714-11-24 00:00:00+00 BC", "4714-11-23 00:00:00+00 BC",
-            "0001-01-01T00:30:00+01:00", "9999-12-31T23:59:59-05:00", "2024-02-29T00:00:00Z", "2026-11-21T24:00:00Z",
-            "2026-11-21T23:59:60Z", "20261121T021000Z", "2026-11-21T02:10Z", "1763690400", "garbage", "",
-        ]),
+        rfc,
+        rfc,
+        rfc,
+        rfc,
+        st.builds(lambda y: f"{y}-06-01T00:00:00Z", st.sampled_from([10000, 99999, 294276, 294277])),
+        st.sampled_from(
+            [
+                "now",
+                "today",
+                "tomorrow",
+                "yesterday",
+                "Now",
+                " today ",
+                "today 12:00+00",
+                "epoch",
+                "infinity",
+                "-infinity",
+                "allballs",
+                "2026-11-21",
+                "Nov 21 2026 02:10 PST",
+                "2026-11-21 02:10:00 Europe/Berlin",
+                "J2461000",
+                "0044-03-15 12:00:00+00 BC",
+                "4714-11-24 00:00:00+00 BC",
+                "4714-11-23 00:00:00+00 BC",
+                "0001-01-01T00:30:00+01:00",
+                "9999-12-31T23:59:59-05:00",
+                "2024-02-29T00:00:00Z",
+                "2026-11-21T24:00:00Z",
+                "2026-11-21T23:59:60Z",
+                "20261121T021000Z",
+                "2026-11-21T02:10Z",
+                "1763690400",
+                "garbage",
+                "",
+            ]
+        ),
         st.integers(0, 2**40),
     )
 
@@ -294,12 +438,21 @@ def parents(primary_engine, planning):
 
     obs, package = uuid.uuid4(), uuid.uuid4()
     with primary_engine.begin() as conn:
-        conn.execute(text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time)"
-                          " VALUES (:e, :o, :m, now())"), {"e": obs, "o": planning["obs_unit"], "m": planning["module"]})
-        conn.execute(text("INSERT INTO raw_data_package (id, name, executed_obs_unit_id) VALUES (:p, :n, :e)"),
-                     {"p": package, "n": f"pkg-{package}", "e": obs})
-    return {"instrument": planning["instrument"], "instrument_module": planning["module"], "obs_unit": planning["obs_unit"],
-            "executed_obs_unit": obs, "raw_data_package": package}
+        conn.execute(
+            text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time) VALUES (:e, :o, :m, now())"),
+            {"e": obs, "o": planning["obs_unit"], "m": planning["module"]},
+        )
+        conn.execute(
+            text("INSERT INTO raw_data_package (id, name, executed_obs_unit_id) VALUES (:p, :n, :e)"),
+            {"p": package, "n": f"pkg-{package}", "e": obs},
+        )
+    return {
+        "instrument": planning["instrument"],
+        "instrument_module": planning["module"],
+        "obs_unit": planning["obs_unit"],
+        "executed_obs_unit": obs,
+        "raw_data_package": package,
+    }
 
 
 @pytest.fixture
@@ -320,8 +473,12 @@ def test_every_registered_column_is_covered():
 
 
 @pytest.mark.parametrize("table, column", COLUMNS, ids=[f"{t}.{c.key}" for t, c in COLUMNS])
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(data=st.data())
 def test_the_site_refuses_exactly_what_the_primary_refuses(table, column, data, api_client, writer, parents, primary_conn, site_env):
     value = data.draw(values_for(column, parents), label="value")

@@ -146,7 +146,11 @@ def test_the_plugin_mounts_the_app_and_puts_sync_status_in_the_navigation(airflo
     (info,) = [p for p in plugins_manager.get_plugin_info() if p["name"] == "opsync_sync_status"]
     (view,) = info["external_views"]
     assert view | {"icon": ""} == {
-        "name": "Sync status", "href": "/opsync/", "icon": "", "destination": "nav", "url_route": "sync-status",
+        "name": "Sync status",
+        "href": "/opsync/",
+        "icon": "",
+        "destination": "nav",
+        "url_route": "sync-status",
         "nav_top_level": True,
     }
     assert [a["url_prefix"] for a in info["fastapi_apps"]] == ["/opsync"]
@@ -168,8 +172,11 @@ def test_figures_equal_opsync_status_and_are_coloured_by_the_thresholds(client, 
     def steady(report: dict) -> dict:
         """What cannot move between two measurements a moment apart."""
         slot = report["replica"]["slot"] | {"safe_wal_size": 0, "safe_fraction": 0, "restart_lsn": ""}  # WAL moves on
-        return report | {"at": "", "buffer": report["buffer"] | {"oldest_age_s": 0, "last_drain_s": 0, "last_confirm_s": 0},
-                         "replica": report["replica"] | {"primary_lsn": "", "replica_lsn": "", "slot": slot}}
+        return report | {
+            "at": "",
+            "buffer": report["buffer"] | {"oldest_age_s": 0, "last_drain_s": 0, "last_confirm_s": 0},
+            "replica": report["replica"] | {"primary_lsn": "", "replica_lsn": "", "slot": slot},
+        }
 
     common = {"at", "degraded", "buffer", "replica", "unavailable"}  # SiteStatus.as_json(); the CLI may add more
     assert steady({k: ours[k] for k in common}) == steady({k: theirs[k] for k in common})
@@ -181,8 +188,13 @@ def test_figures_equal_opsync_status_and_are_coloured_by_the_thresholds(client, 
 
     shown = page(client, viewer)
     buffer = theirs["buffer"]
-    for figure, expected in {"depth": buffer["depth"], "dead_letters": buffer["dead_letters"], "lag_bytes": 0,
-                             "awaiting_replica": buffer["committed_not_replicated"], "drain_failed_runs": 0}.items():
+    for figure, expected in {
+        "depth": buffer["depth"],
+        "dead_letters": buffer["dead_letters"],
+        "lag_bytes": 0,
+        "awaiting_replica": buffer["committed_not_replicated"],
+        "drain_failed_runs": 0,
+    }.items():
         assert shown.figures[figure]["value"] == str(expected), (figure, shown.figures[figure])
     assert shown.figures["dead_letters"]["level"] == "critical"
     assert shown.figures["awaiting_replica"]["level"] == ("warn" if buffer["committed_not_replicated"] else "ok")
@@ -196,8 +208,13 @@ def test_figures_equal_opsync_status_and_are_coloured_by_the_thresholds(client, 
 
 def test_rows_the_read_model_skips_and_its_freshness_are_figures_of_the_page(client, site, token):
     """As the publisher lists them in Redis (its own function); nothing buffered and no publisher yet: caught up."""
-    row = Poison("executed_obs_unit", str(uuid.uuid4()), "replica changes", "RecursionError: maximum recursion depth",
-                    "2026-11-21T03:00:00.000000+00:00")
+    row = Poison(
+        "executed_obs_unit",
+        str(uuid.uuid4()),
+        "replica changes",
+        "RecursionError: maximum recursion depth",
+        "2026-11-21T03:00:00.000000+00:00",
+    )
     store_poison(site, {(row.table, row.key): row}, 1)
     viewer = token("viewer")
 
@@ -301,8 +318,11 @@ def test_auth_matrix_for_requeue_and_discard(client, site, primary, planning, to
     txn = str(bad.txn_id)
     requeue = f"/opsync/api/dead-letters/{txn}/requeue"
 
-    for case, headers in {"anonymous": {}, "expired": bearer(token("op", expiration_time_in_seconds=-3600)),
-                          "wrong signature": bearer(forged(token("op")))}.items():
+    for case, headers in {
+        "anonymous": {},
+        "expired": bearer(token("op", expiration_time_in_seconds=-3600)),
+        "wrong signature": bearer(forged(token("op"))),
+    }.items():
         assert client.post(requeue, headers=headers).status_code == 401, case
     for role in (None, "viewer", "user"):  # "user" may run DAGs, not change the buffer
         answer = client.post(requeue, headers=bearer(token(role, name=f"{role}-person")))
@@ -324,7 +344,9 @@ def test_auth_matrix_for_requeue_and_discard(client, site, primary, planning, to
         client.cookies.clear()
     assert accepted.status_code == 200, accepted.text
     assert [(a["txn_id"], a["by"], a["changed"]) for a in accepted.json()["actions"]] == [
-        (txn, "otto", True), (str(dependant.txn_id), "otto", True)]
+        (txn, "otto", True),
+        (str(dependant.txn_id), "otto", True),
+    ]
     viewer_csrf = Figures(client.get("/opsync/", headers=bearer(token("viewer"))).text).meta["csrf-token"]
     assert viewer_csrf != csrf  # bound to the user: one person's page cannot act for another
 
@@ -335,7 +357,11 @@ def test_requeue_applies_exactly_once_however_often_it_is_clicked(client, site, 
     op = bearer(token("op", name="otto"))
     shown = page(client, token("op", name="otto"))
     assert {(b["data-action"], b["data-txn"]) for b in shown.buttons} == {
-        ("requeue", str(bad.txn_id)), ("discard", str(bad.txn_id)), ("requeue", str(dependant.txn_id)), ("discard", str(dependant.txn_id))}
+        ("requeue", str(bad.txn_id)),
+        ("discard", str(bad.txn_id)),
+        ("requeue", str(dependant.txn_id)),
+        ("discard", str(dependant.txn_id)),
+    }
 
     first = client.post(f"/opsync/api/dead-letters/{bad.txn_id}/requeue", headers=op)
     second = client.post(f"/opsync/api/dead-letters/{bad.txn_id}/requeue", headers=op)  # the double click

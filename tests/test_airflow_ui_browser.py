@@ -61,8 +61,9 @@ def api_server(migrated, own_redis, tmp_path):
     write_private(passwords_file(home), json.dumps({name: password for name, (_, password) in USERS.items()}))
     migrate_metadata_db(env)
     log = open(tmp_path / "api-server.log", "wb")
-    server = subprocess.Popen([AIRFLOW, "api-server", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [AIRFLOW, "api-server", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: ready(base), START_TIMEOUT_S, lambda: (tmp_path / "api-server.log").read_text()[-3000:])
@@ -76,9 +77,21 @@ def api_server(migrated, own_redis, tmp_path):
 def browser(tmp_path):
     """Headless Chromium with the DevTools protocol on a free port; yields the first tab."""
     process = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={WINDOW[0]},{WINDOW[1]}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--window-size={WINDOW[0]},{WINDOW[1]}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         for line in process.stderr:
@@ -211,8 +224,11 @@ def test_operator_signs_in_opens_sync_status_from_the_nav_and_requeues_once(api_
     shown = browser.wait_for(f"Object.keys({FIGURES}).length && {FIGURES}")
     buffer = expected["buffer"]
     assert {k: shown[k] for k in ("depth", "awaiting_replica", "dead_letters", "lag_bytes")} == {
-        "depth": str(buffer["depth"]), "awaiting_replica": str(buffer["committed_not_replicated"]),
-        "dead_letters": str(buffer["dead_letters"]), "lag_bytes": str(expected["replica"]["lag_bytes"])}
+        "depth": str(buffer["depth"]),
+        "awaiting_replica": str(buffer["committed_not_replicated"]),
+        "dead_letters": str(buffer["dead_letters"]),
+        "lag_bytes": str(expected["replica"]["lag_bytes"]),
+    }
     assert buffer["dead_letters"] == 2
     assert browser.evaluate(f"{FRAME}.querySelector('#figure-dead_letters').dataset.level") == "critical"
     assert browser.evaluate(f"{FRAME}.querySelectorAll('#rate-chart rect.bar').length") == 60

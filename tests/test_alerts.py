@@ -42,21 +42,45 @@ from tests.test_datasette_views import SITE_TZ, datasette_site  # noqa: E402
 from tests.test_drain import buffered, engine, observation  # noqa: E402
 
 HEALTHY = BufferStats(
-    depth=0, pending=0, oldest_age_s=0.0, awaiting_replica=0, dead_letters=0, used_memory=1, maxmemory=0,
-    last_drain_s=5.0, last_confirm_s=None,
+    depth=0,
+    pending=0,
+    oldest_age_s=0.0,
+    awaiting_replica=0,
+    dead_letters=0,
+    used_memory=1,
+    maxmemory=0,
+    last_drain_s=5.0,
+    last_confirm_s=None,
 )
 
 
 CAUGHT_UP = ReadModelFigures(poison_rows=0, poison_skipped=0, stream_age_s=0.0, changes_age_s=0.0)
 GIB = 2**30
-STREAMING = Slot("observatory", exists=True, wal_status="reserved", safe_wal_size=10 * GIB, max_keep=10 * GIB, active=True,
-                 restart_lsn=Lsn.parse("0/5000000"))
+STREAMING = Slot(
+    "observatory",
+    exists=True,
+    wal_status="reserved",
+    safe_wal_size=10 * GIB,
+    max_keep=10 * GIB,
+    active=True,
+    restart_lsn=Lsn.parse("0/5000000"),
+)
 
 
-def status(buffer: BufferStats | None = HEALTHY, lag_bytes: int = 0, replay_age_s: float | None = 1.0,
-           read_model: ReadModelFigures = CAUGHT_UP, slot: Slot = STREAMING, **unavailable) -> SiteStatus:
-    s = SiteStatus(at="2026-11-21T03:00:00+00:00", buffer=buffer, unavailable=unavailable,
-                   read_model=ReadModelFigures() if "redis" in unavailable else read_model)
+def status(
+    buffer: BufferStats | None = HEALTHY,
+    lag_bytes: int = 0,
+    replay_age_s: float | None = 1.0,
+    read_model: ReadModelFigures = CAUGHT_UP,
+    slot: Slot = STREAMING,
+    **unavailable,
+) -> SiteStatus:
+    s = SiteStatus(
+        at="2026-11-21T03:00:00+00:00",
+        buffer=buffer,
+        unavailable=unavailable,
+        read_model=ReadModelFigures() if "redis" in unavailable else read_model,
+    )
     if "primary" not in unavailable:
         s.primary_lsn, s.slot = Lsn.parse("0/5000000"), slot
     if "replica" not in unavailable:
@@ -116,8 +140,15 @@ def test_a_level_set_to_none_is_off_and_any_level_is_configurable_from_the_envir
 def test_what_cannot_be_measured_warns_and_says_why():
     findings = judged(status(buffer=None, redis="Connection refused"))
     assert {figure for figure, level in levels(findings).items() if level == "warn"} == {
-        "buffer_oldest_age_s", "depth", "awaiting_replica", "dead_letters", "drain_failed_runs", "last_drain_s", "last_confirm_s",
-        "poison_rows", "read_model_freshness_s",
+        "buffer_oldest_age_s",
+        "depth",
+        "awaiting_replica",
+        "dead_letters",
+        "drain_failed_runs",
+        "last_drain_s",
+        "last_confirm_s",
+        "poison_rows",
+        "read_model_freshness_s",
     }
     assert findings["depth"].value is None
     assert findings["depth"].message == "site buffer (Redis) unavailable: Connection refused"
@@ -139,8 +170,9 @@ def test_the_slot_warns_and_is_critical_by_its_wal_reserve_and_lost_or_missing_i
     assert slot(safe_wal_size=int(0.51 * 10 * GIB)).level == "ok"
     half = slot(wal_status="extended", safe_wal_size=5 * GIB)
     assert (half.level, half.value) == ("warn", 5 * GIB)
-    assert half.message == ("replica slot observatory: extended, 5,368,709,120 bytes of WAL (50% of max_slot_wal_keep_size)"
-                            " before it is dropped (warn at 50%)")
+    assert half.message == (
+        "replica slot observatory: extended, 5,368,709,120 bytes of WAL (50% of max_slot_wal_keep_size) before it is dropped (warn at 50%)"
+    )
     assert slot(safe_wal_size=2 * GIB).level == "critical"
     assert slot(safe_wal_size=0).level == "critical"
     past = slot(wal_status="unreserved", safe_wal_size=-4096, active=False)
@@ -167,15 +199,21 @@ def test_confirmation_age_counts_only_while_transactions_await_the_replica():
 
 
 def test_poison_rows_warn_from_the_first_and_name_the_latest():
-    latest = Poison("executed_obs_unit", "0190c0de-0000-7000-8000-000000000001", "replica changes",
-                    "RecursionError: maximum recursion depth exceeded", "2026-11-21T03:00:00+00:00")
+    latest = Poison(
+        "executed_obs_unit",
+        "0190c0de-0000-7000-8000-000000000001",
+        "replica changes",
+        "RecursionError: maximum recursion depth exceeded",
+        "2026-11-21T03:00:00+00:00",
+    )
     findings = judged(status(read_model=replace(CAUGHT_UP, poison_rows=2, poison_skipped=5, recent=[latest])))
 
     assert levels(findings) == {"poison_rows": "warn"}
     assert findings["poison_rows"].value == 2
     assert findings["poison_rows"].message == (
         "rows the read model skips: 2 (warn at 1); latest: executed_obs_unit 0190c0de-0000-7000-8000-000000000001"
-        " (replica changes: RecursionError: maximum recursion depth exceeded)")
+        " (replica changes: RecursionError: maximum recursion depth exceeded)"
+    )
     assert levels(judged(status(read_model=replace(CAUGHT_UP, poison_skipped=5)))) == {}, "skipped once, published since"
     assert levels(judged(status(read_model=replace(CAUGHT_UP, poison_rows=2)), poison_rows_critical=2)) == {"poison_rows": "critical"}
 
@@ -198,8 +236,9 @@ def test_a_poison_row_is_announced_once_and_resolved_once_published(redis_server
     sent: list[list[Change]] = []
 
     def announce_now(rows: int) -> list[Change]:
-        return announce(buffer, evaluate(status(read_model=replace(CAUGHT_UP, poison_rows=rows)), DrainMetrics(), Thresholds()),
-                        sent.append)
+        return announce(
+            buffer, evaluate(status(read_model=replace(CAUGHT_UP, poison_rows=rows)), DrainMetrics(), Thresholds()), sent.append
+        )
 
     assert [(c.finding.figure, c.finding.level) for c in announce_now(1)] == [("poison_rows", "warn")]
     assert announce_now(3) == [] and len(sent) == 1  # more rows, the same level: silence
@@ -248,7 +287,11 @@ def test_payloads_generic_and_slack():
     generic = payload("obs", changes)
     assert generic["text"] == text and generic["site"] == "obs"
     assert generic["changes"][0] == {
-        "figure": "dead_letters", "value": 2, "level": "critical", "previous": "ok", "resolved": False,
+        "figure": "dead_letters",
+        "value": 2,
+        "level": "critical",
+        "previous": "ok",
+        "resolved": False,
         "message": "dead letters: 2 (critical at 1)",
     }
     assert generic["changes"][1]["resolved"] is True
@@ -381,9 +424,7 @@ def dead_letter(buffer: Buffer) -> None:
 DEAD_LETTER_ALERT = "opsync observatory: CRITICAL\nCRITICAL dead_letters: dead letters: 1 (critical at 1)"
 
 
-def test_an_apprise_url_gets_the_alert_text_once_per_change_and_never_logs_its_secret(
-    site, receiver, dagbag, monkeypatch, capsys, caplog
-):
+def test_an_apprise_url_gets_the_alert_text_once_per_change_and_never_logs_its_secret(site, receiver, dagbag, monkeypatch, capsys, caplog):
     """Through Apprise alone (``OPSYNC_ALERT_APPRISE_URL``): the text the other channels get, its first line
     the title; nothing again while unchanged; the resolution. Apprise and urllib3 would log the URL at DEBUG."""
     monkeypatch.delenv("OPSYNC_ALERT_WEBHOOK_URL")
@@ -485,10 +526,17 @@ def mailbox():
 def test_alerts_are_mailed_through_airflows_smtp_connection(site, mailbox, dagbag, monkeypatch):
     monkeypatch.delenv("OPSYNC_ALERT_WEBHOOK_URL")
     monkeypatch.setenv("OPSYNC_ALERT_EMAIL_TO", '["ops@example.org"]')
-    monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", json.dumps({
-        "conn_type": "smtp", "host": "127.0.0.1", "port": mailbox.socket.getsockname()[1],
-        "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "opsync@example.org"},
-    }))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SMTP_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "smtp",
+                "host": "127.0.0.1",
+                "port": mailbox.socket.getsockname()[1],
+                "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "opsync@example.org"},
+            }
+        ),
+    )
     site.client.xadd(site.dead_letters, {"txn": "", "txn_id": "", "reason": "test", "stream_id": "0-1", "failed_at": "now"})
     site.note("drain", drain.now())
 

@@ -35,8 +35,11 @@ def raw_file(observation):
 
     def values(**overrides) -> dict:
         return {
-            "executed_obs_unit_id": str(uuid.uuid4()), "path": f"/data/{uuid.uuid4()}.fits",
-            "size_bytes": 10, "checksum_sha256": SHA, "file_type": "fits",
+            "executed_obs_unit_id": str(uuid.uuid4()),
+            "path": f"/data/{uuid.uuid4()}.fits",
+            "size_bytes": 10,
+            "checksum_sha256": SHA,
+            "file_type": "fits",
         } | overrides
 
     return values
@@ -82,8 +85,13 @@ def test_malformed_json(refused, headers):
 
 @pytest.mark.parametrize(
     "body, reason",
-    [("just text", "valid dictionary"), (42, "valid dictionary"), (True, "valid dictionary"), ([1, 2], "valid dictionary"),
-     (None, "field required")],
+    [
+        ("just text", "valid dictionary"),
+        (42, "valid dictionary"),
+        (True, "valid dictionary"),
+        ([1, 2], "valid dictionary"),
+        (None, "field required"),
+    ],
 )
 def test_records_body_must_be_an_object_or_a_list_of_objects(refused, headers, body, reason):
     refused("POST", RAW, 422, "body", reason, json=body, headers=headers)
@@ -91,9 +99,14 @@ def test_records_body_must_be_an_object_or_a_list_of_objects(refused, headers, b
 
 @pytest.mark.parametrize(
     "body, field, reason",
-    [([], "body", "valid dictionary"), ("steps", "body", "valid dictionary"), ({}, "steps", "field required"),
-     ({"steps": "insert"}, "steps", "valid list"), ({"steps": [42]}, "steps", "valid dictionary"),
-     ({"steps": []}, "steps", "at least one step")],
+    [
+        ([], "body", "valid dictionary"),
+        ("steps", "body", "valid dictionary"),
+        ({}, "steps", "field required"),
+        ({"steps": "insert"}, "steps", "valid list"),
+        ({"steps": [42]}, "steps", "valid dictionary"),
+        ({"steps": []}, "steps", "at least one step"),
+    ],
 )
 def test_transaction_body_shape(refused, headers, body, field, reason):
     refused("POST", "/v1/transactions", 422, field, reason, json=body, headers=headers)
@@ -126,8 +139,13 @@ def test_unknown_fields_are_refused(refused, headers, raw_file, observation):
     step = {"table": "executed_obs_unit", "values": observation(), "valeus": {"status": "completed"}}
     refused("POST", "/v1/transactions", 422, "valeus", "extra inputs are not permitted", json={"steps": [step]}, headers=headers)
     refused(
-        "POST", "/v1/transactions", 422, "atomic", "extra inputs are not permitted",
-        json={"steps": [{"table": "executed_obs_unit", "values": observation()}], "atomic": False}, headers=headers,
+        "POST",
+        "/v1/transactions",
+        422,
+        "atomic",
+        "extra inputs are not permitted",
+        json={"steps": [{"table": "executed_obs_unit", "values": observation()}], "atomic": False},
+        headers=headers,
     )
 
 
@@ -341,8 +359,14 @@ UNICODE = {
     "controls": "tab\tcr\r\nbell\x07del\x7f",
 }
 TRAVERSAL = [  # file paths are data: stored as given, never opened, joined or normalised by opsync
-    "../../etc/passwd", "/data/../../../etc/shadow", "..\\..\\windows\\system32\\config", "%2e%2e%2f%2e%2e%2fetc",
-    "/data/./x/../../y", "~root/.ssh/id_rsa", "/dev/zero", "file:///etc/passwd",
+    "../../etc/passwd",
+    "/data/../../../etc/shadow",
+    "..\\..\\windows\\system32\\config",
+    "%2e%2e%2f%2e%2e%2fetc",
+    "/data/./x/../../y",
+    "~root/.ssh/id_rsa",
+    "/dev/zero",
+    "file:///etc/passwd",
 ]
 
 
@@ -367,8 +391,11 @@ def test_unicode_and_traversal_paths_are_stored_exactly_through_the_buffer_and_t
     paths = [f"{value}|{tag}" for value in [*UNICODE.values(), *TRAVERSAL]]
     files = {}
     for path in paths:
-        response = api_client.post(RAW, json={"executed_obs_unit_id": obs_id, "path": path, "size_bytes": 1,
-                                              "checksum_sha256": SHA, "file_type": "🔭\u200b"}, headers=headers)
+        response = api_client.post(
+            RAW,
+            json={"executed_obs_unit_id": obs_id, "path": path, "size_bytes": 1, "checksum_sha256": SHA, "file_type": "🔭\u200b"},
+            headers=headers,
+        )
         assert response.status_code == 202, response.text
         files[response.json()["ids"][0]] = path
 
@@ -384,18 +411,22 @@ def test_unicode_and_traversal_paths_are_stored_exactly_through_the_buffer_and_t
     assert (summary.applied, summary.dead_lettered) == (1 + len(paths), 0)
     with primary_engine.connect() as conn:
         stored = conn.execute(text("SELECT metadata FROM executed_obs_unit WHERE id = :i"), {"i": obs_id}).scalar_one()
-        rows = conn.execute(text("SELECT id::text, path, file_type FROM raw_data_file WHERE executed_obs_unit_id = :i"),
-                            {"i": obs_id}).all()
+        rows = conn.execute(
+            text("SELECT id::text, path, file_type FROM raw_data_file WHERE executed_obs_unit_id = :i"), {"i": obs_id}
+        ).all()
     assert stored == metadata
     assert {i: p for i, p, _ in rows} == files and {t for _, _, t in rows} == {"🔭\u200b"}
     assert merged_view() == (metadata, files)  # now read from the primary's side, still the same
 
 
-@pytest.mark.parametrize("body, field", [
-    (b'{"metadata": {"note": ["ok", "\\ud800"]}}', "metadata"),
-    (b'{"metadata": {"\\udfff": 1}}', "metadata"),
-    (b'{"status": "completed", "metadata": {"a": "\\udc00\\ud800"}}', "metadata"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b'{"metadata": {"note": ["ok", "\\ud800"]}}', "metadata"),
+        (b'{"metadata": {"\\udfff": 1}}', "metadata"),
+        (b'{"status": "completed", "metadata": {"a": "\\udc00\\ud800"}}', "metadata"),
+    ],
+)
 def test_lone_surrogates_are_refused(refused, headers, body, field):
     json_headers = headers | {"Content-Type": "application/json"}
     refused("PATCH", f"{OBS}/{uuid.uuid4()}", 422, field, "unpaired UTF-16 surrogate", content=body, headers=json_headers)
@@ -404,8 +435,9 @@ def test_lone_surrogates_are_refused(refused, headers, body, field):
 def test_a_lone_surrogate_in_a_text_column_or_a_key_is_refused_with_the_field(refused, headers, raw_file):
     json_headers = headers | {"Content-Type": "application/json"}
     refused("POST", RAW, 422, "path", "unicode", content=raw_json(raw_file(path="/data/\ud800.fits")), headers=json_headers)
-    response = refused("PATCH", f"{OBS}/{uuid.uuid4()}", 422, "\\udfff", "surrogate",
-                       content=raw_json({"metadata": {"\udfff": 1}}), headers=json_headers)
+    response = refused(
+        "PATCH", f"{OBS}/{uuid.uuid4()}", 422, "\\udfff", "surrogate", content=raw_json({"metadata": {"\udfff": 1}}), headers=json_headers
+    )
     assert response.json()["detail"][0]["loc"][-2:] == ["metadata", "\\udfff"]  # escaped, so the answer itself is valid
 
 
@@ -426,8 +458,7 @@ def test_numbers_json_cannot_carry_are_refused(refused, headers, observation, pl
 
 
 def test_integers_past_the_column_type_are_refused(refused, api_client, headers, raw_file):
-    refused("POST", RAW, 422, "size_bytes", "out of range for bigint",
-            json=raw_file(size_bytes=2**63), headers=headers)
+    refused("POST", RAW, 422, "size_bytes", "out of range for bigint", json=raw_file(size_bytes=2**63), headers=headers)
     assert api_client.post(RAW, json=raw_file(size_bytes=2**63 - 1), headers=headers).status_code == 202
 
 
@@ -436,10 +467,17 @@ def test_page_sizes_out_of_range_are_refused(refused, headers, limit):
     refused("GET", f"{RAW}?limit={limit}", 422, "limit", "", headers=headers)
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/records/..%2F..%2Fetc%2Fpasswd", "/v1/records/raw_data_file/../../../etc/passwd", "/v1/records/%2e%2e/%2e%2e/etc",
-    "/v1/records/raw_data_file/%2e%2e%2fapi_token", "/v1/transactions/..%2F..%2F", "/v1/records/..\\..\\api_token",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/records/..%2F..%2Fetc%2Fpasswd",
+        "/v1/records/raw_data_file/../../../etc/passwd",
+        "/v1/records/%2e%2e/%2e%2e/etc",
+        "/v1/records/raw_data_file/%2e%2e%2fapi_token",
+        "/v1/transactions/..%2F..%2F",
+        "/v1/records/..\\..\\api_token",
+    ],
+)
 def test_path_traversal_in_urls_finds_nothing(api_client, redis_state, headers, path):
     before = redis_state()
     response = api_client.get(path, headers=headers)

@@ -37,8 +37,13 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 SHA = "ab" * 32
 SEED_ROWS = {  # a valid row of each buffered table, by its key (unique columns differ per key)
     "executed_obs_unit": lambda key: {"obs_unit_id": key, "instrument_module_id": key, "start_time": "2026-11-21T02:10:00Z"},
-    "raw_data_file": lambda key: {"executed_obs_unit_id": key, "path": f"/data/seed-{key}.fits", "size_bytes": 1,
-                                  "checksum_sha256": SHA, "file_type": "fits"},
+    "raw_data_file": lambda key: {
+        "executed_obs_unit_id": key,
+        "path": f"/data/seed-{key}.fits",
+        "size_bytes": 1,
+        "checksum_sha256": SHA,
+        "file_type": "fits",
+    },
     "raw_data_package": lambda key: {"name": f"seed-{key}", "executed_obs_unit_id": key},
     "housekeeping_sample": lambda key: {"instrument_module_id": key, "sensor": "t", "sampled_at": "2026-11-21T03:00:00Z", "value": 1.5},
 }
@@ -141,9 +146,17 @@ def insert_step(table: str, create: dict) -> dict:
     """A step inserting a valid row of ``table`` (its key comes from the step's ``id``, not its values)."""
     values = copy.deepcopy(create)
     values["properties"].pop("id", None)
-    return {"type": "object", "additionalProperties": False, "required": ["table", "values"], "properties": {
-        "op": {"enum": ["insert"]}, "table": {"enum": [table]}, "values": values, "ref": {"type": "string"},
-    }}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["table", "values"],
+        "properties": {
+            "op": {"enum": ["insert"]},
+            "table": {"enum": [table]},
+            "values": values,
+            "ref": {"type": "string"},
+        },
+    }
 
 
 # Built in-process (schemathesis' lazy fixture loader does not run under pytest 9).

@@ -23,8 +23,11 @@ def headers(auth_headers):
 
 def raw_file(**overrides) -> dict:
     return {
-        "executed_obs_unit_id": str(uuid.uuid4()), "path": f"/data/{uuid.uuid4()}.fits",
-        "size_bytes": 10, "checksum_sha256": SHA, "file_type": "fits",
+        "executed_obs_unit_id": str(uuid.uuid4()),
+        "path": f"/data/{uuid.uuid4()}.fits",
+        "size_bytes": 10,
+        "checksum_sha256": SHA,
+        "file_type": "fits",
     } | overrides
 
 
@@ -267,8 +270,12 @@ def test_metrics(own_redis, api_client, headers):
     empty = scrape(api_client)
     assert empty[("opsync_buffer_up", ())] == 1
     assert empty[("opsync_buffer_depth", ())] == 0
-    never = ("opsync_buffer_oldest_enqueued_timestamp_seconds", "opsync_last_drain_timestamp_seconds",
-             "opsync_last_confirm_timestamp_seconds", "opsync_drain_last_run_timestamp_seconds")
+    never = (
+        "opsync_buffer_oldest_enqueued_timestamp_seconds",
+        "opsync_last_drain_timestamp_seconds",
+        "opsync_last_confirm_timestamp_seconds",
+        "opsync_drain_last_run_timestamp_seconds",
+    )
     assert [name for name in never if (name, ()) in empty] == []  # no such moment: absent, never a -1 sentinel
     before = time.time()
 
@@ -441,13 +448,13 @@ def test_an_idempotency_key_past_its_ttl_makes_a_new_transaction(own_redis, api_
     wait_until(lambda: not redis.exists(*remembered), "the idempotency record expiring")
     again = api_client.post("/v1/records/executed_obs_unit", **request)
     assert again.status_code == 202 and again.json()["txn_id"] != first.json()["txn_id"]
-    other_body = api_client.post("/v1/records/executed_obs_unit", json=observation(status="aborted"),
-                                 headers=request["headers"])
+    other_body = api_client.post("/v1/records/executed_obs_unit", json=observation(status="aborted"), headers=request["headers"])
     assert other_body.status_code == 409  # the new transaction holds the key now
     remembered = redis.keys("opsync:idem:*")
     assert len(remembered) == 1
     wait_until(lambda: not redis.exists(*remembered), "the second idempotency record expiring")
-    assert api_client.post("/v1/records/executed_obs_unit", json=observation(status="aborted"),
-                           headers=request["headers"]).status_code == 202  # expired: no conflict with the old body
+    assert (
+        api_client.post("/v1/records/executed_obs_unit", json=observation(status="aborted"), headers=request["headers"]).status_code == 202
+    )  # expired: no conflict with the old body
     assert redis.xlen("opsync:buffer") == 3
     assert {api_client.get(r.json()["status_url"], headers=headers).json()["state"] for r in (first, again)} == {"accepted"}

@@ -133,10 +133,18 @@ CAN_503: dict[Route, dict[str, Request]] = {
     ("POST", "/v1/records/{table}"): {REDIS: obs, HIGH_WATER: obs, TOKEN_STORE: obs, PRIMARY: instrument},
     ("POST", "/v1/transactions"): {REDIS: obs_steps, HIGH_WATER: obs_steps, TOKEN_STORE: obs_steps, PRIMARY: instrument_steps},
     ("PATCH", "/v1/records/{table}/{row_id}"): {
-        REDIS: finish_obs, HIGH_WATER: finish_obs, TOKEN_STORE: finish_obs, REPLICA: finish_unknown_obs, PRIMARY: rename_instrument,
+        REDIS: finish_obs,
+        HIGH_WATER: finish_obs,
+        TOKEN_STORE: finish_obs,
+        REPLICA: finish_unknown_obs,
+        PRIMARY: rename_instrument,
     },
     ("DELETE", "/v1/records/{table}/{row_id}"): {
-        REDIS: delete_file, HIGH_WATER: delete_file, TOKEN_STORE: delete_file, REPLICA: delete_unknown_file, PRIMARY: delete_obs_unit,
+        REDIS: delete_file,
+        HIGH_WATER: delete_file,
+        TOKEN_STORE: delete_file,
+        REPLICA: delete_unknown_file,
+        PRIMARY: delete_obs_unit,
     },
     ("GET", "/v1/records/{table}/{row_id}"): {REDIS: get_obs, TOKEN_STORE: get_obs, REPLICA: get_unknown_obs},
     ("GET", "/v1/records/{table}"): {REDIS: list_obs, TOKEN_STORE: list_obs, REPLICA: list_obs},
@@ -161,10 +169,15 @@ ACCEPTS: dict[Route, list[Request]] = {  # a buffered table's write and a direct
     ("DELETE", "/v1/records/{table}/{row_id}"): [delete_file, delete_obs_unit],
 }
 NEVER_202: dict[Route, str] = {
-    **{route: "a read: answers 200 with what it read" for route in [
-        ("GET", "/v1/records/{table}/{row_id}"), ("GET", "/v1/records/{table}"),
-        ("GET", "/v1/transactions/{txn_id}"), ("GET", "/v1/transactions"),
-    ]},
+    **{
+        route: "a read: answers 200 with what it read"
+        for route in [
+            ("GET", "/v1/records/{table}/{row_id}"),
+            ("GET", "/v1/records/{table}"),
+            ("GET", "/v1/transactions/{txn_id}"),
+            ("GET", "/v1/transactions"),
+        ]
+    },
     ("GET", "/v1/events"): "a stream: 200 once it begins",
     ("GET", "/readyz"): "a health check: 200 or 503",
     **{route: f"not a write ({reason})" for route, reason in NEVER_503.items()},
@@ -208,6 +221,7 @@ def site(own_redis, live_api, auth_headers, observation, planning):
     """The API over real HTTP on this test's Redis, a token it has already checked (cached), and seeds."""
     headers = auth_headers(OBS, FILE, INSTRUMENT, OBS_UNIT)
     with httpx.Client(base_url=live_api, headers=headers, timeout=15) as client:
+
         def accepted(path: str, body: dict) -> dict:
             response = client.post(path, json=body)
             assert response.status_code == 202, response.text
@@ -216,8 +230,16 @@ def site(own_redis, live_api, auth_headers, observation, planning):
         first = accepted(f"/v1/records/{OBS}", observation())
         steps = [
             {"table": OBS, "ref": "obs", "values": observation()},
-            {"table": FILE, "values": {"executed_obs_unit_id": {"$ref": "obs"}, "path": f"/data/{uuid.uuid4()}.fits",
-                                       "size_bytes": 10, "checksum_sha256": SHA, "file_type": "fits"}},
+            {
+                "table": FILE,
+                "values": {
+                    "executed_obs_unit_id": {"$ref": "obs"},
+                    "path": f"/data/{uuid.uuid4()}.fits",
+                    "size_bytes": 10,
+                    "checksum_sha256": SHA,
+                    "file_type": "fits",
+                },
+            },
         ]
         file_row = accepted("/v1/transactions", {"steps": steps})["ids"][1]
         unit = {"name": f"U-{uuid.uuid4().hex[:12]}", "program": "P1", "source_name": "Orion KL", "ra_deg": 83.8, "dec_deg": -5.4}

@@ -28,11 +28,23 @@ async def post(app, body: dict, token: str) -> int:
     """One POST through the app's ASGI interface, as uvicorn makes it; returns the status."""
     raw = json.dumps(body).encode()
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": PATH, "raw_path": PATH.encode(), "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {token}".encode()),
-                    (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
-        "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {token}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(raw)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
     }
     messages = iter([{"type": "http.request", "body": raw, "more_body": False}])
     status = []
@@ -59,8 +71,13 @@ def sample(primary_engine):
     count = iter(range(10**9))
 
     def body() -> dict:
-        return {"instrument_module_id": str(module), "sensor": "mixer", "value": 4.2, "unit": "K",
-                "sampled_at": f"2026-11-22T03:00:00.{next(count) % 10**6:06d}+00:00"}
+        return {
+            "instrument_module_id": str(module),
+            "sensor": "mixer",
+            "value": 4.2,
+            "unit": "K",
+            "sampled_at": f"2026-11-22T03:00:00.{next(count) % 10**6:06d}+00:00",
+        }
 
     return body
 

@@ -39,30 +39,54 @@ TEXT = st.text(st.characters(exclude_categories=()) | ODD_CHARACTERS, max_size=1
 NUMBERS = st.integers() | st.integers(min_value=2**63 - 2, max_value=2**64) | st.floats()  # floats include NaN and ±Infinity
 SCALARS = st.none() | st.booleans() | NUMBERS | TEXT
 JSON_VALUES = st.recursive(
-    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=12,
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+    max_leaves=12,
 )
 REFS = st.builds(lambda name: {"$ref": name}, JSON_VALUES)
 UUIDS = st.uuids().map(str)
-TIMES = st.sampled_from(["2026-11-21T02:10:00Z", "2026-11-21T02:10:00+14:00", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59-05:00",
-                         "2026-11-21T02:10:00", "2026-02-30T00:00:00Z", "infinity"])
+TIMES = st.sampled_from(
+    [
+        "2026-11-21T02:10:00Z",
+        "2026-11-21T02:10:00+14:00",
+        "0001-01-01T00:00:00Z",
+        "9999-12-31T23:59:59-05:00",
+        "2026-11-21T02:10:00",
+        "2026-02-30T00:00:00Z",
+        "infinity",
+    ]
+)
 
 
 def valid_records() -> dict[str, st.SearchStrategy[dict]]:
     """A valid row of each buffered table (its references need not exist: the primary checks them)."""
     sha = "ab" * 32
     return {
-        "executed_obs_unit": st.fixed_dictionaries({
-            "obs_unit_id": UUIDS, "instrument_module_id": UUIDS, "start_time": st.just("2026-11-21T02:10:00Z"),
-        }),
-        "raw_data_file": st.fixed_dictionaries({
-            "executed_obs_unit_id": UUIDS, "path": UUIDS.map(lambda u: f"/data/{u}.fits"),
-            "size_bytes": st.integers(0, 2**63 - 1), "checksum_sha256": st.just(sha), "file_type": st.just("fits"),
-        }),
+        "executed_obs_unit": st.fixed_dictionaries(
+            {
+                "obs_unit_id": UUIDS,
+                "instrument_module_id": UUIDS,
+                "start_time": st.just("2026-11-21T02:10:00Z"),
+            }
+        ),
+        "raw_data_file": st.fixed_dictionaries(
+            {
+                "executed_obs_unit_id": UUIDS,
+                "path": UUIDS.map(lambda u: f"/data/{u}.fits"),
+                "size_bytes": st.integers(0, 2**63 - 1),
+                "checksum_sha256": st.just(sha),
+                "file_type": st.just("fits"),
+            }
+        ),
         "raw_data_package": st.fixed_dictionaries({"name": UUIDS, "executed_obs_unit_id": UUIDS}),
-        "housekeeping_sample": st.fixed_dictionaries({
-            "instrument_module_id": UUIDS, "sensor": st.just("t"), "sampled_at": st.just("2026-11-21T03:00:00Z"),
-            "value": st.floats(allow_nan=False, allow_infinity=False),
-        }),
+        "housekeeping_sample": st.fixed_dictionaries(
+            {
+                "instrument_module_id": UUIDS,
+                "sensor": st.just("t"),
+                "sampled_at": st.just("2026-11-21T03:00:00Z"),
+                "value": st.floats(allow_nan=False, allow_infinity=False),
+            }
+        ),
     }
 
 
@@ -89,8 +113,9 @@ def deep(depth: int, kind: str) -> bytes:
     return b'{"a":' * depth + b"1" + b"}" * depth
 
 
-DEPTHS = st.builds(deep, st.integers(0, 20) | st.integers(25, 40) | st.integers(200, 1200) | st.just(100_000),
-                   st.sampled_from(["list", "dict"]))
+DEPTHS = st.builds(
+    deep, st.integers(0, 20) | st.integers(25, 40) | st.integers(200, 1200) | st.just(100_000), st.sampled_from(["list", "dict"])
+)
 
 
 def dumps(value) -> bytes:
@@ -117,17 +142,39 @@ def bodies(draw, shape: st.SearchStrategy) -> bytes:
     return draw(st.binary(max_size=64))
 
 
-CONTENT_TYPES = st.sampled_from([
-    "application/json", "application/json; charset=utf-8", "application/merge-patch+json", "application/json; charset=latin-1",
-    "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/", "*/*", "",
-]) | st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20)
-HEADER_TEXT = st.binary(max_size=40).map(lambda b: bytes(c for c in b if c >= 0x20 and c != 0x7f))  # what HTTP lets through
+CONTENT_TYPES = st.sampled_from(
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/merge-patch+json",
+        "application/json; charset=latin-1",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/",
+        "*/*",
+        "",
+    ]
+) | st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20)
+HEADER_TEXT = st.binary(max_size=40).map(lambda b: bytes(c for c in b if c >= 0x20 and c != 0x7F))  # what HTTP lets through
 
 
 def authorizations(token: str) -> st.SearchStrategy[bytes | None]:
     good = token.encode()
-    return st.sampled_from([b"Bearer " + good, b"bearer " + good, b"Bearer  " + good + b" ", None, b"", b"Bearer", b"Bearer ",
-                            b"Basic " + good, good, b"Bearer " + good + b"x"]) | HEADER_TEXT.map(lambda b: b"Bearer " + b)
+    return st.sampled_from(
+        [
+            b"Bearer " + good,
+            b"bearer " + good,
+            b"Bearer  " + good + b" ",
+            None,
+            b"",
+            b"Bearer",
+            b"Bearer ",
+            b"Basic " + good,
+            good,
+            b"Bearer " + good + b"x",
+        ]
+    ) | HEADER_TEXT.map(lambda b: b"Bearer " + b)
 
 
 @st.composite
@@ -197,6 +244,7 @@ def call(app, own_redis):
 
     redis_client = own_redis.client()
     with TestClient(app, raise_server_exceptions=False) as client:
+
         def request(method: str, url: str, headers: dict | None = None, body: bytes | None = None) -> httpx.Response:
             before = snapshot(redis_client)
             response = client.request(method, url, headers=headers, content=body)
@@ -231,8 +279,12 @@ def steps(draw) -> dict:
     if draw(st.booleans()):
         return {"table": table, "values": row}
     step = {"table": draw(st.just(table) | TABLE_NAMES), "values": draw(st.just(row) | JSON_VALUES)}
-    optional = {"op": st.sampled_from(["insert", "upsert", "update", "delete"]) | JSON_VALUES, "id": UUIDS | JSON_VALUES,
-                "ref": st.sampled_from(["a", "b"]) | JSON_VALUES, "extra": JSON_VALUES}
+    optional = {
+        "op": st.sampled_from(["insert", "upsert", "update", "delete"]) | JSON_VALUES,
+        "id": UUIDS | JSON_VALUES,
+        "ref": st.sampled_from(["a", "b"]) | JSON_VALUES,
+        "extra": JSON_VALUES,
+    }
     for key in draw(st.sets(st.sampled_from(sorted(optional)), max_size=3)):
         step[key] = draw(optional[key])
     if draw(st.booleans()) and isinstance(step["values"], dict):
@@ -286,8 +338,10 @@ def test_reads_answer_any_query(call, token, data):
 @BUDGET
 @given(data=st.data())
 def test_health_metrics_and_unknown_routes_answer_anything(call, token, data):
-    path = data.draw(st.sampled_from(["/healthz", "/readyz", "/metrics", "/openapi.json", "/v1", "/v1/records", "/v1/events/x"])
-                     | TEXT.map(lambda t: "/" + segment(t)))
+    path = data.draw(
+        st.sampled_from(["/healthz", "/readyz", "/metrics", "/openapi.json", "/v1", "/v1/records", "/v1/events/x"])
+        | TEXT.map(lambda t: "/" + segment(t))
+    )
     method = data.draw(st.sampled_from(["GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE", "TRACE"]))
     pairs = data.draw(st.lists(st.tuples(TEXT, TEXT), max_size=2))
     response = call(method, f"{path}?{query(pairs)}", data.draw(write_headers(token)), data.draw(st.none() | st.binary(max_size=32)))
@@ -304,11 +358,21 @@ def test_each_shape_once_found_answering_500(call, token):
         ("PATCH", row, json_headers, b'"\\ud800"', 422),  # a lone surrogate echoed back in an error
         ("POST", "/v1/records/raw_data_file", json_headers, b"NaN", 422),  # NaN echoed back
         ("PATCH", row, text_headers, b"\xff\xfe", 422),  # bytes that are not UTF-8, echoed back
-        ("POST", "/v1/transactions", json_headers, b'{"steps": [{"table": "raw_data_file", "values": {"path": '
-         + deep(300, "list") + b"}}]}", 422),  # deep JSON the serialiser gave up on
+        (
+            "POST",
+            "/v1/transactions",
+            json_headers,
+            b'{"steps": [{"table": "raw_data_file", "values": {"path": ' + deep(300, "list") + b"}}]}",
+            422,
+        ),  # deep JSON the serialiser gave up on
         ("POST", "/v1/transactions", json_headers, b'{"steps": [{"table": "raw_data_file", "values": {"x": {"$ref": []}}}]}', 422),
-        ("POST", "/v1/transactions", json_headers, json.dumps({"steps": [
-            {"op": "delete", "table": "raw_data_file", "id": str(uuid.uuid4()), "values": {"x": 1}}]}).encode(), 422),
+        (
+            "POST",
+            "/v1/transactions",
+            json_headers,
+            json.dumps({"steps": [{"op": "delete", "table": "raw_data_file", "id": str(uuid.uuid4()), "values": {"x": 1}}]}).encode(),
+            422,
+        ),
         ("GET", "/v1/records/raw_data_file?path=a%00b", json_headers, None, 400),  # NUL sent to PostgreSQL
         ("POST", "/v1/records/raw_data_file", json_headers, b'{"size_bytes": ' + b"9" * 5000 + b"}", 422),
     ]
@@ -333,21 +397,33 @@ def raw_request(base: str, data: bytes, timeout: float = 10) -> tuple[int, dict[
     return int(status_line.split()[1]), headers, body
 
 
-RAW_BYTES = st.binary(max_size=12) | st.sampled_from([b"%", b"%zz", b"%f", b"%ff%fe", b"%ed%a0%80", b"%00", b"\xff", b"\x00",
-                                                      b"\x01", b"\x7f", b" ", b"\t", b"%2F", b"%2e%2e", b"\xc3\x28"])
+RAW_BYTES = st.binary(max_size=12) | st.sampled_from(
+    [b"%", b"%zz", b"%f", b"%ff%fe", b"%ed%a0%80", b"%00", b"\xff", b"\x00", b"\x01", b"\x7f", b" ", b"\t", b"%2F", b"%2e%2e", b"\xc3\x28"]
+)
 
 
 @st.composite
 def raw_requests(draw, token: str) -> bytes:
     """A request on the wire: any route, with raw bytes in its path segments, query and headers."""
     method = draw(st.sampled_from([b"GET", b"POST", b"PATCH", b"DELETE", b"PUT", b"G\xffT"]))
-    template = draw(st.sampled_from([
-        [b"v1", b"records", b"{table}"], [b"v1", b"records", b"{table}", b"{id}"], [b"v1", b"transactions"],
-        [b"v1", b"transactions", b"{id}"], [b"healthz"], [b"readyz"], [b"metrics"],  # events: an open stream never ends
-    ]))
+    template = draw(
+        st.sampled_from(
+            [
+                [b"v1", b"records", b"{table}"],
+                [b"v1", b"records", b"{table}", b"{id}"],
+                [b"v1", b"transactions"],
+                [b"v1", b"transactions", b"{id}"],
+                [b"healthz"],
+                [b"readyz"],
+                [b"metrics"],  # events: an open stream never ends
+            ]
+        )
+    )
     parts = [
-        draw(st.sampled_from([t.encode() for t in TABLES]) | RAW_BYTES) if part == b"{table}"
-        else draw(st.just(str(uuid.uuid4()).encode()) | RAW_BYTES) if part == b"{id}"
+        draw(st.sampled_from([t.encode() for t in TABLES]) | RAW_BYTES)
+        if part == b"{table}"
+        else draw(st.just(str(uuid.uuid4()).encode()) | RAW_BYTES)
+        if part == b"{id}"
         else part
         for part in template
     ]
@@ -407,16 +483,28 @@ def test_a_client_that_hangs_up_mid_body_is_no_error(own_redis, live_api, token,
 
     def counted() -> Counter:
         families = text_string_to_metric_families(httpx.get(f"{live_api}/metrics").text)
-        return Counter({(s.labels["route"], s.labels["status"]): s.value for family in families if family.name == "opsync_http_requests"
-                        for s in family.samples if s.name.endswith("_total") and s.labels["method"] == "POST"})
+        return Counter(
+            {
+                (s.labels["route"], s.labels["status"]): s.value
+                for family in families
+                if family.name == "opsync_http_requests"
+                for s in family.samples
+                if s.name.endswith("_total") and s.labels["method"] == "POST"
+            }
+        )
 
     before = counted()
     address = urlsplit(live_api)
     routes = ["/v1/records/{table}", "/v1/transactions"]
     for path in (b"/v1/records/raw_data_file", b"/v1/transactions"):
         with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
-            sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token.encode()
-                         + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"path\": ")
+            sock.sendall(
+                b"POST "
+                + path
+                + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + token.encode()
+                + b'\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"path": '
+            )
     expected = Counter({(route, "499"): 1 for route in routes})
     wait_for(lambda: counted() - before == expected, what=f"{expected} counted")
     assert "internal error" not in caplog.text
@@ -430,11 +518,18 @@ def test_rows_python_cannot_hold_are_served(call, token, primary_engine, replica
     ids = [uuid.uuid4() for _ in range(3)]
     with primary_engine.begin() as conn:
         for key, when in zip(ids[:2], ["infinity", "12026-01-01T00:00:00Z"], strict=True):
-            conn.execute(text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time) VALUES (:i, :o, :m, :t)"),
-                         {"i": key, "o": planning["obs_unit"], "m": planning["module"], "t": when})
-        conn.execute(text("INSERT INTO housekeeping_sample (id, instrument_module_id, sensor, sampled_at, value)"
-                          " VALUES (:i, :m, 't', now(), 'NaN')"), {"i": ids[2], "m": planning["module"]})
+            conn.execute(
+                text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time) VALUES (:i, :o, :m, :t)"),
+                {"i": key, "o": planning["obs_unit"], "m": planning["module"], "t": when},
+            )
+        conn.execute(
+            text(
+                "INSERT INTO housekeeping_sample (id, instrument_module_id, sensor, sampled_at, value) VALUES (:i, :m, 't', now(), 'NaN')"
+            ),
+            {"i": ids[2], "m": planning["module"]},
+        )
     try:
+
         def replicated() -> bool:
             with replica_engine.connect() as conn:
                 return conn.execute(text("SELECT 1 FROM housekeeping_sample WHERE id = :i"), {"i": ids[2]}).first() is not None

@@ -64,8 +64,9 @@ def test_metrics_sum_every_worker_and_start_from_zero(served, issue_token, plann
     sample = {"instrument_module_id": str(planning["module"]), "sensor": "lo_power", "value": 1.0}
     with httpx.Client(base_url=served, headers=headers) as client:
         for second in range(30):  # new connections: SO_REUSEPORT spreads them over both workers
-            response = httpx.post(f"{served}/v1/records/{TABLE}", json=sample | {"sampled_at": f"2026-11-21T03:00:{second:02d}Z"},
-                                  headers=headers)
+            response = httpx.post(
+                f"{served}/v1/records/{TABLE}", json=sample | {"sampled_at": f"2026-11-21T03:00:{second:02d}Z"}, headers=headers
+            )
             assert response.status_code == 202, response.text
         scrapes = [client.get("/metrics").text for _ in range(6)]
     assert [posts_counted(text) for text in scrapes] == [30.0] * 6

@@ -59,8 +59,16 @@ def file_row(client: httpx.Client, headers: dict, obs: dict) -> str:
     """A raw data file (deletable, unlike observations) of a new observation."""
     steps = [
         {"table": T, "ref": "obs", "values": obs},
-        {"table": OTHER, "values": {"executed_obs_unit_id": {"$ref": "obs"}, "path": f"/data/{uuid.uuid4()}.fits",
-                                    "size_bytes": 10, "checksum_sha256": SHA, "file_type": "fits"}},
+        {
+            "table": OTHER,
+            "values": {
+                "executed_obs_unit_id": {"$ref": "obs"},
+                "path": f"/data/{uuid.uuid4()}.fits",
+                "size_bytes": 10,
+                "checksum_sha256": SHA,
+                "file_type": "fits",
+            },
+        },
     ]
     created = client.post("/v1/transactions", json={"steps": steps}, headers=headers)
     assert created.status_code == 202, created.text
@@ -111,9 +119,7 @@ SPECS: dict[tuple[str, str], Spec] = {
     ("GET", "/v1/transactions/{txn_id}"): Spec(
         f"read:{T}", lambda obs, txn: (f"/v1/transactions/{txn}", None), make_row=txn_of, hidden=True
     ),
-    ("GET", "/v1/transactions"): Spec(
-        f"read:{T}", lambda obs, txn: (f"/v1/transactions?ids={txn}", None), make_row=txn_of, hidden=True
-    ),
+    ("GET", "/v1/transactions"): Spec(f"read:{T}", lambda obs, txn: (f"/v1/transactions?ids={txn}", None), make_row=txn_of, hidden=True),
     ("GET", "/v1/events"): Spec(
         f"read:{T}", lambda obs, txn: (f"/v1/events?txn_id={txn}", None), make_row=txn_of, stream=True, hidden=True
     ),
@@ -352,9 +358,7 @@ def test_known_tokens_keep_working_through_a_replica_restart(
     assert known not in caplog.text and unseen not in caplog.text  # ... the tokens never are
 
 
-def test_revocation_is_honoured_once_replayed_and_the_cache_expired(
-    token_cache_ttl, live_api, primary_engine, replica_engine, observation
-):
+def test_revocation_is_honoured_once_replayed_and_the_cache_expired(token_cache_ttl, live_api, primary_engine, replica_engine, observation):
     name, token = issue(primary_engine, replica_engine, [f"write:{T}"])
     with httpx.Client(base_url=live_api, headers=bearer(token), timeout=10) as client:
         assert client.post(f"/v1/records/{T}", json=observation()).status_code == 202
@@ -397,8 +401,16 @@ def obs_step(obs: dict, ref: str | None = None) -> dict:
 
 def file_step(observation_id) -> dict:
     """A raw data file of ``observation_id`` (an id, or a ``$ref``); a random id fails at the primary."""
-    return {"table": OTHER, "values": {"executed_obs_unit_id": observation_id, "path": f"/data/{uuid.uuid4()}.fits",
-                                       "size_bytes": 10, "checksum_sha256": SHA, "file_type": "fits"}}
+    return {
+        "table": OTHER,
+        "values": {
+            "executed_obs_unit_id": observation_id,
+            "path": f"/data/{uuid.uuid4()}.fits",
+            "size_bytes": 10,
+            "checksum_sha256": SHA,
+            "file_type": "fits",
+        },
+    }
 
 
 def submit(client: httpx.Client, token: str, *steps: dict) -> dict:
@@ -426,8 +438,7 @@ def following(client: httpx.Client, token: str, stack: ExitStack) -> Events:
 
 
 @pytest.mark.timeout(120)
-def test_streams_carry_only_the_transactions_their_token_may_see(own_redis, live_api, tokens, observation, primary_engine,
-                                                                 monkeypatch):
+def test_streams_carry_only_the_transactions_their_token_may_see(own_redis, live_api, tokens, observation, primary_engine, monkeypatch):
     """Through the real enqueue (its event names the tables) and the real drain (its events do not: the
     stream reads the status records). Each stream reads until a transaction written last for it, so
     whatever it was not shown before it, it is never shown."""
@@ -454,10 +465,8 @@ def test_streams_carry_only_the_transactions_their_token_may_see(own_redis, live
             "admin": changes_until(streams["admin"], last_theirs["txn_id"]),
         }
     states = {name: {(change["txn_id"], change["state"]) for change in changes} for name, changes in seen.items()}
-    assert states["mine"] == {(lone_obs["txn_id"], "accepted"), (lone_obs["txn_id"], "committed"),
-                              (last_mine["txn_id"], "accepted")}
-    assert states["theirs"] == {(lone_file["txn_id"], "failed"), (file_of_obs["txn_id"], "committed"),
-                                (last_theirs["txn_id"], "accepted")}
+    assert states["mine"] == {(lone_obs["txn_id"], "accepted"), (lone_obs["txn_id"], "committed"), (last_mine["txn_id"], "accepted")}
+    assert states["theirs"] == {(lone_file["txn_id"], "failed"), (file_of_obs["txn_id"], "committed"), (last_theirs["txn_id"], "accepted")}
     every = [lone_file, both, lone_obs, file_of_obs, last_mine, last_theirs]
     assert {txn for txn, _ in states["admin"]} == {receipt["txn_id"] for receipt in every}
     assert (both["txn_id"], "committed") in states["admin"]
@@ -467,8 +476,7 @@ def test_streams_carry_only_the_transactions_their_token_may_see(own_redis, live
 
 
 @pytest.mark.timeout(120)
-def test_a_transaction_is_seen_only_by_tokens_of_every_table_it_involves(own_redis, live_api, observation, primary_engine,
-                                                                         replica_engine):
+def test_a_transaction_is_seen_only_by_tokens_of_every_table_it_involves(own_redis, live_api, observation, primary_engine, replica_engine):
     """A transaction of two tables, drained (one commits, one fails with a reason quoting its values), and
     a direct write: each token sees exactly those it may read or write every table of, and any other
     is answered as an unknown transaction."""
@@ -491,8 +499,7 @@ def test_a_transaction_is_seen_only_by_tokens_of_every_table_it_involves(own_red
     with httpx.Client(base_url=live_api, timeout=10) as client:
         txns = {
             "both": submit(client, admin, obs_step(observation(), "obs"), file_step({"$ref": "obs"})),
-            "doomed": submit(client, admin, obs_step(observation(obs_unit_id=missing_obs_unit), "obs"),
-                             file_step({"$ref": "obs"})),
+            "doomed": submit(client, admin, obs_step(observation(obs_unit_id=missing_obs_unit), "obs"), file_step({"$ref": "obs"})),
             "direct": submit(client, admin, {"table": "instrument", "values": {"name": f"SCOPES-{uuid.uuid4().hex[:8]}"}}),
         }
         assert (summary := drain.drain(get_buffer(), primary_engine)).dead_lettered == 1, summary
@@ -559,8 +566,9 @@ def test_a_stream_ends_within_the_token_cache_ttl_once_its_token_is_revoked_or_e
                 with primary_engine.begin() as conn:
                     conn.execute(update(ApiToken).where(ApiToken.name == name).values(scopes=[f"read:{OTHER}"]))
             with replica_engine.connect() as conn:  # the site can know from when the replica has it
-                while conn.execute(select(ApiToken.revoked_at.is_(None) & (func.cardinality(ApiToken.scopes) == 2))
-                                   .where(ApiToken.name == name)).scalar():
+                while conn.execute(
+                    select(ApiToken.revoked_at.is_(None) & (func.cardinality(ApiToken.scopes) == 2)).where(ApiToken.name == name)
+                ).scalar():
                     conn.rollback()
                     time.sleep(0.02)
         ended_at = time.monotonic()

@@ -30,15 +30,18 @@ def bench(directory, name: str, source: str):
     return path
 
 
-@pytest.mark.parametrize(("source", "error"), [
-    (GOOD.replace('"extra": 1}))', '"extra": 1}))\nraise SystemExit(3)'), "exited with status 3"),
-    (GOOD.replace('"rate": 3, ', ""), "lacks FIGURES keys: rate"),
-    (GOOD + 'print("done")\n', "last stdout line is not a JSON object: 'done'"),
-    (GOOD.replace("print(json.dumps(", "print(json.dumps([").replace("})", "}])"), "not a JSON object"),
-    ('FIGURES = ("rate",)\n', "printed nothing on stdout"),
-    ('FIGURES = tuple(["rate"])\n', "FIGURES must be a literal tuple of strings"),
-    ('FIGURES = ("rate", 2)\n', "FIGURES must be a literal tuple of strings"),
-])
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        (GOOD.replace('"extra": 1}))', '"extra": 1}))\nraise SystemExit(3)'), "exited with status 3"),
+        (GOOD.replace('"rate": 3, ', ""), "lacks FIGURES keys: rate"),
+        (GOOD + 'print("done")\n', "last stdout line is not a JSON object: 'done'"),
+        (GOOD.replace("print(json.dumps(", "print(json.dumps([").replace("})", "}])"), "not a JSON object"),
+        ('FIGURES = ("rate",)\n', "printed nothing on stdout"),
+        ('FIGURES = tuple(["rate"])\n', "FIGURES must be a literal tuple of strings"),
+        ('FIGURES = ("rate", 2)\n', "FIGURES must be a literal tuple of strings"),
+    ],
+)
 def test_a_broken_benchmark_fails(tmp_path, source, error):
     verdict = smoke.check(bench(tmp_path, "broken", source))
     assert verdict.error is not None and error in verdict.error
@@ -52,13 +55,17 @@ def test_a_benchmark_that_misses_its_targets_at_smoke_size_passes(tmp_path):
 def test_a_benchmark_past_its_timeout_fails_and_nothing_it_started_is_left(tmp_path):
     """The benchmark is interrupted (so it can stop its services), and its process group killed."""
     pid_file = tmp_path / "child.pid"
-    path = bench(tmp_path, "hangs", f"""
+    path = bench(
+        tmp_path,
+        "hangs",
+        f"""
         import subprocess, time
         FIGURES = ("rate",)
         child = subprocess.Popen(["sleep", "600"])
         open({str(pid_file)!r}, "w").write(str(child.pid))
         time.sleep(600)
-    """)
+    """,
+    )
     started = time.monotonic()
     verdict = smoke.check(path, timeout_s=2)
     assert "no result within 2 s" in verdict.error

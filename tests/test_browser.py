@@ -32,6 +32,8 @@ def chromium_installed() -> None:
     """scripts/bootstrap.sh installs Chromium, so a missing one is a broken set-up: a failure, not a skip."""
     if CHROMIUM is None:
         pytest.fail(f"Debian chromium is not installed: run scripts/bootstrap.sh, or set {SKIP_BROWSER}=1 to skip browser tests")
+
+
 WINDOW = (1400, 1800)
 VIRTUAL_TIME_MS = 15000  # charts render after their data fetches: let virtual time run past them
 CONSOLE = re.compile(r":CONSOLE(?::\d+)?\] \"(?P<message>.*)\", source: (?P<source>.*)$")
@@ -58,9 +60,18 @@ def artifacts(tmp_path_factory) -> Path:
 
 def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-        f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--virtual-time-budget={VIRTUAL_TIME_MS}",
-        "--enable-logging=stderr", "--v=0", *args,
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        f"--virtual-time-budget={VIRTUAL_TIME_MS}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "TZ": SITE_TZ})
 
@@ -95,7 +106,7 @@ def element(dom: str, element_id: str) -> str:
     """The markup from the element with ``element_id`` up to the next chart card (enough for these checks)."""
     start = dom.index(f'id="{element_id}"')
     end = dom.find('class="dashboard-card"', start)
-    return dom[start:end if end != -1 else len(dom)]
+    return dom[start : end if end != -1 else len(dom)]
 
 
 def labels(markup: str) -> list[str]:
@@ -110,7 +121,7 @@ def test_dashboard_renders_its_charts_with_data_and_no_console_errors(site, arti
     for slug, chart in charts.items():
         card = element(rendered.dom, f"chart-{slug}")
         if chart["library"] == "vega-lite":
-            assert '<svg' in card and 'class="marks"' in card, f"{slug}: no chart drawn"
+            assert "<svg" in card and 'class="marks"' in card, f"{slug}: no chart drawn"
     assert re.search(r"<p[^>]*>5</p>", element(rendered.dom, "chart-not-replicated")), "the metric is missing"
 
     per_hour = labels(element(rendered.dom, "chart-records-per-hour"))

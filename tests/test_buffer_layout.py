@@ -24,10 +24,19 @@ def buffer(redis_server):
 
 def housekeeping(steps: int = 1, key: str | None = None):
     """A transaction of ``steps`` housekeeping samples, as the API builds it (references are not checked here)."""
-    rows = [StepIn(table="housekeeping_sample", values={
-        "instrument_module_id": str(uuid.uuid4()), "sensor": "mixer", "sampled_at": "2026-11-21T02:00:00Z",
-        "value": 4.2, "unit": "K",
-    }) for _ in range(steps)]
+    rows = [
+        StepIn(
+            table="housekeeping_sample",
+            values={
+                "instrument_module_id": str(uuid.uuid4()),
+                "sensor": "mixer",
+                "sampled_at": "2026-11-21T02:00:00Z",
+                "value": 4.2,
+                "unit": "K",
+            },
+        )
+        for _ in range(steps)
+    ]
     return build_transaction(rows, "test", key)
 
 
@@ -275,9 +284,22 @@ def test_indexes_are_listpack_buckets_of_key_time_listed_in_order_across_them(bu
     start = 1_800_000_000_000
     keys = [key_at(start + i * 1000) for i in range(20)]
     for i, key in enumerate(keys):
-        txn = build_transaction([StepIn(table="housekeeping_sample", id=key, values={
-            "instrument_module_id": str(uuid.UUID(int=i % 2)), "sensor": "mixer", "sampled_at": "2026-11-21T02:00:00Z",
-            "value": 4.2, "unit": "K"})], "test")
+        txn = build_transaction(
+            [
+                StepIn(
+                    table="housekeeping_sample",
+                    id=key,
+                    values={
+                        "instrument_module_id": str(uuid.UUID(int=i % 2)),
+                        "sensor": "mixer",
+                        "sampled_at": "2026-11-21T02:00:00Z",
+                        "value": 4.2,
+                        "unit": "K",
+                    },
+                )
+            ],
+            "test",
+        )
         buffer.enqueue(txn, answer(txn, State.accepted), in_replica=())
     rows = buffer.rows_index("housekeeping_sample")
     buckets = buffer.client.zrange(f"{buffer.prefix}:dir:{rows}", 0, -1)
@@ -329,8 +351,12 @@ def test_a_status_on_its_way_is_a_bucket_field_and_one_of_the_earlier_layout_sti
     buffer.client.hdel(*buffer.travel_key(old.txn_id))
     buffer.client.hset(buffer.status_key(old.txn_id), mapping=old_status)  # as the earlier layout wrote it
     status = buffer.status(txn.txn_id)
-    assert status == {"state": "accepted", "stream_id": status["stream_id"], "accepted_at": txn.accepted_at.isoformat(),
-                      "tables": "housekeeping_sample"}
+    assert status == {
+        "state": "accepted",
+        "stream_id": status["stream_id"],
+        "accepted_at": txn.accepted_at.isoformat(),
+        "tables": "housekeeping_sample",
+    }
     assert not buffer.client.exists(buffer.status_key(txn.txn_id))
     assert buffer.client.object("encoding", buffer.travel_key(txn.txn_id)[0]) == b"listpack"
 

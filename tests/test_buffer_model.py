@@ -107,7 +107,7 @@ class Model:
                 fail(txns[0], None)
                 return
             bisect(txns[: len(txns) // 2])
-            bisect(txns[len(txns) // 2:])
+            bisect(txns[len(txns) // 2 :])
 
         bisect([e.txn for e in entries if e.txn.txn_id not in self.ledger])
         if not settle:
@@ -209,14 +209,25 @@ class BufferMachine(RuleBasedStateMachine):
     def step_in(self, step: tuple) -> StepIn:
         kind, key = step[:2]
         if kind == "obs":
-            return StepIn(table=OBS, id=key, values={
-                "obs_unit_id": step[2], "instrument_module_id": self.module, "start_time": "2026-11-21T03:00:00Z",
-                "status": step[3], "metadata": {"tag": self.tag, "v": step[4]}})
+            return StepIn(
+                table=OBS,
+                id=key,
+                values={
+                    "obs_unit_id": step[2],
+                    "instrument_module_id": self.module,
+                    "start_time": "2026-11-21T03:00:00Z",
+                    "status": step[3],
+                    "metadata": {"tag": self.tag, "v": step[4]},
+                },
+            )
         if kind == "update":
             return StepIn(op=Op.update, table=OBS, id=key, values={"status": step[2], "metadata": {"tag": self.tag, "v": step[3]}})
         if kind == "file":
-            return StepIn(table=FILE, id=key, values={
-                "executed_obs_unit_id": step[2], "path": step[3], "size_bytes": 1, "checksum_sha256": SHA, "file_type": "fits"})
+            return StepIn(
+                table=FILE,
+                id=key,
+                values={"executed_obs_unit_id": step[2], "path": step[3], "size_bytes": 1, "checksum_sha256": SHA, "file_type": "fits"},
+            )
         return StepIn(op=Op.delete, table=FILE, id=key)
 
     def new_file(self, obs_key: str) -> tuple:
@@ -319,9 +330,13 @@ class BufferMachine(RuleBasedStateMachine):
         unit = next((s[2] for s in letter.txn.steps if s[0] == "obs" and s[2] in self.missing_units), None)
         if fix and unit is not None:
             with self.primary.begin() as conn:
-                conn.execute(text(
-                    "INSERT INTO obs_unit (id, name, program, source_name, ra_deg, dec_deg)"
-                    " VALUES (:u, :n, 'P1', 'Orion KL', 83.8, -5.4)"), {"u": unit, "n": f"model-{unit}"})
+                conn.execute(
+                    text(
+                        "INSERT INTO obs_unit (id, name, program, source_name, ra_deg, dec_deg)"
+                        " VALUES (:u, :n, 'P1', 'Orion KL', 83.8, -5.4)"
+                    ),
+                    {"u": unit, "n": f"model-{unit}"},
+                )
             self.missing_units.remove(unit)
             self.model.units.add(unit)
         actions = dlq.requeue(self.buffer, letter.txn.txn_id, by="model")
@@ -342,11 +357,12 @@ class BufferMachine(RuleBasedStateMachine):
     def primary_holds_the_model(self):
         with self.primary.connect() as conn:
             obs = conn.execute(
-                text("SELECT id::text, status, (metadata->>'v')::int FROM executed_obs_unit WHERE metadata->>'tag' = :t"),
-                {"t": self.tag}).all()
+                text("SELECT id::text, status, (metadata->>'v')::int FROM executed_obs_unit WHERE metadata->>'tag' = :t"), {"t": self.tag}
+            ).all()
             files = conn.execute(
                 text("SELECT id::text, executed_obs_unit_id::text, path FROM raw_data_file WHERE path LIKE :p"),
-                {"p": f"/model/{self.tag}/%"}).all()
+                {"p": f"/model/{self.tag}/%"},
+            ).all()
         assert {k: (s, v) for k, s, v in obs} == self.model.obs
         assert {k: (o, p) for k, o, p in files} == self.model.files
 
@@ -367,7 +383,10 @@ def test_any_sequence_leaves_exactly_the_models_records(redis_server, primary_en
     run_state_machine_as_test(
         lambda: BufferMachine(redis_server.client(), primary_engine, planning),
         settings=settings(
-            max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, database=None,
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )

@@ -22,8 +22,7 @@ PEAK_TXNS_PER_S = 21  # the README's peak
 
 
 def sample() -> dict:
-    return {"instrument_module_id": str(uuid.uuid4()), "sensor": "mixer", "sampled_at": "2026-11-21T02:00:00Z",
-            "value": 4.2, "unit": "K"}
+    return {"instrument_module_id": str(uuid.uuid4()), "sensor": "mixer", "sampled_at": "2026-11-21T02:00:00Z", "value": 4.2, "unit": "K"}
 
 
 def test_the_default_maxmemory_holds_a_second_full_outage_while_the_first_ones_records_are_kept():

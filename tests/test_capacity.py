@@ -32,10 +32,16 @@ START = datetime(2026, 11, 21, 3, tzinfo=UTC)
 
 
 def sample(module, n: int) -> StepIn:
-    return StepIn(table="housekeeping_sample", values={
-        "instrument_module_id": str(module), "sensor": "mixer_temperature", "value": 4.2, "unit": "K",
-        "sampled_at": (START + timedelta(milliseconds=n)).isoformat(),
-    })
+    return StepIn(
+        table="housekeeping_sample",
+        values={
+            "instrument_module_id": str(module),
+            "sensor": "mixer_temperature",
+            "value": 4.2,
+            "unit": "K",
+            "sampled_at": (START + timedelta(milliseconds=n)).isoformat(),
+        },
+    )
 
 
 def fill(buffer: Buffer, module, count: int, rate: float, read=None, first: int = 0) -> float:
@@ -99,8 +105,7 @@ def test_time_to_high_water_from_a_real_buffer_filled_at_a_known_rate(own_redis,
     assert idle.bytes_per_txn == pytest.approx(c.bytes_per_txn, rel=0.05)  # kept from the fill, though this window saw none
 
 
-def test_before_bytes_are_measured_the_benchmarks_figure_sizes_the_memory_mark_and_a_mark_reached_is_now(own_redis,
-                                                                                                         planning):
+def test_before_bytes_are_measured_the_benchmarks_figure_sizes_the_memory_mark_and_a_mark_reached_is_now(own_redis, planning):
     buffer = Buffer(own_redis.client())
     settings = Settings(capacity_window_s=60, high_water_entries=10_000)
     used = used_memory(buffer)
@@ -145,12 +150,14 @@ def test_drain_eta_from_a_real_drain_and_zero_once_replicated(own_redis, plannin
 
 
 def gauges(text: str) -> dict[str, float]:
-    return {(s.name + "".join(f"{{{k}={v}}}" for k, v in s.labels.items())): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name + "".join(f"{{{k}={v}}}" for k, v in s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
-def test_metrics_show_the_forecasts_with_infinity_for_never_and_nothing_for_unknown(own_redis, api_client, planning,
-                                                                                   monkeypatch):
+def test_metrics_show_the_forecasts_with_infinity_for_never_and_nothing_for_unknown(own_redis, api_client, planning, monkeypatch):
     monkeypatch.setenv("OPSYNC_CAPACITY_WINDOW_S", "3")
     get_settings.cache_clear()
     buffer = Buffer(own_redis.client())  # the API's buffer: the default prefix
@@ -214,8 +221,7 @@ def slot_finding(buffer: Buffer, primary, replica):
     return status, finding
 
 
-def test_the_slot_alert_fires_as_its_wal_reserve_shrinks_and_when_it_is_lost_and_a_clone_restores_it(
-        small_slot, redis_server):
+def test_the_slot_alert_fires_as_its_wal_reserve_shrinks_and_when_it_is_lost_and_a_clone_restores_it(small_slot, redis_server):
     primary_srv, replica_srv = small_slot
     buffer = Buffer(redis_server.client(), prefix=f"slot-{secrets.token_hex(4)}")
     primary = create_engine(primary_srv.url("postgres"), connect_args={"connect_timeout": 5})

@@ -83,10 +83,17 @@ def test_help_and_readme_document_every_exit_code():
 
 
 def test_usage_errors_exit_2(run):
-    for args in (("status", "--interval", "0"), ("backlog", "drain", "--batch", "0"), ("backlog", "drain", "--batch-records", "0"),
-                 ("backlog", "drain", "--batch-bytes", "-1"), ("replay",),
-                 ("replay", "--since", "yesterday"), ("replay", "--since", "2026-11-21T03:00"),
-                 ("replay", "--since", "1d", "--table", "no_such_table"), ("replay", "--since", "1h", "--until", "2h")):
+    for args in (
+        ("status", "--interval", "0"),
+        ("backlog", "drain", "--batch", "0"),
+        ("backlog", "drain", "--batch-records", "0"),
+        ("backlog", "drain", "--batch-bytes", "-1"),
+        ("replay",),
+        ("replay", "--since", "yesterday"),
+        ("replay", "--since", "2026-11-21T03:00"),
+        ("replay", "--since", "1d", "--table", "no_such_table"),
+        ("replay", "--since", "1h", "--until", "2h"),
+    ):
         result = run(*args)
         assert result.exit_code == cli.USAGE, (args, result.output)
         assert result.stdout == "" and "Traceback" not in result.stderr
@@ -189,9 +196,7 @@ def test_status_watch_refreshes_count_times(run, buffer, observation):
 # --- backlog drain ---------------------------------------------------------------------------------------
 
 
-def test_backlog_drain_follow_drains_and_confirms_with_decreasing_progress(
-    run, buffer, observation, primary_engine, monkeypatch
-):
+def test_backlog_drain_follow_drains_and_confirms_with_decreasing_progress(run, buffer, observation, primary_engine, monkeypatch):
     txn_ids = buffered(buffer, observation, 2000)
     monkeypatch.setattr(cli, "DRAIN_SLICE_S", 0.05)  # many progress lines from a small backlog
 
@@ -206,8 +211,19 @@ def test_backlog_drain_follow_drains_and_confirms_with_decreasing_progress(
     assert remaining == sorted(remaining, reverse=True) and remaining[0] < 2000 and remaining[-1] > 0
     assert any(e["rate_per_s"] for e in progress) and any(e["eta_s"] is not None for e in progress)
     assert done | {"elapsed_s": 0, "rate_per_s": 0, "eta_s": 0, "batches": 0} == {
-        "event": "done", "remaining": 0, "buffered": 0, "awaiting_replica": 0, "applied": 2000, "duplicates": 0,
-        "dead_lettered": 0, "confirmed": 2000, "batches": 0, "rate_per_s": 0, "eta_s": 0, "elapsed_s": 0}
+        "event": "done",
+        "remaining": 0,
+        "buffered": 0,
+        "awaiting_replica": 0,
+        "applied": 2000,
+        "duplicates": 0,
+        "dead_lettered": 0,
+        "confirmed": 2000,
+        "batches": 0,
+        "rate_per_s": 0,
+        "eta_s": 0,
+        "elapsed_s": 0,
+    }
     assert done["batches"] == 40
     stats = buffer_stats(buffer.client, buffer)
     assert (stats.depth, stats.awaiting_replica, stats.pending) == (0, 0, 0)
@@ -281,8 +297,13 @@ def test_backlog_drain_follow_with_the_replica_unreachable_exits_5_after_applyin
 def test_ctrl_c_stops_backlog_drain_between_batches(site_env, buffer, own_redis, observation, primary_engine):
     txn_ids = buffered(buffer, observation, 3000)  # one per batch: far more than a run drains before the signal lands
     env = {**os.environ, "OPSYNC_REDIS_URL": own_redis.url}
-    with subprocess.Popen([str(OPSYNC), "backlog", "drain", "--follow", "--batch", "1", "--json"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+    with subprocess.Popen(
+        [str(OPSYNC), "backlog", "drain", "--follow", "--batch", "1", "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
         start, first = json.loads(proc.stdout.readline()), json.loads(proc.stdout.readline())
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)

@@ -230,13 +230,15 @@ def test_installed_script(site_env, primary_engine):
     name = new_name()
     created = subprocess.run(
         [str(OPSYNC), "tokens", "create", name, "--scope", f"write:{T}", "--expires", "30d", "--json"],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
     )
     assert created.returncode == 0, created.stderr
     token = json.loads(created.stdout)["token"]
     assert stored(primary_engine, name)["token_sha256"] == hash_token(token)
     assert token not in created.stderr
-    bad = subprocess.run(
-        [str(OPSYNC), "tokens", "revoke", new_name()], capture_output=True, text=True, env=env, timeout=60, check=False
-    )
+    bad = subprocess.run([str(OPSYNC), "tokens", "revoke", new_name()], capture_output=True, text=True, env=env, timeout=60, check=False)
     assert bad.returncode == 4 and "no token named" in bad.stderr

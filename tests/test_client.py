@@ -116,8 +116,7 @@ class Flavour:
     are skipped unless ``sleeps`` (a wait must pause between its streams to let time pass).
     """
 
-    def __init__(self, kind: str, base_url: str, token: str, on_sleep: Callable[[int], None], sleeps: bool = False,
-                 **options):
+    def __init__(self, kind: str, base_url: str, token: str, on_sleep: Callable[[int], None], sleeps: bool = False, **options):
         self.kind = kind
         self.delays: list[float] = []
 
@@ -187,8 +186,7 @@ def client(kind, live_api, token):
     """``client(base_url=live_api, on_sleep=None, **options)``: a client of this test's kind, closed afterwards."""
     made = []
 
-    def make(base_url: str = live_api, on_sleep: Callable[[int], None] = lambda n: None, token: str = token,
-             **options) -> Flavour:
+    def make(base_url: str = live_api, on_sleep: Callable[[int], None] = lambda n: None, token: str = token, **options) -> Flavour:
         made.append(Flavour(kind, base_url, token, on_sleep, **options))
         return made[-1]
 
@@ -290,10 +288,17 @@ def test_backpressure_is_retried_no_sooner_than_retry_after(client, observation,
     "table, rows, status",
     [
         (T, {"start_time": "not a time"}, 422),
-        ("raw_data_file", {  # valid, but the token lacks write:raw_data_file
-            "executed_obs_unit_id": str(uuid.uuid4()), "path": "/data/x.fits", "size_bytes": 1,
-            "checksum_sha256": "ab" * 32, "file_type": "fits",
-        }, 403),
+        (
+            "raw_data_file",
+            {  # valid, but the token lacks write:raw_data_file
+                "executed_obs_unit_id": str(uuid.uuid4()),
+                "path": "/data/x.fits",
+                "size_bytes": 1,
+                "checksum_sha256": "ab" * 32,
+                "file_type": "fits",
+            },
+            403,
+        ),
         ("no_such_table", {}, 422),
     ],
 )
@@ -444,10 +449,20 @@ def test_following_orders_the_states_and_honours_retry_after():
     """The state logic both clients share: past the wanted state counts, a 503's Retry-After is the pause."""
     clock, txn = Clock(), str(uuid.uuid4())
     following = Following(txn, "committed", timeout=30, clock=clock)
-    lines = ["event: ready", f"data: {json.dumps({'following': [txn]})}", "", ": keep-alive", "",
-             f"data: {json.dumps({'txn_id': txn, 'state': 'accepted', 'snapshot': True})}", "",
-             f"data: {json.dumps({'txn_id': str(uuid.uuid4()), 'state': 'replicated'})}", "",  # another's
-             "data: {", f'data: "txn_id": "{txn}", "state": "committed"}}', "retry: 1000"]  # one value on two lines ...
+    lines = [
+        "event: ready",
+        f"data: {json.dumps({'following': [txn]})}",
+        "",
+        ": keep-alive",
+        "",
+        f"data: {json.dumps({'txn_id': txn, 'state': 'accepted', 'snapshot': True})}",
+        "",
+        f"data: {json.dumps({'txn_id': str(uuid.uuid4()), 'state': 'replicated'})}",
+        "",  # another's
+        "data: {",
+        f'data: "txn_id": "{txn}", "state": "committed"}}',
+        "retry: 1000",
+    ]  # one value on two lines ...
     assert [following.line(line) for line in lines] == [None] * len(lines) and following.last == "accepted"
     assert following.line("") is State.committed and following.last == "committed"  # ... complete at its blank line
     assert following.pause() == RECONNECT_S
@@ -471,19 +486,24 @@ def run_example(name: str, *args: str, live_api: str, token: str, cwd) -> tuple[
 
     from devstack.settings import REPO
 
-    done = subprocess.run([sys.executable, str(REPO / "examples" / name), *args],
-                          env={**os.environ, "OPSYNC_API_URL": live_api, "OPSYNC_TOKEN": token}, cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / name), *args],
+        env={**os.environ, "OPSYNC_API_URL": live_api, "OPSYNC_TOKEN": token},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.stdout, done.stderr
     return done.returncode, [json.loads(line) for line in done.stdout.splitlines()]
 
 
-def test_the_example_script_records_and_waits_until_replicated(live_api, token, observation, primary_engine,
-                                                                replica_engine, tmp_path):
+def test_the_example_script_records_and_waits_until_replicated(live_api, token, observation, primary_engine, replica_engine, tmp_path):
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps([observation(), observation()]))
-    late, (out,) = run_example("record_and_wait.py", T, str(rows), "--wait", "committed", "--timeout", "1",
-                               live_api=live_api, token=token, cwd=tmp_path)
+    late, (out,) = run_example(
+        "record_and_wait.py", T, str(rows), "--wait", "committed", "--timeout", "1", live_api=live_api, token=token, cwd=tmp_path
+    )
     assert late == 2 and out["state"] == "accepted" and out["timed_out"]
     settling = settle_later(primary_engine, replica_engine, until=(done := threading.Event()))
     code, (out,) = run_example("record_and_wait.py", T, str(rows), "--timeout", "30", live_api=live_api, token=token, cwd=tmp_path)
@@ -492,8 +512,9 @@ def test_the_example_script_records_and_waits_until_replicated(live_api, token, 
     assert code == 0 and out["state"] == "replicated" and len(out["ids"]) == 2
 
 
-def test_the_async_example_follows_each_transaction_until_replicated(live_api, issue_token, observation, primary_engine,
-                                                                     replica_engine, tmp_path):
+def test_the_async_example_follows_each_transaction_until_replicated(
+    live_api, issue_token, observation, primary_engine, replica_engine, tmp_path
+):
     from tests.test_api_guarantees import raw_file
 
     token = issue_token([f"write:{T}", "write:raw_data_file", "read:raw_data_file"])
@@ -502,8 +523,9 @@ def test_the_async_example_follows_each_transaction_until_replicated(live_api, i
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps([raw_file(executed_obs_unit_id=obs), raw_file(), raw_file(executed_obs_unit_id=obs)]))
     settling = settle_later(primary_engine, replica_engine, until=(done := threading.Event()))
-    code, outs = run_example("record_each_async.py", "raw_data_file", str(rows), "--timeout", "30", live_api=live_api,
-                             token=token, cwd=tmp_path)
+    code, outs = run_example(
+        "record_each_async.py", "raw_data_file", str(rows), "--timeout", "30", live_api=live_api, token=token, cwd=tmp_path
+    )
     done.set()
     settling.join(30)
     assert code == 1 and [o["state"] for o in outs] == ["replicated", "failed", "replicated"]  # the 2nd names no observation

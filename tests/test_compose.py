@@ -214,8 +214,18 @@ def test_profiles_separate_cologne_from_the_observatory():
         assert len({SITE_OF_PROFILE[p] for p in profiles(name)}) == 1, f"{name} runs at both sites"
     assert set(site_services("cologne")) == {"primary", "migrate"}
     assert {
-        "replica", "redis", "ingest-api", "datasette", "airflow-db", "airflow-init", "airflow-api-server",
-        "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-broker", "airflow-worker",
+        "replica",
+        "redis",
+        "ingest-api",
+        "datasette",
+        "airflow-db",
+        "airflow-init",
+        "airflow-api-server",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "airflow-broker",
+        "airflow-worker",
     } <= set(site_services("observatory"))
     for name, service in SERVICES.items():
         for dependency in service.get("depends_on", {}):
@@ -270,8 +280,12 @@ def test_state_is_in_named_volumes_and_mounted_files_exist_read_only():
             if source.endswith(".sh"):
                 assert (REPO / source).stat().st_mode & 0o111, f"{source} is not executable"
     data_dirs = {
-        "primary": "/var/lib/postgresql/data", "replica": "/var/lib/postgresql/data", "airflow-db": "/var/lib/postgresql/data",
-        "redis": "/data", "airflow-broker": "/data", "datasette": "/data",
+        "primary": "/var/lib/postgresql/data",
+        "replica": "/var/lib/postgresql/data",
+        "airflow-db": "/var/lib/postgresql/data",
+        "redis": "/data",
+        "airflow-broker": "/data",
+        "datasette": "/data",
     }
     for name, path in data_dirs.items():
         assert any(v.split(":")[1] == path and not v.startswith(".") for v in SERVICES[name]["volumes"]), name
@@ -281,8 +295,12 @@ def test_buffer_redis_is_durable_private_and_password_protected():
     redis = SERVICES["redis"]
     options = " ".join(redis["command"])
     for setting in (
-        "--appendonly yes", "--appendfsync always", "--no-appendfsync-on-rewrite no", "--maxmemory-policy noeviction",
-        "--maxmemory ${REDIS_MAXMEMORY:-10gb}", "--protected-mode yes",
+        "--appendonly yes",
+        "--appendfsync always",
+        "--no-appendfsync-on-rewrite no",
+        "--maxmemory-policy noeviction",
+        "--maxmemory ${REDIS_MAXMEMORY:-10gb}",
+        "--protected-mode yes",
     ):
         assert setting in options
     for key, value in BUFFER_REDIS_TUNING.items():  # the buffer's layout is sized for these, as the test stack runs it
@@ -375,7 +393,11 @@ def healthcheck(name: str, env: dict[str, str], user: str | None) -> subprocess.
     kind, command = SERVICES[name]["healthcheck"]["test"]
     assert kind == "CMD-SHELL"
     return subprocess.run(
-        ["sh", "-c", command.replace("$$", "$")], env=env, capture_output=True, text=True, timeout=30,
+        ["sh", "-c", command.replace("$$", "$")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
         **({"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []} if is_root() and user else {}),
     )
 
@@ -408,8 +430,13 @@ class Cologne:
 
     def connect(self, user: str, password: str, **kwargs) -> psycopg.Connection:
         return psycopg.connect(
-            host="127.0.0.1", port=self.port, user=user, password=password, dbname=self.env["POSTGRES_DB"],
-            connect_timeout=5, **kwargs,
+            host="127.0.0.1",
+            port=self.port,
+            user=user,
+            password=password,
+            dbname=self.env["POSTGRES_DB"],
+            connect_timeout=5,
+            **kwargs,
         )
 
     def owner(self, **kwargs) -> psycopg.Connection:
@@ -432,21 +459,49 @@ def cologne(service_root):
         "POSTGRES_PASSWORD": secrets.token_urlsafe(16),
         "OPSYNC_DB_PASSWORD": secrets.token_urlsafe(16),
         "REPLICATION_PASSWORD": secrets.token_urlsafe(16),
-        "PGHOST": str(root), "PGPORT": str(port), "PATH": f"{PG_BIN}:{os.environ['PATH']}",
+        "PGHOST": str(root),
+        "PGPORT": str(port),
+        "PATH": f"{PG_BIN}:{os.environ['PATH']}",
     }
     write_private(root / "pw", env["POSTGRES_PASSWORD"] + "\n", PG_OS_USER)
     run_as(
-        PG_OS_USER, ["initdb", "-D", str(root / "data"), "-U", env["POSTGRES_USER"], f"--pwfile={root / 'pw'}",
-                     "--auth-local=trust", "-E", "UTF8", "--locale=C.UTF-8"], env=env, cwd=root,
+        PG_OS_USER,
+        [
+            "initdb",
+            "-D",
+            str(root / "data"),
+            "-U",
+            env["POSTGRES_USER"],
+            f"--pwfile={root / 'pw'}",
+            "--auth-local=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ],
+        env=env,
+        cwd=root,
     )
     primary = Cologne(root, port, env)
     settings = compose_command("primary", "cologne")[2::2]  # postgres -c a=1 -c b=2 ...
     assert "listen_addresses=*" in settings
-    options = [*(f"-c{setting}" for setting in settings if setting != "listen_addresses=*"), "-c", "listen_addresses=127.0.0.1",
-               "-c", f"port={port}", "-c", f"unix_socket_directories={root}", "-c", f"hba_file={root / 'pg_hba.conf'}"]
+    options = [
+        *(f"-c{setting}" for setting in settings if setting != "listen_addresses=*"),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        f"port={port}",
+        "-c",
+        f"unix_socket_directories={root}",
+        "-c",
+        f"hba_file={root / 'pg_hba.conf'}",
+    ]
     primary.write_hba("192.0.2.0/24")  # TEST-NET-1: an observatory network this machine is not on
-    run_as(PG_OS_USER, ["pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o", shlex.join(options), "start"],
-           env=env, cwd=root)
+    run_as(
+        PG_OS_USER,
+        ["pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o", shlex.join(options), "start"],
+        env=env,
+        cwd=root,
+    )
     try:
         run_as(PG_OS_USER, ["psql", "-d", "postgres", "-c", f'CREATE DATABASE "{env["POSTGRES_DB"]}"'], env=env, cwd=root)
         run_as(PG_OS_USER, [str(root / "opsync/primary-init.sh")], env=env, cwd=root)
@@ -482,16 +537,33 @@ def test_the_replica_clones_through_the_slot_and_streams_as_the_observatory(colo
     port = free_port()
     replica_env = {
         **read_env(EXAMPLES["observatory"]),
-        "PRIMARY_HOST": "127.0.0.1", "PRIMARY_PORT": str(cologne.port), "PRIMARY_SSLMODE": "disable",
-        "REPLICATION_PASSWORD": env["REPLICATION_PASSWORD"], "HOME": str(make_owned_dir(root / "home", PG_OS_USER)),
-        "PGDATA": str(root / "data"), "PATH": env["PATH"], "PGHOST": str(root), "PGPORT": str(port),
+        "PRIMARY_HOST": "127.0.0.1",
+        "PRIMARY_PORT": str(cologne.port),
+        "PRIMARY_SSLMODE": "disable",
+        "REPLICATION_PASSWORD": env["REPLICATION_PASSWORD"],
+        "HOME": str(make_owned_dir(root / "home", PG_OS_USER)),
+        "PGDATA": str(root / "data"),
+        "PATH": env["PATH"],
+        "PGHOST": str(root),
+        "PGPORT": str(port),
     }
     as_postgres = {"user": PG_OS_USER, "group": pwd.getpwnam(PG_OS_USER).pw_gid, "extra_groups": []} if is_root() else {}
     with open(root / "log", "w") as log:
         server = subprocess.Popen(
-            [str(root / "opsync/replica-entrypoint.sh"), "-c", "listen_addresses=127.0.0.1", "-c", f"port={port}",
-             "-c", f"unix_socket_directories={root}"],
-            env=replica_env, cwd=root, stdout=log, stderr=subprocess.STDOUT, **as_postgres,
+            [
+                str(root / "opsync/replica-entrypoint.sh"),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"port={port}",
+                "-c",
+                f"unix_socket_directories={root}",
+            ],
+            env=replica_env,
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            **as_postgres,
         )
     try:
         deadline = time.monotonic() + 90
@@ -503,8 +575,15 @@ def test_the_replica_clones_through_the_slot_and_streams_as_the_observatory(colo
             conn.execute("CREATE TABLE deploy_probe (n int)")
             conn.execute("INSERT INTO deploy_probe VALUES (42)")
             lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
-        replica = psycopg.connect(host="127.0.0.1", port=port, user=env["OPSYNC_DB_USER"], password=env["OPSYNC_DB_PASSWORD"],
-                                  dbname=env["POSTGRES_DB"], autocommit=True, connect_timeout=5)
+        replica = psycopg.connect(
+            host="127.0.0.1",
+            port=port,
+            user=env["OPSYNC_DB_USER"],
+            password=env["OPSYNC_DB_PASSWORD"],
+            dbname=env["POSTGRES_DB"],
+            autocommit=True,
+            connect_timeout=5,
+        )
         with replica:
             while not replica.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]:
                 assert time.monotonic() < deadline
@@ -537,7 +616,8 @@ def test_the_buffer_redis_starts_durable_with_its_password_off_the_command_line(
         server = subprocess.Popen(
             [str(REPO / "deploy/redis-entrypoint.sh"), "REDIS_PASSWORD", *options, "--bind", "127.0.0.1", "--port", str(port)],
             env={"REDIS_PASSWORD": password, "PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)},
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         client = redis.Redis(port=port, password=password, socket_timeout=5, decode_responses=True)
@@ -551,12 +631,26 @@ def test_the_buffer_redis_starts_durable_with_its_password_off_the_command_line(
                 time.sleep(0.05)
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port, socket_timeout=5).ping()
-        config = {key: client.config_get(key)[key] for key in (
-            "appendonly", "appendfsync", "no-appendfsync-on-rewrite", "maxmemory-policy", "protected-mode", "save", "bind",
-        )}
+        config = {
+            key: client.config_get(key)[key]
+            for key in (
+                "appendonly",
+                "appendfsync",
+                "no-appendfsync-on-rewrite",
+                "maxmemory-policy",
+                "protected-mode",
+                "save",
+                "bind",
+            )
+        }
         assert config == {
-            "appendonly": "yes", "appendfsync": "always", "no-appendfsync-on-rewrite": "no", "maxmemory-policy": "noeviction",
-            "protected-mode": "yes", "save": "", "bind": "127.0.0.1",
+            "appendonly": "yes",
+            "appendfsync": "always",
+            "no-appendfsync-on-rewrite": "no",
+            "maxmemory-policy": "noeviction",
+            "protected-mode": "yes",
+            "save": "",
+            "bind": "127.0.0.1",
         }
         assert client.config_get("maxmemory")["maxmemory"] == "10737418240"
         assert password not in Path(f"/proc/{server.pid}/cmdline").read_text()

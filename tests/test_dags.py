@@ -82,8 +82,14 @@ def test_maintenance_dag_removes_what_is_older_than_retention_and_keeps_the_rest
     (base / "dag_id=y/run_id=gone/task_id=t").mkdir(parents=True)
     backdate(old_log, days_ago(8))
     backdate(recent_log, days_ago(6))
-    old_dirs = [base / "dag_id=x", base / "dag_id=x/run_id=old", base / "dag_id=x/run_id=old/task_id=t",
-                base / "dag_id=y", base / "dag_id=y/run_id=gone", base / "dag_id=y/run_id=gone/task_id=t"]
+    old_dirs = [
+        base / "dag_id=x",
+        base / "dag_id=x/run_id=old",
+        base / "dag_id=x/run_id=old/task_id=t",
+        base / "dag_id=y",
+        base / "dag_id=y/run_id=gone",
+        base / "dag_id=y/run_id=gone/task_id=t",
+    ]
     for path in old_dirs:
         backdate(path, days_ago(8))
     audit_row("opsync-test-old", days_ago(8))

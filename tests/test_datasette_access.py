@@ -35,17 +35,38 @@ GITHUB_ENV = {
     "OPSYNC_GITHUB_CLIENT_SECRET": "client-secret-456",
     "OPSYNC_GITHUB_ORG": ORG,
 }
-TABLES = ["executed_obs_unit", "raw_data_file", "raw_data_package", "housekeeping_sample", "obs_unit", "instrument",
-          "instrument_module", "sync_metrics"]
+TABLES = [
+    "executed_obs_unit",
+    "raw_data_file",
+    "raw_data_package",
+    "housekeeping_sample",
+    "obs_unit",
+    "instrument",
+    "instrument_module",
+    "sync_metrics",
+]
 NEVER_PUBLISHED = ["api_token", "sync_ledger", "row_change", "row_change_horizon"]
-WRITES = ["DELETE FROM raw_data_file", "INSERT INTO instrument (id, name) VALUES ('x', 'y')",
-          "UPDATE raw_data_file SET _sync_state = 'replicated'", "DROP TABLE raw_data_file",
-          "ATTACH DATABASE '/tmp/x.db' AS x", "PRAGMA writable_schema = 1"]
+WRITES = [
+    "DELETE FROM raw_data_file",
+    "INSERT INTO instrument (id, name) VALUES ('x', 'y')",
+    "UPDATE raw_data_file SET _sync_state = 'replicated'",
+    "DROP TABLE raw_data_file",
+    "ATTACH DATABASE '/tmp/x.db' AS x",
+    "PRAGMA writable_schema = 1",
+]
 
 
 def github_actor(login: str = "alice", orgs=(ORG,), teams=None, **extra) -> dict:
-    actor = {"id": f"github:{sum(map(ord, login))}", "display": login, "gh_login": login, "gh_name": login.title(),
-             "gh_email": None, "gh_orgs": list(orgs), "gh_ts": int(time.time()), **extra}
+    actor = {
+        "id": f"github:{sum(map(ord, login))}",
+        "display": login,
+        "gh_login": login,
+        "gh_name": login.title(),
+        "gh_email": None,
+        "gh_orgs": list(orgs),
+        "gh_ts": int(time.time()),
+        **extra,
+    }
     if teams is not None:
         actor["gh_teams"] = list(teams)
     return actor
@@ -83,9 +104,15 @@ def get(base: str, path: str, **kwargs) -> httpx.Response:
 def data_paths(rows) -> list[str]:
     """Every kind of page that shows data: database, tables, a row, canned queries, SQL, dashboards."""
     return [
-        f"/{DB}", f"/{DB}.json", *[f"/{DB}/{table}.json" for table in TABLES], f"/{DB}/executed_obs_unit",
-        f"/{DB}/executed_obs_unit/{rows.evening}.json", f"/{DB}/tonights_observations.json",
-        f"/{DB}/files_not_replicated", f"/{DB}.json?sql=select+1", "/-/dashboards/sync",
+        f"/{DB}",
+        f"/{DB}.json",
+        *[f"/{DB}/{table}.json" for table in TABLES],
+        f"/{DB}/executed_obs_unit",
+        f"/{DB}/executed_obs_unit/{rows.evening}.json",
+        f"/{DB}/tonights_observations.json",
+        f"/{DB}/files_not_replicated",
+        f"/{DB}.json?sql=select+1",
+        "/-/dashboards/sync",
         "/-/dashboards/sync/records-per-hour",
     ]
 
@@ -112,15 +139,18 @@ def test_member_cookie_sees_tables_queries_sql_and_dashboards(site):
     assert row[0]["id"] == rows.evening
 
 
-@pytest.mark.parametrize("cookie", [
-    pytest.param(actor_cookie(github_actor("mallory", orgs=[])), id="not-in-the-org"),
-    pytest.param(actor_cookie(github_actor("mallory", orgs=["other-org"])), id="other-org"),
-    pytest.param(actor_cookie(github_actor("mallory", orgs=[], role="member")), id="role-smuggled-in-the-cookie"),
-    pytest.param(actor_cookie({"id": "mallory", "gh_orgs": [ORG]}), id="not-a-github-actor"),
-    pytest.param(actor_cookie(github_actor(), secret="another-secret-" + "x" * 32), id="signed-with-another-secret"),
-    pytest.param(actor_cookie(github_actor(), expires_in=-10), id="expired"),
-    pytest.param({"ds_actor": "garbage"}, id="garbage"),
-])
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        pytest.param(actor_cookie(github_actor("mallory", orgs=[])), id="not-in-the-org"),
+        pytest.param(actor_cookie(github_actor("mallory", orgs=["other-org"])), id="other-org"),
+        pytest.param(actor_cookie(github_actor("mallory", orgs=[], role="member")), id="role-smuggled-in-the-cookie"),
+        pytest.param(actor_cookie({"id": "mallory", "gh_orgs": [ORG]}), id="not-a-github-actor"),
+        pytest.param(actor_cookie(github_actor(), secret="another-secret-" + "x" * 32), id="signed-with-another-secret"),
+        pytest.param(actor_cookie(github_actor(), expires_in=-10), id="expired"),
+        pytest.param({"ds_actor": "garbage"}, id="garbage"),
+    ],
+)
 def test_non_members_and_bad_cookies_are_refused(site, cookie):
     base, rows = site
     for path in data_paths(rows):
@@ -138,9 +168,17 @@ def test_script_token_reads_tables_and_queries_but_not_sql(site):
     assert get(base, "/-/dashboards/sync", headers=BEARER).status_code == 403
 
 
-@pytest.mark.parametrize("authorization", [
-    f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", "Bearer", f"Bearer  {TOKEN}", f"bearer {TOKEN}", "Bearer wrong-token",
-])
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN[:-1]}",
+        "Bearer",
+        f"Bearer  {TOKEN}",
+        f"bearer {TOKEN}",
+        "Bearer wrong-token",
+    ],
+)
 def test_wrong_tokens_are_refused_with_401(site, authorization):
     base, _ = site
     response = get(base, f"/{DB}/raw_data_file.json", headers={"Authorization": authorization})
@@ -161,8 +199,7 @@ def test_write_sql_is_refused_for_everyone(site):
             assert response.status_code == 403, (credentials, path)
     for sql in WRITES:  # the member may run SQL, but only read-only SELECTs
         assert get(base, f"/{DB}.json", params={"sql": sql}, cookies=MEMBER).status_code == 400, sql
-    count = get(base, f"/{DB}.json", params={"sql": "select count(*) as n from raw_data_file", "_shape": "array"},
-                cookies=MEMBER).json()
+    count = get(base, f"/{DB}.json", params={"sql": "select count(*) as n from raw_data_file", "_shape": "array"}, cookies=MEMBER).json()
     assert count == [{"n": 5}]
 
 
@@ -174,8 +211,7 @@ def test_tokens_ledger_and_internal_tables_are_never_visible(site):
         assert get(base, f"/{DB}/publisher_state.json", **credentials).status_code == 403
         assert get(base, "/_internal.json", **credentials).status_code in (403, 404)
         assert "publisher_state" not in {t["name"] for t in get(base, f"/{DB}.json", **credentials).json()["tables"]}
-    names = get(base, f"/{DB}.json", params={"sql": "select name from sqlite_master", "_shape": "array"},
-                cookies=MEMBER).json()
+    names = get(base, f"/{DB}.json", params={"sql": "select name from sqlite_master", "_shape": "array"}, cookies=MEMBER).json()
     assert not {row["name"] for row in names} & set(NEVER_PUBLISHED)
 
 
@@ -264,8 +300,7 @@ def github_env(monkeypatch):
 
 
 def in_process(model: Path, plugins_dir: Path) -> Datasette:
-    return Datasette([str(model)], metadata=yaml.safe_load(METADATA.read_text()), plugins_dir=str(plugins_dir),
-                     secret=SECRET)
+    return Datasette([str(model)], metadata=yaml.safe_load(METADATA.read_text()), plugins_dir=str(plugins_dir), secret=SECRET)
 
 
 async def requests(ds: Datasette, calls):
@@ -304,21 +339,29 @@ def start_sign_in(ds: Datasette) -> tuple[str, str]:
 
 
 def mock_github(httpx_mock, login: str = "alice", org_state: str | None = "active", teams: dict | None = None) -> None:
-    httpx_mock.add_response(method="POST", url="https://github.com/login/oauth/access_token",
-                            text="access_token=gho_test&scope=read%3Aorg&token_type=bearer")
-    httpx_mock.add_response(method="GET", url="https://api.github.com/user",
-                            json={"id": 4242, "login": login, "name": login.title(), "email": None})
+    httpx_mock.add_response(
+        method="POST", url="https://github.com/login/oauth/access_token", text="access_token=gho_test&scope=read%3Aorg&token_type=bearer"
+    )
+    httpx_mock.add_response(
+        method="GET", url="https://api.github.com/user", json={"id": 4242, "login": login, "name": login.title(), "email": None}
+    )
     if org_state is None:
-        httpx_mock.add_response(method="GET", url=f"https://api.github.com/orgs/{ORG}/memberships/{login}", status_code=404,
-                                json={"message": "Not Found"})
+        httpx_mock.add_response(
+            method="GET", url=f"https://api.github.com/orgs/{ORG}/memberships/{login}", status_code=404, json={"message": "Not Found"}
+        )
     else:
-        httpx_mock.add_response(method="GET", url=f"https://api.github.com/orgs/{ORG}/memberships/{login}",
-                                json={"state": org_state, "role": "member"})
+        httpx_mock.add_response(
+            method="GET", url=f"https://api.github.com/orgs/{ORG}/memberships/{login}", json={"state": org_state, "role": "member"}
+        )
     for team, state in (teams or {}).items():
         org, slug = team.split("/")
         httpx_mock.add_response(method="GET", url=f"https://api.github.com/orgs/{org}/teams/{slug}", json={"id": 77})
-        httpx_mock.add_response(method="GET", url=f"https://api.github.com/teams/77/memberships/{login}",
-                                status_code=200 if state else 404, json={"state": state} if state else {})
+        httpx_mock.add_response(
+            method="GET",
+            url=f"https://api.github.com/teams/77/memberships/{login}",
+            status_code=200 if state else 404,
+            json={"state": state} if state else {},
+        )
 
 
 def callback(ds: Datasette, state: str | None, cookie: str | None, then: str | None = None) -> list[httpx.Response]:
@@ -331,8 +374,10 @@ def callback(ds: Datasette, state: str | None, cookie: str | None, then: str | N
 
     calls = [sign_in]
     if then:
+
         async def follow(client):
             return await client.get(then)
+
         calls.append(follow)
     return run(ds, *calls)
 
@@ -418,9 +463,12 @@ def test_github_sign_in_off_when_not_configured(github_env, model, plugins_dir):
     for name in ("OPSYNC_GITHUB_CLIENT_ID", "OPSYNC_GITHUB_CLIENT_SECRET", "OPSYNC_GITHUB_ORG"):
         github_env.delenv(name)
     ds = in_process(model, plugins_dir)
-    start, back, table = run(ds, lambda c: c.get("/-/github-auth-start"),
-                             lambda c: c.get("/-/github-auth-callback", params={"code": "x", "state": "y"}),
-                             lambda c: c.get(f"/{DB}/raw_data_file.json", cookies=MEMBER))
+    start, back, table = run(
+        ds,
+        lambda c: c.get("/-/github-auth-start"),
+        lambda c: c.get("/-/github-auth-callback", params={"code": "x", "state": "y"}),
+        lambda c: c.get(f"/{DB}/raw_data_file.json", cookies=MEMBER),
+    )
     assert start.status_code == 404 and back.status_code == 404 and "not configured" in start.text
     assert table.status_code == 403  # no org configured: no GitHub actor is a member
 
@@ -443,13 +491,16 @@ def test_public_mode_lets_anonymous_read_and_run_sql_but_not_write(github_env, m
     assert actor.json()["actor"]["role"] == "local"
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"OPSYNC_DATASETTE_TOKEN": "short"}, "OPSYNC_DATASETTE_TOKEN"),
-    ({"OPSYNC_DATASETTE_TOKEN": ""}, "OPSYNC_DATASETTE_TOKEN"),
-    ({"OPSYNC_GITHUB_ORG": ""}, "OPSYNC_GITHUB_ORG"),
-    ({"OPSYNC_GITHUB_CLIENT_SECRET": ""}, "OPSYNC_GITHUB_CLIENT_SECRET"),
-    ({"OPSYNC_DATASETTE_PUBLIC": "maybe"}, "OPSYNC_DATASETTE_PUBLIC"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"OPSYNC_DATASETTE_TOKEN": "short"}, "OPSYNC_DATASETTE_TOKEN"),
+        ({"OPSYNC_DATASETTE_TOKEN": ""}, "OPSYNC_DATASETTE_TOKEN"),
+        ({"OPSYNC_GITHUB_ORG": ""}, "OPSYNC_GITHUB_ORG"),
+        ({"OPSYNC_GITHUB_CLIENT_SECRET": ""}, "OPSYNC_GITHUB_CLIENT_SECRET"),
+        ({"OPSYNC_DATASETTE_PUBLIC": "maybe"}, "OPSYNC_DATASETTE_PUBLIC"),
+    ],
+)
 def test_startup_refuses_weak_settings(github_env, model, plugins_dir, env, message):
     for name, value in env.items():
         github_env.setenv(name, value)
@@ -459,8 +510,7 @@ def test_startup_refuses_weak_settings(github_env, model, plugins_dir, env, mess
 
 
 def test_startup_refuses_a_short_datasette_secret(github_env, model, plugins_dir):
-    ds = Datasette([str(model)], metadata=yaml.safe_load(METADATA.read_text()), plugins_dir=str(plugins_dir),
-                   secret="change-me")
+    ds = Datasette([str(model)], metadata=yaml.safe_load(METADATA.read_text()), plugins_dir=str(plugins_dir), secret="change-me")
     with pytest.raises(ValueError, match="DATASETTE_SECRET"):
         asyncio.run(ds.invoke_startup())
 
@@ -468,6 +518,11 @@ def test_startup_refuses_a_short_datasette_secret(github_env, model, plugins_dir
 def test_unset_token_disables_tokens(github_env, model, plugins_dir):
     github_env.delenv("OPSYNC_DATASETTE_TOKEN")
     ds = in_process(model, plugins_dir)
-    responses = run(ds, *[lambda c, h=h: c.get(f"/{DB}/raw_data_file.json", headers={"Authorization": h})
-                          for h in ("Bearer ", "Bearer None", "Bearer null")])
+    responses = run(
+        ds,
+        *[
+            lambda c, h=h: c.get(f"/{DB}/raw_data_file.json", headers={"Authorization": h})
+            for h in ("Bearer ", "Bearer None", "Bearer null")
+        ],
+    )
     assert [r.status_code for r in responses] == [401, 401, 401]

@@ -64,8 +64,7 @@ def test_functions_and_tables_outside_the_allow_list_are_refused_by_name(base, q
 
 
 def test_a_refused_function_in_a_table_filter_is_refused_too(base):
-    response = httpx.get(f"{base}/{DB}/instrument.json", params={"_where": "fts3_tokenizer('simple') is not null"},
-                         timeout=10)
+    response = httpx.get(f"{base}/{DB}/instrument.json", params={"_where": "fts3_tokenizer('simple') is not null"}, timeout=10)
     assert response.status_code == 400
     assert "not authorized to use function: fts3_tokenizer" in response.json()["error"]
 
@@ -85,37 +84,65 @@ def test_reading_functions_still_work(base):
     """
     response = sql(base, query)
     assert response.status_code == 200, response.text
-    assert response.json() == [{
-        "n_rows": 5, "total": 15, "joined": "1-2-3-4-5", "top": 5, "extracted": 2, "arrow": 3, "year": "2024",
-        "next_day": "2024-05-02", "printed": "003.1", "prefix": "OBS", "math": 12.0, "blob": "blob", "zeros": 1000,
-        "fallback": "x", "columns": 10, "each_value": 7,
-    }]
-    window = sql(base, "select sensor, row_number() over (partition by sensor order by sampled_at) as n, "
-                       "lag(value) over (order by sampled_at) as previous from housekeeping_sample order by sensor, n")
+    assert response.json() == [
+        {
+            "n_rows": 5,
+            "total": 15,
+            "joined": "1-2-3-4-5",
+            "top": 5,
+            "extracted": 2,
+            "arrow": 3,
+            "year": "2024",
+            "next_day": "2024-05-02",
+            "printed": "003.1",
+            "prefix": "OBS",
+            "math": 12.0,
+            "blob": "blob",
+            "zeros": 1000,
+            "fallback": "x",
+            "columns": 10,
+            "each_value": 7,
+        }
+    ]
+    window = sql(
+        base,
+        "select sensor, row_number() over (partition by sensor order by sampled_at) as n, "
+        "lag(value) over (order by sampled_at) as previous from housekeeping_sample order by sensor, n",
+    )
     assert window.status_code == 200 and len(window.json()) == 10
 
 
 def test_writes_attach_and_pragma_writes_stay_refused(base):
-    for query in ("attach database '/tmp/other.db' as other", "pragma query_only = 0",
-                  "select * from pragma_max_page_count(1)", "delete from instrument"):
+    for query in (
+        "attach database '/tmp/other.db' as other",
+        "pragma query_only = 0",
+        "select * from pragma_max_page_count(1)",
+        "delete from instrument",
+    ):
         assert sql(base, query).status_code == 400, query
 
 
-@pytest.mark.parametrize("query, message", [
-    ("select length(zeroblob(1000000000))", "string or blob too big"),
-    ("with recursive s(x, n) as (select 'x', 0 union all select x || x, n + 1 from s where n < 25) "
-     "select max(length(x)) from s", "string or blob too big"),  # 32 MiB
-    ("with recursive c(x) as (select 1 union all select x + 1 from c limit 100) "
-     "select printf('%.*c', 1000000, 'x') from c", "query result too large"),
-])
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        ("select length(zeroblob(1000000000))", "string or blob too big"),
+        (
+            "with recursive s(x, n) as (select 'x', 0 union all select x || x, n + 1 from s where n < 25) select max(length(x)) from s",
+            "string or blob too big",
+        ),  # 32 MiB
+        (
+            "with recursive c(x) as (select 1 union all select x + 1 from c limit 100) select printf('%.*c', 1000000, 'x') from c",
+            "query result too large",
+        ),
+    ],
+)
 def test_values_and_results_over_the_limits_are_refused(base, query, message):
     response = sql(base, query)
     assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
 def test_a_value_over_the_limit_in_a_table_filter_is_a_400_not_a_500(base):
-    response = httpx.get(f"{base}/{DB}/instrument.json", params={"_where": "length(zeroblob(1000000000)) > 0"},
-                         timeout=10)
+    response = httpx.get(f"{base}/{DB}/instrument.json", params={"_where": "length(zeroblob(1000000000)) > 0"}, timeout=10)
     assert response.status_code == 400
     assert "string or blob too big" in response.json()["error"] and "16 MiB" in response.json()["error"]
 
@@ -201,8 +228,14 @@ def test_sql_beyond_the_slots_gets_503_with_retry_after_and_pages_and_charts_sti
     with slot_taken(base):
         page = httpx.get(f"{base}/{DB}", params={"sql": "select 1"}, timeout=10)
         assert page.status_code == 503 and "text/html" in page.headers["content-type"] and "SQL busy" in page.text
-    for params in ({"_where": "1 = 1"}, {"_facet": "file_type"}, {"path__contains": "x"}, {"_sort": "size_bytes"},
-                   {"file_type__not": "fits"}, {"_stream": "1"}):  # SQL of the client's choosing, scanning every row
+    for params in (
+        {"_where": "1 = 1"},
+        {"_facet": "file_type"},
+        {"path__contains": "x"},
+        {"_sort": "size_bytes"},
+        {"file_type__not": "fits"},
+        {"_stream": "1"},
+    ):  # SQL of the client's choosing, scanning every row
         with slot_taken(base):
             assert httpx.get(f"{base}/{DB}/raw_data_file.json", params=params, timeout=10).status_code == 503, params
     with slot_taken(base):  # the default view, equality filters and sorts on indexed columns, a row: never queued
@@ -231,9 +264,25 @@ def test_a_time_limit_that_is_not_a_number_is_a_400(base):
 def test_datasette_refuses_to_start_when_sql_slots_would_take_every_thread(tmp_path):
     fill_read_model(tmp_path / "opsync.db")
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "datasette"), "serve", str(tmp_path / "opsync.db"), "--port", "0",
-         "--metadata", str(METADATA), "--plugins-dir", str(REPO / "datasette/plugins"), "--setting", "num_sql_threads", "2"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+        [
+            str(Path(sys.executable).parent / "datasette"),
+            "serve",
+            str(tmp_path / "opsync.db"),
+            "--port",
+            "0",
+            "--metadata",
+            str(METADATA),
+            "--plugins-dir",
+            str(REPO / "datasette/plugins"),
+            "--setting",
+            "num_sql_threads",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=tmp_path,
     )
     assert done.returncode != 0
     assert "num_sql_threads (2) must exceed opsync-sql-limits sql_slots (2)" in done.stderr

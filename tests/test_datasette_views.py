@@ -75,8 +75,18 @@ def fill_read_model(path: Path) -> Site:
     try:
         instrument = put("instrument", name="CHAI", active=True, created_at=stamp, updated_at=stamp)
         module = put("instrument_module", instrument_id=instrument, name="LFA", active=True, created_at=stamp, updated_at=stamp)
-        plan = put("obs_unit", name="orion-1", program="P1", source_name="Orion KL", ra_deg=83.8, dec_deg=-5.4, priority=3,
-                   parameters={"scan": "otf"}, created_at=stamp, updated_at=stamp)
+        plan = put(
+            "obs_unit",
+            name="orion-1",
+            program="P1",
+            source_name="Orion KL",
+            ra_deg=83.8,
+            dec_deg=-5.4,
+            priority=3,
+            parameters={"scan": "otf"},
+            created_at=stamp,
+            updated_at=stamp,
+        )
 
         local = pendulum.now(SITE_TZ)
         night = local.subtract(days=2).date()
@@ -85,47 +95,115 @@ def fill_read_model(path: Path) -> Site:
         night_before_start = evening_start.subtract(days=1).add(hours=1)
 
         def observation(start, status, state="replicated") -> str:
-            return put("executed_obs_unit", state, obs_unit_id=plan, instrument_module_id=module, status=status,
-                       start_time=utc_iso(start), end_time=utc_iso(start.add(minutes=30)), metadata={"pwv_mm": 0.4})
+            return put(
+                "executed_obs_unit",
+                state,
+                obs_unit_id=plan,
+                instrument_module_id=module,
+                status=status,
+                start_time=utc_iso(start),
+                end_time=utc_iso(start.add(minutes=30)),
+                metadata={"pwv_mm": 0.4},
+            )
 
         evening = observation(evening_start, "completed")
         after_midnight = observation(after_midnight_start, "running", state="buffered")
         night_before = observation(night_before_start, "failed")
 
-        package = put("raw_data_package", name="pkg-evening.tar", executed_obs_unit_id=evening, status="sealed", size_bytes=3500,
-                      checksum_sha256="a" * 64)
+        package = put(
+            "raw_data_package",
+            name="pkg-evening.tar",
+            executed_obs_unit_id=evening,
+            status="sealed",
+            size_bytes=3500,
+            checksum_sha256="a" * 64,
+        )
         files = {
-            "evening_replicated": put("raw_data_file", path="/data/evening/1.fits", size_bytes=1000, checksum_sha256="b" * 64,
-                                      file_type="fits", executed_obs_unit_id=evening, raw_data_package_id=package),
-            "evening_buffered": put("raw_data_file", "buffered", path="/data/evening/2.fits", size_bytes=2500,
-                                    checksum_sha256="c" * 64, file_type="fits", executed_obs_unit_id=evening),
-            "after_midnight_committed": put("raw_data_file", "committed", path="/data/late/1.hdf5", size_bytes=700,
-                                            checksum_sha256="d" * 64, file_type="hdf5", executed_obs_unit_id=after_midnight),
-            "night_before_replicated": put("raw_data_file", path="/data/before/1.log", size_bytes=10, checksum_sha256="e" * 64,
-                                           file_type="log", executed_obs_unit_id=night_before),
-            "night_before_failed": put("raw_data_file", "failed", path="/data/before/2.log", size_bytes=20,
-                                       checksum_sha256="f" * 64, file_type="log", executed_obs_unit_id=night_before),
+            "evening_replicated": put(
+                "raw_data_file",
+                path="/data/evening/1.fits",
+                size_bytes=1000,
+                checksum_sha256="b" * 64,
+                file_type="fits",
+                executed_obs_unit_id=evening,
+                raw_data_package_id=package,
+            ),
+            "evening_buffered": put(
+                "raw_data_file",
+                "buffered",
+                path="/data/evening/2.fits",
+                size_bytes=2500,
+                checksum_sha256="c" * 64,
+                file_type="fits",
+                executed_obs_unit_id=evening,
+            ),
+            "after_midnight_committed": put(
+                "raw_data_file",
+                "committed",
+                path="/data/late/1.hdf5",
+                size_bytes=700,
+                checksum_sha256="d" * 64,
+                file_type="hdf5",
+                executed_obs_unit_id=after_midnight,
+            ),
+            "night_before_replicated": put(
+                "raw_data_file",
+                path="/data/before/1.log",
+                size_bytes=10,
+                checksum_sha256="e" * 64,
+                file_type="log",
+                executed_obs_unit_id=night_before,
+            ),
+            "night_before_failed": put(
+                "raw_data_file",
+                "failed",
+                path="/data/before/2.log",
+                size_bytes=20,
+                checksum_sha256="f" * 64,
+                file_type="log",
+                executed_obs_unit_id=night_before,
+            ),
         }
 
         first = now.replace(second=0, microsecond=0) - timedelta(minutes=50)
         samples = [first + timedelta(minutes=10 * i) for i in range(5)]
         for i, moment in enumerate(samples):
-            put("housekeeping_sample", "buffered" if i == 4 else "replicated", instrument_module_id=module,
-                sensor="mixer_temperature", sampled_at=utc_iso(moment), value=4.2 + i / 10, unit="K")
+            put(
+                "housekeeping_sample",
+                "buffered" if i == 4 else "replicated",
+                instrument_module_id=module,
+                sensor="mixer_temperature",
+                sampled_at=utc_iso(moment),
+                value=4.2 + i / 10,
+                unit="K",
+            )
             put("housekeeping_sample", instrument_module_id=module, sensor="lna_bias", sampled_at=utc_iso(moment), value=1.5, unit="V")
 
         depth_peak_at = utc_iso(now - timedelta(minutes=10))
         for minutes_ago, depth in ((30, 0), (20, 12), (10, 40), (0, 3)):
             at = depth_peak_at if depth == 40 else utc_iso(now - timedelta(minutes=minutes_ago))
-            figures = {"buffer_depth": depth, "oldest_buffered_age_s": depth * 1.5, "awaiting_replica": depth // 2,
-                       "dead_letters": 1, "replica_lag_s": 0.2 + depth / 100}
+            figures = {
+                "buffer_depth": depth,
+                "oldest_buffered_age_s": depth * 1.5,
+                "awaiting_replica": depth // 2,
+                "dead_letters": 1,
+                "replica_lag_s": 0.2 + depth / 100,
+            }
             model.append_metrics(at, figures, keep_days=3)
     finally:
         model.close()
     return Site(
-        night=night.isoformat(), earlier_night=night.subtract(days=1).isoformat(), evening=evening, after_midnight=after_midnight,
-        night_before=night_before, files=files, package=package, module=module, samples=[utc_iso(s) for s in samples],
-        sample_minutes=[s.strftime("%Y-%m-%d %H:%M") for s in samples], depth_peak_at=depth_peak_at,
+        night=night.isoformat(),
+        earlier_night=night.subtract(days=1).isoformat(),
+        evening=evening,
+        after_midnight=after_midnight,
+        night_before=night_before,
+        files=files,
+        package=package,
+        module=module,
+        samples=[utc_iso(s) for s in samples],
+        sample_minutes=[s.strftime("%Y-%m-%d %H:%M") for s in samples],
+        depth_peak_at=depth_peak_at,
     )
 
 
@@ -137,8 +215,7 @@ def served(url: str) -> bool:
 
 
 @contextmanager
-def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None = None,
-                    metadata: Path = METADATA) -> Iterator[str]:
+def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None = None, metadata: Path = METADATA) -> Iterator[str]:
     """``datasette serve`` as `make up` runs it, with every plugin but the publisher; yields its base URL.
 
     Anonymous visitors read, as under `make up` (``OPSYNC_DATASETTE_PUBLIC=true``) unless ``env`` says otherwise."""
@@ -150,11 +227,29 @@ def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None 
     port = free_port()
     with open(workdir / "datasette.log", "wb") as log:
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "datasette"), "serve", str(model_path), "--host", "127.0.0.1", "--port", str(port),
-             "--metadata", str(metadata), "--plugins-dir", str(plugins), *SETTINGS],
-            env={**os.environ, "PYTHONPATH": str(REPO), "OPSYNC_DATASETTE_PUBLIC": "true", "OPSYNC_DATASETTE_PUBLISHER": "false",
-                 **(env or {})},
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                str(Path(sys.executable).parent / "datasette"),
+                "serve",
+                str(model_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--metadata",
+                str(metadata),
+                "--plugins-dir",
+                str(plugins),
+                *SETTINGS,
+            ],
+            env={
+                **os.environ,
+                "PYTHONPATH": str(REPO),
+                "OPSYNC_DATASETTE_PUBLIC": "true",
+                "OPSYNC_DATASETTE_PUBLISHER": "false",
+                **(env or {}),
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             base = f"http://127.0.0.1:{port}"
@@ -269,8 +364,11 @@ def test_the_sync_state_facet_filters(base):
 
 
 def test_facets_of_the_other_tables(base):
-    expected = {"raw_data_file": {"file_type", "_sync_state"}, "raw_data_package": {"status", "_sync_state"},
-                "housekeeping_sample": {"sensor", "instrument_module_id", "_sync_state"}}
+    expected = {
+        "raw_data_file": {"file_type", "_sync_state"},
+        "raw_data_package": {"status", "_sync_state"},
+        "housekeeping_sample": {"sensor", "instrument_module_id", "_sync_state"},
+    }
     for table, facets in expected.items():
         assert facets <= set(get_json(f"{base}/{DB}/{table}.json")["facet_results"]), table
 
@@ -305,8 +403,7 @@ def test_observations_by_status_per_night(base, rows):
     found = canned(base, "observations_by_status_per_night")
     assert found == [
         {"night": rows.night, "observations": 2, "completed": 1, "running": 1, "failed": 0, "aborted": 0, "not_replicated": 1},
-        {"night": rows.earlier_night, "observations": 1, "completed": 0, "running": 0, "failed": 1, "aborted": 0,
-         "not_replicated": 0},
+        {"night": rows.earlier_night, "observations": 1, "completed": 0, "running": 0, "failed": 1, "aborted": 0, "not_replicated": 0},
     ]
 
 
@@ -330,8 +427,12 @@ def test_writes_are_refused(base, rows, site):
         for path in ("files_not_replicated", "raw_data_file", f"raw_data_file/{rows.files['evening_buffered']}"):
             response = httpx.request(method, f"{base}/{DB}/{path}", data={"sql": "DELETE FROM raw_data_file"}, timeout=10)
             assert response.status_code == 403, (method, path, response.status_code)
-    for sql in ("DELETE FROM raw_data_file", "INSERT INTO instrument (id, name) VALUES ('x', 'y')",
-                "UPDATE raw_data_file SET _sync_state = 'replicated'", "DROP TABLE raw_data_file"):
+    for sql in (
+        "DELETE FROM raw_data_file",
+        "INSERT INTO instrument (id, name) VALUES ('x', 'y')",
+        "UPDATE raw_data_file SET _sync_state = 'replicated'",
+        "DROP TABLE raw_data_file",
+    ):
         response = httpx.get(f"{base}/{DB}.json", params={"sql": sql}, timeout=10)
         assert response.status_code == 400, (sql, response.status_code)
     assert httpx.post(f"{base}/{DB}", data={"sql": "DELETE FROM raw_data_file"}, timeout=10).status_code == 403

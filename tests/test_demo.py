@@ -89,8 +89,10 @@ def test_demo_buffers_the_night_and_commits_the_planning(demo_env, buffer, prima
     rows = Counter((step.table, step.op.value) for txn in txns for step in txn.steps)
     files = sum(len(run.files) for run in night.executions)
     assert rows == {
-        ("executed_obs_unit", "insert"): OBSERVATIONS, ("executed_obs_unit", "update"): OBSERVATIONS,
-        ("raw_data_package", "insert"): OBSERVATIONS, ("raw_data_package", "update"): OBSERVATIONS,
+        ("executed_obs_unit", "insert"): OBSERVATIONS,
+        ("executed_obs_unit", "update"): OBSERVATIONS,
+        ("raw_data_package", "insert"): OBSERVATIONS,
+        ("raw_data_package", "update"): OBSERVATIONS,
         ("raw_data_file", "insert"): files,
         ("housekeeping_sample", "insert"): 9 * 12 * 2 * 2,  # hourly batches of 5-minute samples, 2 sensors x 2 modules
     }
@@ -114,12 +116,15 @@ def test_demo_buffers_the_night_and_commits_the_planning(demo_env, buffer, prima
 
 def direct_rows(primary_engine) -> tuple[int, int, int]:
     with primary_engine.connect() as conn:
-        return conn.execute(text(
-            "SELECT (SELECT count(*) FROM instrument WHERE name = 'CHAI'),"
-            " (SELECT count(*) FROM instrument_module m JOIN instrument i ON i.id = m.instrument_id"
-            "  WHERE i.name = 'CHAI'),"
-            " (SELECT count(*) FROM obs_unit WHERE program = :p)"
-        ), {"p": demo.PROGRAM}).one()
+        return conn.execute(
+            text(
+                "SELECT (SELECT count(*) FROM instrument WHERE name = 'CHAI'),"
+                " (SELECT count(*) FROM instrument_module m JOIN instrument i ON i.id = m.instrument_id"
+                "  WHERE i.name = 'CHAI'),"
+                " (SELECT count(*) FROM obs_unit WHERE program = :p)"
+            ),
+            {"p": demo.PROGRAM},
+        ).one()
 
 
 def test_running_the_demo_twice_duplicates_nothing(demo_env, buffer, primary_engine, capsys):
@@ -141,8 +146,10 @@ def test_the_night_is_the_same_for_the_same_seed_and_differs_for_another():
 
 
 RECEIPT = {
-    "txn_id": "019a0000-0000-7000-8000-000000000001", "state": "accepted",
-    "ids": ["019a0000-0000-7000-8000-000000000002"], "accepted_at": "2026-11-21T02:10:00+00:00",
+    "txn_id": "019a0000-0000-7000-8000-000000000001",
+    "state": "accepted",
+    "ids": ["019a0000-0000-7000-8000-000000000002"],
+    "accepted_at": "2026-11-21T02:10:00+00:00",
     "status_url": "http://api/v1/transactions/019a0000-0000-7000-8000-000000000001",
 }
 
@@ -168,9 +175,7 @@ class Script:
 
 def client_for(script: Script, sleeps: list[float], retries: int = 3) -> OpsyncClient:
     transport = httpx.MockTransport(script)
-    return OpsyncClient(
-        "http://api", "ops_token", retries=retries, backoff=0.1, transport=transport, sleep=sleeps.append
-    )
+    return OpsyncClient("http://api", "ops_token", retries=retries, backoff=0.1, transport=transport, sleep=sleeps.append)
 
 
 def test_transient_failures_are_retried_with_the_same_idempotency_key():

@@ -63,10 +63,17 @@ def buffered(buffer: Buffer, *steps: StepIn):
 
 
 def raw_file(obs_id, **values) -> StepIn:
-    return StepIn(table="raw_data_file", values={
-        "executed_obs_unit_id": str(obs_id), "path": f"/data/{uuid.uuid4()}.fits", "size_bytes": 10,
-        "checksum_sha256": SHA, "file_type": "fits",
-    } | values)
+    return StepIn(
+        table="raw_data_file",
+        values={
+            "executed_obs_unit_id": str(obs_id),
+            "path": f"/data/{uuid.uuid4()}.fits",
+            "size_bytes": 10,
+            "checksum_sha256": SHA,
+            "file_type": "fits",
+        }
+        | values,
+    )
 
 
 def poison(buffer: Buffer, primary, planning):
@@ -84,16 +91,17 @@ def poison(buffer: Buffer, primary, planning):
 
 
 def observation(planning) -> dict:
-    return {"obs_unit_id": str(planning["obs_unit"]), "instrument_module_id": str(planning["module"]),
-            "start_time": "2026-11-21T03:00:00Z"}
+    return {"obs_unit_id": str(planning["obs_unit"]), "instrument_module_id": str(planning["module"]), "start_time": "2026-11-21T03:00:00Z"}
 
 
 def fix_cause(primary, planning, obs_id) -> None:
     """What the operator does: create the missing observation on the primary."""
     with primary.begin() as conn:
         conn.execute(
-            text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time)"
-                 " VALUES (:id, :o, :m, '2026-11-21T03:00:00Z')"),
+            text(
+                "INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time)"
+                " VALUES (:id, :o, :m, '2026-11-21T03:00:00Z')"
+            ),
             {"id": obs_id, "o": planning["obs_unit"], "m": planning["module"]},
         )
 
@@ -105,9 +113,7 @@ def file_rows(primary, key) -> list[tuple]:
 
 def in_ledger(primary, txns) -> int:
     with primary.connect() as conn:
-        return conn.execute(
-            text("SELECT count(*) FROM sync_ledger WHERE txn_id = ANY(:t)"), {"t": [str(t.txn_id) for t in txns]}
-        ).scalar()
+        return conn.execute(text("SELECT count(*) FROM sync_ledger WHERE txn_id = ANY(:t)"), {"t": [str(t.txn_id) for t in txns]}).scalar()
 
 
 def unsent(buffer: Buffer) -> int:
@@ -176,7 +182,9 @@ def test_requeue_after_fixing_the_cause_applies_exactly_once(buffer, primary, re
     assert merged.get_row(buffer, replica, FILES, file_key)["size_bytes"] == 99
     audit = dlq.history(buffer)
     assert [(e["action"], e["txn_id"], e["by"]) for e in audit] == [
-        ("requeue", str(dependant.txn_id), "alice"), ("requeue", str(bad.txn_id), "alice")]
+        ("requeue", str(dependant.txn_id), "alice"),
+        ("requeue", str(bad.txn_id), "alice"),
+    ]
     assert all(e["at"] for e in audit) and "foreign key" in audit[1]["reason"]
 
 
@@ -235,7 +243,13 @@ def test_discard_hides_the_overlay_rows_and_is_audited(buffer, primary, replica,
     assert [d.txn_id for d in dlq.dead_letters(buffer)] == [str(dependant.txn_id)]  # not discarded with it
     audited = dlq.history(buffer)[0]
     assert audited | {"at": "", "entry": ""} == {
-        "action": "discard", "txn_id": str(bad.txn_id), "by": "carol", "at": "", "entry": "", "reason": audited["reason"]}
+        "action": "discard",
+        "txn_id": str(bad.txn_id),
+        "by": "carol",
+        "at": "",
+        "entry": "",
+        "reason": audited["reason"],
+    }
     assert audited["at"] == action.at and "foreign key" in audited["reason"]
 
     again = dlq.discard(buffer, str(bad.txn_id), by="dave")
@@ -296,12 +310,20 @@ def test_cli_dlq_list_show_requeue_discard(cli_run, site_buffer, primary, planni
     discarded = cli_run("dlq", "discard", other_id, "--yes", "--by", "carol", "--json")
     assert discarded.exit_code == 0, discarded.output
     assert json.loads(discarded.stdout)[0] | {"at": ""} == {
-        "action": "discard", "txn_id": other_id, "by": "carol", "at": "", "changed": True}
+        "action": "discard",
+        "txn_id": other_id,
+        "by": "carol",
+        "at": "",
+        "changed": True,
+    }
     assert cli_run("dlq", "discard", str(uuid.uuid4()), "--yes").exit_code == 4
     assert cli_run("dlq", "requeue", other_id, "--yes").exit_code == 4  # discarded: nothing to requeue
     history = json.loads(cli_run("dlq", "history", "--json").stdout)
     assert [(e["action"], e["by"]) for e in history] == [
-        ("discard", "carol"), ("requeue", getpass.getuser()), ("requeue", getpass.getuser())]
+        ("discard", "carol"),
+        ("requeue", getpass.getuser()),
+        ("requeue", getpass.getuser()),
+    ]
     assert json.loads(cli_run("dlq", "list", "--json").stdout) == []
 
 
@@ -329,9 +351,14 @@ def test_status_matches_the_buffer_figures_and_the_replica_catches_up(cli_run, s
     report = json.loads(result.stdout)
     stats = buffer_stats(site_buffer.client, site_buffer)
     assert report["buffer"] | {"oldest_age_s": 0, "last_drain_s": 0} == {
-        "depth": stats.depth, "pending": stats.pending, "oldest_age_s": 0,
-        "committed_not_replicated": stats.awaiting_replica, "dead_letters": stats.dead_letters,
-        "last_drain_s": 0, "last_confirm_s": None}
+        "depth": stats.depth,
+        "pending": stats.pending,
+        "oldest_age_s": 0,
+        "committed_not_replicated": stats.awaiting_replica,
+        "dead_letters": stats.dead_letters,
+        "last_drain_s": 0,
+        "last_confirm_s": None,
+    }
     assert 0 <= report["buffer"]["last_drain_s"] <= stats.last_drain_s
     assert (stats.depth, stats.awaiting_replica, stats.dead_letters) == (1, 1, 2)
     assert 0 <= report["buffer"]["oldest_age_s"] <= stats.oldest_age_s + 1

@@ -61,18 +61,31 @@ def enqueued(buffer: Buffer, txn: Transaction) -> Transaction:
 
 
 def observation(planning, ref=None, **values) -> StepIn:
-    return StepIn(table="executed_obs_unit", ref=ref, values={
-        "obs_unit_id": str(planning["obs_unit"]), "instrument_module_id": str(planning["module"]),
-        "start_time": "2026-11-21T03:00:00Z",
-    } | values)
+    return StepIn(
+        table="executed_obs_unit",
+        ref=ref,
+        values={
+            "obs_unit_id": str(planning["obs_unit"]),
+            "instrument_module_id": str(planning["module"]),
+            "start_time": "2026-11-21T03:00:00Z",
+        }
+        | values,
+    )
 
 
 def raw_file(obs, **values) -> StepIn:
     """A file of observation ``obs`` (its key, or {"$ref": name} of an earlier step)."""
-    return StepIn(table="raw_data_file", values={
-        "executed_obs_unit_id": obs if isinstance(obs, dict) else str(obs), "path": f"/data/{uuid.uuid4()}.fits", "size_bytes": 10,
-        "checksum_sha256": SHA, "file_type": "fits",
-    } | values)
+    return StepIn(
+        table="raw_data_file",
+        values={
+            "executed_obs_unit_id": obs if isinstance(obs, dict) else str(obs),
+            "path": f"/data/{uuid.uuid4()}.fits",
+            "size_bytes": 10,
+            "checksum_sha256": SHA,
+            "file_type": "fits",
+        }
+        | values,
+    )
 
 
 def rows_in(primary, table: str, keys) -> int:
@@ -82,9 +95,7 @@ def rows_in(primary, table: str, keys) -> int:
 
 def ledger_has(primary, txns) -> int:
     with primary.connect() as conn:
-        return conn.execute(
-            text("SELECT count(*) FROM sync_ledger WHERE txn_id = ANY(:t)"), {"t": [str(t.txn_id) for t in txns]}
-        ).scalar()
+        return conn.execute(text("SELECT count(*) FROM sync_ledger WHERE txn_id = ANY(:t)"), {"t": [str(t.txn_id) for t in txns]}).scalar()
 
 
 def states(buffer: Buffer, txns) -> list[str]:
@@ -104,15 +115,45 @@ def confirm_all(buffer: Buffer, replica, timeout: float = 10) -> int:
 
 
 def test_drain_applies_settles_and_says_when_there_is_nothing_to_do(buffer, primary, planning):
-    obs = buffered(buffer, observation(planning, ref="obs"), StepIn(table="raw_data_file", values={
-        "executed_obs_unit_id": {"$ref": "obs"}, "path": f"/data/{uuid.uuid4()}", "size_bytes": 1,
-        "checksum_sha256": SHA, "file_type": "fits"}))
+    obs = buffered(
+        buffer,
+        observation(planning, ref="obs"),
+        StepIn(
+            table="raw_data_file",
+            values={
+                "executed_obs_unit_id": {"$ref": "obs"},
+                "path": f"/data/{uuid.uuid4()}",
+                "size_bytes": 1,
+                "checksum_sha256": SHA,
+                "file_type": "fits",
+            },
+        ),
+    )
     obs_id = obs.steps[0].key
-    update = buffered(buffer, StepIn(op=Op.update, table="executed_obs_unit", id=obs_id, values={
-        "status": "completed", "end_time": "2026-11-21T04:00:00Z", "metadata": {"tau": 0.05}}))
-    samples = buffered(buffer, *(StepIn(table="housekeeping_sample", values={
-        "instrument_module_id": str(planning["module"]), "sensor": "lo_power", "value": 1.25 + i,
-        "sampled_at": f"2026-11-21T03:00:0{i}Z"}) for i in range(3)))
+    update = buffered(
+        buffer,
+        StepIn(
+            op=Op.update,
+            table="executed_obs_unit",
+            id=obs_id,
+            values={"status": "completed", "end_time": "2026-11-21T04:00:00Z", "metadata": {"tau": 0.05}},
+        ),
+    )
+    samples = buffered(
+        buffer,
+        *(
+            StepIn(
+                table="housekeeping_sample",
+                values={
+                    "instrument_module_id": str(planning["module"]),
+                    "sensor": "lo_power",
+                    "value": 1.25 + i,
+                    "sampled_at": f"2026-11-21T03:00:0{i}Z",
+                },
+            )
+            for i in range(3)
+        ),
+    )
 
     summary = drain.drain(buffer, primary)
 
@@ -290,12 +331,20 @@ def test_poison_transactions_are_dead_lettered_and_the_rest_commits(buffer, prim
     bad_reference = buffered(buffer, observation(planning, obs_unit_id=str(uuid.uuid4())))
     batch += [bad_reference, good()]
     duplicate_path = buffered(buffer, raw_file(parent.steps[0].key, path=taken))
-    check_violation = enqueued(buffer, Transaction(txn_id=new_id(), site="test", accepted_at="2026-11-21T03:00:00Z", steps=[
-        Step(op=Op.insert, table="executed_obs_unit", key=new_id(), values=observation(planning, status="exploded").values)]))
+    check_violation = enqueued(
+        buffer,
+        Transaction(
+            txn_id=new_id(),
+            site="test",
+            accepted_at="2026-11-21T03:00:00Z",
+            steps=[Step(op=Op.insert, table="executed_obs_unit", key=new_id(), values=observation(planning, status="exploded").values)],
+        ),
+    )
     missing_row = buffered(buffer, StepIn(op=Op.update, table="raw_data_file", id=uuid.uuid4(), values={"size_bytes": 5}))
     file_of_bad = buffered(buffer, raw_file(bad_reference.steps[0].key))
-    update_of_bad = buffered(buffer, StepIn(op=Op.update, table="executed_obs_unit", id=bad_reference.steps[0].key,
-                                            values={"status": "completed"}))
+    update_of_bad = buffered(
+        buffer, StepIn(op=Op.update, table="executed_obs_unit", id=bad_reference.steps[0].key, values={"status": "completed"})
+    )
     batch += [duplicate_path, check_violation, good(), missing_row, file_of_bad, update_of_bad, good()]
     bad = [bad_reference, duplicate_path, check_violation, missing_row, file_of_bad, update_of_bad]
     fine = [t for t in batch if t not in bad]
@@ -329,11 +378,14 @@ def test_poison_transactions_are_dead_lettered_and_the_rest_commits(buffer, prim
     assert (stats.depth, stats.dead_letters) == (0, len(bad) + 1)
 
 
-
 def test_an_envelope_naming_an_unknown_table_is_dead_lettered(buffer, primary, planning):
     good = buffered(buffer, observation(planning))
-    stray = Transaction(txn_id=new_id(), site="test", accepted_at="2026-11-21T03:00:00Z",
-                        steps=[Step(op=Op.insert, table="no_such_table", key=new_id(), values={})])
+    stray = Transaction(
+        txn_id=new_id(),
+        site="test",
+        accepted_at="2026-11-21T03:00:00Z",
+        steps=[Step(op=Op.insert, table="no_such_table", key=new_id(), values={})],
+    )
     buffer.client.xadd(buffer.stream, {"txn": stray.model_dump_json()})  # as no ingest would buffer it
 
     summary = drain.drain(buffer, primary)
@@ -355,6 +407,7 @@ def test_a_repeated_insert_fails_alone_and_the_existing_row_stays_usable(buffer,
     assert (summary.applied, summary.dead_lettered) == (2, 1)
     assert states(buffer, [first, repeated, update]) == ["committed", "failed", "committed"]
     assert "already exists" in buffer.status(repeated.txn_id)["reason"]
+
 
 def test_round_trips_do_not_grow_with_the_batch_size(buffer, migrated, planning):
     """A 500-transaction batch (1,500 rows in two tables, interleaved) costs the round trip of a 5-transaction one."""
@@ -477,7 +530,6 @@ def test_on_the_main_site_confirmation_is_immediate(buffer, primary, planning):
     assert states(buffer, [txn]) == ["replicated"]
 
 
-
 def test_depth_counts_only_unacknowledged_entries_even_after_a_dead_letter_at_the_end_and_drains_are_noted(buffer, primary, planning):
     """Redis 7.0 reports no group lag once an unread entry was deleted; the depth must not fall back to the stream length."""
     for _ in range(2):
@@ -562,16 +614,16 @@ def test_a_batch_ends_before_the_transaction_over_the_record_cap_and_a_larger_on
     assert buffer_stats(buffer.client, buffer).pending == 0
 
 
-def test_a_batch_ends_before_the_transaction_over_the_byte_cap_and_a_larger_one_goes_alone_whole(
-    buffer, primary, planning, monkeypatch
-):
+def test_a_batch_ends_before_the_transaction_over_the_byte_cap_and_a_larger_one_goes_alone_whole(buffer, primary, planning, monkeypatch):
     """A cap of 2.5 small envelopes: s+s | B (alone, whole: its 3 steps) | s+s | s, applied in stream order, each once."""
+
     def small():
         return build_transaction([observation(planning, metadata={"pad": "s" * 1000})], "test")
 
     def big():
-        return build_transaction([observation(planning, ref="o", metadata={"pad": "B" * 10_000}),
-                                  raw_file({"$ref": "o"}), raw_file({"$ref": "o"})], "test")
+        return build_transaction(
+            [observation(planning, ref="o", metadata={"pad": "B" * 10_000}), raw_file({"$ref": "o"}), raw_file({"$ref": "o"})], "test"
+        )
 
     probe = Buffer(buffer.client, prefix=f"{buffer.prefix}-probe")  # the envelope's size as the stream holds it
     probe.ensure_group()

@@ -50,18 +50,37 @@ def posted(own_redis, api_client, auth_headers, planning):
     txns = []
     for _ in range(TXNS):
         steps = [
-            {"table": "executed_obs_unit", "ref": "obs", "values": {
-                "obs_unit_id": str(planning["obs_unit"]), "instrument_module_id": str(planning["module"]),
-                "start_time": "2026-11-21T03:00:00Z"}},
-            {"table": "raw_data_file", "values": {
-                "executed_obs_unit_id": {"$ref": "obs"}, "path": f"/data/{uuid.uuid4()}.fits", "size_bytes": 10,
-                "checksum_sha256": SHA, "file_type": "fits"}},
+            {
+                "table": "executed_obs_unit",
+                "ref": "obs",
+                "values": {
+                    "obs_unit_id": str(planning["obs_unit"]),
+                    "instrument_module_id": str(planning["module"]),
+                    "start_time": "2026-11-21T03:00:00Z",
+                },
+            },
+            {
+                "table": "raw_data_file",
+                "values": {
+                    "executed_obs_unit_id": {"$ref": "obs"},
+                    "path": f"/data/{uuid.uuid4()}.fits",
+                    "size_bytes": 10,
+                    "checksum_sha256": SHA,
+                    "file_type": "fits",
+                },
+            },
         ]
         response = api_client.post("/v1/transactions", json={"steps": steps}, headers=headers)
         assert response.status_code == 202, response.text
         txns.append(response.json())
-    return {"txn_ids": [t["txn_id"] for t in txns], "obs": [t["ids"][0] for t in txns], "files": [t["ids"][1] for t in txns],
-            "status_urls": [t["status_url"] for t in txns], "headers": headers, "obs_unit": str(planning["obs_unit"])}
+    return {
+        "txn_ids": [t["txn_id"] for t in txns],
+        "obs": [t["ids"][0] for t in txns],
+        "files": [t["ids"][1] for t in txns],
+        "status_urls": [t["status_url"] for t in txns],
+        "headers": headers,
+        "obs_unit": str(planning["obs_unit"]),
+    }
 
 
 def kill_at(point: str, tmp_path: Path, batch: int = 1000, before_kill=lambda: None) -> str:
@@ -69,8 +88,14 @@ def kill_at(point: str, tmp_path: Path, batch: int = 1000, before_kill=lambda: N
     ``before_kill`` has returned; its consumer name."""
     signal_file = tmp_path / f"{point}.pid"
     env = {**os.environ, "OPSYNC_FAULT_POINT": point, "OPSYNC_FAULT_SIGNAL": str(signal_file)}
-    proc = subprocess.Popen([str(OPSYNC), "backlog", "drain", "--batch", str(batch)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(OPSYNC), "backlog", "drain", "--batch", str(batch)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: signal_file.exists() or proc.poll() is not None, timeout=60, what=f"the drain to reach {point}")
         assert proc.poll() is None, f"the drain ended before {point}: {proc.communicate()}"
@@ -104,17 +129,24 @@ def rows(engine, posted: dict) -> tuple[int, int]:
     """Observations of this test's planned unit and files of them, counted by content, not by the keys sent."""
     return (
         count(engine, "SELECT count(*) FROM executed_obs_unit WHERE obs_unit_id = :u", u=posted["obs_unit"]),
-        count(engine, "SELECT count(*) FROM raw_data_file f JOIN executed_obs_unit o ON o.id = f.executed_obs_unit_id"
-                      " WHERE o.obs_unit_id = :u", u=posted["obs_unit"]),
+        count(
+            engine,
+            "SELECT count(*) FROM raw_data_file f JOIN executed_obs_unit o ON o.id = f.executed_obs_unit_id WHERE o.obs_unit_id = :u",
+            u=posted["obs_unit"],
+        ),
     )
 
 
 def ledger(engine, posted: dict) -> list[tuple[str, int]]:
     """(txn_id, the PostgreSQL transaction that applied it) of this test's transactions in the primary's ledger."""
     with engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(
-            text("SELECT txn_id::text, db_txid FROM sync_ledger WHERE txn_id = ANY(CAST(:t AS uuid[])) ORDER BY txn_id"),
-            {"t": posted["txn_ids"]})]
+        return [
+            tuple(r)
+            for r in conn.execute(
+                text("SELECT txn_id::text, db_txid FROM sync_ledger WHERE txn_id = ANY(CAST(:t AS uuid[])) ORDER BY txn_id"),
+                {"t": posted["txn_ids"]},
+            )
+        ]
 
 
 def states(buffer: Buffer, posted: dict) -> list[str]:
@@ -123,8 +155,12 @@ def states(buffer: Buffer, posted: dict) -> list[str]:
 
 def replicated_through_the_api(api_client, buffer: Buffer, replica_engine, posted: dict) -> list[str]:
     """Confirm until nothing awaits the replica, then each transaction's state as its status URL gives it."""
-    wait_for(lambda: not drain.confirm_replica(buffer, replica_engine).remaining, timeout=20, interval=0.05,
-             what="the replica to replay the commit")
+    wait_for(
+        lambda: not drain.confirm_replica(buffer, replica_engine).remaining,
+        timeout=20,
+        interval=0.05,
+        what="the replica to replay the commit",
+    )
     return [api_client.get(url, headers=posted["headers"]).json()["state"] for url in posted["status_urls"]]
 
 
@@ -173,7 +209,7 @@ def test_kill_between_claim_and_commit_redelivers_and_applies_each_transaction_o
 def test_kill_with_the_next_batch_claimed_while_the_first_commits_applies_each_transaction_once(
     tmp_path, buffer, posted, primary, api_client, replica_engine
 ):
-    first, second = posted["txn_ids"][:TXNS // 2], posted["txn_ids"][TXNS // 2:]
+    first, second = posted["txn_ids"][: TXNS // 2], posted["txn_ids"][TXNS // 2 :]
 
     def first_committed() -> None:  # the first batch's commit was in flight when the second was claimed: let it land
         wait_for(lambda: len(ledger(primary, posted)) == len(first), timeout=30, what="the first batch's commit")

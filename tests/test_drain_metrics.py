@@ -90,8 +90,12 @@ def test_dead_lettered_transactions_are_counted_by_class(buffer, primary, planni
     bad_reference = buffered(buffer, observation(planning, obs_unit_id=str(uuid.uuid4())))  # foreign key: poison
     buffered(buffer, raw_file(bad_reference.steps[0].key))  # needs the dead one
     buffered(buffer, observation(planning))
-    stray = Transaction(txn_id=new_id(), site="test", accepted_at="2026-11-21T03:00:00Z",
-                        steps=[Step(op=Op.insert, table="no_such_table", key=new_id(), values={})])
+    stray = Transaction(
+        txn_id=new_id(),
+        site="test",
+        accepted_at="2026-11-21T03:00:00Z",
+        steps=[Step(op=Op.insert, table="no_such_table", key=new_id(), values={})],
+    )
     buffer.client.xadd(buffer.stream, {"txn": stray.model_dump_json()})
 
     summary = drain.drain(buffer, primary)
@@ -174,8 +178,10 @@ def test_metrics_endpoint_without_redis_says_the_buffer_is_down_and_still_answer
 def test_the_publisher_copies_the_drain_rate_and_the_alert_findings_into_the_read_model(own_redis, site_env, tmp_path):
     buffer = Buffer(own_redis.client())  # the publisher's buffer: the default prefix
     record_batch(buffer, records=12, transactions=4, seconds=0.4, round_trips=2)
-    findings = [Finding("dead_letters", 1, Level.critical, "dead letters: 1 (critical at 1)"),
-                Finding("depth", 0, Level.ok, "buffered transactions: 0")]
+    findings = [
+        Finding("dead_letters", 1, Level.critical, "dead letters: 1 (critical at 1)"),
+        Finding("depth", 0, Level.ok, "buffered transactions: 0"),
+    ]
     store_findings(buffer, "2026-11-21T03:00:00+00:00", findings)
     replica = create_engine(site_env.replica_url.get_secret_value())
     publisher = Publisher(ReadModel(tmp_path / "model.db", site_env.timezone), buffer, replica)

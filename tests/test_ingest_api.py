@@ -29,7 +29,6 @@ def token(issue_token):
     return headers
 
 
-
 def test_post_record_buffers_and_answers_202(api, token, observation):
     headers = token("executed_obs_unit")
     response = api.post("/v1/records/executed_obs_unit", json=observation(), headers=headers)
@@ -41,11 +40,14 @@ def test_post_record_buffers_and_answers_202(api, token, observation):
     assert status["state"] == "accepted"
 
 
-@pytest.mark.parametrize(("host", "root_path", "base"), [
-    ("api.site:8000", "", "http://api.site:8000/"),
-    ("other.site", "", "http://other.site/"),
-    ("api.site:8000", "/opsync", "http://api.site:8000/opsync/"),
-])
+@pytest.mark.parametrize(
+    ("host", "root_path", "base"),
+    [
+        ("api.site:8000", "", "http://api.site:8000/"),
+        ("other.site", "", "http://other.site/"),
+        ("api.site:8000", "/opsync", "http://api.site:8000/opsync/"),
+    ],
+)
 def test_status_url_is_under_the_base_url_the_caller_used(ingest_app, token, observation, host, root_path, base):
     """Base URLs are parsed once per host and prefix: each caller still gets its own."""
     with TestClient(ingest_app, root_path=root_path) as api:
@@ -58,9 +60,16 @@ def test_transaction_with_reference_between_steps(api, token, observation, redis
     headers = token("executed_obs_unit", "raw_data_file")
     steps = [
         {"table": "executed_obs_unit", "ref": "obs", "values": observation()},
-        {"table": "raw_data_file", "values": {
-            "executed_obs_unit_id": {"$ref": "obs"}, "path": f"/data/{uuid.uuid4()}.fits",
-            "size_bytes": 10, "checksum_sha256": SHA, "file_type": "fits"}},
+        {
+            "table": "raw_data_file",
+            "values": {
+                "executed_obs_unit_id": {"$ref": "obs"},
+                "path": f"/data/{uuid.uuid4()}.fits",
+                "size_bytes": 10,
+                "checksum_sha256": SHA,
+                "file_type": "fits",
+            },
+        },
     ]
     response = api.post("/v1/transactions", json={"steps": steps}, headers=headers)
     assert response.status_code == 202, response.text
@@ -114,8 +123,12 @@ def test_idempotency_keys_are_per_token(api, token, observation, redis_server):
 def test_openapi_documents_the_bearer_scheme_and_the_idempotency_key(api):
     spec = api.get("/openapi.json").json()
     assert {scheme["scheme"] for scheme in spec["components"]["securitySchemes"].values()} == {"bearer"}
-    for path, method in [("/v1/records/{table}", "post"), ("/v1/transactions", "post"),
-                         ("/v1/records/{table}/{row_id}", "patch"), ("/v1/records/{table}/{row_id}", "delete")]:
+    for path, method in [
+        ("/v1/records/{table}", "post"),
+        ("/v1/transactions", "post"),
+        ("/v1/records/{table}/{row_id}", "patch"),
+        ("/v1/records/{table}/{row_id}", "delete"),
+    ]:
         operation = spec["paths"][path][method]
         assert "Idempotency-Key" in [p["name"] for p in operation["parameters"] if p["in"] == "header"], (path, method)
         assert operation["security"], (path, method)

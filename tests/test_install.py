@@ -140,8 +140,17 @@ def venv(outside, wheel):
     def make(extra: str) -> Path:
         path = outside / extra
         uv("venv", "--quiet", "--python", sys.executable, str(path))
-        uv("pip", "install", "--quiet", "-p", str(path / "bin/python"), "-c", str(REPO / f"locks/{extra}.txt"),
-           f"{wheel}[{extra}]", cwd=outside)
+        uv(
+            "pip",
+            "install",
+            "--quiet",
+            "-p",
+            str(path / "bin/python"),
+            "-c",
+            str(REPO / f"locks/{extra}.txt"),
+            f"{wheel}[{extra}]",
+            cwd=outside,
+        )
         return path
 
     return make
@@ -152,8 +161,20 @@ def test_the_dev_lock_is_what_make_locks_makes_from_pyproject(outside):
     locks need no such resolution: their venvs below show each is exactly its extra's closure."""
     fresh = outside / "fresh-dev.txt"
     fresh.write_text((REPO / "locks/dev.txt").read_text())  # its pins are uv's preferences, as in make locks
-    uv("pip", "compile", "--quiet", str(REPO / "pyproject.toml"), "--extra", "dev", "--python-version", "3.11.13",
-       "--python-platform", "x86_64-manylinux_2_28", "-o", str(fresh))
+    uv(
+        "pip",
+        "compile",
+        "--quiet",
+        str(REPO / "pyproject.toml"),
+        "--extra",
+        "dev",
+        "--python-version",
+        "3.11.13",
+        "--python-platform",
+        "x86_64-manylinux_2_28",
+        "-o",
+        str(fresh),
+    )
     assert pins(fresh.read_text()) == pins((REPO / "locks/dev.txt").read_text())
 
 
@@ -178,16 +199,21 @@ def test_each_image_extra_installs_exactly_its_lock_and_pip_check_passes(extra, 
 
 
 def run_in(path: Path, *command: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
-    result = subprocess.run([str(path / "bin" / command[0]), *command[1:]], capture_output=True, text=True,
-                            cwd=path, env=env or {"PATH": f"{path / 'bin'}:/usr/bin:/bin", "HOME": str(path)}, timeout=timeout)
+    result = subprocess.run(
+        [str(path / "bin" / command[0]), *command[1:]],
+        capture_output=True,
+        text=True,
+        cwd=path,
+        env=env or {"PATH": f"{path / 'bin'}:/usr/bin:/bin", "HOME": str(path)},
+        timeout=timeout,
+    )
     assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
 
 def test_the_client_imports_with_no_server_side_installed(venv):
     path = venv("client")
-    probe = ("import importlib.util, json, opsync.client; "
-             f"print(json.dumps([m for m in {SERVER_SIDE!r} if importlib.util.find_spec(m)]))")
+    probe = f"import importlib.util, json, opsync.client; print(json.dumps([m for m in {SERVER_SIDE!r} if importlib.util.find_spec(m)]))"
     assert json.loads(run_in(path, "python", "-c", probe)) == []
     typed = "import importlib.resources as r; print(r.files('opsync').joinpath('py.typed').is_file())"
     assert run_in(path, "python", "-c", typed).strip() == "True"  # type checkers read the client's annotations
@@ -201,8 +227,7 @@ def test_opsync_version_comes_from_the_package_metadata(venv):
 
 def test_the_api_image_builds_the_ingest_app_with_its_own_fastapi(venv):
     """The api lock is resolved without Airflow, whose cap would hold FastAPI back: the app must build on it."""
-    probe = ("import fastapi; from ingest_api.app import app; "
-             "print(fastapi.__version__, len(app.openapi()['paths']))")
+    probe = "import fastapi; from ingest_api.app import app; print(fastapi.__version__, len(app.openapi()['paths']))"
     fastapi, paths = run_in(venv("api"), "python", "-c", probe).split()
     assert f"fastapi=={fastapi}" in pins((REPO / "locks/api.txt").read_text())
     assert int(paths) > 5
@@ -224,7 +249,8 @@ def airflow_site(venv, tmp_path):
     port = free_port()
     (tmp_path / "dags").mkdir()
     env = {
-        "HOME": str(tmp_path), "LANG": "C.UTF-8",
+        "HOME": str(tmp_path),
+        "LANG": "C.UTF-8",
         **airflow_env(home, port, new_airflow_secrets(), REPO),
         "PATH": f"{path / 'bin'}:/usr/bin:/bin",
         "AIRFLOW__CORE__DAGS_FOLDER": str(tmp_path / "dags"),
@@ -248,8 +274,14 @@ def test_airflow_lists_the_sync_status_page_and_serves_it_with_no_plugins_folder
     write_private(passwords_file(home), json.dumps({"otto": "otto-password"}))
     run_in(path, "airflow", "db", "migrate", env=env, timeout=START_TIMEOUT_S)
     with open(tmp_path / "api-server.log", "wb") as log:
-        server = subprocess.Popen([str(path / "bin/airflow"), "api-server", "--port", str(port)], env=env, cwd=tmp_path,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [str(path / "bin/airflow"), "api-server", "--port", str(port)],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: ready(base), START_TIMEOUT_S, lambda: (tmp_path / "api-server.log").read_text()[-3000:])

@@ -38,8 +38,10 @@ def headers(auth_headers):
 
 def samples(planning, n: int) -> list[dict]:
     module = str(planning["module"])
-    return [{"instrument_module_id": module, "sensor": f"s{uuid.uuid4().hex[:8]}", "sampled_at": "2026-11-21T03:00:00Z",
-             "value": 4.2} for _ in range(n)]
+    return [
+        {"instrument_module_id": module, "sensor": f"s{uuid.uuid4().hex[:8]}", "sampled_at": "2026-11-21T03:00:00Z", "value": 4.2}
+        for _ in range(n)
+    ]
 
 
 def steps_of(rows: list[dict]) -> dict:
@@ -147,17 +149,28 @@ buffer, primary = test_dlq.buffer, test_dlq.primary  # a buffer of its own prefi
 
 
 def observation_step(planning, **values) -> StepIn:
-    return StepIn(table="executed_obs_unit", values={
-        "obs_unit_id": str(planning["obs_unit"]), "instrument_module_id": str(planning["module"]),
-        "start_time": "2026-11-21T03:00:00Z",
-    } | values)
+    return StepIn(
+        table="executed_obs_unit",
+        values={
+            "obs_unit_id": str(planning["obs_unit"]),
+            "instrument_module_id": str(planning["module"]),
+            "start_time": "2026-11-21T03:00:00Z",
+        }
+        | values,
+    )
 
 
 def raw_file(obs_key) -> StepIn:
-    return StepIn(table="raw_data_file", values={
-        "executed_obs_unit_id": str(obs_key), "path": f"/data/{uuid.uuid4()}.fits", "size_bytes": 10,
-        "checksum_sha256": SHA, "file_type": "fits",
-    })
+    return StepIn(
+        table="raw_data_file",
+        values={
+            "executed_obs_unit_id": str(obs_key),
+            "path": f"/data/{uuid.uuid4()}.fits",
+            "size_bytes": 10,
+            "checksum_sha256": SHA,
+            "file_type": "fits",
+        },
+    )
 
 
 def buffered(buffer: Buffer, step: StepIn):
@@ -173,8 +186,7 @@ def count(primary, table: str, keys) -> int:
 
 def ledger(primary, txns) -> int:
     with primary.connect() as conn:
-        return conn.execute(text("SELECT count(*) FROM sync_ledger WHERE txn_id = ANY(:t)"),
-                            {"t": [str(t.txn_id) for t in txns]}).scalar()
+        return conn.execute(text("SELECT count(*) FROM sync_ledger WHERE txn_id = ANY(:t)"), {"t": [str(t.txn_id) for t in txns]}).scalar()
 
 
 @pytest.mark.parametrize("crash_at_call", [2, 3])

@@ -55,9 +55,7 @@ def test_buffered_insert_and_update_show_at_once(api, observation):
     assert row["_txn_id"] == patched.json()["txn_id"]
 
 
-def test_row_moves_from_buffered_to_replicated_without_disappearing(
-    own_redis, api, observation, planning, primary_engine, replica_engine
-):
+def test_row_moves_from_buffered_to_replicated_without_disappearing(own_redis, api, observation, planning, primary_engine, replica_engine):
     response = api.post(f"/v1/records/{TABLE}", json=observation())
     row_id, txn_id = response.json()["ids"][0], response.json()["txn_id"]
     listing = {"obs_unit_id": str(planning["obs_unit"])}
@@ -86,13 +84,17 @@ def test_update_of_a_replicated_row_overlays_and_moves_it_between_filters(
 def test_deletes_hide_rows(api, ingest_app, issue_token, planning):
     token = issue_token(["read:raw_data_file", "write:raw_data_file", f"write:{TABLE}"])
     client = TestClient(ingest_app, headers={"Authorization": f"Bearer {token}"})
-    obs = client.post(f"/v1/records/{TABLE}", json={
-        "obs_unit_id": str(planning["obs_unit"]), "instrument_module_id": str(planning["module"]),
-        "start_time": "2026-11-21T03:00:00Z"}).json()["ids"][0]
+    obs = client.post(
+        f"/v1/records/{TABLE}",
+        json={
+            "obs_unit_id": str(planning["obs_unit"]),
+            "instrument_module_id": str(planning["module"]),
+            "start_time": "2026-11-21T03:00:00Z",
+        },
+    ).json()["ids"][0]
     file_row = {"executed_obs_unit_id": obs, "size_bytes": 1, "checksum_sha256": SHA, "file_type": "fits"}
     keep, gone = (
-        client.post("/v1/records/raw_data_file", json=file_row | {"path": f"/d/{uuid.uuid4()}"}).json()["ids"][0]
-        for _ in range(2)
+        client.post("/v1/records/raw_data_file", json=file_row | {"path": f"/d/{uuid.uuid4()}"}).json()["ids"][0] for _ in range(2)
     )
     assert client.delete(f"/v1/records/raw_data_file/{gone}").status_code == 202
     assert client.get(f"/v1/records/raw_data_file/{gone}").status_code == 404
@@ -100,9 +102,7 @@ def test_deletes_hide_rows(api, ingest_app, issue_token, planning):
     assert [r["id"] for r in rows] == [keep]
 
 
-def test_pages_interleave_replica_and_buffer_in_key_order(
-    own_redis, api, observation, planning, primary_engine, replica_engine
-):
+def test_pages_interleave_replica_and_buffer_in_key_order(own_redis, api, observation, planning, primary_engine, replica_engine):
     expected = [str(new_id()) for _ in range(7)]  # time-ordered: key order is this order
     for key in expected[::2]:
         post(api, observation(id=key))
@@ -160,9 +160,15 @@ def test_queries_cost_the_same_with_100k_buffered_rows(redis_server, planning, r
 
     def enqueue(n: int, sensor: str) -> None:
         steps = [
-            StepIn(table="housekeeping_sample", values={
-                "instrument_module_id": module, "sensor": sensor, "value": 1.5,
-                "sampled_at": f"2026-11-21T00:00:{i % 60:02d}.{i:06d}Z"})
+            StepIn(
+                table="housekeeping_sample",
+                values={
+                    "instrument_module_id": module,
+                    "sensor": sensor,
+                    "value": 1.5,
+                    "sampled_at": f"2026-11-21T00:00:{i % 60:02d}.{i:06d}Z",
+                },
+            )
             for i in range(n)
         ]
         txn = build_transaction(steps, "test")
@@ -202,8 +208,13 @@ def replica_has(replica_engine, table: str, key) -> bool:
 
 
 def file_of(obs: str, **values) -> dict:
-    return {"executed_obs_unit_id": obs, "path": f"/d/{uuid.uuid4()}", "size_bytes": 1, "checksum_sha256": SHA,
-            "file_type": "fits"} | values
+    return {
+        "executed_obs_unit_id": obs,
+        "path": f"/d/{uuid.uuid4()}",
+        "size_bytes": 1,
+        "checksum_sha256": SHA,
+        "file_type": "fits",
+    } | values
 
 
 def shown(client, table: str, key) -> dict | None:
@@ -240,10 +251,15 @@ def test_a_failed_update_or_delete_of_a_replicated_row_leaves_the_replica_row(
     nowhere = str(uuid.uuid4())  # no such observation: the primary's foreign key refuses both
     patched = writer.patch(f"/v1/records/{TABLE}/{obs}", json={"status": "aborted", "obs_unit_id": nowhere})
     assert patched.status_code == 202 and shown(writer, TABLE, obs)["status"] == "aborted"  # newest wins, while buffered
-    deleting = writer.post("/v1/transactions", json={"steps": [
-        {"op": "delete", "table": FILES, "id": kept},
-        {"table": FILES, "values": file_of(nowhere)},
-    ]})
+    deleting = writer.post(
+        "/v1/transactions",
+        json={
+            "steps": [
+                {"op": "delete", "table": FILES, "id": kept},
+                {"table": FILES, "values": file_of(nowhere)},
+            ]
+        },
+    )
     assert deleting.status_code == 202 and shown(writer, FILES, kept) is None
 
     drained(primary_engine, 2)
@@ -253,12 +269,13 @@ def test_a_failed_update_or_delete_of_a_replicated_row_leaves_the_replica_row(
     later = writer.patch(f"/v1/records/{TABLE}/{obs}", json={"end_time": "2099-01-01T00:00:00Z"})
     assert later.status_code == 202  # on top of the failed update: shows over the replica row, without its values
     assert shown(writer, TABLE, obs) == before | {
-        "end_time": "2099-01-01T00:00:00Z", "_sync_state": "buffered", "_txn_id": later.json()["txn_id"]}
+        "end_time": "2099-01-01T00:00:00Z",
+        "_sync_state": "buffered",
+        "_txn_id": later.json()["txn_id"],
+    }
 
 
-def test_a_valid_insert_under_a_failed_update_converges_to_the_primary(
-    own_redis, api, observation, primary_engine, replica_engine
-):
+def test_a_valid_insert_under_a_failed_update_converges_to_the_primary(own_redis, api, observation, primary_engine, replica_engine):
     """Insert A and update B (failed) of one row in one drain: once A is replicated the row is A's, never B's."""
     key = post(api, observation())
     assert api.patch(f"/v1/records/{TABLE}/{key}", json={"status": "aborted", "obs_unit_id": str(uuid.uuid4())}).status_code == 202
@@ -292,14 +309,20 @@ def test_an_update_or_delete_of_a_row_deleted_while_buffered_is_404_and_nothing_
         ):
             assert refused.status_code == 404, refused.text
             assert refused.json()["detail"] == (
-                f"steps.0: no {FILES} row {key} to {op}: deleted by transaction {deleted.json()['txn_id']}, still buffered")
+                f"steps.0: no {FILES} row {key} to {op}: deleted by transaction {deleted.json()['txn_id']}, still buffered"
+            )
         assert shown(writer, FILES, key) is None and own_redis.client().xlen("opsync:buffer") == depth  # nothing written
     listed = writer.get(f"/v1/records/{FILES}", params={"executed_obs_unit_id": obs}).json()["rows"]
     assert [r["id"] for r in listed] == [other]  # pages hide both deletes too, the replicated row's included
-    in_one = writer.post("/v1/transactions", json={"steps": [
-        {"op": "delete", "table": FILES, "id": other},
-        {"op": "update", "table": FILES, "id": other, "values": {"size_bytes": 4}},
-    ]})
+    in_one = writer.post(
+        "/v1/transactions",
+        json={
+            "steps": [
+                {"op": "delete", "table": FILES, "id": other},
+                {"op": "update", "table": FILES, "id": other, "values": {"size_bytes": 4}},
+            ]
+        },
+    )
     assert in_one.status_code == 422  # decidable from the transaction itself: admission refuses it
     assert in_one.json()["detail"][0]["msg"] == f"{FILES} {other} was deleted by step 0 of this transaction"
     assert shown(writer, FILES, other)["_sync_state"] == "replicated"
@@ -334,16 +357,29 @@ def test_an_update_or_delete_of_a_key_nobody_has_is_404_and_writes_nothing(own_r
     for refused in (
         writer.patch(f"/v1/records/{TABLE}/{nobody}", json={"status": "aborted"}),
         writer.delete(f"/v1/records/{FILES}/{nobody}"),
-        writer.post("/v1/transactions", json={"steps": [
-            {"table": TABLE, "values": observation()}, {"op": "update", "table": TABLE, "id": nobody, "values": {"status": "aborted"}}]}),
+        writer.post(
+            "/v1/transactions",
+            json={
+                "steps": [
+                    {"table": TABLE, "values": observation()},
+                    {"op": "update", "table": TABLE, "id": nobody, "values": {"status": "aborted"}},
+                ]
+            },
+        ),
     ):
         assert refused.status_code == 404, refused.text
         assert nobody in refused.json()["detail"] and "neither the site buffer nor the local replica" in refused.json()["detail"]
     assert own_redis.client().xlen("opsync:buffer") == depth
     assert shown(writer, TABLE, nobody) is None and not replica_has(replica_engine, TABLE, nobody)
-    created = writer.post("/v1/transactions", json={"steps": [  # a row an earlier step creates is known
-        {"table": TABLE, "ref": "o", "id": nobody, "values": observation()},
-        {"op": "update", "table": TABLE, "id": nobody, "values": {"status": "completed"}}]})
+    created = writer.post(
+        "/v1/transactions",
+        json={
+            "steps": [  # a row an earlier step creates is known
+                {"table": TABLE, "ref": "o", "id": nobody, "values": observation()},
+                {"op": "update", "table": TABLE, "id": nobody, "values": {"status": "completed"}},
+            ]
+        },
+    )
     assert created.status_code == 202 and shown(writer, TABLE, nobody)["status"] == "completed"
 
 
@@ -386,9 +422,13 @@ def test_a_requeued_insert_that_succeeds_shows_replicated(own_redis, writer, pla
     drained(primary_engine, 1)
     assert writer.patch(f"/v1/records/{FILES}/{key}", json={"size_bytes": 2}).status_code == 404  # a row only a failure wrote
     with primary_engine.begin() as conn:  # the operator fixes the cause
-        conn.execute(text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time)"
-                          " VALUES (:id, :o, :m, '2026-11-21T03:00:00Z')"),
-                     {"id": missing, "o": planning["obs_unit"], "m": planning["module"]})
+        conn.execute(
+            text(
+                "INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time)"
+                " VALUES (:id, :o, :m, '2026-11-21T03:00:00Z')"
+            ),
+            {"id": missing, "o": planning["obs_unit"], "m": planning["module"]},
+        )
     assert [a.changed for a in dlq.requeue(get_buffer(), txn_id, by="test")] == [True]
     assert shown(writer, FILES, key)["_sync_state"] == "buffered"
 

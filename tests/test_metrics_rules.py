@@ -42,19 +42,36 @@ DASHBOARD = REPO / "deploy/grafana/opsync-dashboard.json"
 PROMTOOL = shutil.which("promtool")
 
 GIB = 2**30
-HEALTHY = BufferStats(depth=0, pending=0, oldest_age_s=0.0, awaiting_replica=0, dead_letters=0, used_memory=1, maxmemory=0,
-                      last_drain_s=5.0, last_confirm_s=5.0)
+HEALTHY = BufferStats(
+    depth=0,
+    pending=0,
+    oldest_age_s=0.0,
+    awaiting_replica=0,
+    dead_letters=0,
+    used_memory=1,
+    maxmemory=0,
+    last_drain_s=5.0,
+    last_confirm_s=5.0,
+)
 CAUGHT_UP = ReadModelFigures(poison_rows=0, poison_skipped=0, stream_age_s=0.0, changes_age_s=0.0)
 PRIMARY = Lsn.parse("5/0")
-STREAMING = Slot("observatory", exists=True, wal_status="reserved", safe_wal_size=10 * GIB, max_keep=10 * GIB, active=True,
-                 restart_lsn=PRIMARY)
+STREAMING = Slot(
+    "observatory", exists=True, wal_status="reserved", safe_wal_size=10 * GIB, max_keep=10 * GIB, active=True, restart_lsn=PRIMARY
+)
 NOW = 300  # promtool's time() at the evaluation below (5m)
 
 
-def site(buffer: BufferStats | None = HEALTHY, lag_bytes: int = 0, replay_age_s: float = 1.0,
-         read_model: ReadModelFigures = CAUGHT_UP, slot: Slot | None = STREAMING, **unavailable) -> SiteStatus:
-    s = SiteStatus(at="2026-12-07T03:00:00+00:00", buffer=buffer, unavailable=unavailable,
-                   read_model=read_model if buffer else ReadModelFigures())
+def site(
+    buffer: BufferStats | None = HEALTHY,
+    lag_bytes: int = 0,
+    replay_age_s: float = 1.0,
+    read_model: ReadModelFigures = CAUGHT_UP,
+    slot: Slot | None = STREAMING,
+    **unavailable,
+) -> SiteStatus:
+    s = SiteStatus(
+        at="2026-12-07T03:00:00+00:00", buffer=buffer, unavailable=unavailable, read_model=read_model if buffer else ReadModelFigures()
+    )
     if "primary" not in unavailable:
         s.primary_lsn, s.slot = PRIMARY, slot
     if "replica" not in unavailable:
@@ -68,17 +85,26 @@ def exported(s: SiteStatus, m: DrainMetrics) -> dict[str, float]:
     """What ``/metrics`` shows of this measurement (as ingest_api.metrics exports it), at promtool's ``NOW``."""
     series: dict[str, float] = {"up": 1, "opsync_buffer_up": int(s.buffer is not None)}
     if b := s.buffer:
-        series |= {"opsync_buffer_depth": b.depth, "opsync_committed_not_replicated": b.awaiting_replica,
-                   "opsync_dead_letters": b.dead_letters, "opsync_drain_runs_failed_consecutive": m.failed_runs_consecutive}
-        for name, age in (("opsync_buffer_oldest_enqueued_timestamp_seconds", b.oldest_age_s or None),
-                          ("opsync_last_drain_timestamp_seconds", b.last_drain_s),
-                          ("opsync_last_confirm_timestamp_seconds", b.last_confirm_s)):
+        series |= {
+            "opsync_buffer_depth": b.depth,
+            "opsync_committed_not_replicated": b.awaiting_replica,
+            "opsync_dead_letters": b.dead_letters,
+            "opsync_drain_runs_failed_consecutive": m.failed_runs_consecutive,
+        }
+        for name, age in (
+            ("opsync_buffer_oldest_enqueued_timestamp_seconds", b.oldest_age_s or None),
+            ("opsync_last_drain_timestamp_seconds", b.last_drain_s),
+            ("opsync_last_confirm_timestamp_seconds", b.last_confirm_s),
+        ):
             if age is not None:
                 series[name] = NOW - age
     rm = s.read_model
-    for name, value in (("opsync_read_model_poison_rows", rm.poison_rows), ("opsync_read_model_freshness_seconds",
-                                                                             rm.freshness_s),
-                        ("opsync_replica_lag_bytes", s.lag_bytes), ("opsync_replica_lag_seconds", s.lag_s)):
+    for name, value in (
+        ("opsync_read_model_poison_rows", rm.poison_rows),
+        ("opsync_read_model_freshness_seconds", rm.freshness_s),
+        ("opsync_replica_lag_bytes", s.lag_bytes),
+        ("opsync_replica_lag_seconds", s.lag_s),
+    ):
         if value is not None:
             series[name] = value
     series["opsync_replica_slot_up"] = int(s.slot is not None)
@@ -95,13 +121,19 @@ def exported(s: SiteStatus, m: DrainMetrics) -> dict[str, float]:
 def at(figure: str, value: float) -> tuple[SiteStatus, DrainMetrics]:
     """A healthy site but for one figure at ``value``."""
     b = {
-        "buffer_oldest_age_s": dict(depth=1, oldest_age_s=value), "depth": dict(depth=value),
-        "awaiting_replica": dict(awaiting_replica=value), "dead_letters": dict(dead_letters=value),
-        "last_drain_s": dict(last_drain_s=value), "last_confirm_s": dict(last_confirm_s=value, awaiting_replica=1),
+        "buffer_oldest_age_s": dict(depth=1, oldest_age_s=value),
+        "depth": dict(depth=value),
+        "awaiting_replica": dict(awaiting_replica=value),
+        "dead_letters": dict(dead_letters=value),
+        "last_drain_s": dict(last_drain_s=value),
+        "last_confirm_s": dict(last_confirm_s=value, awaiting_replica=1),
     }.get(figure, {})
-    kwargs = {"lag_bytes": dict(lag_bytes=value), "lag_s": dict(lag_bytes=1, replay_age_s=value),
-              "poison_rows": dict(read_model=replace(CAUGHT_UP, poison_rows=value)),
-              "read_model_freshness_s": dict(read_model=replace(CAUGHT_UP, stream_age_s=value))}.get(figure, {})
+    kwargs = {
+        "lag_bytes": dict(lag_bytes=value),
+        "lag_s": dict(lag_bytes=1, replay_age_s=value),
+        "poison_rows": dict(read_model=replace(CAUGHT_UP, poison_rows=value)),
+        "read_model_freshness_s": dict(read_model=replace(CAUGHT_UP, stream_age_s=value)),
+    }.get(figure, {})
     return site(replace(HEALTHY, **b), **kwargs), DrainMetrics(failed_runs_consecutive=value if figure == "drain_failed_runs" else 0)
 
 
@@ -166,13 +198,18 @@ def test_the_checked_in_rules_are_what_opsync_alert_rules_prints_at_the_default_
 
 
 def test_every_figure_and_level_of_opsync_alerts_has_its_rule_and_nothing_else_does():
-    found = {(r["labels"]["figure"], r["labels"]["severity"], r["alert"].endswith("Unknown"))
-             for r in yaml.safe_load(RULES.read_text())["groups"][0]["rules"]}
+    found = {
+        (r["labels"]["figure"], r["labels"]["severity"], r["alert"].endswith("Unknown"))
+        for r in yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
+    }
     t = Thresholds(_env_file=None)
     want = {(figure, "warning", True) for figure in FIGURES} | {("scrape", "warning", False)}
     for figure, rule in rules(t).items():
-        want |= {(figure, severity, False) for severity, threshold in (("warning", rule.warn), ("critical", rule.critical))
-                 if threshold is not None}
+        want |= {
+            (figure, severity, False)
+            for severity, threshold in (("warning", rule.warn), ("critical", rule.critical))
+            if threshold is not None
+        }
     want |= {("replica_slot", "warning", False), ("replica_slot", "critical", False)}
     assert found == want
     assert len(alert_names()) == len(set(alert_names()))
@@ -185,8 +222,20 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass():
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
-@pytest.mark.parametrize("changed", [{}, {"depth_warn": 5, "dead_letters_warn": 1, "dead_letters_critical": None,
-                                         "lag_warn_s": 0.5, "slot_safe_wal_critical_fraction": None}], ids=["defaults", "changed"])
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {},
+        {
+            "depth_warn": 5,
+            "dead_letters_warn": 1,
+            "dead_letters_critical": None,
+            "lag_warn_s": 0.5,
+            "slot_safe_wal_critical_fraction": None,
+        },
+    ],
+    ids=["defaults", "changed"],
+)
 def test_the_rules_fire_exactly_where_opsync_alerts_judges_warn_or_critical(changed, tmp_path):
     """promtool evaluates every rule on the series each measurement exports; opsync.alerts judges the measurement."""
     t = Thresholds(_env_file=None, **changed)
@@ -207,16 +256,32 @@ def test_the_rules_fire_exactly_where_opsync_alerts_judges_warn_or_critical(chan
                 continue
             unknown = finding.value is None and finding.level is Level.warn
             labels = {"severity": severity[finding.level], "figure": finding.figure, "job": "opsync", "instance": case}
-            if finding.figure == "replica_slot" and finding.level is Level.critical and (status.slot.wal_status in (
-                    "unreserved", "lost") or not status.slot.exists):
+            if (
+                finding.figure == "replica_slot"
+                and finding.level is Level.critical
+                and (status.slot.wal_status in ("unreserved", "lost") or not status.slot.exists)
+            ):
                 labels["status"] = status.slot.wal_status if status.slot.exists else "missing"
             fired[alert_rules.name(finding.figure, "Unknown" if unknown else severity[finding.level].capitalize())].append(
-                {"exp_labels": labels})
-    (tmp_path / "test.yml").write_text(yaml.safe_dump({
-        "rule_files": ["rules.yml"], "evaluation_interval": "1m",
-        "tests": [{"interval": "1m", "input_series": inputs, "alert_rule_test": [
-            {"eval_time": "5m", "alertname": name, "exp_alerts": expected} for name, expected in fired.items()]}],
-    }))
+                {"exp_labels": labels}
+            )
+    (tmp_path / "test.yml").write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": ["rules.yml"],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {
+                        "interval": "1m",
+                        "input_series": inputs,
+                        "alert_rule_test": [
+                            {"eval_time": "5m", "alertname": name, "exp_alerts": expected} for name, expected in fired.items()
+                        ],
+                    }
+                ],
+            }
+        )
+    )
 
     tested = promtool("test", "rules", str(tmp_path / "test.yml"))
 
@@ -228,18 +293,23 @@ def test_the_rules_fire_exactly_where_opsync_alerts_judges_warn_or_critical(chan
 
 
 def scraped(text: str) -> dict[str, float]:
-    return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def test_metrics_show_the_replicas_lag_as_opsync_status_measures_it_and_leave_out_what_is_unknown(
-        api_client, migrated, primary_engine, planning, monkeypatch):
+    api_client, migrated, primary_engine, planning, monkeypatch
+):
     def write() -> None:
         with primary_engine.begin() as conn:
             conn.execute(text("INSERT INTO instrument (id, name) VALUES (:i, :n)"), {"i": uuid.uuid4(), "n": f"lag-{uuid.uuid4()}"})
 
-    caught_up = wait_for(lambda: (g := scraped(api_client.get("/metrics").text)).get("opsync_replica_lag_bytes") == 0 and g,
-                         what="the replica to catch up")
+    caught_up = wait_for(
+        lambda: (g := scraped(api_client.get("/metrics").text)).get("opsync_replica_lag_bytes") == 0 and g, what="the replica to catch up"
+    )
     assert caught_up["opsync_replica_lag_seconds"] == 0
 
     with migrated.replica.connect(autocommit=True) as replica:
@@ -254,6 +324,7 @@ def test_metrics_show_the_replicas_lag_as_opsync_status_measures_it_and_leave_ou
     wait_for(lambda: scraped(api_client.get("/metrics").text).get("opsync_replica_lag_bytes") == 0, what="replay to resume")
 
     dead = f"postgresql+psycopg://opsync:x@127.0.0.1:{free_port()}/opsync"
+
     def cut(variable: str) -> dict[str, float]:
         monkeypatch.setenv(variable, dead)
         for cached in (get_settings, reads.get_replica, deps.get_primary):
@@ -271,8 +342,7 @@ def test_metrics_show_the_replicas_lag_as_opsync_status_measures_it_and_leave_ou
     # from the position the slot confirmed (the replica still streams: only the API's way to it is cut); no replay
     # time without the replica, so seconds are known only as 0 when nothing is behind: else absent, never -1
     assert replica_down["opsync_replica_lag_bytes"] >= 0
-    assert replica_down.get("opsync_replica_lag_seconds", "absent") == (0 if replica_down["opsync_replica_lag_bytes"] == 0
-                                                                        else "absent")
+    assert replica_down.get("opsync_replica_lag_seconds", "absent") == (0 if replica_down["opsync_replica_lag_bytes"] == 0 else "absent")
     assert not any(k.startswith("opsync_replica_lag") for k in both_down) and both_down["opsync_replica_slot_up"] == 0
 
 
@@ -316,7 +386,8 @@ def test_every_metric_the_rules_and_the_dashboard_query_is_on_a_live_metrics(ful
     assert queried(rule_exprs) - {"up"} <= queried(dashboard_exprs), "a figure the rules judge has no panel"
     assert {"opsync_http_requests_total", "opsync_http_request_duration_seconds_bucket"} <= queried(dashboard_exprs)
     assert {"opsync_replica_lag_bytes", "opsync_replica_slot_wal_status", "opsync_last_confirm_timestamp_seconds", "up"} <= queried(
-        rule_exprs)  # the names are found
+        rule_exprs
+    )  # the names are found
 
 
 def test_the_dashboard_colours_each_figure_at_its_default_thresholds_and_takes_its_data_source_as_a_variable():

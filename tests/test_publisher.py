@@ -27,7 +27,6 @@ FAST = Tuning(change_every_s=0.1, sweep_every_s=0.3, metrics_every_s=0.3, max_ba
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 class FileReader:
     """What Datasette sees: a separate read-only connection to the file."""
 
@@ -159,7 +158,10 @@ def test_buffered_row_and_its_updates_show_at_once(start_publisher, reader, post
     row = wait_for(lambda: reader.row(TABLE, receipt["ids"][0]), timeout=5, interval=0.005, what="the buffered row")
     visible = time.monotonic()
     assert (row["_sync_state"], row["_txn_id"], row["status"], row["metadata"]) == (
-        "buffered", receipt["txn_id"], "running", '{"seeing":0.8}'
+        "buffered",
+        receipt["txn_id"],
+        "running",
+        '{"seeing":0.8}',
     )
     assert row["night"] is not None
     print(f"visible {visible - accepted:.3f} s after the 202 ({visible - sent:.3f} s after sending)")
@@ -167,7 +169,9 @@ def test_buffered_row_and_its_updates_show_at_once(start_publisher, reader, post
     patch = post("PATCH", f"/v1/records/{TABLE}/{receipt['ids'][0]}", {"status": "completed"})
     row = wait_for(
         lambda: (r := reader.row(TABLE, receipt["ids"][0])) and r["status"] == "completed" and r,
-        timeout=5, interval=0.005, what="the update",
+        timeout=5,
+        interval=0.005,
+        what="the update",
     )
     assert (row["_sync_state"], row["_txn_id"]) == ("buffered", patch["txn_id"])
 
@@ -206,15 +210,12 @@ def test_row_moves_to_replicated_without_disappearing_or_duplicating(
     assert caught_up(replica, reader, TABLE, [key])
 
 
-def test_rows_written_on_the_primary_by_others_appear_change_and_disappear(
-    start_publisher, reader, migrated, planning, replica
-):
+def test_rows_written_on_the_primary_by_others_appear_change_and_disappear(start_publisher, reader, migrated, planning, replica):
     start_publisher()
     key = uuid.uuid4()
     with migrated.primary.connect() as conn:  # plain SQL at the main site
         conn.execute(
-            "INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time)"
-            " VALUES (%s, %s, %s, '2026-11-21T05:00:00Z')",
+            "INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time) VALUES (%s, %s, %s, '2026-11-21T05:00:00Z')",
             (key, planning["obs_unit"], planning["module"]),
         )
         conn.commit()
@@ -317,9 +318,20 @@ def datasette(model_path, site_env, own_redis):
     env = {**os.environ, "OPSYNC_READ_MODEL_PATH": str(model_path), "OPSYNC_REDIS_URL": own_redis.url}
     log = open(model_path.parent / "datasette.log", "wb")
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "datasette"), "serve", str(model_path), "--host", "127.0.0.1",
-         "--port", str(port), "--plugins-dir", str(REPO / "datasette/plugins")],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(Path(sys.executable).parent / "datasette"),
+            "serve",
+            str(model_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--plugins-dir",
+            str(REPO / "datasette/plugins"),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -373,8 +385,10 @@ def test_a_publisher_behind_the_purge_horizon_resyncs_in_place(start_publisher, 
     kept, gone, added = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     with migrated.primary.connect() as conn:
         for key in (kept, gone):
-            conn.execute("INSERT INTO obs_unit (id, name, program, source_name, ra_deg, dec_deg) VALUES (%s, %s, 'P9', 'M42', 1, 2)",
-                         (key, f"resync-{key}"))
+            conn.execute(
+                "INSERT INTO obs_unit (id, name, program, source_name, ra_deg, dec_deg) VALUES (%s, %s, 'P9', 'M42', 1, 2)",
+                (key, f"resync-{key}"),
+            )
         conn.commit()
     wait_for(lambda: len(reader.rows("obs_unit", [kept, gone])) == 2, what="the rows")
     inode = model_path.stat().st_ino
@@ -382,14 +396,15 @@ def test_a_publisher_behind_the_purge_horizon_resyncs_in_place(start_publisher, 
         conn.execute("UPDATE publisher_state SET value = '1:-1' WHERE name = 'changes'")
     with migrated.primary.connect() as conn:
         conn.execute("DELETE FROM obs_unit WHERE id = %s", (gone,))
-        conn.execute("INSERT INTO obs_unit (id, name, program, source_name, ra_deg, dec_deg) VALUES (%s, %s, 'P9', 'M42', 1, 2)",
-                     (added, f"resync-{added}"))
+        conn.execute(
+            "INSERT INTO obs_unit (id, name, program, source_name, ra_deg, dec_deg) VALUES (%s, %s, 'P9', 'M42', 1, 2)",
+            (added, f"resync-{added}"),
+        )
         conn.commit()
     time.sleep(0.01)
     engine = create_engine(migrated.primary.url())
     assert purge_changes(engine, timedelta(0)) > 0
     engine.dispose()
-    wait_for(lambda: [r["id"] for r in reader.rows("obs_unit", [kept, gone, added])] == sorted([str(kept), str(added)]),
-             what="the resync")
+    wait_for(lambda: [r["id"] for r in reader.rows("obs_unit", [kept, gone, added])] == sorted([str(kept), str(added)]), what="the resync")
     assert caught_up(replica, reader, "obs_unit", [kept, added])
     assert model_path.stat().st_ino == inode

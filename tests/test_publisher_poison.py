@@ -79,10 +79,14 @@ def main_site(migrated, primary_engine, replica, planning):
 
 def poison_txn(planning, **values) -> Transaction:
     """One buffered insert of an observation with ``values``, as built: no ingest validation."""
-    row = {"obs_unit_id": str(planning["obs_unit"]), "instrument_module_id": str(planning["module"]),
-           "start_time": "2026-11-21T03:00:00Z"} | values
-    return Transaction(txn_id=new_id(), site="test", accepted_at=datetime.now(UTC),
-                       steps=[Step(op=Op.insert, table=TABLE, key=new_id(), values=row)])
+    row = {
+        "obs_unit_id": str(planning["obs_unit"]),
+        "instrument_module_id": str(planning["module"]),
+        "start_time": "2026-11-21T03:00:00Z",
+    } | values
+    return Transaction(
+        txn_id=new_id(), site="test", accepted_at=datetime.now(UTC), steps=[Step(op=Op.insert, table=TABLE, key=new_id(), values=row)]
+    )
 
 
 def skipped(publisher: Publisher, key) -> tuple[str, str] | None:
@@ -136,10 +140,28 @@ def test_replica_changes_flow_past_a_poison_row_which_is_published_once_it_chang
 def test_the_buffer_stream_flows_past_rows_it_cannot_render_or_write(publisher, reader, buffer, planning):
     publisher.follow_replica()
     year_zero = enqueued(buffer, poison_txn(planning, start_time="0001-01-01T00:00:00+05:00"))  # 1 BC in UTC
-    huge = enqueued(buffer, Transaction(txn_id=new_id(), site="test", accepted_at=datetime.now(UTC), steps=[Step(
-        op=Op.insert, table="raw_data_file", key=new_id(), values={
-            "path": f"/data/{uuid.uuid4()}.fits", "size_bytes": 2**70, "checksum_sha256": "0" * 64, "file_type": "fits",
-            "executed_obs_unit_id": str(uuid.uuid4())})]))
+    huge = enqueued(
+        buffer,
+        Transaction(
+            txn_id=new_id(),
+            site="test",
+            accepted_at=datetime.now(UTC),
+            steps=[
+                Step(
+                    op=Op.insert,
+                    table="raw_data_file",
+                    key=new_id(),
+                    values={
+                        "path": f"/data/{uuid.uuid4()}.fits",
+                        "size_bytes": 2**70,
+                        "checksum_sha256": "0" * 64,
+                        "file_type": "fits",
+                        "executed_obs_unit_id": str(uuid.uuid4()),
+                    },
+                )
+            ],
+        ),
+    )
     good = buffered(buffer, step_of(planning))
 
     publisher.follow_buffer()
@@ -153,9 +175,7 @@ def test_the_buffer_stream_flows_past_rows_it_cannot_render_or_write(publisher, 
     assert publisher.follow_buffer() is False and publisher.poison_new == 2
 
 
-def test_state_events_flow_past_a_row_gone_poison_on_the_replica(
-    publisher, reader, buffer, planning, primary_engine, replica, main_site
-):
+def test_state_events_flow_past_a_row_gone_poison_on_the_replica(publisher, reader, buffer, planning, primary_engine, replica, main_site):
     publisher.follow_replica()
     txn = buffered(buffer, step_of(planning), step_of(planning))
     first, second = (str(step.key) for step in txn.steps)
@@ -220,9 +240,7 @@ def test_poison_rows_and_freshness_are_figures_in_redis_and_in_the_file(publishe
     assert (now.recent[0].table, now.recent[0].key, now.recent[0].duty) == (TABLE, bad, "replica changes")
     sample = reader.query("SELECT * FROM sync_metrics ORDER BY at DESC LIMIT 1")[0]
     assert (sample["poison_rows"], sample["poison_skipped"], sample["read_model_freshness_s"]) == (1, 1, 0.0)
-    assert [(r["table_name"], r["key"], r["duty"]) for r in reader.query("SELECT * FROM sync_poison")] == [
-        (TABLE, bad, "replica changes")
-    ]
+    assert [(r["table_name"], r["key"], r["duty"]) for r in reader.query("SELECT * FROM sync_poison")] == [(TABLE, bad, "replica changes")]
 
     main_site.sql("DELETE FROM executed_obs_unit WHERE id = %s", (bad,))  # a deleted row is no poison either
     publisher.follow_replica()

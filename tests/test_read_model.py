@@ -64,29 +64,49 @@ def test_file_holds_ingestible_tables_with_sync_columns_and_facet_indexes(tmp_pa
     conn = sqlite3.connect(path)
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert tables == {entry.name for entry in ingestible_tables()} | {
-        "sync_metrics", "sync_drain_rate", "sync_findings", "sync_poison", "publisher_state"}
+        "sync_metrics",
+        "sync_drain_rate",
+        "sync_findings",
+        "sync_poison",
+        "publisher_state",
+    }
     assert not tables & {"api_token", "sync_ledger", "row_change", "row_change_horizon"}
     columns = [row[1] for row in conn.execute("PRAGMA table_info(executed_obs_unit)")]
     assert columns[-5:] == ["night", "_sync_state", "_txn_id", "_commit_lsn", "_updated_at"]
-    indexed = {row[2] for index in conn.execute("PRAGMA index_list(executed_obs_unit)")
-               for row in conn.execute(f"PRAGMA index_info({index[1]})")}
+    indexed = {
+        row[2] for index in conn.execute("PRAGMA index_list(executed_obs_unit)") for row in conn.execute(f"PRAGMA index_info({index[1]})")
+    }
     assert {"instrument_module_id", "status", "_sync_state", "night", "start_time", "_txn_id"} <= indexed
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     metrics = [row[1] for row in conn.execute("PRAGMA table_info(sync_metrics)")]
-    assert metrics == ["at", "buffer_depth", "oldest_buffered_age_s", "awaiting_replica", "dead_letters", "replica_lag_s",
-                       "poison_rows", "poison_skipped", "read_model_freshness_s"]
+    assert metrics == [
+        "at",
+        "buffer_depth",
+        "oldest_buffered_age_s",
+        "awaiting_replica",
+        "dead_letters",
+        "replica_lag_s",
+        "poison_rows",
+        "poison_skipped",
+        "read_model_freshness_s",
+    ]
 
 
 def test_a_file_from_before_the_poison_figures_gets_their_columns_and_keeps_its_samples(tmp_path):
     path = tmp_path / "opsync.db"
     with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE sync_metrics (at TEXT PRIMARY KEY, buffer_depth INTEGER, oldest_buffered_age_s REAL,"
-                     " awaiting_replica INTEGER, dead_letters INTEGER, replica_lag_s REAL)")
+        conn.execute(
+            "CREATE TABLE sync_metrics (at TEXT PRIMARY KEY, buffer_depth INTEGER, oldest_buffered_age_s REAL,"
+            " awaiting_replica INTEGER, dead_letters INTEGER, replica_lag_s REAL)"
+        )
         conn.execute("INSERT INTO sync_metrics (at, buffer_depth) VALUES ('2026-11-21T03:00:00+00:00', 7)")
     ensure_read_model(path)
     conn = sqlite3.connect(path)
     assert [row[1] for row in conn.execute("PRAGMA table_info(sync_metrics)")][-3:] == [
-        "poison_rows", "poison_skipped", "read_model_freshness_s"]
+        "poison_rows",
+        "poison_skipped",
+        "read_model_freshness_s",
+    ]
     assert conn.execute("SELECT buffer_depth, poison_rows FROM sync_metrics").fetchall() == [(7, None)]
 
 
@@ -157,9 +177,7 @@ def test_plain_sql_inserts_updates_and_deletes_are_captured(migrated, primary, r
         conn.execute("UPDATE instrument SET description = 'x' WHERE id = %s", (keys[0],))
         conn.execute("DELETE FROM instrument WHERE id = %s", (keys[1],))
         conn.commit()
-        ops = conn.execute(
-            "SELECT op, count(*) FROM row_change WHERE row_id = ANY(%s) GROUP BY op ORDER BY op", (keys,)
-        ).fetchall()
+        ops = conn.execute("SELECT op, count(*) FROM row_change WHERE row_id = ANY(%s) GROUP BY op ORDER BY op", (keys,)).fetchall()
         assert ops == [("DELETE", 1), ("INSERT", 5), ("UPDATE", 1)]
     replayed(primary, replica)
     found, _ = read_all(replica, start)

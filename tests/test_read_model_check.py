@@ -84,9 +84,7 @@ def test_a_deleted_an_altered_and_an_extra_row_are_found_and_repaired(model_path
     with sqlite3.connect(model_path) as conn:
         conn.execute("DELETE FROM instrument WHERE id = ?", (deleted,))
         conn.execute("UPDATE instrument SET description = 'edited by hand' WHERE id = ?", (altered,))
-        conn.execute(
-            "INSERT INTO instrument (id, name, active, _sync_state) VALUES (?, 'ghost', 1, 'replicated')", (extra,)
-        )
+        conn.execute("INSERT INTO instrument (id, name, active, _sync_state) VALUES (?, 'ghost', 1, 'replicated')", (extra,))
 
     run = dagbag.get_dag("opsync_read_model_check").test()
 
@@ -101,15 +99,17 @@ def test_a_deleted_an_altered_and_an_extra_row_are_found_and_repaired(model_path
     assert "read model equals the replica" in capsys.readouterr().out
 
 
-def test_a_row_that_cannot_be_published_is_reported_and_left_out_not_a_crash(planning, model_path, primary_engine, replica,
-                                                                              dagbag, capsys):
+def test_a_row_that_cannot_be_published_is_reported_and_left_out_not_a_crash(planning, model_path, primary_engine, replica, dagbag, capsys):
     """JSON nested deeper than Python decodes, written at the main site: the check reads its range by key instead."""
     key = uuid.uuid4()
     with primary_engine.begin() as conn:
-        conn.execute(text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time, metadata)"
-                          " VALUES (:id, :obs, :module, now(), CAST(:deep AS jsonb))"),
-                     {"id": key, "obs": planning["obs_unit"], "module": planning["module"],
-                      "deep": "{" + '"a":{' * 3000 + "}" * 3001})
+        conn.execute(
+            text(
+                "INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time, metadata)"
+                " VALUES (:id, :obs, :module, now(), CAST(:deep AS jsonb))"
+            ),
+            {"id": key, "obs": planning["obs_unit"], "module": planning["module"], "deep": "{" + '"a":{' * 3000 + "}" * 3001},
+        )
     target = current_position(primary_engine)
     deadline = time.monotonic() + 15
     while replica_position(replica) < target:

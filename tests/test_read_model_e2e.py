@@ -32,7 +32,6 @@ DB = "opsync"
 VISIBLE_WITHIN_S = 5.0  # generous, for a shared machine: the figure (under a second) is bench/read.py's
 
 
-
 class Datasette:
     """``datasette serve`` over the test's read model, publisher inside; can be stopped and started again."""
 
@@ -46,8 +45,11 @@ class Datasette:
         port = free_port()
         self.log = open(self.model_path.parent / "datasette.log", "ab")
         self.process = subprocess.Popen(
-            datasette_command(self.model_path, "127.0.0.1", port), env=self.env, cwd=REPO,
-            stdout=self.log, stderr=subprocess.STDOUT,
+            datasette_command(self.model_path, "127.0.0.1", port),
+            env=self.env,
+            cwd=REPO,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         self.base = f"http://127.0.0.1:{port}"
         wait_for(self.answers, timeout=30, interval=0.2, what=f"datasette (log: {self.log.name})")
@@ -168,8 +170,13 @@ def settled(datasette: Datasette, replica, keys, table: str = TABLE) -> bool:
 
 
 def file_of(observation: str) -> dict:
-    return {"path": f"/data/{uuid.uuid4()}/scan.fits", "size_bytes": 734_003_200, "checksum_sha256": "ab" * 32,
-            "file_type": "fits", "executed_obs_unit_id": observation}
+    return {
+        "path": f"/data/{uuid.uuid4()}/scan.fits",
+        "size_bytes": 734_003_200,
+        "checksum_sha256": "ab" * 32,
+        "file_type": "fits",
+        "executed_obs_unit_id": observation,
+    }
 
 
 def no_drift(model_path, buffer: Buffer, replica) -> bool:
@@ -202,9 +209,7 @@ def test_a_posted_row_is_served_buffered_at_once_then_replicated_equal_to_the_re
     assert row["night"] is not None and row["_txn_id"] is None
 
 
-def test_updates_and_deletes_show_at_once_and_end_as_the_replica_holds_them(
-    datasette, api, observation, buffer, primary_engine, replica
-):
+def test_updates_and_deletes_show_at_once_and_end_as_the_replica_holds_them(datasette, api, observation, buffer, primary_engine, replica):
     obs = api("POST", f"/records/{TABLE}", observation())["ids"][0]
     kept, deleted = (api("POST", f"/records/{FILES}", file_of(obs))["ids"][0] for _ in range(2))
     drain_and_confirm(buffer, primary_engine, replica)
@@ -227,8 +232,10 @@ def test_updates_and_deletes_show_at_once_and_end_as_the_replica_holds_them(
     assert gone(datasette, doomed, FILES) < VISIBLE_WITHIN_S
 
     assert drain_and_confirm(buffer, primary_engine, replica).applied == 6
-    wait_for(lambda: settled(datasette, replica, [obs], TABLE) and settled(datasette, replica, [kept, deleted, fresh, doomed], FILES),
-             what="the replica's rows, served")
+    wait_for(
+        lambda: settled(datasette, replica, [obs], TABLE) and settled(datasette, replica, [kept, deleted, fresh, doomed], FILES),
+        what="the replica's rows, served",
+    )
     assert replica_view(replica, FILES, deleted) is None and replica_view(replica, FILES, doomed) is None
     assert datasette.row(TABLE, obs)["status"] == "completed" and datasette.row(FILES, fresh)["file_type"] == "hdf5"
     assert sorted(r["id"] for r in datasette.rows(FILES, executed_obs_unit_id=obs)) == sorted([kept, fresh])
@@ -277,8 +284,9 @@ def test_after_quiescence_the_read_model_equals_the_replica(
     keys.append(str(direct))
     drain_and_confirm(buffer, primary_engine, replica)
 
-    wait_for(lambda: settled(datasette, replica, keys) and settled(datasette, replica, files, FILES),
-             what="every row as the replica holds it")
+    wait_for(
+        lambda: settled(datasette, replica, keys) and settled(datasette, replica, files, FILES), what="every row as the replica holds it"
+    )
     wait_for(lambda: no_drift(datasette.model_path, buffer, replica), timeout=10, interval=0.5, what="no drift")
     served = datasette.rows(TABLE, obs_unit_id=planning["obs_unit"])
     assert sorted(r["id"] for r in served) == sorted(keys) and {r["_sync_state"] for r in served} == {"replicated"}
@@ -314,8 +322,10 @@ def test_a_stopped_publisher_catches_up_on_restart_missing_and_doubling_nothing(
     datasette.start()
 
     expected = sorted([*before, *during, buffered, str(direct)])
-    wait_for(lambda: sorted(r["id"] for r in datasette.rows(TABLE, obs_unit_id=planning["obs_unit"])) == expected,
-             what="the rows written while the publisher was down")
+    wait_for(
+        lambda: sorted(r["id"] for r in datasette.rows(TABLE, obs_unit_id=planning["obs_unit"])) == expected,
+        what="the rows written while the publisher was down",
+    )
     row, _ = visible(datasette, during[0], lambda r: r["status"] == "aborted", "the update made while it was down")
     assert row["_sync_state"] == "buffered"
     assert datasette.row(TABLE, buffered)["_sync_state"] == "buffered"
@@ -324,8 +334,10 @@ def test_a_stopped_publisher_catches_up_on_restart_missing_and_doubling_nothing(
 
     drain_and_confirm(buffer, primary_engine, replica)
     everything = [*before, *during, buffered, direct]
-    wait_for(lambda: settled(datasette, replica, everything) and settled(datasette, replica, [doomed, kept], FILES),
-             what="everything replicated, served")
+    wait_for(
+        lambda: settled(datasette, replica, everything) and settled(datasette, replica, [doomed, kept], FILES),
+        what="everything replicated, served",
+    )
     served = datasette.rows(TABLE, obs_unit_id=planning["obs_unit"])
     assert sorted(r["id"] for r in served) == expected and {r["_sync_state"] for r in served} == {"replicated"}
     wait_for(lambda: no_drift(datasette.model_path, buffer, replica), timeout=10, interval=0.5, what="no drift")
@@ -345,15 +357,18 @@ def test_failed_writes_leave_the_replicas_rows_served_and_a_failed_new_row_shows
 
     reused = api("POST", f"/records/{TABLE}", observation(id=obs, status="aborted"))  # the key exists: fails
     api("PATCH", f"/records/{FILES}/{kept}", {"executed_obs_unit_id": nowhere, "file_type": "hdf5"})
-    deleting = api("POST", "/transactions", {"steps": [
-        {"op": "delete", "table": FILES, "id": other}, {"table": FILES, "values": file_of(nowhere)}]})
+    deleting = api(
+        "POST", "/transactions", {"steps": [{"op": "delete", "table": FILES, "id": other}, {"table": FILES, "values": file_of(nowhere)}]}
+    )
     visible(datasette, obs, lambda r: r["_txn_id"] == reused["txn_id"], "the buffered insert (newest wins)")
     gone(datasette, other, FILES)
     orphan = deleting["ids"][1]
     assert drain.drain(buffer, primary_engine).dead_lettered == 3
 
-    wait_for(lambda: settled(datasette, replica, [obs]) and settled(datasette, replica, [kept, other], FILES),
-             what="the replica's rows served again, none of the failed values")
+    wait_for(
+        lambda: settled(datasette, replica, [obs]) and settled(datasette, replica, [kept, other], FILES),
+        what="the replica's rows served again, none of the failed values",
+    )
     assert datasette.row(TABLE, obs)["status"] == "running" and datasette.row(FILES, kept)["file_type"] == "fits"
     row, _ = visible(datasette, orphan, what="the failed transaction's new row", table=FILES)
     assert (row["_sync_state"], row["_txn_id"]) == ("failed", deleting["txn_id"])
@@ -385,8 +400,7 @@ def test_no_update_brings_back_a_deleted_row_and_a_requeued_insert_shows_replica
     visible(datasette, orphan["ids"][0], lambda r: r["_sync_state"] == "failed", "the failed new row", FILES)
     assert datasette.row(FILES, doomed) is None
     with primary_engine.begin() as conn:  # the operator fixes the cause, then requeues
-        conn.execute(
-            executed_obs_unit_insert(), {"id": missing, "o": planning["obs_unit"], "m": planning["module"]})
+        conn.execute(executed_obs_unit_insert(), {"id": missing, "o": planning["obs_unit"], "m": planning["module"]})
     dlq.requeue(buffer, orphan["txn_id"], by="test")
     visible(datasette, orphan["ids"][0], lambda r: r["_sync_state"] == "buffered", "the requeued row", FILES)
     drain_and_confirm(buffer, primary_engine, replica)
@@ -395,5 +409,6 @@ def test_no_update_brings_back_a_deleted_row_and_a_requeued_insert_shows_replica
 
 
 def executed_obs_unit_insert():
-    return text("INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time)"
-                " VALUES (:id, :o, :m, '2026-11-21T03:00:00Z')")
+    return text(
+        "INSERT INTO executed_obs_unit (id, obs_unit_id, instrument_module_id, start_time) VALUES (:id, :o, :m, '2026-11-21T03:00:00Z')"
+    )

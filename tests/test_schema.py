@@ -258,8 +258,13 @@ def test_values_are_kept_as_sent_and_defaults_left_to_the_database():
     values = {"obs_unit_id": str(NOWHERE), "instrument_module_id": str(NOWHERE).upper(), "start_time": "2026-11-21T04:00:00+01:00"}
     (step,) = admit("executed_obs_unit", values).steps
     assert step.values == values and "created_at" not in step.values
-    assert step.shown == {"obs_unit_id": str(NOWHERE), "instrument_module_id": str(NOWHERE), "start_time": T0,
-                          "status": "running", "metadata": {}}  # what readers see at once: the primary's defaults
+    assert step.shown == {
+        "obs_unit_id": str(NOWHERE),
+        "instrument_module_id": str(NOWHERE),
+        "start_time": T0,
+        "status": "running",
+        "metadata": {},
+    }  # what readers see at once: the primary's defaults
 
 
 def test_updates_are_partial_keep_the_key_and_not_null():

@@ -60,7 +60,8 @@ def secret_comparisons(path: Path) -> list[str]:
         id(node)
         for call in ast.walk(tree)
         if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "where"
-        for arg in call.args for node in ast.walk(arg)
+        for arg in call.args
+        for node in ast.walk(arg)
     }
     found = []
     for node in ast.walk(tree):
@@ -85,8 +86,10 @@ LOG_CONFIG = {  # everything, from every logger, at DEBUG: SQLAlchemy's statemen
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
     "root": {"level": "DEBUG", "handlers": ["stderr"]},
-    "loggers": {name: {"level": "DEBUG", "handlers": [], "propagate": True}
-                for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "sqlalchemy.engine")},
+    "loggers": {
+        name: {"level": "DEBUG", "handlers": [], "propagate": True}
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "sqlalchemy.engine")
+    },
 }
 
 
@@ -97,9 +100,25 @@ def debug_api(site_env, tmp_path):
     config.write_text(json.dumps(LOG_CONFIG))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "ingest_api.app:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-config", str(config), "--log-level", "debug", "--access-log"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OPSYNC_TOKEN_CACHE_TTL_S": "0"},
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "ingest_api.app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-config",
+                str(config),
+                "--log-level",
+                "debug",
+                "--access-log",
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OPSYNC_TOKEN_CACHE_TTL_S": "0"},
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -125,6 +144,7 @@ def test_tokens_and_passwords_never_reach_the_logs(debug_api, issue_token, prima
     revoke_token(primary_engine, revoked_name)
     unknown = TOKEN_PREFIX + "u" * 43
     with httpx.Client(base_url=base, timeout=10) as client:
+
         def call(method: str, path: str, token: str, scheme: str = "Bearer", **kwargs) -> int:
             return client.request(method, path, headers={"Authorization": f"{scheme} {token}"}, **kwargs).status_code
 
@@ -189,7 +209,7 @@ def listening(port: int) -> set[str]:
             address, hex_port = local.split(":")
             if state == "0A" and int(hex_port, 16) == port:
                 raw = bytes.fromhex(address)
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))  # each 32-bit word is host-endian
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4))  # each 32-bit word is host-endian
                 found.add(str(ipaddress.ip_address(raw)))
     return found
 
@@ -219,5 +239,4 @@ def test_postgres_listens_on_loopback_only_and_wants_scram_passwords(migrated):
         assert oct(server.root.stat().st_mode & 0o777) == "0o700"
         for user in (SUPERUSER, REPLICATION_USER):
             with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
-                psycopg.connect(host=server.host, port=server.port, dbname="opsync", user=user, password="wrong",
-                                connect_timeout=5)
+                psycopg.connect(host=server.host, port=server.port, dbname="opsync", user=user, password="wrong", connect_timeout=5)

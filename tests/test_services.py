@@ -13,9 +13,7 @@ def wait_replayed(replica, lsn: str, timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     with replica.connect(autocommit=True) as conn:
         while time.monotonic() < deadline:
-            replayed, caught_up = conn.execute(
-                "SELECT pg_last_wal_replay_lsn(), pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)
-            ).fetchone()
+            replayed, caught_up = conn.execute("SELECT pg_last_wal_replay_lsn(), pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()
             if caught_up:
                 return str(replayed)
             time.sleep(0.05)
@@ -26,9 +24,7 @@ def test_replica_is_a_streaming_standby(pg):
     assert not pg.primary.in_recovery()
     assert pg.replica.in_recovery()
     with pg.primary.connect() as conn:
-        slot = conn.execute(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = 'observatory'"
-        ).fetchone()
+        slot = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'observatory'").fetchone()
     assert slot == (True,)
 
 

@@ -25,8 +25,18 @@ RECORDS = 5000
 
 def passing() -> dict:
     return {
-        "lost": 0, "duplicated": 0, "stuck": 0, "stale": 0, "undeleted": 0, "dead_lettered_valid": 0,
-        "read_mismatches": 0, "refused": 0, "unresolved": 0, "errors": [], "settled": True, "settle_s": 12.0,
+        "lost": 0,
+        "duplicated": 0,
+        "stuck": 0,
+        "stale": 0,
+        "undeleted": 0,
+        "dead_lettered_valid": 0,
+        "read_mismatches": 0,
+        "refused": 0,
+        "unresolved": 0,
+        "errors": [],
+        "settled": True,
+        "settle_s": 12.0,
         "faults": {kind: {"injected": 2, "effective": 1} for kind in KINDS},
     }
 
@@ -98,10 +108,24 @@ def test_every_kind_the_faults_inject_is_judged():
 def test_nothing_acknowledged_is_lost_duplicated_or_stuck_under_faults():
     proc = subprocess.run(
         [
-            sys.executable, "-m", "devstack.soak", "--seed", str(SEED), "--records", str(RECORDS),
-            "--duration", "100", "--fault-gap", "0.5,2", "--settle-timeout", "120",
+            sys.executable,
+            "-m",
+            "devstack.soak",
+            "--seed",
+            str(SEED),
+            "--records",
+            str(RECORDS),
+            "--duration",
+            "100",
+            "--fault-gap",
+            "0.5,2",
+            "--settle-timeout",
+            "120",
         ],
-        cwd=REPO, capture_output=True, text=True, timeout=480,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=480,
     )
     lines = proc.stdout.strip().splitlines()
     assert lines, f"no report (exit {proc.returncode}):\n{proc.stderr[-6000:]}"

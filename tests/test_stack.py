@@ -33,10 +33,7 @@ def stack_env():
     env = {
         **os.environ,
         "OPSYNC_RUN_DIR": str(run_dir),
-        **{
-            f"OPSYNC_{name.upper()}_PORT": str(free_port())
-            for name in ("primary", "replica", "redis", "api", "datasette", "airflow")
-        },
+        **{f"OPSYNC_{name.upper()}_PORT": str(free_port()) for name in ("primary", "replica", "redis", "api", "datasette", "airflow")},
     }
     yield env
     make("down", env, check=False)
@@ -60,7 +57,10 @@ def secrets_of(env: dict) -> dict:
 
 def conninfo(env: dict, which: str) -> str:
     return psycopg.conninfo.make_conninfo(
-        host="127.0.0.1", port=env[f"OPSYNC_{which}_PORT"], dbname="opsync", user="opsync",
+        host="127.0.0.1",
+        port=env[f"OPSYNC_{which}_PORT"],
+        dbname="opsync",
+        user="opsync",
         password=secrets_of(env)["pg_password"],
     )
 
@@ -90,8 +90,11 @@ def test_wait_for_replica_waits_deferred_in_the_triggerer_holding_no_slot(stack_
             assert ti["trigger"]["classpath"] == REPLICA_TRIGGER, ti["trigger"]
             assert ti["triggerer_job"]["job_type"] == "TriggererJob" and ti["triggerer_job"]["state"] == "running", ti["triggerer_job"]
             # The task's process reports `deferred` and then exits: give it a moment, then it must be gone.
-            poll(lambda: not task_processes(ti["id"]) and not psutil.pid_exists(ti["pid"]), 30,
-                 f"the deferred task's process {ti['pid']} to exit")
+            poll(
+                lambda: not task_processes(ti["id"]) and not psutil.pid_exists(ti["pid"]),
+                30,
+                f"the deferred task's process {ti['pid']} to exit",
+            )
             idle = f"{ti['pool']} with no slot running while {WAIT_TASK} is deferred"
             pool = poll(lambda: idle_pool_while_deferred(airflow, ti), 30, idle)
             assert pool["include_deferred"] is False and pool["deferred_slots"] >= 1, pool
@@ -129,9 +132,7 @@ def test_make_up_starts_every_part_and_make_down_keeps_the_buffer(stack_env):
     make("down", env)
     with pytest.raises(redis.ConnectionError):
         redis_client(env).ping()
-    not_running = subprocess.run(
-        [sys.executable, "-m", "devstack.cli", "status"], env=env, capture_output=True, text=True
-    )
+    not_running = subprocess.run([sys.executable, "-m", "devstack.cli", "status"], env=env, capture_output=True, text=True)
     assert not_running.returncode == 3, not_running.stdout
 
     make("up", env)
@@ -173,7 +174,8 @@ def wait_for_sync_state(row_url: str, states: set[str], timeout_s: float) -> str
 def ingest_client(env: dict) -> httpx.Client:
     return httpx.Client(
         base_url=f"http://127.0.0.1:{env['OPSYNC_API_PORT']}",
-        headers={"Authorization": f"Bearer {secrets_of(env)['demo_token']}"}, timeout=10,
+        headers={"Authorization": f"Bearer {secrets_of(env)['demo_token']}"},
+        timeout=10,
     )
 
 
@@ -223,9 +225,7 @@ def first_commit_lsn(ingest: httpx.Client, status_urls: list[str]) -> Lsn | None
 
 def deferred_wait(airflow: httpx.Client, commit_lsn: Lsn) -> dict | None:
     """The deferred ``wait_for_replica`` waiting for ``commit_lsn`` or later, once a triggerer has taken its trigger."""
-    response = airflow.get(
-        "/api/v2/dags/opsync_drain/dagRuns/~/taskInstances", params={"task_id": WAIT_TASK, "state": "deferred"}
-    )
+    response = airflow.get("/api/v2/dags/opsync_drain/dagRuns/~/taskInstances", params={"task_id": WAIT_TASK, "state": "deferred"})
     assert response.status_code == 200, response.text
     for ti in response.json()["task_instances"]:
         if Lsn.parse(ti["rendered_fields"]["target_lsn"]) >= commit_lsn and (ti["trigger"] or {}).get("triggerer_id"):
@@ -254,7 +254,7 @@ def task_processes(ti_id: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         title = " ".join(proc.info["cmdline"] or [])
-        if title.startswith(TASK_TITLE) and normal(title[len(TASK_TITLE):]) == normal(ti_id):
+        if title.startswith(TASK_TITLE) and normal(title[len(TASK_TITLE) :]) == normal(ti_id):
             found.append(proc)
     return found
 

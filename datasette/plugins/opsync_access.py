@@ -136,8 +136,7 @@ def actor_from_request(datasette, request):
 
 
 async def respond(send, status: int, body: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"), *headers]})
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain; charset=utf-8"), *headers]})
     await send({"type": "http.response.body", "body": body.encode()})
 
 
@@ -231,15 +230,13 @@ async def github_callback(datasette, settings: Access, app, scope, receive, send
     clear = set_cookie(STATE_COOKIE, "", 0, scope.get("scheme") == "https")
     if not state_matches(datasette, scope):
         log.warning("GitHub sign-in refused: missing or mismatched OAuth state")
-        return await respond(send, 403, "Forbidden: sign-in state missing or mismatched; start again from "
-                             f"{START_PATH}", [clear])
+        return await respond(send, 403, f"Forbidden: sign-in state missing or mismatched; start again from {START_PATH}", [clear])
     status, headers, body = await captured(app, scope, receive)
     actor = new_actor(datasette, headers)
     if actor is not None and not is_member(actor, settings):
         where = f"team {settings.team}" if settings.team else f"organisation {settings.org}"
         log.warning("GitHub sign-in refused: %s is not in the %s", actor.get("gh_login"), where)
-        return await respond(send, 403, f"Forbidden: {actor.get('gh_login')} is not a member of the GitHub {where}",
-                             [clear])
+        return await respond(send, 403, f"Forbidden: {actor.get('gh_login')} is not a member of the GitHub {where}", [clear])
     await replay(send, status, [*headers, clear], body)
 
 
@@ -256,13 +253,18 @@ def asgi_wrapper(datasette):
                 if scheme.lower() == "bearer" and not (
                     scheme == "Bearer" and any(secrets.compare_digest(token.encode(), t.encode()) for t in settings.tokens)
                 ):
-                    return await respond(send, 401, json.dumps({"ok": False, "error": "invalid token"}),
-                                         [(b"www-authenticate", b'Bearer realm="opsync"')])
+                    return await respond(
+                        send, 401, json.dumps({"ok": False, "error": "invalid token"}), [(b"www-authenticate", b'Bearer realm="opsync"')]
+                    )
             path = scope.get("path", "")
             if path in (START_PATH, CALLBACK_PATH):
                 if not settings.github_ready:
-                    return await respond(send, 404, "GitHub sign-in is not configured here (OPSYNC_GITHUB_CLIENT_ID, "
-                                         "OPSYNC_GITHUB_CLIENT_SECRET, OPSYNC_GITHUB_ORG or OPSYNC_GITHUB_TEAM)")
+                    return await respond(
+                        send,
+                        404,
+                        "GitHub sign-in is not configured here (OPSYNC_GITHUB_CLIENT_ID, "
+                        "OPSYNC_GITHUB_CLIENT_SECRET, OPSYNC_GITHUB_ORG or OPSYNC_GITHUB_TEAM)",
+                    )
                 if path == START_PATH:
                     return await github_start(datasette, app, scope, receive, send)
                 return await github_callback(datasette, settings, app, scope, receive, send)

@@ -52,33 +52,143 @@ from datasette import hookimpl
 # Without rich it prints a plain traceback for real errors only.
 datasette.handle_exception.rich = None
 
-ALLOWED_FUNCTIONS = frozenset({
-    # core scalar
-    "abs", "char", "coalesce", "format", "glob", "hex", "ifnull", "iif", "instr", "length", "like", "likelihood",
-    "likely", "lower", "ltrim", "max", "min", "nullif", "printf", "quote", "random", "randomblob", "replace",
-    "round", "rtrim", "sign", "soundex", "substr", "substring", "subtype", "trim", "typeof", "unicode", "unlikely",
-    "upper", "zeroblob", "sqlite_version",
-    # math
-    "acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "ceil", "ceiling", "cos", "cosh", "degrees", "exp",
-    "floor", "ln", "log", "log10", "log2", "mod", "pi", "pow", "power", "radians", "sin", "sinh", "sqrt", "tan",
-    "tanh", "trunc",
-    # date and time
-    "date", "time", "datetime", "julianday", "strftime", "unixepoch", "current_date", "current_time",
-    "current_timestamp",
-    # JSON (each returns a new value; nothing is written)
-    "json", "json_array", "json_array_length", "json_extract", "json_insert", "json_object", "json_patch",
-    "json_quote", "json_remove", "json_replace", "json_set", "json_type", "json_valid", "json_group_array",
-    "json_group_object", "->", "->>",
-    # aggregate and window
-    "avg", "count", "group_concat", "sum", "total", "row_number", "rank", "dense_rank", "percent_rank",
-    "cume_dist", "ntile", "lag", "lead", "first_value", "last_value", "nth_value",
-    # full-text search: MATCH, ranking and snippets, and Datasette's own escape_fts (its search box)
-    "match", "bm25", "highlight", "snippet", "offsets", "matchinfo", "escape_fts",
-})
-DESCRIBING_PRAGMAS = frozenset({  # with any argument: they describe the schema (Datasette reads them itself)
-    "table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list", "database_list",
-    "function_list",
-})
+ALLOWED_FUNCTIONS = frozenset(
+    {
+        # core scalar
+        "abs",
+        "char",
+        "coalesce",
+        "format",
+        "glob",
+        "hex",
+        "ifnull",
+        "iif",
+        "instr",
+        "length",
+        "like",
+        "likelihood",
+        "likely",
+        "lower",
+        "ltrim",
+        "max",
+        "min",
+        "nullif",
+        "printf",
+        "quote",
+        "random",
+        "randomblob",
+        "replace",
+        "round",
+        "rtrim",
+        "sign",
+        "soundex",
+        "substr",
+        "substring",
+        "subtype",
+        "trim",
+        "typeof",
+        "unicode",
+        "unlikely",
+        "upper",
+        "zeroblob",
+        "sqlite_version",
+        # math
+        "acos",
+        "acosh",
+        "asin",
+        "asinh",
+        "atan",
+        "atan2",
+        "atanh",
+        "ceil",
+        "ceiling",
+        "cos",
+        "cosh",
+        "degrees",
+        "exp",
+        "floor",
+        "ln",
+        "log",
+        "log10",
+        "log2",
+        "mod",
+        "pi",
+        "pow",
+        "power",
+        "radians",
+        "sin",
+        "sinh",
+        "sqrt",
+        "tan",
+        "tanh",
+        "trunc",
+        # date and time
+        "date",
+        "time",
+        "datetime",
+        "julianday",
+        "strftime",
+        "unixepoch",
+        "current_date",
+        "current_time",
+        "current_timestamp",
+        # JSON (each returns a new value; nothing is written)
+        "json",
+        "json_array",
+        "json_array_length",
+        "json_extract",
+        "json_insert",
+        "json_object",
+        "json_patch",
+        "json_quote",
+        "json_remove",
+        "json_replace",
+        "json_set",
+        "json_type",
+        "json_valid",
+        "json_group_array",
+        "json_group_object",
+        "->",
+        "->>",
+        # aggregate and window
+        "avg",
+        "count",
+        "group_concat",
+        "sum",
+        "total",
+        "row_number",
+        "rank",
+        "dense_rank",
+        "percent_rank",
+        "cume_dist",
+        "ntile",
+        "lag",
+        "lead",
+        "first_value",
+        "last_value",
+        "nth_value",
+        # full-text search: MATCH, ranking and snippets, and Datasette's own escape_fts (its search box)
+        "match",
+        "bm25",
+        "highlight",
+        "snippet",
+        "offsets",
+        "matchinfo",
+        "escape_fts",
+    }
+)
+DESCRIBING_PRAGMAS = frozenset(
+    {  # with any argument: they describe the schema (Datasette reads them itself)
+        "table_info",
+        "table_xinfo",
+        "index_list",
+        "index_info",
+        "index_xinfo",
+        "foreign_key_list",
+        "database_list",
+        "function_list",
+    }
+)
 VALUE_PRAGMAS = frozenset({"schema_version", "page_count", "page_size", "max_page_count"})  # read only, never set
 HIDDEN_TABLES = frozenset({"dbstat", "sqlite_stmt"})  # page-level layout of every table; other requests' SQL
 UNGUARDED_DATABASES = frozenset({"_internal", "_memory"})  # Datasette's own in-memory ones: no data, not served here
@@ -90,10 +200,26 @@ SQLITE_HEAP_BYTES = 512 * 1024 * 1024
 DEFAULT_SLOTS, DEFAULT_WAIT_S = 2, 5.0
 RETRY_AFTER_S = 2
 INDEX_TTL_S = 30  # the publisher may add tables and indexes while Datasette runs
-PRESENTATION = frozenset({  # parameters that change how a table page is shown, not which SQL it runs
-    "_size", "_next", "_shape", "_labels", "_nolabels", "_col", "_nocol", "_json", "_nofacet", "_nocount",
-    "_nosuggest", "_timelimit", "_trace", "_context", "_hide_sql", "_show_sql",
-})
+PRESENTATION = frozenset(
+    {  # parameters that change how a table page is shown, not which SQL it runs
+        "_size",
+        "_next",
+        "_shape",
+        "_labels",
+        "_nolabels",
+        "_col",
+        "_nocol",
+        "_json",
+        "_nofacet",
+        "_nocount",
+        "_nosuggest",
+        "_timelimit",
+        "_trace",
+        "_context",
+        "_hide_sql",
+        "_show_sql",
+    }
+)
 FORMAT = re.compile(r"\.(json|jsono|csv)$")
 
 
@@ -124,8 +250,10 @@ def budgeted_rows(limit: int):
     def row(cursor, values):
         total = spent.get(cursor, 0) + sum(len(v) for v in values if isinstance(v, str | bytes))
         if total > limit:
-            raise ResultTooLarge(f"query result too large: its rows exceed {limit // 2**20} MiB of text and blobs "
-                                 "(fetch fewer rows or columns, e.g. with LIMIT or _size)")
+            raise ResultTooLarge(
+                f"query result too large: its rows exceed {limit // 2**20} MiB of text and blobs "
+                "(fetch fewer rows or columns, e.g. with LIMIT or _size)"
+            )
         spent[cursor] = total
         return sqlite3.Row(cursor, values)
 
@@ -157,15 +285,21 @@ def startup(datasette):
     slots, _ = slots_config(datasette)
     threads = datasette.setting("num_sql_threads")
     if threads <= slots:
-        raise ValueError(f"num_sql_threads ({threads}) must exceed opsync-sql-limits sql_slots ({slots}): "
-                         "table pages need threads of their own")
+        raise ValueError(
+            f"num_sql_threads ({threads}) must exceed opsync-sql-limits sql_slots ({slots}): table pages need threads of their own"
+        )
 
 
 def chart_queries(datasette) -> frozenset[str]:
     """The SQL of every dashboard chart in the metadata: the dashboards fetch it as ``?sql=``."""
     dashboards = datasette.plugin_config("datasette-dashboards") or {}
-    return frozenset(chart["query"] for board in dashboards.values() if isinstance(board, dict)
-                     for chart in (board.get("charts") or {}).values() if isinstance(chart, dict) and "query" in chart)
+    return frozenset(
+        chart["query"]
+        for board in dashboards.values()
+        if isinstance(board, dict)
+        for chart in (board.get("charts") or {}).values()
+        if isinstance(chart, dict) and "query" in chart
+    )
 
 
 def indexed_columns(conn) -> dict[str, frozenset[str]]:
@@ -202,8 +336,7 @@ def is_costly(path: str, args: dict[str, list[str]], charts: frozenset[str], ind
     return False
 
 
-async def error_response(datasette, request: Request, status: int, title: str, message: str,
-                         headers: dict | None = None) -> Response:
+async def error_response(datasette, request: Request, status: int, title: str, message: str, headers: dict | None = None) -> Response:
     """An error in Datasette's own shape: JSON for ``.json`` paths, its error page otherwise."""
     body = {"ok": False, "error": message, "status": status, "title": title}
     if request.path.endswith(".json"):
@@ -269,8 +402,9 @@ def asgi_wrapper(datasette):
             if scope["type"] != "http":
                 return await app(scope, receive, send)
             if bad_time_limit(scope):
-                response = await error_response(datasette, Request(scope, receive), 400, "Invalid _timelimit",
-                                                "_timelimit must be a whole number of milliseconds")
+                response = await error_response(
+                    datasette, Request(scope, receive), 400, "Invalid _timelimit", "_timelimit must be a whole number of milliseconds"
+                )
                 return await response.asgi_send(send)
             if not gates:
                 gates.append(Gate(datasette))
@@ -281,10 +415,13 @@ def asgi_wrapper(datasette):
                 async with asyncio.timeout(gate.wait_s):
                     await gate.slots.acquire()
             except TimeoutError:
-                message = (f"Too many SQL queries of the clients' own choosing running: at most {gate.count} at once, "
-                           f"and none finished within {gate.wait_s:g} s; try again in {RETRY_AFTER_S} s")
-                response = await error_response(datasette, Request(scope, receive), 503, "SQL busy", message,
-                                                {"Retry-After": str(RETRY_AFTER_S)})
+                message = (
+                    f"Too many SQL queries of the clients' own choosing running: at most {gate.count} at once, "
+                    f"and none finished within {gate.wait_s:g} s; try again in {RETRY_AFTER_S} s"
+                )
+                response = await error_response(
+                    datasette, Request(scope, receive), 503, "SQL busy", message, {"Retry-After": str(RETRY_AFTER_S)}
+                )
                 return await response.asgi_send(send)
             try:
                 return await app(scope, receive, send)
@@ -300,8 +437,10 @@ def asgi_wrapper(datasette):
 def handle_exception(datasette, request, exception):
     """SQLite out of its heap allowance, or a value over the length limit: the query's fault, answered 400."""
     if isinstance(exception, MemoryError):
-        message = (f"query needs more memory than SQL may use here ({SQLITE_HEAP_BYTES // 2**20} MiB for all "
-                   "queries at once); fetch or compute less")
+        message = (
+            f"query needs more memory than SQL may use here ({SQLITE_HEAP_BYTES // 2**20} MiB for all "
+            "queries at once); fetch or compute less"
+        )
     elif isinstance(exception, sqlite3.DataError):
         message = f"{exception}: values are limited to {MAX_VALUE_BYTES // 2**20} MiB here"
     else:

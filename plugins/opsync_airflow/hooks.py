@@ -34,8 +34,10 @@ class SiteBufferHook(RedisHook):
     def get_buffer(self) -> Buffer:
         settings = get_settings()
         return Buffer(
-            self.get_conn(), prefix=self.prefix,
-            idempotency_ttl_s=settings.idempotency_ttl_s, status_ttl_s=settings.status_ttl_s,
+            self.get_conn(),
+            prefix=self.prefix,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+            status_ttl_s=settings.status_ttl_s,
         )
 
 
@@ -63,7 +65,11 @@ async def async_connect(conn_id: str, connect_timeout_s: int = CONNECT_TIMEOUT_S
     """An autocommit psycopg connection for triggers: the connection is fetched without blocking the triggerer's loop."""
     conn = await BaseHook.aget_connection(conn_id)
     conninfo = psycopg.conninfo.make_conninfo(
-        host=conn.host, port=conn.port, user=conn.login, password=conn.password, dbname=conn.schema,
+        host=conn.host,
+        port=conn.port,
+        user=conn.login,
+        password=conn.password,
+        dbname=conn.schema,
         connect_timeout=connect_timeout_s,
     )
     return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)

@@ -57,14 +57,20 @@ def purge_metadata(before: datetime) -> dict[str, int]:
     env = {**os.environ, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url}
     env.pop("AIRFLOW__CORE__SQL_ALCHEMY_CONN", None)
     command = [
-        sys.executable, "-m", "airflow", "db", "clean",
-        "--clean-before-timestamp", before.isoformat(),
-        "--batch-size", str(CLEAN_BATCH_ROWS),
-        "--skip-archive", "--yes", "--error-on-cleanup-failure",
+        sys.executable,
+        "-m",
+        "airflow",
+        "db",
+        "clean",
+        "--clean-before-timestamp",
+        before.isoformat(),
+        "--batch-size",
+        str(CLEAN_BATCH_ROWS),
+        "--skip-archive",
+        "--yes",
+        "--error-on-cleanup-failure",
     ]
-    proc = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=CLEAN_TIMEOUT.total_seconds()
-    )
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CLEAN_TIMEOUT.total_seconds())
     if proc.returncode != 0:
         raise RuntimeError(f"airflow db clean failed ({proc.returncode}):\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
     purged = rows_found(proc.stdout)
@@ -112,7 +118,11 @@ def purge_logs(base: Path, before: datetime) -> LogPurge:
     result = LogPurge(files, size, dirs)
     log.info(
         "removed %d log files (%.1f MiB) and %d empty directories last written before %s under %s",
-        files, size / 2**20, dirs, before.isoformat(), base,
+        files,
+        size / 2**20,
+        dirs,
+        before.isoformat(),
+        base,
     )
     return result
 

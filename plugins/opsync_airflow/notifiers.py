@@ -68,7 +68,7 @@ class Delivery(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPSYNC_ALERT_", env_file=".env", extra="ignore")
 
     webhook_url: SecretStr | None = Field(None, description="URL alerts are POSTed to as JSON (may hold a secret)")
-    webhook_format: WebhookFormat = Field(WebhookFormat.json, description="json (generic) or slack ({\"text\": ...})")
+    webhook_format: WebhookFormat = Field(WebhookFormat.json, description='json (generic) or slack ({"text": ...})')
     webhook_timeout_s: float = Field(10, description="How long a webhook may take to answer")
     email_to: list[str] = Field([], description="Addresses alerts are mailed to through Airflow's SMTP connection")
     apprise_url: SecretStr | None = Field(None, description="Apprise URL(s) alerts are sent to, comma-separated (may hold secrets)")
@@ -82,8 +82,14 @@ class SiteAlertNotifier(BaseNotifier):
     """Announce the changes in the site's findings (all of them, or ``figures``) to Apprise, the webhook and by email."""
 
     def __init__(
-        self, *, figures: Sequence[str] = FIGURES, webhook_conn_id: str = WEBHOOK_CONN_ID, apprise_conn_id: str = APPRISE_CONN_ID,
-        buffer_conn_id: str = BUFFER_CONN_ID, primary_conn_id: str = PRIMARY_CONN_ID, replica_conn_id: str = REPLICA_CONN_ID,
+        self,
+        *,
+        figures: Sequence[str] = FIGURES,
+        webhook_conn_id: str = WEBHOOK_CONN_ID,
+        apprise_conn_id: str = APPRISE_CONN_ID,
+        buffer_conn_id: str = BUFFER_CONN_ID,
+        primary_conn_id: str = PRIMARY_CONN_ID,
+        replica_conn_id: str = REPLICA_CONN_ID,
     ) -> None:
         super().__init__()
         if unknown := set(figures) - set(FIGURES):
@@ -146,7 +152,9 @@ class SiteAlertNotifier(BaseNotifier):
         if url is None and services is None and not delivery.email_to:
             self.log.warning(
                 "no Apprise URL (connection %s or OPSYNC_ALERT_APPRISE_URL), webhook (connection %s or"
-                " OPSYNC_ALERT_WEBHOOK_URL) or email configured: alert only logged", self.apprise_conn_id, self.webhook_conn_id,
+                " OPSYNC_ALERT_WEBHOOK_URL) or email configured: alert only logged",
+                self.apprise_conn_id,
+                self.webhook_conn_id,
             )
         if services is not None:
             with urls_unlogged():
@@ -155,9 +163,7 @@ class SiteAlertNotifier(BaseNotifier):
             post_json(url, payload(site, changes, slack=fmt is WebhookFormat.slack), delivery.webhook_timeout_s)
         if delivery.email_to:
             text = summary(site, changes)
-            SmtpNotifier(
-                to=delivery.email_to, subject=text.splitlines()[0], html_content=f"<pre>{html.escape(text)}</pre>"
-            ).notify(context)
+            SmtpNotifier(to=delivery.email_to, subject=text.splitlines()[0], html_content=f"<pre>{html.escape(text)}</pre>").notify(context)
 
     def webhook(self, delivery: Delivery) -> tuple[str | None, WebhookFormat]:
         try:
@@ -166,7 +172,6 @@ class SiteAlertNotifier(BaseNotifier):
             url = delivery.webhook_url and delivery.webhook_url.get_secret_value()
             return url or None, delivery.webhook_format
         return extra.get("url"), WebhookFormat(extra.get("format", delivery.webhook_format))
-
 
     def apprise(self, delivery: Delivery) -> apprise.Apprise | None:
         """The services of the Apprise connection (the provider's format: a URL, or a list with tags), else of
@@ -215,9 +220,7 @@ URL_LOGGERS = ("apprise", "urllib3")
 
 def post_json(url: str, body: dict, timeout_s: float) -> None:
     """POST ``body``; the errors raised name the status or the network's reason, never the URL."""
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             response.read()

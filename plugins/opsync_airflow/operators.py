@@ -69,10 +69,18 @@ class DrainOperator(BaseOperator):
     ui_color = "#d9ecff"
 
     def __init__(
-        self, *, budget_s: float = 60, batch_size: int = BATCH_SIZE, batch_timeout_s: float = 60, reclaim_idle_s: float = 60,
-        batch_records: int = BATCH_RECORDS, batch_bytes: int = BATCH_BYTES,
-        buffer_conn_id: str = BUFFER_CONN_ID, primary_conn_id: str = PRIMARY_CONN_ID,
-        replica_conn_id: str = REPLICA_CONN_ID, **kwargs,
+        self,
+        *,
+        budget_s: float = 60,
+        batch_size: int = BATCH_SIZE,
+        batch_timeout_s: float = 60,
+        reclaim_idle_s: float = 60,
+        batch_records: int = BATCH_RECORDS,
+        batch_bytes: int = BATCH_BYTES,
+        buffer_conn_id: str = BUFFER_CONN_ID,
+        primary_conn_id: str = PRIMARY_CONN_ID,
+        replica_conn_id: str = REPLICA_CONN_ID,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.replica_conn_id = replica_conn_id
@@ -93,9 +101,15 @@ class DrainOperator(BaseOperator):
         ):
             try:
                 summary = drain(
-                    buffer, primary, budget_s=self.budget_s, batch_size=self.batch_size,
-                    timeout_s=self.batch_timeout_s, min_idle_ms=int(self.reclaim_idle_s * 1000), readable=readable,
-                    batch_records=self.batch_records, batch_bytes=self.batch_bytes,
+                    buffer,
+                    primary,
+                    budget_s=self.budget_s,
+                    batch_size=self.batch_size,
+                    timeout_s=self.batch_timeout_s,
+                    min_idle_ms=int(self.reclaim_idle_s * 1000),
+                    readable=readable,
+                    batch_records=self.batch_records,
+                    batch_bytes=self.batch_bytes,
                 )
             except Transient as exc:
                 depth = buffer_stats(buffer.client, buffer).depth
@@ -110,8 +124,12 @@ class ConfirmOperator(BaseOperator):
     ui_color = "#dff5e1"
 
     def __init__(
-        self, *, buffer_conn_id: str = BUFFER_CONN_ID, primary_conn_id: str = PRIMARY_CONN_ID,
-        replica_conn_id: str = REPLICA_CONN_ID, **kwargs,
+        self,
+        *,
+        buffer_conn_id: str = BUFFER_CONN_ID,
+        primary_conn_id: str = PRIMARY_CONN_ID,
+        replica_conn_id: str = REPLICA_CONN_ID,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.buffer_conn_id = buffer_conn_id
@@ -126,7 +144,9 @@ class ConfirmOperator(BaseOperator):
         confirmation = confirm(buffer, readable_position(self.primary_conn_id, self.replica_conn_id))
         self.log.info(
             "replica at %s: %d confirmed replicated, %d still await the replica",
-            confirmation.position, confirmation.confirmed, confirmation.remaining,
+            confirmation.position,
+            confirmation.confirmed,
+            confirmation.remaining,
         )
         return confirmation.confirmed
 
@@ -135,8 +155,14 @@ class ReconcileOperator(BaseOperator):
     """Confirm what the replica has passed, take over abandoned claims, and fail when something is stuck."""
 
     def __init__(
-        self, *, stuck_after_s: float = 600, reclaim_idle_s: float = 60, buffer_conn_id: str = BUFFER_CONN_ID,
-        primary_conn_id: str = PRIMARY_CONN_ID, replica_conn_id: str = REPLICA_CONN_ID, **kwargs,
+        self,
+        *,
+        stuck_after_s: float = 600,
+        reclaim_idle_s: float = 60,
+        buffer_conn_id: str = BUFFER_CONN_ID,
+        primary_conn_id: str = PRIMARY_CONN_ID,
+        replica_conn_id: str = REPLICA_CONN_ID,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.stuck_after_s = stuck_after_s
@@ -148,8 +174,10 @@ class ReconcileOperator(BaseOperator):
     def execute(self, context) -> int:
         buffer = SiteBufferHook(self.buffer_conn_id).get_buffer()
         result = reconcile(
-            buffer, lambda: readable_position(self.primary_conn_id, self.replica_conn_id),
-            self.stuck_after_s, int(self.reclaim_idle_s * 1000),
+            buffer,
+            lambda: readable_position(self.primary_conn_id, self.replica_conn_id),
+            self.stuck_after_s,
+            int(self.reclaim_idle_s * 1000),
         )
         self.log.info("%s", result.describe())
         if result.stats.dead_letters:
@@ -168,7 +196,12 @@ class ReadModelCheckOperator(BaseOperator):
     ui_color = "#fdf3d8"
 
     def __init__(
-        self, *, chunk: int = 10_000, buffer_conn_id: str = BUFFER_CONN_ID, replica_conn_id: str = REPLICA_CONN_ID, **kwargs,
+        self,
+        *,
+        chunk: int = 10_000,
+        buffer_conn_id: str = BUFFER_CONN_ID,
+        replica_conn_id: str = REPLICA_CONN_ID,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.chunk = chunk

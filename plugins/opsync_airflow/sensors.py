@@ -21,8 +21,14 @@ class ReplicaLsnSensor(BaseSensorOperator):
     ui_color = "#fff3d6"
 
     def __init__(
-        self, *, target_lsn: str | None, replica_conn_id: str = REPLICA_CONN_ID, primary_conn_id: str = PRIMARY_CONN_ID,
-        poke_interval: float = 2, timeout: float = 300, **kwargs,
+        self,
+        *,
+        target_lsn: str | None,
+        replica_conn_id: str = REPLICA_CONN_ID,
+        primary_conn_id: str = PRIMARY_CONN_ID,
+        poke_interval: float = 2,
+        timeout: float = 300,
+        **kwargs,
     ) -> None:
         super().__init__(poke_interval=poke_interval, timeout=timeout, **kwargs)
         self.target_lsn = target_lsn

@@ -98,8 +98,12 @@ class BufferWakeTrigger(BaseEventTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         conn = await BaseHook.aget_connection(self.redis_conn_id)
         client = redis.asyncio.Redis(
-            host=conn.host, port=conn.port, username=conn.login or None, password=conn.password,
-            db=conn.extra_dejson.get("db") or 0, socket_timeout=WAKE_READ_TIMEOUT_S * 3,
+            host=conn.host,
+            port=conn.port,
+            username=conn.login or None,
+            password=conn.password,
+            db=conn.extra_dejson.get("db") or 0,
+            socket_timeout=WAKE_READ_TIMEOUT_S * 3,
         )
         try:
             async with client.pubsub(ignore_subscribe_messages=True) as pubsub:

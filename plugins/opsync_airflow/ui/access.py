@@ -76,8 +76,9 @@ async def signed_in(request: Request, bearer: Bearer) -> BaseUser:
     try:
         return await get_user(request, None, bearer)
     except HTTPException as exc:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, f"sign in to Airflow first ({exc.detail})",
-                            headers={"WWW-Authenticate": "Bearer"}) from None
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, f"sign in to Airflow first ({exc.detail})", headers={"WWW-Authenticate": "Bearer"}
+        ) from None
 
 
 async def reader(user: Annotated[BaseUser, Depends(signed_in)]) -> BaseUser:

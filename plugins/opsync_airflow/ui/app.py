@@ -28,16 +28,19 @@ HERE = FilePath(__file__).parent
 HISTORY_SHOWN = 20
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self';"
-                               " form-action 'self'; base-uri 'none'; frame-ancestors 'self'",
+    " form-action 'self'; base-uri 'none'; frame-ancestors 'self'",
     "X-Frame-Options": "SAMEORIGIN",  # Airflow shows the page in its own frame; nobody else may (clickjacking)
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
 }
 
-TxnId = Annotated[str, Path(
-    pattern=r"^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|\d{1,20}-\d{1,20})$",
-    description="A txn_id, or the dead-letter entry ID of an envelope that could not be read",
-)]
+TxnId = Annotated[
+    str,
+    Path(
+        pattern=r"^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|\d{1,20}-\d{1,20})$",
+        description="A txn_id, or the dead-letter entry ID of an envelope that could not be read",
+    ),
+]
 
 app = FastAPI(title="opsync sync status", docs_url=None, redoc_url=None, openapi_url=None)
 app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -87,8 +90,13 @@ def sync_status(request: Request, user: PageReader) -> HTMLResponse:
         if "redis" not in snapshot.status.unavailable:
             letters, history = dlq.dead_letters(buffer), dlq.history(buffer, HISTORY_SHOWN)
     page_data = {
-        "user": user.get_name(), "can_operate": may_operate(user), "csrf_token": csrf_token(user), "csrf_header": CSRF_HEADER,
-        "snapshot": snapshot, "figures": page.figures(snapshot), "chart": page.chart(snapshot.rate),
+        "user": user.get_name(),
+        "can_operate": may_operate(user),
+        "csrf_token": csrf_token(user),
+        "csrf_header": CSRF_HEADER,
+        "snapshot": snapshot,
+        "figures": page.figures(snapshot),
+        "chart": page.chart(snapshot.rate),
         "letters": letters and [letter.details() | {"depends_on": letter.depends_on} for letter in letters],
         "history": history,
     }

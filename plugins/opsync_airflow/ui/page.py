@@ -111,8 +111,16 @@ def chart(rate: list[tuple[int, int]]) -> Chart | None:
     bars = []
     for i, (minute, n) in enumerate(rate):
         height = CHART_HEIGHT * n / peak
-        bars.append(Bar(round(i * width, 2), round(CHART_HEIGHT - height, 2), round(width * 0.85, 2), round(height, 2),
-                        f"{clock(minute)} UTC: {n:,} records", n))
+        bars.append(
+            Bar(
+                round(i * width, 2),
+                round(CHART_HEIGHT - height, 2),
+                round(width * 0.85, 2),
+                round(height, 2),
+                f"{clock(minute)} UTC: {n:,} records",
+                n,
+            )
+        )
     return Chart(bars, peak, sum(n for _, n in rate), clock(rate[0][0]), clock(rate[-1][0]))
 
 

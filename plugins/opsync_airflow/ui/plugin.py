@@ -14,11 +14,13 @@ URL_PREFIX = "/opsync"
 class OpsyncSyncStatusPlugin(AirflowPlugin):
     name = "opsync_sync_status"
     fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "Sync status"}]
-    external_views = [{
-        "name": "Sync status",
-        "href": f"{URL_PREFIX}/",
-        "icon": f"{URL_PREFIX}/static/icon.svg",
-        "destination": "nav",
-        "url_route": "sync-status",  # shown inside Airflow's UI at /plugin/sync-status
-        "nav_top_level": True,
-    }]
+    external_views = [
+        {
+            "name": "Sync status",
+            "href": f"{URL_PREFIX}/",
+            "icon": f"{URL_PREFIX}/static/icon.svg",
+            "destination": "nav",
+            "url_route": "sync-status",  # shown inside Airflow's UI at /plugin/sync-status
+            "nav_top_level": True,
+        }
+    ]

@@ -31,7 +31,8 @@ class Snapshot:
 
     def as_json(self) -> dict:
         return self.status.as_json() | {
-            "drain": self.metrics and {
+            "drain": self.metrics
+            and {
                 "failed_runs_consecutive": self.metrics.failed_runs_consecutive,
                 "records_applied_last_hour": sum(n for _, n in self.rate),
                 "rate_per_minute": [[minute, n] for minute, n in self.rate],
