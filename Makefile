@@ -65,6 +65,7 @@ locks: bootstrap
 # mypy checks what [tool.mypy] in pyproject.toml names (opsync/ and ingest_api/).
 lint: bootstrap
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	promtool check rules deploy/prometheus/opsync-rules.yml && promtool test rules deploy/prometheus/opsync-rules.test.yml
 	$(VENV)/bin/mypy
 
