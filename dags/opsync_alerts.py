@@ -1,6 +1,6 @@
 """Every minute: judge the site's figures by the alert rules and announce what changed (Apprise, webhook, email).
 
-Thresholds: ``OPSYNC_ALERT_*`` (``opsync.alerts.Thresholds``); delivery: connection ``opsync_alert_apprise``
+Thresholds: ``OPSYNC_ALERT_*`` (``opsync.monitoring.alerts.Thresholds``); delivery: connection ``opsync_alert_apprise``
 or ``OPSYNC_ALERT_APPRISE_URL``, connection ``opsync_alert_webhook`` or ``OPSYNC_ALERT_WEBHOOK_URL``, ``OPSYNC_ALERT_EMAIL_TO`` (see
 ``opsync_airflow.notifiers``). A problem is announced once, again when its level changes, and when it
 clears; a failed delivery fails the task and is retried at the next run.

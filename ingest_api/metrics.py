@@ -2,7 +2,7 @@
 
 Buffer gauges are measured when Prometheus scrapes (a collector), so there is no background loop
 and no stale figure. The drainer runs in short Airflow tasks that nothing could scrape: it counts
-its batches, runs and errors in the buffer's Redis (:mod:`opsync.drain_metrics`), and this API
+its batches, runs and errors in the buffer's Redis (:mod:`opsync.monitoring.drain_metrics`), and this API
 exposes them, read at scrape time too. Requests are labelled with the route template, never the concrete path, so
 IDs cannot blow up the number of series.
 """
@@ -25,12 +25,12 @@ from starlette.types import Message, Receive, Scope, Send
 from ingest_api.deps import get_buffer, get_primary
 from ingest_api.guards import HttpMiddleware
 from ingest_api.reads import get_replica
-from opsync.capacity import capacity
 from opsync.config import get_settings
-from opsync.drain_metrics import ERROR_CLASSES, drain_metrics
+from opsync.monitoring.capacity import capacity
+from opsync.monitoring.drain_metrics import ERROR_CLASSES, drain_metrics
+from opsync.monitoring.status import SiteStatus, measure_replication
 from opsync.read_model_figures import read_model_figures
 from opsync.stats import buffer_stats, high_water
-from opsync.status import SiteStatus, measure_replication
 
 REGISTRY = CollectorRegistry()
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
@@ -188,7 +188,7 @@ class ReadModelCollector(Collector):
 
 
 class CapacityCollector(Collector):
-    """The forecasts (:mod:`opsync.capacity`): ``+Inf`` is never at this rate, 0 is already; a figure not measured
+    """The forecasts (:mod:`opsync.monitoring.capacity`): ``+Inf`` is never at this rate, 0 is already; a figure not measured
     yet is left out. The replica's slot is read on the primary, so it is left out while the primary is out of reach
     (``opsync_replica_slot_up`` 0), and so is the replica's lag (which the alert rules need too)."""
 
@@ -237,7 +237,7 @@ class CapacityCollector(Collector):
 
 
 def replication_figures(name: str):
-    """The slot and the replica's lag as :mod:`opsync.status` measures them for the alerts: one query on the primary,
+    """The slot and the replica's lag as :mod:`opsync.monitoring.status` measures them for the alerts: one query on the primary,
     one on the local replica; a lag that cannot be measured is left out."""
     measured = SiteStatus(at=datetime.now(UTC).isoformat())
     measure_replication(measured, get_primary(), get_replica(), name)

@@ -45,18 +45,19 @@ from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import NullPool
 
-from opsync import alert_rules, auth, dlq, tokens
-from opsync.alerts import Thresholds
+from opsync import auth, dlq, tokens
 from opsync.apply import Transient, engine_options
 from opsync.buffer import Buffer
 from opsync.config import SiteType, get_settings
 from opsync.drain import BatchLimits, BatchSettings, Confirmation, DrainSummary, confirm, confirm_replica, drain
 from opsync.lsn import ReplicaError, current_position
+from opsync.monitoring import alert_rules
+from opsync.monitoring.alerts import Thresholds
+from opsync.monitoring.status import SiteStatus, site_status
 from opsync.publisher import Publisher
 from opsync.read_model import ReadModel
 from opsync.registry import ingestible_tables
 from opsync.stats import buffer_stats
-from opsync.status import SiteStatus, site_status
 
 CONNECT_TIMEOUT_S = 10  # the primary is across the WAN: slow is normal, but never hang
 AGO = re.compile(r"(\d+)([mhd])")

@@ -7,7 +7,7 @@ their new states, in atomic Redis steps of bounded size. A crash before or betwe
 rest claimed and redelivered; the ledger skips what had been committed. Committed transactions
 then wait, scored by commit LSN, until :func:`confirm` sees the replica past them; any run may
 confirm them, so nothing depends on one waiting sensor. Airflow tasks (and the CLI) call these
-functions; they hold no Airflow knowledge. Every batch and every run is counted in Redis (:mod:`opsync.drain_metrics`).
+functions; they hold no Airflow knowledge. Every batch and every run is counted in Redis (:mod:`opsync.monitoring.drain_metrics`).
 """
 
 import contextlib
@@ -24,10 +24,11 @@ from pydantic import PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Engine
 
-from opsync import drain_metrics, fault_points
+from opsync import fault_points
 from opsync.apply import BatchResult, Pending, Transient, apply_batch
 from opsync.buffer import CLAIM_PAGE, Buffer, Entry, Settlement
 from opsync.lsn import Lsn, ReplicaError, replica_position
+from opsync.monitoring import drain_metrics
 from opsync.registry import UnknownTable
 
 UNREADABLE = "unreadable envelope"

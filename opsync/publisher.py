@@ -45,13 +45,13 @@ from sqlalchemy import Engine, bindparam, create_engine, select, text
 from sqlalchemy.exc import DBAPIError
 
 from opsync import merged
-from opsync.alerts import stored_findings
 from opsync.buffer import Buffer
 from opsync.changes import SNAPSHOT_SQL, Changes, Position, purge_changes, read_changes, snapshot_xmin
 from opsync.config import Settings, get_settings
-from opsync.drain_metrics import rate_per_minute
 from opsync.envelope import State, Transaction
 from opsync.events import parse_event
+from opsync.monitoring.alerts import stored_findings
+from opsync.monitoring.drain_metrics import rate_per_minute
 from opsync.read_model import Layout, ReadModel
 from opsync.read_model_figures import POISON_KEEP, Poison, load_poison, read_model_figures, save_position, store_poison
 from opsync.stats import buffer_stats

@@ -70,7 +70,7 @@ WRITE_POISON = (
     TypeError,
     OverflowError,
 )
-DRAIN_DDL = (  # the drainer's figures (opsync.drain_metrics) and the alert findings (opsync.alerts), as Redis has them
+DRAIN_DDL = (  # the drainer's figures (monitoring.drain_metrics) and the alert findings (monitoring.alerts), as Redis has them
     f"CREATE TABLE IF NOT EXISTS {DRAIN_RATE} (minute TEXT PRIMARY KEY, records_applied INTEGER NOT NULL)",
     f"CREATE TABLE IF NOT EXISTS {FINDINGS} (figure TEXT PRIMARY KEY, value REAL, level TEXT NOT NULL, message TEXT NOT NULL,"
     " evaluated_at TEXT NOT NULL)",

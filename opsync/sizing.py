@@ -24,7 +24,7 @@ def maxmemory_for(entries: int, kept: int, memory_fraction: float) -> int:
 def room(fill: Fill, settings: Settings, bytes_per_txn: float = BUFFERED_TXN_BYTES) -> int:
     """How many more single-record transactions the buffer takes before a high-water mark refuses them:
     the memory already used (finished transactions kept for their TTL included) counts; without a
-    ``maxmemory`` only the entries mark does. ``bytes_per_txn``: a figure measured live (opsync.capacity)."""
+    ``maxmemory`` only the entries mark does. ``bytes_per_txn``: a figure measured live (opsync.monitoring.capacity)."""
     by_entries = settings.high_water_entries - fill.depth
     if not fill.maxmemory:
         return max(0, by_entries)

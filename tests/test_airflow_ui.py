@@ -25,8 +25,9 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from sqlalchemy import create_engine  # noqa: E402
 
-from opsync import cli, dlq, drain, drain_metrics  # noqa: E402
+from opsync import cli, dlq, drain  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
+from opsync.monitoring import drain_metrics  # noqa: E402
 from opsync.read_model_figures import Poison, store_poison  # noqa: E402
 from opsync_airflow.ui.access import CSRF_HEADER  # noqa: E402
 from tests.conftest import free_port  # noqa: E402

@@ -27,15 +27,15 @@ from pydantic import ValidationError  # noqa: E402
 
 from devstack.settings import REPO  # noqa: E402
 from opsync import dlq, drain  # noqa: E402
-from opsync.alerts import FIGURES, Change, Finding, Level, Thresholds, announce, due, evaluate, payload, stored_findings, summary  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
-from opsync.capacity import Slot  # noqa: E402
-from opsync.drain_metrics import DrainMetrics, drain_metrics, record_run  # noqa: E402
 from opsync.lsn import Lsn  # noqa: E402
+from opsync.monitoring.alerts import FIGURES, Change, Finding, Level, Thresholds, announce, due, evaluate, payload, stored_findings, summary  # noqa: E402
+from opsync.monitoring.capacity import Slot  # noqa: E402
+from opsync.monitoring.drain_metrics import DrainMetrics, drain_metrics, record_run  # noqa: E402
+from opsync.monitoring.status import SiteStatus  # noqa: E402
 from opsync.read_model import ReadModel  # noqa: E402
 from opsync.read_model_figures import Poison, ReadModelFigures  # noqa: E402
 from opsync.stats import BufferStats  # noqa: E402
-from opsync.status import SiteStatus  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.test_browser import CHROMIUM, console_errors, element, labels, render  # noqa: E402
 from tests.test_datasette_views import SITE_TZ, datasette_site  # noqa: E402

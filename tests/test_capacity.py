@@ -1,4 +1,4 @@
-"""Seeing an outage coming and going (:mod:`opsync.capacity`): the high-water forecast from a real buffer filled at a
+"""Seeing an outage coming and going (:mod:`opsync.monitoring.capacity`): the high-water forecast from a real buffer filled at a
 known rate, the drain's ETA from a real drain, the forecasts on ``/metrics``, and the replica's slot on a primary with
 a small ``max_slot_wal_keep_size`` whose WAL reserve shrinks for real while the replica is stopped, until the slot is
 lost and the replica is cloned again as the README says.
@@ -18,13 +18,13 @@ from sqlalchemy import create_engine
 from devstack.postgres import REPLICATION_SLOT, Credentials, PostgresServer, provision
 from ingest_api import deps
 from opsync import drain, sizing
-from opsync.alerts import Level, Thresholds, evaluate
 from opsync.buffer import Buffer
-from opsync.capacity import MIN_FILL_TXNS, capacity
 from opsync.config import Settings, get_settings
-from opsync.drain_metrics import DrainMetrics
 from opsync.ingest import StepIn, build_transaction
-from opsync.status import site_status
+from opsync.monitoring.alerts import Level, Thresholds, evaluate
+from opsync.monitoring.capacity import MIN_FILL_TXNS, capacity
+from opsync.monitoring.drain_metrics import DrainMetrics
+from opsync.monitoring.status import site_status
 from tests.conftest import PG_BIN, PG_OS_USER, free_port, wait_for
 from tests.test_drain import confirm_all
 

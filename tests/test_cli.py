@@ -22,10 +22,10 @@ from opsync.buffer import Buffer
 from opsync.config import get_settings
 from opsync.ingest import StepIn, build_transaction
 from opsync.lsn import current_position, replica_position
+from opsync.monitoring.status import site_status
 from opsync.publisher import Publisher
 from opsync.read_model import ReadModel
 from opsync.stats import buffer_stats
-from opsync.status import site_status
 
 OPSYNC = Path(sys.executable).with_name("opsync")  # the installed entry point of this venv
 README = Path(__file__).parents[1] / "README.md"

@@ -16,8 +16,8 @@ from opsync.buffer import Buffer
 from opsync.config import get_settings
 from opsync.envelope import Op
 from opsync.ingest import StepIn, build_transaction
+from opsync.monitoring.status import site_status
 from opsync.stats import buffer_stats
-from opsync.status import site_status
 from tests.conftest import free_port
 
 SHA = "cd" * 32

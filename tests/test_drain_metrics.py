@@ -12,13 +12,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
 
 from devstack.wan import WanProxy
-from opsync import drain, drain_metrics
-from opsync.alerts import Finding, Level, store_findings
+from opsync import drain
 from opsync.apply import Transient
 from opsync.buffer import Buffer
-from opsync.drain_metrics import BATCH_BUCKETS, ERROR_CLASSES, DrainMetrics, rate_per_minute, record_batch, record_run
 from opsync.envelope import Op, Step, Transaction
 from opsync.ids import new_id
+from opsync.monitoring import drain_metrics
+from opsync.monitoring.alerts import Finding, Level, store_findings
+from opsync.monitoring.drain_metrics import BATCH_BUCKETS, ERROR_CLASSES, DrainMetrics, rate_per_minute, record_batch, record_run
 from opsync.publisher import Publisher
 from opsync.read_model import ReadModel
 from tests.test_drain import buffered, engine, observation, raw_file

@@ -1,4 +1,4 @@
-"""The Prometheus rules and the Grafana dashboard against what they mirror: ``opsync.alerts`` judging the same
+"""The Prometheus rules and the Grafana dashboard against what they mirror: ``opsync.monitoring.alerts`` judging the same
 measurements (through a real ``promtool test rules``), and a live ``/metrics`` of the real API (through
 ``promtool check metrics``), so neither side can drift from the other.
 """
@@ -21,17 +21,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from ingest_api import deps, reads
-from opsync import alert_rules, drain
-from opsync.alerts import FIGURES, Level, Thresholds, evaluate, rules
+from opsync import drain
 from opsync.buffer import Buffer
-from opsync.capacity import Slot
 from opsync.cli import main
 from opsync.config import get_settings
-from opsync.drain_metrics import DrainMetrics
 from opsync.lsn import Lsn
+from opsync.monitoring import alert_rules
+from opsync.monitoring.alerts import FIGURES, Level, Thresholds, evaluate, rules
+from opsync.monitoring.capacity import Slot
+from opsync.monitoring.drain_metrics import DrainMetrics
+from opsync.monitoring.status import SiteStatus
 from opsync.read_model_figures import ReadModelFigures
 from opsync.stats import BufferStats
-from opsync.status import SiteStatus
 from tests.conftest import free_port, wait_for
 from tests.test_drain import buffered, confirm_all, observation
 
@@ -76,7 +77,7 @@ def site(
         s.primary_lsn, s.slot = PRIMARY, slot
     if "replica" not in unavailable:
         s.replica_lsn, s.lag_from, s.replay_age_s = Lsn(PRIMARY - lag_bytes), "replica", replay_age_s
-    elif s.slot:  # as opsync.status.measure_replication: the slot's confirmed position stands in
+    elif s.slot:  # as opsync.monitoring.status.measure_replication: the slot's confirmed position stands in
         s.replica_lsn, s.lag_from = s.slot.restart_lsn, "slot"
     return s
 
@@ -237,7 +238,7 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass():
     ids=["defaults", "changed"],
 )
 def test_the_rules_fire_exactly_where_opsync_alerts_judges_warn_or_critical(changed, tmp_path):
-    """promtool evaluates every rule on the series each measurement exports; opsync.alerts judges the measurement."""
+    """promtool evaluates every rule on the series each measurement exports; opsync.monitoring.alerts judges the measurement."""
     t = Thresholds(_env_file=None, **changed)
     document = alert_rules.document(t) if changed else yaml.safe_load(RULES.read_text())
     for rule in document["groups"][0]["rules"]:

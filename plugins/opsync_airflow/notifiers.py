@@ -1,6 +1,6 @@
-"""Alerts through Airflow's callbacks: the site's findings (:mod:`opsync.alerts`) to Apprise, a webhook, and by email.
+"""Alerts through Airflow's callbacks: the site's findings (:mod:`opsync.monitoring.alerts`) to Apprise, a webhook, and by email.
 
-:class:`SiteAlertNotifier` measures the site, judges it by :class:`opsync.alerts.Thresholds` and
+:class:`SiteAlertNotifier` measures the site, judges it by :class:`opsync.monitoring.alerts.Thresholds` and
 announces only what changed since the last announcement (kept in Redis, shared by every caller),
 including what is resolved; a full evaluation is also stored for the Datasette dashboard. The
 ``opsync_alerts`` DAG calls it every minute; the drain task calls it as its failure and retry
@@ -39,12 +39,12 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opsync.alerts import FIGURES, Change, Finding, Level, Thresholds, announce, evaluate, payload, store_findings, summary
 from opsync.buffer import Buffer
 from opsync.config import get_settings
-from opsync.drain_metrics import DrainMetrics, drain_metrics
+from opsync.monitoring.alerts import FIGURES, Change, Finding, Level, Thresholds, announce, evaluate, payload, store_findings, summary
+from opsync.monitoring.drain_metrics import DrainMetrics, drain_metrics
+from opsync.monitoring.status import SiteStatus, one_line, site_status
 from opsync.stats import buffer_stats
-from opsync.status import SiteStatus, one_line, site_status
 from opsync_airflow.hooks import BUFFER_CONN_ID, PRIMARY_CONN_ID, REPLICA_CONN_ID, SiteBufferHook
 from opsync_airflow.operators import engine
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from opsync.alerts import Finding, Level
-from opsync.capacity import Forecast, duration
+from opsync.monitoring.alerts import Finding, Level
+from opsync.monitoring.capacity import Forecast, duration
 from opsync_airflow.ui.site import Snapshot
 
 CHART_WIDTH, CHART_HEIGHT = 720, 120
@@ -17,7 +17,7 @@ CHART_WIDTH, CHART_HEIGHT = 720, 120
 
 @dataclass(frozen=True)
 class Figure:
-    key: str  # the finding's figure name (opsync.alerts.FIGURES)
+    key: str  # the finding's figure name (opsync.monitoring.alerts.FIGURES)
     label: str
     value: float | int | None
     text: str

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import redis
 
-from opsync.alerts import Finding, Level, Thresholds, evaluate
 from opsync.buffer import Buffer
 from opsync.config import get_settings
-from opsync.drain_metrics import DrainMetrics, drain_metrics, rate_per_minute
-from opsync.status import SiteStatus, one_line, site_status
+from opsync.monitoring.alerts import Finding, Level, Thresholds, evaluate
+from opsync.monitoring.drain_metrics import DrainMetrics, drain_metrics, rate_per_minute
+from opsync.monitoring.status import SiteStatus, one_line, site_status
 from opsync_airflow.hooks import PRIMARY_CONN_ID, REPLICA_CONN_ID, SiteBufferHook, SiteDatabaseHook
 
 CONNECT_TIMEOUT_S = 5  # a page waits this long at most for the primary, which is often out of reach

@@ -1,7 +1,7 @@
 """Alert rules over the site's figures: each figure is ``ok``, ``warn`` or ``critical`` by configurable thresholds.
 
-:func:`evaluate` judges one measurement (:class:`opsync.status.SiteStatus` and
-:class:`opsync.drain_metrics.DrainMetrics`); the Airflow page colours figures with it and the alerts
+:func:`evaluate` judges one measurement (:class:`opsync.monitoring.status.SiteStatus` and
+:class:`opsync.monitoring.drain_metrics.DrainMetrics`); the Airflow page colours figures with it and the alerts
 DAG notifies from it. So that a problem is announced once and not every minute, the level last
 announced per figure is kept in Redis (:func:`due`, :func:`mark_sent`): only a change is sent, and a
 figure back to ``ok`` is sent as resolved. A figure that cannot be measured (its part unreachable)
@@ -18,9 +18,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opsync.buffer import Buffer
-from opsync.drain_metrics import DrainMetrics
+from opsync.monitoring.drain_metrics import DrainMetrics
+from opsync.monitoring.status import SiteStatus
 from opsync.read_model_figures import ReadModelFigures
-from opsync.status import SiteStatus
 
 
 class Thresholds(BaseSettings):

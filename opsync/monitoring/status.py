@@ -12,7 +12,7 @@ shows. Lag in seconds is 0 when caught up, else the time since the replica repla
 transaction; it is an upper bound when the primary cannot be asked.
 
 The same measurement forecasts the high-water mark and the drain's ETA, and reads the slot's WAL reserve
-(:mod:`opsync.capacity`).
+(:mod:`opsync.monitoring.capacity`).
 """
 
 from dataclasses import dataclass, field
@@ -23,9 +23,9 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from opsync.buffer import Buffer
-from opsync.capacity import Capacity, Slot, capacity, replication_slot
 from opsync.config import Settings, get_settings
 from opsync.lsn import Lsn, ReplicaError, replay_position
+from opsync.monitoring.capacity import Capacity, Slot, capacity, replication_slot
 from opsync.read_model_figures import ReadModelFigures, read_model_figures
 from opsync.stats import BufferStats, buffer_stats
 

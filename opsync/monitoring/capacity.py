@@ -7,7 +7,7 @@ the Airflow page, a Prometheus scrape, the alerts DAG) also leaves a small readi
 reading of the window and this one. Each reading is made by one Lua script, so its counters belong to one
 instant by Redis' clock: transactions ever accepted (the stream's ``entries-added``, which deletes and trims
 leave alone), unsent (:attr:`Buffer.unsent`), awaiting the replica, the drain's transactions applied
-(:mod:`opsync.drain_metrics`) and ``used_memory``. No key layout beyond those counters is read.
+(:mod:`opsync.monitoring.drain_metrics`) and ``used_memory``. No key layout beyond those counters is read.
 
 **Bytes per transaction** is the growth of ``used_memory`` per transaction accepted, summed over the
 intervals between readings in which nothing left the buffer (no acknowledgement, no confirmation, the same
@@ -40,8 +40,8 @@ from sqlalchemy import Connection, text
 from opsync import sizing
 from opsync.buffer import Buffer
 from opsync.config import Settings
-from opsync.drain_metrics import totals_key
 from opsync.lsn import Lsn
+from opsync.monitoring.drain_metrics import totals_key
 from opsync.stats import Fill, high_water
 
 SAMPLES_PER_WINDOW = 60
