@@ -1,6 +1,6 @@
 """``make bench-datasette-load``: does an ordinary table page still answer while hostile SQL runs?
 
-It fills a read model of realistic size straight through :class:`opsync.read_model.ReadModel` (the
+It fills a read model of realistic size straight through :class:`opsync.read_model.store.ReadModel` (the
 layout, indexes and stored forms the publisher writes; ``full``: 1M rows shaped as ``make bench-read``
 loads them, ``smoke``: 20k), and starts a real ``datasette serve`` with the command ``make up`` uses
 (:func:`devstack.local.datasette_command`: metadata, settings, plugins), minus the publisher plugin
@@ -41,7 +41,7 @@ import psutil
 from devstack.local import datasette_command
 from devstack.settings import REPO
 from opsync.ids import new_id
-from opsync.read_model import ReadModel
+from opsync.read_model.store import ReadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: free_port)

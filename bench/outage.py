@@ -77,7 +77,7 @@ from devstack.wan import WanProxy
 from opsync.buffer import Buffer
 from opsync.client import encode, write
 from opsync.config import Settings
-from opsync.read_model import ReadModel
+from opsync.read_model.store import ReadModel
 from opsync.stats import buffer_stats, high_water
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -60,8 +60,8 @@ from devstack.settings import REPO
 from opsync.buffer import Buffer
 from opsync.ids import new_id
 from opsync.lsn import current_position, replica_position
-from opsync.publisher import Publisher
-from opsync.read_model import ReadModel, layouts
+from opsync.read_model.publisher import Publisher
+from opsync.read_model.store import ReadModel, layouts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (bench/ingest.py: services, API server, token)

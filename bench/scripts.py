@@ -31,7 +31,7 @@ The largest inputs, from :class:`opsync.config.Settings` (so ``OPSYNC_*`` variab
   a batch into bounded calls (:func:`opsync.buffer.settle_chunks`); the longest call counts.
 - ``confirm``: the largest transaction replicated (its overlay released); ``confirm_largest_body``.
 - ``requeue``, ``discard``: a dead letter of the largest transaction (``opsync dlq``).
-- ``overlay_exists``: the publisher's check of one chunk of keys (:class:`opsync.publisher.Tuning`).
+- ``overlay_exists``: the publisher's check of one chunk of keys (:class:`opsync.read_model.publisher.Tuning`).
 
 Baselines from the same run: an empty ``EVAL`` and a plain ``XADD`` of the largest envelope.
 ``--size smoke`` runs every case on small inputs (the machinery, not the figures).
@@ -64,7 +64,7 @@ from opsync.drain import BatchLimits, BatchSettings, claim_batch
 from opsync.envelope import Transaction
 from opsync.ingest import StepIn, build_transaction
 from opsync.lsn import Lsn
-from opsync.publisher import OVERLAY_EXISTS_LUA, Tuning
+from opsync.read_model.publisher import OVERLAY_EXISTS_LUA, Tuning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import free_port  # noqa: E402  (bench/ingest.py)

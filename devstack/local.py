@@ -25,7 +25,7 @@ from devstack.redis import RedisServer
 from devstack.settings import REPO, StackSettings
 from opsync import health, migrate
 from opsync.auth import create_token
-from opsync.read_model import ensure_read_model
+from opsync.read_model.store import ensure_read_model
 from opsync.registry import ingestible_tables
 
 VENV_BIN = Path(sys.executable).parent

@@ -51,7 +51,7 @@ from devstack.settings import StackSettings
 from devstack.wan import WanProxy
 from opsync.buffer import Buffer
 from opsync.client import ApiError, OpsyncClient, Receipt, Unavailable
-from opsync.read_model import json_text, utc_text
+from opsync.read_model.store import json_text, utc_text
 
 # Shorter waits than production so that a few minutes settle everything a fault left behind. A task
 # whose scheduler was killed is adopted by the next scheduler only at its orphan check (60 s under

@@ -29,7 +29,7 @@ from opsync.config import get_settings
 from opsync.monitoring.capacity import capacity
 from opsync.monitoring.drain_metrics import ERROR_CLASSES, drain_metrics
 from opsync.monitoring.status import SiteStatus, measure_replication
-from opsync.read_model_figures import read_model_figures
+from opsync.read_model.figures import read_model_figures
 from opsync.stats import buffer_stats, high_water
 
 REGISTRY = CollectorRegistry()
@@ -167,7 +167,7 @@ class DrainCollector(Collector):
 
 
 class ReadModelCollector(Collector):
-    """The read-model publisher's figures (:mod:`opsync.read_model_figures`): poison rows and freshness; a figure
+    """The read-model publisher's figures (:mod:`opsync.read_model.figures`): poison rows and freshness; a figure
     that cannot be measured is left out."""
 
     def collect(self):

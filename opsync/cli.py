@@ -54,8 +54,8 @@ from opsync.lsn import ReplicaError, current_position
 from opsync.monitoring import alert_rules
 from opsync.monitoring.alerts import Thresholds
 from opsync.monitoring.status import SiteStatus, site_status
-from opsync.publisher import Publisher
-from opsync.read_model import ReadModel
+from opsync.read_model.publisher import Publisher
+from opsync.read_model.store import ReadModel
 from opsync.registry import ingestible_tables
 from opsync.stats import buffer_stats
 

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:16379/0"), description="The site buffer")
     read_model_path: Path = Field(Path(".run/datasette/opsync.db"), description="SQLite file Datasette serves")
     datasette_publisher: bool = Field(
-        True, description="Run the read-model publisher inside Datasette; off where it runs as python -m opsync.publisher"
+        True, description="Run the read-model publisher inside Datasette; off where it runs as python -m opsync.read_model.publisher"
     )
     timezone: str = Field("America/Santiago", description="Site time zone; defines the observing night")
     allow_non_durable: bool = Field(False, description="Start the API even if Redis is not fsync-durable (tests only)")

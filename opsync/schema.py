@@ -284,7 +284,7 @@ class RowChange(Base):
     """Change capture: which rows of an ingestible table a PostgreSQL transaction changed.
 
     Written by statement-level triggers (migration 0002) whoever writes, so the read model also
-    sees rows written at the main site with plain SQL; read by :mod:`opsync.changes`.
+    sees rows written at the main site with plain SQL; read by :mod:`opsync.read_model.changes`.
     """
 
     __tablename__ = "row_change"

@@ -28,7 +28,7 @@ from sqlalchemy import create_engine  # noqa: E402
 from opsync import cli, dlq, drain  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
 from opsync.monitoring import drain_metrics  # noqa: E402
-from opsync.read_model_figures import Poison, store_poison  # noqa: E402
+from opsync.read_model.figures import Poison, store_poison  # noqa: E402
 from opsync_airflow.ui.access import CSRF_HEADER  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.test_dlq import fix_cause, in_ledger, poison, unsent  # noqa: E402

@@ -33,8 +33,8 @@ from opsync.monitoring.alerts import FIGURES, Change, Finding, Level, Thresholds
 from opsync.monitoring.capacity import Slot  # noqa: E402
 from opsync.monitoring.drain_metrics import DrainMetrics, drain_metrics, record_run  # noqa: E402
 from opsync.monitoring.status import SiteStatus  # noqa: E402
-from opsync.read_model import ReadModel  # noqa: E402
-from opsync.read_model_figures import Poison, ReadModelFigures  # noqa: E402
+from opsync.read_model.figures import Poison, ReadModelFigures  # noqa: E402
+from opsync.read_model.store import ReadModel  # noqa: E402
 from opsync.stats import BufferStats  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.test_browser import CHROMIUM, console_errors, element, labels, render  # noqa: E402

@@ -23,8 +23,8 @@ from opsync.config import get_settings
 from opsync.ingest import StepIn, build_transaction
 from opsync.lsn import current_position, replica_position
 from opsync.monitoring.status import site_status
-from opsync.publisher import Publisher
-from opsync.read_model import ReadModel
+from opsync.read_model.publisher import Publisher
+from opsync.read_model.store import ReadModel
 from opsync.stats import buffer_stats
 
 OPSYNC = Path(sys.executable).with_name("opsync")  # the installed entry point of this venv

@@ -1,5 +1,5 @@
 """What scientists see: a real ``datasette serve`` with ``datasette/metadata.yml`` and the row-link
-plugins, on a read model filled through :mod:`opsync.read_model` (as the publisher fills it).
+plugins, on a read model filled through :mod:`opsync.read_model.store` (as the publisher fills it).
 
 The publisher plugin is left out (the plugins directory served here holds the others):
 the file is written by the test, and no publisher should reach for Redis or PostgreSQL.
@@ -25,7 +25,7 @@ import yaml
 
 from devstack.local import DATASETTE_SETTINGS
 from opsync.ids import new_id
-from opsync.read_model import ReadModel, layouts
+from opsync.read_model.store import ReadModel, layouts
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ from opsync.ids import new_id
 from opsync.monitoring import drain_metrics
 from opsync.monitoring.alerts import Finding, Level, store_findings
 from opsync.monitoring.drain_metrics import BATCH_BUCKETS, ERROR_CLASSES, DrainMetrics, rate_per_minute, record_batch, record_run
-from opsync.publisher import Publisher
-from opsync.read_model import ReadModel
+from opsync.read_model.publisher import Publisher
+from opsync.read_model.store import ReadModel
 from tests.test_drain import buffered, engine, observation, raw_file
 
 

@@ -31,7 +31,7 @@ from opsync.monitoring.alerts import FIGURES, Level, Thresholds, evaluate, rules
 from opsync.monitoring.capacity import Slot
 from opsync.monitoring.drain_metrics import DrainMetrics
 from opsync.monitoring.status import SiteStatus
-from opsync.read_model_figures import ReadModelFigures
+from opsync.read_model.figures import ReadModelFigures
 from opsync.stats import BufferStats
 from tests.conftest import free_port, wait_for
 from tests.test_drain import buffered, confirm_all, observation

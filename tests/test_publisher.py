@@ -18,8 +18,8 @@ from sqlalchemy import create_engine, select, text
 
 from opsync import drain
 from opsync.buffer import Buffer
-from opsync.publisher import Publisher, Tuning
-from opsync.read_model import ReadModel, ensure_read_model, layouts
+from opsync.read_model.publisher import Publisher, Tuning
+from opsync.read_model.store import ReadModel, ensure_read_model, layouts
 from tests.conftest import free_port, wait_for
 
 TABLE = "executed_obs_unit"
@@ -366,7 +366,7 @@ def test_datasette_serves_rows_with_their_sync_state_while_publishing(datasette,
 
 def test_the_publisher_runs_as_its_own_process(model_path, site_env, own_redis, reader):
     env = {**os.environ, "OPSYNC_READ_MODEL_PATH": str(model_path), "OPSYNC_REDIS_URL": own_redis.url}
-    process = subprocess.Popen([sys.executable, "-m", "opsync.publisher"], env=env, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-m", "opsync.read_model.publisher"], env=env, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: model_path.exists() and reader.loaded(), what="the full load")
     finally:
@@ -379,7 +379,7 @@ def test_a_publisher_behind_the_purge_horizon_resyncs_in_place(start_publisher, 
     """Changes it never read were purged: it re-reads every row, without emptying the file first."""
     from datetime import timedelta
 
-    from opsync.changes import purge_changes
+    from opsync.read_model.changes import purge_changes
 
     start_publisher()
     kept, gone, added = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()

@@ -21,9 +21,9 @@ from opsync import cli, drain
 from opsync.envelope import Op, Step, Transaction
 from opsync.ids import new_id
 from opsync.lsn import current_position, replica_position
-from opsync.publisher import Publisher
-from opsync.read_model import ReadModel
-from opsync.read_model_figures import read_model_figures
+from opsync.read_model.figures import read_model_figures
+from opsync.read_model.publisher import Publisher
+from opsync.read_model.store import ReadModel
 from tests import test_publisher
 from tests.conftest import wait_for
 from tests.test_drain import buffered, enqueued

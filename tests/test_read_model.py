@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import create_engine, text
 
-from opsync.changes import Position, purge_changes, read_changes, snapshot_xmin
-from opsync.read_model import ensure_read_model, layouts, night_of, utc_text
+from opsync.read_model.changes import Position, purge_changes, read_changes, snapshot_xmin
+from opsync.read_model.store import ensure_read_model, layouts, night_of, utc_text
 from opsync.registry import ingestible_tables
 
 TZ = "America/Santiago"  # UTC-3 in (southern) summer

@@ -17,8 +17,8 @@ from devstack.settings import REPO  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
 from opsync.config import get_settings  # noqa: E402
 from opsync.lsn import current_position, replica_position  # noqa: E402
-from opsync.publisher import Publisher  # noqa: E402
-from opsync.read_model import ReadModel  # noqa: E402
+from opsync.read_model.publisher import Publisher  # noqa: E402
+from opsync.read_model.store import ReadModel  # noqa: E402
 
 
 @pytest.fixture(scope="module")

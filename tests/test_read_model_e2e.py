@@ -23,8 +23,8 @@ from devstack.local import datasette_command
 from devstack.settings import REPO
 from opsync import dlq, drain
 from opsync.buffer import Buffer
-from opsync.read_model import ReadModel, ensure_read_model, layouts
-from opsync.read_model_check import ReadModelCheck
+from opsync.read_model.check import ReadModelCheck
+from opsync.read_model.store import ReadModel, ensure_read_model, layouts
 from tests.conftest import free_port, wait_for
 
 TABLE, FILES = "executed_obs_unit", "raw_data_file"  # files can be deleted through the API, observations not

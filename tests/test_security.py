@@ -28,7 +28,7 @@ from devstack.local import LocalStack
 from devstack.postgres import REPLICATION_USER, SUPERUSER
 from devstack.settings import StackSettings
 from opsync.auth import TOKEN_PREFIX, create_token, hash_token, revoke_token
-from opsync.read_model import ensure_read_model, layouts
+from opsync.read_model.store import ensure_read_model, layouts
 from opsync.schema import ApiToken
 from tests.conftest import free_port
 

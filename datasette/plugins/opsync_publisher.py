@@ -14,7 +14,7 @@ import threading
 
 from datasette import hookimpl
 from opsync.config import get_settings
-from opsync.publisher import Publisher
+from opsync.read_model.publisher import Publisher
 
 log = logging.getLogger("opsync.publisher")
 MAX_RESTART_DELAY_S = 60

@@ -3,7 +3,7 @@
 Statement-level AFTER triggers (with transition tables, so a COPY or a 10,000-row batch costs one
 INSERT ... SELECT, not 10,000) record which rows each transaction changed, whoever wrote them:
 the drainer, a direct write, or someone at the main site with plain SQL. The row values are not
-copied: the read-model publisher re-reads changed rows from the replica (see opsync.changes for
+copied: the read-model publisher re-reads changed rows from the replica (see opsync.read_model.changes for
 why reading this table up to the snapshot's xmin misses nothing).
 
 Self-contained like 0001 (its own table list, no import of opsync.schema).

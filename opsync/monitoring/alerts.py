@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from opsync.buffer import Buffer
 from opsync.monitoring.drain_metrics import DrainMetrics
 from opsync.monitoring.status import SiteStatus
-from opsync.read_model_figures import ReadModelFigures
+from opsync.read_model.figures import ReadModelFigures
 
 
 class Thresholds(BaseSettings):

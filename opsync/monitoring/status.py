@@ -1,5 +1,5 @@
 """How the site is doing, in one measurement: the buffer, the dead letters, how far the replica lags, and the
-read model's poison rows and freshness (:mod:`opsync.read_model_figures`).
+read model's poison rows and freshness (:mod:`opsync.read_model.figures`).
 
 Shared by ``opsync status`` and the Airflow UI. Each part (Redis, the primary, the replica) is
 measured on its own and an unreachable one is reported, never raised, so the others still show:
@@ -26,7 +26,7 @@ from opsync.buffer import Buffer
 from opsync.config import Settings, get_settings
 from opsync.lsn import Lsn, ReplicaError, replay_position
 from opsync.monitoring.capacity import Capacity, Slot, capacity, replication_slot
-from opsync.read_model_figures import ReadModelFigures, read_model_figures
+from opsync.read_model.figures import ReadModelFigures, read_model_figures
 from opsync.stats import BufferStats, buffer_stats
 
 REPLICA_SQL = (

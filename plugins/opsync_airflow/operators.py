@@ -1,4 +1,4 @@
-"""Operators over :mod:`opsync.drain`, :mod:`opsync.reconcile` and :mod:`opsync.read_model_check`: connections in,
+"""Operators over :mod:`opsync.drain`, :mod:`opsync.reconcile` and :mod:`opsync.read_model.check`: connections in,
 plain log lines out."""
 
 from collections.abc import Callable, Iterator
@@ -11,8 +11,8 @@ from opsync.apply import Transient
 from opsync.config import SiteType, get_settings
 from opsync.drain import BATCH_BYTES, BATCH_RECORDS, BATCH_SIZE, confirm, drain
 from opsync.lsn import Lsn, current_position, replica_position
-from opsync.read_model import ReadModel
-from opsync.read_model_check import ReadModelCheck
+from opsync.read_model.check import ReadModelCheck
+from opsync.read_model.store import ReadModel
 from opsync.reconcile import reconcile
 from opsync.stats import buffer_stats
 from opsync_airflow.hooks import BUFFER_CONN_ID, PRIMARY_CONN_ID, REPLICA_CONN_ID, SiteBufferHook, SiteDatabaseHook

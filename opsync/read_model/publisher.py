@@ -9,7 +9,7 @@ re-read, from four sources:
   buffered writes (inserts, updates, deletes) within a fraction of a second; and the dead-letter
   stream the same way: the rows of failed transactions, shown again as the replica holds them;
 - state events (committed / replicated / failed): the rows whose ``_txn_id`` is that transaction;
-- the replica's change capture (:mod:`opsync.changes`): replicated changes, including rows written
+- the replica's change capture (:mod:`opsync.read_model.changes`): replicated changes, including rows written
   at the main site by others, and deletes;
 - a sweep, a chunk per table per run, of the overlay's key index and of rows the file still
   shows as unsettled: the safety net for a lost wake-up (pub/sub keeps nothing).
@@ -18,9 +18,9 @@ Each source is a :class:`Duty` with its own backoff: while the replica is down, 
 appear; while Redis is down, nothing from the buffer can be known, and the stream position, the
 change position and the sweep pick up where they stopped. A row that cannot be read, rendered or
 written (poison) is skipped by whichever duty meets it, logged once, counted and listed
-(:mod:`opsync.read_model_figures`); every other row is written and the duty moves on. The file is created once and only ever
+(:mod:`opsync.read_model.figures`); every other row is written and the duty moves on. The file is created once and only ever
 written in place. Run it inside Datasette (``datasette/plugins/opsync_publisher.py``) or as its
-own process: ``python -m opsync.publisher``.
+own process: ``python -m opsync.read_model.publisher``.
 """
 
 import fcntl
@@ -46,14 +46,14 @@ from sqlalchemy.exc import DBAPIError
 
 from opsync import merged
 from opsync.buffer import Buffer
-from opsync.changes import SNAPSHOT_SQL, Changes, Position, purge_changes, read_changes, snapshot_xmin
 from opsync.config import Settings, get_settings
 from opsync.envelope import State, Transaction
 from opsync.events import parse_event
 from opsync.monitoring.alerts import stored_findings
 from opsync.monitoring.drain_metrics import rate_per_minute
-from opsync.read_model import Layout, ReadModel
-from opsync.read_model_figures import POISON_KEEP, Poison, load_poison, read_model_figures, save_position, store_poison
+from opsync.read_model.changes import SNAPSHOT_SQL, Changes, Position, purge_changes, read_changes, snapshot_xmin
+from opsync.read_model.figures import POISON_KEEP, Poison, load_poison, read_model_figures, save_position, store_poison
+from opsync.read_model.store import Layout, ReadModel
 from opsync.stats import buffer_stats
 
 log = logging.getLogger("opsync.publisher")
@@ -681,7 +681,7 @@ def single_writer(path: Path, stop: threading.Event) -> Iterator[bool]:
 
 
 def main() -> None:
-    """``python -m opsync.publisher``: publish until SIGTERM or SIGINT."""
+    """``python -m opsync.read_model.publisher``: publish until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,8 +20,8 @@ from uuid import UUID
 
 from sqlalchemy import Engine
 
-from opsync.publisher import CHANGES_STATE, FETCH_POISON, Publisher, isolate, plain, render_each
-from opsync.read_model import Layout, ReadModel, chunks
+from opsync.read_model.publisher import CHANGES_STATE, FETCH_POISON, Publisher, isolate, plain, render_each
+from opsync.read_model.store import Layout, ReadModel, chunks
 
 REPAIR_CHUNK = 1000  # keys per repair under the write lock: well within the publisher's busy timeout
 
