@@ -19,6 +19,7 @@ from sqlalchemy import text
 
 from opsync import cli
 from opsync.buffer import Buffer
+from opsync.cli import common
 from opsync.config import get_settings
 from opsync.ingest import StepIn, build_transaction
 from opsync.lsn import current_position, replica_position
@@ -77,7 +78,7 @@ def test_help_and_readme_document_every_exit_code():
     result = CliRunner().invoke(cli.main, ["--help"])
     assert result.exit_code == 0
     operating = README.read_text().split("## Operating", 1)[1].split("\n## ", 1)[0]
-    for code in cli.EXIT_CODES:
+    for code in common.EXIT_CODES:
         assert f"  {code:<3} " in result.stdout
         assert f"| {code} |" in operating, f"README's Operating section lacks exit code {code}"
 
@@ -95,7 +96,7 @@ def test_usage_errors_exit_2(run):
         ("replay", "--since", "1h", "--until", "2h"),
     ):
         result = run(*args)
-        assert result.exit_code == cli.USAGE, (args, result.output)
+        assert result.exit_code == common.USAGE, (args, result.output)
         assert result.stdout == "" and "Traceback" not in result.stderr
 
 
@@ -103,7 +104,7 @@ def test_unknown_dead_letter_exits_4(run):
     missing = str(uuid.uuid4())
     for args in (("dlq", "show", missing), ("dlq", "requeue", missing, "--yes"), ("dlq", "discard", missing, "--yes")):
         result = run(*args)
-        assert result.exit_code == cli.NOT_FOUND, (args, result.output)
+        assert result.exit_code == common.NOT_FOUND, (args, result.output)
         assert missing in result.stderr
 
 
@@ -115,11 +116,11 @@ def test_stopped_redis_makes_status_degraded_and_the_rest_unavailable(run, own_r
     own_redis.stop()
     try:
         status = run("status", "--json")
-        assert status.exit_code == cli.DEGRADED, status.output
+        assert status.exit_code == common.DEGRADED, status.output
         assert json.loads(status.stdout)["unavailable"].keys() == {"redis"}
         for args in (("dlq", "list"), ("dlq", "show", str(uuid.uuid4())), ("backlog", "drain"), ("replay", "--since", "1h")):
             result = run(*args)
-            assert result.exit_code == cli.UNAVAILABLE, (args, result.output)
+            assert result.exit_code == common.UNAVAILABLE, (args, result.output)
             assert result.stderr.startswith("Error: cannot reach the site buffer (Redis)") and result.stderr.count("\n") == 1
     finally:
         own_redis.start()
@@ -132,13 +133,13 @@ def test_unreachable_primary_is_unavailable_and_loses_nothing(run, buffer, obser
     monkeypatch.setenv("OPSYNC_PRIMARY_URL", f"postgresql+psycopg://opsync:{password}@127.0.0.1:{free_port()}/opsync")
     get_settings.cache_clear()
     drained = run("backlog", "drain", "--json")
-    assert drained.exit_code == cli.UNAVAILABLE, drained.output
+    assert drained.exit_code == common.UNAVAILABLE, drained.output
     assert "3 transactions stay buffered" in drained.stderr and password not in drained.output
     assert buffer_stats(buffer.client, buffer).depth == 3
     status = run("status", "--json")
-    assert status.exit_code == cli.DEGRADED and "primary" in json.loads(status.stdout)["unavailable"]
+    assert status.exit_code == common.DEGRADED and "primary" in json.loads(status.stdout)["unavailable"]
     tokens = run("tokens", "list")
-    assert tokens.exit_code == cli.UNAVAILABLE and tokens.stderr.startswith("Error: cannot reach the primary")
+    assert tokens.exit_code == common.UNAVAILABLE and tokens.stderr.startswith("Error: cannot reach the primary")
 
 
 # --- status ----------------------------------------------------------------------------------------------
@@ -171,11 +172,11 @@ def test_status_limits_make_it_degraded(run, buffer, observation):
 
     over = run("status", "--max-depth", "2", "--max-age", "0", "--json")
 
-    assert over.exit_code == cli.DEGRADED, over.output
+    assert over.exit_code == common.DEGRADED, over.output
     passed = json.loads(over.stdout)["limits_passed"]
     assert len(passed) == 2 and "3 transactions buffered (over --max-depth 2)" in passed[0] and "--max-age 0" in passed[1]
     human = run("status", "--max-depth", "2")
-    assert human.exit_code == cli.DEGRADED and "--max-depth 2" in human.stdout
+    assert human.exit_code == common.DEGRADED and "--max-depth 2" in human.stdout
 
 
 def test_status_watch_refreshes_count_times(run, buffer, observation):
@@ -276,7 +277,7 @@ def test_backlog_drain_takes_its_batch_caps_from_the_options_else_from_the_dags_
     buffered(buffer, observation, 2)
     monkeypatch.setenv("OPSYNC_DRAIN_BATCH_RECORDS", "0")
     refused = run("backlog", "drain")
-    assert refused.exit_code == cli.USAGE, refused.output
+    assert refused.exit_code == common.USAGE, refused.output
     assert "OPSYNC_DRAIN_BATCH_RECORDS" in refused.stderr and "greater than 0" in refused.stderr
     assert "Traceback" not in refused.stderr and buffer_stats(buffer.client, buffer).depth == 2  # nothing drained
 
@@ -288,7 +289,7 @@ def test_backlog_drain_follow_with_the_replica_unreachable_exits_5_after_applyin
 
     result = run("backlog", "drain", "--follow")
 
-    assert result.exit_code == cli.UNAVAILABLE, result.output
+    assert result.exit_code == common.UNAVAILABLE, result.output
     assert result.stderr.splitlines()[-1].startswith("Error: cannot reach the replica")
     stats = buffer_stats(buffer.client, buffer)
     assert (stats.depth, stats.awaiting_replica) == (0, 4)  # committed, confirmed once the replica is back
@@ -308,7 +309,7 @@ def test_ctrl_c_stops_backlog_drain_between_batches(site_env, buffer, own_redis,
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     assert start["event"] == "start" and start["remaining"] == 3000 and first["event"] == "progress"
-    assert proc.returncode == cli.INTERRUPTED, err
+    assert proc.returncode == common.INTERRUPTED, err
     last = json.loads(out.splitlines()[-1])
     assert last["event"] == "interrupted" and "Interrupted between batches" in err and "Traceback" not in err
     stats = buffer_stats(buffer.client, buffer)
@@ -394,7 +395,7 @@ def test_replay_of_purged_changes_is_degraded_and_without_a_read_model_not_found
     try:
         wait_replayed(primary_engine, replica_engine)
         result = run("replay", "--since", "2000-01-01", "--json")
-        assert result.exit_code == cli.DEGRADED, result.output
+        assert result.exit_code == common.DEGRADED, result.output
         assert json.loads(result.stdout)["complete"] is False and "purged" in result.stderr
     finally:
         with primary_engine.begin() as conn:
@@ -403,5 +404,5 @@ def test_replay_of_purged_changes_is_degraded_and_without_a_read_model_not_found
     monkeypatch.setenv("OPSYNC_READ_MODEL_PATH", str(tmp_path / "nowhere.db"))
     get_settings.cache_clear()
     missing = run("replay", "--since", "1h")
-    assert missing.exit_code == cli.NOT_FOUND and "no read model" in missing.stderr
+    assert missing.exit_code == common.NOT_FOUND and "no read model" in missing.stderr
     assert not (tmp_path / "nowhere.db").exists()

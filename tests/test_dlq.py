@@ -13,6 +13,8 @@ from sqlalchemy import create_engine, text
 
 from opsync import cli, dlq, drain, merged, registry
 from opsync.buffer import Buffer
+from opsync.cli import common
+from opsync.cli import status as cli_status
 from opsync.config import get_settings
 from opsync.envelope import Op
 from opsync.ingest import StepIn, build_transaction
@@ -381,12 +383,12 @@ def test_status_shows_the_lag_while_the_replica_is_stopped(cli_run, migrated, si
             conn.execute(text("INSERT INTO instrument (id, name) VALUES (:i, :n)"), {"i": uuid.uuid4(), "n": f"lag-{uuid.uuid4()}"})
         result = cli_run("status", "--json")
         report = json.loads(result.stdout)
-        assert result.exit_code == cli.DEGRADED
+        assert result.exit_code == common.DEGRADED
         assert report["degraded"] and "replica" in report["unavailable"]
         assert report["replica"]["lag_from"] == "slot" and report["replica"]["lag_bytes"] > 0
         assert report["replica"]["lag_s"] is None and report["buffer"]["depth"] == 0
         human = cli_run("status")
-        assert human.exit_code == cli.DEGRADED and "unavailable" in human.stdout and "replica is down" in human.stdout
+        assert human.exit_code == common.DEGRADED and "unavailable" in human.stdout and "replica is down" in human.stdout
     finally:
         migrated.replica.start()
         migrated.replica.wait_streaming()
@@ -399,14 +401,14 @@ def test_status_with_redis_unreachable_exits_degraded_without_a_traceback(cli_ru
 
     result = cli_run("status", "--json")
 
-    assert result.exit_code == cli.DEGRADED, result.output
+    assert result.exit_code == common.DEGRADED, result.output
     report = json.loads(result.stdout)
     assert report["buffer"] is None and "redis" in report["unavailable"]
     assert report["replica"]["lag_bytes"] is not None  # the rest still measured
     human = cli_run("status")
-    assert human.exit_code == cli.DEGRADED and "Traceback" not in human.output and "redis" in human.stdout
+    assert human.exit_code == common.DEGRADED and "Traceback" not in human.output and "redis" in human.stdout
     listed = cli_run("dlq", "list")
-    assert listed.exit_code == cli.UNAVAILABLE and "cannot reach the site buffer (Redis)" in listed.stderr
+    assert listed.exit_code == common.UNAVAILABLE and "cannot reach the site buffer (Redis)" in listed.stderr
 
 
 def test_status_watch_refreshes_until_interrupted(cli_run, monkeypatch):
@@ -417,7 +419,7 @@ def test_status_watch_refreshes_until_interrupted(cli_run, monkeypatch):
         if len(naps) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.clock, "sleep", sleep)
+    monkeypatch.setattr(cli_status.clock, "sleep", sleep)
     result = cli_run("status", "--watch", "--interval", "0.5", "--json")
     assert result.exit_code == 0, result.output
     assert naps == [0.5] * 3 and len([json.loads(line) for line in result.stdout.splitlines()]) == 3
