@@ -19,7 +19,7 @@ from sqlalchemy import text
 
 from opsync import cli
 from opsync.buffer import Buffer
-from opsync.cli import common
+from opsync.cli import backlog, common
 from opsync.config import get_settings
 from opsync.ingest import StepIn, build_transaction
 from opsync.lsn import current_position, replica_position
@@ -199,7 +199,7 @@ def test_status_watch_refreshes_count_times(run, buffer, observation):
 
 def test_backlog_drain_follow_drains_and_confirms_with_decreasing_progress(run, buffer, observation, primary_engine, monkeypatch):
     txn_ids = buffered(buffer, observation, 2000)
-    monkeypatch.setattr(cli, "DRAIN_SLICE_S", 0.05)  # many progress lines from a small backlog
+    monkeypatch.setattr(backlog, "DRAIN_SLICE_S", 0.05)  # many progress lines from a small backlog
 
     result = run("backlog", "drain", "--follow", "--batch", "50", "--json")
 
