@@ -1,4 +1,4 @@
-"""``make demo``: :mod:`opsync.demo` against the site ``make up`` runs, with its URL and the demo token it issued."""
+"""``make demo``: :mod:`opsync_observatory.demo` against the site ``make up`` runs, with its URL and the demo token it issued."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from devstack.settings import StackSettings
-from opsync import demo
+from opsync_observatory import demo
 
 
 def demo_env(settings: StackSettings) -> dict[str, str]:

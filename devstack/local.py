@@ -99,7 +99,7 @@ def datasette_command(read_model: Path, host: str, port: int, public: bool = Tru
         "--port",
         str(port),
         "--metadata",
-        str(REPO / "datasette/metadata.yml"),
+        str(REPO / "opsync_observatory/datasette.yml"),
         "--plugins-dir",
         str(REPO / "datasette/plugins"),  # runs the read-model publisher, adds row links
         *DATASETTE_SETTINGS,

@@ -29,7 +29,7 @@ from opsync.read_model import ReadModel, layouts
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-METADATA = REPO / "datasette/metadata.yml"
+METADATA = REPO / "opsync_observatory/datasette.yml"
 SITE_TZ = "America/Santiago"
 DB = "opsync"
 # The settings `make up` gives Datasette (devstack/local.py), without the plugins directory.

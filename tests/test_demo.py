@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from devstack import demo as make_demo
 from devstack.settings import StackSettings
-from opsync import demo
+from opsync_observatory import demo
 from opsync.buffer import Buffer
 from opsync.client import ApiError, OpsyncClient, Unavailable
 from opsync.envelope import Transaction
