@@ -191,7 +191,7 @@ def ingestible(model: type[DeclarativeBase]) -> Ingestible:
 
 def registrations(base: type[DeclarativeBase]) -> dict[str, Ingestible]:
     """Every model of the domain that declares ``__opsync__``, parents before children (FK order)."""
-    models = {mapper.local_table.name: mapper.class_ for mapper in base.registry.mappers if "__opsync__" in vars(mapper.class_)}
+    models = {cast(Table, m.local_table).name: m.class_ for m in base.registry.mappers if "__opsync__" in vars(m.class_)}
     ordered = [table.name for table in base.metadata.sorted_tables if table.name in models]
     return {name: ingestible(models[name]) for name in ordered}
 
