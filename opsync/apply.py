@@ -466,7 +466,8 @@ def compose_step_sql(op: Op, table: str, columns: tuple[str, ...]) -> sql.Compos
     if op is Op.delete:
         return (
             sql.SQL(
-                "WITH k AS (SELECT unnest(%s::uuid[]) AS {key}), done AS (DELETE FROM {t} USING k WHERE {t}.{pk} = k.{key} RETURNING {t}.{pk}) "
+                "WITH k AS (SELECT unnest(%s::uuid[]) AS {key}),"
+                " done AS (DELETE FROM {t} USING k WHERE {t}.{pk} = k.{key} RETURNING {t}.{pk}) "
             ).format(t=t, key=key, pk=pk)
             + missing
         )

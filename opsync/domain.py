@@ -14,6 +14,7 @@ from enum import StrEnum
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import DeclarativeBase
 
@@ -45,6 +46,16 @@ class Ingest:
 
 
 @dataclass(frozen=True)
+class Examples:
+    """The domain's rows the API's OpenAPI page shows (the engine names none)."""
+
+    table: str  # an ingestible table
+    transaction: dict[str, Any]  # a POST /v1/transactions body
+    record: dict[str, Any]  # a POST /v1/records/{table} row of ``table``
+    update: dict[str, Any]  # a PATCH body
+
+
+@dataclass(frozen=True)
 class Domain:
     """Everything the engine needs of a domain; built once in the domain package."""
 
@@ -52,6 +63,7 @@ class Domain:
     base: type[DeclarativeBase]  # the models' declarative base; ingestible models carry ``__opsync__``
     migrations: Path  # the domain's Alembic versions folder (its own branch, depending on the engine's)
     datasette_metadata: Path  # Datasette metadata: titles, column descriptions, facets, canned queries, dashboards
+    examples: Examples
     legacy_revision: str | None = None  # the domain's revision equal to an opsync 0.1 database at revision 0002
     extras: dict[str, object] = field(default_factory=dict)  # anything else the domain's own tools share
 

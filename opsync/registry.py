@@ -148,7 +148,7 @@ def has_default(column: Column) -> bool:
 
 
 def input_columns(table: Table) -> list[Column]:
-    """Columns a client may set: all but those the database manages (created_at, updated_at)."""
+    """Columns a client may set: all but those the database manages (``info=MANAGED``: stamped by the primary)."""
     return [column for column in table.columns if not column.info.get("managed")]
 
 
