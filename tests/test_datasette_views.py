@@ -1,4 +1,4 @@
-"""What scientists see: a real ``datasette serve`` with ``datasette/metadata.yml`` and the row-link
+"""What scientists see: a real ``datasette serve`` with the domain's ``opsync_observatory/datasette.yml`` and the row-link
 plugins, on a read model filled through :mod:`opsync.read_model` (as the publisher fills it).
 
 The publisher plugin is left out (the plugins directory served here holds the others):
