@@ -64,7 +64,7 @@ class Domain:
     migrations: Path  # the domain's Alembic versions folder (its own branch, depending on the engine's)
     datasette_metadata: Path  # Datasette metadata: titles, column descriptions, facets, canned queries, dashboards
     examples: Examples
-    legacy_revision: str | None = None  # the domain's revision equal to an opsync 0.1 database at revision 0002
+    legacy_revision: str | None = None  # the domain's revision (depending on engine_0001) that, with it, equals opsync 0.1's 0002
     extras: dict[str, object] = field(default_factory=dict)  # anything else the domain's own tools share
 
 

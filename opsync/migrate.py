@@ -3,7 +3,8 @@
 Two Alembic branches in two folders: the engine's (``migrations/versions``, label ``engine``) and
 the configured domain's (its package's ``migrations``, depending on the engine's first revision).
 A database of opsync 0.1 (one line of revisions, at ``0002``) holds exactly the engine's first
-revision and the domain's ``legacy_revision``: it is stamped there first, then upgraded.
+revision and the domain's ``legacy_revision`` (which depends on it, so Alembic counts that alone as
+the head): it is stamped there first, then upgraded.
 """
 
 from pathlib import Path
@@ -16,7 +17,6 @@ from opsync import domain
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 LEGACY = "0002"  # the last revision of opsync 0.1, whose migrations held engine and domain together
-ENGINE_BASE = "engine_0001"
 
 
 def alembic_config(url: str) -> Config:
@@ -51,8 +51,4 @@ def adopt_legacy(conn: Connection) -> None:
     current = domain.current()
     if current.legacy_revision is None:
         raise RuntimeError(f"the database is at opsync 0.1's revision {LEGACY}, which domain {current.name!r} cannot adopt")
-    conn.execute(text("DELETE FROM alembic_version"))
-    conn.execute(
-        text("INSERT INTO alembic_version (version_num) VALUES (:engine), (:domain)"),
-        {"engine": ENGINE_BASE, "domain": current.legacy_revision},
-    )
+    conn.execute(text("UPDATE alembic_version SET version_num = :domain"), {"domain": current.legacy_revision})

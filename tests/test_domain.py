@@ -6,10 +6,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import BigInteger, Identity, Integer, MetaData, String, Text, text
+from sqlalchemy import BigInteger, Identity, Integer, MetaData, String, Text, create_engine, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from opsync import domain, registry, schema
+from opsync import domain, migrate, migration_ops, registry, schema
 from opsync.domain import Ingest, Key, Mode
 from opsync.registry import Unregistrable
 from opsync_observatory import models
@@ -130,3 +130,51 @@ def test_a_client_given_uuid_key_registers_and_other_keys_are_refused_for_now():
         registry.ingestible(Natural)
     with pytest.raises(Unregistrable, match="table misnamed_thing: __opsync__ names no such column: nope"):
         registry.ingestible(Misnamed)
+
+
+def capture_triggers(conn) -> set[tuple[str, str, int]]:
+    """(table, trigger, number of arguments) of every change-capture trigger."""
+    rows = conn.execute(
+        text(
+            "SELECT c.relname, t.tgname, t.tgnargs FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+            " JOIN pg_proc p ON p.oid = t.tgfoid WHERE p.proname = 'opsync_capture_changes'"
+        )
+    )
+    return {tuple(row) for row in rows}
+
+
+def test_change_capture_covers_every_registered_table_by_its_key_column(pg):
+    url = pg.primary.create_database(f"domain_{uuid.uuid4().hex[:12]}")
+    migrate.upgrade(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        triggers = capture_triggers(conn)
+        assert {table for table, _, _ in triggers} == set(registry.REGISTRY)
+        assert {args for _, _, args in triggers} == {1} and len(triggers) == 3 * len(registry.REGISTRY)
+        key = conn.scalar(text("INSERT INTO instrument (id, name) VALUES (gen_random_uuid(), 'X') RETURNING id"))
+        assert conn.execute(text("SELECT table_name, row_id, op FROM row_change")).all() == [("instrument", key, "INSERT")]
+    engine.dispose()
+
+
+def test_an_opsync_0_1_database_at_revision_0002_is_stamped_and_upgraded(pg):
+    """As 0.1 left it: one line of revisions at 0002, capture triggers without arguments reading ``id``."""
+    url = pg.primary.create_database(f"legacy_{uuid.uuid4().hex[:12]}")
+    migrate.upgrade(url)
+    migrate.downgrade(url, "engine_0001")  # the function reads id again
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for table in registry.REGISTRY:
+            for statement in migration_ops.drop_triggers(table):
+                conn.execute(text(statement))
+            for statement in migration_ops.create_triggers(table, "id"):
+                conn.execute(text(statement.replace("opsync_capture_changes('id')", "opsync_capture_changes()")))
+        conn.execute(text("DELETE FROM alembic_version"))
+        conn.execute(text("INSERT INTO alembic_version VALUES ('0002')"))
+        assert {args for _, _, args in capture_triggers(conn)} == {0}
+    migrate.upgrade(url)
+    with engine.begin() as conn:
+        assert set(conn.scalars(text("SELECT version_num FROM alembic_version"))) == {"engine_0002", "observatory_0001"}
+        assert {args for _, _, args in capture_triggers(conn)} == {1}
+        key = conn.scalar(text("INSERT INTO instrument (id, name) VALUES (gen_random_uuid(), 'Y') RETURNING id"))
+        assert conn.scalar(text("SELECT row_id FROM row_change WHERE table_name = 'instrument'")) == key
+    engine.dispose()
