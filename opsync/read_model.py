@@ -268,8 +268,9 @@ class Layout:
 
     @cached_property
     def indexes(self) -> dict[str, str]:
-        """Index name -> CREATE statement: the primary's indexed columns, the sync columns and the night."""
-        indexes = [[name] for name in indexed_columns(self.entry.table)]
+        """Index name -> CREATE statement: the primary's indexed columns, the declared facets, the sync columns and the night."""
+        primary = indexed_columns(self.entry.table)
+        indexes = [[name] for name in primary + [f for f in self.entry.facets if f not in primary]]
         indexes += [["_sync_state", self.key], ["_txn_id"]] + ([["night"]] if self.night_source else [])
         names = [f"ix_{self.name}_{'_'.join(cols).strip('_')}" for cols in indexes]
         return {

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from sqlalchemy import BigInteger, Identity, Integer, MetaData, String, Text, create_engine, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -178,3 +179,16 @@ def test_an_opsync_0_1_database_at_revision_0002_is_stamped_and_upgraded(pg):
         key = conn.scalar(text("INSERT INTO instrument (id, name) VALUES (gen_random_uuid(), 'Y') RETURNING id"))
         assert conn.scalar(text("SELECT row_id FROM row_change WHERE table_name = 'instrument'")) == key
     engine.dispose()
+
+
+def test_the_domains_datasette_facets_are_its_registered_facets_and_the_read_model_indexes_them():
+    """The facets Datasette shows (metadata) and those the registration declares (indexed) are the same columns."""
+    from opsync.read_model import SYNC_COLUMNS, Layout
+
+    metadata = yaml.safe_load(domain.current().datasette_metadata.read_text())
+    tables = next(iter(metadata["databases"].values()))["tables"]
+    for name, entry in registry.REGISTRY.items():
+        shown = [f for f in tables[name].get("facets", []) if f not in (*SYNC_COLUMNS, "night")]
+        assert sorted(shown) == sorted(entry.facets), name
+        indexed = {sql.split("(")[-1].rstrip(")") for sql in Layout(entry, "UTC").indexes.values()}
+        assert set(entry.facets) <= indexed, name
