@@ -9,7 +9,7 @@ domain opsync ships in :mod:`opsync_observatory`).
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 from importlib.metadata import entry_points
@@ -65,7 +65,7 @@ class Domain:
     datasette_metadata: Path  # Datasette metadata: titles, column descriptions, facets, canned queries, dashboards
     examples: Examples
     legacy_revision: str | None = None  # the domain's revision (depending on engine_0001) that, with it, equals opsync 0.1's 0002
-    extras: dict[str, object] = field(default_factory=dict)  # anything else the domain's own tools share
+    demo: str | None = None  # ``module:function`` of its demo workload (``make demo``), taking argv, returning an exit code
 
 
 class UnknownDomain(LookupError):

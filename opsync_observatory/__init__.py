@@ -40,4 +40,5 @@ DOMAIN = Domain(
         update={"status": "completed", "end_time": "2026-11-21T02:40:00Z"},
     ),
     legacy_revision="observatory_0001",
+    demo="opsync_observatory.demo:main",
 )
