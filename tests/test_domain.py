@@ -1,7 +1,10 @@
 """The engine and the domain apart: the engine names no table or column of the observatory domain;
 registration refuses keys the site cannot make; the domain is chosen by configuration."""
 
+import os
 import re
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -192,3 +195,14 @@ def test_the_domains_datasette_facets_are_its_registered_facets_and_the_read_mod
         assert sorted(shown) == sorted(entry.facets), name
         indexed = {sql.split("(")[-1].rstrip(")") for sql in Layout(entry, "UTC").indexes.values()}
         assert set(entry.facets) <= indexed, name
+
+
+def test_a_bare_alembic_upgrade_heads_migrates_engine_and_default_domain(pg):
+    """What the compose ``migrate`` service runs: ``alembic.ini`` lists both version folders."""
+    url = pg.primary.create_database(f"bare_{uuid.uuid4().hex[:12]}")
+    env = {**os.environ, "OPSYNC_PRIMARY_URL": url}
+    subprocess.run([sys.executable, "-m", "alembic", "upgrade", "heads"], cwd=REPO, env=env, check=True, capture_output=True)
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert set(conn.scalars(text("SELECT version_num FROM alembic_version"))) == {"engine_0002", "observatory_0001"}
+    engine.dispose()
