@@ -7,7 +7,6 @@ entry-point group; the setting ``OPSYNC_DOMAIN`` picks one by name (default ``ob
 domain opsync ships in :mod:`opsync_observatory`).
 """
 
-import os
 import sys
 from dataclasses import dataclass
 from enum import StrEnum
@@ -18,8 +17,9 @@ from typing import Any
 
 from sqlalchemy.orm import DeclarativeBase
 
+from opsync.config import get_settings
+
 GROUP = "opsync.domains"
-DEFAULT = "observatory"
 
 
 class Mode(StrEnum):
@@ -73,8 +73,8 @@ class UnknownDomain(LookupError):
 
 
 def configured_name() -> str:
-    """``OPSYNC_DOMAIN``, read alone: the registry needs it at import, before (and without) the other settings."""
-    return os.environ.get("OPSYNC_DOMAIN", DEFAULT)
+    """``OPSYNC_DOMAIN`` (environment or ``.env``, as every setting)."""
+    return get_settings().domain
 
 
 def load(name: str) -> Domain:

@@ -46,7 +46,7 @@ class Ingestible:
     def name(self) -> str:
         return self.table.name
 
-    @property
+    @cached_property  # on every request's path: found once
     def key(self) -> Column:
         """The key column, read from the model (checked single and UUID by :func:`key_column`)."""
         return key_column(self.table)

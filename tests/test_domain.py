@@ -1,6 +1,7 @@
 """The engine and the domain apart: the engine names no table or column of the observatory domain;
 registration refuses keys the site cannot make; the domain is chosen by configuration."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ import yaml
 from sqlalchemy import BigInteger, Identity, Integer, MetaData, String, Text, create_engine, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from opsync import domain, migrate, migration_ops, registry, schema
+from opsync import admission, domain, migrate, migration_ops, registry, schema
 from opsync.domain import Ingest, Key, Mode
 from opsync.registry import Unregistrable
 from opsync_observatory import models
@@ -206,3 +207,26 @@ def test_a_bare_alembic_upgrade_heads_migrates_engine_and_default_domain(pg):
     with engine.connect() as conn:
         assert set(conn.scalars(text("SELECT version_num FROM alembic_version"))) == {"engine_0002", "observatory_0001"}
     engine.dispose()
+
+
+@pytest.fixture
+def client_keyed_instruments(monkeypatch):
+    """The instrument table as if its domain declared ``key=Key.client``."""
+    monkeypatch.setitem(registry.REGISTRY, "instrument", dataclasses.replace(registry.REGISTRY["instrument"], key_source=Key.client))
+    admission.rules_of.cache_clear()
+    yield
+    admission.rules_of.cache_clear()
+
+
+def test_a_client_given_key_must_be_sent_and_is_kept(client_keyed_instruments, api_client, auth_headers, primary_engine):
+    headers = auth_headers("instrument")
+    name = f"GIVEN-{uuid.uuid4().hex[:6]}"
+    missing = api_client.post("/v1/records/instrument", json={"name": name}, headers=headers)
+    assert missing.status_code == 422, missing.text
+    (error,) = missing.json()["detail"]
+    assert error["loc"][-1] == "id" and "rows of instrument need their key (id): the client gives it" in error["msg"]
+    key = uuid.uuid4()  # not a UUIDv7: the client's own
+    given = api_client.post("/v1/records/instrument", json={"id": str(key), "name": name}, headers=headers)
+    assert given.status_code == 202 and given.json()["ids"] == [str(key)], given.text
+    with primary_engine.connect() as conn:
+        assert conn.scalar(text("SELECT id FROM instrument WHERE name = :n"), {"n": name}) == key
