@@ -96,4 +96,6 @@ def current() -> Domain:
 
 
 if __name__ == "__main__":  # python -m opsync.domain: the configured domain's Datasette metadata file, for startup scripts
-    sys.stdout.write(f"{current().datasette_metadata}\n")
+    from opsync import domain  # this module as the package knows it: its Domain is the one domain packages build
+
+    sys.stdout.write(f"{domain.current().datasette_metadata}\n")

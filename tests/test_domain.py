@@ -230,3 +230,9 @@ def test_a_client_given_key_must_be_sent_and_is_kept(client_keyed_instruments, a
     assert given.status_code == 202 and given.json()["ids"] == [str(key)], given.text
     with primary_engine.connect() as conn:
         assert conn.scalar(text("SELECT id FROM instrument WHERE name = :n"), {"n": name}) == key
+
+
+def test_startup_scripts_find_the_domains_datasette_metadata():
+    """The compose datasette command passes ``--metadata "$(python -m opsync.domain)"``."""
+    printed = subprocess.run([sys.executable, "-m", "opsync.domain"], check=True, capture_output=True, text=True).stdout
+    assert Path(printed.strip()) == domain.current().datasette_metadata and domain.current().datasette_metadata.is_file()
