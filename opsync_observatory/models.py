@@ -54,6 +54,8 @@ def status_column(rule: Rule, initial: str) -> Mapped[str]:
 
 
 class Base(DeclarativeBase):
+    """The domain's own metadata: its migrations and the engine's stay apart; named and typed as the engine's."""
+
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = TYPE_ANNOTATIONS
 
