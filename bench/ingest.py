@@ -70,7 +70,7 @@ from devstack.wan import WanProxy
 from opsync.auth import AuthError, TokenVerifier, create_token
 from opsync.ingest import StepIn, build_transaction
 from opsync.migrate import upgrade
-from opsync.schema import Instrument, InstrumentModule
+from opsync_observatory.models import Instrument, InstrumentModule
 
 TABLE = "housekeeping_sample"
 RATES = (200, 500, 1000)  # single-record POSTs per second

@@ -429,7 +429,7 @@ def main() -> None:
         console.print(f"buffering {args.buffered:,} records through the ingest API …")
         post_buffered(api.url, token, modules, args.buffered, later + timedelta(days=30))
 
-        metadata = yaml.safe_load((REPO / "datasette/metadata.yml").read_text())["databases"][DATABASE]
+        metadata = yaml.safe_load((REPO / "opsync_observatory/datasette.yml").read_text())["databases"][DATABASE]
         http = stack.enter_context(httpx.Client(base_url=base, timeout=30))
         pages: dict[str, list[float]] = {}
         for table in ("housekeeping_sample", "raw_data_file", "executed_obs_unit"):

@@ -1,12 +1,14 @@
-"""``make demo``: :mod:`opsync.demo` against the site ``make up`` runs, with its URL and the demo token it issued."""
+"""``make demo``: the configured domain's demo workload (:mod:`opsync_observatory.demo` by default) against the site
+``make up`` runs, with its URL and the demo token it issued."""
 
 import json
 import os
 import sys
 from pathlib import Path
+from pkgutil import resolve_name
 
 from devstack.settings import StackSettings
-from opsync import demo
+from opsync import domain
 
 
 def demo_env(settings: StackSettings) -> dict[str, str]:
@@ -23,8 +25,11 @@ def demo_token(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    current = domain.current()
+    if current.demo is None:
+        raise SystemExit(f"domain {current.name!r} has no demo workload")
     os.environ.update(demo_env(StackSettings()))
-    return demo.main(argv)
+    return resolve_name(current.demo)(argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from devstack import airflow
 from devstack.postgres import Credentials, PostgresServer, provision
 from devstack.redis import RedisServer
 from devstack.settings import REPO, StackSettings
-from opsync import health, migrate
+from opsync import domain, health, migrate
 from opsync.auth import create_token
 from opsync.read_model.store import ensure_read_model
 from opsync.registry import ingestible_tables
@@ -99,7 +99,7 @@ def datasette_command(read_model: Path, host: str, port: int, public: bool = Tru
         "--port",
         str(port),
         "--metadata",
-        str(REPO / "datasette/metadata.yml"),
+        str(domain.current().datasette_metadata),
         "--plugins-dir",
         str(REPO / "datasette/plugins"),  # runs the read-model publisher, adds row links
         *DATASETTE_SETTINGS,

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from ingest_api.backpressure import check_backpressure
 from ingest_api.deps import Caller, documented, get_enqueuer, get_judge, get_primary
 from ingest_api.reads import get_replica
-from opsync import registry
+from opsync import domain, registry
 from opsync.admission import json_float
 from opsync.auth import Principal
 from opsync.buffer import AsyncEnqueuer
@@ -94,42 +94,14 @@ IDEMPOTENT = {
         }
     ]
 }
-TableName = Annotated[str, Path(description="An ingestible table", examples=["raw_data_file"])]
+EXAMPLES = domain.current().examples
+TableName = Annotated[str, Path(description="An ingestible table", examples=[EXAMPLES.table])]
 
 
 class TransactionIn(BaseModel):
     steps: list[StepIn]
 
-    model_config = {
-        "extra": "forbid",
-        "json_schema_extra": {
-            "examples": [
-                {
-                    "steps": [
-                        {
-                            "table": "executed_obs_unit",
-                            "ref": "obs",
-                            "values": {
-                                "obs_unit_id": "019a0000-0000-7000-8000-000000000001",
-                                "instrument_module_id": "019a0000-0000-7000-8000-000000000002",
-                                "start_time": "2026-11-21T02:10:00Z",
-                            },
-                        },
-                        {
-                            "table": "raw_data_file",
-                            "values": {
-                                "executed_obs_unit_id": {"$ref": "obs"},
-                                "path": "/data/2026-11-20/scan_0001.fits",
-                                "size_bytes": 104857600,
-                                "file_type": "fits",
-                                "checksum_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-                            },
-                        },
-                    ]
-                }
-            ]
-        },
-    }
+    model_config = {"extra": "forbid", "json_schema_extra": {"examples": [EXAMPLES.transaction]}}
 
 
 @dataclass(frozen=True)
@@ -231,15 +203,7 @@ RECORDS_BODY = {
                 "schema": {
                     **RECORDS.json_schema(),
                     "title": "Records",
-                    "examples": [
-                        {
-                            "executed_obs_unit_id": "019a0000-0000-7000-8000-000000000003",
-                            "path": "/data/2026-11-20/scan_0001.fits",
-                            "size_bytes": 104857600,
-                            "file_type": "fits",
-                            "checksum_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-                        }
-                    ],
+                    "examples": [EXAMPLES.record],
                 }
             }
         },
@@ -330,7 +294,7 @@ async def patch_record(
     row_id: UUID,
     request: Request,
     w: WriterDep,
-    values: Annotated[dict[str, Any], Body(examples=[{"status": "completed", "end_time": "2026-11-21T02:40:00Z"}])],
+    values: Annotated[dict[str, Any], Body(examples=[EXAMPLES.update])],
 ) -> Response:
     """Works whether the row is still buffered, committed or replicated: applied after its create, in order.
     A row deleted by a buffered transaction, or that neither the buffer nor the local replica has, is 404."""

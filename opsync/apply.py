@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 
@@ -326,7 +327,7 @@ class Batch:
         """Dead-letter ``txn``; the rows it would have created are missing for later ones, unless the
         failure was that one already exists (inserted by someone else: those who need it are fine)."""
         exists = (error.diag.message_detail or "") if error is not None and error.sqlstate == UNIQUE_VIOLATION else ""
-        missing = frozenset(row for row in txn.creates if f"(id)=({row[1]})" not in exists)
+        missing = frozenset(row for row in txn.creates if f"({registry.get_table(row[0]).key.name})=({row[1]})" not in exists)
         self.result.failed.append(Failed(txn, reason, missing))
         self.dead_rows |= dict.fromkeys(missing, txn.txn_id)
 
@@ -457,36 +458,48 @@ def step_sql(op: Op, table: str, columns: tuple[str, ...]) -> str:
 
 
 def compose_step_sql(op: Op, table: str, columns: tuple[str, ...]) -> sql.Composed:
-    t, key = sql.Identifier(table), sql.Identifier(KEY_COLUMN)
+    entry = registry.get_table(table)
+    t, key, pk = sql.Identifier(table), sql.Identifier(KEY_COLUMN), sql.Identifier(entry.key.name)
     missing = sql.SQL(
-        "SELECT pg_temp.opsync_no_such_row({message} || k.{key} || ': no such row') FROM k WHERE k.{key} NOT IN (SELECT id FROM done)"
-    ).format(message=sql.Literal(f"{op} of {table} "), key=key)
+        "SELECT pg_temp.opsync_no_such_row({message} || k.{key} || ': no such row') FROM k WHERE k.{key} NOT IN (SELECT {pk} FROM done)"
+    ).format(message=sql.Literal(f"{op} of {table} "), key=key, pk=pk)
     if op is Op.delete:
         return (
             sql.SQL(
-                "WITH k AS (SELECT unnest(%s::uuid[]) AS {key}), done AS (DELETE FROM {t} USING k WHERE {t}.id = k.{key} RETURNING {t}.id) "
-            ).format(t=t, key=key)
+                "WITH k AS (SELECT unnest(%s::uuid[]) AS {key}),"
+                " done AS (DELETE FROM {t} USING k WHERE {t}.{pk} = k.{key} RETURNING {t}.{pk}) "
+            ).format(t=t, key=key, pk=pk)
             + missing
         )
     rows = sql.SQL("ROWS FROM (unnest(%s::uuid[]), jsonb_populate_recordset(NULL::{t}, %s)) AS k({key})").format(t=t, key=key)
-    stamp = [sql.SQL("updated_at = now()")] if "updated_at" in registry.get_table(table).table.c else []
+    stamp = [sql.SQL("{c} = {e}").format(c=sql.Identifier(c), e=sql.SQL(e)) for c, e in stamped_columns(entry)]
     if op is Op.update:
         sets = [sql.SQL("{c} = k.{c}").format(c=sql.Identifier(c)) for c in columns] + stamp
         return (
             sql.SQL(
-                "WITH k AS (SELECT * FROM {rows}), done AS (UPDATE {t} SET {sets} FROM k WHERE {t}.id = k.{key} RETURNING {t}.id) "
-            ).format(rows=rows, t=t, sets=sql.SQL(", ").join(sets), key=key)
+                "WITH k AS (SELECT * FROM {rows}), done AS (UPDATE {t} SET {sets} FROM k WHERE {t}.{pk} = k.{key} RETURNING {t}.{pk}) "
+            ).format(rows=rows, t=t, sets=sql.SQL(", ").join(sets), key=key, pk=pk)
             + missing
         )
-    names = sql.SQL(", ").join(map(sql.Identifier, ("id", *columns)))
+    names = sql.SQL(", ").join(map(sql.Identifier, (entry.key.name, *columns)))
     values = sql.SQL(", ").join([sql.SQL("k.{}").format(key), *(sql.SQL("k.{}").format(sql.Identifier(c)) for c in columns)])
     insert = sql.SQL("INSERT INTO {t} ({names}) SELECT {values} FROM {rows}").format(t=t, names=names, values=values, rows=rows)
     if op is Op.insert:
         return insert
     changes = [sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in columns] + stamp
     if not changes:
-        return insert + sql.SQL(" ON CONFLICT (id) DO NOTHING")
-    return insert + sql.SQL(" ON CONFLICT (id) DO UPDATE SET ") + sql.SQL(", ").join(changes)
+        return insert + sql.SQL(" ON CONFLICT ({pk}) DO NOTHING").format(pk=pk)
+    return insert + sql.SQL(" ON CONFLICT ({pk}) DO UPDATE SET ").format(pk=pk) + sql.SQL(", ").join(changes)
+
+
+def stamped_columns(entry: registry.Ingestible) -> list[tuple[str, str]]:
+    """(column, SQL) of the columns the model sets by an SQL expression on every update (``onupdate=func.now()``):
+    the run's UPDATE must set them itself, as the ORM would."""
+    return [
+        (c.name, str(c.onupdate.arg.compile(dialect=postgresql.dialect())))  # type: ignore[attr-defined]  # a clause, checked
+        for c in entry.table.columns
+        if c.onupdate is not None and c.onupdate.is_clause_element
+    ]
 
 
 def is_permanent(exc: psycopg.Error) -> bool:

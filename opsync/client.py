@@ -9,9 +9,9 @@ once, never retried.
 The public API (``__all__``)::
 
     with OpsyncClient("http://127.0.0.1:8000", token) as client:   # or: async with AsyncOpsyncClient(...)
-        receipt = client.records("executed_obs_unit", {...})         # one row or a list -> Receipt
+        receipt = client.records(table, {...})                       # one row or a list -> Receipt
         receipt.ids, receipt.accepted_at, receipt.status_url          # keys of the rows; when; where to follow it
-        client.batches("housekeeping_sample", rows)                  # long lists -> [Receipt], one per chunk
+        client.batches(table, rows)                                  # long lists -> [Receipt], one per chunk
         client.transaction(steps); client.update(table, id, values); client.delete(table, id)
         client.status(receipt.txn_id).state                          # -> TransactionStatus: State, commit_lsn, times
         client.wait(receipt.txn_id, "replicated", timeout=60)        # -> State, following /v1/events (await it: async)

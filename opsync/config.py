@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     datasette_publisher: bool = Field(
         True, description="Run the read-model publisher inside Datasette; off where it runs as python -m opsync.read_model.publisher"
     )
+    domain: str = Field("observatory", description="The domain the engine runs: a name of the opsync.domains entry points")
     timezone: str = Field("America/Santiago", description="Site time zone; defines the observing night")
     allow_non_durable: bool = Field(False, description="Start the API even if Redis is not fsync-durable (tests only)")
     max_records_per_request: int = Field(500, description="Largest list POST /v1/records accepts (each record is a step)")

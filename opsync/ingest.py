@@ -160,6 +160,9 @@ class Admitting:
     def build(self, step_in: StepIn, rules: admission.TableRules, raw: dict, loc: tuple) -> Step | None:
         entry, op, at = rules.entry, step_in.op, loc[-1]
         if op in (Op.insert, Op.upsert):
+            if step_in.id is None and entry.key_source is registry.Key.client:
+                self.errors.append(problem((*loc, "id"), f"rows of {entry.name} need their key ({entry.key.name}): the client gives it"))
+                return None
             uid = step_in.id or new_id()
             key = str(uid)
             shown = self.values(rules, raw, (*loc, "values"), partial=False)

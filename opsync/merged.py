@@ -72,7 +72,7 @@ def get_row(buffer: Buffer, replica: Engine, entry: Ingestible, key: UUID) -> di
     base = None
     if overlay is None or overlay.needs_base:
         base = replica_rows(replica, entry, {}, ids=[key]).get(str(key))
-    rows = merge_all({str(key): base} if base else {}, {str(key): overlay} if overlay else {}, {})
+    rows = merge_all({str(key): base} if base else {}, {str(key): overlay} if overlay else {}, {}, entry.key.name)
     return rows[0] if rows else None
 
 
@@ -96,10 +96,11 @@ def list_rows(
     overlays = read_overlays(buffer, entry, sorted(set(indexed) | set(base)))
     missing = [UUID(k) for k, o in overlays.items() if o.needs_base and k not in base]
     base |= replica_rows(replica, entry, {}, ids=missing)
-    rows = {row["id"]: row for row in merge_all(base, overlays, filters)} | partial
+    key = entry.key.name
+    rows = {row[key]: row for row in merge_all(base, overlays, filters, key)} | partial
     page = [rows[k] for k in sorted(rows) if boundary is None or k <= boundary][:limit]
     if len(page) == limit:
-        return page, page[-1]["id"]
+        return page, page[-1][key]
     return page, boundary
 
 
@@ -119,7 +120,7 @@ def partial_candidates(
             return found, None
         overlays = read_overlays(buffer, entry, chunk)
         base = replica_rows(replica, entry, {}, ids=[UUID(k) for k in chunk])
-        found |= {row["id"]: row for row in merge_all(base, overlays, filters)}
+        found |= {row[entry.key.name]: row for row in merge_all(base, overlays, filters, entry.key.name)}
         start = chunk[-1]
     return found, start
 
@@ -171,38 +172,38 @@ def replica_rows(
 ) -> dict[str, dict]:
     """Rows as the replica holds them, JSON-ready, by key (empty without a query to make).
 
-    Keys go as one array parameter (``id = ANY(:ids)``): an IN list of 10,000 placeholders costs
+    Keys go as one array parameter (``key = ANY(:ids)``): an IN list of 10,000 placeholders costs
     more to build and parse than the rows it fetches. Rows fetched by key come unordered (the caller
     keys them; a sort is time for nothing); a page (``after``, ``limit``) comes in key order.
     """
     if ids == []:
         return {}
-    table = entry.table
+    table, key = entry.table, entry.key
     query = select(table).where(*(table.c[f] == v for f, v in filters.items()))
     if ids is None or limit is not None:
-        query = query.order_by(table.c.id)
+        query = query.order_by(key)
     if ids is not None:
-        query = query.where(table.c.id == any_(literal(ids, ARRAY(table.c.id.type))))
+        query = query.where(key == any_(literal(ids, ARRAY(key.type))))
     if after is not None:
-        query = query.where(table.c.id > after)
+        query = query.where(key > after)
     if limit is not None:
         query = query.limit(limit)
     with replica.connect() as conn:
         rows = [to_jsonable_python(dict(row._mapping)) for row in conn.execute(query)]
-    return {row["id"]: row for row in rows}
+    return {row[key.name]: row for row in rows}
 
 
-def merge_all(base: dict[str, dict], overlays: dict[str, Overlay], filters: dict) -> list[dict]:
+def merge_all(base: dict[str, dict], overlays: dict[str, Overlay], filters: dict, key_column: str) -> list[dict]:
     """Overlay each row on its replica version, drop deleted and no-longer-matching rows, sort by key."""
     merged = []
     for key in sorted(set(base) | set(overlays)):
-        row = merge_one(key, base.get(key), overlays.get(key))
+        row = merge_one(key, base.get(key), overlays.get(key), key_column)
         if row is not None and all(row.get(f) == v for f, v in filters.items()):
             merged.append(row)
     return merged
 
 
-def merge_one(key: str, base: dict | None, overlay: Overlay | None) -> dict | None:
+def merge_one(key: str, base: dict | None, overlay: Overlay | None, key_column: str) -> dict | None:
     """One key's row, None when it shows no row.
 
     Where a failed transaction wrote last, the replica's row stands as it is; without one, a row the
@@ -219,7 +220,7 @@ def merge_one(key: str, base: dict | None, overlay: Overlay | None) -> dict | No
     elif overlay.deleted or (overlay.partial and base is None and not overlay.creates):
         return None
     state = State.failed if overlay.failed else overlay.state
-    meta = {"id": key, "_sync_state": ROW_STATE.get(state, state), "_txn_id": overlay.txn_id, "_commit_lsn": overlay.commit_lsn}  # type: ignore[call-overload]  # state None: unknown, kept
+    meta = {key_column: key, "_sync_state": ROW_STATE.get(state, state), "_txn_id": overlay.txn_id, "_commit_lsn": overlay.commit_lsn}  # type: ignore[call-overload]  # state None: unknown, kept
     return (base or {}) | overlay.values | meta
 
 

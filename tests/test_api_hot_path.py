@@ -18,7 +18,7 @@ from ingest_api import deps
 from ingest_api.backpressure import STALE_PERIODS
 from opsync.auth import hash_token, revoke_token
 from opsync.config import get_settings
-from opsync.schema import Instrument, InstrumentModule
+from opsync_observatory.models import Instrument, InstrumentModule
 
 TABLE = "housekeeping_sample"
 PATH = f"/v1/records/{TABLE}"

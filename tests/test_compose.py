@@ -589,7 +589,7 @@ def test_the_replica_clones_through_the_slot_and_streams_as_the_observatory(colo
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             assert replica.execute("SELECT n FROM deploy_probe").fetchall() == [(42,)]
-            assert replica.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
+            assert replica.execute("SELECT count(*) FROM alembic_version").fetchone() == (2,)  # the engine's head, the domain's
         with cologne.owner() as conn:
             streaming = conn.execute("SELECT application_name, state FROM pg_stat_replication").fetchall()
             active = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (env["REPLICA_SLOT"],)).fetchone()

@@ -1,4 +1,4 @@
-"""Who may read what in Datasette (``datasette/metadata.yml`` allow blocks, ``opsync_access.py``), offline.
+"""Who may read what in Datasette (the allow blocks of ``opsync_observatory/datasette.yml``, ``opsync_access.py``), offline.
 
 A real ``datasette serve`` in production mode (anonymous has no role) checks people by signed
 ``ds_actor`` cookies (made with ``datasette.sign``, as datasette-auth-github makes them) and scripts

@@ -1,4 +1,4 @@
-"""What scientists see: a real ``datasette serve`` with ``datasette/metadata.yml`` and the row-link
+"""What scientists see: a real ``datasette serve`` with the domain's ``opsync_observatory/datasette.yml`` and the row-link
 plugins, on a read model filled through :mod:`opsync.read_model.store` (as the publisher fills it).
 
 The publisher plugin is left out (the plugins directory served here holds the others):
@@ -29,7 +29,7 @@ from opsync.read_model.store import ReadModel, layouts
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-METADATA = REPO / "datasette/metadata.yml"
+METADATA = REPO / "opsync_observatory/datasette.yml"
 SITE_TZ = "America/Santiago"
 DB = "opsync"
 # The settings `make up` gives Datasette (devstack/local.py), without the plugins directory.

@@ -16,11 +16,11 @@ from sqlalchemy import text
 
 from devstack import demo as make_demo
 from devstack.settings import StackSettings
-from opsync import demo
 from opsync.buffer import Buffer
 from opsync.client import ApiError, OpsyncClient, Unavailable
 from opsync.envelope import Transaction
 from opsync.registry import ingestible_tables
+from opsync_observatory import demo
 from tests.conftest import free_port
 
 NIGHT, SEED, OBSERVATIONS = date(2026, 11, 20), 7, 4

@@ -42,14 +42,14 @@ OUR_DATASETTE_HOOKS = [  # one entry per plugin module of datasette/plugins
 
 IMPORTED_BY = {  # what each extra's code is
     "client": ("opsync/client.py", "opsync/config.py", "opsync/envelope.py"),
-    "server": ("opsync",),
+    "server": ("opsync", "opsync_observatory"),
     "api": ("ingest_api",),
     "datasette": ("datasette/plugins",),
     "airflow": ("plugins", "dags"),
     "dev": ("devstack",),  # the development tooling, in no wheel
 }
-PRODUCTION = ("opsync", "ingest_api", "plugins", "dags", "datasette", "migrations", "deploy")  # what the images run
-FIRST_PARTY = {"devstack", "opsync", "ingest_api", "opsync_airflow", "opsync_datasette"}
+PRODUCTION = ("opsync", "opsync_observatory", "ingest_api", "plugins", "dags", "datasette", "migrations", "deploy")  # what the images run
+FIRST_PARTY = {"devstack", "opsync", "opsync_observatory", "ingest_api", "opsync_airflow", "opsync_datasette"}
 
 
 def canonical(name: str) -> str:
@@ -183,7 +183,8 @@ def test_the_wheel_holds_no_development_tooling(wheel):
         names = built.namelist()
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = built.read(entry_points).decode()
-    assert {n.split("/")[0] for n in names} >= {"opsync", "ingest_api", "opsync_airflow", "opsync_datasette"}
+    assert {n.split("/")[0] for n in names} >= {"opsync", "opsync_observatory", "ingest_api", "opsync_airflow", "opsync_datasette"}
+    assert {"opsync_observatory/datasette.yml", "opsync_observatory/migrations/observatory_0001_schema.py"} <= set(names)
     assert [n for n in names if n.startswith(("devstack/", "opsync/stack/"))] == []
     assert "opsync = opsync.cli:main" in scripts and "devstack" not in scripts
 

@@ -15,11 +15,13 @@ from opsync.envelope import Op
 from opsync.ids import new_id
 from opsync.ingest import Invalid, StepIn, build_transaction
 from opsync.registry import Mode, UnknownTable, get_table, ingestible_tables
+from opsync_observatory import models
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 SHA = "ab" * 32
 TAKEN_PATH = "/data/taken.fits"
 NOWHERE = uuid.UUID(int=1)  # a key no row has
+METADATA = [schema.Base.metadata, models.Base.metadata]  # the engine's tables and the domain's
 
 
 def fresh_database(pg) -> str:
@@ -29,7 +31,7 @@ def fresh_database(pg) -> str:
 def schema_diff(engine) -> list:
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
-        return compare_metadata(context, schema.Base.metadata)
+        return compare_metadata(context, METADATA)
 
 
 def check_constraint_names(engine) -> set[str]:
@@ -62,7 +64,8 @@ def test_every_check_constraint_is_migrated(engine):
     """compare_metadata does not look at CHECK constraints, so compare them by name."""
     declared = {
         constraint.name
-        for table in schema.Base.metadata.tables.values()
+        for metadata in METADATA
+        for table in metadata.tables.values()
         for constraint in table.constraints
         if isinstance(constraint, CheckConstraint)
     }
@@ -76,13 +79,13 @@ def parents(engine) -> dict[str, uuid.UUID]:
     planned = {"name": "orion-1", "program": "P101", "source_name": "OMC-1", "ra_deg": 83.8, "dec_deg": -5.4}
     executed = {"obs_unit_id": ids["obs_unit"], "instrument_module_id": ids["module"], "start_time": T0}
     rows = [
-        (schema.Instrument, {"id": ids["instrument"], "name": "CHAI"}),
-        (schema.InstrumentModule, {"id": ids["module"], "instrument_id": ids["instrument"], "name": "LFA"}),
-        (schema.ObsUnit, {"id": ids["obs_unit"], **planned}),
-        (schema.ExecutedObsUnit, {"id": ids["executed"], **executed}),
-        (schema.RawDataPackage, {"id": ids["package"], "name": "pkg-1", "executed_obs_unit_id": ids["executed"]}),
-        (schema.RawDataFile, valid_row(schema.RawDataFile, ids) | {"path": TAKEN_PATH}),
-        (schema.HousekeepingSample, valid_row(schema.HousekeepingSample, ids) | {"sampled_at": T0}),
+        (models.Instrument, {"id": ids["instrument"], "name": "CHAI"}),
+        (models.InstrumentModule, {"id": ids["module"], "instrument_id": ids["instrument"], "name": "LFA"}),
+        (models.ObsUnit, {"id": ids["obs_unit"], **planned}),
+        (models.ExecutedObsUnit, {"id": ids["executed"], **executed}),
+        (models.RawDataPackage, {"id": ids["package"], "name": "pkg-1", "executed_obs_unit_id": ids["executed"]}),
+        (models.RawDataFile, valid_row(models.RawDataFile, ids) | {"path": TAKEN_PATH}),
+        (models.HousekeepingSample, valid_row(models.HousekeepingSample, ids) | {"sampled_at": T0}),
     ]
     with engine.begin() as conn:
         for model, values in rows:
@@ -90,10 +93,10 @@ def parents(engine) -> dict[str, uuid.UUID]:
     return ids
 
 
-def valid_row(model: type[schema.Base], ids: dict[str, uuid.UUID]) -> dict:
+def valid_row(model: type[models.Base], ids: dict[str, uuid.UUID]) -> dict:
     """A fresh row that inserts cleanly next to ``parents``; the cases below spoil one value each."""
     rows = {
-        schema.ObsUnit: {
+        models.ObsUnit: {
             "name": f"ou-{new_id()}",
             "program": "P101",
             "source_name": "OMC-1",
@@ -101,14 +104,14 @@ def valid_row(model: type[schema.Base], ids: dict[str, uuid.UUID]) -> dict:
             "dec_deg": 90.0,
             "parameters": {"scan": "otf"},
         },
-        schema.ExecutedObsUnit: {
+        models.ExecutedObsUnit: {
             "obs_unit_id": ids["obs_unit"],
             "instrument_module_id": ids["module"],
             "start_time": T0,
             "end_time": T0,
             "status": "completed",
         },
-        schema.RawDataFile: {
+        models.RawDataFile: {
             "path": f"/data/{new_id()}.fits",
             "size_bytes": 0,
             "checksum_sha256": SHA,
@@ -116,7 +119,7 @@ def valid_row(model: type[schema.Base], ids: dict[str, uuid.UUID]) -> dict:
             "executed_obs_unit_id": ids["executed"],
             "raw_data_package_id": ids["package"],
         },
-        schema.HousekeepingSample: {
+        models.HousekeepingSample: {
             "instrument_module_id": ids["module"],
             "sensor": "mixer_t",
             "sampled_at": T0 + timedelta(seconds=1),
@@ -128,19 +131,19 @@ def valid_row(model: type[schema.Base], ids: dict[str, uuid.UUID]) -> dict:
 
 
 BAD = [
-    (schema.ExecutedObsUnit, {"status": "paused"}, "ck_executed_obs_unit_status"),
-    (schema.ExecutedObsUnit, {"end_time": T0 - timedelta(seconds=1)}, "ck_executed_obs_unit_end_after_start"),
-    (schema.ExecutedObsUnit, {"obs_unit_id": NOWHERE}, "fk_executed_obs_unit_obs_unit_id_obs_unit"),
-    (schema.ObsUnit, {"dec_deg": 100.0}, "ck_obs_unit_dec_deg"),
-    (schema.ObsUnit, {"ra_deg": 360.0}, "ck_obs_unit_ra_deg"),
-    (schema.ObsUnit, {"priority": 0}, "ck_obs_unit_priority"),
-    (schema.ObsUnit, {"parameters": ["otf"]}, "ck_obs_unit_parameters_is_object"),
-    (schema.RawDataFile, {"size_bytes": -1}, "ck_raw_data_file_size_bytes"),
-    (schema.RawDataFile, {"checksum_sha256": SHA.upper()}, "ck_raw_data_file_checksum_sha256"),
-    (schema.RawDataFile, {"checksum_sha256": SHA[:-1]}, "ck_raw_data_file_checksum_sha256"),
-    (schema.RawDataFile, {"path": TAKEN_PATH}, "uq_raw_data_file_path"),
-    (schema.RawDataFile, {"raw_data_package_id": NOWHERE}, "fk_raw_data_file_raw_data_package_id_raw_data_package"),
-    (schema.HousekeepingSample, {"sampled_at": T0}, "uq_housekeeping_sample_instrument_module_id_sensor_sampled_at"),
+    (models.ExecutedObsUnit, {"status": "paused"}, "ck_executed_obs_unit_status"),
+    (models.ExecutedObsUnit, {"end_time": T0 - timedelta(seconds=1)}, "ck_executed_obs_unit_end_after_start"),
+    (models.ExecutedObsUnit, {"obs_unit_id": NOWHERE}, "fk_executed_obs_unit_obs_unit_id_obs_unit"),
+    (models.ObsUnit, {"dec_deg": 100.0}, "ck_obs_unit_dec_deg"),
+    (models.ObsUnit, {"ra_deg": 360.0}, "ck_obs_unit_ra_deg"),
+    (models.ObsUnit, {"priority": 0}, "ck_obs_unit_priority"),
+    (models.ObsUnit, {"parameters": ["otf"]}, "ck_obs_unit_parameters_is_object"),
+    (models.RawDataFile, {"size_bytes": -1}, "ck_raw_data_file_size_bytes"),
+    (models.RawDataFile, {"checksum_sha256": SHA.upper()}, "ck_raw_data_file_checksum_sha256"),
+    (models.RawDataFile, {"checksum_sha256": SHA[:-1]}, "ck_raw_data_file_checksum_sha256"),
+    (models.RawDataFile, {"path": TAKEN_PATH}, "uq_raw_data_file_path"),
+    (models.RawDataFile, {"raw_data_package_id": NOWHERE}, "fk_raw_data_file_raw_data_package_id_raw_data_package"),
+    (models.HousekeepingSample, {"sampled_at": T0}, "uq_housekeeping_sample_instrument_module_id_sensor_sampled_at"),
 ]
 
 
@@ -160,9 +163,9 @@ def test_constraints_bite(engine, parents, model, spoil, constraint):
 
 
 def test_not_null_bites(engine, parents):
-    row = valid_row(schema.HousekeepingSample, parents) | {"sensor": None}
+    row = valid_row(models.HousekeepingSample, parents) | {"sensor": None}
     with engine.connect() as conn, pytest.raises(IntegrityError, match="sensor"):
-        conn.execute(insert(schema.HousekeepingSample), row)
+        conn.execute(insert(models.HousekeepingSample), row)
 
 
 def test_ledger_records_the_applying_db_transaction(engine):
@@ -178,7 +181,7 @@ def test_admitted_record_inserts(engine, parents):
     """What admission accepts, the primary accepts: through the drainer's statement, in a transaction rolled back."""
     from opsync import apply
 
-    values = {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in valid_row(schema.RawDataFile, parents).items()}
+    values = {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in valid_row(models.RawDataFile, parents).items()}
     txn = build_transaction([StepIn(table="raw_data_file", id=values.pop("id", None), values=values)], "test")
     with engine.connect() as conn:
         assert apply.apply_transaction(conn, txn)

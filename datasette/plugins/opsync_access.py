@@ -2,8 +2,8 @@
 and, on a scientist's own machine only, anonymous reading.
 
 The rules (which role sees which database, table and SQL) are ``allow`` blocks on ``role`` in
-``datasette/metadata.yml``; this plugin only decides each request's role, from the environment
-(``plugins.opsync-access`` there):
+the domain's Datasette metadata (``opsync_observatory/datasette.yml`` by default); this plugin
+only decides each request's role, from the environment (``plugins.opsync-access`` there):
 
 - ``member``: a GitHub actor (``ds_actor`` cookie set by datasette-auth-github) who belongs to
   ``OPSYNC_GITHUB_TEAM`` (``org/team-slug``) if set, else to ``OPSYNC_GITHUB_ORG``. Membership is

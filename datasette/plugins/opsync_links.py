@@ -3,7 +3,7 @@
 The read model's SQLite tables declare no foreign keys, so Datasette would neither link a
 referencing cell to its row nor list "Links from other tables" on a row page (for an executed
 observation: its raw data files and packages). This plugin derives both from the SQLAlchemy
-schema (:mod:`opsync.schema`, through the registry of published tables), so they never drift
+models of the configured domain (through the registry of published tables), so they never drift
 from it: a cell holding a referenced key links to that row, and a row page lists, with counts,
 the rows of other tables that reference it. Foreign keys the SQLite file does declare are left to
 Datasette, so nothing shows twice.
@@ -22,20 +22,22 @@ from opsync.registry import ingestible_tables
 
 def schema_links() -> tuple[dict[tuple[str, str], str], dict[str, list[tuple[str, str]]]]:
     """(table, column) -> referenced table, and table -> [(referencing table, column)], between published tables."""
-    published = {entry.name: entry.table for entry in ingestible_tables()}
+    entries = {entry.name: entry for entry in ingestible_tables()}
+    published = {name: entry.table for name, entry in entries.items()}
     outgoing: dict[tuple[str, str], str] = {}
     incoming: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for name, table in published.items():
         for column in table.columns:
             for fk in column.foreign_keys:
                 target = fk.column.table.name
-                if target in published and fk.column.name == "id":
+                if target in published and fk.column is entries[target].key:
                     outgoing[(name, column.name)] = target
                     incoming[target].append((name, column.name))
     return outgoing, dict(incoming)
 
 
 OUTGOING, INCOMING = schema_links()
+KEYS = {entry.name: entry.key.name for entry in ingestible_tables()}  # each published table's key column
 DECLARED_TTL_S = 30  # how long the file's declared foreign keys are trusted (render_cell asks per cell)
 _declared: dict[tuple[int, str], tuple[float, dict]] = {}
 
@@ -89,7 +91,7 @@ def extra_template_vars(view_name, database, table, request, datasette):
                 {
                     "other_table": other,
                     "other_column": column,
-                    "column": "id",
+                    "column": KEYS[table],
                     "count": count or 0,
                     "link": f"{datasette.urls.table(database, other)}?{column}={quote(row_id, safe='')}",
                 }

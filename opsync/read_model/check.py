@@ -141,16 +141,16 @@ class ReadModelCheck:
     def replica_range(self, layout: Layout, after: str) -> tuple[dict[str, tuple], dict[str, str], str | None]:
         """The next ``chunk`` replica rows past ``after``, as the file stores them (but for ``_updated_at``), the
         rows of the range that cannot be (poison: why), and the range's last key (None: the table's end)."""
-        table = layout.entry.table
+        key = layout.entry.key
         query = layout.load_query().limit(self.chunk)
         if after:
-            query = query.where(table.c.id > UUID(after))
+            query = query.where(key > UUID(after))
         poison: dict[str, Exception] = {}
         with self.publisher.replica.connect() as conn:
             try:
                 rows = {row[0]: row for row in conn.execute(query)}
             except FETCH_POISON:  # a value that cannot be decoded: read the range by key, isolating it
-                keys = [str(k) for k in conn.scalars(query.with_only_columns(table.c.id))]
+                keys = [str(k) for k in conn.scalars(query.with_only_columns(key))]
                 rows = {}
                 for part in isolate(keys, lambda some: self.publisher.replica_records(layout, some), poison.__setitem__):
                     rows |= part

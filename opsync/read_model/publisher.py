@@ -382,7 +382,7 @@ class Publisher:
         names = [c.name for c in layout.data_columns]
         under = {key: dict(zip(names, row, strict=True)) for key, row in base.items() if key in overlays}
         shown, unshown = render_each(
-            {row["id"]: row for row in merged.merge_all(under, overlays, {})},
+            {row[layout.key]: row for row in merged.merge_all(under, overlays, {}, layout.key)},
             lambda row: layout.record(row, row["_sync_state"] and str(row["_sync_state"]), row["_txn_id"], row["_commit_lsn"], at),
         )
         return covered(records | shown, refused | unshown, keys)
@@ -568,11 +568,11 @@ class Publisher:
         keys in order on both sides; change capture then starts from before the walk."""
         xmin = snapshot_xmin(self.replica)
         for layout in self.layouts.values():
-            table, after = layout.entry.table, ""
+            key, after = layout.entry.key, ""
             while True:
-                query = select(table.c.id).order_by(table.c.id).limit(self.tuning.chunk)
+                query = select(key).order_by(key).limit(self.tuning.chunk)
                 with self.replica.connect() as conn:
-                    ids = [str(i) for i in conn.scalars(query.where(table.c.id > UUID(after)) if after else query)]
+                    ids = [str(i) for i in conn.scalars(query.where(key > UUID(after)) if after else query)]
                 upto = ids[-1] if len(ids) == self.tuning.chunk else None
                 self.refresh(layout, sorted(set(ids) | set(self.model.keys_between(layout, after, upto))), duty=duty)
                 if upto is None:

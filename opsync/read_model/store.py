@@ -5,7 +5,7 @@ restart; the file is only ever modified in place, never replaced (a renamed-over
 Datasette reading the old inode).
 
 Each ingestible table is a real, indexed table (a UNION view made facets take seconds) with the
-table's columns, then the derived ``night`` where there is one, then ``_sync_state`` (buffered /
+table's columns (its key first), then the derived ``night`` where its domain declares one, then ``_sync_state`` (buffered /
 committed / replicated / failed), ``_txn_id``, ``_commit_lsn`` and ``_updated_at`` (when the
 publisher last changed the row). Values are stored in one canonical form whatever their source
 (replica or buffer): times as UTC ISO text with microseconds (so they sort and compare as text),
@@ -33,7 +33,6 @@ from sqlalchemy.sql.sqltypes import JSON
 from opsync.registry import Ingestible, ingestible_tables
 
 SYNC_COLUMNS = ("_sync_state", "_txn_id", "_commit_lsn", "_updated_at")
-NIGHT_OF = {"executed_obs_unit": "start_time"}  # tables with a ``night`` column, and the time it is the night of
 UNSETTLED = ("buffered", "committed", "failed")  # states backed by the buffer's overlay, not (only) the replica
 METRICS = "sync_metrics"
 DRAIN_RATE = "sync_drain_rate"
@@ -152,13 +151,19 @@ class Layout:
     def name(self) -> str:
         return self.entry.name
 
+    @property
+    def key(self) -> str:
+        return self.entry.key.name
+
     @cached_property
     def data_columns(self) -> list[Column]:
-        return list(self.entry.table.columns)
+        """The table's columns, its key first: a stored record's first value is its key."""
+        key = self.entry.key
+        return [key, *(c for c in self.entry.table.columns if c is not key)]
 
     @cached_property
     def night_source(self) -> str | None:
-        return NIGHT_OF.get(self.name)
+        return self.entry.night_of
 
     @cached_property
     def columns(self) -> list[str]:
@@ -204,7 +209,7 @@ class Layout:
 
     @cached_property
     def key_position(self) -> int:
-        return self.columns.index("id")
+        return self.columns.index(self.key)
 
     @cached_property
     def night_position(self) -> int | None:
@@ -237,7 +242,7 @@ class Layout:
 
     def load_query(self) -> Select:
         """All rows in key order, formatted as stored (:meth:`formatted`)."""
-        return self.formatted().order_by(self.entry.table.c.id)
+        return self.formatted().order_by(self.entry.key)
 
     def keyed_query(self) -> Select:
         """:meth:`formatted` rows for the keys in ``ids``, one text of comma-separated keys: a single string is
@@ -245,7 +250,7 @@ class Layout:
         ``IN (SELECT unnest(…))`` rather than ``= ANY(…)``: the planner then probes the key index per key;
         with ``ANY`` of 10,000 keys it chose a parallel scan of the whole table for every chunk.
         Unordered: callers key the rows, and a sort of 10,000 rows per fetch is time for nothing."""
-        key = self.entry.table.c.id
+        key = self.entry.key
         keys = cast(func.string_to_array(bindparam("ids", type_=Text), ","), ARRAY(key.type))
         return self.formatted().where(key.in_(select(func.unnest(keys))))
 
@@ -258,14 +263,15 @@ class Layout:
 
     def create_sql(self) -> str:
         types = {c.name: sqlite_type(c) for c in self.data_columns}
-        defs = [f'"{name}" {types.get(name, "TEXT")}' + (" PRIMARY KEY" if name == "id" else "") for name in self.columns]
+        defs = [f'"{name}" {types.get(name, "TEXT")}' + (" PRIMARY KEY" if name == self.key else "") for name in self.columns]
         return f'CREATE TABLE IF NOT EXISTS "{self.name}" ({", ".join(defs)})'
 
     @cached_property
     def indexes(self) -> dict[str, str]:
-        """Index name -> CREATE statement: the primary's indexed columns, the sync columns and the night."""
-        indexes = [[name] for name in indexed_columns(self.entry.table)]
-        indexes += [["_sync_state", "id"], ["_txn_id"]] + ([["night"]] if self.night_source else [])
+        """Index name -> CREATE statement: the primary's indexed columns, the declared facets, the sync columns and the night."""
+        primary = indexed_columns(self.entry.table)
+        indexes = [[name] for name in primary + [f for f in self.entry.facets if f not in primary]]
+        indexes += [["_sync_state", self.key], ["_txn_id"]] + ([["night"]] if self.night_source else [])
         names = [f"ix_{self.name}_{'_'.join(cols).strip('_')}" for cols in indexes]
         return {
             name: f'CREATE INDEX IF NOT EXISTS "{name}" ON "{self.name}" ({", ".join(cols)})'
@@ -275,15 +281,15 @@ class Layout:
     @cached_property
     def upsert_sql(self) -> str:
         names = ", ".join(f'"{c}"' for c in self.columns)
-        updates = ", ".join(f'"{c}" = excluded."{c}"' for c in self.columns if c != "id")
+        updates = ", ".join(f'"{c}" = excluded."{c}"' for c in self.columns if c != self.key)
         marks = ", ".join("?" * len(self.columns))
-        return f'INSERT INTO "{self.name}" ({names}) VALUES ({marks}) ON CONFLICT(id) DO UPDATE SET {updates}'
+        return f'INSERT INTO "{self.name}" ({names}) VALUES ({marks}) ON CONFLICT("{self.key}") DO UPDATE SET {updates}'
 
     @cached_property
     def merge_sql(self) -> str:
         """:attr:`upsert_sql` that leaves a row alone (``_updated_at`` too) when nothing else differs: SQLite
         compares inside the write, instead of the rows being read back and compared here first."""
-        compared = [f'"{c}"' for c in self.columns if c not in ("id", "_updated_at")]
+        compared = [f'"{c}"' for c in self.columns if c not in (self.key, "_updated_at")]
         ours, theirs = ", ".join(compared), ", ".join(f"excluded.{c}" for c in compared)
         return f"{self.upsert_sql} WHERE ({ours}) IS NOT ({theirs})"
 
@@ -415,34 +421,37 @@ class ReadModel:
         with self.transaction() as conn:
             before = conn.total_changes
             write(conn, layout, layout.merge_sql, list(records.values()), refused)
-            conn.executemany(f'DELETE FROM "{layout.name}" WHERE id = ?', gone)
+            conn.executemany(f'DELETE FROM "{layout.name}" WHERE "{layout.key}" = ?', gone)
             return conn.total_changes - before
 
     def keys_of_txns(self, layout: Layout, txn_ids: list[str]) -> list[str]:
         keys = []
         for part in chunks(txn_ids):
-            sql = f'SELECT id FROM "{layout.name}" WHERE _txn_id IN ({", ".join("?" * len(part))})'
+            sql = f'SELECT "{layout.key}" FROM "{layout.name}" WHERE _txn_id IN ({", ".join("?" * len(part))})'
             keys += [row[0] for row in self.conn.execute(sql, part)]
         return keys
 
     def unsettled_keys(self, layout: Layout, after: str, limit: int) -> list[str]:
         """Rows whose state comes from the buffer, past ``after`` in key order: the sweep re-checks them."""
         marks = ", ".join("?" * len(UNSETTLED))
-        sql = f'SELECT id FROM "{layout.name}" WHERE _sync_state IN ({marks}) AND id > ? ORDER BY id LIMIT ?'
+        key = f'"{layout.key}"'
+        sql = f'SELECT {key} FROM "{layout.name}" WHERE _sync_state IN ({marks}) AND {key} > ? ORDER BY {key} LIMIT ?'
         return [row[0] for row in self.conn.execute(sql, (*UNSETTLED, after, limit))]
 
     def keys_between(self, layout: Layout, after: str, upto: str | None) -> list[str]:
         """Keys in ``(after, upto]`` (to the end when ``upto`` is None): what a resync compares."""
+        key = f'"{layout.key}"'
         if upto is None:
-            return [r[0] for r in self.conn.execute(f'SELECT id FROM "{layout.name}" WHERE id > ?', (after,))]
-        sql = f'SELECT id FROM "{layout.name}" WHERE id > ? AND id <= ?'
+            return [r[0] for r in self.conn.execute(f'SELECT {key} FROM "{layout.name}" WHERE {key} > ?', (after,))]
+        sql = f'SELECT {key} FROM "{layout.name}" WHERE {key} > ? AND {key} <= ?'
         return [r[0] for r in self.conn.execute(sql, (after, upto))]
 
     def records_between(self, layout: Layout, after: str, upto: str | None, width: int) -> dict[str, tuple]:
         """Rows with keys in ``(after, upto]`` (to the end when ``upto`` is None), in key order, their first
         ``width`` columns: what a check compares with the replica."""
         names = ", ".join(f'"{c}"' for c in layout.columns[:width])
-        sql = f'SELECT {names} FROM "{layout.name}" WHERE id > ?' + (" AND id <= ?" if upto else "") + " ORDER BY id"
+        key = f'"{layout.key}"'
+        sql = f'SELECT {names} FROM "{layout.name}" WHERE {key} > ?' + (f" AND {key} <= ?" if upto else "") + f" ORDER BY {key}"
         return {row[0]: row for row in self.conn.execute(sql, (after, upto) if upto else (after,))}
 
     def append_metrics(self, at: str, figures: Mapping[str, Any], keep_days: int) -> None:

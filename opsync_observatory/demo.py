@@ -413,7 +413,7 @@ def observations(value: str) -> int:
 
 
 def parse_args(argv: list[str] | None, tz: ZoneInfo) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m opsync.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m opsync_observatory.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--night",
         type=date.fromisoformat,

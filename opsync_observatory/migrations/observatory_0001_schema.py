@@ -1,9 +1,11 @@
-"""Domain schema: observations, raw data, housekeeping, sync ledger, API tokens.
+"""The observatory's tables: instruments, observations, raw data, housekeeping; change capture on each.
 
-Self-contained on purpose (it does not import opsync.schema, which will move on); the test
-suite checks that it matches the models exactly.
+Self-contained on purpose (it does not import the models, which will move on); the test suite
+checks that it matches them exactly. The first revision of the ``observatory`` branch, on top of the
+engine's tables (``depends_on``); an opsync 0.1 database at revision ``0002`` holds exactly this
+and is stamped here by ``opsync.migrate`` (README "Upgrading from one revision line").
 
-Revision ID: 0001
+Revision ID: observatory_0001
 Revises:
 Create Date: 2026-11-21
 """
@@ -12,12 +14,22 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import JSONB
 
-revision: str = "0001"
+revision: str = "observatory_0001"
 down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = ("observatory",)
+depends_on: str | Sequence[str] | None = "engine_0001"
+
+CAPTURED = (  # parents before children
+    "instrument",
+    "instrument_module",
+    "obs_unit",
+    "executed_obs_unit",
+    "raw_data_package",
+    "raw_data_file",
+    "housekeeping_sample",
+)
 
 SHA256 = "~ '^[0-9a-f]{64}$'"
 TIMESTAMPTZ = sa.DateTime(timezone=True)
@@ -217,70 +229,11 @@ def upgrade() -> None:
         comment="Instrument sensor readings",
     )
     index("housekeeping_sample", "sampled_at")
-    op.create_table(
-        "sync_ledger",
-        sa.Column("txn_id", sa.UUID(), nullable=False, comment="Envelope txn_id (UUIDv7)"),
-        sa.Column("site", sa.String(64), nullable=False, comment="Site that accepted the envelope"),
-        sa.Column(
-            "applied_at",
-            TIMESTAMPTZ,
-            server_default=sa.text("now()"),
-            nullable=False,
-            comment="Start of the DB transaction that applied it",
-        ),
-        sa.Column(
-            "db_txid",
-            sa.BigInteger(),
-            server_default=sa.text("(pg_current_xact_id())::text::bigint"),
-            nullable=False,
-            comment="PostgreSQL transaction id (xid8) that applied it",
-        ),
-        sa.PrimaryKeyConstraint("txn_id", name=op.f("pk_sync_ledger")),
-        comment="Envelopes applied to the primary",
-    )
-    index("sync_ledger", "applied_at")
-    op.create_table(
-        "api_token",
-        key(),
-        sa.Column("name", sa.String(128), nullable=False, comment="Who or what uses the token"),
-        sa.Column("token_sha256", sa.String(64), nullable=False, comment="SHA-256 of the token, lowercase hex"),
-        sa.Column(
-            "scopes",
-            ARRAY(sa.String(64)),
-            server_default=sa.text("'{}'"),
-            nullable=False,
-            comment="Grants, e.g. write:raw_data_file, read:obs_unit",
-        ),
-        sa.Column(
-            "created_at",
-            TIMESTAMPTZ,
-            server_default=sa.text("now()"),
-            nullable=False,
-            comment="When the token was issued",
-        ),
-        sa.Column("expires_at", TIMESTAMPTZ, nullable=True, comment="Invalid from then on; empty = never"),
-        sa.Column("revoked_at", TIMESTAMPTZ, nullable=True, comment="When it was revoked; empty = not revoked"),
-        sa.Column("last_used_at", TIMESTAMPTZ, nullable=True, comment="Last successful authentication"),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_api_token")),
-        sa.UniqueConstraint("name", name=op.f("uq_api_token_name")),
-        sa.UniqueConstraint("token_sha256", name=op.f("uq_api_token_token_sha256")),
-        check("api_token", "token_sha256", f"token_sha256 {SHA256}"),
-        check("api_token", "expires_after_created", "expires_at > created_at"),
-        comment="API tokens (hashes only)",
-    )
+    for table in CAPTURED:
+        op.capture_changes(table, key="id")  # type: ignore[attr-defined]  # registered by opsync.migration_ops
 
 
 def downgrade() -> None:
-    """Drop in reverse dependency order; indexes and constraints go with their tables."""
-    for table in (
-        "api_token",
-        "sync_ledger",
-        "housekeeping_sample",
-        "raw_data_file",
-        "raw_data_package",
-        "executed_obs_unit",
-        "obs_unit",
-        "instrument_module",
-        "instrument",
-    ):
+    """Drop in reverse dependency order; indexes, constraints and capture triggers go with their tables."""
+    for table in reversed(CAPTURED):
         op.drop_table(table)
