@@ -41,15 +41,15 @@ from rich.progress import (
 )
 from rich.table import Column, Table
 from rich.text import Text
-from sqlalchemy import Engine, create_engine, make_url
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.pool import NullPool
 
-from opsync import alert_rules, auth, dlq, tokens
+from opsync import alert_rules, auth, connections, dlq, tokens
 from opsync.alerts import Thresholds
-from opsync.apply import Transient, engine_options
+from opsync.apply import Transient
 from opsync.buffer import Buffer
 from opsync.config import SiteType, get_settings
+from opsync.connections import Database
 from opsync.drain import BatchLimits, BatchSettings, Confirmation, DrainSummary, confirm, confirm_replica, drain
 from opsync.lsn import ReplicaError, current_position
 from opsync.publisher import Publisher
@@ -58,13 +58,11 @@ from opsync.registry import ingestible_tables
 from opsync.stats import buffer_stats
 from opsync.status import SiteStatus, site_status
 
-CONNECT_TIMEOUT_S = 10  # the primary is across the WAN: slow is normal, but never hang
 AGO = re.compile(r"(\d+)([mhd])")
 IN_DAYS = re.compile(r"(\d+)d")
 UNITS = {"m": "minutes", "h": "hours", "d": "days"}
 A_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 PIPE_WIDTH = 1000  # piped to grep or a file there is no terminal to fit: keep each token on one line
-REDIS_TIMEOUT_S = 5  # Redis is local to the site: an answer takes milliseconds
 DRAIN_SLICE_S = 1.0  # budget of each drain run of `backlog drain`: progress shows, and Ctrl-C is honoured, this often
 IDLE_WAIT_S = 0.2  # `backlog drain --follow` with nothing to claim: what is left awaits the replica or another drainer
 
@@ -172,8 +170,9 @@ def database(role: str, **options: Any) -> Iterator[Engine]:
     """The primary or the replica (``role``), with failures turned into one clear line instead of a traceback:
     unreachable exits 5, refused exits 1; the URL shown never has the password. Nest the primary inside the
     replica: an unknown replay position (:class:`ReplicaError`) is the replica's alone."""
-    url = make_url(getattr(get_settings(), f"{role}_url").get_secret_value())
-    engine = create_engine(url, **({"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} | options))
+    settings = get_settings()
+    url = connections.database_url(settings, Database(role))
+    engine = connections.engine(settings, Database(role), connections.background_timeouts(settings), **options)
     unreachable = (OperationalError, ReplicaError) if role == "replica" else OperationalError
     try:
         yield engine
@@ -302,9 +301,7 @@ def revoke(name: str, as_json: bool) -> None:
 def site_buffer() -> Buffer:
     """The site buffer with short timeouts: an unreachable Redis must end in a message, not a hang."""
     settings = get_settings()
-    client = redis.Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
-    )
+    client = connections.redis_client(settings)
     return Buffer(client, idempotency_ttl_s=settings.idempotency_ttl_s, status_ttl_s=settings.status_ttl_s)
 
 
@@ -322,9 +319,10 @@ def buffer_or_exit() -> Iterator[Buffer]:
         buffer.client.close()
 
 
-def measuring_engine(url: str) -> Engine:
+def measuring_engine(database: Database) -> Engine:
     """A fresh connection per measurement (no pool): a link that died between two refreshes cannot hang one."""
-    return create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    settings = get_settings()
+    return connections.engine(settings, database, connections.background_timeouts(settings), pool=False)
 
 
 @dataclass(frozen=True)
@@ -378,8 +376,8 @@ def status(watch: bool, interval: float, count: int | None, as_json: bool, **lim
     settings = get_settings()
     watching, limit = watch or count is not None, Limits(**{k.removeprefix("max_"): v for k, v in limits.items()})
     buffer = site_buffer()
-    primary_db = measuring_engine(settings.primary_url.get_secret_value())
-    replica_db = measuring_engine(settings.replica_url.get_secret_value())
+    primary_db = measuring_engine(Database.primary)
+    replica_db = measuring_engine(Database.replica)
     degraded, shown = None, 0
     try:
         with Live(console=console(), auto_refresh=False) if watching and not as_json else nullcontext() as live:
@@ -766,7 +764,7 @@ def backlog_drain(follow: bool, batch: int | None, batch_records: int | None, ba
     with (
         buffer_or_exit() as buffer,
         database("replica") as replica_db,
-        database("primary", **engine_options(CONNECT_TIMEOUT_S, autocommit=True)) as primary_db,  # apply_batch's alone
+        database("primary", autocommit=True) as primary_db,  # apply_batch's alone
         stop_on_ctrl_c() as stop,
         backlog_meter(as_json, bar=follow and not as_json) as meter,
     ):
