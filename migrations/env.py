@@ -5,9 +5,11 @@ tests) or, for a bare ``alembic`` command, from the opsync settings (``OPSYNC_PR
 """
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine
 
+from opsync import connections
 from opsync.config import get_settings
+from opsync.connections import Database
 from opsync.schema import Base
 
 COMPARE = {"compare_type": True, "compare_server_default": True}
@@ -25,7 +27,9 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = create_engine(database_url(), poolclass=pool.NullPool)
+    settings = get_settings()  # the primary's timeouts and TLS, whichever URL is migrated
+    tls = connections.postgres_tls(settings, Database.primary)
+    engine = create_engine(database_url(), **connections.engine_options(connections.background_timeouts(settings), tls, pool=False))
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=Base.metadata, **COMPARE)
         with context.begin_transaction():
