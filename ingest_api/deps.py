@@ -7,7 +7,9 @@ from functools import lru_cache, partial
 from typing import Annotated, Any, TypeVar
 from weakref import WeakKeyDictionary
 
+import hiredis
 import redis
+import redis.asyncio as aioredis
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict
@@ -40,15 +42,27 @@ def get_enqueuer() -> AsyncEnqueuer:
     """The buffer's enqueue on an asyncio client of the running event loop (one per loop: a client's
     connections belong to the loop that opened them; tests run several loops in one process).
 
-    No ``socket_timeout``: the enqueuer bounds each call as a whole (``answered_within``).
+    No ``socket_timeout``: the enqueuer bounds each call as a whole (``answered_within``). On a
+    ``rediss://`` URL the URL's TLS connection class wins over :class:`PackedConnection` (redis-py).
     """
     loop, buffer = asyncio.get_running_loop(), get_buffer()
     enqueuer = _enqueuers.get(loop)
     if enqueuer is None or enqueuer.buffer is not buffer:
         settings = get_settings()
-        client = async_redis_client(settings, Timeouts(settings.redis_timeout_s), packed=True)
+        client = async_redis_client(settings, Timeouts(settings.redis_timeout_s), connection_class=PackedConnection)
         enqueuer = _enqueuers[loop] = AsyncEnqueuer(buffer, client, settings.redis_timeout_s)
     return enqueuer
+
+
+class PackedConnection(aioredis.Connection):
+    """An asyncio connection that packs commands with hiredis (C) instead of redis-py's pure Python
+    packer, which its synchronous client already avoids when hiredis is installed: an enqueue has
+    a few dozen arguments, and packing them was a tenth of the API's CPU per write."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD": the server wants the words apart
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]
 
 
 _enqueuers: WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEnqueuer] = WeakKeyDictionary()

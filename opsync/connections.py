@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import hiredis
 import psycopg
 import redis
 import redis.asyncio as aioredis
@@ -147,18 +146,15 @@ def redis_client(settings: Settings, timeouts: Timeouts | None = None, **options
     )
 
 
-def async_redis_client(settings: Settings, timeouts: Timeouts | None = None, packed: bool = False, **options: Any) -> aioredis.Redis:
-    """An asyncio client of the site buffer; ``packed``: commands packed by hiredis (:class:`PackedConnection`).
+def async_redis_client(settings: Settings, timeouts: Timeouts | None = None, **options: Any) -> aioredis.Redis:
+    """An asyncio client of the site buffer; ``options`` are redis-py's (``retry``, ``connection_class``...).
 
     Maintenance notifications are off: redis-py 8.1's asyncio pool skips its check of pooled
     connections when they are "auto", so the first command after a Redis restart would fail.
     """
     timeouts = timeouts or buffer_timeouts(settings)
-    url = settings.redis_url.get_secret_value()
-    if packed:  # a connection class given replaces the URL's, TLS included
-        options["connection_class"] = PackedSSLConnection if url.startswith("rediss://") else PackedConnection
     return aioredis.Redis.from_url(
-        url,
+        settings.redis_url.get_secret_value(),
         socket_connect_timeout=timeouts.connect_s,
         socket_timeout=timeouts.answer_s,
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
@@ -171,22 +167,3 @@ def redis_params(timeouts: Timeouts, **params: Any) -> dict[str, Any]:
     """``redis.Redis(...)`` keywords for ``timeouts`` and ``params`` (host, port, db, password, ``ssl``, ``ssl_ca_certs``...):
     the Airflow hooks', whose connections are fields and extras rather than a URL."""
     return params | {"socket_connect_timeout": timeouts.connect_s, "socket_timeout": timeouts.answer_s}
-
-
-class Packed:
-    """Commands packed with hiredis (C) instead of redis-py's pure Python packer, which its synchronous
-    client already avoids when hiredis is installed: an enqueue has a few dozen arguments, and
-    packing them was a tenth of the API's CPU per write."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD": the server wants the words apart
-            args = (*args[0].split(), *args[1:])
-        return [hiredis.pack_command(args)]
-
-
-class PackedConnection(Packed, aioredis.Connection):
-    pass
-
-
-class PackedSSLConnection(Packed, aioredis.SSLConnection):
-    pass

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 
+from ingest_api import deps
 from opsync import connections
-from opsync.config import Settings, SiteType
+from opsync.config import Settings, SiteType, get_settings
 from opsync.connections import Database, Timeouts
 from tests.tls import tls_redis
 
@@ -88,11 +89,10 @@ def test_buffer_clients_take_the_timeouts_and_the_ca_of_the_settings():
     assert issubclass(sync.connection_pool.connection_class, redis.SSLConnection)
     kwargs = sync.connection_pool.connection_kwargs
     assert kwargs["ssl_ca_certs"] == "/etc/opsync/redis-ca.pem" and kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 2
-    packed = connections.async_redis_client(s, Timeouts(2), packed=True)  # the enqueuer's: no per-answer timeout
-    assert issubclass(packed.connection_pool.connection_class, aioredis.SSLConnection)
-    assert packed.connection_pool.connection_kwargs["socket_timeout"] is None
-    plain = connections.async_redis_client(settings(), packed=True)
-    assert not issubclass(plain.connection_pool.connection_class, aioredis.SSLConnection)
+    asynchronous = connections.async_redis_client(s, Timeouts(2))  # as the enqueuer's: no per-answer timeout
+    assert issubclass(asynchronous.connection_pool.connection_class, aioredis.SSLConnection)
+    assert asynchronous.connection_pool.connection_kwargs["socket_timeout"] is None
+    assert asynchronous.connection_pool.connection_kwargs["ssl_ca_certs"] == "/etc/opsync/redis-ca.pem"
 
 
 def test_a_redis_ca_without_a_rediss_url_is_refused_naming_the_field_not_the_url():
@@ -107,7 +107,7 @@ def test_no_secret_in_reprs_errors_or_logs(caplog):
     caplog.set_level(logging.DEBUG)
     engine = connections.engine(s, Database.primary, Timeouts(2))
     client = connections.redis_client(s, Timeouts(1, 1))
-    shown = [repr(s), repr(engine), repr(client), repr(client.connection_pool), repr(connections.async_redis_client(s, packed=True))]
+    shown = [repr(s), repr(engine), repr(client), repr(client.connection_pool), repr(connections.async_redis_client(s))]
     with pytest.raises(OperationalError) as pg_error, engine.connect() as conn:
         conn.execute(text("SELECT 1"))
     with pytest.raises(redis.ConnectionError) as redis_error:
@@ -142,18 +142,28 @@ def test_the_sslmode_of_the_settings_reaches_libpq(pg):
             engine.dispose()
 
 
-def test_a_rediss_url_talks_tls_to_the_buffer_with_the_ca_of_the_settings_and_refuses_another(tmp_path):
+def test_a_rediss_url_talks_tls_to_the_buffer_with_the_ca_of_the_settings_and_refuses_another(tmp_path, monkeypatch):
     with tls_redis(tmp_path) as server:
         s = settings(redis_url=server.url(), redis_ssl_ca_certs=server.ca)
+        assert connections.redis_client(s).ping()
+        monkeypatch.setenv("OPSYNC_REDIS_URL", server.url())
+        monkeypatch.setenv("OPSYNC_REDIS_SSL_CA_CERTS", str(server.ca))
+        for cached in (get_settings, deps.get_redis, deps.get_buffer):
+            cached.cache_clear()
 
-        async def enqueuer_path() -> bool:  # the API's packed client, on TLS
-            client = connections.async_redis_client(s, Timeouts(2), packed=True)
+        async def enqueuer_path() -> bool:  # the API's enqueuer, whose own connection class must not lose the TLS
+            enqueuer = deps.get_enqueuer()
             try:
-                return await client.ping()
+                await enqueuer.prepare()  # loads the enqueue script
+                return await enqueuer.client.script_exists(enqueuer._enqueue.sha) == [True]
             finally:
-                await client.aclose()
+                await enqueuer.client.aclose()
 
-        assert connections.redis_client(s).ping() and asyncio.run(enqueuer_path())
+        try:
+            assert asyncio.run(enqueuer_path())
+        finally:
+            for cached in (get_settings, deps.get_redis, deps.get_buffer):
+                cached.cache_clear()
         wrong = settings(redis_url=server.url(), redis_ssl_ca_certs=server.wrong_ca)
         with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
             connections.redis_client(wrong, retry=None).ping()
