@@ -10,7 +10,7 @@ means it is stuck.
 TLS comes from the settings (``OPSYNC_*_SSLMODE``, ``_SSLROOTCERT``, ``OPSYNC_REDIS_SSL_CA_CERTS``
 with a ``rediss://`` URL) or, for the Airflow hooks, from the connection's extras; either way it
 reaches libpq or redis-py through the functions below. URLs stay ``SecretStr`` until the driver
-gets them: an engine's repr, a client's repr and their errors name host, port and database only.
+gets them: an engine's or a client's repr and their connection errors name the server, never the password.
 """
 
 from collections.abc import Mapping
