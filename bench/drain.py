@@ -77,8 +77,8 @@ from sqlalchemy import Engine, create_engine, make_url, text
 
 from devstack.wan import WanProxy
 from opsync import drain as drainer
-from opsync.apply import engine_options
 from opsync.buffer import Buffer
+from opsync.connections import Timeouts, engine_options
 from opsync.drain import BatchLimits, BatchSettings, DrainSummary, confirm_replica, drain
 from opsync.envelope import Transaction
 from opsync.ingest import StepIn, build_transaction
@@ -492,10 +492,10 @@ def redis_client(site) -> redis.Redis:
 
 
 def engine(url: str, port: int | None = None, autocommit: bool = False) -> Engine:
-    """An engine as the tasks' hook builds it: psycopg 3, :func:`opsync.apply.engine_options` (``autocommit`` as the drain task's)."""
+    """An engine as the tasks' hook builds it: psycopg 3, :func:`opsync.connections.engine_options` (``autocommit`` as the drain task's)."""
     if port is not None:
         url = make_url(url).set(port=port).render_as_string(hide_password=False)
-    return create_engine(url, **engine_options(autocommit=autocommit))
+    return create_engine(url, **engine_options(Timeouts(10), autocommit=autocommit))
 
 
 # --- small transactions: drained and confirmed as the DAG runs do it ---------------------------------

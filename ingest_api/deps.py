@@ -13,8 +13,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict
-from redis.maint_notifications import MaintNotificationsConfig
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
@@ -22,17 +21,15 @@ from opsync.admission import ReplicaJudge
 from opsync.auth import AuthError, AuthUnavailable, Principal, TokenVerifier, hash_token
 from opsync.buffer import AsyncEnqueuer, Buffer
 from opsync.config import Settings, get_settings
+from opsync.connections import Database, Timeouts, async_redis_client, engine, redis_client, request_timeouts
 
 T = TypeVar("T")
 log = logging.getLogger("opsync.ingest_api")
 
 
-REDIS_TIMEOUT_S = 5  # the site buffer is local: longer means it is stuck
-
-
 @lru_cache
 def get_redis() -> redis.Redis:
-    return redis.Redis.from_url(get_settings().redis_url.get_secret_value(), socket_timeout=REDIS_TIMEOUT_S)
+    return redis_client(get_settings())
 
 
 @lru_cache
@@ -45,20 +42,15 @@ def get_enqueuer() -> AsyncEnqueuer:
     """The buffer's enqueue on an asyncio client of the running event loop (one per loop: a client's
     connections belong to the loop that opened them; tests run several loops in one process).
 
-    Maintenance notifications are off: redis-py 8.1's asyncio pool skips its check of pooled
-    connections when they are "auto", so the first write after a Redis restart would fail. No
-    ``socket_timeout``: the enqueuer bounds each call as a whole (``answered_within``).
+    No ``socket_timeout``: the enqueuer bounds each call as a whole (``answered_within``). On a
+    ``rediss://`` URL the URL's TLS connection class wins over :class:`PackedConnection` (redis-py).
     """
     loop, buffer = asyncio.get_running_loop(), get_buffer()
     enqueuer = _enqueuers.get(loop)
     if enqueuer is None or enqueuer.buffer is not buffer:
-        client = aioredis.Redis.from_url(
-            get_settings().redis_url.get_secret_value(),
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            maint_notifications_config=MaintNotificationsConfig(enabled=False),
-            connection_class=PackedConnection,
-        )
-        enqueuer = _enqueuers[loop] = AsyncEnqueuer(buffer, client, REDIS_TIMEOUT_S)
+        settings = get_settings()
+        client = async_redis_client(settings, Timeouts(settings.redis_timeout_s), connection_class=PackedConnection)
+        enqueuer = _enqueuers[loop] = AsyncEnqueuer(buffer, client, settings.redis_timeout_s)
     return enqueuer
 
 
@@ -76,13 +68,10 @@ class PackedConnection(aioredis.Connection):
 _enqueuers: WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEnqueuer] = WeakKeyDictionary()
 
 
-def engine_for(url: str, timeout_s: int) -> Engine:
+def engine_for(database: Database) -> Engine:
     """Short timeouts: a request must never hang on the intercontinental link."""
-    return create_engine(
-        url,
-        pool_pre_ping=True,
-        connect_args={"connect_timeout": timeout_s, "options": f"-c statement_timeout={timeout_s * 1000}"},
-    )
+    settings = get_settings()
+    return engine(settings, database, request_timeouts(settings, database), pre_ping=True)
 
 
 async def warm_up() -> None:
@@ -105,14 +94,13 @@ async def warm_up() -> None:
 
 @lru_cache
 def get_primary() -> Engine:
-    settings = get_settings()
-    return engine_for(settings.primary_url.get_secret_value(), settings.direct_timeout_s)
+    return engine_for(Database.primary)
 
 
 @lru_cache
 def get_verifier() -> TokenVerifier:
-    settings = get_settings()
-    return TokenVerifier(engine_for(settings.replica_url.get_secret_value(), 3), settings.token_cache_ttl_s)
+    """Token checks on the replica, in a pool apart from the reads' (``reads.get_replica``, which loads out-of-range times as text)."""
+    return TokenVerifier(engine_for(Database.replica), get_settings().token_cache_ttl_s)
 
 
 def get_judge() -> ReplicaJudge:

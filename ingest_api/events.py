@@ -30,6 +30,7 @@ from ingest_api.deps import BufferDep, PrincipalDep, SettingsDep, bearer, checke
 from ingest_api.reads import unknown_transaction
 from opsync.auth import AuthError, AuthUnavailable, Principal
 from opsync.buffer import Buffer, final_status, involved_tables, travelling_status
+from opsync.connections import async_redis_client
 from opsync.events import followed, parse_event, shown, snapshot_event, visible
 
 router = APIRouter(prefix="/v1", tags=["events"], responses=documented(401, 404, 422, 503))
@@ -83,9 +84,7 @@ async def opened(
         for txn_id, status in zip(followed_ids, await run_in_threadpool(buffer.statuses, followed_ids), strict=True):
             if not visible(who, status):
                 raise HTTPException(404, unknown_transaction(txn_id))
-    client = aioredis.Redis.from_url(
-        settings.redis_url.get_secret_value(), retry=Retry(NoBackoff(), 0), socket_timeout=5, socket_connect_timeout=3
-    )
+    client = async_redis_client(settings, retry=Retry(NoBackoff(), 0))
     try:
         watch = Watch(who, bearer(request.headers["authorization"]), client, buffer)
         yield Stream(client, buffer, set(followed_ids), settings.events_keepalive_s, watch)

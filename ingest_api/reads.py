@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from ingest_api.deps import BufferDep, PrincipalDep, documented, engine_for, on_loop
 from opsync import merged, registry
-from opsync.config import get_settings
+from opsync.connections import Database
 from opsync.events import visible
 
 router = APIRouter(prefix="/v1", tags=["reads"], responses=documented(401, 403, 404, 422, 503))
@@ -23,7 +23,7 @@ RESERVED = {"limit", "after"}
 
 @lru_cache
 def get_replica() -> Engine:
-    engine = engine_for(get_settings().replica_url.get_secret_value(), 3)
+    engine = engine_for(Database.replica)
     event.listen(engine, "connect", lambda connection, _: connection.adapters.register_loader("timestamptz", OutOfRangeAsText))
     return engine
 

@@ -7,11 +7,12 @@ an opsync 0.1 database is stamped at its new revisions first (:func:`opsync.migr
 """
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine
 
 import opsync.migration_ops  # noqa: F401  registers the engine's migration operations
-from opsync import domain
+from opsync import connections, domain
 from opsync.config import get_settings
+from opsync.connections import Database
 from opsync.migrate import adopt_legacy
 from opsync.schema import Base
 
@@ -31,7 +32,9 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = create_engine(database_url(), poolclass=pool.NullPool)
+    settings = get_settings()  # the primary's timeouts and TLS, whichever URL is migrated
+    tls = connections.postgres_tls(settings, Database.primary)
+    engine = create_engine(database_url(), **connections.engine_options(connections.background_timeouts(settings), tls, pool=False))
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=TARGET, **COMPARE)
         with context.begin_transaction():

@@ -178,12 +178,12 @@ def apply_batch(engine: Engine, txns: list[Pending], dead_rows: Mapping[RowRef, 
     together, the ledger rows first, so a redelivered transaction stops the rest); a redelivered
     batch costs two more, a failing transaction about two more per halving (bisection under a savepoint). Raises :class:`Transient` for
     anything that is not the data's fault. ``engine`` must use psycopg 3 with a ``connect_timeout``
-    (see :func:`engine_options`); ``timeout_s`` bounds the whole batch, since a cut link never answers.
+    (see :func:`opsync.connections.engine_options`); ``timeout_s`` bounds the whole batch, since a cut link never answers.
     """
     try:
         with engine.connect() as sa_conn:
             sa_conn = sa_conn.execution_options(isolation_level="AUTOCOMMIT")
-            # SQLAlchemy types driver_connection Optional: an open connection has one (psycopg's, see engine_options)
+            # SQLAlchemy types driver_connection Optional: an open connection has one (psycopg's)
             batch = Batch(cast(psycopg.Connection, sa_conn.connection.driver_connection), dict(dead_rows or {}))
             try:
                 with deadline(batch.conn, timeout_s) as expired:
@@ -194,23 +194,6 @@ def apply_batch(engine: Engine, txns: list[Pending], dead_rows: Mapping[RowRef, 
     except DBAPIError as exc:
         raise Transient(f"primary unreachable: {first_line(exc.orig or exc)}") from exc
     return batch.result
-
-
-def engine_options(connect_timeout_s: int = 10, autocommit: bool = False) -> dict[str, Any]:
-    """``create_engine()`` options for the drainer's databases, where each new connection crosses the WAN.
-
-    A cut link accepts nothing and never refuses, hence the connect timeout. The rest saves round
-    trips (200–500 ms each) on every new engine, and a drain task makes one: no hstore lookup at the
-    first connection (no column is hstore) and no attempt at GSS encryption (with a Kerberos ticket
-    cache, libpq tries it before anything); TLS stays as the connection says (``sslmode``).
-    ``autocommit`` spares SQLAlchemy's first-connection checks their BEGIN and ROLLBACK: only for an
-    engine that serves :func:`apply_batch` alone (it sends its own BEGIN and COMMIT), since under it
-    ``engine.begin()`` is no transaction.
-    """
-    return {
-        "connect_args": {"connect_timeout": connect_timeout_s, "gssencmode": "disable"},
-        "use_native_hstore": False,
-    } | ({"isolation_level": "AUTOCOMMIT"} if autocommit else {})
 
 
 class Batch:

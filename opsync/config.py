@@ -8,14 +8,19 @@ so they never end up in a repr or a log line.
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class SiteType(StrEnum):
     secondary = "secondary"  # the observatory: local buffer, local streaming replica
     main = "main"  # Cologne: the primary is local, confirmation is immediate
+
+
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+"""libpq's ``sslmode`` values."""
 
 
 class Settings(BaseSettings):
@@ -31,7 +36,19 @@ class Settings(BaseSettings):
         SecretStr("postgresql+psycopg://opsync@127.0.0.1:15433/opsync"),
         description="SQLAlchemy URL of the local read-only streaming replica",
     )
-    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:16379/0"), description="The site buffer")
+    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:16379/0"), description="The site buffer (rediss:// for TLS)")
+    primary_sslmode: SslMode | None = Field(
+        None, description="libpq sslmode to the primary, across the WAN: verify-full in production; unset: the URL's, else prefer"
+    )
+    primary_sslrootcert: Path | None = Field(None, description="CA the primary's certificate must chain to (verify-ca, verify-full)")
+    replica_sslmode: SslMode | None = Field(None, description="libpq sslmode to the replica; unset: the URL's, else prefer")
+    replica_sslrootcert: Path | None = Field(None, description="CA the replica's certificate must chain to")
+    redis_ssl_ca_certs: Path | None = Field(None, description="CA the buffer Redis' certificate must chain to (a rediss:// URL)")
+    connect_timeout_s: int = Field(
+        10, ge=2, description="Connect timeout to PostgreSQL of the drain, CLI, publisher and triggers: a cut link never refuses"
+    )
+    replica_timeout_s: int = Field(3, ge=1, description="Connect/statement timeout of the API's token checks and reads on the replica")
+    redis_timeout_s: float = Field(5, gt=0, description="Connect and answer timeout of the buffer Redis (local: longer means it is stuck)")
     read_model_path: Path = Field(Path(".run/datasette/opsync.db"), description="SQLite file Datasette serves")
     datasette_publisher: bool = Field(
         True, description="Run the read-model publisher inside Datasette; off where it runs as python -m opsync.read_model.publisher"
@@ -70,6 +87,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(512 * 1024, description="Largest request body; larger ones get 413 before being read (README 'Limits')")
     max_json_depth: int = Field(32, description="Deepest nesting of JSON values a record may have")
     events_keepalive_s: float = Field(15, description="Interval of SSE keep-alive comments on GET /v1/events")
+
+    @field_validator("redis_ssl_ca_certs")
+    @classmethod
+    def _tls_needs_rediss(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """A CA for a plain redis:// URL would be ignored, leaving the buffer in clear text unnoticed. A field
+        validator: its error shows this field's value alone, never the URL (and its password)."""
+        url = info.data.get("redis_url")
+        if value is not None and url is not None and not url.get_secret_value().startswith("rediss://"):
+            raise ValueError("needs a rediss:// OPSYNC_REDIS_URL (TLS)")
+        return value
 
 
 @lru_cache

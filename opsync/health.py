@@ -9,7 +9,10 @@ from typing import cast
 import psycopg
 import redis
 
+from opsync.connections import Timeouts, connect
+
 DURABLE_REDIS = {"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction"}
+CHECK_TIMEOUTS = Timeouts(3, 3)  # a check answers at once or reports the service as unreachable
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ def _text(value) -> str | None:
 def postgres_role(conninfo: str, expect_recovery: bool) -> Health:
     """The primary must accept writes; the replica must be a standby that is streaming."""
     try:
-        with psycopg.connect(conninfo, connect_timeout=3) as conn:
+        with connect(conninfo, CHECK_TIMEOUTS) as conn:
             in_recovery, replay_lsn = cast(
                 tuple,
                 conn.execute(  # no FROM: always one row

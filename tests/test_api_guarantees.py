@@ -225,9 +225,7 @@ def test_redis_down_is_503_never_500(own_redis, api_client, headers):
 @pytest.fixture
 def short_redis_timeout(monkeypatch):
     """Before the app starts: its workers build their Redis clients at start."""
-    from ingest_api import deps
-
-    monkeypatch.setattr(deps, "REDIS_TIMEOUT_S", 0.5)
+    configure(monkeypatch, redis_timeout_s=0.5)
 
 
 def test_a_frozen_redis_is_503_within_the_timeout_and_writes_resume(own_redis, short_redis_timeout, api_client, headers, monkeypatch):

@@ -20,8 +20,8 @@ from conftest import wait_for
 from sqlalchemy import create_engine, text
 
 from opsync import drain
-from opsync.apply import engine_options
 from opsync.buffer import Buffer
+from opsync.connections import Timeouts, engine_options
 
 OPSYNC = Path(sys.executable).with_name("opsync")  # the installed entry point of this venv
 TXNS = 6  # transactions buffered, each an observation and a file of it: one batch
@@ -38,7 +38,7 @@ def buffer(own_redis):
 @pytest.fixture
 def primary(site_env):
     """An engine as the DAG's drain task makes one (connect timeout, autocommit: apply_batch's alone)."""
-    engine = create_engine(site_env.primary_url.get_secret_value(), **engine_options(5, autocommit=True))
+    engine = create_engine(site_env.primary_url.get_secret_value(), **engine_options(Timeouts(5), autocommit=True))
     yield engine
     engine.dispose()
 

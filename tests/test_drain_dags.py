@@ -18,15 +18,19 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
+import redis  # noqa: E402
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
+from sqlalchemy.exc import OperationalError  # noqa: E402
 
 from devstack.settings import REPO  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
 from opsync.lsn import Lsn, current_position, replica_position  # noqa: E402
 from opsync.stats import buffer_stats  # noqa: E402
+from opsync_airflow.hooks import REPLICA_CONN_ID, SiteBufferHook, SiteDatabaseHook  # noqa: E402
 from opsync_airflow.triggers import BufferWakeTrigger, ReplicaLsnTrigger  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
+from tests.tls import tls_redis  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +270,39 @@ def test_the_replica_trigger_waits_for_replay_and_never_takes_an_error_for_caugh
         out, err = capfd.readouterr()
         assert "still waiting for the replica to replay 0/1: " in out + err and problem in out + err
     primary.dispose()
+
+
+def test_the_tls_extras_of_airflow_connections_reach_the_triggers_and_the_hooks(site, migrated, monkeypatch, capfd, tmp_path):
+    """Extras as the providers document them. The test PostgreSQL has no TLS, so ``sslmode=require`` must fail,
+    and for that reason: the trigger waits through it, saying why; the tasks' engine refuses too. A Redis
+    on TLS only: its CA in the extras wakes the trigger and serves the tasks' buffer, another CA is refused."""
+    monkeypatch.setenv("AIRFLOW_CONN_OPSYNC_REPLICA", migrated.replica.url(driver="postgresql") + "?sslmode=require")
+    with pytest.raises(TimeoutError):
+        asyncio.run(first_event(ReplicaLsnTrigger("0/1", poke_interval=0.1), 1))
+    out, err = capfd.readouterr()
+    assert "replica unreachable: connection failed" in out + err and "server does not support SSL, but SSL was required" in out + err
+    with pytest.raises(OperationalError, match="server does not support SSL, but SSL was required"):
+        SiteDatabaseHook(REPLICA_CONN_ID).get_engine().connect()
+
+    with tls_redis(tmp_path) as server:
+        plain_url = server.url().replace("rediss://", "redis://")  # TLS from the extras alone
+        monkeypatch.setenv("AIRFLOW_CONN_OPSYNC_BUFFER", f"{plain_url}?ssl=true&ssl_ca_certs={server.ca}")
+        assert asyncio.run(woken(SiteBufferHook().get_buffer()))["txn_id"] == "over-tls"
+        monkeypatch.setenv("AIRFLOW_CONN_OPSYNC_BUFFER", f"{plain_url}?ssl=true&ssl_ca_certs={server.wrong_ca}")
+        with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+            asyncio.run(first_event(BufferWakeTrigger(), 10))
+        with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+            SiteBufferHook().get_buffer().client.ping()
+
+
+async def woken(buffer: Buffer) -> dict:
+    """The wake-up trigger's event for an accepted record published on ``buffer`` once the trigger listens."""
+    waiting = asyncio.create_task(first_event(BufferWakeTrigger(), 10))
+    while buffer.client.pubsub_numsub(buffer.events)[0][1] == 0:
+        assert not waiting.done(), waiting.exception()
+        await asyncio.sleep(0.01)
+    buffer.client.publish(buffer.events, json.dumps({"txn_id": "over-tls", "state": "accepted"}))
+    return (await waiting).payload
 
 
 def test_the_wake_up_trigger_fires_on_accepted_records_only(site, post):

@@ -26,11 +26,13 @@ from rich.progress import (
 from rich.text import Text
 from sqlalchemy import Engine
 
-from opsync.apply import Transient, engine_options
+from opsync import connections
+from opsync.apply import Transient
 from opsync.buffer import Buffer
 from opsync.cli.common import INTERRUPTED, Unavailable, json_option, say
-from opsync.cli.connections import CONNECT_TIMEOUT_S, buffer_or_exit, database
-from opsync.config import SiteType, get_settings
+from opsync.cli.services import buffer_or_exit, database
+from opsync.config import get_settings
+from opsync.connections import Database
 from opsync.drain import BatchLimits, BatchSettings, Confirmation, DrainSummary, confirm, confirm_replica, drain
 from opsync.lsn import current_position
 from opsync.stats import buffer_stats
@@ -190,7 +192,7 @@ def backlog_drain(follow: bool, batch: int | None, batch_records: int | None, ba
     with (
         buffer_or_exit() as buffer,
         database("replica") as replica_db,
-        database("primary", **engine_options(CONNECT_TIMEOUT_S, autocommit=True)) as primary_db,  # apply_batch's alone
+        database("primary", autocommit=True) as primary_db,  # apply_batch's alone
         stop_on_ctrl_c() as stop,
         backlog_meter(as_json, bar=follow and not as_json) as meter,
     ):
@@ -273,7 +275,7 @@ def drain_slice(buffer: Buffer, primary_db: Engine, limits: BatchLimits, consume
 
 def readable(buffer: Buffer, primary_db: Engine, replica_db: Engine) -> Confirmation:
     """Confirm what this site can read now: its replica's replay position; on the main site, the primary's own."""
-    if get_settings().site_type is SiteType.main:
+    if connections.readable(get_settings()) is Database.primary:
         return confirm(buffer, current_position(primary_db))
     return confirm_replica(buffer, replica_db)
 

@@ -10,7 +10,7 @@ from rich.table import Column, Table
 from opsync import dlq
 from opsync.buffer import Buffer
 from opsync.cli.common import NotFound, console, echo_json, json_option, say, when
-from opsync.cli.connections import buffer_or_exit
+from opsync.cli.services import buffer_or_exit
 
 
 @click.group("dlq")

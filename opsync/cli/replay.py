@@ -6,7 +6,7 @@ import click
 from rich.table import Table
 
 from opsync.cli.common import DEGRADED, MomentType, NotFound, console, echo_json, json_option, say
-from opsync.cli.connections import buffer_or_exit, database
+from opsync.cli.services import buffer_or_exit, database
 from opsync.config import get_settings
 from opsync.read_model.publisher import Publisher
 from opsync.read_model.store import ReadModel

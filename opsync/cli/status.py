@@ -13,8 +13,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from opsync.cli.common import DEGRADED, console, json_option
-from opsync.cli.connections import measuring_engine, site_buffer
+from opsync.cli.services import measuring_engine, site_buffer
 from opsync.config import get_settings
+from opsync.connections import Database
 from opsync.monitoring.status import SiteStatus, site_status
 
 
@@ -69,8 +70,8 @@ def status(watch: bool, interval: float, count: int | None, as_json: bool, **lim
     settings = get_settings()
     watching, limit = watch or count is not None, Limits(**{k.removeprefix("max_"): v for k, v in limits.items()})
     buffer = site_buffer()
-    primary_db = measuring_engine(settings.primary_url.get_secret_value())
-    replica_db = measuring_engine(settings.replica_url.get_secret_value())
+    primary_db = measuring_engine(Database.primary)
+    replica_db = measuring_engine(Database.replica)
     degraded, shown = None, 0
     try:
         with Live(console=console(), auto_refresh=False) if watching and not as_json else nullcontext() as live:

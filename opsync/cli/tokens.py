@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from opsync import auth, tokens
 from opsync.cli.common import AlreadyExists, ExpiryType, NotFound, console, echo_json, json_option, say, when
-from opsync.cli.connections import database
+from opsync.cli.services import database
 from opsync.config import get_settings
 
 

@@ -41,12 +41,13 @@ from uuid import UUID
 import psycopg
 import redis
 from pydantic import ValidationError
-from sqlalchemy import Engine, bindparam, create_engine, select, text
+from sqlalchemy import Engine, bindparam, select, text
 from sqlalchemy.exc import DBAPIError
 
-from opsync import merged
+from opsync import connections, merged
 from opsync.buffer import Buffer
 from opsync.config import Settings, get_settings
+from opsync.connections import Database
 from opsync.envelope import State, Transaction
 from opsync.events import parse_event
 from opsync.monitoring.alerts import stored_findings
@@ -244,13 +245,12 @@ class Publisher:
 
     @classmethod
     def from_settings(cls, settings: Settings, tuning: Tuning | None = None) -> "Publisher":
-        client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5, socket_connect_timeout=3)
-        timeouts = {"connect_timeout": 5, "options": "-c timezone=UTC"}  # UTC: no time zone conversions here
+        timeouts, utc = connections.background_timeouts(settings), "-c timezone=UTC"  # UTC: no time zone conversions here
         return cls(
             ReadModel(settings.read_model_path, settings.timezone),
-            Buffer(client, status_ttl_s=settings.status_ttl_s),
-            create_engine(settings.replica_url.get_secret_value(), pool_pre_ping=True, connect_args=timeouts),
-            create_engine(settings.primary_url.get_secret_value(), pool_pre_ping=True, connect_args=timeouts),
+            Buffer(connections.redis_client(settings), status_ttl_s=settings.status_ttl_s),
+            connections.engine(settings, Database.replica, timeouts, pre_ping=True, options=utc),
+            connections.engine(settings, Database.primary, timeouts, pre_ping=True, options=utc),
             tuning or Tuning(),
         )
 

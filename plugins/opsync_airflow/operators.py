@@ -8,7 +8,8 @@ from airflow.sdk import BaseOperator
 from sqlalchemy import Engine
 
 from opsync.apply import Transient
-from opsync.config import SiteType, get_settings
+from opsync.config import get_settings
+from opsync.connections import Database, readable
 from opsync.drain import BATCH_BYTES, BATCH_RECORDS, BATCH_SIZE, confirm, drain
 from opsync.lsn import Lsn, current_position, replica_position
 from opsync.read_model.check import ReadModelCheck
@@ -38,7 +39,7 @@ def engine(conn_id: str, autocommit: bool = False):
 
 def readable_position(primary_conn_id: str = PRIMARY_CONN_ID, replica_conn_id: str = REPLICA_CONN_ID) -> Lsn:
     """How far this site can read: its replica's replay position; on the main site, the primary's own position."""
-    if get_settings().site_type is SiteType.main:
+    if readable(get_settings()) is Database.primary:
         with engine(primary_conn_id) as primary:
             return current_position(primary)
     with engine(replica_conn_id) as replica:
@@ -48,7 +49,7 @@ def readable_position(primary_conn_id: str = PRIMARY_CONN_ID, replica_conn_id: s
 @contextmanager
 def readable_source(primary: Engine, replica_conn_id: str = REPLICA_CONN_ID) -> Iterator[Callable[[], Lsn]]:
     """:func:`readable_position` as a function for a whole task: one replica engine, asked between batches."""
-    if get_settings().site_type is SiteType.main:
+    if readable(get_settings()) is Database.primary:
         yield lambda: current_position(primary)
         return
     with engine(replica_conn_id) as replica:

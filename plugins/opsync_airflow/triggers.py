@@ -1,5 +1,8 @@
 """Triggers, run by the triggerer (which imports them from this installed package, never from the DAGs folder).
 
+Their connections come through the provider hooks (:mod:`opsync_airflow.hooks`), so the TLS extras
+of an Airflow connection hold here as in the tasks.
+
 :class:`ReplicaLsnTrigger` waits, without a worker slot, until the replica has replayed past a
 commit. :class:`BufferWakeTrigger` is the asset watcher that wakes ``opsync_drain`` when records
 are accepted; pub/sub drops messages, so it only shortens the wait for the time schedule.
@@ -11,12 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
-import redis.asyncio
-from airflow.sdk.bases.hook import BaseHook
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
+from opsync.config import get_settings
+from opsync.connections import Timeouts
 from opsync.lsn import REPLAY_SQL, Lsn, ReplicaError, ReplicaUnreachable, replay_position
-from opsync_airflow.hooks import BUFFER_CONN_ID, BUFFER_PREFIX, REPLICA_CONN_ID, async_connect
+from opsync_airflow.hooks import BUFFER_CONN_ID, BUFFER_PREFIX, REPLICA_CONN_ID, SiteBufferHook, SiteDatabaseHook
 
 WAKE_READ_TIMEOUT_S = 10  # each read returns within this; the client's socket timeout is well above it
 
@@ -68,7 +71,7 @@ class ReplicaLsnTrigger(BaseTrigger):
 
     async def connect(self) -> psycopg.AsyncConnection:
         try:
-            return await async_connect(self.replica_conn_id)
+            return await SiteDatabaseHook(self.replica_conn_id).aget_conn()
         except psycopg.Error as exc:
             raise ReplicaUnreachable(f"replica unreachable: {exc}".strip()) from exc
 
@@ -96,15 +99,8 @@ class BufferWakeTrigger(BaseEventTrigger):
         return ("opsync_airflow.triggers.BufferWakeTrigger", {"redis_conn_id": self.redis_conn_id, "prefix": self.prefix})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        conn = await BaseHook.aget_connection(self.redis_conn_id)
-        client = redis.asyncio.Redis(
-            host=conn.host,
-            port=conn.port,
-            username=conn.login or None,
-            password=conn.password,
-            db=conn.extra_dejson.get("db") or 0,
-            socket_timeout=WAKE_READ_TIMEOUT_S * 3,
-        )
+        timeouts = Timeouts(get_settings().redis_timeout_s, WAKE_READ_TIMEOUT_S * 3)
+        client = await SiteBufferHook(self.redis_conn_id).aget_client(timeouts)
         try:
             async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(self.channel)

@@ -8,17 +8,15 @@ from typing import Any
 
 import click
 import redis
-from sqlalchemy import Engine, create_engine, make_url
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.pool import NullPool
 
+from opsync import connections
 from opsync.buffer import Buffer
 from opsync.cli.common import Unavailable
 from opsync.config import get_settings
+from opsync.connections import Database
 from opsync.lsn import ReplicaError
-
-CONNECT_TIMEOUT_S = 10  # the primary is across the WAN: slow is normal, but never hang
-REDIS_TIMEOUT_S = 5  # Redis is local to the site: an answer takes milliseconds
 
 
 def first_line(exc: BaseException) -> str:
@@ -30,8 +28,9 @@ def database(role: str, **options: Any) -> Iterator[Engine]:
     """The primary or the replica (``role``), with failures turned into one clear line instead of a traceback:
     unreachable exits 5, refused exits 1; the URL shown never has the password. Nest the primary inside the
     replica: an unknown replay position (:class:`ReplicaError`) is the replica's alone."""
-    url = make_url(getattr(get_settings(), f"{role}_url").get_secret_value())
-    engine = create_engine(url, **({"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} | options))
+    settings = get_settings()
+    url = connections.database_url(settings, Database(role))
+    engine = connections.engine(settings, Database(role), connections.background_timeouts(settings), **options)
     unreachable = (OperationalError, ReplicaError) if role == "replica" else OperationalError
     try:
         yield engine
@@ -47,9 +46,7 @@ def database(role: str, **options: Any) -> Iterator[Engine]:
 def site_buffer() -> Buffer:
     """The site buffer with short timeouts: an unreachable Redis must end in a message, not a hang."""
     settings = get_settings()
-    client = redis.Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
-    )
+    client = connections.redis_client(settings)
     return Buffer(client, idempotency_ttl_s=settings.idempotency_ttl_s, status_ttl_s=settings.status_ttl_s)
 
 
@@ -67,6 +64,7 @@ def buffer_or_exit() -> Iterator[Buffer]:
         buffer.client.close()
 
 
-def measuring_engine(url: str) -> Engine:
+def measuring_engine(database: Database) -> Engine:
     """A fresh connection per measurement (no pool): a link that died between two refreshes cannot hang one."""
-    return create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    settings = get_settings()
+    return connections.engine(settings, database, connections.background_timeouts(settings), pool=False)
