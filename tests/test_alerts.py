@@ -29,63 +29,17 @@ from devstack.settings import REPO  # noqa: E402
 from opsync import dlq, drain  # noqa: E402
 from opsync.alerts import FIGURES, Change, Finding, Level, Thresholds, announce, due, evaluate, payload, stored_findings, summary  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
-from opsync.capacity import Slot  # noqa: E402
 from opsync.drain_metrics import DrainMetrics, drain_metrics, record_run  # noqa: E402
-from opsync.lsn import Lsn  # noqa: E402
 from opsync.read_model import ReadModel  # noqa: E402
-from opsync.read_model_figures import Poison, ReadModelFigures  # noqa: E402
+from opsync.read_model_figures import Poison  # noqa: E402
 from opsync.stats import BufferStats  # noqa: E402
 from opsync.status import SiteStatus  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
+from tests.measurements import CAUGHT_UP, GIB, HEALTHY, STREAMING  # noqa: E402
+from tests.measurements import site_status as status  # noqa: E402
 from tests.test_browser import CHROMIUM, console_errors, element, labels, render  # noqa: E402
 from tests.test_datasette_views import SITE_TZ, datasette_site  # noqa: E402
 from tests.test_drain import buffered, engine, observation  # noqa: E402
-
-HEALTHY = BufferStats(
-    depth=0,
-    pending=0,
-    oldest_age_s=0.0,
-    awaiting_replica=0,
-    dead_letters=0,
-    used_memory=1,
-    maxmemory=0,
-    last_drain_s=5.0,
-    last_confirm_s=None,
-)
-
-
-CAUGHT_UP = ReadModelFigures(poison_rows=0, poison_skipped=0, stream_age_s=0.0, changes_age_s=0.0)
-GIB = 2**30
-STREAMING = Slot(
-    "observatory",
-    exists=True,
-    wal_status="reserved",
-    safe_wal_size=10 * GIB,
-    max_keep=10 * GIB,
-    active=True,
-    restart_lsn=Lsn.parse("0/5000000"),
-)
-
-
-def status(
-    buffer: BufferStats | None = HEALTHY,
-    lag_bytes: int = 0,
-    replay_age_s: float | None = 1.0,
-    read_model: ReadModelFigures = CAUGHT_UP,
-    slot: Slot = STREAMING,
-    **unavailable,
-) -> SiteStatus:
-    s = SiteStatus(
-        at="2026-11-21T03:00:00+00:00",
-        buffer=buffer,
-        unavailable=unavailable,
-        read_model=ReadModelFigures() if "redis" in unavailable else read_model,
-    )
-    if "primary" not in unavailable:
-        s.primary_lsn, s.slot = Lsn.parse("0/5000000"), slot
-    if "replica" not in unavailable:
-        s.replica_lsn, s.lag_from, s.replay_age_s = Lsn(int(Lsn.parse("0/5000000")) - lag_bytes), "replica", replay_age_s
-    return s
 
 
 def judged(s: SiteStatus, metrics: DrainMetrics | None = None, **thresholds) -> dict[str, Finding]:
@@ -102,9 +56,9 @@ def levels(findings: dict[str, Finding]) -> dict[str, str]:
 
 
 def test_a_healthy_site_is_all_ok():
-    findings = judged(status())
-    assert levels(findings) == {}
-    assert findings["last_confirm_s"].message.endswith("(nothing waits for it)")  # never confirmed, nothing awaits
+    assert levels(judged(status())) == {}
+    never_confirmed = judged(status(replace(HEALTHY, last_confirm_s=None)))
+    assert levels(never_confirmed) == {} and never_confirmed["last_confirm_s"].message.endswith("(nothing waits for it)")
 
 
 def test_thresholds_are_reached_at_their_value_and_minutes_are_minutes():
@@ -194,7 +148,7 @@ def test_confirmation_age_counts_only_while_transactions_await_the_replica():
     assert levels(judged(status(waiting))) == {"last_confirm_s": "critical"}
     idle = replace(HEALTHY, last_confirm_s=4000.0)
     assert levels(judged(status(idle))) == {}
-    unconfirmed = replace(HEALTHY, awaiting_replica=3)
+    unconfirmed = replace(HEALTHY, awaiting_replica=3, last_confirm_s=None)
     assert levels(judged(status(unconfirmed))) == {"last_confirm_s": "warn"}
 
 

@@ -24,15 +24,14 @@ from ingest_api import deps, reads
 from opsync import alert_rules, drain
 from opsync.alerts import FIGURES, Level, Thresholds, evaluate, rules
 from opsync.buffer import Buffer
-from opsync.capacity import Slot
 from opsync.cli import main
 from opsync.config import get_settings
 from opsync.drain_metrics import DrainMetrics
-from opsync.lsn import Lsn
 from opsync.read_model_figures import ReadModelFigures
-from opsync.stats import BufferStats
 from opsync.status import SiteStatus
 from tests.conftest import free_port, wait_for
+from tests.measurements import CAUGHT_UP, GIB, HEALTHY, STREAMING
+from tests.measurements import site_status as site
 from tests.test_drain import buffered, confirm_all, observation
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,44 +40,7 @@ RULE_TESTS = REPO / "deploy/prometheus/opsync-rules.test.yml"
 DASHBOARD = REPO / "deploy/grafana/opsync-dashboard.json"
 PROMTOOL = shutil.which("promtool")
 
-GIB = 2**30
-HEALTHY = BufferStats(
-    depth=0,
-    pending=0,
-    oldest_age_s=0.0,
-    awaiting_replica=0,
-    dead_letters=0,
-    used_memory=1,
-    maxmemory=0,
-    last_drain_s=5.0,
-    last_confirm_s=5.0,
-)
-CAUGHT_UP = ReadModelFigures(poison_rows=0, poison_skipped=0, stream_age_s=0.0, changes_age_s=0.0)
-PRIMARY = Lsn.parse("5/0")
-STREAMING = Slot(
-    "observatory", exists=True, wal_status="reserved", safe_wal_size=10 * GIB, max_keep=10 * GIB, active=True, restart_lsn=PRIMARY
-)
 NOW = 300  # promtool's time() at the evaluation below (5m)
-
-
-def site(
-    buffer: BufferStats | None = HEALTHY,
-    lag_bytes: int = 0,
-    replay_age_s: float = 1.0,
-    read_model: ReadModelFigures = CAUGHT_UP,
-    slot: Slot | None = STREAMING,
-    **unavailable,
-) -> SiteStatus:
-    s = SiteStatus(
-        at="2026-12-07T03:00:00+00:00", buffer=buffer, unavailable=unavailable, read_model=read_model if buffer else ReadModelFigures()
-    )
-    if "primary" not in unavailable:
-        s.primary_lsn, s.slot = PRIMARY, slot
-    if "replica" not in unavailable:
-        s.replica_lsn, s.lag_from, s.replay_age_s = Lsn(PRIMARY - lag_bytes), "replica", replay_age_s
-    elif s.slot:  # as opsync.status.measure_replication: the slot's confirmed position stands in
-        s.replica_lsn, s.lag_from = s.slot.restart_lsn, "slot"
-    return s
 
 
 def exported(s: SiteStatus, m: DrainMetrics) -> dict[str, float]:
