@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from opsync import admission
+from tests.records import raw_file
 
 OBS = "/v1/records/executed_obs_unit"
 RAW = "/v1/records/raw_data_file"
 HK = "/v1/records/housekeeping_sample"
-SHA = "ef" * 32
 
 
 @pytest.fixture
@@ -32,16 +32,6 @@ def sample(planning):
         } | overrides
 
     return values
-
-
-def raw_file(obs, **overrides) -> dict:
-    return {
-        "executed_obs_unit_id": obs,
-        "path": f"/data/{uuid.uuid4()}.fits",
-        "size_bytes": 1,
-        "checksum_sha256": SHA,
-        "file_type": "fits",
-    } | overrides
 
 
 def problem_at(response, field: str) -> str:
