@@ -6,8 +6,8 @@ from dataclasses import replace
 
 from opsync.capacity import Capacity, Forecast
 from opsync.cli import status_rows
+from opsync.errors import one_line
 from opsync.read_model_figures import Poison
-from opsync.status import one_line
 from tests.measurements import CAUGHT_UP, HEALTHY, PRIMARY, STREAMING, site_status
 
 
