@@ -16,10 +16,11 @@ SERVICES_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
 
 def service_fixtures(item: pytest.Item) -> list[str]:
     """The fixtures of ``item`` (its whole closure) that the services' conftest defines."""
-    definitions = item._fixtureinfo.name2fixturedefs  # type: ignore[attr-defined]
+    info = getattr(item, "_fixtureinfo", None)  # a test function's; other items (doctests) take no fixtures
+    definitions = info.name2fixturedefs if info else {}
     return sorted(
         name
-        for name in item.fixturenames
+        for name in getattr(item, "fixturenames", ())
         if name in definitions and Path(inspect.getfile(definitions[name][-1].func)).resolve() == SERVICES_CONFTEST
     )
 
