@@ -8,24 +8,24 @@
 # Base images carry exact version tags (tests/test_compose.py checks them; the Airflow one must match
 # the apache-airflow pin in locks/airflow.txt).
 
-FROM python:3.11.13-slim-bookworm AS api
+# The two Python images share one stage (base image, user, data directory); each then installs its own lock.
+FROM python:3.11.13-slim-bookworm AS python-app
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN useradd --create-home --uid 10001 opsync
+RUN useradd --create-home --uid 10001 opsync && mkdir -p /data && chown opsync /data
 WORKDIR /app
+
+FROM python-app AS api
 COPY locks/api.txt locks/
 RUN pip install --no-deps -r locks/api.txt
 COPY . .
-RUN pip install --no-deps . && pip check && mkdir -p /data && chown opsync /data
+RUN pip install --no-deps . && pip check
 USER opsync
 
-FROM python:3.11.13-slim-bookworm AS datasette
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN useradd --create-home --uid 10001 opsync
-WORKDIR /app
+FROM python-app AS datasette
 COPY locks/datasette.txt locks/
 RUN pip install --no-deps -r locks/datasette.txt
 COPY . .
-RUN pip install --no-deps . && pip check && mkdir -p /data && chown opsync /data
+RUN pip install --no-deps . && pip check
 USER opsync
 
 FROM apache/airflow:3.3.2-python3.11 AS airflow

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down status demo test lint locks bench-ingest bench-drain bench-read bench-datasette-load bench-scripts bench-buffer-memory bench-outage bench-smoke bootstrap clean soak
+.PHONY: up down status demo test test-unit lint locks bench-ingest bench-drain bench-read bench-datasette-load bench-scripts bench-buffer-memory bench-outage bench-smoke bootstrap clean soak
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -22,6 +22,10 @@ demo: bootstrap
 
 test: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The pure functions alone (tests/unit): no service started, seconds; make test runs them too.
+test-unit: bootstrap
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # Fault-injection soak on a throwaway site: make soak DURATION=600 SEED=42 RECORDS=20000 (see README "Soak test").
 DURATION ?= 300

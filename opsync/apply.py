@@ -30,6 +30,7 @@ from sqlalchemy.exc import DBAPIError
 
 from opsync import admission, registry
 from opsync.envelope import Op, Transaction
+from opsync.errors import one_line as first_line
 from opsync.lsn import CURRENT_SQL, Lsn
 from opsync.schema import SyncLedger
 
@@ -500,10 +501,6 @@ def transient_reason(exc: psycopg.Error, expired: bool, timeout_s: float) -> str
         return f"primary did not answer within {timeout_s:g} s (link down or too slow); the batch stays buffered"
     what = f"SQLSTATE {exc.sqlstate}: " if exc.sqlstate else ""
     return f"primary unavailable: {what}{first_line(exc)}; the batch stays buffered"
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @contextmanager

@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from opsync import admission
+from tests.records import raw_file
 
 OBS = "/v1/records/executed_obs_unit"
 RAW = "/v1/records/raw_data_file"
 HK = "/v1/records/housekeeping_sample"
-SHA = "ef" * 32
 
 
 @pytest.fixture
@@ -32,16 +32,6 @@ def sample(planning):
         } | overrides
 
     return values
-
-
-def raw_file(obs, **overrides) -> dict:
-    return {
-        "executed_obs_unit_id": obs,
-        "path": f"/data/{uuid.uuid4()}.fits",
-        "size_bytes": 1,
-        "checksum_sha256": SHA,
-        "file_type": "fits",
-    } | overrides
 
 
 def problem_at(response, field: str) -> str:
@@ -278,55 +268,3 @@ def test_a_check_python_does_not_know_is_evaluated_by_the_replica(replica_engine
     check = admission.Check("ra", "ra_deg >= 0 AND ra_deg < 360", ("ra_deg",), None)
     assert judge.holds("obs_unit", check, {"ra_deg": 10}) and judge.holds("obs_unit", check, {"ra_deg": None})
     assert not judge.holds("obs_unit", check, {"ra_deg": "NaN"})
-
-
-@pytest.mark.parametrize(
-    "value, judged",
-    [
-        (12, 12),
-        ("12", 12),
-        (" +12\n", 12),
-        (1e16, 10**16),
-        ("-0", 0),
-    ],
-)
-def test_bigint_judge(value, judged):
-    assert admission.judge_integer(64)(value) == judged
-
-
-@pytest.mark.parametrize("value", [1.0, -0.0, 1e-7, "1.0", "١٢", "1 2", "", True, [1], {"a": 1}, 2**63, 1.5e300])
-def test_bigint_judge_refuses(value):
-    with pytest.raises(admission.Refused):
-        admission.judge_integer(64)(value)
-
-
-@pytest.mark.parametrize(
-    "value, judged",
-    [
-        ("t", True),
-        ("TRU", True),
-        (" yes\t", True),
-        ("on", True),
-        (1, True),
-        ("of", False),
-        ("0", False),
-        ("n", False),
-    ],
-)
-def test_boolean_judge(value, judged):
-    assert admission.judge_bool(value) is judged
-
-
-@pytest.mark.parametrize("value", ["o", "truex", "01", 2, 1.0, "", None])
-def test_boolean_judge_refuses(value):
-    with pytest.raises(admission.Refused):
-        admission.judge_bool(value)
-
-
-def test_uuid_judge_takes_postgresqls_spellings_only():
-    key = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
-    for spelling in (key.upper(), "{" + key + "}", key.replace("-", ""), "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11"):
-        assert admission.judge_uuid(spelling) == key
-    for spelling in ("urn:uuid:" + key, " " + key, "{" + key, key[:-1], "-" + key):
-        with pytest.raises(admission.Refused):
-            admission.judge_uuid(spelling)

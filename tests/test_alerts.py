@@ -1,8 +1,8 @@
-"""Alert rules, and their delivery through Airflow: the ``opsync_alerts`` DAG and the drain task's failure callback.
+"""Alerts announced and delivered through Airflow: the ``opsync_alerts`` DAG and the drain task's failure callback.
 
-Rules are judged on constructed measurements (edge cases); delivery runs the real DAGs with
-``dag.test()`` against the real Redis and databases, and posts to a real local webhook receiver
-(an ``http.server`` in a thread).
+Announcing keeps its state in the real Redis; delivery runs the real DAGs with ``dag.test()`` against
+the real Redis and databases, and posts to a real local webhook receiver (an ``http.server`` in a
+thread). The rules themselves, judged on constructed measurements: tests/unit/test_alerts.py.
 """
 
 from tests.airflow_home import configure_airflow, migrate
@@ -23,212 +23,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E40
 
 import pytest  # noqa: E402
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
 
 from devstack.settings import REPO  # noqa: E402
 from opsync import dlq, drain  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
-from opsync.lsn import Lsn  # noqa: E402
-from opsync.monitoring.alerts import FIGURES, Change, Finding, Level, Thresholds, announce, due, evaluate, payload, stored_findings, summary  # noqa: E402
-from opsync.monitoring.capacity import Slot  # noqa: E402
+from opsync.monitoring.alerts import FIGURES, Change, Thresholds, announce, due, evaluate, stored_findings, summary  # noqa: E402
 from opsync.monitoring.drain_metrics import DrainMetrics, drain_metrics, record_run  # noqa: E402
-from opsync.monitoring.status import SiteStatus  # noqa: E402
-from opsync.read_model.figures import Poison, ReadModelFigures  # noqa: E402
 from opsync.read_model.store import ReadModel  # noqa: E402
 from opsync.stats import BufferStats  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
+from tests.measurements import CAUGHT_UP, HEALTHY  # noqa: E402
+from tests.measurements import site_status as status  # noqa: E402
 from tests.test_browser import CHROMIUM, console_errors, element, labels, render  # noqa: E402
 from tests.test_datasette_views import SITE_TZ, datasette_site  # noqa: E402
 from tests.test_drain import buffered, engine, observation  # noqa: E402
-
-HEALTHY = BufferStats(
-    depth=0,
-    pending=0,
-    oldest_age_s=0.0,
-    awaiting_replica=0,
-    dead_letters=0,
-    used_memory=1,
-    maxmemory=0,
-    last_drain_s=5.0,
-    last_confirm_s=None,
-)
-
-
-CAUGHT_UP = ReadModelFigures(poison_rows=0, poison_skipped=0, stream_age_s=0.0, changes_age_s=0.0)
-GIB = 2**30
-STREAMING = Slot(
-    "observatory",
-    exists=True,
-    wal_status="reserved",
-    safe_wal_size=10 * GIB,
-    max_keep=10 * GIB,
-    active=True,
-    restart_lsn=Lsn.parse("0/5000000"),
-)
-
-
-def status(
-    buffer: BufferStats | None = HEALTHY,
-    lag_bytes: int = 0,
-    replay_age_s: float | None = 1.0,
-    read_model: ReadModelFigures = CAUGHT_UP,
-    slot: Slot = STREAMING,
-    **unavailable,
-) -> SiteStatus:
-    s = SiteStatus(
-        at="2026-11-21T03:00:00+00:00",
-        buffer=buffer,
-        unavailable=unavailable,
-        read_model=ReadModelFigures() if "redis" in unavailable else read_model,
-    )
-    if "primary" not in unavailable:
-        s.primary_lsn, s.slot = Lsn.parse("0/5000000"), slot
-    if "replica" not in unavailable:
-        s.replica_lsn, s.lag_from, s.replay_age_s = Lsn(int(Lsn.parse("0/5000000")) - lag_bytes), "replica", replay_age_s
-    return s
-
-
-def judged(s: SiteStatus, metrics: DrainMetrics | None = None, **thresholds) -> dict[str, Finding]:
-    findings = evaluate(s, metrics or DrainMetrics(), Thresholds(**thresholds))
-    assert [f.figure for f in findings] == list(FIGURES)
-    return {f.figure: f for f in findings}
-
-
-def levels(findings: dict[str, Finding]) -> dict[str, str]:
-    return {figure: f.level for figure, f in findings.items() if f.level != Level.ok}
-
-
-# --- rules ----------------------------------------------------------------------------------------
-
-
-def test_a_healthy_site_is_all_ok():
-    findings = judged(status())
-    assert levels(findings) == {}
-    assert findings["last_confirm_s"].message.endswith("(nothing waits for it)")  # never confirmed, nothing awaits
-
-
-def test_thresholds_are_reached_at_their_value_and_minutes_are_minutes():
-    stats = replace(HEALTHY, oldest_age_s=15 * 60, depth=99_999, dead_letters=1)
-    findings = judged(status(stats), DrainMetrics(failed_runs_consecutive=10))
-
-    assert levels(findings) == {"buffer_oldest_age_s": "warn", "dead_letters": "critical", "drain_failed_runs": "critical"}
-    assert findings["buffer_oldest_age_s"].message == "oldest buffered transaction: 15 min (warn at 15 min)"
-    assert findings["buffer_oldest_age_s"].value == 900
-    assert findings["dead_letters"].message == "dead letters: 1 (critical at 1)"
-    assert levels(judged(status(stats), DrainMetrics(failed_runs_consecutive=9)))["drain_failed_runs"] == "warn"
-    assert levels(judged(status(stats), DrainMetrics(failed_runs_consecutive=2))).get("drain_failed_runs") is None
-
-
-def test_a_level_set_to_none_is_off_and_any_level_is_configurable_from_the_environment(monkeypatch):
-    stats = replace(HEALTHY, dead_letters=3)
-    assert "dead_letters" not in levels(judged(status(stats), dead_letters_critical=None))
-    assert levels(judged(status(stats), dead_letters_warn=1, dead_letters_critical=5))["dead_letters"] == "warn"
-
-    monkeypatch.setenv("OPSYNC_ALERT_LAG_WARN_S", "0.5")
-    monkeypatch.setenv("OPSYNC_ALERT_LAG_BYTES_CRITICAL", "1000")
-    findings = {f.figure: f for f in evaluate(status(lag_bytes=4096, replay_age_s=2.0), DrainMetrics(), Thresholds())}
-    assert (findings["lag_s"].level, findings["lag_bytes"].level) == ("warn", "critical")
-    assert findings["lag_bytes"].message == "replica lag: 4,096 bytes (critical at 1,000 bytes)"
-
-    monkeypatch.setenv("OPSYNC_ALERT_DEAD_LETTERS_CRITICAL", "none")
-    assert Thresholds().dead_letters_critical is None
-    monkeypatch.setenv("OPSYNC_ALERT_DEPTH_WARN", "lots")
-    with pytest.raises(ValidationError, match="depth_warn"):
-        Thresholds()
-
-
-def test_what_cannot_be_measured_warns_and_says_why():
-    findings = judged(status(buffer=None, redis="Connection refused"))
-    assert {figure for figure, level in levels(findings).items() if level == "warn"} == {
-        "buffer_oldest_age_s",
-        "depth",
-        "awaiting_replica",
-        "dead_letters",
-        "drain_failed_runs",
-        "last_drain_s",
-        "last_confirm_s",
-        "poison_rows",
-        "read_model_freshness_s",
-    }
-    assert findings["depth"].value is None
-    assert findings["depth"].message == "site buffer (Redis) unavailable: Connection refused"
-
-    cut = judged(status(primary="timeout expired", replica="connection refused"))
-    assert levels(cut) == {"lag_bytes": "warn", "lag_s": "warn", "replica_slot": "warn"}  # the slot is read on the primary
-    assert cut["lag_bytes"].message == "replica lag unknown (primary: timeout expired; replica: connection refused)"
-    assert cut["replica_slot"].message == "replica slot unknown (primary: timeout expired)"
-    assert "replica_slot" not in levels(judged(status(replica="connection refused"))), "the slot needs the primary only"
-
-    never = replace(HEALTHY, last_drain_s=None)
-    assert judged(status(never))["last_drain_s"].message == "no drain run has finished yet"
-
-
-def test_the_slot_warns_and_is_critical_by_its_wal_reserve_and_lost_or_missing_is_critical(monkeypatch):
-    def slot(**fields) -> Finding:
-        return judged(status(slot=replace(STREAMING, **fields)))["replica_slot"]
-
-    assert slot(safe_wal_size=int(0.51 * 10 * GIB)).level == "ok"
-    half = slot(wal_status="extended", safe_wal_size=5 * GIB)
-    assert (half.level, half.value) == ("warn", 5 * GIB)
-    assert half.message == (
-        "replica slot observatory: extended, 5,368,709,120 bytes of WAL (50% of max_slot_wal_keep_size) before it is dropped (warn at 50%)"
-    )
-    assert slot(safe_wal_size=2 * GIB).level == "critical"
-    assert slot(safe_wal_size=0).level == "critical"
-    past = slot(wal_status="unreserved", safe_wal_size=-4096, active=False)
-    assert past.level == "critical" and "lost at the next checkpoint" in past.message
-    lost = slot(wal_status="lost", safe_wal_size=None, restart_lsn=None, active=False)
-    assert lost.level == "critical" and "clone the replica again" in lost.message
-    missing = slot(exists=False, wal_status=None, safe_wal_size=None, active=False, restart_lsn=None)
-    assert missing.level == "critical" and "does not exist" in missing.message
-    unlimited = slot(safe_wal_size=None, max_keep=None)
-    assert unlimited.level == "ok" and "without limit" in unlimited.message
-
-    monkeypatch.setenv("OPSYNC_ALERT_SLOT_SAFE_WAL_WARN_FRACTION", "none")
-    monkeypatch.setenv("OPSYNC_ALERT_SLOT_SAFE_WAL_CRITICAL_FRACTION", "0.05")
-    assert (slot(safe_wal_size=2 * GIB).level, slot(safe_wal_size=GIB // 2).level) == ("ok", "critical")
-
-
-def test_confirmation_age_counts_only_while_transactions_await_the_replica():
-    waiting = replace(HEALTHY, awaiting_replica=3, last_confirm_s=4000.0)
-    assert levels(judged(status(waiting))) == {"last_confirm_s": "critical"}
-    idle = replace(HEALTHY, last_confirm_s=4000.0)
-    assert levels(judged(status(idle))) == {}
-    unconfirmed = replace(HEALTHY, awaiting_replica=3)
-    assert levels(judged(status(unconfirmed))) == {"last_confirm_s": "warn"}
-
-
-def test_poison_rows_warn_from_the_first_and_name_the_latest():
-    latest = Poison(
-        "executed_obs_unit",
-        "0190c0de-0000-7000-8000-000000000001",
-        "replica changes",
-        "RecursionError: maximum recursion depth exceeded",
-        "2026-11-21T03:00:00+00:00",
-    )
-    findings = judged(status(read_model=replace(CAUGHT_UP, poison_rows=2, poison_skipped=5, recent=[latest])))
-
-    assert levels(findings) == {"poison_rows": "warn"}
-    assert findings["poison_rows"].value == 2
-    assert findings["poison_rows"].message == (
-        "rows the read model skips: 2 (warn at 1); latest: executed_obs_unit 0190c0de-0000-7000-8000-000000000001"
-        " (replica changes: RecursionError: maximum recursion depth exceeded)"
-    )
-    assert levels(judged(status(read_model=replace(CAUGHT_UP, poison_skipped=5)))) == {}, "skipped once, published since"
-    assert levels(judged(status(read_model=replace(CAUGHT_UP, poison_rows=2)), poison_rows_critical=2)) == {"poison_rows": "critical"}
-
-
-def test_read_model_freshness_warns_and_is_critical_at_its_thresholds_and_unknown_says_why():
-    def behind(stream: float | None, changes: float | None, **unavailable) -> Finding:
-        read_model = replace(CAUGHT_UP, stream_age_s=stream, changes_age_s=changes, unavailable=unavailable)
-        return judged(status(read_model=read_model))["read_model_freshness_s"]
-
-    assert (behind(119.0, 3.0).level, behind(3.0, 120.0).level, behind(900.0, 0.0).level) == ("ok", "warn", "critical")
-    assert behind(0.0, 130.0).message == "read model behind by: 130 s (warn at 120 s)"
-    assert behind(200.0, None, replica="connection refused").level == "warn", "one part is enough to judge"
-    unknown = behind(None, None, redis="Connection refused")
-    assert (unknown.level, unknown.value) == ("warn", None)
-    assert unknown.message == "read model figures unknown (redis: Connection refused)"
 
 
 def test_a_poison_row_is_announced_once_and_resolved_once_published(redis_server):
@@ -276,25 +84,6 @@ def test_a_failed_delivery_is_retried_at_the_next_evaluation(redis_server):
     with pytest.raises(ConnectionError):
         announce(buffer, findings, unreachable)
     assert [c.finding.figure for c in due(buffer, findings)] == ["dead_letters"]
-
-
-def test_payloads_generic_and_slack():
-    finding = Finding("dead_letters", 2, Level.critical, "dead letters: 2 (critical at 1)")
-    changes = [Change(finding, Level.ok), Change(Finding("lag_s", 0.0, Level.ok, "replica lag: 0 s"), Level.warn)]
-
-    text = "opsync obs: CRITICAL\nCRITICAL dead_letters: dead letters: 2 (critical at 1)\nRESOLVED lag_s: replica lag: 0 s"
-    assert payload("obs", changes, slack=True) == {"text": text}
-    generic = payload("obs", changes)
-    assert generic["text"] == text and generic["site"] == "obs"
-    assert generic["changes"][0] == {
-        "figure": "dead_letters",
-        "value": 2,
-        "level": "critical",
-        "previous": "ok",
-        "resolved": False,
-        "message": "dead letters: 2 (critical at 1)",
-    }
-    assert generic["changes"][1]["resolved"] is True
 
 
 # --- delivery through Airflow ---------------------------------------------------------------------

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from tests import records
+
 SHA = "cd" * 32
 RAW = "/v1/records/raw_data_file"
 OBS = "/v1/records/executed_obs_unit"
@@ -34,13 +36,7 @@ def raw_file(observation):
     """A valid raw_data_file record (its observation need not exist: that is checked at the primary)."""
 
     def values(**overrides) -> dict:
-        return {
-            "executed_obs_unit_id": str(uuid.uuid4()),
-            "path": f"/data/{uuid.uuid4()}.fits",
-            "size_bytes": 10,
-            "checksum_sha256": SHA,
-            "file_type": "fits",
-        } | overrides
+        return records.raw_file(str(uuid.uuid4()), **overrides)
 
     return values
 

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import records
 from tests.sse_events import Events
 
-SHA = "ef" * 32
 RAW = "/v1/records/raw_data_file"
 
 
@@ -22,13 +22,7 @@ def headers(auth_headers):
 
 
 def raw_file(**overrides) -> dict:
-    return {
-        "executed_obs_unit_id": str(uuid.uuid4()),
-        "path": f"/data/{uuid.uuid4()}.fits",
-        "size_bytes": 10,
-        "checksum_sha256": SHA,
-        "file_type": "fits",
-    } | overrides
+    return records.raw_file(str(uuid.uuid4()), **overrides)
 
 
 def configure(monkeypatch, **settings) -> None:

@@ -22,11 +22,11 @@ from ingest_api import deps, reads
 from ingest_api.app import app
 from opsync.config import get_settings
 from tests.conftest import free_port
+from tests.records import observation_with_file
 
 Route = tuple[str, str]
 ROUTES = sorted((method, route.path) for route in app.routes for method in (route.methods or set()) - {"HEAD"})
 OBS, FILE, INSTRUMENT, OBS_UNIT = "executed_obs_unit", "raw_data_file", "instrument", "obs_unit"  # critical, critical, direct, direct
-SHA = "cd" * 32
 
 
 @dataclass(frozen=True)
@@ -228,20 +228,7 @@ def site(own_redis, live_api, auth_headers, observation, planning):
             return response.json()
 
         first = accepted(f"/v1/records/{OBS}", observation())
-        steps = [
-            {"table": OBS, "ref": "obs", "values": observation()},
-            {
-                "table": FILE,
-                "values": {
-                    "executed_obs_unit_id": {"$ref": "obs"},
-                    "path": f"/data/{uuid.uuid4()}.fits",
-                    "size_bytes": 10,
-                    "checksum_sha256": SHA,
-                    "file_type": "fits",
-                },
-            },
-        ]
-        file_row = accepted("/v1/transactions", {"steps": steps})["ids"][1]
+        file_row = accepted("/v1/transactions", {"steps": observation_with_file(observation())})["ids"][1]
         unit = {"name": f"U-{uuid.uuid4().hex[:12]}", "program": "P1", "source_name": "Orion KL", "ra_deg": 83.8, "dec_deg": -5.4}
         obs_unit = accepted(f"/v1/records/{OBS_UNIT}", unit)["ids"][0]
         yield client, Seeds(first["ids"][0], file_row, first["txn_id"], str(planning["instrument"]), obs_unit, observation)

@@ -26,6 +26,7 @@ from ingest_api.app import app
 from ingest_api.deps import Caller
 from opsync.auth import TOKEN_PREFIX, create_token, hash_token, revoke_token
 from opsync.schema import ApiToken
+from tests.records import observation_with_file, raw_file
 from tests.sse_events import Events
 
 T = "executed_obs_unit"  # a critical (buffered) table: granted writes are answered without the primary
@@ -46,9 +47,6 @@ PUBLIC = {
 ROUTES = sorted((method, route.path) for route in app.routes for method in (route.methods or set()) - {"HEAD"})
 
 
-SHA = "ab" * 32
-
-
 def observation_row(client: httpx.Client, headers: dict, obs: dict) -> str:
     created = client.post(f"/v1/records/{T}", json=obs, headers=headers)
     assert created.status_code == 202, created.text
@@ -57,20 +55,7 @@ def observation_row(client: httpx.Client, headers: dict, obs: dict) -> str:
 
 def file_row(client: httpx.Client, headers: dict, obs: dict) -> str:
     """A raw data file (deletable, unlike observations) of a new observation."""
-    steps = [
-        {"table": T, "ref": "obs", "values": obs},
-        {
-            "table": OTHER,
-            "values": {
-                "executed_obs_unit_id": {"$ref": "obs"},
-                "path": f"/data/{uuid.uuid4()}.fits",
-                "size_bytes": 10,
-                "checksum_sha256": SHA,
-                "file_type": "fits",
-            },
-        },
-    ]
-    created = client.post("/v1/transactions", json={"steps": steps}, headers=headers)
+    created = client.post("/v1/transactions", json={"steps": observation_with_file(obs)}, headers=headers)
     assert created.status_code == 202, created.text
     return created.json()["ids"][1]
 
@@ -401,16 +386,7 @@ def obs_step(obs: dict, ref: str | None = None) -> dict:
 
 def file_step(observation_id) -> dict:
     """A raw data file of ``observation_id`` (an id, or a ``$ref``); a random id fails at the primary."""
-    return {
-        "table": OTHER,
-        "values": {
-            "executed_obs_unit_id": observation_id,
-            "path": f"/data/{uuid.uuid4()}.fits",
-            "size_bytes": 10,
-            "checksum_sha256": SHA,
-            "file_type": "fits",
-        },
-    }
+    return {"table": OTHER, "values": raw_file(observation_id)}
 
 
 def submit(client: httpx.Client, token: str, *steps: dict) -> dict:

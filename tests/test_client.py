@@ -27,7 +27,6 @@ from opsync.client import (
     RECONNECT_S,
     ApiError,
     AsyncOpsyncClient,
-    Following,
     OpsyncClient,
     Receipt,
     State,
@@ -435,48 +434,6 @@ def test_wait_raises_when_the_transaction_fails(client, issue_token, primary_eng
     assert str(failed.value) == f"transaction {receipt.txn_id} failed (dead-lettered): {failed.value.reason}"
     status = api.call("status", receipt.txn_id)
     assert (status.state, status.reason) == (State.failed, failed.value.reason) and status.failed_at is not None
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_following_orders_the_states_and_honours_retry_after():
-    """The state logic both clients share: past the wanted state counts, a 503's Retry-After is the pause."""
-    clock, txn = Clock(), str(uuid.uuid4())
-    following = Following(txn, "committed", timeout=30, clock=clock)
-    lines = [
-        "event: ready",
-        f"data: {json.dumps({'following': [txn]})}",
-        "",
-        ": keep-alive",
-        "",
-        f"data: {json.dumps({'txn_id': txn, 'state': 'accepted', 'snapshot': True})}",
-        "",
-        f"data: {json.dumps({'txn_id': str(uuid.uuid4()), 'state': 'replicated'})}",
-        "",  # another's
-        "data: {",
-        f'data: "txn_id": "{txn}", "state": "committed"}}',
-        "retry: 1000",
-    ]  # one value on two lines ...
-    assert [following.line(line) for line in lines] == [None] * len(lines) and following.last == "accepted"
-    assert following.line("") is State.committed and following.last == "committed"  # ... complete at its blank line
-    assert following.pause() == RECONNECT_S
-    assert not following.opened(httpx.Response(503, headers={"Retry-After": "7"}))
-    assert following.pause() == 7 and following.pause() == RECONNECT_S  # that answer's, once
-    clock.now = 27
-    assert not following.opened(httpx.Response(503, headers={"Retry-After": "7"})) and following.pause() == 3  # within the deadline
-    assert following.polled(httpx.Response(200, json={"txn_id": txn, "state": "replicated"})) is State.replicated
-    assert following.polled(httpx.Response(200, json={"txn_id": txn, "state": "teleported"})) is None  # not one it knows
-    with pytest.raises(ApiError) as closed:
-        [following.line(line) for line in ["event: closed", 'data: {"detail": "token revoked"}', ""]]
-    assert closed.value.status == 401 and closed.value.detail == "token revoked"
-    with pytest.raises(ValueError, match="cannot wait for failed"):
-        Following(txn, "failed", timeout=1)
 
 
 def run_example(name: str, *args: str, live_api: str, token: str, cwd) -> tuple[int, list[dict]]:

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -22,11 +21,11 @@ from sqlalchemy import create_engine, text
 from opsync import drain
 from opsync.buffer import Buffer
 from opsync.connections import Timeouts, engine_options
+from tests.records import observation_with_file
 
 OPSYNC = Path(sys.executable).with_name("opsync")  # the installed entry point of this venv
 TXNS = 6  # transactions buffered, each an observation and a file of it: one batch
 IDLE_MS = 200  # the take-over reclaims entries idle this long (the DAG waits a minute)
-SHA = "ab" * 32
 
 
 @pytest.fixture
@@ -49,27 +48,13 @@ def posted(own_redis, api_client, auth_headers, planning):
     headers = auth_headers("executed_obs_unit", "raw_data_file")
     txns = []
     for _ in range(TXNS):
-        steps = [
+        steps = observation_with_file(
             {
-                "table": "executed_obs_unit",
-                "ref": "obs",
-                "values": {
-                    "obs_unit_id": str(planning["obs_unit"]),
-                    "instrument_module_id": str(planning["module"]),
-                    "start_time": "2026-11-21T03:00:00Z",
-                },
-            },
-            {
-                "table": "raw_data_file",
-                "values": {
-                    "executed_obs_unit_id": {"$ref": "obs"},
-                    "path": f"/data/{uuid.uuid4()}.fits",
-                    "size_bytes": 10,
-                    "checksum_sha256": SHA,
-                    "file_type": "fits",
-                },
-            },
-        ]
+                "obs_unit_id": str(planning["obs_unit"]),
+                "instrument_module_id": str(planning["module"]),
+                "start_time": "2026-11-21T03:00:00Z",
+            }
+        )
         response = api_client.post("/v1/transactions", json={"steps": steps}, headers=headers)
         assert response.status_code == 202, response.text
         txns.append(response.json())

@@ -9,8 +9,7 @@ from sqlalchemy import text
 
 from ingest_api.deps import get_verifier
 from opsync.auth import hash_token, revoke_token
-
-SHA = "ab" * 32
+from tests.records import observation_with_file
 
 
 @pytest.fixture
@@ -58,20 +57,7 @@ def test_status_url_is_under_the_base_url_the_caller_used(ingest_app, token, obs
 
 def test_transaction_with_reference_between_steps(api, token, observation, redis_server):
     headers = token("executed_obs_unit", "raw_data_file")
-    steps = [
-        {"table": "executed_obs_unit", "ref": "obs", "values": observation()},
-        {
-            "table": "raw_data_file",
-            "values": {
-                "executed_obs_unit_id": {"$ref": "obs"},
-                "path": f"/data/{uuid.uuid4()}.fits",
-                "size_bytes": 10,
-                "checksum_sha256": SHA,
-                "file_type": "fits",
-            },
-        },
-    ]
-    response = api.post("/v1/transactions", json={"steps": steps}, headers=headers)
+    response = api.post("/v1/transactions", json={"steps": observation_with_file(observation())}, headers=headers)
     assert response.status_code == 202, response.text
     obs_id, file_id = response.json()["ids"]
     from opsync.buffer import Buffer

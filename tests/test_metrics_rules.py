@@ -5,7 +5,6 @@ measurements (through a real ``promtool test rules``), and a live ``/metrics`` o
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -16,24 +15,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from ingest_api import deps, reads
 from opsync import drain
 from opsync.buffer import Buffer
-from opsync.cli import main
 from opsync.config import get_settings
-from opsync.lsn import Lsn
 from opsync.monitoring import alert_rules
-from opsync.monitoring.alerts import FIGURES, Level, Thresholds, evaluate, rules
-from opsync.monitoring.capacity import Slot
+from opsync.monitoring.alerts import Level, Thresholds, evaluate, rules
 from opsync.monitoring.drain_metrics import DrainMetrics
 from opsync.monitoring.status import SiteStatus
 from opsync.read_model.figures import ReadModelFigures
-from opsync.stats import BufferStats
 from tests.conftest import free_port, wait_for
+from tests.measurements import CAUGHT_UP, GIB, HEALTHY, STREAMING
+from tests.measurements import site_status as site
 from tests.test_drain import buffered, confirm_all, observation
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,44 +38,7 @@ RULE_TESTS = REPO / "deploy/prometheus/opsync-rules.test.yml"
 DASHBOARD = REPO / "deploy/grafana/opsync-dashboard.json"
 PROMTOOL = shutil.which("promtool")
 
-GIB = 2**30
-HEALTHY = BufferStats(
-    depth=0,
-    pending=0,
-    oldest_age_s=0.0,
-    awaiting_replica=0,
-    dead_letters=0,
-    used_memory=1,
-    maxmemory=0,
-    last_drain_s=5.0,
-    last_confirm_s=5.0,
-)
-CAUGHT_UP = ReadModelFigures(poison_rows=0, poison_skipped=0, stream_age_s=0.0, changes_age_s=0.0)
-PRIMARY = Lsn.parse("5/0")
-STREAMING = Slot(
-    "observatory", exists=True, wal_status="reserved", safe_wal_size=10 * GIB, max_keep=10 * GIB, active=True, restart_lsn=PRIMARY
-)
 NOW = 300  # promtool's time() at the evaluation below (5m)
-
-
-def site(
-    buffer: BufferStats | None = HEALTHY,
-    lag_bytes: int = 0,
-    replay_age_s: float = 1.0,
-    read_model: ReadModelFigures = CAUGHT_UP,
-    slot: Slot | None = STREAMING,
-    **unavailable,
-) -> SiteStatus:
-    s = SiteStatus(
-        at="2026-12-07T03:00:00+00:00", buffer=buffer, unavailable=unavailable, read_model=read_model if buffer else ReadModelFigures()
-    )
-    if "primary" not in unavailable:
-        s.primary_lsn, s.slot = PRIMARY, slot
-    if "replica" not in unavailable:
-        s.replica_lsn, s.lag_from, s.replay_age_s = Lsn(PRIMARY - lag_bytes), "replica", replay_age_s
-    elif s.slot:  # as opsync.monitoring.status.measure_replication: the slot's confirmed position stands in
-        s.replica_lsn, s.lag_from = s.slot.restart_lsn, "slot"
-    return s
 
 
 def exported(s: SiteStatus, m: DrainMetrics) -> dict[str, float]:
@@ -174,46 +133,7 @@ def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
     return subprocess.run([PROMTOOL, *args], input=stdin, capture_output=True, text=True, timeout=120)
 
 
-def alert_names() -> list[str]:
-    return [r["alert"] for r in yaml.safe_load(RULES.read_text())["groups"][0]["rules"]]
-
-
 # --- the rules file ---------------------------------------------------------------------------------------------------
-
-
-def test_the_checked_in_rules_are_what_opsync_alert_rules_prints_at_the_default_thresholds(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # no .env
-    for variable in [v for v in os.environ if v.startswith("OPSYNC_ALERT_")]:
-        monkeypatch.delenv(variable)
-    printed = CliRunner().invoke(main, ["alert-rules"])
-    assert printed.exit_code == 0, printed.output
-    assert printed.output == RULES.read_text(), "regenerate: opsync alert-rules > deploy/prometheus/opsync-rules.yml"
-
-    monkeypatch.setenv("OPSYNC_ALERT_DEPTH_WARN", "5")
-    monkeypatch.setenv("OPSYNC_ALERT_DEAD_LETTERS_CRITICAL", "none")
-    changed = yaml.safe_load(CliRunner().invoke(main, ["alert-rules", "--job", "site-api"]).output)["groups"][0]["rules"]
-    by_name = {r["alert"]: r for r in changed}
-    assert by_name["OpsyncDepthWarning"]["expr"] == "opsync_buffer_depth >= 5 < 1000000"
-    assert "OpsyncDeadLettersCritical" not in by_name and "OpsyncDeadLettersUnknown" in by_name  # unknown still warns
-    assert by_name["OpsyncMetricsDown"]["expr"] == 'up{job="site-api"} == 0'
-
-
-def test_every_figure_and_level_of_opsync_alerts_has_its_rule_and_nothing_else_does():
-    found = {
-        (r["labels"]["figure"], r["labels"]["severity"], r["alert"].endswith("Unknown"))
-        for r in yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
-    }
-    t = Thresholds(_env_file=None)
-    want = {(figure, "warning", True) for figure in FIGURES} | {("scrape", "warning", False)}
-    for figure, rule in rules(t).items():
-        want |= {
-            (figure, severity, False)
-            for severity, threshold in (("warning", rule.warn), ("critical", rule.critical))
-            if threshold is not None
-        }
-    want |= {("replica_slot", "warning", False), ("replica_slot", "critical", False)}
-    assert found == want
-    assert len(alert_names()) == len(set(alert_names()))
 
 
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass():
@@ -389,17 +309,3 @@ def test_every_metric_the_rules_and_the_dashboard_query_is_on_a_live_metrics(ful
     assert {"opsync_replica_lag_bytes", "opsync_replica_slot_wal_status", "opsync_last_confirm_timestamp_seconds", "up"} <= queried(
         rule_exprs
     )  # the names are found
-
-
-def test_the_dashboard_colours_each_figure_at_its_default_thresholds_and_takes_its_data_source_as_a_variable():
-    dashboard = json.loads(DASHBOARD.read_text())
-    shown = {}
-    for panel in dashboard["panels"]:
-        assert panel["datasource"]["uid"] == "${datasource}" and all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
-        if m := re.match(r"figure (\w+)", panel["description"]):
-            shown.setdefault(m[1], panel)
-    assert set(shown) == set(FIGURES)
-    for figure, rule in rules(Thresholds(_env_file=None)).items():
-        steps = [s["value"] for s in shown[figure]["fieldConfig"]["defaults"]["thresholds"]["steps"][1:]]
-        assert steps == [t / rule.scale for t in (rule.warn, rule.critical) if t is not None], figure
-    assert {v["name"]: v["type"] for v in dashboard["templating"]["list"]} == {"datasource": "datasource", "instance": "query"}

@@ -16,11 +16,13 @@ from opsync.buffer import Buffer
 from opsync.cli.common import Unavailable
 from opsync.config import get_settings
 from opsync.connections import Database
+from opsync.errors import one_line
 from opsync.lsn import ReplicaError
 
 
 def first_line(exc: BaseException) -> str:
-    return (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+    """The driver's own error (SQLAlchemy wraps it) in one line."""
+    return one_line(getattr(exc, "orig", None) or exc)
 
 
 @contextmanager

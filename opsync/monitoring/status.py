@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 
 from opsync.buffer import Buffer
 from opsync.config import Settings, get_settings
+from opsync.errors import one_line
 from opsync.lsn import Lsn, ReplicaError, replay_position
 from opsync.monitoring.capacity import Capacity, Slot, capacity, replication_slot
 from opsync.read_model.figures import ReadModelFigures, read_model_figures
@@ -139,7 +140,3 @@ def measure_replica(status: SiteStatus, replica: Engine) -> None:
         status.unavailable["replica"] = str(exc)
         return
     status.lag_from, status.replay_age_s = "replica", age and max(0.0, age)
-
-
-def one_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -26,6 +26,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from opsync.buffer import Buffer
+from opsync.errors import one_line
 
 POISON_KEEP = 1000  # rows skipped that are listed by key; more are still counted
 RECENT = 5  # the latest poison rows shown with the figures
@@ -144,7 +145,3 @@ def stream_age(buffer: Buffer, position: str | None) -> float:
     if not first:
         return 0.0
     return max(0.0, seconds + micros / 1e6 - int(first[0][0].split(b"-")[0]) / 1000)
-
-
-def one_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -19,7 +19,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict
 
 from opsync import dlq
-from opsync.monitoring.status import one_line
+from opsync.errors import one_line
 from opsync_airflow.ui import page
 from opsync_airflow.ui.access import CSRF_HEADER, Operator, PageForbidden, PageReader, Reader, SignInRequired, csrf_token, may_operate
 from opsync_airflow.ui.site import measure, site_buffer
