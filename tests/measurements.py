@@ -34,7 +34,7 @@ def site_status(
     slot: Slot | None = STREAMING,
     **unavailable: str,
 ) -> SiteStatus:
-    """What ``opsync.monitoring.status`` would measure; each part named in ``unavailable`` (redis, primary, replica) is down, for that reason."""
+    """What ``opsync.monitoring.status`` would measure; each part named in ``unavailable`` (redis, primary, replica) is down."""
     s = SiteStatus(
         at="2026-12-07T03:00:00+00:00", buffer=buffer, unavailable=unavailable, read_model=read_model if buffer else ReadModelFigures()
     )
