@@ -58,13 +58,13 @@ from rich.table import Table
 
 from devstack.redis import RedisServer
 from opsync import dlq
-from opsync.buffer import CLAIM_PAGE, CONFIRM, DISCARD, ENQUEUE, REQUEUE, SETTLE, Buffer, Entry, Settlement
+from opsync.buffer import CLAIM_PAGE, CONFIRM, DISCARD, ENQUEUE, OVERLAY_EXISTS, REQUEUE, SETTLE, Buffer, Entry, Settlement
 from opsync.config import Settings
 from opsync.drain import BatchLimits, BatchSettings, claim_batch
 from opsync.envelope import Transaction
 from opsync.ingest import StepIn, build_transaction
 from opsync.lsn import Lsn
-from opsync.publisher import OVERLAY_EXISTS_LUA, Tuning
+from opsync.publisher import Tuning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import free_port  # noqa: E402  (bench/ingest.py)
@@ -171,7 +171,7 @@ def durable_redis() -> Iterator[redis.Redis]:
         client = redis.Redis.from_url(server.url, socket_timeout=120)
         client.config_set("slowlog-log-slower-than", 0)
         client.config_set("slowlog-max-len", SLOWLOG_LEN)
-        for script in (ENQUEUE, SETTLE, CONFIRM, REQUEUE, DISCARD, OVERLAY_EXISTS_LUA):
+        for script in (ENQUEUE, SETTLE, CONFIRM, REQUEUE, DISCARD, OVERLAY_EXISTS):
             client.script_load(script)  # so no first call is a NOSCRIPT answer and a retry
         yield client
         client.close()
@@ -416,7 +416,7 @@ class Cases:
         n = self.entries
         built = lambda steps: lambda: build_transaction(steps(), "observatory")  # noqa: E731
         enqueue = lambda txn: self.buffer.enqueue(txn, answer(txn))  # noqa: E731
-        overlay_exists = client.register_script(OVERLAY_EXISTS_LUA)
+        overlay_exists = client.register_script(OVERLAY_EXISTS)
 
         def overlaid_keys() -> str:
             """A chunk of keys that all have an overlay row (each found: the longest answer)."""

@@ -85,12 +85,12 @@ SLOT_SQL = (
 
 
 def readings_key(buffer: Buffer) -> str:
-    return f"{buffer.prefix}:capacity:readings"
+    return buffer.capacity_readings
 
 
 def measure_key(buffer: Buffer) -> str:
     """The last trusted bytes per transaction: ``bytes_per_txn``, ``at`` (Redis' clock), ``txns`` it was measured over."""
-    return f"{buffer.prefix}:capacity:bytes"
+    return buffer.capacity_bytes
 
 
 @dataclass(frozen=True)

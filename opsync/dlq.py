@@ -19,7 +19,6 @@ from opsync.apply import creates
 from opsync.buffer import Buffer
 from opsync.envelope import Transaction
 
-PAGE = 1000  # dead letters read per round trip
 DEPENDS_ON = re.compile(r"depends on dead-lettered transaction (\S+)")  # the reason opsync.apply gives dependants
 
 
@@ -84,15 +83,10 @@ class Action:
 
 def dead_letters(buffer: Buffer) -> list[DeadLetter]:
     """Every dead letter, oldest first (failures are rare: the stream stays small)."""
-    letters, start = [], "-"
-    while page := buffer.client.xrange(buffer.dead_letters, min=start, count=PAGE):
-        letters += [parse(entry_id.decode(), fields) for entry_id, fields in page]  # type: ignore[union-attr, arg-type]  # bytes: no decode_responses
-        start = "(" + page[-1][0].decode()  # type: ignore[union-attr]  # bytes: no decode_responses
-    return letters
+    return [parse(entry_id, fields) for entry_id, fields in buffer.dead_entries()]
 
 
-def parse(entry_id: str, fields: dict[bytes, bytes]) -> DeadLetter:
-    text = {k.decode(): v.decode() for k, v in fields.items()}
+def parse(entry_id: str, text: dict[str, str]) -> DeadLetter:
     try:
         txn = Transaction.model_validate_json(text.get("txn", ""))
     except ValidationError:
@@ -187,8 +181,7 @@ def previous(buffer: Buffer, txn_id: str, done: str) -> Action | None:
 
 def history(buffer: Buffer, count: int = 100) -> list[dict[str, str]]:
     """The latest requeues and discards, newest first: who did what, when, and why it had failed."""
-    entries = buffer.client.xrevrange(buffer.dlq_audit, count=count)
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]  # type: ignore[union-attr]  # bytes: no decode_responses
+    return buffer.dlq_history(count)
 
 
 def now() -> str:

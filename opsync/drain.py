@@ -396,7 +396,7 @@ def confirm(buffer: Buffer, position: Lsn, chunk: int = CONFIRM_CHUNK, most: int
         if len(txn_ids) < chunk or not due or (most is not None and confirmed >= most):
             break
     buffer.note("confirm", now())
-    return Confirmation(position, confirmed, buffer.client.zcard(buffer.awaiting_replica))
+    return Confirmation(position, confirmed, buffer.awaiting_count())
 
 
 def confirm_replica(buffer: Buffer, replica: Engine) -> Confirmation:

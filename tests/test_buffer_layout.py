@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-import opsync.buffer
+import opsync.buffer.stream
 from opsync import drain
 from opsync.buffer import Buffer, IdempotencyConflict, Settlement, idempotency_field
 from opsync.envelope import State
@@ -93,7 +93,7 @@ def test_a_redelivered_duplicate_of_a_replicated_transaction_stays_replicated(bu
 
 
 def test_confirmation_in_bulk_stops_at_its_budget_and_the_rest_follow(buffer, monkeypatch):
-    monkeypatch.setattr(opsync.buffer, "CONFIRM_STEPS", 3)
+    monkeypatch.setattr(opsync.buffer.stream, "CONFIRM_STEPS", 3)
     buffer.ensure_group()
     txns = [housekeeping(steps=4) for _ in range(5)] + [housekeeping() for _ in range(20)]
     for txn in txns:
@@ -125,7 +125,7 @@ def replicated(buffer: Buffer, due: list[tuple[str, str]]) -> int:
 def test_confirmation_larger_than_a_call_goes_one_call_at_a_time(buffer, monkeypatch):
     """Each CONFIRM call is sent alone, after the one before has run: pipelined, Redis would run them back to
     back and every POST would wait behind all of them."""
-    monkeypatch.setattr(opsync.buffer, "CONFIRM_TRANSACTIONS", 2)
+    monkeypatch.setattr(opsync.buffer.stream, "CONFIRM_TRANSACTIONS", 2)
     due = committed_housekeeping(buffer, 7)
     confirm, before_each = buffer._confirm, []
 
@@ -139,7 +139,7 @@ def test_confirmation_larger_than_a_call_goes_one_call_at_a_time(buffer, monkeyp
 
 
 def test_a_crash_between_confirm_calls_leaves_the_rest_awaiting_and_the_next_confirm_finishes(buffer, monkeypatch):
-    monkeypatch.setattr(opsync.buffer, "CONFIRM_TRANSACTIONS", 2)
+    monkeypatch.setattr(opsync.buffer.stream, "CONFIRM_TRANSACTIONS", 2)
     due = committed_housekeeping(buffer, 7)
     confirm, calls = buffer._confirm, []
 

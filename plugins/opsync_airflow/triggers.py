@@ -15,6 +15,7 @@ import redis.asyncio
 from airflow.sdk.bases.hook import BaseHook
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
+from opsync.buffer.keys import events_channel
 from opsync.lsn import REPLAY_SQL, Lsn, ReplicaError, ReplicaUnreachable, replay_position
 from opsync_airflow.hooks import BUFFER_CONN_ID, BUFFER_PREFIX, REPLICA_CONN_ID, async_connect
 
@@ -90,7 +91,7 @@ class BufferWakeTrigger(BaseEventTrigger):
         super().__init__()
         self.redis_conn_id = redis_conn_id
         self.prefix = prefix
-        self.channel = f"{prefix}:events"  # Buffer.events
+        self.channel = events_channel(prefix)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("opsync_airflow.triggers.BufferWakeTrigger", {"redis_conn_id": self.redis_conn_id, "prefix": self.prefix})
