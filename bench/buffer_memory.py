@@ -38,6 +38,7 @@ import redis
 
 from devstack.redis import RedisServer
 from opsync.buffer import ENQUEUE, IDEMPOTENCY_BUCKETS, IDEMPOTENCY_WINDOWS, Buffer, Settlement
+from opsync.buffer.codec import encode
 from opsync.drain import confirm
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
@@ -165,7 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-buffer-memory-") as tmp:
         log(f"building {count} transactions")
         txns = list(transactions(count, samples))
-        envelopes = [txn.model_dump_json() for txn, *_ in txns]
+        envelopes = [encode(txn) for txn, *_ in txns]
 
         baseline = RedisServer(Path(tmp) / "xadd", free_port(), secrets.token_hex(16), maxmemory="0")
         baseline.start()

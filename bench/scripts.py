@@ -59,6 +59,7 @@ from rich.table import Table
 from devstack.redis import RedisServer
 from opsync import dlq
 from opsync.buffer import CLAIM_PAGE, CONFIRM, DISCARD, ENQUEUE, OVERLAY_EXISTS, REQUEUE, SETTLE, Buffer, Entry, Settlement
+from opsync.buffer.codec import encode
 from opsync.config import Settings
 from opsync.drain import BatchLimits, BatchSettings, claim_batch
 from opsync.envelope import Transaction
@@ -313,7 +314,7 @@ def updates(txn: Transaction) -> list[StepIn]:
 def batch_of(txn: Transaction, limits: BatchLimits) -> int:
     """How many copies of ``txn`` one drain batch holds: the first always, then as long as no cap is passed (as
     :meth:`opsync.drain.Claimed.fits` counts: steps, and the envelope's bytes as :meth:`Cases.claimed` buffers it)."""
-    size = len(txn.model_dump_json().encode())
+    size = len(encode(txn))
     return max(1, min(limits.transactions, limits.records // len(txn.steps), limits.bytes // size))
 
 
@@ -344,7 +345,7 @@ class Cases:
         """``txns`` as stream entries the drainer has claimed (no overlay: settling does not read it)."""
         pipe = self.buffer.client.pipeline(transaction=False)
         for txn in txns:
-            pipe.xadd(self.buffer.stream, {"txn": txn.model_dump_json()})
+            pipe.xadd(self.buffer.stream, {"txn": encode(txn)})
         pipe.incrby(self.buffer.unsent, len(txns))
         pipe.execute()
         entries = self.buffer.claim("bench", len(txns))
@@ -356,7 +357,7 @@ class Cases:
         self.reset()
         pipe = self.buffer.client.pipeline(transaction=False)
         for _ in range(n):
-            pipe.xadd(self.buffer.stream, {"txn": txn.model_copy(update={"txn_id": uuid.uuid4()}).model_dump_json()})
+            pipe.xadd(self.buffer.stream, {"txn": encode(txn.model_copy(update={"txn_id": uuid.uuid4()}))})
         pipe.execute()
 
     def failed(self, txn: Transaction, n: int) -> list[Settlement]:
@@ -404,7 +405,7 @@ class Cases:
         files = partial(largest_files, self.steps, self.body_limit)
         body = partial(largest_body, self.body_limit)
         widest = build_transaction(body(), "observatory")
-        heaviest = widest.model_dump_json()
+        heaviest = encode(widest)
         most_rows = build_transaction([file_step(40) for _ in range(self.steps)], "observatory")
         one_row = build_transaction([file_step(40)], "observatory")
         self.entries = {

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NoReturn
 
-from pydantic import ValidationError
+import msgspec
 
 from opsync.apply import creates
 from opsync.buffer import Buffer
-from opsync.envelope import Transaction
+from opsync.buffer.codec import Envelope, UnreadableEnvelope, decode
 
 DEPENDS_ON = re.compile(r"depends on dead-lettered transaction (\S+)")  # the reason opsync.apply gives dependants
 
@@ -36,7 +36,7 @@ class DeadLetter:
     txn_id: str  # '' when the envelope could not be read
     failed_at: str
     reason: str
-    txn: Transaction | None  # None when the envelope could not be read
+    txn: Envelope | None  # None when the envelope could not be read
 
     @property
     def tables(self) -> list[str]:
@@ -59,7 +59,7 @@ class DeadLetter:
         }
 
     def details(self) -> dict:
-        txn = self.txn.model_dump(mode="json") if self.txn else {}
+        txn = msgspec.to_builtins(self.txn) if self.txn else {}
         return self.summary() | {
             "site": txn.get("site"),
             "accepted_at": txn.get("accepted_at"),
@@ -88,8 +88,8 @@ def dead_letters(buffer: Buffer) -> list[DeadLetter]:
 
 def parse(entry_id: str, text: dict[str, str]) -> DeadLetter:
     try:
-        txn = Transaction.model_validate_json(text.get("txn", ""))
-    except ValidationError:
+        txn: Envelope | None = decode(text.get("txn"))
+    except UnreadableEnvelope:
         txn = None
     return DeadLetter(entry_id, text.get("txn_id", ""), text.get("failed_at", ""), text.get("reason", ""), txn)
 
@@ -160,7 +160,7 @@ def discard(buffer: Buffer, txn: str, by: str) -> Action:
     return previous(buffer, letter.txn_id, "discarded") or gone(letter)
 
 
-def created_rows(txn: Transaction) -> list[str]:
+def created_rows(txn: Envelope) -> list[str]:
     """The rows ``txn`` creates, as the dead-rows hash names them ('table:key')."""
     return [f"{table}:{key}" for table, key in sorted(creates(txn))]
 

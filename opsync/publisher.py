@@ -40,17 +40,17 @@ from uuid import UUID
 
 import psycopg
 import redis
-from pydantic import ValidationError
 from sqlalchemy import Engine, bindparam, create_engine, select, text
 from sqlalchemy.exc import DBAPIError
 
 from opsync import merged
 from opsync.alerts import stored_findings
 from opsync.buffer import Buffer
+from opsync.buffer.codec import UnreadableEnvelope, decode
 from opsync.changes import SNAPSHOT_SQL, Changes, Position, purge_changes, read_changes, snapshot_xmin
 from opsync.config import Settings, get_settings
 from opsync.drain_metrics import rate_per_minute
-from opsync.envelope import State, Transaction
+from opsync.envelope import State
 from opsync.events import parse_event
 from opsync.read_model import Layout, ReadModel
 from opsync.read_model_figures import POISON_KEEP, Poison, load_poison, read_model_figures, save_position, store_poison
@@ -418,11 +418,11 @@ class Publisher:
         keys: dict[str, set[str]] = {}
         for _, envelope in entries:
             try:
-                txn = Transaction.model_validate_json(envelope or b"")
-            except ValidationError:
+                txn = decode(envelope)
+            except UnreadableEnvelope:
                 continue  # the drainer dead-letters it; it has no rows to show
             for table, key in txn.row_keys():
-                keys.setdefault(table, set()).add(str(key))
+                keys.setdefault(table, set()).add(key)
         self.refresh_all(keys, replica_optional=True)
         with self.model.transaction() as conn:
             self.model.set_state(conn, state, entries[-1][0])

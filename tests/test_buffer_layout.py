@@ -10,6 +10,7 @@ import pytest
 import opsync.buffer.stream
 from opsync import drain
 from opsync.buffer import Buffer, IdempotencyConflict, Settlement, idempotency_field
+from opsync.buffer.codec import encode
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
 from opsync.lsn import Lsn
@@ -85,7 +86,7 @@ def test_a_redelivered_duplicate_of_a_replicated_transaction_stays_replicated(bu
     buffer.enqueue(txn, answer(txn, State.accepted), in_replica=())
     [txn_id] = settle_committed(buffer, 0x1000)
     drain.confirm(buffer, Lsn(0x1000))
-    again = buffer.client.xadd(buffer.stream, {"txn": txn.model_dump_json()})
+    again = buffer.client.xadd(buffer.stream, {"txn": encode(txn)})
     buffer.claim("test", 10)
     buffer.settle([Settlement("duplicate", again.decode(), txn_id)], Lsn(0x2000), AT)
     assert buffer.status(txn_id)["state"] == "replicated"

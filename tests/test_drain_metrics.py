@@ -16,6 +16,7 @@ from opsync import drain, drain_metrics
 from opsync.alerts import Finding, Level, store_findings
 from opsync.apply import Transient
 from opsync.buffer import Buffer
+from opsync.buffer.codec import encode
 from opsync.drain_metrics import BATCH_BUCKETS, ERROR_CLASSES, DrainMetrics, rate_per_minute, record_batch, record_run
 from opsync.envelope import Op, Step, Transaction
 from opsync.ids import new_id
@@ -96,7 +97,7 @@ def test_dead_lettered_transactions_are_counted_by_class(buffer, primary, planni
         accepted_at="2026-11-21T03:00:00Z",
         steps=[Step(op=Op.insert, table="no_such_table", key=new_id(), values={})],
     )
-    buffer.client.xadd(buffer.stream, {"txn": stray.model_dump_json()})
+    buffer.client.xadd(buffer.stream, {"txn": encode(stray)})
 
     summary = drain.drain(buffer, primary)
 

@@ -1,7 +1,8 @@
 """The buffer's Lua scripts, kept as ``.lua`` files beside this module (shipped in the wheel as package data).
 
 A script is its libraries (shared functions: ``state_of.lua``, ``remembered.lua``, ``indexes.lua``,
-``release_rows.lua``, ``dead_entry.lua``) followed by its body; each file says its KEYS and ARGV.
+``release_rows.lua``, ``dead_entry.lua``, and ``envelope.lua``, the envelope codec's Lua half) followed by
+its body; each file says its KEYS and ARGV.
 """
 
 from importlib.resources import files
@@ -15,7 +16,7 @@ def lua(name: str, *libraries: str) -> str:
 
 ENQUEUE = lua("enqueue", "state_of", "remembered", "indexes")
 SETTLE = lua("settle", "state_of")
-CONFIRM = lua("confirm", "state_of", "indexes", "release_rows")
+CONFIRM = lua("confirm", "state_of", "indexes", "release_rows", "envelope")
 REQUEUE = lua("requeue", "dead_entry")
 DISCARD = lua("discard", "dead_entry", "indexes", "release_rows")
 INDEX_RANGE = lua("index_range")

@@ -17,12 +17,12 @@ from typing import Any
 import redis
 
 from opsync import registry
+from opsync.buffer.codec import Envelope
 from opsync.buffer.keys import Keys
-from opsync.envelope import Transaction
 from opsync.lsn import Lsn
 
 
-def release_args(txn: Transaction) -> list[str]:
+def release_args(txn: Envelope) -> list[str]:
     """The overlay rows ``txn`` wrote, as flat script arguments for ``release_rows``."""
     args: list[str] = []
     for step in txn.steps:
@@ -192,7 +192,7 @@ class Drains(Keys):
             todo = chunk[done:] + todo  # a call that reached its budget: the rest go again
         return changed
 
-    def requeue_dead(self, entry_id: str, txn: Transaction, created: list[str], at: str, by: str) -> str | None:
+    def requeue_dead(self, entry_id: str, txn: Envelope, created: list[str], at: str, by: str) -> str | None:
         """Move the dead letter ``entry_id`` back into the stream in one atomic step; its new stream ID.
 
         Its status becomes ``accepted`` again (the failure kept as ``previous_reason``), the rows it
@@ -206,7 +206,7 @@ class Drains(Keys):
         )
         return new_id.decode() if new_id else None
 
-    def discard_dead(self, entry_id: str, txn: Transaction | None, created: list[str], at: str, by: str) -> bool:
+    def discard_dead(self, entry_id: str, txn: Envelope | None, created: list[str], at: str, by: str) -> bool:
         """Drop the dead letter ``entry_id`` for good, atomically: its overlay rows go (the merged view no
         longer shows them), its status stays ``failed`` with ``discarded_at``/``discarded_by``, and it
         is audited. False when the entry is gone already. ``txn`` is None for an unreadable envelope.

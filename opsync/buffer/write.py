@@ -17,6 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from opsync import registry
+from opsync.buffer.codec import encode as encode_envelope
 from opsync.buffer.keys import Keys
 from opsync.buffer.records import (
     OWN_KEY_RECORD_BYTES,
@@ -223,7 +224,7 @@ class Writes(Keys):
         return {
             "keys": [self.stream, self.status_key(txn.txn_id), idem_key, self.unsent, *buckets],
             "args": [
-                txn.model_dump_json(),
+                encode_envelope(txn),
                 str(txn.txn_id),
                 txn.accepted_at.isoformat(),
                 digest(body_hash),

@@ -21,11 +21,11 @@ local function release(txn, stream_id)
   local rows, steps = {}, 0
   for i = 1, #entry[2], 2 do
     if entry[2][i] == 'txn' then
-      for _, step in ipairs(cjson.decode(entry[2][i + 1]).steps) do
+      for _, row in ipairs(envelope_rows(entry[2][i + 1])) do
         steps = steps + 1
-        local fields = indexed[step.table] or {}
-        rows[#rows + 1] = step.table
-        rows[#rows + 1] = step.key
+        local fields = indexed[row[1]] or {}
+        rows[#rows + 1] = row[1]
+        rows[#rows + 1] = row[2]
         rows[#rows + 1] = #fields
         for _, field in ipairs(fields) do rows[#rows + 1] = field end
       end
