@@ -38,7 +38,7 @@ import redis
 
 from devstack.redis import RedisServer
 from opsync.buffer import ENQUEUE, IDEMPOTENCY_BUCKETS, IDEMPOTENCY_WINDOWS, Buffer, Settlement
-from opsync.buffer.codec import encode
+from opsync.buffer.codec import decode, encode
 from opsync.drain import confirm
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
@@ -151,7 +151,7 @@ def settle_all(buffer: Buffer) -> Lsn:
     lsn = 0x1000000
     while entries := buffer.claim("bench", CLAIM):
         lsn += 0x10000
-        settlements = [Settlement("committed", e.stream_id, json.loads(e.envelope)["txn_id"]) for e in entries]
+        settlements = [Settlement("committed", e.stream_id, str(decode(e.envelope).txn_id)) for e in entries]
         buffer.settle(settlements, Lsn(lsn), "2026-12-07T00:00:00+00:00")
     return Lsn(lsn)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NoReturn
 
-import msgspec
+from pydantic_core import to_jsonable_python
 
 from opsync.apply import creates
 from opsync.buffer import Buffer
@@ -59,12 +59,10 @@ class DeadLetter:
         }
 
     def details(self) -> dict:
-        txn = msgspec.to_builtins(self.txn) if self.txn else {}
-        return self.summary() | {
-            "site": txn.get("site"),
-            "accepted_at": txn.get("accepted_at"),
-            "steps": txn.get("steps", []),
-        }
+        if self.txn is None:
+            return self.summary() | {"site": None, "accepted_at": None, "steps": []}
+        steps = [{"op": s.op.value, "table": s.table, "key": s.key, "values": s.values} for s in self.txn.steps]
+        return self.summary() | {"site": self.txn.site, "accepted_at": to_jsonable_python(self.txn.accepted_at), "steps": steps}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 import opsync.buffer.stream
 from opsync import drain
 from opsync.buffer import Buffer, IdempotencyConflict, Settlement, idempotency_field
-from opsync.buffer.codec import encode
+from opsync.buffer.codec import decode, encode
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
 from opsync.lsn import Lsn
@@ -53,7 +53,7 @@ def body_hash(text: str) -> str:
 def settle_committed(buffer: Buffer, lsn: int) -> list[str]:
     """Claim everything and settle it committed at ``lsn`` (no primary: what Redis holds is under test)."""
     entries = buffer.claim("test", 10_000)
-    txn_ids = [json.loads(e.envelope)["txn_id"] for e in entries]
+    txn_ids = [str(decode(e.envelope).txn_id) for e in entries]
     buffer.settle([Settlement("committed", e.stream_id, t) for e, t in zip(entries, txn_ids, strict=True)], Lsn(lsn), AT)
     return txn_ids
 
