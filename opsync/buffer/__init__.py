@@ -16,10 +16,11 @@ Where each part lives:
 - :mod:`~opsync.buffer.stream`: the drainer's claim, settle and confirm, and the dead letters;
 - :mod:`~opsync.buffer.read`: the overlay and the stream as the merged view and the publisher read them;
 - :mod:`~opsync.buffer.records`: the compact formats of idempotency records and statuses;
+- :mod:`~opsync.buffer.codec`: the one envelope codec (its Lua half: ``lua/envelope.lua``);
 - :mod:`~opsync.buffer.figures`: how full and how far behind the buffer is.
 
 Records of the earlier layouts (idempotency strings and hashes of their own, replicated statuses kept
-whole, indexes as one sorted set) are still read.
+whole, indexes as one sorted set, envelopes with named fields) are still read.
 """
 
 import redis
