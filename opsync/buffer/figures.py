@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, final
 import redis
 import redis.asyncio as aioredis
 
+from opsync.buffer.scripts import CAPACITY_READING
+
 if TYPE_CHECKING:
     from opsync.buffer import Buffer
 
@@ -118,3 +120,11 @@ def _oldest_id(client: redis.Redis, buffer: "Buffer", group: dict | None) -> byt
 
 def _id_seconds(stream_id: bytes) -> float:
     return int(stream_id.split(b"-")[0]) / 1000
+
+
+def capacity_reading(buffer: "Buffer", window_s: float, every_s: float) -> list:
+    """Read the counters :mod:`opsync.capacity` forecasts from, in one script (``capacity_reading.lua``), leaving a
+    reading at most every ``every_s`` and none older than ``window_s``: (this reading, the window's readings,
+    ``maxmemory``, the kept bytes-per-transaction measure as a flat list)."""
+    keys = [buffer.stream, buffer.unsent, buffer.awaiting_replica, buffer.drain_totals, buffer.capacity_readings, buffer.capacity_bytes]
+    return buffer.client.register_script(CAPACITY_READING)(keys=keys, args=[window_s, every_s])
