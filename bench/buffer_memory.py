@@ -38,6 +38,7 @@ import redis
 
 from devstack.redis import RedisServer
 from opsync.buffer import ENQUEUE, IDEMPOTENCY_BUCKETS, IDEMPOTENCY_WINDOWS, Buffer, Settlement
+from opsync.buffer.codec import decode, encode
 from opsync.drain import confirm
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
@@ -150,7 +151,7 @@ def settle_all(buffer: Buffer) -> Lsn:
     lsn = 0x1000000
     while entries := buffer.claim("bench", CLAIM):
         lsn += 0x10000
-        settlements = [Settlement("committed", e.stream_id, json.loads(e.envelope)["txn_id"]) for e in entries]
+        settlements = [Settlement("committed", e.stream_id, str(decode(e.envelope).txn_id)) for e in entries]
         buffer.settle(settlements, Lsn(lsn), "2026-12-07T00:00:00+00:00")
     return Lsn(lsn)
 
@@ -165,7 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-buffer-memory-") as tmp:
         log(f"building {count} transactions")
         txns = list(transactions(count, samples))
-        envelopes = [txn.model_dump_json() for txn, *_ in txns]
+        envelopes = [encode(txn) for txn, *_ in txns]
 
         baseline = RedisServer(Path(tmp) / "xadd", free_port(), secrets.token_hex(16), maxmemory="0")
         baseline.start()

@@ -68,6 +68,7 @@ from devstack.redis import RedisServer
 from devstack.settings import REPO, StackSettings
 from devstack.wan import WanProxy
 from opsync.auth import AuthError, TokenVerifier, create_token
+from opsync.buffer.codec import encode
 from opsync.ingest import StepIn, build_transaction
 from opsync.migrate import upgrade
 from opsync_observatory.models import Instrument, InstrumentModule
@@ -605,7 +606,7 @@ def batch_phase(pool: Pool, requests: Requests, samples: Samples, seconds: float
     return measured(closed_loop(pool, raws, BATCH_SENDERS, seconds), server, loop)
 
 
-def xadd_limit(site: Site, envelope: str, records_per_entry: int, seconds: float) -> tuple[float, float]:
+def xadd_limit(site: Site, envelope: bytes, records_per_entry: int, seconds: float) -> tuple[float, float]:
     """Pipelined ``XADD`` of ``envelope`` with redis-py: (records per second, entries per second)."""
     client = site.redis.client()
     stream = f"bench:xadd:{uuid.uuid4().hex}"
@@ -621,10 +622,10 @@ def xadd_limit(site: Site, envelope: str, records_per_entry: int, seconds: float
     return entries * records_per_entry / elapsed, entries / elapsed
 
 
-def envelope(samples: Samples, size: int) -> str:
+def envelope(samples: Samples, size: int) -> bytes:
     """A transaction envelope of ``size`` records, as the API would write it to the stream."""
     steps = [StepIn(table=TABLE, values=samples.record()) for _ in range(size)]
-    return build_transaction(steps, "bench", str(uuid.uuid4())).model_dump_json()
+    return encode(build_transaction(steps, "bench", str(uuid.uuid4())))
 
 
 def direct_over_wan(site: Site, samples: Samples, size: Size) -> tuple[list[float], list[float]]:

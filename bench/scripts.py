@@ -58,13 +58,14 @@ from rich.table import Table
 
 from devstack.redis import RedisServer
 from opsync import dlq
-from opsync.buffer import CLAIM_PAGE, CONFIRM, DISCARD, ENQUEUE, REQUEUE, SETTLE, Buffer, Entry, Settlement
+from opsync.buffer import CLAIM_PAGE, CONFIRM, DISCARD, ENQUEUE, OVERLAY_EXISTS, REQUEUE, SETTLE, Buffer, Entry, Settlement
+from opsync.buffer.codec import encode
 from opsync.config import Settings
 from opsync.drain import BatchLimits, BatchSettings, claim_batch
 from opsync.envelope import Transaction
 from opsync.ingest import StepIn, build_transaction
 from opsync.lsn import Lsn
-from opsync.read_model.publisher import OVERLAY_EXISTS_LUA, Tuning
+from opsync.read_model.publisher import Tuning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import free_port  # noqa: E402  (bench/ingest.py)
@@ -171,7 +172,7 @@ def durable_redis() -> Iterator[redis.Redis]:
         client = redis.Redis.from_url(server.url, socket_timeout=120)
         client.config_set("slowlog-log-slower-than", 0)
         client.config_set("slowlog-max-len", SLOWLOG_LEN)
-        for script in (ENQUEUE, SETTLE, CONFIRM, REQUEUE, DISCARD, OVERLAY_EXISTS_LUA):
+        for script in (ENQUEUE, SETTLE, CONFIRM, REQUEUE, DISCARD, OVERLAY_EXISTS):
             client.script_load(script)  # so no first call is a NOSCRIPT answer and a retry
         yield client
         client.close()
@@ -313,7 +314,7 @@ def updates(txn: Transaction) -> list[StepIn]:
 def batch_of(txn: Transaction, limits: BatchLimits) -> int:
     """How many copies of ``txn`` one drain batch holds: the first always, then as long as no cap is passed (as
     :meth:`opsync.drain.Claimed.fits` counts: steps, and the envelope's bytes as :meth:`Cases.claimed` buffers it)."""
-    size = len(txn.model_dump_json().encode())
+    size = len(encode(txn))
     return max(1, min(limits.transactions, limits.records // len(txn.steps), limits.bytes // size))
 
 
@@ -344,7 +345,7 @@ class Cases:
         """``txns`` as stream entries the drainer has claimed (no overlay: settling does not read it)."""
         pipe = self.buffer.client.pipeline(transaction=False)
         for txn in txns:
-            pipe.xadd(self.buffer.stream, {"txn": txn.model_dump_json()})
+            pipe.xadd(self.buffer.stream, {"txn": encode(txn)})
         pipe.incrby(self.buffer.unsent, len(txns))
         pipe.execute()
         entries = self.buffer.claim("bench", len(txns))
@@ -356,7 +357,7 @@ class Cases:
         self.reset()
         pipe = self.buffer.client.pipeline(transaction=False)
         for _ in range(n):
-            pipe.xadd(self.buffer.stream, {"txn": txn.model_copy(update={"txn_id": uuid.uuid4()}).model_dump_json()})
+            pipe.xadd(self.buffer.stream, {"txn": encode(txn.model_copy(update={"txn_id": uuid.uuid4()}))})
         pipe.execute()
 
     def failed(self, txn: Transaction, n: int) -> list[Settlement]:
@@ -404,7 +405,7 @@ class Cases:
         files = partial(largest_files, self.steps, self.body_limit)
         body = partial(largest_body, self.body_limit)
         widest = build_transaction(body(), "observatory")
-        heaviest = widest.model_dump_json()
+        heaviest = encode(widest)
         most_rows = build_transaction([file_step(40) for _ in range(self.steps)], "observatory")
         one_row = build_transaction([file_step(40)], "observatory")
         self.entries = {
@@ -416,7 +417,7 @@ class Cases:
         n = self.entries
         built = lambda steps: lambda: build_transaction(steps(), "observatory")  # noqa: E731
         enqueue = lambda txn: self.buffer.enqueue(txn, answer(txn))  # noqa: E731
-        overlay_exists = client.register_script(OVERLAY_EXISTS_LUA)
+        overlay_exists = client.register_script(OVERLAY_EXISTS)
 
         def overlaid_keys() -> str:
             """A chunk of keys that all have an overlay row (each found: the longest answer)."""

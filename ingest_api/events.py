@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from ingest_api.deps import BufferDep, PrincipalDep, SettingsDep, bearer, checked, documented, get_verifier
 from ingest_api.reads import unknown_transaction
 from opsync.auth import AuthError, AuthUnavailable, Principal
-from opsync.buffer import Buffer, final_status, involved_tables, travelling_status
+from opsync.buffer import Buffer, involved_tables, tables_of
 from opsync.connections import async_redis_client
 from opsync.events import followed, parse_event, shown, snapshot_event, visible
 
@@ -149,13 +149,10 @@ class Watch:
         tables = self.tables.get(txn_id)
         if tables is None:
             field = event.get("tables")
-            if not isinstance(field, str):
-                status = travelling_status(await self.client.hget(*self.buffer.travel_key(txn_id)))  # type: ignore[arg-type]  # bytes
-                status = status or final_status(await self.client.hget(*self.buffer.final_key(txn_id)))  # type: ignore[arg-type]  # bytes
-                field = status.get("tables") if status else await self.client.hget(self.buffer.status_key(txn_id), "tables")
             if len(self.tables) >= MAX_REMEMBERED:
                 self.tables.clear()
-            tables = self.tables[txn_id] = involved_tables(field)
+            tables = involved_tables(field) if isinstance(field, str) else await tables_of(self.client, self.buffer, txn_id)
+            self.tables[txn_id] = tables
         return self.who.may_see(tables)
 
 

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, cast
-from uuid import UUID
 
 import msgspec
 import psycopg
@@ -29,6 +28,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 
 from opsync import admission, registry
+from opsync.buffer.codec import Change, Envelope, decode
 from opsync.envelope import Op, Transaction
 from opsync.errors import one_line as first_line
 from opsync.lsn import CURRENT_SQL, Lsn
@@ -100,30 +100,6 @@ KEY_COLUMN = "opsync_key"  # a run's row keys, zipped with its rows (not a colum
 RowRef = tuple[str, str]  # (table, key): a row as dependencies see it
 
 
-class Change(msgspec.Struct, frozen=True, gc=False):
-    """A step as the drainer reads it: the key stays text, as it goes into SQL and into row references.
-
-    Untracked by the garbage collector (``gc=False``: JSON data cannot form a cycle), whose passes
-    over a batch's many objects otherwise cost more than decoding them.
-    """
-
-    op: Op
-    table: str
-    key: str
-    values: dict[str, Any] = {}
-
-
-class Envelope(msgspec.Struct, gc=False):  # untracked, as Change
-    """What applying needs of a buffered envelope (validated in full at ingest); other fields are skipped."""
-
-    txn_id: UUID  # canonical text below, as the ledger returns it: an envelope's spelling must not make it a duplicate
-    site: str
-    steps: list[Change]
-
-
-ENVELOPE = msgspec.json.Decoder(Envelope)
-
-
 @dataclass(frozen=True, eq=False)
 class Pending:
     """A buffered transaction on its way to the primary, with the rows it needs and creates worked out once.
@@ -139,8 +115,8 @@ class Pending:
 
     @classmethod
     def read(cls, envelope: bytes) -> "Pending":
-        """Decode a buffered envelope; raises :class:`msgspec.DecodeError` when it cannot be read."""
-        txn = ENVELOPE.decode(envelope)
+        """Decode a buffered envelope; raises :class:`UnreadableEnvelope` when it cannot be read."""
+        txn = decode(envelope)
         needed, created = dependencies(txn.steps)
         return cls(str(txn.txn_id), txn.site, txn.steps, frozenset(needed), frozenset(created))
 
@@ -367,7 +343,7 @@ def row_key(value: Any) -> Any:
     return value
 
 
-def creates(txn: Transaction) -> set[RowRef]:
+def creates(txn: Envelope) -> set[RowRef]:
     """Rows ``txn`` inserts or upserts (as the drainer names them: keys as text)."""
     return {(step.table, str(step.key)) for step in txn.steps if step.op in (Op.insert, Op.upsert)}
 

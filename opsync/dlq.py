@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NoReturn
 
-from pydantic import ValidationError
+from pydantic_core import to_jsonable_python
 
 from opsync.apply import creates
 from opsync.buffer import Buffer
-from opsync.envelope import Transaction
+from opsync.buffer.codec import Envelope, UnreadableEnvelope, decode
 
-PAGE = 1000  # dead letters read per round trip
 DEPENDS_ON = re.compile(r"depends on dead-lettered transaction (\S+)")  # the reason opsync.apply gives dependants
 
 
@@ -37,7 +36,7 @@ class DeadLetter:
     txn_id: str  # '' when the envelope could not be read
     failed_at: str
     reason: str
-    txn: Transaction | None  # None when the envelope could not be read
+    txn: Envelope | None  # None when the envelope could not be read
 
     @property
     def tables(self) -> list[str]:
@@ -60,12 +59,10 @@ class DeadLetter:
         }
 
     def details(self) -> dict:
-        txn = self.txn.model_dump(mode="json") if self.txn else {}
-        return self.summary() | {
-            "site": txn.get("site"),
-            "accepted_at": txn.get("accepted_at"),
-            "steps": txn.get("steps", []),
-        }
+        if self.txn is None:
+            return self.summary() | {"site": None, "accepted_at": None, "steps": []}
+        steps = [{"op": s.op.value, "table": s.table, "key": s.key, "values": s.values} for s in self.txn.steps]
+        return self.summary() | {"site": self.txn.site, "accepted_at": to_jsonable_python(self.txn.accepted_at), "steps": steps}
 
 
 @dataclass(frozen=True)
@@ -84,18 +81,13 @@ class Action:
 
 def dead_letters(buffer: Buffer) -> list[DeadLetter]:
     """Every dead letter, oldest first (failures are rare: the stream stays small)."""
-    letters, start = [], "-"
-    while page := buffer.client.xrange(buffer.dead_letters, min=start, count=PAGE):
-        letters += [parse(entry_id.decode(), fields) for entry_id, fields in page]  # type: ignore[union-attr, arg-type]  # bytes: no decode_responses
-        start = "(" + page[-1][0].decode()  # type: ignore[union-attr]  # bytes: no decode_responses
-    return letters
+    return [parse(entry_id, fields) for entry_id, fields in buffer.dead_entries()]
 
 
-def parse(entry_id: str, fields: dict[bytes, bytes]) -> DeadLetter:
-    text = {k.decode(): v.decode() for k, v in fields.items()}
+def parse(entry_id: str, text: dict[str, str]) -> DeadLetter:
     try:
-        txn = Transaction.model_validate_json(text.get("txn", ""))
-    except ValidationError:
+        txn: Envelope | None = decode(text.get("txn"))
+    except UnreadableEnvelope:
         txn = None
     return DeadLetter(entry_id, text.get("txn_id", ""), text.get("failed_at", ""), text.get("reason", ""), txn)
 
@@ -166,7 +158,7 @@ def discard(buffer: Buffer, txn: str, by: str) -> Action:
     return previous(buffer, letter.txn_id, "discarded") or gone(letter)
 
 
-def created_rows(txn: Transaction) -> list[str]:
+def created_rows(txn: Envelope) -> list[str]:
     """The rows ``txn`` creates, as the dead-rows hash names them ('table:key')."""
     return [f"{table}:{key}" for table, key in sorted(creates(txn))]
 
@@ -187,8 +179,7 @@ def previous(buffer: Buffer, txn_id: str, done: str) -> Action | None:
 
 def history(buffer: Buffer, count: int = 100) -> list[dict[str, str]]:
     """The latest requeues and discards, newest first: who did what, when, and why it had failed."""
-    entries = buffer.client.xrevrange(buffer.dlq_audit, count=count)
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]  # type: ignore[union-attr]  # bytes: no decode_responses
+    return buffer.dlq_history(count)
 
 
 def now() -> str:

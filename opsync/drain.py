@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import msgspec
 import redis
 from pydantic import PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +26,7 @@ from sqlalchemy import Engine
 from opsync import fault_points
 from opsync.apply import BatchResult, Pending, Transient, apply_batch
 from opsync.buffer import CLAIM_PAGE, Buffer, Entry, Settlement
+from opsync.buffer.codec import UnreadableEnvelope
 from opsync.lsn import Lsn, ReplicaError, replica_position
 from opsync.monitoring import drain_metrics
 from opsync.registry import UnknownTable
@@ -346,7 +346,7 @@ def read_entries(entries: list[Entry]) -> tuple[list[tuple[str, Pending]], list[
             continue
         try:
             txns.append((entry.stream_id, Pending.read(entry.envelope)))
-        except (msgspec.DecodeError, UnknownTable) as exc:
+        except (UnreadableEnvelope, UnknownTable) as exc:
             settlements.append(Settlement("failed", entry.stream_id, reason=f"{UNREADABLE}: {exc}"))
     return txns, settlements
 
@@ -397,7 +397,7 @@ def confirm(buffer: Buffer, position: Lsn, chunk: int = CONFIRM_CHUNK, most: int
         if len(txn_ids) < chunk or not due or (most is not None and confirmed >= most):
             break
     buffer.note("confirm", now())
-    return Confirmation(position, confirmed, buffer.client.zcard(buffer.awaiting_replica))
+    return Confirmation(position, confirmed, buffer.awaiting_count())
 
 
 def confirm_replica(buffer: Buffer, replica: Engine) -> Confirmation:

@@ -8,7 +8,6 @@ the replica's row shows as it is; only a row the replica does not have shows the
 a scan of the buffer, so a query costs the same with 100,000 rows buffered as with none.
 """
 
-import json
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -145,17 +144,10 @@ def overlay_candidates(buffer: Buffer, entry: Ingestible, filters: dict, after: 
 
 def read_overlays(buffer: Buffer, entry: Ingestible, keys: list[str]) -> dict[str, Overlay]:
     """The overlay rows of ``keys`` that have one, with their latest transaction's state: two round trips."""
-    pipe = buffer.client.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(buffer.row_key(entry.name, key))
-    overlays = {}
-    for key, raw in zip(keys, pipe.execute(), strict=True):
-        if not raw:
-            continue
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-        values = {k[2:]: json.loads(v) for k, v in fields.items() if k.startswith("v:")}
-        flags = [fields.get(flag) == "1" for flag in ("partial", "deleted", "creates")]
-        overlays[key] = Overlay(values, fields["txn_id"], *flags)  # type: ignore[arg-type]  # partial, deleted, creates
+    overlays = {
+        key: Overlay(row.values, row.txn_id, row.partial, row.deleted, row.creates)
+        for key, row in buffer.overlay_rows(entry.name, keys).items()
+    }
     states = txn_states(buffer, {o.txn_id for o in overlays.values()})
     for overlay in overlays.values():
         overlay.state, overlay.commit_lsn = states[overlay.txn_id]

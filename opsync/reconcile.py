@@ -65,8 +65,8 @@ def reconcile(
 
 def oldest_awaiting_age_s(buffer: Buffer) -> float:
     """Age of the lowest-LSN transaction awaiting the replica, from its recorded commit time; 0 when none."""
-    oldest = buffer.client.zrange(buffer.awaiting_replica, 0, 0)
-    status = buffer.status(oldest[0].decode()) if oldest else None  # type: ignore[union-attr]  # bytes: no decode_responses
+    oldest = buffer.oldest_awaiting()
+    status = buffer.status(oldest) if oldest else None
     if not status or not status.get("committed_at"):
         return 0.0
     return max(0.0, (datetime.now(UTC) - datetime.fromisoformat(status["committed_at"])).total_seconds())

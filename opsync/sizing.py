@@ -11,7 +11,7 @@ from opsync.stats import Fill
 
 # Measured on this machine (bench/buffer_memory.py, 50,000 single-record housekeeping transactions with
 # idempotency keys, as opsync.client posts them): Redis used_memory per transaction.
-BUFFERED_TXN_BYTES = 1_284  # buffered: stream entry, status and idempotency record (bucketed), overlay row, index buckets
+BUFFERED_TXN_BYTES = 1_177  # buffered: stream entry, status and idempotency record (bucketed), overlay row, index buckets
 KEPT_TXN_BYTES = 265  # after confirmation, until the status TTL: status and idempotency record (bucketed)
 
 

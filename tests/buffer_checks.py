@@ -1,8 +1,7 @@
 """What every fuzz and property test of the ingest API checks of the site buffer after a request."""
 
-import json
-
 from opsync.buffer import Buffer
+from opsync.buffer.codec import decode
 
 
 def decoded(values: dict[bytes, bytes]) -> dict[str, str]:
@@ -18,9 +17,9 @@ def assert_consistent(buffer: Buffer) -> None:
     rows that exist.
     """
     client = buffer.client
-    entries = {sid.decode(): json.loads(fields[b"txn"]) for sid, fields in client.xrange(buffer.stream)}
+    entries = {sid.decode(): decode(fields[b"txn"]) for sid, fields in client.xrange(buffer.stream)}
     assert int(client.get(buffer.unsent) or 0) == len(entries)
-    by_txn = {txn["txn_id"]: (sid, txn) for sid, txn in entries.items()}
+    by_txn = {str(txn.txn_id): (sid, txn) for sid, txn in entries.items()}
     awaiting = {m.decode() for m in client.zrange(buffer.awaiting_replica, 0, -1)}
     known = sorted(set(by_txn) | awaiting)
     statuses = dict(zip(known, buffer.statuses(known), strict=True))
@@ -32,7 +31,7 @@ def assert_consistent(buffer: Buffer) -> None:
         assert statuses[txn_id]["state"] == "accepted" and statuses[txn_id]["stream_id"] == sid
     for txn_id in awaiting:
         assert statuses[txn_id]["state"] == "committed" and statuses[txn_id]["commit_lsn"]
-    touched = {(step["table"], step["key"]): txn["txn_id"] for txn in entries.values() for step in txn["steps"]}
+    touched = {(step.table, step.key): str(txn.txn_id) for txn in entries.values() for step in txn.steps}
     rows = {}
     for key in client.scan_iter(buffer.row_key("*", "*").replace("*:*", "*")):
         _, _, table, row = key.decode().split(":", 3)

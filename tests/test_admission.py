@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from opsync import admission
+from opsync.buffer.codec import decode
 from tests.records import raw_file
 
 OBS = "/v1/records/executed_obs_unit"
@@ -52,9 +53,9 @@ def envelope_values(txn_id: str) -> list[dict]:
 
     buffer = get_buffer()
     for _, fields in buffer.client.xrange(buffer.stream):
-        txn = json.loads(fields[b"txn"])
-        if txn["txn_id"] == txn_id:
-            return [step["values"] for step in txn["steps"]]
+        txn = decode(fields[b"txn"])
+        if str(txn.txn_id) == txn_id:
+            return [step.values for step in txn.steps]
     raise AssertionError(f"{txn_id} is not in the buffer")
 
 

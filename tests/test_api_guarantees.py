@@ -164,10 +164,10 @@ def test_accepted_transaction_survives_kill_9_of_redis(own_redis, api_client, he
         os.kill(pid, 0)
     own_redis.start()
 
-    from opsync.envelope import Transaction
+    from opsync.buffer.codec import decode
 
     entries = own_redis.client().xrange("opsync:buffer")
-    assert [Transaction.model_validate_json(e[b"txn"]).txn_id for _, e in entries] == [uuid.UUID(receipt["txn_id"])]
+    assert [decode(e[b"txn"]).txn_id for _, e in entries] == [uuid.UUID(receipt["txn_id"])]
     status = api_client.get(receipt["status_url"], headers=headers)
     assert status.status_code == 200, status.text
     assert status.json()["state"] == "accepted"

@@ -7,9 +7,10 @@ import uuid
 
 import pytest
 
-import opsync.buffer
+import opsync.buffer.stream
 from opsync import drain
 from opsync.buffer import Buffer, IdempotencyConflict, Settlement, idempotency_field
+from opsync.buffer.codec import decode, encode
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
 from opsync.lsn import Lsn
@@ -52,7 +53,7 @@ def body_hash(text: str) -> str:
 def settle_committed(buffer: Buffer, lsn: int) -> list[str]:
     """Claim everything and settle it committed at ``lsn`` (no primary: what Redis holds is under test)."""
     entries = buffer.claim("test", 10_000)
-    txn_ids = [json.loads(e.envelope)["txn_id"] for e in entries]
+    txn_ids = [str(decode(e.envelope).txn_id) for e in entries]
     buffer.settle([Settlement("committed", e.stream_id, t) for e, t in zip(entries, txn_ids, strict=True)], Lsn(lsn), AT)
     return txn_ids
 
@@ -85,7 +86,7 @@ def test_a_redelivered_duplicate_of_a_replicated_transaction_stays_replicated(bu
     buffer.enqueue(txn, answer(txn, State.accepted), in_replica=())
     [txn_id] = settle_committed(buffer, 0x1000)
     drain.confirm(buffer, Lsn(0x1000))
-    again = buffer.client.xadd(buffer.stream, {"txn": txn.model_dump_json()})
+    again = buffer.client.xadd(buffer.stream, {"txn": encode(txn)})
     buffer.claim("test", 10)
     buffer.settle([Settlement("duplicate", again.decode(), txn_id)], Lsn(0x2000), AT)
     assert buffer.status(txn_id)["state"] == "replicated"
@@ -93,7 +94,7 @@ def test_a_redelivered_duplicate_of_a_replicated_transaction_stays_replicated(bu
 
 
 def test_confirmation_in_bulk_stops_at_its_budget_and_the_rest_follow(buffer, monkeypatch):
-    monkeypatch.setattr(opsync.buffer, "CONFIRM_STEPS", 3)
+    monkeypatch.setattr(opsync.buffer.stream, "CONFIRM_STEPS", 3)
     buffer.ensure_group()
     txns = [housekeeping(steps=4) for _ in range(5)] + [housekeeping() for _ in range(20)]
     for txn in txns:
@@ -125,7 +126,7 @@ def replicated(buffer: Buffer, due: list[tuple[str, str]]) -> int:
 def test_confirmation_larger_than_a_call_goes_one_call_at_a_time(buffer, monkeypatch):
     """Each CONFIRM call is sent alone, after the one before has run: pipelined, Redis would run them back to
     back and every POST would wait behind all of them."""
-    monkeypatch.setattr(opsync.buffer, "CONFIRM_TRANSACTIONS", 2)
+    monkeypatch.setattr(opsync.buffer.stream, "CONFIRM_TRANSACTIONS", 2)
     due = committed_housekeeping(buffer, 7)
     confirm, before_each = buffer._confirm, []
 
@@ -139,7 +140,7 @@ def test_confirmation_larger_than_a_call_goes_one_call_at_a_time(buffer, monkeyp
 
 
 def test_a_crash_between_confirm_calls_leaves_the_rest_awaiting_and_the_next_confirm_finishes(buffer, monkeypatch):
-    monkeypatch.setattr(opsync.buffer, "CONFIRM_TRANSACTIONS", 2)
+    monkeypatch.setattr(opsync.buffer.stream, "CONFIRM_TRANSACTIONS", 2)
     due = committed_housekeeping(buffer, 7)
     confirm, calls = buffer._confirm, []
 

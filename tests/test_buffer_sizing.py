@@ -1,7 +1,6 @@
 """Sizing from the measured bytes per transaction: finished transactions kept for their TTL count, so a
 second outage soon after the first one is refused where the arithmetic says, not later and not sooner."""
 
-import json
 import uuid
 
 import redis
@@ -9,6 +8,7 @@ import redis
 from devstack.redis import RedisServer
 from opsync import drain, sizing
 from opsync.buffer import IDEMPOTENCY_BUCKETS, IDEMPOTENCY_WINDOWS, Settlement
+from opsync.buffer.codec import decode
 from opsync.config import Settings
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
@@ -56,7 +56,7 @@ def keep_finished(buffer, count: int) -> None:
         buffer._enqueue(**buffer.enqueue_call(txn, answer(txn, State.accepted), ("logger", key), "0" * 64, ()), client=pipe)
     pipe.execute()
     while entries := buffer.claim("test", 1000):
-        txn_ids = [json.loads(e.envelope)["txn_id"] for e in entries]
+        txn_ids = [str(decode(e.envelope).txn_id) for e in entries]
         buffer.settle([Settlement("committed", e.stream_id, t) for e, t in zip(entries, txn_ids, strict=True)], Lsn(16), "x")
     assert drain.confirm(buffer, Lsn(16)).confirmed == count
 

@@ -22,6 +22,7 @@ import pytest
 
 from opsync import envelope
 from opsync.buffer import Buffer
+from opsync.buffer.codec import decode
 from opsync.client import (
     MAX_RECORDS_PER_REQUEST,
     RECONNECT_S,
@@ -34,7 +35,6 @@ from opsync.client import (
     TransactionStatus,
     WaitTimeout,
 )
-from opsync.envelope import Transaction
 
 T = "executed_obs_unit"
 DIRECT = "instrument"
@@ -175,7 +175,7 @@ def stream(redis_server):
             return client.xlen(name)
 
         def txn_ids(self) -> list[str]:
-            return [str(Transaction.model_validate_json(fields[b"txn"]).txn_id) for _, fields in client.xrange(name)]
+            return [str(decode(fields[b"txn"]).txn_id) for _, fields in client.xrange(name)]
 
     return Stream()
 

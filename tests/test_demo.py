@@ -17,8 +17,8 @@ from sqlalchemy import text
 from devstack import demo as make_demo
 from devstack.settings import StackSettings
 from opsync.buffer import Buffer
+from opsync.buffer.codec import Envelope, decode
 from opsync.client import ApiError, OpsyncClient, Unavailable
-from opsync.envelope import Transaction
 from opsync.registry import ingestible_tables
 from opsync_observatory import demo
 from tests.conftest import free_port
@@ -58,9 +58,9 @@ def buffer(redis_server):
     return Buffer(redis_server.client())
 
 
-def buffered_since(buffer: Buffer, last_id: bytes) -> list[Transaction]:
+def buffered_since(buffer: Buffer, last_id: bytes) -> list[Envelope]:
     entries = buffer.client.xrange(buffer.stream, min=b"(" + last_id)
-    return [Transaction.model_validate_json(fields[b"txn"]) for _, fields in entries]
+    return [decode(fields[b"txn"]) for _, fields in entries]
 
 
 def last_entry(buffer: Buffer) -> bytes:

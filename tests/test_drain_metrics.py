@@ -15,6 +15,7 @@ from devstack.wan import WanProxy
 from opsync import drain
 from opsync.apply import Transient
 from opsync.buffer import Buffer
+from opsync.buffer.codec import encode
 from opsync.envelope import Op, Step, Transaction
 from opsync.ids import new_id
 from opsync.monitoring import drain_metrics
@@ -97,7 +98,7 @@ def test_dead_lettered_transactions_are_counted_by_class(buffer, primary, planni
         accepted_at="2026-11-21T03:00:00Z",
         steps=[Step(op=Op.insert, table="no_such_table", key=new_id(), values={})],
     )
-    buffer.client.xadd(buffer.stream, {"txn": stray.model_dump_json()})
+    buffer.client.xadd(buffer.stream, {"txn": encode(stray)})
 
     summary = drain.drain(buffer, primary)
 

@@ -61,10 +61,10 @@ def test_transaction_with_reference_between_steps(api, token, observation, redis
     assert response.status_code == 202, response.text
     obs_id, file_id = response.json()["ids"]
     from opsync.buffer import Buffer
-    from opsync.envelope import Transaction
+    from opsync.buffer.codec import decode
 
     entries = redis_server.client().xrange(Buffer(redis_server.client()).stream)
-    txn = Transaction.model_validate_json(entries[-1][1][b"txn"])
+    txn = decode(entries[-1][1][b"txn"])
     assert txn.steps[1].values["executed_obs_unit_id"] == obs_id
     assert str(txn.steps[1].key) == file_id
 

@@ -189,6 +189,14 @@ def test_the_wheel_holds_no_development_tooling(wheel):
     assert "opsync = opsync.cli:main" in scripts and "devstack" not in scripts
 
 
+def test_the_wheel_ships_the_buffer_scripts(wheel):
+    """The Lua scripts are package data, read with importlib.resources: a wheel without them imports no buffer."""
+    with zipfile.ZipFile(wheel) as built:
+        names = set(built.namelist())
+    scripts = {f"opsync/buffer/lua/{path.name}" for path in (REPO / "opsync/buffer/lua").glob("*.lua")}
+    assert len(scripts) > 5 and scripts <= names
+
+
 @pytest.mark.parametrize("extra", IMAGES)
 def test_each_image_extra_installs_exactly_its_lock_and_pip_check_passes(extra, venv):
     path = venv(extra)

@@ -12,9 +12,9 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from opsync import buffer as buffer_module
 from opsync import drain
 from opsync.buffer import Buffer, Settlement, settle_chunks
+from opsync.buffer import stream as buffer_module
 from opsync.ingest import StepIn, build_transaction
 from opsync.stats import buffer_stats
 from tests import test_dlq

@@ -205,7 +205,7 @@ def backlog_drain(follow: bool, batch: int | None, batch_records: int | None, ba
             else:
                 drain_backlog(buffer, primary_db, limits, consumer, stop, done)
         finally:
-            forget_consumer(buffer, consumer)
+            buffer.forget_consumer(consumer)
         done.measure(buffer)
         meter.show(done, "interrupted" if stop.is_set() else "done")
     say(("Interrupted between batches: " if stop.is_set() else "") + done.describe())
@@ -278,9 +278,3 @@ def readable(buffer: Buffer, primary_db: Engine, replica_db: Engine) -> Confirma
     if connections.readable(get_settings()) is Database.primary:
         return confirm(buffer, current_position(primary_db))
     return confirm_replica(buffer, replica_db)
-
-
-def forget_consumer(buffer: Buffer, consumer: str) -> None:
-    """Drop this run's consumer from the group once it holds no entry (deleting one that holds entries would lose them)."""
-    if not buffer.client.xpending_range(buffer.stream, buffer.group, "-", "+", 1, consumername=consumer):
-        buffer.client.xgroup_delconsumer(buffer.stream, buffer.group, consumer)

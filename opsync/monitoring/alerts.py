@@ -262,7 +262,7 @@ class Change:
 
 
 def sent_key(buffer: Buffer) -> str:
-    return f"{buffer.prefix}:alerts:sent"
+    return buffer.alerts_sent
 
 
 def due(buffer: Buffer, findings: Iterable[Finding]) -> list[Change]:
@@ -294,7 +294,7 @@ def announce(buffer: Buffer, findings: Iterable[Finding], deliver: Callable[[lis
 
 
 def findings_key(buffer: Buffer) -> str:
-    return f"{buffer.prefix}:alerts:findings"
+    return buffer.alerts_findings
 
 
 def store_findings(buffer: Buffer, at: str, findings: Iterable[Finding]) -> None:

@@ -39,43 +39,13 @@ from sqlalchemy import Connection, text
 
 from opsync import sizing
 from opsync.buffer import Buffer
+from opsync.buffer.figures import capacity_reading
 from opsync.config import Settings
 from opsync.lsn import Lsn
-from opsync.monitoring.drain_metrics import totals_key
 from opsync.stats import Fill, high_water
 
 SAMPLES_PER_WINDOW = 60
 MIN_FILL_TXNS = 1000  # accepted while nothing drained, before bytes per transaction is trusted
-
-READ = """
--- KEYS: stream, unsent, awaiting replica, drain totals, readings, kept measure
--- ARGV: window s, seconds between kept readings
-local now = redis.call('TIME')
-local at = tonumber(now[1]) + tonumber(now[2]) / 1e6
-local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
-local accepted = 0
-if not info.err then
-  for i = 1, #info, 2 do if info[i] == 'entries-added' then accepted = info[i + 1] end end
-end
-local memory = redis.call('INFO', 'memory')
-local used = tonumber(string.match(memory, '[\\r\\n]used_memory:(%d+)'))
-local maxmemory = tonumber(string.match(memory, '[\\r\\n]maxmemory:(%d+)'))
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
-local reading = table.concat({string.format('%.6f', at), accepted, tonumber(redis.call('GET', KEYS[2]) or 0),
-  redis.call('ZCARD', KEYS[3]), tonumber(redis.call('HGET', KEYS[4], 'transactions_applied') or 0), used, run_id}, ' ')
-local window, every = tonumber(ARGV[1]), tonumber(ARGV[2])
-while true do
-  local first = redis.call('LINDEX', KEYS[5], 0)
-  if not first or tonumber(string.match(first, '^(%S+)')) >= at - window then break end
-  redis.call('LPOP', KEYS[5])
-end
-local last = redis.call('LINDEX', KEYS[5], -1)
-if (maxmemory == 0 or used < maxmemory) and (not last or tonumber(string.match(last, '^(%S+)')) <= at - every) then
-  redis.call('RPUSH', KEYS[5], reading)
-  redis.call('EXPIRE', KEYS[5], math.ceil(window) + 60)
-end
-return {reading, redis.call('LRANGE', KEYS[5], 0, -1), maxmemory, redis.call('HGETALL', KEYS[6])}
-"""
 
 SLOT_SQL = (
     "SELECT s.slot_name IS NOT NULL, s.restart_lsn::text, s.wal_status, s.safe_wal_size, coalesce(s.active, false),"
@@ -84,13 +54,9 @@ SLOT_SQL = (
 )
 
 
-def readings_key(buffer: Buffer) -> str:
-    return f"{buffer.prefix}:capacity:readings"
-
-
 def measure_key(buffer: Buffer) -> str:
     """The last trusted bytes per transaction: ``bytes_per_txn``, ``at`` (Redis' clock), ``txns`` it was measured over."""
-    return f"{buffer.prefix}:capacity:bytes"
+    return buffer.capacity_bytes
 
 
 @dataclass(frozen=True)
@@ -184,10 +150,7 @@ class Capacity:
 def capacity(buffer: Buffer, settings: Settings) -> Capacity:
     """Read the counters (leaving a reading for later measurements) and forecast from the window's readings."""
     window = settings.capacity_window_s
-    raw_now, raw_kept, maxmemory, stored = buffer.client.register_script(READ)(
-        keys=[buffer.stream, buffer.unsent, buffer.awaiting_replica, totals_key(buffer), readings_key(buffer), measure_key(buffer)],
-        args=[window, window / SAMPLES_PER_WINDOW],
-    )
+    raw_now, raw_kept, maxmemory, stored = capacity_reading(buffer, window, window / SAMPLES_PER_WINDOW)
     now = Reading.parse(raw_now)
     readings = since_reset([Reading.parse(r) for r in raw_kept if r != raw_now] + [now])
     per_txn, over = fill_bytes(readings)

@@ -76,20 +76,20 @@ return {last, counts}
 
 
 def totals_key(buffer: Buffer) -> str:
-    return f"{buffer.prefix}:metrics:drain"
+    return buffer.drain_totals
 
 
 def latency_key(buffer: Buffer) -> str:
-    return f"{buffer.prefix}:metrics:drain:latency"
+    return buffer.drain_latency
 
 
 def errors_key(buffer: Buffer) -> str:
-    return f"{buffer.prefix}:metrics:drain:errors"
+    return buffer.drain_errors
 
 
 def minute_prefix(buffer: Buffer) -> str:
-    """Keys ``<prefix>:metrics:drain:minute:<epoch of the minute>``: records applied in that minute."""
-    return f"{buffer.prefix}:metrics:drain:minute:"
+    """Keys ``Keys.drain_minutes`` + ``<epoch of the minute>``: records applied in that minute."""
+    return buffer.drain_minutes
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ The publisher runs inside Datasette (or alone); what it knows must reach ``opsyn
 Airflow page, the alert rules and the ingest API's ``/metrics``, which all read the buffer's Redis
 and the local replica. So the publisher keeps a few small keys under the buffer's prefix:
 
-- ``<prefix>:publisher``, a hash: the last stream entry it published (``stream``), its change
+- ``Keys.publisher_figures``, a hash: the last stream entry it published (``stream``), its change
   capture position (``changes``, ``xid:seq``) and ``skipped``, how many times a row became poison;
-- ``<prefix>:publisher:poison``, a hash of the rows it skips now (``table key`` -> JSON of the table,
+- ``Keys.publisher_poison``, a hash of the rows it skips now (``table key`` -> JSON of the table,
   key, duty and reason), at most :data:`POISON_KEEP` of them, the newest kept.
 
 **Freshness** is the age of the oldest change the read model does not show yet: the larger of the
@@ -77,11 +77,11 @@ class ReadModelFigures:
 
 
 def publisher_key(buffer: Buffer) -> str:
-    return f"{buffer.prefix}:publisher"
+    return buffer.publisher_figures
 
 
 def poison_key(buffer: Buffer) -> str:
-    return f"{buffer.prefix}:publisher:poison"
+    return buffer.publisher_poison
 
 
 def save_position(buffer: Buffer, name: str, value: str) -> None:
@@ -118,7 +118,7 @@ def read_model_figures(buffer: Buffer, replica: Engine) -> ReadModelFigures:
         pipe.hvals(poison_key(buffer))
         state, poison = pipe.execute()
         state = {k.decode(): v.decode() for k, v in state.items()}
-        found["stream_age_s"] = stream_age(buffer, state.get("stream"))
+        found["stream_age_s"] = buffer.unread_age(state.get("stream"))
     except redis.RedisError as exc:
         found["unavailable"]["redis"] = one_line(exc)
         return ReadModelFigures(**found)
@@ -136,12 +136,3 @@ def read_model_figures(buffer: Buffer, replica: Engine) -> ReadModelFigures:
     return ReadModelFigures(**found)
 
 
-def stream_age(buffer: Buffer, position: str | None) -> float:
-    """Age of the first stream entry past ``position`` (every entry when None) by Redis' clock; 0 when there is none."""
-    pipe = buffer.client.pipeline(transaction=False)
-    pipe.time()
-    pipe.xrange(buffer.stream, min=f"({position}" if position else "-", max="+", count=1)
-    (seconds, micros), first = pipe.execute()
-    if not first:
-        return 0.0
-    return max(0.0, seconds + micros / 1e6 - int(first[0][0].split(b"-")[0]) / 1000)

@@ -40,15 +40,15 @@ from uuid import UUID
 
 import psycopg
 import redis
-from pydantic import ValidationError
 from sqlalchemy import Engine, bindparam, select, text
 from sqlalchemy.exc import DBAPIError
 
 from opsync import connections, merged
 from opsync.buffer import Buffer
+from opsync.buffer.codec import UnreadableEnvelope, decode
 from opsync.config import Settings, get_settings
 from opsync.connections import Database
-from opsync.envelope import State, Transaction
+from opsync.envelope import State
 from opsync.events import parse_event
 from opsync.monitoring.alerts import stored_findings
 from opsync.monitoring.drain_metrics import rate_per_minute
@@ -77,15 +77,6 @@ REPLAY_SQL = text(
 ).bindparams(bindparam("tables", expanding=True))
 # Changes were purged, and none at or before the range's start is left: some of the range's may be gone
 PURGED_SQL = text("SELECT purged_below > 0 AND NOT EXISTS (SELECT 1 FROM row_change WHERE changed_at <= :since) FROM row_change_horizon")
-# ARGV: the overlay hashes' key prefix, then the keys comma-separated (one argument, not 10,000 to encode)
-OVERLAY_EXISTS_LUA = """
-local found, i = {}, 0
-for key in string.gmatch(ARGV[2], '[^,]+') do
-  i = i + 1
-  if redis.call('EXISTS', ARGV[1] .. key) == 1 then found[#found + 1] = i end
-end
-return found
-"""
 
 
 @dataclass(frozen=True)
@@ -240,7 +231,6 @@ class Publisher:
         ]
         if self.primary is not None:
             self.duties.append(Duty("change purge", t.purge_every_s, self.purge))
-        self.overlay_exists = self.buffer.client.register_script(OVERLAY_EXISTS_LUA)
         self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="publisher-prefetch")
 
     @classmethod
@@ -288,8 +278,7 @@ class Publisher:
         """Wait for a wake-up on the buffer's events channel (or the timeout); note state changes."""
         try:
             if self.pubsub is None:
-                self.pubsub = self.buffer.client.pubsub(ignore_subscribe_messages=True)
-                self.pubsub.subscribe(self.buffer.events)
+                self.pubsub = self.buffer.subscribe()
             message = self.pubsub.get_message(timeout=timeout)
             while message is not None:
                 event = parse_event(message["data"])
@@ -364,7 +353,7 @@ class Publisher:
         (the sweep and the change capture come back to them). Keys without an overlay (nearly all, when
         catching up on the replica's changes) take the full load's path: rows formatted by PostgreSQL, no merge.
         """
-        overlays = merged.read_overlays(self.buffer, layout.entry, self.overlaid(layout, keys))
+        overlays = merged.read_overlays(self.buffer, layout.entry, self.buffer.overlaid(layout.name, keys))
         needed = [k for k in keys if k not in overlays or overlays[k].needs_base]
         try:
             base = self.replica_records(layout, needed)
@@ -387,14 +376,6 @@ class Publisher:
         )
         return covered(records | shown, refused | unshown, keys)
 
-    def overlaid(self, layout: Layout, keys: list[str]) -> list[str]:
-        """The keys that have an overlay hash (buffered deletes included, which the key index leaves out):
-        one command, instead of one HGETALL per key."""
-        if not keys:
-            return []
-        found = self.overlay_exists(args=[self.buffer.row_key(layout.name, ""), ",".join(keys)])
-        return [keys[i - 1] for i in found]
-
     def replica_records(self, layout: Layout, keys: list[str]) -> dict[str, tuple]:
         """The replica's rows for ``keys``, in stored form but for JSON (:attr:`Layout.keyed_sql`)."""
         if not keys:
@@ -415,7 +396,7 @@ class Publisher:
         """New stream entries and dead letters past the last ones read, then the rows of transactions whose state changed."""
         events, self.state_events = self.state_events, set()
         try:
-            more = self.read_stream() | self.read_stream(self.buffer.dead_letters, DEAD_STATE)
+            more = self.read_stream() | self.read_stream(DEAD_STATE, dead=True)
             for layout in self.layouts.values():
                 if events and (keys := self.model.keys_of_txns(layout, sorted(events))):
                     self.refresh(layout, keys, replica_optional=True, duty="state events")
@@ -424,30 +405,28 @@ class Publisher:
             raise
         return more
 
-    def read_stream(self, stream: str | None = None, state: str = STREAM_STATE) -> bool:
+    def read_stream(self, state: str = STREAM_STATE, dead: bool = False) -> bool:
         """Entries stay in the stream until replicated (or dead-lettered), so reading past a position
         misses none that matter: one gone meanwhile is in the replica or in the overlay the sweep reads.
 
         The dead letters are read the same way: a failed transaction's rows are rewritten, including
         those its delete had hidden, which the file no longer holds and the sweep's key index leaves out.
         """
-        position = self.model.get_state(state)
-        start = f"({position}" if position else "-"
-        entries = self.buffer.client.xrange(stream or self.buffer.stream, min=start, max="+", count=self.tuning.chunk)
+        entries = self.buffer.entries_after(self.model.get_state(state), self.tuning.chunk, dead=dead)
         if not entries:
             return False
         keys: dict[str, set[str]] = {}
-        for _, fields in entries:
+        for _, envelope in entries:
             try:
-                txn = Transaction.model_validate_json(fields.get(b"txn", b""))  # type: ignore[union-attr]  # entries have fields
-            except ValidationError:
+                txn = decode(envelope)
+            except UnreadableEnvelope:
                 continue  # the drainer dead-letters it; it has no rows to show
             for table, key in txn.row_keys():
-                keys.setdefault(table, set()).add(str(key))
+                keys.setdefault(table, set()).add(key)
         self.refresh_all(keys, replica_optional=True)
         with self.model.transaction() as conn:
-            self.model.set_state(conn, state, entries[-1][0].decode())  # type: ignore[union-attr]  # bytes: no decode_responses
-        save_position(self.buffer, state, entries[-1][0].decode())  # type: ignore[union-attr]  # bytes: no decode_responses
+            self.model.set_state(conn, state, entries[-1][0])
+        save_position(self.buffer, state, entries[-1][0])
         return len(entries) == self.tuning.chunk
 
     def sweep(self) -> None:

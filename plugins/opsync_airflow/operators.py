@@ -139,7 +139,7 @@ class ConfirmOperator(BaseOperator):
 
     def execute(self, context) -> int:
         buffer = SiteBufferHook(self.buffer_conn_id).get_buffer()
-        if not buffer.client.zcard(buffer.awaiting_replica):
+        if not buffer.awaiting_count():
             self.log.info("nothing awaits the replica")
             return 0
         confirmation = confirm(buffer, readable_position(self.primary_conn_id, self.replica_conn_id))

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
+from opsync.buffer.keys import events_channel
 from opsync.config import get_settings
 from opsync.connections import Timeouts
 from opsync.lsn import REPLAY_SQL, Lsn, ReplicaError, ReplicaUnreachable, replay_position
@@ -93,7 +94,7 @@ class BufferWakeTrigger(BaseEventTrigger):
         super().__init__()
         self.redis_conn_id = redis_conn_id
         self.prefix = prefix
-        self.channel = f"{prefix}:events"  # Buffer.events
+        self.channel = events_channel(prefix)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("opsync_airflow.triggers.BufferWakeTrigger", {"redis_conn_id": self.redis_conn_id, "prefix": self.prefix})
