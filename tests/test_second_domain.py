@@ -13,6 +13,7 @@ session's primary (replicated to the session's replica), its buffer a Redis of i
 
 import json
 import os
+import re
 import secrets
 import sqlite3
 import subprocess
@@ -25,11 +26,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from sqlalchemy import create_engine, text
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import CheckConstraint, create_engine, text
 
 from devstack.local import VENV_BIN, datasette_command
 from devstack.redis import RedisServer
-from opsync import registry
+from opsync import registry, schema
 from opsync.read_model.store import SYNC_COLUMNS, Layout
 from tests.conftest import free_port, wait_for
 from tests.domains import transfer
@@ -196,6 +199,36 @@ def test_the_datasette_facets_are_the_registered_ones():
         assert sorted(f for f in tables[name]["facets"] if f not in SYNC_COLUMNS) == sorted(entry.facets), name
 
 
+def test_its_migrations_create_exactly_its_models_with_change_capture_on_each(site):
+    metadata = [schema.Base.metadata, transfer.DOMAIN.base.metadata]
+    engine = create_engine(site.primary_url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+            assert compare_metadata(context, metadata) == []
+            checks = set(conn.scalars(text("SELECT conname FROM pg_constraint WHERE contype = 'c' AND conrelid <> 0")))
+            captured = conn.execute(
+                text(
+                    "SELECT c.relname, count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+                    " JOIN pg_proc p ON p.oid = t.tgfoid WHERE p.proname = 'opsync_capture_changes' GROUP BY c.relname"
+                )
+            ).all()
+            versions = set(conn.scalars(text("SELECT version_num FROM alembic_version")))
+    finally:
+        engine.dispose()
+    declared = {c.name for m in metadata for t in m.tables.values() for c in t.constraints if isinstance(c, CheckConstraint)}
+    assert declared == checks
+    assert dict(captured) == {table: 3 for table in TABLES}
+    assert versions == {"engine_0002", "transfer_0001"}
+
+
+def test_the_api_and_the_cli_serve_the_domain(site):
+    openapi = httpx.get(f"{site.api}/openapi.json", timeout=10).text  # its examples are the domain's
+    assert transfer.PACKAGE in openapi and not {"executed_obs_unit", "raw_data_file"} & set(re.findall(r"\w+", openapi))
+    status = json.loads(site.run(str(VENV_BIN / "opsync"), "status", "--json"))
+    assert status["buffer"]["depth"] == 0, status
+
+
 def test_a_client_given_key_must_be_sent(site, planning):
     values = package(planning["observatory"])
     del values["id"]
@@ -259,6 +292,8 @@ def test_rows_travel_from_buffered_to_replicated_and_datasette_serves_them_with_
     assert metadata["title"] == "Data transfers" and metadata["databases"][DB]["tables"]["route"]["units"] == {"bandwidth_mbps": "Mbit/s"}
     canned = site.served(f"{DB}/transfers_on_route.json", route_id=planning["network"], _shape="array")
     assert [(r["id"], r["label"], r["state"]) for r in canned] == [(moved, values["label"], "moving")]
+    row_page = httpx.get(f"{site.datasette}/{DB}/data_transfer_package/{key}", headers=site.script, timeout=10)
+    assert row_page.status_code == 200 and f"data_transfer?package_uuid={key}" in row_page.text  # links by its key column
 
 
 def by_hand(site: TransferSite, origin: str, size_bytes: int) -> str:
