@@ -229,13 +229,20 @@ def test_the_api_and_the_cli_serve_the_domain(site):
     assert status["buffer"]["depth"] == 0, status
 
 
-def test_a_client_given_key_must_be_sent(site, planning):
+def test_a_client_given_key_must_be_sent_as_the_steps_id(site, planning):
     values = package(planning["observatory"])
-    del values["id"]
-    response = httpx.post(f"{site.api}/v1/records/data_transfer_package", json=values, headers=site.headers, timeout=10)
-    assert response.status_code == 422, response.text
-    (error,) = response.json()["detail"]
+    key = values.pop("id")
+    url = f"{site.api}/v1/records/data_transfer_package"
+    missing = httpx.post(url, json=values, headers=site.headers, timeout=10)
+    assert missing.status_code == 422, missing.text
+    (error,) = missing.json()["detail"]
     assert error["loc"][-1] == "id" and "need their key (package_uuid): the client gives it" in error["msg"]
+    by_column = httpx.post(url, json=values | {"package_uuid": key}, headers=site.headers, timeout=10)
+    assert [e["loc"][-1] for e in by_column.json()["detail"]] == ["id"], by_column.text
+    both = httpx.post(url, json=values | {"id": key, "package_uuid": key}, headers=site.headers, timeout=10)
+    assert [(e["loc"][-1], e["msg"]) for e in both.json()["detail"]] == [
+        ("package_uuid", "extra inputs are not permitted: the key is the step's id")
+    ], both.text
 
 
 def test_rows_travel_from_buffered_to_replicated_and_datasette_serves_them_with_the_domains_metadata(site, planning):
