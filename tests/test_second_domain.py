@@ -68,6 +68,12 @@ class TransferSite:
         assert response.status_code == 200, response.text
         return response.json()
 
+    def listed(self, table: str, **filters) -> list[dict]:
+        """The merged list (replica rows overlaid with the buffer), filtered by column values."""
+        response = httpx.get(f"{self.api}/v1/records/{table}", params=filters, headers=self.headers, timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()["rows"]
+
     def drain(self) -> dict:
         """``opsync backlog drain --follow``: until nothing is buffered or awaits the replica."""
         return json.loads(self.run(str(VENV_BIN / "opsync"), "backlog", "drain", "--follow", "--json").splitlines()[-1])
@@ -268,12 +274,14 @@ def test_rows_travel_from_buffered_to_replicated_and_datasette_serves_them_with_
     merged = site.get("data_transfer", moved)
     assert (merged["_sync_state"], merged["state"], merged["bytes_moved"]) == ("buffered", "queued", 0)  # literal defaults shown at once
     assert site.shown("data_transfer", "id", moved, _sync_state="buffered")["_txn_id"] == receipt["txn_id"]
+    assert [(r["id"], r["_sync_state"]) for r in site.listed("physical_copy", package_uuid=key)] == [(copy, "buffered")]
 
     drained = site.drain()
     assert drained["applied"] == 1 and drained["remaining"] == 0, drained
     status = httpx.get(f"{site.api}/v1/transactions/{receipt['txn_id']}", headers=site.headers, timeout=10).json()
     assert status["state"] == "replicated", status
     assert site.get("data_transfer_package", key)["_sync_state"] == "replicated"
+    assert [(r["id"], r["_sync_state"]) for r in site.listed("physical_copy", package_uuid=key)] == [(copy, "replicated")]
     site.shown("data_transfer_package", "package_uuid", key, _sync_state="replicated", label=values["label"])
     first = site.shown("data_transfer", "id", moved, _sync_state="replicated")
 
@@ -284,6 +292,8 @@ def test_rows_travel_from_buffered_to_replicated_and_datasette_serves_them_with_
     wiped = httpx.delete(f"{site.api}/v1/records/physical_copy/{copy}", headers=site.headers)
     assert wiped.status_code == 202, wiped.text
     assert site.get("data_transfer", moved)["state"] == "moving"
+    assert site.listed("physical_copy", package_uuid=key) == []  # a buffered delete hides the row at once
+    assert [r["state"] for r in site.listed("data_transfer", route_id=planning["network"], state="moving")] == ["moving"]
     site.shown("data_transfer", "id", moved, _sync_state="buffered", state="moving")
     wait_for(lambda: site.rows("physical_copy", id=copy) == [], timeout=15, what="the buffered delete, in Datasette")
     site.drain()
