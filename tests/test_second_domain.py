@@ -309,6 +309,8 @@ def test_rows_travel_from_buffered_to_replicated_and_datasette_serves_them_with_
     assert metadata["title"] == "Data transfers" and metadata["databases"][DB]["tables"]["route"]["units"] == {"bandwidth_mbps": "Mbit/s"}
     canned = site.served(f"{DB}/transfers_on_route.json", route_id=planning["network"], _shape="array")
     assert [(r["id"], r["label"], r["state"]) for r in canned] == [(moved, values["label"], "moving")]
+    table_page = httpx.get(f"{site.datasette}/{DB}/data_transfer", headers=site.script, timeout=10).text
+    assert "Transfers" in table_page and "One package moving along one route" in table_page
     row_page = httpx.get(f"{site.datasette}/{DB}/data_transfer_package/{key}", headers=site.script, timeout=10)
     assert row_page.status_code == 200 and f"data_transfer?package_uuid={key}" in row_page.text  # links by its key column
 
