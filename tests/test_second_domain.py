@@ -20,7 +20,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -45,13 +45,15 @@ ENTRY_POINTS = "[opsync.domains]\ntransfer = tests.domains.transfer:DOMAIN\n"
 
 @dataclass
 class TransferSite:
-    env: dict[str, str]
-    api: str
-    datasette: str
-    headers: dict[str, str]  # the API's bearer token (every table, read and write)
-    script: dict[str, str]  # Datasette's script token
+    """The transfer site's processes, and what a test does with them."""
+
+    env: dict[str, str]  # every process's environment: OPSYNC_DOMAIN=transfer, its database, Redis, read model
     primary_url: str
     model_path: Path
+    script: dict[str, str]  # Datasette's script token
+    headers: dict[str, str] = field(default_factory=dict)  # the API's bearer token (every table, read and write)
+    api: str = ""
+    datasette: str = ""
 
     def run(self, *argv: str) -> str:
         done = subprocess.run(argv, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -114,22 +116,21 @@ def site(pg, tmp_path_factory) -> Iterator[TransferSite]:
     redis = RedisServer(root / "redis", free_port(), secrets.token_urlsafe(16))
     redis.start()
     datasette_token = secrets.token_urlsafe(32)
+    model_path = root / "read-model" / f"{DB}.db"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("OPSYNC_")},
         "OPSYNC_DOMAIN": "transfer",
         "OPSYNC_PRIMARY_URL": primary_url,
         "OPSYNC_REPLICA_URL": pg.replica.url(name),
         "OPSYNC_REDIS_URL": redis.url,
-        "OPSYNC_READ_MODEL_PATH": str(root / "read-model" / f"{DB}.db"),
+        "OPSYNC_READ_MODEL_PATH": str(model_path),
         "OPSYNC_DATASETTE_TOKEN": datasette_token,
         "PYTHONPATH": f"{published_domain(root / 'site-packages')}{os.pathsep}{REPO}",
     }
     processes: list[subprocess.Popen] = []
     log = open(root / "services.log", "ab")
     try:
-        runner = TransferSite(
-            env, "", "", {}, {"Authorization": f"Bearer {datasette_token}"}, primary_url, root / "read-model" / f"{DB}.db"
-        )
+        runner = TransferSite(env, primary_url, model_path, {"Authorization": f"Bearer {datasette_token}"})
         runner.run(sys.executable, "-m", "tests.domains.site_tasks", "prepare")
         token = runner.run(
             str(VENV_BIN / "opsync"), "tokens", "create", "transfer-test", *(f"--scope={v}:{t}" for t in TABLES for v in ("read", "write"))
@@ -168,8 +169,8 @@ def site(pg, tmp_path_factory) -> Iterator[TransferSite]:
 def planning(site) -> dict[str, str]:
     """Three sites and two routes, written through the API's direct mode (straight to the primary)."""
     ids = {}
-    for role, kind in (("observatory", "observatory"), ("archive", "archive"), ("mirror", "mirror")):
-        ids[role] = site.post("/records/site", {"name": f"{role}-{uuid.uuid4().hex[:6]}", "kind": kind})["ids"][0]
+    for kind in ("observatory", "archive", "mirror"):
+        ids[kind] = site.post("/records/site", {"name": f"{kind}-{uuid.uuid4().hex[:6]}", "kind": kind})["ids"][0]
     for role, destination, method in (("network", "archive", "network"), ("shipment", "mirror", "shipment")):
         route = {"origin_site_id": ids["observatory"], "destination_site_id": ids[destination], "method": method, "bandwidth_mbps": 10.0}
         ids[role] = site.post("/records/route", route)["ids"][0]
@@ -233,6 +234,19 @@ def test_the_api_and_the_cli_serve_the_domain(site):
     assert transfer.PACKAGE in openapi and not {"executed_obs_unit", "raw_data_file"} & set(re.findall(r"\w+", openapi))
     status = json.loads(site.run(str(VENV_BIN / "opsync"), "status", "--json"))
     assert status["buffer"]["depth"] == 0, status
+
+
+def test_direct_tables_are_written_straight_to_the_primary(site, planning):
+    receipt = site.post("/records/site", {"name": f"mirror-{uuid.uuid4().hex[:6]}", "kind": "mirror"})
+    assert receipt["state"] == "committed" and receipt["commit_lsn"], receipt
+    primary = create_engine(site.primary_url)
+    try:
+        with primary.connect() as conn:
+            assert conn.scalar(text("SELECT kind FROM site WHERE id = :k"), {"k": receipt["ids"][0]}) == "mirror"
+    finally:
+        primary.dispose()
+    assert site.get("site", receipt["ids"][0])["kind"] == "mirror"
+    site.shown("site", "id", receipt["ids"][0], _sync_state="replicated", kind="mirror")  # through change capture
 
 
 def test_a_client_given_key_must_be_sent_as_the_steps_id(site, planning):
