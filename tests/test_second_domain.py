@@ -200,10 +200,11 @@ def test_the_domain_registers_unlike_the_first():
     assert all(e.night_of is None and "night" not in Layout(e, "UTC").columns for e in entries.values())
 
 
-def test_the_datasette_facets_are_the_registered_ones():
+def test_its_datasette_metadata_describes_every_published_column_and_facets_on_the_registered_ones():
     tables = yaml.safe_load(transfer.DOMAIN.datasette_metadata.read_text())["databases"][DB]["tables"]
     for name, entry in registry.registrations(transfer.DOMAIN.base).items():
         assert sorted(f for f in tables[name]["facets"] if f not in SYNC_COLUMNS) == sorted(entry.facets), name
+        assert sorted(tables[name]["columns"]) == sorted(Layout(entry, "UTC").columns), name
 
 
 def test_its_migrations_create_exactly_its_models_with_change_capture_on_each(site):
