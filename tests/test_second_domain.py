@@ -250,6 +250,17 @@ def test_direct_tables_are_written_straight_to_the_primary(site, planning):
     site.shown("site", "id", receipt["ids"][0], _sync_state="replicated", kind="mirror")  # through change capture
 
 
+def test_its_registration_decides_what_may_be_deleted(site, planning):
+    route = {"origin_site_id": planning["archive"], "destination_site_id": planning["mirror"], "method": "network"}
+    key = site.post("/records/route", route)["ids"][0]
+    site.shown("route", "id", key, _sync_state="replicated")
+    retired = httpx.delete(f"{site.api}/v1/records/route/{key}", headers=site.headers, timeout=10)
+    assert retired.status_code == 202 and retired.json()["state"] == "committed", retired.text  # direct: at once
+    wait_for(lambda: site.rows("route", id=key) == [], timeout=15, what="the deleted route, gone from Datasette")
+    kept = httpx.delete(f"{site.api}/v1/records/data_transfer/{uuid.uuid4()}", headers=site.headers, timeout=10)
+    assert kept.status_code == 422 and "rows of data_transfer cannot be deleted" in kept.text, kept.text
+
+
 def test_a_client_given_key_must_be_sent_as_the_steps_id(site, planning):
     values = package(planning["observatory"])
     key = values.pop("id")
