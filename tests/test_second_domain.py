@@ -6,8 +6,8 @@ The domain is selected as a site selects its own: published under the ``opsync.d
 (a ``.dist-info`` on ``PYTHONPATH``, what installing its package would leave) and named by ``OPSYNC_DOMAIN``.
 A process loads its domain once, and this one runs the observatory, so every part of the transfer site runs
 as its own process, as at a site: the migration, the ingest API (``python -m ingest_api``), the token and drain
-commands (``opsync tokens create``, ``opsync backlog drain --follow``), a real ``datasette serve`` with the
-domain's metadata and the publisher inside, and the read-model check. Its database is a fresh one on the
+commands (``opsync tokens create``, ``opsync backlog drain --follow``), the ``opsync_drain`` DAG (``dag.test()``),
+a real ``datasette serve`` with the domain's metadata and the publisher inside, and the read-model check. Its database is a fresh one on the
 session's primary (replicated to the session's replica), its buffer a Redis of its own.
 """
 
@@ -125,6 +125,9 @@ def site(pg, tmp_path_factory) -> Iterator[TransferSite]:
         "OPSYNC_REDIS_URL": redis.url,
         "OPSYNC_READ_MODEL_PATH": str(model_path),
         "OPSYNC_DATASETTE_TOKEN": datasette_token,
+        "AIRFLOW_CONN_OPSYNC_BUFFER": redis.url,
+        "AIRFLOW_CONN_OPSYNC_PRIMARY": pg.primary.url(name, driver="postgresql"),
+        "AIRFLOW_CONN_OPSYNC_REPLICA": pg.replica.url(name, driver="postgresql"),
         "PYTHONPATH": f"{published_domain(root / 'site-packages')}{os.pathsep}{REPO}",
     }
     processes: list[subprocess.Popen] = []
@@ -302,8 +305,8 @@ def test_rows_travel_from_buffered_to_replicated_and_datasette_serves_them_with_
     assert site.shown("data_transfer", "id", moved, _sync_state="buffered")["_txn_id"] == receipt["txn_id"]
     assert [(r["id"], r["_sync_state"]) for r in site.listed("physical_copy", package_uuid=key)] == [(copy, "buffered")]
 
-    drained = site.drain()
-    assert drained["applied"] == 1 and drained["remaining"] == 0, drained
+    run = json.loads(site.run(sys.executable, "-m", "tests.domains.site_tasks", "drain-dag").splitlines()[-1])
+    assert run["state"] == "success", run  # the opsync_drain DAG: drain, wait for the replica, confirm
     status = httpx.get(f"{site.api}/v1/transactions/{receipt['txn_id']}", headers=site.headers, timeout=10).json()
     assert status["state"] == "replicated", status
     assert site.get("data_transfer_package", key)["_sync_state"] == "replicated"

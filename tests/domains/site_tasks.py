@@ -2,18 +2,22 @@
 select another domain (``OPSYNC_DOMAIN``): a test process has loaded the default domain once for good.
 
 ``python -m tests.domains.site_tasks prepare``: migrate the primary (engine and domain branches) and
-create the read model file, as ``make up`` does. ``... check``: the read-model check DAG's work
-(compare with the replica, repair), printing each table's drift as JSON.
+create the read model file, as ``make up`` does. ``... drain-dag``: one run of the ``opsync_drain`` DAG
+(``dag.test()``, in a throwaway Airflow home; its connections from the ``AIRFLOW_CONN_OPSYNC_*``
+environment). ``... check``: the read-model check DAG's work (compare with the replica, repair),
+printing each table's drift as JSON.
 """
 
 import json
 import sys
 
+from devstack.settings import REPO
 from opsync.config import get_settings
 from opsync.migrate import upgrade
 from opsync.read_model.check import ReadModelCheck
 from opsync.read_model.publisher import Publisher
 from opsync.read_model.store import ensure_read_model
+from tests.airflow_home import configure_airflow, migrate
 
 
 def prepare() -> dict:
@@ -21,6 +25,15 @@ def prepare() -> dict:
     upgrade(settings.primary_url.get_secret_value())
     ensure_read_model(settings.read_model_path)
     return {"read_model": str(settings.read_model_path)}
+
+
+def drain_dag() -> dict:
+    configure_airflow()
+    migrate()
+    from airflow.dag_processing.dagbag import DagBag  # only now: Airflow reads its configuration when imported
+
+    run = DagBag(dag_folder=REPO / "dags", safe_mode=False).get_dag("opsync_drain").test()
+    return {"state": run.state, "tasks": {ti.task_id: ti.state for ti in run.get_task_instances()}}
 
 
 def check() -> dict:
@@ -33,4 +46,4 @@ def check() -> dict:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(json.dumps({"prepare": prepare, "check": check}[sys.argv[1]]()) + "\n")
+    sys.stdout.write(json.dumps({"prepare": prepare, "drain-dag": drain_dag, "check": check}[sys.argv[1]]()) + "\n")
