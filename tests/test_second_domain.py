@@ -180,17 +180,14 @@ def planning(site) -> dict[str, str]:
     return ids
 
 
-def package(origin: str, **overrides) -> dict:
-    return (
-        {
-            "id": str(uuid.uuid4()),  # the key (package_uuid) is the step's id: the packaging system's own, not a UUIDv7
-            "label": f"pkg-{uuid.uuid4().hex[:8]}.tar",
-            "origin_site_id": origin,
-            "size_bytes": 5_000_000_000,
-            "checksum_sha256": "ab" * 32,
-        }
-        | overrides
-    )
+def package(origin: str) -> dict:
+    return {
+        "id": str(uuid.uuid4()),  # the key (package_uuid) is the step's id: the packaging system's own, not a UUIDv7
+        "label": f"pkg-{uuid.uuid4().hex[:8]}.tar",
+        "origin_site_id": origin,
+        "size_bytes": 5_000_000_000,
+        "checksum_sha256": "ab" * 32,
+    }
 
 
 def test_the_domain_registers_unlike_the_first():
@@ -287,8 +284,8 @@ def test_rows_travel_from_buffered_to_replicated_and_datasette_serves_them_with_
         "/transactions",
         {
             "steps": [
-                {"table": "data_transfer_package", "id": key, "values": values},
-                {"table": "data_transfer", "ref": "move", "values": {"package_uuid": key, "route_id": planning["network"]}},
+                {"table": "data_transfer_package", "id": key, "ref": "pkg", "values": values},
+                {"table": "data_transfer", "values": {"package_uuid": {"$ref": "pkg"}, "route_id": planning["network"]}},
                 {
                     "table": "physical_copy",
                     "values": {"package_uuid": key, "site_id": planning["observatory"], "medium": "disk", "location": "/pkg"},
