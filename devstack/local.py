@@ -82,11 +82,12 @@ DATASETTE_SETTINGS = (  # for `make up`, bench-read and the tests; docker-compos
 )
 
 
-def datasette_command(read_model: Path, host: str, port: int, public: bool = True) -> list[str]:
+def datasette_command(read_model: Path, host: str, port: int, public: bool = True, metadata: Path | None = None) -> list[str]:
     """How Datasette runs, for ``make up`` and ``make bench-read`` alike.
 
     ``public``: anyone who reaches it reads (``OPSYNC_DATASETTE_PUBLIC``, see
     ``datasette/plugins/opsync_access.py``); set in the command so that every caller gets it.
+    ``metadata``: the configured domain's by default (another for a test of another domain).
     """
     return [
         "/usr/bin/env",
@@ -99,7 +100,7 @@ def datasette_command(read_model: Path, host: str, port: int, public: bool = Tru
         "--port",
         str(port),
         "--metadata",
-        str(domain.current().datasette_metadata),
+        str(metadata or domain.current().datasette_metadata),
         "--plugins-dir",
         str(REPO / "datasette/plugins"),  # runs the read-model publisher, adds row links
         *DATASETTE_SETTINGS,

@@ -258,7 +258,7 @@ class Admitting:
         for name, value in raw.items():
             judge = rules.judges.get(name)
             if judge is None:
-                why = "extra inputs are not permitted" + (": the key is the step's id" if name == "id" else "")
+                why = "extra inputs are not permitted" + (": the key is the step's id" if name in ("id", rules.entry.key.name) else "")
                 self.errors.append(problem((*loc, name), why, "extra_forbidden"))
             elif isinstance(value, admission.Unrepresentable) or (self.errors and has_problem(self.errors, (*loc, name))):
                 continue  # refused already (a NUL, a bad reference...): one problem per field is enough
