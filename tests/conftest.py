@@ -259,3 +259,11 @@ def replica_engine(site_env):
     engine = create_engine(site_env.replica_url.get_secret_value())
     yield engine
     engine.dispose()
+
+
+def pytest_collection_modifyitems(items):
+    """Schemathesis (4.x under pytest 9) gives every operation of a fuzzed test the same node id: add the operation,
+    so reports, ``-k`` and pytest-xdist (which tells items apart by node id) see each one."""
+    for item in items:
+        if item.nodeid.endswith(f"::{item.originalname}") and item.name != item.originalname:
+            item._id = type(item._id).parse(item.nodeid + item.name.removeprefix(item.originalname))  # pytest 9's NodeId
