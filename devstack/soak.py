@@ -10,8 +10,8 @@ refuse (valid at the site, a constraint violation in Cologne); the harness adds 
 earlier requests with their Idempotency-Key. It names no table or column of the domain: every 202 is
 logged with the rows the workload says it must have left behind, compared by the columns the
 workload names, keys and types read from the models; each update and delete is read back at once
-through the API's merged view. Meanwhile
-:class:`~devstack.faults.Faults` kills, stops and cuts things, every kind until it took effect.
+through the API's merged view. Meanwhile :class:`~devstack.faults.Faults` kills, stops and cuts
+things, every kind until it took effect.
 
 Then the faults are healed, the site settles, and the log is checked against the primary, the
 replica, the read model (its SQLite file), the API's merged pages, Datasette's JSON, the buffer

@@ -1,8 +1,8 @@
 """The soak: a whole site under writes and every kind of fault loses, duplicates and strands nothing.
 
 The short run goes as ``make soak`` does (its own temporary site on free ports), with a fixed seed so
-that a failure replays, and is judged by the one JSON line it prints last. The verdict and the fault
-schedule it relies on are also tested alone, without a site.
+that a failure replays, and is judged by the one JSON line it prints last. The verdict, the fault
+schedule and the domain's workload it relies on are also tested alone, without a site.
 """
 
 import json
