@@ -2,13 +2,16 @@
 
 The site comes up as ``make up`` brings it (in a temporary directory, on free ports), except that the
 site and the replica reach the primary only through a :class:`~devstack.wan.WanProxy` this process
-controls. Writer threads post through the public API with :class:`~opsync.client.OpsyncClient`:
-batches of housekeeping samples, observation transactions with dependent steps, updates of rows
-that are likely still buffered, deletes of files, resubmissions of earlier requests with their
-Idempotency-Key, and a few transactions the primary must refuse (an unknown ``obs_unit_id``: valid at
-the site, a foreign-key violation in Cologne). Every 202 is logged with what it must have left
-behind; each update and delete is read back at once through the API's merged view. Meanwhile
-:class:`~devstack.faults.Faults` kills, stops and cuts things, every kind until it took effect.
+controls. Writer threads post through the public API with :class:`~opsync.client.OpsyncClient`
+what the configured domain's :class:`Workload` (``Domain.workload``; the observatory's is
+:mod:`opsync_observatory.workload`) scripts: batches of rows, transactions with dependent steps,
+updates of rows that are likely still buffered, deletes, and a few transactions the primary must
+refuse (valid at the site, a constraint violation in Cologne); the harness adds resubmissions of
+earlier requests with their Idempotency-Key. It names no table or column of the domain: every 202 is
+logged with the rows the workload says it must have left behind, compared by the columns the
+workload names, keys and types read from the models; each update and delete is read back at once
+through the API's merged view. Meanwhile :class:`~devstack.faults.Faults` kills, stops and cuts
+things, every kind until it took effect.
 
 Then the faults are healed, the site settles, and the log is checked against the primary, the
 replica, the read model (its SQLite file), the API's merged pages, Datasette's JSON, the buffer
@@ -20,7 +23,6 @@ undeleted, a valid transaction was dead-lettered, or a kind of fault never took 
 """
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -33,22 +35,25 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
-from typing import Any
+from pkgutil import resolve_name
+from typing import Any, Protocol
 
 import httpx
 import redis
 from psycopg import sql
 from rich.console import Console
+from sqlalchemy import JSON, DateTime
 
 from devstack.faults import BASE_RTT_S, KINDS, Faults
 from devstack.local import LocalStack
 from devstack.settings import StackSettings
 from devstack.wan import WanProxy
+from opsync import domain, registry
 from opsync.buffer import Buffer
 from opsync.client import ApiError, OpsyncClient, Receipt, Unavailable
 from opsync.read_model.store import json_text, utc_text
@@ -63,18 +68,9 @@ SOAK_SITE_ENV = {
     "OPSYNC_DRAIN_MAX_RETRY_DELAY_S": "20",
     "OPSYNC_RECONCILE_INTERVAL_S": "20",
 }
-CHECKED = {  # per buffered table, the columns whose final values are compared everywhere
-    "housekeeping_sample": ("sensor", "sampled_at", "value"),
-    "executed_obs_unit": ("status", "end_time", "metadata"),
-    "raw_data_package": ("name", "status", "size_bytes", "checksum_sha256"),
-    "raw_data_file": ("path", "size_bytes", "raw_data_package_id"),
-}
-TIMES = frozenset({"sampled_at", "end_time"})
-JSONS = frozenset({"metadata"})
-T0 = datetime(2026, 11, 21, tzinfo=UTC)
 STATUS_CHUNK = 200  # transaction ids per status request: the URL stays well below server limits
 WRITERS = 2
-RECENT = 30  # observations a writer may still update, requests it may resubmit
+RECENT = 30  # requests a writer may resubmit
 HARMS = (  # counts in the result that fail the run when not zero
     "lost",
     "duplicated",
@@ -151,20 +147,62 @@ class Plan:
     faults_done: threading.Event  # writes go on until the faults are done: each needs writes in flight
 
 
+class Request(Protocol):
+    """One create request of a workload: an :class:`~opsync.client.OpsyncClient` method (``records`` or
+    ``transaction``) with its arguments, and ``acknowledged``, which takes the 202's receipt and returns the
+    (table, final values of its checked columns) of every row it created, in the receipt's order."""
+
+    method: str
+    args: tuple
+    acknowledged: Callable[[Receipt], list[tuple[str, dict[str, Any]]]]
+
+
+class Script(Protocol):
+    """One writer's share of a workload: the requests it makes, the rows it changes and deletes."""
+
+    def batch(self) -> Request:
+        """Rows of a buffered table without dependencies, in one request."""
+
+    def transaction(self, invalid: bool) -> Request:
+        """Dependent steps in one transaction; ``invalid``: one the site accepts and the primary must refuse."""
+
+    def update(self) -> tuple[str, str, dict[str, Any]] | None:
+        """(table, key, changes) of a row an acknowledged request created (better still buffered); None: none yet."""
+
+    def delete(self) -> tuple[str, str] | None:
+        """(table, key) of such a row of a deletable table, never offered again; None: none yet."""
+
+
+class Workload(Protocol):
+    """What a domain gives the soak (``Domain.workload``): the harness names no table or column of it."""
+
+    checked: Mapping[str, tuple[str, ...]]  # per buffered table it writes, the columns compared everywhere
+
+    def fixtures(self, client: OpsyncClient, tag: str) -> tuple[dict[str, str], list[Receipt]]:
+        """The rows the writes refer to, written once before them, and their receipts."""
+
+    def writer(self, index: int, seed: int, fixtures: dict[str, str], rng: random.Random) -> Script:
+        """Writer ``index``'s script, drawing every choice from ``rng`` so that a seed replays."""
+
+
+def domain_workload() -> Workload:
+    """The configured domain's soak workload, loaded only here (production code never needs it)."""
+    current = domain.current()
+    if current.workload is None:
+        raise SystemExit(f"domain {current.name!r} has no soak workload")
+    return resolve_name(current.workload)
+
+
 class Writer(threading.Thread):
-    """One script writing continuously: samples, observations, updates, deletes, resubmissions; paced to spread
+    """One script writing continuously: batches, transactions, updates, deletes, resubmissions; paced to spread
     its quota. Each update and delete is read back at once through the API's merged view."""
 
-    def __init__(self, index: int, api: str, token: str, fixtures: dict[str, str], plan: Plan, acks: Acks) -> None:
+    def __init__(self, index: int, api: str, token: str, script: Script, rng: random.Random, plan: Plan, acks: Acks) -> None:
         super().__init__(name=f"writer-{index}", daemon=True)
-        self.index, self.api, self.token, self.fixtures, self.plan, self.acks = index, api, token, fixtures, plan, acks
-        self.rng = random.Random(f"{plan.seed}/writer/{index}")
+        self.index, self.api, self.token, self.script, self.rng, self.plan, self.acks = index, api, token, script, rng, plan, acks
         self.written = 0  # records acknowledged
-        self.seq = 0  # rows built: makes times, paths and names unique
         self.calls = 0
         self.sent: list[tuple[str, tuple, str, str]] = []  # recent (method, args, key, txn_id) to resubmit
-        self.observations: list[dict[str, Any]] = []  # recent observations to update
-        self.deletable: list[tuple[str, str]] = []  # recent (table, id) of files to delete (the one deletable buffered table)
         self.invalid_at = sorted(self.rng.randrange(plan.quota) for _ in range(plan.invalid))
         self.client: OpsyncClient | None = None
         self.reader: httpx.Client | None = None  # merged reads right after a write
@@ -190,114 +228,33 @@ class Writer(threading.Thread):
     def step(self) -> None:
         if self.invalid_at and self.written >= self.invalid_at[0]:
             self.invalid_at.pop(0)
-            return self.observation(invalid=True)
-        op = self.rng.choices(["samples", "observation", "update", "delete", "resubmit"], weights=[5, 3, 3, 2, 1])[0]
-        if op == "update" and self.observations:
-            return self.update()
-        if op == "delete" and self.deletable:
-            return self.delete()
+            return self.create(self.script.transaction(invalid=True), invalid=True)
+        op = self.rng.choices(["batch", "transaction", "update", "delete", "resubmit"], weights=[5, 3, 3, 2, 1])[0]
+        if op == "update" and (change := self.script.update()):
+            return self.update(*change)
+        if op == "delete" and (gone := self.script.delete()):
+            return self.delete(*gone)
         if op == "resubmit" and self.sent:
             return self.resubmit()
-        return self.observation() if op == "observation" else self.samples()
+        return self.create(self.script.transaction(invalid=False) if op == "transaction" else self.script.batch())
 
-    def samples(self) -> None:
-        rows = []
-        for _ in range(self.rng.randint(10, 40)):
-            self.seq += 1
-            rows.append(
-                {
-                    "instrument_module_id": self.fixtures["module"],
-                    "sensor": f"w{self.index}-s{self.seq % 8}",
-                    "sampled_at": (T0 + timedelta(milliseconds=10 * self.seq)).isoformat(),
-                    "value": round(self.rng.uniform(-50, 300), 6),
-                    "unit": "K",
-                }
-            )
-        if receipt := self.call("records", "housekeeping_sample", rows):
-            self.acks.created(receipt, [("housekeeping_sample", pick(row, "housekeeping_sample")) for row in rows])
-            self.written += len(rows)
-
-    def observation(self, invalid: bool = False) -> None:
-        """An executed observation, its package and its files in one transaction, later steps referencing earlier ones."""
-        self.seq += 1
-        n, start = self.seq, T0 + timedelta(seconds=self.seq)
-        obs_unit = str(uuid.UUID(int=self.rng.getrandbits(128))) if invalid else self.fixtures["obs_unit"]
-        steps = [
-            {
-                "table": "executed_obs_unit",
-                "ref": "obs",
-                "values": {
-                    "obs_unit_id": obs_unit,
-                    "instrument_module_id": self.fixtures["module"],
-                    "start_time": start.isoformat(),
-                    "metadata": {"soak": self.plan.seed, "writer": self.index, "n": n},
-                },
-            },
-            {
-                "table": "raw_data_package",
-                "ref": "pkg",
-                "values": {
-                    "name": f"soak-{self.plan.seed}-w{self.index}-{n}.tar",
-                    "executed_obs_unit_id": {"$ref": "obs"},
-                },
-            },
-        ]
-        for j in range(self.rng.randint(1, 3)):
-            path = f"/soak/{self.plan.seed}/w{self.index}/{n}/scan{j}.fits"
-            steps.append(
-                {
-                    "table": "raw_data_file",
-                    "values": {
-                        "path": path,
-                        "size_bytes": self.rng.randint(1, 10**9),
-                        "checksum_sha256": sha256(path),
-                        "file_type": "fits",
-                        "executed_obs_unit_id": {"$ref": "obs"},
-                        "raw_data_package_id": {"$ref": "pkg"},
-                    },
-                }
-            )
-        receipt = self.call("transaction", steps)
+    def create(self, request: Request, invalid: bool = False) -> None:
+        """Send a create; log its rows once acknowledged (none for one the primary must refuse)."""
+        receipt = self.call(request.method, *request.args)
         if receipt is None:
             return
-        if invalid:
-            return self.acks.created(receipt, [], invalid=True)
-        package = str(receipt.ids[1])
-        rows = [
-            ("executed_obs_unit", {"status": "running", "end_time": None, "metadata": steps[0]["values"]["metadata"]}),
-            ("raw_data_package", {"name": steps[1]["values"]["name"], "status": "open", "size_bytes": None, "checksum_sha256": None}),
-            *(("raw_data_file", {**pick(s["values"], "raw_data_file"), "raw_data_package_id": package}) for s in steps[2:]),
-        ]
-        self.acks.created(receipt, rows)
+        rows = [] if invalid else request.acknowledged(receipt)
+        self.acks.created(receipt, rows, invalid=invalid)
         self.written += len(rows)
-        self.observations = [*self.observations, {"obs": str(receipt.ids[0]), "pkg": package, "start": start}][-RECENT:]
-        self.deletable = [*self.deletable, *(("raw_data_file", str(key)) for key in receipt.ids[2:])][-RECENT:]
 
-    def update(self) -> None:
-        """Change a recent observation or its package: most are still buffered, some already replicated."""
-        obs = self.rng.choice(self.observations[-10:])
-        if self.rng.random() < 0.5:
-            table, key = "executed_obs_unit", obs["obs"]
-            changes: dict[str, Any] = {
-                "status": self.rng.choice(["completed", "failed", "aborted", "running"]),
-                "end_time": (obs["start"] + timedelta(seconds=self.rng.randint(1, 3600))).isoformat(),
-            }
-            if self.rng.random() < 0.5:
-                changes["metadata"] = {"soak": self.plan.seed, "revision": self.rng.randint(1, 10**6)}
-        else:
-            table, key = "raw_data_package", obs["pkg"]
-            changes = {
-                "status": self.rng.choice(["sealed", "transferred", "archived"]),
-                "size_bytes": self.rng.randint(0, 10**12),
-                "checksum_sha256": sha256(f"{key}/{self.rng.random()}"),
-            }
+    def update(self, table: str, key: str, changes: dict[str, Any]) -> None:
+        """Change a row (most still buffered, some already replicated): seen at once in the merged view."""
         if receipt := self.call("update", table, key, changes):
             self.acks.updated(receipt, key, changes)
             self.read_back(table, key, changes)
 
-    def delete(self) -> None:
-        """Delete a recent file (most still buffered): gone at once from the merged view, and for good."""
-        table, key = self.deletable.pop(self.rng.randrange(len(self.deletable)))
+    def delete(self, table: str, key: str) -> None:
+        """Delete a row (most still buffered): gone at once from the merged view, and for good."""
         if receipt := self.call("delete", table, key):
             self.acks.removed(receipt, key)
             self.read_back(table, key, None)
@@ -314,7 +271,7 @@ class Writer(threading.Thread):
                 self.acks.reads_unanswered += 1
             return
         seen = response.json() if response.status_code == 200 else None
-        if (seen is None) != (changes is None) or (seen is not None and stale(changes, seen)):
+        if (seen is None) != (changes is None) or (seen is not None and stale(table, changes, seen)):
             with self.acks.lock:
                 self.acks.read_mismatches.append(f"{table} {key}: {changes or 'deleted'} read as {seen}")
 
@@ -366,29 +323,35 @@ class Writer(threading.Thread):
                 self.acks.in_flight -= 1
 
 
-def pick(values: dict[str, Any], table: str) -> dict[str, Any]:
-    return {column: values.get(column) for column in CHECKED[table]}
+def json_form(value: Any) -> str:
+    return json_text(json.loads(value) if isinstance(value, str) else value)
 
 
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+@cache
+def forms(table: str) -> dict[str, Callable[[Any], Any]]:
+    """Per time or JSON column of ``table`` (read from its model), what brings its values to one form."""
+    columns = registry.get_table(table).table.columns
+    return {c.name: utc_text if isinstance(c.type, DateTime) else json_form for c in columns if isinstance(c.type, DateTime | JSON)}
 
 
-def canonical(column: str, value: Any) -> Any:
+def canonical(table: str, column: str, value: Any) -> Any:
     """One form for a value from the log, PostgreSQL or the read model, so they compare equal when they are."""
     if value is None:
         return None
-    if column in TIMES:
-        return utc_text(value)
-    if column in JSONS:
-        return json_text(json.loads(value) if isinstance(value, str) else value)
+    if form := forms(table).get(column):
+        return form(value)
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
 
 
-def stale(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
-    return any(canonical(c, v) != canonical(c, actual.get(c)) for c, v in expected.items())
+def stale(table: str, expected: dict[str, Any], actual: dict[str, Any]) -> bool:
+    return any(canonical(table, c, v) != canonical(table, c, actual.get(c)) for c, v in expected.items())
+
+
+def key_of(table: str) -> str:
+    """The name of ``table``'s key column, read from its model."""
+    return registry.get_table(table).key.name
 
 
 def chunks(items: list, size: int) -> Iterator[list]:
@@ -406,6 +369,7 @@ class Soak:
     invalid: int
     settle_timeout_s: float
     fault_gap_s: tuple[float, float]
+    workload: Workload
     acks: Acks = field(default_factory=Acks)
 
     @property
@@ -426,24 +390,15 @@ class Soak:
         faults_done = threading.Event()
         write_started = time.monotonic()
         write_until = write_started + self.duration_s
-        writers = [
-            Writer(
-                i,
-                self.api,
-                self.token,
-                fixtures,
-                Plan(
-                    self.seed,
-                    -(-self.records // WRITERS),
-                    -(-self.invalid // WRITERS),
-                    write_until,
-                    write_until + self.duration_s / 2 + self.settle_timeout_s,
-                    faults_done,
-                ),
-                self.acks,
-            )
-            for i in range(WRITERS)
-        ]
+        plan = Plan(
+            self.seed,
+            -(-self.records // WRITERS),
+            -(-self.invalid // WRITERS),
+            write_until,
+            write_until + self.duration_s / 2 + self.settle_timeout_s,
+            faults_done,
+        )
+        writers = [self.writer(i, fixtures, plan) for i in range(WRITERS)]
         say(f"writing {self.records} records for {self.duration_s:.0f} s with {WRITERS} writers, injecting faults")
         for writer in writers:
             writer.start()
@@ -498,25 +453,19 @@ class Soak:
                 raise RuntimeError(f"the replica does not stream through the link on port {self.wan.port}: {row}")
             time.sleep(0.5)
 
+    def writer(self, index: int, fixtures: dict[str, str], plan: Plan) -> Writer:
+        """Writer ``index`` with its script of the workload, both drawing from one generator of the seed."""
+        rng = random.Random(f"{self.seed}/writer/{index}")
+        script = self.workload.writer(index, self.seed, fixtures, rng)
+        return Writer(index, self.api, self.token, script, rng, plan, self.acks)
+
     def fixtures(self) -> dict[str, str]:
-        """The planning rows observations refer to (direct tables, written straight to the primary through the link)."""
+        """The workload's fixtures (the rows its writes refer to), their transactions logged as valid."""
         with OpsyncClient(self.api, self.token, retries=10, max_backoff=3) as client:
-            tag = f"SOAK-{self.seed}"
-            instrument = client.records("instrument", {"name": tag})
-            module = client.records("instrument_module", {"instrument_id": str(instrument.id), "name": "M1"})
-            obs_unit = client.records(
-                "obs_unit",
-                {
-                    "name": tag,
-                    "program": "SOAK",
-                    "source_name": "Orion KL",
-                    "ra_deg": 83.8,
-                    "dec_deg": -5.4,
-                },
-            )
-        for receipt in (instrument, module, obs_unit):
+            fixtures, receipts = self.workload.fixtures(client, f"SOAK-{self.seed}")
+        for receipt in receipts:
             self.acks.txns[str(receipt.txn_id)] = False
-        return {"module": str(module.id), "obs_unit": str(obs_unit.id)}
+        return fixtures
 
     def settle(self, deadline: float) -> bool:
         """Wait until every acknowledged transaction is final, the read model shows every row replicated with
@@ -561,9 +510,10 @@ class Soak:
             by_table.setdefault(table, []).append(key)
         with sqlite3.connect(f"file:{self.stack.read_model_path}?mode=ro", uri=True, timeout=10) as db:
             for table, keys in by_table.items():
-                columns = ("id", "_sync_state", *CHECKED[table])
+                columns = (key_of(table), "_sync_state", *self.workload.checked[table])
+                listed = ", ".join(f'"{column}"' for column in columns)
                 for chunk in chunks(keys, 500):
-                    query = f"SELECT {', '.join(columns)} FROM {table} WHERE id IN ({', '.join('?' * len(chunk))})"
+                    query = f'SELECT {listed} FROM "{table}" WHERE "{columns[0]}" IN ({", ".join("?" * len(chunk))})'
                     found.update({row[0]: dict(zip(columns, row, strict=True)) for row in db.execute(query, chunk)})
         return found
 
@@ -576,21 +526,21 @@ class Soak:
             return len(self.acks.rows)
         return sum(
             1
-            for key, (_, expected) in self.acks.rows.items()
-            if (row := rows.get(key)) is None or row["_sync_state"] != "replicated" or stale(expected, row)
+            for key, (table, expected) in self.acks.rows.items()
+            if (row := rows.get(key)) is None or row["_sync_state"] != "replicated" or stale(table, expected, row)
         ) + sum(1 for key in self.acks.deleted if key in rows)
 
     def api_rows(self) -> dict[str, dict[str, Any]]:
         """Every row of the buffered tables as the API's merged view pages them (``GET /v1/records/{table}``), by id."""
         found: dict[str, dict[str, Any]] = {}
         with httpx.Client(base_url=self.api, headers={"Authorization": f"Bearer {self.token}"}, timeout=30) as http:
-            for table in CHECKED:
-                after = None
+            for table in self.workload.checked:
+                key, after = key_of(table), None
                 while True:
                     response = http.get(f"/v1/records/{table}", params={"limit": 1000, **({"after": after} if after else {})})
                     response.raise_for_status()
                     page = response.json()
-                    found.update((str(row["id"]), row) for row in page["rows"])
+                    found.update((str(row[key]), row) for row in page["rows"])
                     if not (after := page["next"]):
                         break
         return found
@@ -598,19 +548,20 @@ class Soak:
     def datasette_rows(self) -> dict[str, dict[str, Any]]:
         """Every row of the buffered tables as Datasette's JSON API pages them (``/opsync/{table}.json``), by id.
 
-        Paged in key order (``_sort=id``): under a table's default sort on a column with ties (two writers'
-        samples share ``sampled_at``) Datasette 0.65.5 orders its first page without the key as tie-break,
+        Paged in key order (``_sort`` on the key): under a table's default sort on a column with ties (two
+        writers' rows sharing a time) Datasette 0.65.5 orders its first page without the key as tie-break,
         so a row at the page boundary can be skipped."""
         found: dict[str, dict[str, Any]] = {}
         base = f"http://{self.stack.settings.host}:{self.stack.settings.datasette_port}"
         with httpx.Client(timeout=30) as http:
-            for table in CHECKED:
-                url: str | None = f"{base}/{self.stack.read_model_path.stem}/{table}.json?_shape=objects&_size=max&_sort=id"
+            for table in self.workload.checked:
+                key = key_of(table)
+                url: str | None = f"{base}/{self.stack.read_model_path.stem}/{table}.json?_shape=objects&_size=max&_sort={key}"
                 while url:
                     response = http.get(url)
                     response.raise_for_status()
                     page = response.json()
-                    found.update((str(row["id"]), row) for row in page["rows"])
+                    found.update((str(row[key]), row) for row in page["rows"])
                     url = page.get("next_url")
         return found
 
@@ -637,8 +588,8 @@ class Soak:
         """Every row of the buffered tables in one database (the whole run's: the site is new), by id."""
         found: dict[str, dict[str, Any]] = {}
         with server.connect() as conn:
-            for table, checked in CHECKED.items():
-                columns = ("id", *checked)
+            for table, checked in self.workload.checked.items():
+                columns = (key_of(table), *checked)
                 query = sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(table))
                 for row in conn.execute(query):
                     found[str(row[0])] = {"table": table, **dict(zip(columns[1:], row[1:], strict=True))}
@@ -679,8 +630,8 @@ class Soak:
         missing_datasette = {k for k in expected if (datasette.get(k) or {}).get("_sync_state") != "replicated"}
         stale_rows = {
             k
-            for k, (_, values) in expected.items()
-            if any(k in rows and stale(values, rows[k]) for rows in (primary, replica, model, api, datasette))
+            for k, (table, values) in expected.items()
+            if any(k in rows and stale(table, values, rows[k]) for rows in (primary, replica, model, api, datasette))
         }
         undeleted = {k for k in deleted if any(k in rows for rows in (primary, replica, model, api, datasette))}
         acked = set(self.acks.txns)
@@ -808,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, databases) afterwards")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
+    workload = domain_workload()
     for name, value in SOAK_SITE_ENV.items():
         os.environ.setdefault(name, value)
 
@@ -829,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         api_workers=1,
     )
     stack = LocalStack(settings)
-    soak = Soak(stack, wan, seed, args.duration, args.records, args.invalid, args.settle_timeout, args.fault_gap)
+    soak = Soak(stack, wan, seed, args.duration, args.records, args.invalid, args.settle_timeout, args.fault_gap, workload)
     try:
         result = soak.run()
     finally:

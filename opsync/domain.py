@@ -66,6 +66,7 @@ class Domain:
     examples: Examples
     legacy_revision: str | None = None  # the domain's revision (depending on engine_0001) that, with it, equals opsync 0.1's 0002
     demo: str | None = None  # ``module:function`` of its demo workload (``make demo``), taking argv, returning an exit code
+    workload: str | None = None  # ``module:attribute`` of its soak workload (``make soak``; see devstack.soak.Workload)
 
 
 class UnknownDomain(LookupError):

@@ -3,7 +3,7 @@
 Its models (:mod:`.models`, each ingestible one declaring ``__opsync__``), their Alembic
 migrations (``migrations/``), the Datasette metadata (``datasette.yml``: titles, column
 descriptions with units, facets, canned queries, dashboards), the API's OpenAPI examples and the
-demo workload (:mod:`.demo`). The engine finds it through the ``opsync.domains`` entry point.
+demo workload (:mod:`.demo`) and the soak workload (:mod:`.workload`). The engine finds it through the ``opsync.domains`` entry point.
 """
 
 from pathlib import Path
@@ -41,4 +41,5 @@ DOMAIN = Domain(
     ),
     legacy_revision="observatory_0001",
     demo="opsync_observatory.demo:main",
+    workload="opsync_observatory.workload:WORKLOAD",
 )

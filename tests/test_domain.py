@@ -21,6 +21,7 @@ from opsync_observatory import models
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE = ["opsync", "ingest_api", "dags", "plugins", "datasette/plugins", "migrations"]
+TOOLING = ["devstack/soak.py", "devstack/faults.py"]  # soak any domain: its workload is the domain's (Domain.workload)
 SOURCES = (".py", ".html", ".js", ".css", ".mako", ".sql", ".lua", ".yml", ".yaml")
 # Column names the engine has of its own (its tables, its API's fields) or that are plain words there:
 # they are not the domain's to own.
@@ -48,10 +49,11 @@ def domain_names() -> set[str]:
 
 
 def engine_files() -> list[Path]:
-    return sorted(p for top in ENGINE for p in (REPO / top).rglob("*") if p.is_file() and p.suffix in SOURCES)
+    found = [p for top in ENGINE for p in (REPO / top).rglob("*") if p.is_file() and p.suffix in SOURCES]
+    return sorted([*found, *(REPO / name for name in TOOLING)])
 
 
-def test_the_engine_names_no_table_or_column_of_the_domain():
+def test_the_engine_and_the_soak_harness_name_no_table_or_column_of_the_domain():
     names = domain_names()
     assert {"executed_obs_unit", "raw_data_file", "start_time", "checksum_sha256", "instrument"} <= names
     pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b")

@@ -1,8 +1,8 @@
 """The soak: a whole site under writes and every kind of fault loses, duplicates and strands nothing.
 
 The short run goes as ``make soak`` does (its own temporary site on free ports), with a fixed seed so
-that a failure replays, and is judged by the one JSON line it prints last. The verdict and the fault
-schedule it relies on are also tested alone, without a site.
+that a failure replays, and is judged by the one JSON line it prints last. The verdict, the fault
+schedule and the domain's workload it relies on are also tested alone, without a site.
 """
 
 import json
@@ -10,14 +10,20 @@ import random
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
 
 import pytest
 
 from devstack import faults as faults_module
 from devstack.faults import FIRST_ROUND_TRIES, KINDS, Faults, Outcome
 from devstack.settings import REPO
-from devstack.soak import failures
+from devstack.soak import domain_workload, failures
+from opsync import registry
+from opsync.client import Receipt
+from opsync.envelope import Op, State
+from opsync.ids import new_id
+from opsync.ingest import StepIn, build_transaction
 
 SEED = 20261121
 RECORDS = 5000
@@ -102,6 +108,50 @@ def test_schedule_retries_a_kind_until_it_takes_effect_a_few_times_at_most(monke
 
 def test_every_kind_the_faults_inject_is_judged():
     assert sorted(Scripted({}).kinds()) == sorted(KINDS) == sorted(Faults.kinds(Scripted({})))
+
+
+def admitted(steps: list[StepIn]) -> Receipt:
+    """The receipt the site would give ``steps`` (admitted as the API admits them: with the keys it makes)."""
+    txn = build_transaction(steps, "soak")
+    return Receipt(txn_id=txn.txn_id, state=State.accepted, ids=[s.key for s in txn.steps], accepted_at=datetime.now(UTC), status_url="/")
+
+
+def test_the_domains_workload_writes_what_the_site_admits_and_names_what_the_harness_compares():
+    """One writer's script of the configured domain's workload, driven as the harness drives it (without a site):
+    every write is admitted; the rows a receipt leaves, the updates and the deletes name only the tables and
+    columns the harness compares, rows it created, and deletable tables; an invalid transaction is valid at the site."""
+    workload = domain_workload()
+    script = workload.writer(0, SEED, defaultdict(lambda: str(new_id())), random.Random(SEED))
+    created: dict[str, set[str]] = defaultdict(set)
+    counts: Counter = Counter()
+    for n in range(300):
+        request = script.transaction(invalid=n % 50 == 49) if n % 3 else script.batch()
+        args = request.args
+        steps = (
+            [StepIn(**step) for step in args[0]]
+            if request.method == "transaction"
+            else [StepIn(table=args[0], values=row) for row in args[1]]
+        )
+        receipt = admitted(steps)
+        if n % 50 == 49:
+            counts["invalid"] += 1
+            continue
+        rows = request.acknowledged(receipt)
+        assert len(rows) == len(receipt.ids)
+        for key, (table, expected) in zip(receipt.ids, rows, strict=True):
+            assert set(expected) <= set(workload.checked[table]), table
+            created[table].add(str(key))
+        if change := script.update():
+            table, key, changes = change
+            assert key in created[table] and set(changes) <= set(workload.checked[table]), change
+            admitted([StepIn(op=Op.update, table=table, id=key, values=changes)])
+            counts["update"] += 1
+        if gone := script.delete():
+            table, key = gone
+            assert registry.get_table(table).deletable and key in created[table], gone
+            created[table].discard(key)
+            counts["delete"] += 1
+    assert set(created) == set(workload.checked) and min(counts.values()) > 0, counts
 
 
 @pytest.mark.stack
