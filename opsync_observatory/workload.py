@@ -82,7 +82,7 @@ class Script:
         self.seq += 1
         n, start = self.seq, T0 + timedelta(seconds=self.seq)
         obs_unit = str(uuid.UUID(int=self.rng.getrandbits(128))) if invalid else self.fixtures["obs_unit"]
-        steps = [
+        steps: list[dict[str, Any]] = [
             {
                 "table": "executed_obs_unit",
                 "ref": "obs",
