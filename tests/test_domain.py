@@ -2,6 +2,7 @@
 registration refuses keys the site cannot make; the domain is chosen by configuration."""
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -232,7 +233,11 @@ def test_a_client_given_key_must_be_sent_and_is_kept(client_keyed_instruments, a
         assert conn.scalar(text("SELECT id FROM instrument WHERE name = :n"), {"n": name}) == key
 
 
-def test_startup_scripts_find_the_domains_datasette_metadata():
-    """The compose datasette command passes ``--metadata "$(python -m opsync.domain)"``."""
-    printed = subprocess.run([sys.executable, "-m", "opsync.domain"], check=True, capture_output=True, text=True).stdout
-    assert Path(printed.strip()) == domain.current().datasette_metadata and domain.current().datasette_metadata.is_file()
+def test_startup_scripts_serve_the_domains_datasette_metadata_merged_with_the_engines(tmp_path):
+    """The compose datasette command passes ``--metadata "$(python -m opsync.read_model.metadata PATH)"``."""
+    path = tmp_path / "served.json"
+    printed = subprocess.run([sys.executable, "-m", "opsync.read_model.metadata", str(path)], check=True, capture_output=True, text=True)
+    assert Path(printed.stdout.strip()) == path
+    served = json.loads(path.read_text())
+    assert set(registry.REGISTRY) | {"sync_metrics"} <= set(served["databases"]["opsync"]["tables"])
+    assert {"opsync-access", "opsync-sql-limits", "datasette-auth-tokens"} <= set(served["plugins"])

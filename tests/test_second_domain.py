@@ -139,7 +139,8 @@ def site(pg, tmp_path_factory) -> Iterator[TransferSite]:
             str(VENV_BIN / "opsync"), "tokens", "create", "transfer-test", *(f"--scope={v}:{t}" for t in TABLES for v in ("read", "write"))
         )
         runner.headers = {"Authorization": f"Bearer {token.strip()}"}
-        metadata = Path(runner.run(sys.executable, "-m", "opsync.domain").strip())  # what the compose datasette command passes
+        # what the compose datasette command serves: the configured domain's metadata merged with the engine's
+        metadata = Path(runner.run(sys.executable, "-m", "opsync.read_model.metadata", str(root / "served-metadata.json")).strip())
         api_port, datasette_port = free_port(), free_port()
         for argv in (
             [sys.executable, "-m", "ingest_api", "--port", str(api_port), "--workers", "1", "--metrics-dir", str(root / "metrics")],

@@ -1,0 +1,69 @@
+"""The one metadata file Datasette serves: the engine's part (``datasette.yml`` here) merged with the domain's.
+
+Datasette 0.65 takes one metadata file. Who may read (the ``allow`` blocks, the access, SQL-limit
+and token plugins' settings), the read model's own tables and the sync dashboard are the engine's,
+the same for every domain; a domain's ``datasette.yml`` holds its tables, queries and dashboards
+(and any settings of plugins of its own). They are merged in a file written when Datasette starts,
+not by Datasette's ``get_metadata`` hook, under which the metadata file would win over the engine
+(and which Datasette calls on every metadata lookup, and drops in 1.0).
+
+The engine wins on every entry it sets, taken whole: a plugin's settings, a dashboard, a table, a
+database's ``allow`` and ``allow_sql`` (a domain's ``allow`` merged into the engine's would widen it).
+
+``python -m opsync.read_model.metadata PATH`` writes the configured domain's merged metadata to
+``PATH`` and prints ``PATH``: the compose datasette command passes ``--metadata "$(...)"``.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from opsync import domain
+
+log = logging.getLogger(__name__)
+
+ENGINE = Path(__file__).with_name("datasette.yml")
+# Where the merge goes one level deeper (entries by name) before the engine's entry replaces the domain's.
+NAMED: dict[str, Any] = {"plugins": {"datasette-dashboards": {}}, "databases": {"*": {"tables": {}}}}
+
+
+def merge(domain_part: dict[str, Any], engine_part: dict[str, Any], named: dict[str, Any], at: str = "") -> dict[str, Any]:
+    """``domain_part`` with ``engine_part``'s entries put in: whole, or merged by name where ``named`` says."""
+    merged = dict(domain_part)
+    for key, value in engine_part.items():
+        deeper = named.get(key, named.get("*"))
+        if deeper is not None and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value, deeper, f"{at}{key}.")
+            continue
+        if key in merged and merged[key] != value:
+            log.warning("Datasette metadata: the domain's %s%s is the engine's; the engine's is used", at, key)
+        merged[key] = value
+    return merged
+
+
+def load(path: Path) -> dict[str, Any]:
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: Datasette metadata must be a mapping")
+    return loaded
+
+
+def merged(domain_metadata: Path) -> dict[str, Any]:
+    """What Datasette serves for the domain whose metadata file is ``domain_metadata``."""
+    return merge(load(domain_metadata), load(ENGINE), NAMED)
+
+
+def write(path: Path, domain_metadata: Path) -> Path:
+    """Write the merged metadata to ``path`` (JSON, which Datasette reads as it reads YAML); return ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged(domain_metadata), indent=1))
+    return path
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    sys.stdout.write(f"{write(Path(sys.argv[1]), domain.current().datasette_metadata)}\n")
