@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import BigInteger, Identity, Integer, MetaData, String, Text, create_engine, text
+from sqlalchemy import BigInteger, Identity, Integer, MetaData, String, Text, create_engine, inspect, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from opsync import admission, domain, migrate, migration_ops, registry, schema
@@ -136,6 +137,29 @@ def test_a_client_given_uuid_key_registers_and_other_keys_are_refused_for_now():
         registry.ingestible(Natural)
     with pytest.raises(Unregistrable, match="table misnamed_thing: __opsync__ names no such column: nope"):
         registry.ingestible(Misnamed)
+
+
+@pytest.mark.parametrize("name", sorted(registry.engine_table_names()))
+def test_a_domain_table_named_like_one_of_the_engines_is_refused_naming_it(name):
+    base = scratch_base()
+
+    class Clash(base):
+        __tablename__ = name
+        ref: Mapped[uuid.UUID] = mapped_column(primary_key=True)  # not even ingestible: it would still share the primary's table
+
+    with pytest.raises(Unregistrable, match=rf"table {name}: the name is taken by the engine's own table"):
+        registry.registrations(base)
+
+
+def test_the_engines_tables_are_every_table_of_the_primary_and_the_read_model_but_the_domains(tmp_path, primary_engine):
+    from opsync.read_model.store import ReadModel, layouts
+
+    ReadModel(tmp_path / "opsync.db", "UTC").close()
+    with sqlite3.connect(tmp_path / "opsync.db") as conn:
+        read_model = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    primary = set(inspect(primary_engine).get_table_names()) - {"alembic_version"}
+    domain_tables = set(domain.current().base.metadata.tables)
+    assert (read_model - set(layouts("UTC"))) | (primary - domain_tables) == registry.engine_table_names()
 
 
 def capture_triggers(conn) -> set[tuple[str, str, int]]:
