@@ -9,6 +9,8 @@ not by Datasette's ``get_metadata`` hook, under which the metadata file would wi
 
 The engine wins on every entry it sets, taken whole: a plugin's settings, a dashboard, a table, a
 database's ``allow`` and ``allow_sql`` (a domain's ``allow`` merged into the engine's would widen it).
+It also describes the columns the read model adds to every domain table (``SYNC_COLUMNS``), where
+the domain's file does not.
 
 ``python -m opsync.read_model.metadata PATH`` writes the configured domain's merged metadata to
 ``PATH`` and prints ``PATH``: the compose datasette command passes ``--metadata "$(...)"``.
@@ -27,6 +29,12 @@ from opsync import domain
 log = logging.getLogger(__name__)
 
 ENGINE = Path(__file__).with_name("datasette.yml")
+SYNC_COLUMNS = {  # the read model's columns of every domain table (store.SYNC_COLUMNS), described once
+    "_sync_state": "How far the row has travelled: buffered (at the site), committed (in Cologne), replicated (back at the site), failed",
+    "_txn_id": "Transaction (envelope) that last wrote the row; empty for rows loaded from the replica",
+    "_commit_lsn": "WAL position of that transaction's commit on the primary (PostgreSQL LSN)",
+    "_updated_at": "When the read model last changed the row (UTC)",
+}
 # Where the merge goes one level deeper (entries by name) before the engine's entry replaces the domain's.
 NAMED: dict[str, Any] = {"plugins": {"datasette-dashboards": {}}, "databases": {"*": {"tables": {}}}}
 
@@ -52,9 +60,18 @@ def load(path: Path) -> dict[str, Any]:
     return loaded
 
 
+def with_sync_columns(domain_part: dict[str, Any]) -> dict[str, Any]:
+    """The domain's table entries, each describing the read model's columns (its own words first)."""
+    for database in (domain_part.get("databases") or {}).values():
+        for entry in ((database or {}).get("tables") or {}).values():
+            if isinstance(entry, dict):
+                entry["columns"] = SYNC_COLUMNS | (entry.get("columns") or {})
+    return domain_part
+
+
 def merged(domain_metadata: Path) -> dict[str, Any]:
     """What Datasette serves for the domain whose metadata file is ``domain_metadata``."""
-    return merge(load(domain_metadata), load(ENGINE), NAMED)
+    return merge(with_sync_columns(load(domain_metadata)), load(ENGINE), NAMED)
 
 
 def write(path: Path, domain_metadata: Path) -> Path:

@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 
 from opsync.read_model import metadata as served_metadata
-from opsync.read_model.store import DRAIN_RATE, FINDINGS, METRICS, POISON, STATE
+from opsync.read_model.store import DRAIN_RATE, FINDINGS, METRICS, POISON, STATE, SYNC_COLUMNS
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = yaml.safe_load(served_metadata.ENGINE.read_text())
@@ -21,7 +21,7 @@ def served(tmp_path: Path, domain: dict) -> dict:
 def test_a_domain_without_plugins_or_allow_blocks_gets_the_engines(tmp_path):
     merged = served(tmp_path, {"title": "Mine", "databases": {"opsync": {"tables": {"thing": {"title": "Things"}}}}})
     database = merged["databases"]["opsync"]
-    assert merged["title"] == "Mine" and database["tables"]["thing"] == {"title": "Things"}
+    assert merged["title"] == "Mine" and database["tables"]["thing"] == {"title": "Things", "columns": served_metadata.SYNC_COLUMNS}
     assert database["allow"] == {"role": ["member", "script", "local"]} and database["allow_sql"] == {"role": ["member", "local"]}
     assert {name: merged["plugins"][name] for name in ENGINE_PLUGINS} == {name: ENGINE["plugins"][name] for name in ENGINE_PLUGINS}
     assert merged["plugins"]["datasette-dashboards"]["sync"] == ENGINE["plugins"]["datasette-dashboards"]["sync"]
@@ -75,3 +75,11 @@ def test_the_domains_files_leave_the_engines_part_to_the_engine():
             POISON,
             STATE,
         }, path
+
+
+def test_the_read_models_columns_are_described_for_every_domain_table_in_the_domains_words_if_it_has_them(tmp_path):
+    assert tuple(served_metadata.SYNC_COLUMNS) == SYNC_COLUMNS
+    own = {"_txn_id": "Our words", "label": "A label"}
+    tables = served(tmp_path, {"databases": {"opsync": {"tables": {"thing": {"columns": own}}}}})["databases"]["opsync"]["tables"]
+    assert tables["thing"]["columns"] == served_metadata.SYNC_COLUMNS | own
+    assert "_sync_state" not in tables[METRICS]["columns"]  # the engine's own tables have no such columns
