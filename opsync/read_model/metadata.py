@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from opsync import domain
+from opsync.read_model.tables import ENGINE_TABLES
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ def load(path: Path) -> dict[str, Any]:
 def with_sync_columns(domain_part: dict[str, Any]) -> dict[str, Any]:
     """The domain's table entries, each describing the read model's columns (its own words first)."""
     for database in (domain_part.get("databases") or {}).values():
-        for entry in ((database or {}).get("tables") or {}).values():
-            if isinstance(entry, dict):
+        for name, entry in ((database or {}).get("tables") or {}).items():
+            if isinstance(entry, dict) and name not in ENGINE_TABLES:  # in a file merged before, the engine's are there
                 entry["columns"] = SYNC_COLUMNS | (entry.get("columns") or {})
     return domain_part
 

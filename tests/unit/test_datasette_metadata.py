@@ -83,3 +83,9 @@ def test_the_read_models_columns_are_described_for_every_domain_table_in_the_dom
     tables = served(tmp_path, {"databases": {"opsync": {"tables": {"thing": {"columns": own}}}}})["databases"]["opsync"]["tables"]
     assert tables["thing"]["columns"] == served_metadata.SYNC_COLUMNS | own
     assert "_sync_state" not in tables[METRICS]["columns"]  # the engine's own tables have no such columns
+
+
+def test_merging_a_merged_file_again_changes_nothing_and_warns_nothing(tmp_path, caplog):
+    """``datasette_command`` merges whatever file it gets, a file the compose command already merged too."""
+    once = served_metadata.write(tmp_path / "once.json", REPO / "tests/domains/transfer/datasette.yml")
+    assert served_metadata.merged(once) == yaml.safe_load(once.read_text()) and not caplog.records
