@@ -25,6 +25,7 @@ from devstack.redis import RedisServer
 from devstack.settings import REPO, StackSettings
 from opsync import domain, health, migrate
 from opsync.auth import create_token
+from opsync.read_model import metadata as served_metadata
 from opsync.read_model.store import ensure_read_model
 from opsync.registry import ingestible_tables
 
@@ -87,7 +88,8 @@ def datasette_command(read_model: Path, host: str, port: int, public: bool = Tru
 
     ``public``: anyone who reaches it reads (``OPSYNC_DATASETTE_PUBLIC``, see
     ``datasette/plugins/opsync_access.py``); set in the command so that every caller gets it.
-    ``metadata``: the configured domain's by default (another for a test of another domain).
+    ``metadata``: the domain's Datasette metadata, the configured domain's by default (another for a
+    test of another domain); merged with the engine's into ``metadata.json`` beside the read model.
     """
     return [
         "/usr/bin/env",
@@ -100,7 +102,7 @@ def datasette_command(read_model: Path, host: str, port: int, public: bool = Tru
         "--port",
         str(port),
         "--metadata",
-        str(metadata or domain.current().datasette_metadata),
+        str(served_metadata.write(read_model.with_name("metadata.json"), metadata or domain.current().datasette_metadata)),
         "--plugins-dir",
         str(REPO / "datasette/plugins"),  # runs the read-model publisher, adds row links
         *DATASETTE_SETTINGS,

@@ -7,7 +7,6 @@ entry-point group; the setting ``OPSYNC_DOMAIN`` picks one by name (default ``ob
 domain opsync ships in :mod:`opsync_observatory`).
 """
 
-import sys
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
@@ -94,9 +93,3 @@ def load(name: str) -> Domain:
 def current() -> Domain:
     """The configured domain, loaded once per process."""
     return load(configured_name())
-
-
-if __name__ == "__main__":  # python -m opsync.domain: the configured domain's Datasette metadata file, for startup scripts
-    from opsync import domain  # this module as the package knows it: its Domain is the one domain packages build
-
-    sys.stdout.write(f"{domain.current().datasette_metadata}\n")

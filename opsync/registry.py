@@ -19,6 +19,7 @@ from sqlalchemy.sql.sqltypes import JSON, Uuid
 
 from opsync import domain, schema
 from opsync.domain import Ingest, Key, Mode
+from opsync.read_model.tables import ENGINE_TABLES
 
 __all__ = ["Ingest", "Ingestible", "Key", "Mode", "Unregistrable", "UnknownTable", "get_table", "ingestible_tables"]
 
@@ -189,8 +190,21 @@ def ingestible(model: type[DeclarativeBase]) -> Ingestible:
     return Ingestible(table, declared.mode, declared.deletable, declared.key, declared.facets, declared.night_of)
 
 
+def engine_table_names() -> frozenset[str]:
+    """The engine's own tables: in the primary (ledger, change capture, tokens) and in the read model (figures, state)."""
+    return frozenset(schema.Base.metadata.tables) | frozenset(ENGINE_TABLES)
+
+
+def refuse_engine_names(base: type[DeclarativeBase]) -> None:
+    """A domain table named like one of the engine's would share the primary's or the read model's table with it."""
+    taken = sorted(set(base.metadata.tables) & engine_table_names())
+    if taken:
+        raise Unregistrable(f"table {', '.join(taken)}: the name is taken by the engine's own table; rename the domain's")
+
+
 def registrations(base: type[DeclarativeBase]) -> dict[str, Ingestible]:
     """Every model of the domain that declares ``__opsync__``, parents before children (FK order)."""
+    refuse_engine_names(base)
     models = {cast(Table, m.local_table).name: m.class_ for m in base.registry.mappers if "__opsync__" in vars(m.class_)}
     ordered = [table.name for table in base.metadata.sorted_tables if table.name in models]
     return {name: ingestible(models[name]) for name in ordered}

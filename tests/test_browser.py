@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import yaml
 
+from opsync.read_model import metadata as served_metadata
 from tests.test_datasette_views import DB, METADATA, SITE_TZ, datasette_site
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -113,27 +113,29 @@ def labels(markup: str) -> list[str]:
     return re.findall(r'aria-label="([^"]*)"', markup)
 
 
-def test_dashboard_renders_its_charts_with_data_and_no_console_errors(site, artifacts):
+def test_dashboards_render_their_charts_with_data_and_no_console_errors(site, artifacts):
+    """The engine's sync dashboard and the observatory's own."""
     base, rows = site
-    rendered = render(f"{base}/-/dashboards/sync", "dashboard", artifacts)
-    assert not console_errors(rendered), console_errors(rendered)
-    charts = yaml.safe_load(METADATA.read_text())["plugins"]["datasette-dashboards"]["sync"]["charts"]
-    for slug, chart in charts.items():
-        card = element(rendered.dom, f"chart-{slug}")
-        if chart["library"] == "vega-lite":
-            assert "<svg" in card and 'class="marks"' in card, f"{slug}: no chart drawn"
-    assert re.search(r"<p[^>]*>5</p>", element(rendered.dom, "chart-not-replicated")), "the metric is missing"
+    drawn = {}
+    for board, dashboard in served_metadata.merged(METADATA)["plugins"]["datasette-dashboards"].items():
+        rendered = render(f"{base}/-/dashboards/{board}", f"dashboard-{board}", artifacts)
+        assert not console_errors(rendered), console_errors(rendered)
+        for slug, chart in dashboard["charts"].items():
+            card = drawn[slug] = element(rendered.dom, f"chart-{slug}")
+            if chart["library"] == "vega-lite":
+                assert "<svg" in card and 'class="marks"' in card, f"{slug}: no chart drawn"
+        assert png_size(rendered.screenshot) == WINDOW and rendered.screenshot.stat().st_size > 20_000
+    assert re.search(r"<p[^>]*>5</p>", drawn["not-replicated"]), "the metric is missing"
 
-    per_hour = labels(element(rendered.dom, "chart-records-per-hour"))
+    per_hour = labels(drawn["records-per-hour"])
     for state in ("buffered", "committed", "replicated", "failed"):
         assert any(f"Sync state: {state}" in label and "Records:" in label for label in per_hour), f"no {state} bar"
 
-    depth = labels(element(rendered.dom, "chart-buffer-depth"))
+    depth = labels(drawn["buffer-depth"])
     peak = [label for label in depth if "Transactions: 40" in label and "figure: buffered" in label]
     assert peak, depth
-    nights = labels(element(rendered.dom, "chart-observations-per-night"))
+    nights = labels(drawn["observations-per-night"])
     assert any(f"Night (local date it began): {rows.night}" in label and "Observations: 1" in label for label in nights), nights
-    assert png_size(rendered.screenshot) == WINDOW and rendered.screenshot.stat().st_size > 20_000
 
 
 def test_dashboard_times_stay_utc_in_another_time_zone(site, artifacts):

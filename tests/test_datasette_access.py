@@ -1,4 +1,4 @@
-"""Who may read what in Datasette (the allow blocks of ``opsync_observatory/datasette.yml``, ``opsync_access.py``), offline.
+"""Who may read what in Datasette (the engine's allow blocks, ``opsync/read_model/datasette.yml``; ``opsync_access.py``), offline.
 
 A real ``datasette serve`` in production mode (anonymous has no role) checks people by signed
 ``ds_actor`` cookies (made with ``datasette.sign``, as datasette-auth-github makes them) and scripts
@@ -20,7 +20,8 @@ from datasette.app import Datasette
 from datasette.utils import baseconv
 
 from datasette.plugins import pm
-from tests.test_datasette_views import DB, METADATA, datasette_site, fill_read_model
+from opsync.read_model import metadata as served_metadata
+from tests.test_datasette_views import DB, METADATA, datasette_site, fill_read_model, serve_datasette
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "test-datasette-secret-" + "s" * 32
@@ -113,7 +114,8 @@ def data_paths(rows) -> list[str]:
         f"/{DB}/files_not_replicated",
         f"/{DB}.json?sql=select+1",
         "/-/dashboards/sync",
-        "/-/dashboards/sync/records-per-hour",
+        "/-/dashboards/sync/buffer-depth",
+        "/-/dashboards/observatory/records-per-hour",
     ]
 
 
@@ -221,11 +223,11 @@ def test_no_secret_is_served(site):
         text = get(base, path, cookies=MEMBER).text
         for secret in (TOKEN, SECRET, GITHUB_ENV["OPSYNC_GITHUB_CLIENT_SECRET"]):
             assert secret not in text, path
-    text = METADATA.read_text()
-    for key in ("client_secret", "token"):
-        for line in text.splitlines():
-            if re.match(rf"\s*-?\s*{key}:", line):
-                assert "$env" in line, line
+    for path in (METADATA, served_metadata.ENGINE):
+        for key in ("client_secret", "token"):
+            for line in path.read_text().splitlines():
+                if re.match(rf"\s*-?\s*{key}:", line):
+                    assert "$env" in line, line
 
 
 ROTATED = "test-script-token-" + "r" * 32  # a token the site used before rotating it: revoked
@@ -268,6 +270,29 @@ def test_access_matrix(site, caller):
     assert dict(zip(RESOURCES, got, strict=True)) == dict(zip(RESOURCES, EXPECTED[caller], strict=True))
 
 
+def test_a_domain_without_the_engines_settings_gets_access_control_sql_limits_and_the_sync_dashboard(tmp_path):
+    """A domain's datasette.yml with no ``plugins:`` and no ``allow``: the engine's are merged in when Datasette starts."""
+    domain = tmp_path / "domain.yml"
+    domain.write_text(
+        yaml.safe_dump({"title": "Bare domain", "databases": {DB: {"tables": {"instrument": {"title": "Bare instruments"}}}}})
+    )
+    fill_read_model(tmp_path / "opsync.db")
+    with serve_datasette(tmp_path, tmp_path / "opsync.db", env=GITHUB_ENV, metadata=domain) as base:
+        assert "Bare domain" in get(base, "/").text
+        for path in (f"/{DB}.json", f"/{DB}/instrument.json", f"/{DB}.json?sql=select+1", "/-/dashboards/sync"):
+            assert get(base, path).status_code == 403, path  # anonymous, production mode
+        assert get(base, f"/{DB}/instrument.json", headers=BEARER).status_code == 200
+        assert get(base, f"/{DB}.json?sql=select+1", headers=BEARER).status_code == 403  # scripts: no SQL
+        assert get(base, f"/{DB}/instrument", cookies=MEMBER).text.count("Bare instruments") >= 1
+        board = get(base, "/-/dashboards/sync", cookies=MEMBER)
+        assert board.status_code == 200 and 'id="chart-buffer-depth"' in board.text
+        refused = get(base, f"/{DB}.json", params={"sql": "select load_extension('x')"}, cookies=MEMBER)
+        assert refused.status_code == 400 and "load_extension" in refused.text
+        served = get(base, "/-/metadata.json", cookies=MEMBER).json()
+        assert served["plugins"]["opsync-sql-limits"] == {"sql_slots": 2, "sql_wait_s": 5}
+        assert served["databases"][DB]["allow"] == {"role": ["member", "script", "local"]}
+
+
 # --- in-process: the GitHub sign-in flow, public mode, startup checks ----------------------------
 
 
@@ -300,7 +325,7 @@ def github_env(monkeypatch):
 
 
 def in_process(model: Path, plugins_dir: Path) -> Datasette:
-    return Datasette([str(model)], metadata=yaml.safe_load(METADATA.read_text()), plugins_dir=str(plugins_dir), secret=SECRET)
+    return Datasette([str(model)], metadata=served_metadata.merged(METADATA), plugins_dir=str(plugins_dir), secret=SECRET)
 
 
 async def requests(ds: Datasette, calls):
@@ -510,7 +535,7 @@ def test_startup_refuses_weak_settings(github_env, model, plugins_dir, env, mess
 
 
 def test_startup_refuses_a_short_datasette_secret(github_env, model, plugins_dir):
-    ds = Datasette([str(model)], metadata=yaml.safe_load(METADATA.read_text()), plugins_dir=str(plugins_dir), secret="change-me")
+    ds = Datasette([str(model)], metadata=served_metadata.merged(METADATA), plugins_dir=str(plugins_dir), secret="change-me")
     with pytest.raises(ValueError, match="DATASETTE_SECRET"):
         asyncio.run(ds.invoke_startup())
 

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from devstack.local import DATASETTE_SETTINGS
+from opsync.read_model import metadata as served_metadata
 from tests.test_datasette_views import DB, METADATA, datasette_site, fill_read_model, serve_datasette
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,12 +199,12 @@ def test_table_pages_answer_while_slow_queries_run(base):
 def one_slot(tmp_path_factory):
     """A Datasette with one SQL slot and a short wait, so that one slow query fills it."""
     workdir = tmp_path_factory.mktemp("datasette-one-slot")
-    metadata = yaml.safe_load(METADATA.read_text())
+    metadata = served_metadata.merged(METADATA)  # the engine's settings win over a domain's: changed after the merge
     metadata["plugins"]["opsync-sql-limits"] = {"sql_slots": 1, "sql_wait_s": 0.3}
-    path = workdir / "metadata.yml"
+    path = workdir / "one-slot.yml"
     path.write_text(yaml.safe_dump(metadata))
     fill_read_model(workdir / "opsync.db")
-    with serve_datasette(workdir, workdir / "opsync.db", metadata=path) as base:
+    with serve_datasette(workdir, workdir / "opsync.db", metadata=path, merge=False) as base:
         yield base
 
 
@@ -244,7 +245,7 @@ def test_sql_beyond_the_slots_gets_503_with_retry_after_and_pages_and_charts_sti
         row = httpx.get(f"{base}/{DB}/raw_data_file/{one_slot_rows(base)}.json", timeout=10)
         assert row.status_code == 200
     with slot_taken(base):
-        chart = yaml.safe_load(METADATA.read_text())["plugins"]["datasette-dashboards"]["sync"]["charts"]["not-replicated"]
+        chart = served_metadata.merged(METADATA)["plugins"]["datasette-dashboards"]["observatory"]["charts"]["not-replicated"]
         assert sql(base, chart["query"], _shape="objects").status_code == 200  # the dashboards' own SQL is not queued
         assert httpx.get(f"{base}/{DB}/instrument.json", timeout=10).status_code == 200
     assert sql(base, "select 1 as one").json() == [{"one": 1}]  # the slot is free again
@@ -271,7 +272,7 @@ def test_datasette_refuses_to_start_when_sql_slots_would_take_every_thread(tmp_p
             "--port",
             "0",
             "--metadata",
-            str(METADATA),
+            str(served_metadata.write(tmp_path / "metadata.json", METADATA)),
             "--plugins-dir",
             str(REPO / "datasette/plugins"),
             "--setting",

@@ -1,5 +1,6 @@
-"""What scientists see: a real ``datasette serve`` with the domain's ``opsync_observatory/datasette.yml`` and the row-link
-plugins, on a read model filled through :mod:`opsync.read_model.store` (as the publisher fills it).
+"""What scientists see: a real ``datasette serve`` with the domain's ``opsync_observatory/datasette.yml`` (merged with the
+engine's, as every start merges them) and the row-link plugins, on a read model filled through
+:mod:`opsync.read_model.store` (as the publisher fills it).
 
 The publisher plugin is left out (the plugins directory served here holds the others):
 the file is written by the test, and no publisher should reach for Redis or PostgreSQL.
@@ -21,10 +22,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import httpx
 import pendulum
 import pytest
-import yaml
 
 from devstack.local import DATASETTE_SETTINGS
 from opsync.ids import new_id
+from opsync.read_model import metadata as served_metadata
 from opsync.read_model.store import ReadModel, layouts
 from tests.conftest import free_port
 
@@ -215,9 +216,12 @@ def served(url: str) -> bool:
 
 
 @contextmanager
-def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None = None, metadata: Path = METADATA) -> Iterator[str]:
+def serve_datasette(
+    workdir: Path, model_path: Path, env: dict[str, str] | None = None, metadata: Path = METADATA, merge: bool = True
+) -> Iterator[str]:
     """``datasette serve`` as `make up` runs it, with every plugin but the publisher; yields its base URL.
 
+    ``metadata``: a domain's, merged with the engine's as every start does (``merge=False``: served as it is).
     Anonymous visitors read, as under `make up` (``OPSYNC_DATASETTE_PUBLIC=true``) unless ``env`` says otherwise."""
     plugins = workdir / "plugins"
     plugins.mkdir(exist_ok=True)
@@ -236,7 +240,7 @@ def serve_datasette(workdir: Path, model_path: Path, env: dict[str, str] | None 
                 "--port",
                 str(port),
                 "--metadata",
-                str(metadata),
+                str(served_metadata.write(workdir / "metadata.json", metadata) if merge else metadata),
                 "--plugins-dir",
                 str(plugins),
                 *SETTINGS,
@@ -300,7 +304,7 @@ def canned(base: str, name: str, **params) -> list[dict]:
 
 
 def metadata() -> dict:
-    return yaml.safe_load(METADATA.read_text())
+    return served_metadata.merged(METADATA)
 
 
 # --- metadata -------------------------------------------------------------------------------------
@@ -477,7 +481,9 @@ def canned_table(base: str, table: str, **filters) -> list[dict]:
 
 
 def dashboard_charts() -> dict:
-    return metadata()["plugins"]["datasette-dashboards"]["sync"]["charts"]
+    """Every chart of the engine's sync dashboard and the observatory's own."""
+    boards = metadata()["plugins"]["datasette-dashboards"]
+    return boards["sync"]["charts"] | boards["observatory"]["charts"]
 
 
 def chart_rows(base: str, chart: dict) -> list[dict]:
@@ -488,13 +494,14 @@ def chart_rows(base: str, chart: dict) -> list[dict]:
     return response.json()["rows"]
 
 
-def test_dashboard_page_renders_every_chart(base):
-    response = httpx.get(f"{base}/-/dashboards/sync", timeout=10)
-    assert response.status_code == 200
-    for slug in dashboard_charts():
-        assert f'id="chart-{slug}"' in response.text and f"renderChart('{slug}'" in response.text
+def test_dashboard_pages_render_every_chart(base):
+    for board, charts in metadata()["plugins"]["datasette-dashboards"].items():
+        response = httpx.get(f"{base}/-/dashboards/{board}", timeout=10)
+        assert response.status_code == 200
+        for slug in charts["charts"]:
+            assert f'id="chart-{slug}"' in response.text and f"renderChart('{slug}'" in response.text, slug
     assert httpx.get(f"{base}/-/dashboards", timeout=10).status_code == 200
-    assert httpx.get(f"{base}/-/dashboards/sync/records-per-hour", timeout=10).status_code == 200
+    assert httpx.get(f"{base}/-/dashboards/observatory/records-per-hour", timeout=10).status_code == 200
 
 
 def test_dashboard_chart_data(base, rows):

@@ -2,8 +2,10 @@
 registration refuses keys the site cannot make; the domain is chosen by configuration."""
 
 import dataclasses
+import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import BigInteger, Identity, Integer, MetaData, String, Text, create_engine, text
+from sqlalchemy import BigInteger, Identity, Integer, MetaData, String, Text, create_engine, inspect, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from opsync import admission, domain, migrate, migration_ops, registry, schema
@@ -139,6 +141,29 @@ def test_a_client_given_uuid_key_registers_and_other_keys_are_refused_for_now():
         registry.ingestible(Misnamed)
 
 
+@pytest.mark.parametrize("name", sorted(registry.engine_table_names()))
+def test_a_domain_table_named_like_one_of_the_engines_is_refused_naming_it(name):
+    base = scratch_base()
+
+    class Clash(base):
+        __tablename__ = name
+        ref: Mapped[uuid.UUID] = mapped_column(primary_key=True)  # not even ingestible: it would still share the primary's table
+
+    with pytest.raises(Unregistrable, match=rf"table {name}: the name is taken by the engine's own table"):
+        registry.registrations(base)
+
+
+def test_the_engines_tables_are_every_table_of_the_primary_and_the_read_model_but_the_domains(tmp_path, primary_engine):
+    from opsync.read_model.store import ReadModel, layouts
+
+    ReadModel(tmp_path / "opsync.db", "UTC").close()
+    with sqlite3.connect(tmp_path / "opsync.db") as conn:
+        read_model = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    primary = set(inspect(primary_engine).get_table_names()) - {"alembic_version"}
+    domain_tables = set(domain.current().base.metadata.tables)
+    assert (read_model - set(layouts("UTC"))) | (primary - domain_tables) == registry.engine_table_names()
+
+
 def capture_triggers(conn) -> set[tuple[str, str, int]]:
     """(table, trigger, number of arguments) of every change-capture trigger."""
     rows = conn.execute(
@@ -234,7 +259,13 @@ def test_a_client_given_key_must_be_sent_and_is_kept(client_keyed_instruments, a
         assert conn.scalar(text("SELECT id FROM instrument WHERE name = :n"), {"n": name}) == key
 
 
-def test_startup_scripts_find_the_domains_datasette_metadata():
-    """The compose datasette command passes ``--metadata "$(python -m opsync.domain)"``."""
-    printed = subprocess.run([sys.executable, "-m", "opsync.domain"], check=True, capture_output=True, text=True).stdout
-    assert Path(printed.strip()) == domain.current().datasette_metadata and domain.current().datasette_metadata.is_file()
+def test_startup_scripts_serve_the_domains_datasette_metadata_merged_with_the_engines(tmp_path):
+    """The compose datasette command passes ``--metadata "$(python -m opsync.read_model.metadata PATH)"``."""
+    compose = yaml.safe_load((REPO / "docker-compose.yaml").read_text())
+    (module,) = re.findall(r'--metadata "\$\$\(python -m (\S+) /tmp/\S+\)"', " ".join(compose["services"]["datasette"]["command"]))
+    path = tmp_path / "served.json"
+    printed = subprocess.run([sys.executable, "-m", module, str(path)], check=True, capture_output=True, text=True)
+    assert Path(printed.stdout.strip()) == path
+    served = json.loads(path.read_text())
+    assert set(registry.REGISTRY) | {"sync_metrics"} <= set(served["databases"]["opsync"]["tables"])
+    assert {"opsync-access", "opsync-sql-limits", "datasette-auth-tokens"} <= set(served["plugins"])

@@ -185,6 +185,7 @@ def test_the_wheel_holds_no_development_tooling(wheel):
         scripts = built.read(entry_points).decode()
     assert {n.split("/")[0] for n in names} >= {"opsync", "opsync_observatory", "ingest_api", "opsync_airflow", "opsync_datasette"}
     assert {"opsync_observatory/datasette.yml", "opsync_observatory/migrations/observatory_0001_schema.py"} <= set(names)
+    assert "opsync/read_model/datasette.yml" in names  # the engine's part of the Datasette metadata, merged at every start
     assert [n for n in names if n.startswith(("devstack/", "opsync/stack/"))] == []
     assert "opsync = opsync.cli:main" in scripts and "devstack" not in scripts
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import CheckConstraint, create_engine, text
@@ -33,6 +32,7 @@ from sqlalchemy import CheckConstraint, create_engine, text
 from devstack.local import VENV_BIN, datasette_command
 from devstack.redis import RedisServer
 from opsync import registry, schema
+from opsync.read_model import metadata as served_metadata
 from opsync.read_model.store import SYNC_COLUMNS, Layout
 from tests.conftest import free_port, wait_for
 from tests.domains import transfer
@@ -139,7 +139,8 @@ def site(pg, tmp_path_factory) -> Iterator[TransferSite]:
             str(VENV_BIN / "opsync"), "tokens", "create", "transfer-test", *(f"--scope={v}:{t}" for t in TABLES for v in ("read", "write"))
         )
         runner.headers = {"Authorization": f"Bearer {token.strip()}"}
-        metadata = Path(runner.run(sys.executable, "-m", "opsync.domain").strip())  # what the compose datasette command passes
+        # what the compose datasette command serves: the configured domain's metadata merged with the engine's
+        metadata = Path(runner.run(sys.executable, "-m", "opsync.read_model.metadata", str(root / "served-metadata.json")).strip())
         api_port, datasette_port = free_port(), free_port()
         for argv in (
             [sys.executable, "-m", "ingest_api", "--port", str(api_port), "--workers", "1", "--metrics-dir", str(root / "metrics")],
@@ -201,7 +202,7 @@ def test_the_domain_registers_unlike_the_first():
 
 
 def test_its_datasette_metadata_describes_every_published_column_and_facets_on_the_registered_ones():
-    tables = yaml.safe_load(transfer.DOMAIN.datasette_metadata.read_text())["databases"][DB]["tables"]
+    tables = served_metadata.merged(transfer.DOMAIN.datasette_metadata)["databases"][DB]["tables"]  # as Datasette gets it
     for name, entry in registry.registrations(transfer.DOMAIN.base).items():
         assert sorted(f for f in tables[name]["facets"] if f not in SYNC_COLUMNS) == sorted(entry.facets), name
         assert sorted(tables[name]["columns"]) == sorted(Layout(entry, "UTC").columns), name

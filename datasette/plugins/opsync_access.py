@@ -2,7 +2,7 @@
 and, on a scientist's own machine only, anonymous reading.
 
 The rules (which role sees which database, table and SQL) are ``allow`` blocks on ``role`` in
-the domain's Datasette metadata (``opsync_observatory/datasette.yml`` by default); this plugin
+the engine's Datasette metadata (``opsync/read_model/datasette.yml``, merged with every domain's); this plugin
 only decides each request's role, from the environment (``plugins.opsync-access`` there):
 
 - ``member``: a GitHub actor (``ds_actor`` cookie set by datasette-auth-github) who belongs to

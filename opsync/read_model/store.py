@@ -30,15 +30,11 @@ from sqlalchemy import Column, ColumnElement, Integer, Select, Text, UniqueConst
 from sqlalchemy.dialects.postgresql import ARRAY, psycopg
 from sqlalchemy.sql.sqltypes import JSON
 
+from opsync.read_model.tables import DRAIN_RATE, FINDINGS, METRICS, POISON, STATE
 from opsync.registry import Ingestible, ingestible_tables
 
 SYNC_COLUMNS = ("_sync_state", "_txn_id", "_commit_lsn", "_updated_at")
 UNSETTLED = ("buffered", "committed", "failed")  # states backed by the buffer's overlay, not (only) the replica
-METRICS = "sync_metrics"
-DRAIN_RATE = "sync_drain_rate"
-FINDINGS = "sync_findings"
-POISON = "sync_poison"
-STATE = "publisher_state"
 CHUNK = 5000  # keys per statement: well below SQLite's limit of bound variables
 UTC_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'  # PostgreSQL's to_char for what utc_text writes
 METRICS_DDL = f"""
