@@ -178,10 +178,10 @@ def test_an_opsync_0_1_database_at_revision_0002_is_stamped_and_upgraded(pg):
         assert {args for _, _, args in capture_triggers(conn)} == {0}
     migrate.upgrade(url)
     with engine.begin() as conn:
-        assert set(conn.scalars(text("SELECT version_num FROM alembic_version"))) == {"engine_0002", "observatory_0001"}
+        assert set(conn.scalars(text("SELECT version_num FROM alembic_version"))) == {"engine_0003", "observatory_0001"}
         assert {args for _, _, args in capture_triggers(conn)} == {1}
         key = conn.scalar(text("INSERT INTO instrument (id, name) VALUES (gen_random_uuid(), 'Y') RETURNING id"))
-        assert conn.scalar(text("SELECT row_id FROM row_change WHERE table_name = 'instrument'")) == key
+        assert conn.scalar(text("SELECT row_id FROM row_change WHERE table_name = 'instrument'")) == str(key)
     engine.dispose()
 
 
@@ -205,7 +205,7 @@ def test_a_bare_alembic_upgrade_heads_migrates_engine_and_default_domain(pg):
     subprocess.run([sys.executable, "-m", "alembic", "upgrade", "heads"], cwd=REPO, env=env, check=True, capture_output=True)
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert set(conn.scalars(text("SELECT version_num FROM alembic_version"))) == {"engine_0002", "observatory_0001"}
+        assert set(conn.scalars(text("SELECT version_num FROM alembic_version"))) == {"engine_0003", "observatory_0001"}
     engine.dispose()
 
 
