@@ -110,7 +110,7 @@ def test_a_key_only_the_primary_can_make_is_refused_naming_table_and_column():
             registry.ingestible(model)
 
 
-def test_a_client_given_uuid_key_registers_and_other_keys_are_refused_for_now():
+def test_client_given_uuid_and_text_keys_register_and_other_keys_are_refused():
     base = scratch_base()
 
     class Given(base):
@@ -122,7 +122,17 @@ def test_a_client_given_uuid_key_registers_and_other_keys_are_refused_for_now():
     class Natural(base):
         __tablename__ = "natural_thing"
         __opsync__ = Ingest(Mode.critical, key=Key.client)
+        code: Mapped[str] = mapped_column(String(12), primary_key=True)
+
+    class Unsaid(base):
+        __tablename__ = "unsaid_thing"
+        __opsync__ = Ingest(Mode.critical)
         code: Mapped[str] = mapped_column(Text, primary_key=True)
+
+    class Counted(base):
+        __tablename__ = "counted_thing"
+        __opsync__ = Ingest(Mode.critical, key=Key.client)
+        number: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
 
     class Misnamed(base):
         __tablename__ = "misnamed_thing"
@@ -130,9 +140,14 @@ def test_a_client_given_uuid_key_registers_and_other_keys_are_refused_for_now():
         ref: Mapped[uuid.UUID] = mapped_column(primary_key=True)
 
     entry = registry.ingestible(Given)
-    assert (entry.key.name, entry.key_source, entry.facets) == ("ref", Key.client, ("label",))
-    with pytest.raises(Unregistrable, match="table natural_thing: key column code is TEXT; opsync carries UUID keys only"):
-        registry.ingestible(Natural)
+    assert (entry.key.name, entry.key_source, entry.facets, entry.uuid_key, entry.key_sql) == ("ref", Key.client, ("label",), True, "uuid")
+    natural = registry.ingestible(Natural)
+    assert (natural.key.name, natural.uuid_key, natural.key_sql, natural.key_of("ab,c")) == ("code", False, "text", "ab,c")
+    assert str(natural.key_order.compile()) == 'natural_thing.code COLLATE "C"'  # byte order, as the buffer sorts
+    with pytest.raises(Unregistrable, match=r"table unsaid_thing: key column code is TEXT, which only a client can give: declare"):
+        registry.ingestible(Unsaid)
+    with pytest.raises(Unregistrable, match="table counted_thing: key column number is INTEGER; opsync carries UUID or text keys"):
+        registry.ingestible(Counted)
     with pytest.raises(Unregistrable, match="table misnamed_thing: __opsync__ names no such column: nope"):
         registry.ingestible(Misnamed)
 
