@@ -88,7 +88,7 @@ class Reads(Keys):
 
     def index_contains(self, index: str, keys: list[str]) -> list[bool]:
         """Whether each of ``keys`` is in ``index``: one ZMSCORE per bucket (and one in the earlier layout's set)."""
-        by_bucket: dict[str, list[str]] = {}
+        by_bucket: dict[str | bytes, list[str]] = {}
         for key in keys:
             by_bucket.setdefault(self.index_bucket(index, key), []).append(key)
         pipe = self.client.pipeline(transaction=False)
