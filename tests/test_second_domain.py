@@ -231,7 +231,7 @@ def test_its_migrations_create_exactly_its_models_with_change_capture_on_each(si
     declared = {c.name for m in metadata for t in m.tables.values() for c in t.constraints if isinstance(c, CheckConstraint)}
     assert declared == checks
     assert dict(captured) == {table: 3 for table in TABLES}
-    assert versions == {"engine_0003", "transfer_0001"}
+    assert versions == {"transfer_0001"}  # it depends on engine_0003 (text keys in change capture): one head
 
 
 def test_the_api_and_the_cli_serve_the_domain(site):
