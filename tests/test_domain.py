@@ -172,7 +172,7 @@ def test_change_capture_covers_every_registered_table_by_its_key_column(pg):
         assert {table for table, _, _ in triggers} == set(registry.REGISTRY)
         assert {args for _, _, args in triggers} == {1} and len(triggers) == 3 * len(registry.REGISTRY)
         key = conn.scalar(text("INSERT INTO instrument (id, name) VALUES (gen_random_uuid(), 'X') RETURNING id"))
-        assert conn.execute(text("SELECT table_name, row_id, op FROM row_change")).all() == [("instrument", key, "INSERT")]
+        assert conn.execute(text("SELECT table_name, row_id, op FROM row_change")).all() == [("instrument", str(key), "INSERT")]
     engine.dispose()
 
 
