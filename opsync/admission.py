@@ -237,7 +237,7 @@ def row_key(rules: "TableRules", given: Any) -> Any:
     if rules.key_judge is None:
         if isinstance(given, UUID):
             return given
-        raise Refused("Input should be a valid UUID")
+        raise Refused("Input should be a valid UUID" if isinstance(given, str) else "UUID input should be a string, bytes or UUID object")
     try:
         return rules.key_judge(str(given) if isinstance(given, UUID) else given)  # text spelt as a UUID, parsed by the request model
     except Refused as exc:

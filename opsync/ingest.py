@@ -14,10 +14,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
@@ -35,6 +35,15 @@ NUL = "\x00"
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\\ud800" escapes decode to these when unpaired
 
 
+def either_key(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A key that is neither a UUID nor text (a number, an object) is left to admission, which knows the table's
+    key kind and names it in one error (the union would give one per kind)."""
+    try:
+        return handler(value)
+    except ValidationError:
+        return value
+
+
 class StepIn(BaseModel):
     """One step as a client writes it; a misspelt key is refused, not silently dropped."""
 
@@ -42,7 +51,7 @@ class StepIn(BaseModel):
 
     op: Op = Op.insert
     table: str
-    id: UUID | str | None = Field(
+    id: Annotated[UUID | str | None, WrapValidator(either_key)] = Field(
         None,
         union_mode="left_to_right",  # a UUID key as UUID (canonical spelling) whatever the table; text for natural keys
         description="Row key: a UUID (generated for inserts when absent if the site makes keys) or a natural key the client gives",
