@@ -444,7 +444,7 @@ def test_a_natural_key_travels_end_to_end_as_the_client_gave_it(site, planning):
 
 @pytest.mark.parametrize(
     ("code", "why"),
-    [("", "a key cannot be empty"), ("X" * 17, "at most 16 characters, got 17"), (17, "send it as a JSON string")],
+    [("", "a key cannot be empty"), ("X" * 17, "at most 16 characters, got 17"), (17, "a text key: send it as a JSON string")],
 )
 def test_a_bad_natural_key_is_refused_naming_the_field(site, code, why):
     response = httpx.post(f"{site.api}/v1/records/site", json={"id": code, "name": "n", "kind": "mirror"}, headers=site.headers)
