@@ -38,7 +38,7 @@ from tests.conftest import free_port, wait_for
 from tests.domains import transfer
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = ("site", "route", "data_transfer_package", "data_transfer", "physical_copy")
+TABLES = ("site", "route", "data_transfer_package", "data_transfer", "physical_copy", "volume")
 DB = "opsync"  # the read model file's name, as Datasette names the database
 ENTRY_POINTS = "[opsync.domains]\ntransfer = tests.domains.transfer:DOMAIN\n"
 
@@ -194,11 +194,11 @@ def package(origin: str) -> dict:
 
 def test_the_domain_registers_unlike_the_first():
     entries = registry.registrations(transfer.DOMAIN.base)
-    assert list(entries) == ["site", "data_transfer_package", "route", "data_transfer", "physical_copy"]  # FK order
+    assert list(entries) == ["site", "data_transfer_package", "route", "volume", "data_transfer", "physical_copy"]  # FK order
     given = entries["data_transfer_package"]
     assert (given.key.name, given.key_source, given.mode) == ("package_uuid", registry.Key.client, registry.Mode.critical)
     assert {e.name for e in entries.values() if e.mode is registry.Mode.direct} == {"site", "route"}
-    assert {e.name for e in entries.values() if e.deletable} == {"site", "route", "physical_copy"}
+    assert {e.name for e in entries.values() if e.deletable} == {"site", "route", "physical_copy", "volume"}
     natural = entries["site"]
     assert (natural.key.name, natural.key_source, natural.uuid_key, natural.key_sql) == ("code", registry.Key.client, False, "text")
     assert all(e.night_of is None and "night" not in Layout(e, "UTC").columns for e in entries.values())
@@ -453,3 +453,39 @@ def test_a_bad_natural_key_is_refused_naming_the_field(site, code, why):
     assert error["loc"][-1] == "id" and error["msg"] == f"code: {why}", error
     too_long = httpx.get(f"{site.api}/v1/records/site/{'X' * 17}", headers=site.headers, timeout=10)
     assert too_long.status_code == 422 and too_long.json()["detail"][0]["loc"] == ["path", "row_id"], too_long.text
+
+
+def test_a_buffered_natural_key_is_overlaid_drained_updated_and_deleted_by_it(site, planning):
+    """Volumes (critical: buffered at the site) keyed by their labels: the buffer's rows and index buckets, the
+    merged view, the drain, the existence check of an update against the replica, and change capture, by text keys."""
+    tag = uuid.uuid4().hex[:6]
+    labels = [f"TAPE-{tag}-ü", f"TAPE-{tag}-a", f"DISK,{tag}"]
+    values = {"site_id": planning["archive"], "capacity_bytes": 10**12}
+    receipt = site.post("/transactions", {"steps": [{"table": "volume", "id": label, "values": values} for label in labels]})
+    assert receipt["ids"] == labels and receipt["state"] == "accepted", receipt
+    assert [site.get("volume", label)["_sync_state"] for label in labels] == ["buffered"] * 3
+    assert [r["label"] for r in site.listed("volume", site_id=planning["archive"]) if tag in r["label"]] == sorted(labels)
+    site.shown("volume", "label", labels[0], _sync_state="buffered")
+    site.drain()
+    site.shown("volume", "label", labels[0], _sync_state="replicated")
+
+    grown = httpx.patch(f"{site.api}/v1/records/volume/{labels[0]}", json={"capacity_bytes": 2 * 10**12}, headers=site.headers)
+    assert grown.status_code == 202 and grown.json()["state"] == "accepted", grown.text  # the replica's row, found by its label
+    nowhere = httpx.patch(f"{site.api}/v1/records/volume/NONE-{tag}", json={"capacity_bytes": 1}, headers=site.headers)
+    assert nowhere.status_code == 404, nowhere.text
+    wiped = httpx.delete(f"{site.api}/v1/records/volume/{labels[2]}", headers=site.headers, timeout=10)
+    assert wiped.status_code == 202, wiped.text
+    assert site.get("volume", labels[0])["capacity_bytes"] == 2 * 10**12
+    assert [r["label"] for r in site.listed("volume", site_id=planning["archive"]) if tag in r["label"]] == sorted(labels[:2])
+    site.drain()
+    site.shown("volume", "label", labels[0], _sync_state="replicated", capacity_bytes=2 * 10**12)
+    wait_for(lambda: site.rows("volume", label=labels[2]) == [], timeout=15, what="the deleted volume, gone from Datasette")
+    primary = create_engine(site.primary_url)
+    try:
+        with primary.connect() as conn:
+            ops = conn.execute(
+                text("SELECT row_id, op FROM row_change WHERE table_name = 'volume' AND row_id LIKE :t ORDER BY seq"), {"t": f"%{tag}%"}
+            )
+            assert sorted(ops) == sorted([*((label, "INSERT") for label in labels), (labels[0], "UPDATE"), (labels[2], "DELETE")])
+    finally:
+        primary.dispose()

@@ -54,7 +54,7 @@ class Reads(Keys):
         one command (``overlay_exists.lua``), instead of one HGETALL per key."""
         if not keys:
             return []
-        found = self._overlay_exists(args=[self.row_key(table, ""), ",".join(keys)])
+        found = self._overlay_exists(args=[self.row_key(table, ""), "\0".join(keys)])
         return [keys[i - 1] for i in found]
 
     def entries_after(self, position: str | None, count: int, dead: bool = False) -> list[tuple[str, bytes | None]]:

@@ -4,7 +4,7 @@ along a route, and the physical copies of a package at a site.
 Shaped unlike the observatory domain on purpose (tests/test_second_domain.py): no observing night, a
 package key the client gives (the packaging system names its packages by UUID before opsync sees
 them) in a column not called ``id``, a site keyed by the text code its operators give it (a natural key),
-planning tables written directly, a deletable copy, and an
+a buffered volume keyed by its label (a natural key too), planning tables written directly, a deletable copy, and an
 ``onupdate`` column on the transfers the drain's updates must stamp.
 """
 
@@ -107,3 +107,15 @@ class PhysicalCopy(Keyed, Base):
     site_id: Mapped[str] = mapped_column(SITE_CODE, ForeignKey("site.code"), index=True, comment="Where the copy is")
     medium: Mapped[str] = mapped_column(String(16), index=True, info=MEDIUM.info, comment="disk, tape or object_store")
     location: Mapped[str] = mapped_column(String(512), comment="Path or volume label at the site")
+
+
+class Volume(Base):
+    """A storage volume at a site (a tape, a disk), keyed by the label written on it: buffered like the copies."""
+
+    __tablename__ = "volume"
+    __opsync__: ClassVar[Ingest] = Ingest(Mode.critical, deletable=True, key=Key.client, facets=("site_id",))
+    __table_args__ = (NON_NEGATIVE.check("capacity_bytes"), {"comment": "Storage volumes"})
+
+    label: Mapped[str] = mapped_column(String(32), primary_key=True, comment="Label written on the volume, e.g. TAPE-0001")
+    site_id: Mapped[str] = mapped_column(SITE_CODE, ForeignKey("site.code"), index=True, comment="Where the volume is")
+    capacity_bytes: Mapped[int] = mapped_column(BigInteger, info=NON_NEGATIVE.info, comment="Capacity, bytes")

@@ -15,7 +15,14 @@ down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = ("transfer",)
 depends_on: str | Sequence[str] | None = "engine_0003"  # change capture of a natural (text) key
 
-CAPTURED = {"site": "code", "route": "id", "data_transfer_package": "package_uuid", "data_transfer": "id", "physical_copy": "id"}
+CAPTURED = {
+    "site": "code",
+    "route": "id",
+    "data_transfer_package": "package_uuid",
+    "data_transfer": "id",
+    "physical_copy": "id",
+    "volume": "label",
+}
 UUID_KEY = "Time-ordered UUIDv7, generated before insert"
 TIMESTAMPTZ = sa.DateTime(timezone=True)
 SITE_CODE = sa.String(16)
@@ -116,6 +123,17 @@ def upgrade() -> None:
         comment="Stored copies",
     )
     index("physical_copy", "package_uuid", "site_id", "medium")
+    op.create_table(
+        "volume",
+        sa.Column("label", sa.String(32), nullable=False, comment="Label written on the volume, e.g. TAPE-0001"),
+        sa.Column("site_id", SITE_CODE, nullable=False, comment="Where the volume is"),
+        sa.Column("capacity_bytes", sa.BigInteger(), nullable=False, comment="Capacity, bytes"),
+        sa.PrimaryKeyConstraint("label", name=op.f("pk_volume")),
+        reference("volume", "site_id", "site", key="code"),
+        check("volume", "capacity_bytes", "capacity_bytes >= 0"),
+        comment="Storage volumes",
+    )
+    index("volume", "site_id")
     for table, column in CAPTURED.items():
         op.capture_changes(table, key=column)  # type: ignore[attr-defined]  # registered by opsync.migration_ops
 
