@@ -400,3 +400,7 @@ def test_natural_keys_are_bucketed_by_their_first_bytes_and_listed_in_byte_order
     assert walk(indexed) == sorted(keys[::2])
     assert buffer.index_contains(indexed, keys) == [i % 2 == 0 for i in range(len(keys))]
     assert set(buffer.overlay_rows("housekeeping_sample", keys)) == set(keys)
+    assert buffer.overlaid("housekeeping_sample", [*keys, "nope"]) == keys
+    gone = Step(op=Op.delete, table="housekeeping_sample", key="x,y")  # not buffered: the replica vouches for it
+    txn = Transaction(txn_id=new_id(), site="test", accepted_at=datetime.now(UTC), steps=[gone])
+    assert not buffer.enqueue(txn, answer(txn, State.accepted), in_replica=["housekeeping_sample:x,y"]).replayed
