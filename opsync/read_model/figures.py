@@ -134,5 +134,3 @@ def read_model_figures(buffer: Buffer, replica: Engine) -> ReadModelFigures:
     except DBAPIError as exc:
         found["unavailable"]["replica"] = one_line(exc.orig or exc)
     return ReadModelFigures(**found)
-
-
