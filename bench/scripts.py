@@ -422,7 +422,7 @@ class Cases:
         def overlaid_keys() -> str:
             """A chunk of keys that all have an overlay row (each found: the longest answer)."""
             keys = [str(step.key) for step in self.enqueued(files()).steps]
-            return ",".join((keys * (overlay_chunk // len(keys) + 1))[:overlay_chunk])
+            return "\0".join((keys * (overlay_chunk // len(keys) + 1))[:overlay_chunk])  # as Buffer.overlay_exists sends them
 
         slowlog.measure("empty_eval", lambda: None, lambda _: client.eval("return 1", 0), b"EVAL")
         slowlog.measure("xadd_largest_envelope", lambda: None, lambda _: client.xadd("bench:xadd", {"txn": heaviest}), b"XADD")

@@ -6,14 +6,15 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import psycopg
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from psycopg.types.datetime import TimestamptzLoader
 from pydantic import BaseModel
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import OperationalError
 
 from ingest_api.deps import BufferDep, PrincipalDep, documented, engine_for, on_loop
-from opsync import merged, registry
+from opsync import admission, merged, registry
 from opsync.connections import Database
 from opsync.events import visible
 
@@ -56,12 +57,27 @@ def readable(table: str, who) -> registry.Ingestible:
     return entry
 
 
+RowKey = Annotated[
+    UUID | str,
+    Path(union_mode="left_to_right", description="The row's key: a UUID, or the natural key of a table keyed by one the client gives"),
+]
+
+
+def path_key(entry: registry.Ingestible, given: UUID | str, where: tuple[str, str] = ("path", "row_id")) -> UUID | str:
+    """``given`` as the table's key column holds it, or the 422 FastAPI gives for a bad parameter, naming it."""
+    try:
+        return admission.row_key(admission.rules_of(entry.name), given)
+    except admission.Refused as exc:
+        raise RequestValidationError([{"type": "value_error", "loc": where, "msg": str(exc), "input": str(given)}]) from None
+
+
 @router.get("/records/{table}/{row_id}", summary="One row, merged")
-def get_record(table: str, row_id: UUID, buffer: BufferDep, replica: ReplicaDep, who: PrincipalDep) -> dict[str, Any]:
+def get_record(table: str, row_id: RowKey, buffer: BufferDep, replica: ReplicaDep, who: PrincipalDep) -> dict[str, Any]:
     """The row as it will be once everything buffered is applied, with its ``_sync_state``."""
     entry = readable(table, who)
+    key = path_key(entry, row_id)
     try:
-        row = merged.get_row(buffer, replica, entry, row_id)
+        row = merged.get_row(buffer, replica, entry, key)
     except OperationalError:
         raise HTTPException(503, "local replica unavailable") from None
     if row is None:
@@ -77,10 +93,11 @@ def list_records(
     replica: ReplicaDep,
     who: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[UUID | None, Query(description="Cursor: the `next` of the previous page")] = None,
+    after: Annotated[UUID | str | None, Query(union_mode="left_to_right", description="Cursor: the `next` of the previous page")] = None,
 ) -> Page:
     """Filter with ``?column=value`` on indexed columns (e.g. ``?status=running``); pages in key order."""
     entry = readable(table, who)
+    after = None if after is None else path_key(entry, after, ("query", "after"))
     raw = {k: v for k, v in request.query_params.items() if k not in RESERVED}
     try:
         rows, cursor = merged.list_rows(buffer, replica, entry, merged.parse_filters(entry, raw), after, limit)

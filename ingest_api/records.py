@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from ingest_api.backpressure import check_backpressure
 from ingest_api.deps import Caller, documented, get_enqueuer, get_judge, get_primary
-from ingest_api.reads import get_replica
+from ingest_api.reads import RowKey, get_replica, path_key
 from opsync import domain, registry
 from opsync.admission import json_float
 from opsync.auth import Principal
@@ -288,26 +288,34 @@ async def post_transaction(
     return await run(body.steps, request, w, body)
 
 
+def step_key(table: str, row_id: UUID | str) -> UUID | str:
+    """The path's key, refused (422 naming ``row_id``) when it is none of its table's; an unknown table is admission's to name."""
+    try:
+        return path_key(registry.get_table(table), row_id)
+    except registry.UnknownTable:
+        return row_id
+
+
 @router.patch("/records/{table}/{row_id}", status_code=202, response_model=Receipt, summary="Update fields", openapi_extra=IDEMPOTENT)
 async def patch_record(
     table: TableName,
-    row_id: UUID,
+    row_id: RowKey,
     request: Request,
     w: WriterDep,
     values: Annotated[dict[str, Any], Body(examples=[EXAMPLES.update])],
 ) -> Response:
     """Works whether the row is still buffered, committed or replicated: applied after its create, in order.
     A row deleted by a buffered transaction, or that neither the buffer nor the local replica has, is 404."""
-    steps = [StepIn(op=Op.update, table=table, id=row_id, values=values)]
+    steps = [StepIn(op=Op.update, table=table, id=step_key(table, row_id), values=values)]
     return await run(steps, request, w, values)
 
 
 @router.delete("/records/{table}/{row_id}", status_code=202, response_model=Receipt, summary="Delete a row", openapi_extra=IDEMPOTENT)
 async def delete_record(
     table: TableName,
-    row_id: UUID,
+    row_id: RowKey,
     request: Request,
     w: WriterDep,
 ) -> Response:
-    steps = [StepIn(op=Op.delete, table=table, id=row_id)]
+    steps = [StepIn(op=Op.delete, table=table, id=step_key(table, row_id))]
     return await run(steps, request, w, None)

@@ -39,6 +39,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from functools import cache
 from typing import Any
+from uuid import UUID
 
 import msgspec
 from psycopg.types.json import Jsonb
@@ -67,6 +68,7 @@ FLOAT_TEXT = re.compile(f"{WS}([+-]?(?:[0-9]+\\.?[0-9]*|\\.[0-9]+)(?:[eE][+-]?[0
 FLOAT_WORD = re.compile(f"{WS}([+-]?)(nan|inf|infinity){WS}", re.IGNORECASE)
 FLOAT_OTHER = re.compile(f"{WS}[+-]?(?:0x|nan\\()", re.IGNORECASE)  # glibc strtod's hex and nan(...): PostgreSQL judges
 BOOL_TEXT = re.compile(f"{WS}(.*?){WS}", re.DOTALL)
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 UUID_TEXT = re.compile(r"(\{)?((?:[0-9a-fA-F]{4}-?){7}[0-9a-fA-F]{4})(?(1)\})")
 RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,6}))?(?:(Z)|([+-])([0-9]{2}):([0-9]{2}))"
@@ -209,6 +211,37 @@ def judge_string(length: int | None) -> Callable[[Any], Any]:
         return text
 
     return judge
+
+
+def judge_natural_key(length: int | None) -> Callable[[Any], str]:
+    """A client-given text key: a non-empty string that fits its column, stored exactly as sent (never clipped:
+    the buffer, the primary and every later step must name the row by the same text)."""
+
+    def judge(value: Any) -> str:
+        if not isinstance(value, str):
+            raise Refused("a text key: send it as a JSON string")
+        if not value:
+            raise Refused("a key cannot be empty")
+        if "\x00" in value or LONE_SURROGATE.search(value):
+            raise Refused("a key cannot hold a NUL or an unpaired surrogate")
+        if length is not None and len(value) > length:
+            raise Refused(f"at most {length} characters, got {len(value)}")
+        return value
+
+    return judge
+
+
+def row_key(rules: "TableRules", given: Any) -> Any:
+    """A row's key as its table's column holds it, or :class:`Refused`: a UUID table's as the request model parsed it
+    (a UUID; no work added on its path), a natural key judged as sent (the message names the key column)."""
+    if rules.key_judge is None:
+        if isinstance(given, UUID):
+            return given
+        raise Refused("Input should be a valid UUID" if isinstance(given, str) else "UUID input should be a string, bytes or UUID object")
+    try:
+        return rules.key_judge(str(given) if isinstance(given, UUID) else given)  # text spelt as a UUID, parsed by the request model
+    except Refused as exc:
+        raise Refused(f"{rules.entry.key.name}: {exc}") from None
 
 
 def judge_time(value: Any) -> Any:
@@ -379,6 +412,7 @@ class TableRules:
 
     entry: registry.Ingestible
     judges: dict[str, Callable[[Any], Any]]  # input columns but the key
+    key_judge: Callable[[Any], str] | None  # a natural key's; None for UUID keys (typed by the request model)
     not_null: frozenset[str]
     required: tuple[str, ...]  # NOT NULL without a default: an insert must give them
     checks: tuple[Check, ...]
@@ -396,6 +430,7 @@ def rules_of(table: str) -> TableRules:
     return TableRules(
         entry=entry,
         judges=judges,
+        key_judge=None if entry.uuid_key else judge_natural_key(entry.key.type.length),  # type: ignore[attr-defined]  # a String
         not_null=frozenset(c.key for c in columns if not c.nullable),
         required=tuple(c.key for c in columns if not c.nullable and not registry.has_default(c)),
         checks=checks_of(entry),

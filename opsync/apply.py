@@ -420,18 +420,19 @@ def step_sql(op: Op, table: str, columns: tuple[str, ...]) -> str:
 def compose_step_sql(op: Op, table: str, columns: tuple[str, ...]) -> sql.Composed:
     entry = registry.get_table(table)
     t, key, pk = sql.Identifier(table), sql.Identifier(KEY_COLUMN), sql.Identifier(entry.key.name)
+    kind = sql.SQL(entry.key_sql)  # uuid or text: a registered type name, never input
     missing = sql.SQL(
         "SELECT pg_temp.opsync_no_such_row({message} || k.{key} || ': no such row') FROM k WHERE k.{key} NOT IN (SELECT {pk} FROM done)"
     ).format(message=sql.Literal(f"{op} of {table} "), key=key, pk=pk)
     if op is Op.delete:
         return (
             sql.SQL(
-                "WITH k AS (SELECT unnest(%s::uuid[]) AS {key}),"
+                "WITH k AS (SELECT unnest(%s::{kind}[]) AS {key}),"
                 " done AS (DELETE FROM {t} USING k WHERE {t}.{pk} = k.{key} RETURNING {t}.{pk}) "
-            ).format(t=t, key=key, pk=pk)
+            ).format(t=t, key=key, pk=pk, kind=kind)
             + missing
         )
-    rows = sql.SQL("ROWS FROM (unnest(%s::uuid[]), jsonb_populate_recordset(NULL::{t}, %s)) AS k({key})").format(t=t, key=key)
+    rows = sql.SQL("ROWS FROM (unnest(%s::{kind}[]), jsonb_populate_recordset(NULL::{t}, %s)) AS k({key})").format(t=t, key=key, kind=kind)
     stamp = [sql.SQL("{c} = {e}").format(c=sql.Identifier(c), e=sql.SQL(e)) for c, e in stamped_columns(entry)]
     if op is Op.update:
         sets = [sql.SQL("{c} = k.{c}").format(c=sql.Identifier(c)) for c in columns] + stamp

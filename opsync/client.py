@@ -33,11 +33,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Annotated, Any, Generic, Self, TypeVar
 from uuid import UUID
 
 import httpx
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from opsync.config import Settings
 from opsync.envelope import State
@@ -110,13 +110,13 @@ class Receipt(BaseModel):
 
     txn_id: UUID
     state: State
-    ids: list[UUID]
+    ids: list[Annotated[UUID | str, Field(union_mode="left_to_right")]]  # a natural key (text) where it is no UUID
     accepted_at: datetime
     commit_lsn: str | None = None
     status_url: str
 
     @property
-    def id(self) -> UUID:
+    def id(self) -> UUID | str:
         """The key of the only row of a one-row write."""
         (only,) = self.ids
         return only

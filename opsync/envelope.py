@@ -30,7 +30,7 @@ class State(StrEnum):
 class Step(BaseModel):
     op: Op
     table: str
-    key: UUID = Field(description="Primary key of the row the step writes")
+    key: UUID | str = Field(description="Primary key of the row the step writes: a UUID, or a natural key (text)")
     values: dict[str, Any] = Field(default_factory=dict, description="Column values, JSON-encoded, exactly as sent")
 
     @cached_property
@@ -57,7 +57,7 @@ class Transaction(BaseModel):
     idempotency_key: str | None = None
     steps: list[Step]
 
-    def row_keys(self) -> list[tuple[str, UUID]]:
+    def row_keys(self) -> list[tuple[str, UUID | str]]:
         return [(step.table, step.key) for step in self.steps]
 
 
@@ -66,13 +66,13 @@ class Receipt(BaseModel):
 
     txn_id: UUID
     state: State
-    ids: list[UUID]
+    ids: list[UUID | str]
     accepted_at: str
     commit_lsn: str | None = None
     status_url: str
 
     @property
-    def id(self) -> UUID:
+    def id(self) -> UUID | str:
         """The key of the only row of a one-row write."""
         (only,) = self.ids
         return only

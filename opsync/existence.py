@@ -11,7 +11,6 @@ the primary will refuse.
 """
 
 import asyncio
-from uuid import UUID
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
@@ -49,8 +48,9 @@ def in_replica(replica: Engine, rows: list[tuple[str, str]]) -> list[str]:
     found = []
     try:
         for table in sorted({table for table, _ in rows}):
-            keys = [UUID(key) for t, key in rows if t == table]
-            found += [f"{table}:{key}" for key in merged.replica_rows(replica, registry.get_table(table), {}, ids=keys)]
+            entry = registry.get_table(table)
+            keys = [entry.key_of(key) for t, key in rows if t == table]
+            found += [f"{table}:{key}" for key in merged.replica_rows(replica, entry, {}, ids=keys)]
     except DBAPIError as exc:
         raise ReplicaUnavailable(
             f"local replica unavailable ({exc.orig.__class__.__name__}): cannot tell whether the rows "

@@ -14,10 +14,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
@@ -35,6 +35,15 @@ NUL = "\x00"
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\\ud800" escapes decode to these when unpaired
 
 
+def either_key(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A key that is neither a UUID nor text (a number, an object) is left to admission, which knows the table's
+    key kind and names it in one error (the union would give one per kind)."""
+    try:
+        return handler(value)
+    except ValidationError:
+        return value
+
+
 class StepIn(BaseModel):
     """One step as a client writes it; a misspelt key is refused, not silently dropped."""
 
@@ -42,7 +51,11 @@ class StepIn(BaseModel):
 
     op: Op = Op.insert
     table: str
-    id: UUID | None = Field(None, description="Row key: generated for inserts when absent; required otherwise")
+    id: Annotated[UUID | str | None, WrapValidator(either_key)] = Field(
+        None,
+        union_mode="left_to_right",  # a UUID key as UUID (canonical spelling) whatever the table; text for natural keys
+        description="Row key: a UUID (generated for inserts when absent if the site makes keys) or a natural key the client gives",
+    )
     ref: str | None = Field(None, description='Name later steps use as {"$ref": name} for this row\'s key')
     values: dict[str, Any] = Field(default_factory=dict)
 
@@ -163,7 +176,9 @@ class Admitting:
             if step_in.id is None and entry.key_source is registry.Key.client:
                 self.errors.append(problem((*loc, "id"), f"rows of {entry.name} need their key ({entry.key.name}): the client gives it"))
                 return None
-            uid = step_in.id or new_id()
+            uid = self.key(rules, step_in.id, (*loc, "id")) if step_in.id is not None else new_id()
+            if uid is None:
+                return None
             key = str(uid)
             shown = self.values(rules, raw, (*loc, "values"), partial=False)
             row = {c: None for c in rules.judges} | rules.defaults | shown
@@ -173,7 +188,10 @@ class Admitting:
         if step_in.id is None:
             self.errors.append(problem((*loc, "id"), f"{op} needs the id of the row"))
             return None
-        uid, key = step_in.id, str(step_in.id)
+        uid = self.key(rules, step_in.id, (*loc, "id"))
+        if uid is None:
+            return None
+        key = str(uid)
         if op is Op.delete:
             if raw:
                 self.errors.append(problem((*loc, "values"), "a delete takes no values"))
@@ -188,6 +206,15 @@ class Admitting:
         elif self.live(entry.name, key, (*loc, "id")):
             self.follow(rules, op, key, shown, at, (*loc, "id"))
         return Step.admitted(shown, op=op, table=entry.name, key=uid, values=raw)
+
+    def key(self, rules: admission.TableRules, given: UUID | str, loc: tuple) -> UUID | str | None:
+        """The step's key as its table's column holds it (None, the problem noted, when it cannot): a UUID table's
+        as parsed by the request model (no work added), a natural key judged as sent."""
+        try:
+            return admission.row_key(rules, given)
+        except admission.Refused as exc:
+            self.errors.append(problem(loc, str(exc)))
+            return None
 
     def live(self, table: str, key: str, loc: tuple) -> bool:
         """False (and the problem noted) when an earlier step deleted the row: the primary would find none."""

@@ -66,7 +66,7 @@ def parse_filters(entry: Ingestible, raw: dict[str, str]) -> dict[str, Any]:
     return filters
 
 
-def get_row(buffer: Buffer, replica: Engine, entry: Ingestible, key: UUID) -> dict | None:
+def get_row(buffer: Buffer, replica: Engine, entry: Ingestible, key: UUID | str) -> dict | None:
     overlay = read_overlays(buffer, entry, [str(key)]).get(str(key))
     base = None
     if overlay is None or overlay.needs_base:
@@ -76,9 +76,9 @@ def get_row(buffer: Buffer, replica: Engine, entry: Ingestible, key: UUID) -> di
 
 
 def list_rows(
-    buffer: Buffer, replica: Engine, entry: Ingestible, filters: dict[str, Any], after: UUID | None, limit: int
+    buffer: Buffer, replica: Engine, entry: Ingestible, filters: dict[str, Any], after: UUID | str | None, limit: int
 ) -> tuple[list[dict], str | None]:
-    """One page ordered by key (UUIDv7: by creation time), and the cursor of the next page.
+    """One page ordered by key (UUIDv7: by creation time; a natural key: by its text's bytes), and the cursor of the next page.
 
     Three sources each give their first ``limit`` candidates past the cursor: buffered rows
     matching the filters by index, replica rows matching them, and partial overlays (updates of
@@ -93,7 +93,7 @@ def list_rows(
     ends = [keys[-1] for keys in (indexed, sorted(base)) if len(keys) >= limit] + [partial_end] * (partial_end is not None)
     boundary = min(ends) if ends else None  # type: ignore[type-var]  # partial_end only when not None
     overlays = read_overlays(buffer, entry, sorted(set(indexed) | set(base)))
-    missing = [UUID(k) for k, o in overlays.items() if o.needs_base and k not in base]
+    missing = [entry.key_of(k) for k, o in overlays.items() if o.needs_base and k not in base]
     base |= replica_rows(replica, entry, {}, ids=missing)
     key = entry.key.name
     rows = {row[key]: row for row in merge_all(base, overlays, filters, key)} | partial
@@ -104,7 +104,7 @@ def list_rows(
 
 
 def partial_candidates(
-    buffer: Buffer, replica: Engine, entry: Ingestible, filters: dict, after: UUID | None, limit: int
+    buffer: Buffer, replica: Engine, entry: Ingestible, filters: dict, after: UUID | str | None, limit: int
 ) -> tuple[dict[str, dict], str | None]:
     """Merged rows from partial overlays that match ``filters``, walking them in key order.
 
@@ -118,13 +118,13 @@ def partial_candidates(
         if not chunk:
             return found, None
         overlays = read_overlays(buffer, entry, chunk)
-        base = replica_rows(replica, entry, {}, ids=[UUID(k) for k in chunk])
+        base = replica_rows(replica, entry, {}, ids=[entry.key_of(k) for k in chunk])
         found |= {row[entry.key.name]: row for row in merge_all(base, overlays, filters, entry.key.name)}
         start = chunk[-1]
     return found, start
 
 
-def overlay_candidates(buffer: Buffer, entry: Ingestible, filters: dict, after: UUID | None, limit: int) -> list[str]:
+def overlay_candidates(buffer: Buffer, entry: Ingestible, filters: dict, after: UUID | str | None, limit: int) -> list[str]:
     """Keys of buffered rows past ``after`` whose buffered values match, walking the smallest index."""
     indexes = [buffer.field_index(entry.name, f, v) for f, v in filters.items()] or [buffer.rows_index(entry.name)]
     start = str(after) if after else None
@@ -158,8 +158,8 @@ def replica_rows(
     replica: Engine,
     entry: Ingestible,
     filters: dict,
-    ids: list[UUID] | None = None,
-    after: UUID | None = None,
+    ids: list[UUID | str] | None = None,
+    after: UUID | str | None = None,
     limit: int | None = None,
 ) -> dict[str, dict]:
     """Rows as the replica holds them, JSON-ready, by key (empty without a query to make).
@@ -173,11 +173,11 @@ def replica_rows(
     table, key = entry.table, entry.key
     query = select(table).where(*(table.c[f] == v for f, v in filters.items()))
     if ids is None or limit is not None:
-        query = query.order_by(key)
+        query = query.order_by(entry.key_order)
     if ids is not None:
         query = query.where(key == any_(literal(ids, ARRAY(key.type))))
     if after is not None:
-        query = query.where(key > after)
+        query = query.where(entry.key_order > after)
     if limit is not None:
         query = query.limit(limit)
     with replica.connect() as conn:

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Identity,
     MetaData,
     String,
+    Text,
     func,
     text,
 )
@@ -130,7 +131,7 @@ class RowChange(Base):
     )
     seq: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True, comment="Order within the transaction")
     table_name: Mapped[str] = mapped_column(String(63), comment="Ingestible table of the row")
-    row_id: Mapped[uuid.UUID] = mapped_column(comment="Key of the changed row")
+    row_id: Mapped[str] = mapped_column(Text, comment="Key of the changed row")
     op: Mapped[str] = mapped_column(String(6), comment="INSERT, UPDATE or DELETE")
     changed_at: Mapped[datetime] = mapped_column(
         server_default=func.now(), index=True, comment="Start of the changing transaction; retention is by this time"

@@ -114,7 +114,7 @@ def test_a_key_only_the_primary_can_make_is_refused_naming_table_and_column():
             registry.ingestible(model)
 
 
-def test_a_client_given_uuid_key_registers_and_other_keys_are_refused_for_now():
+def test_client_given_uuid_and_text_keys_register_and_other_keys_are_refused():
     base = scratch_base()
 
     class Given(base):
@@ -126,7 +126,17 @@ def test_a_client_given_uuid_key_registers_and_other_keys_are_refused_for_now():
     class Natural(base):
         __tablename__ = "natural_thing"
         __opsync__ = Ingest(Mode.critical, key=Key.client)
+        code: Mapped[str] = mapped_column(String(12), primary_key=True)
+
+    class Unsaid(base):
+        __tablename__ = "unsaid_thing"
+        __opsync__ = Ingest(Mode.critical)
         code: Mapped[str] = mapped_column(Text, primary_key=True)
+
+    class Counted(base):
+        __tablename__ = "counted_thing"
+        __opsync__ = Ingest(Mode.critical, key=Key.client)
+        number: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
 
     class Misnamed(base):
         __tablename__ = "misnamed_thing"
@@ -134,9 +144,14 @@ def test_a_client_given_uuid_key_registers_and_other_keys_are_refused_for_now():
         ref: Mapped[uuid.UUID] = mapped_column(primary_key=True)
 
     entry = registry.ingestible(Given)
-    assert (entry.key.name, entry.key_source, entry.facets) == ("ref", Key.client, ("label",))
-    with pytest.raises(Unregistrable, match="table natural_thing: key column code is TEXT; opsync carries UUID keys only"):
-        registry.ingestible(Natural)
+    assert (entry.key.name, entry.key_source, entry.facets, entry.uuid_key, entry.key_sql) == ("ref", Key.client, ("label",), True, "uuid")
+    natural = registry.ingestible(Natural)
+    assert (natural.key.name, natural.uuid_key, natural.key_sql, natural.key_of("ab,c")) == ("code", False, "text", "ab,c")
+    assert str(natural.key_order.compile()) == 'natural_thing.code COLLATE "C"'  # byte order, as the buffer sorts
+    with pytest.raises(Unregistrable, match=r"table unsaid_thing: key column code is TEXT, which only a client can give: declare"):
+        registry.ingestible(Unsaid)
+    with pytest.raises(Unregistrable, match="table counted_thing: key column number is INTEGER; opsync carries UUID or text keys"):
+        registry.ingestible(Counted)
     with pytest.raises(Unregistrable, match="table misnamed_thing: __opsync__ names no such column: nope"):
         registry.ingestible(Misnamed)
 
@@ -184,7 +199,7 @@ def test_change_capture_covers_every_registered_table_by_its_key_column(pg):
         assert {table for table, _, _ in triggers} == set(registry.REGISTRY)
         assert {args for _, _, args in triggers} == {1} and len(triggers) == 3 * len(registry.REGISTRY)
         key = conn.scalar(text("INSERT INTO instrument (id, name) VALUES (gen_random_uuid(), 'X') RETURNING id"))
-        assert conn.execute(text("SELECT table_name, row_id, op FROM row_change")).all() == [("instrument", key, "INSERT")]
+        assert conn.execute(text("SELECT table_name, row_id, op FROM row_change")).all() == [("instrument", str(key), "INSERT")]
     engine.dispose()
 
 
@@ -205,10 +220,10 @@ def test_an_opsync_0_1_database_at_revision_0002_is_stamped_and_upgraded(pg):
         assert {args for _, _, args in capture_triggers(conn)} == {0}
     migrate.upgrade(url)
     with engine.begin() as conn:
-        assert set(conn.scalars(text("SELECT version_num FROM alembic_version"))) == {"engine_0002", "observatory_0001"}
+        assert set(conn.scalars(text("SELECT version_num FROM alembic_version"))) == {"engine_0003", "observatory_0001"}
         assert {args for _, _, args in capture_triggers(conn)} == {1}
         key = conn.scalar(text("INSERT INTO instrument (id, name) VALUES (gen_random_uuid(), 'Y') RETURNING id"))
-        assert conn.scalar(text("SELECT row_id FROM row_change WHERE table_name = 'instrument'")) == key
+        assert conn.scalar(text("SELECT row_id FROM row_change WHERE table_name = 'instrument'")) == str(key)
     engine.dispose()
 
 
@@ -232,7 +247,7 @@ def test_a_bare_alembic_upgrade_heads_migrates_engine_and_default_domain(pg):
     subprocess.run([sys.executable, "-m", "alembic", "upgrade", "heads"], cwd=REPO, env=env, check=True, capture_output=True)
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert set(conn.scalars(text("SELECT version_num FROM alembic_version"))) == {"engine_0002", "observatory_0001"}
+        assert set(conn.scalars(text("SELECT version_num FROM alembic_version"))) == {"engine_0003", "observatory_0001"}
     engine.dispose()
 
 

@@ -177,7 +177,9 @@ def test_plain_sql_inserts_updates_and_deletes_are_captured(migrated, primary, r
         conn.execute("UPDATE instrument SET description = 'x' WHERE id = %s", (keys[0],))
         conn.execute("DELETE FROM instrument WHERE id = %s", (keys[1],))
         conn.commit()
-        ops = conn.execute("SELECT op, count(*) FROM row_change WHERE row_id = ANY(%s) GROUP BY op ORDER BY op", (keys,)).fetchall()
+        ops = conn.execute(
+            "SELECT op, count(*) FROM row_change WHERE row_id = ANY(%s) GROUP BY op ORDER BY op", ([str(k) for k in keys],)
+        ).fetchall()
         assert ops == [("DELETE", 1), ("INSERT", 5), ("UPDATE", 1)]
     replayed(primary, replica)
     found, _ = read_all(replica, start)
@@ -192,7 +194,7 @@ def test_a_late_commit_is_read_exactly_once(migrated, primary, replica):
         instrument_sql(a, a_key, f"late-{a_key}")
         a_xid = a.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]
         instrument_sql(b, b_key, f"early-{b_key}")
-        b_xid = b.execute("SELECT xid FROM row_change WHERE row_id = %s", (b_key,)).fetchone()[0]
+        b_xid = b.execute("SELECT xid FROM row_change WHERE row_id = %s", (str(b_key),)).fetchone()[0]
         assert a_xid < b_xid
         replayed(primary, replica)
         found, position = read_all(replica, start)

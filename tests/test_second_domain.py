@@ -38,7 +38,7 @@ from tests.conftest import free_port, wait_for
 from tests.domains import transfer
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = ("site", "route", "data_transfer_package", "data_transfer", "physical_copy")
+TABLES = ("site", "route", "data_transfer_package", "data_transfer", "physical_copy", "volume")
 DB = "opsync"  # the read model file's name, as Datasette names the database
 ENTRY_POINTS = "[opsync.domains]\ntransfer = tests.domains.transfer:DOMAIN\n"
 
@@ -171,10 +171,12 @@ def site(pg, tmp_path_factory) -> Iterator[TransferSite]:
 
 @pytest.fixture(scope="module")
 def planning(site) -> dict[str, str]:
-    """Three sites and two routes, written through the API's direct mode (straight to the primary)."""
+    """Three sites (keyed by the codes their operators give) and two routes, written through the API's direct mode."""
     ids = {}
     for kind in ("observatory", "archive", "mirror"):
-        ids[kind] = site.post("/records/site", {"name": f"{kind}-{uuid.uuid4().hex[:6]}", "kind": kind})["ids"][0]
+        code = f"{kind[:3].upper()}-{uuid.uuid4().hex[:6]}"
+        ids[kind] = site.post("/records/site", {"id": code, "name": f"{kind}-{code}", "kind": kind})["ids"][0]
+        assert ids[kind] == code
     for role, destination, method in (("network", "archive", "network"), ("shipment", "mirror", "shipment")):
         route = {"origin_site_id": ids["observatory"], "destination_site_id": ids[destination], "method": method, "bandwidth_mbps": 10.0}
         ids[role] = site.post("/records/route", route)["ids"][0]
@@ -193,11 +195,13 @@ def package(origin: str) -> dict:
 
 def test_the_domain_registers_unlike_the_first():
     entries = registry.registrations(transfer.DOMAIN.base)
-    assert list(entries) == ["site", "data_transfer_package", "route", "data_transfer", "physical_copy"]  # FK order
+    assert list(entries) == ["site", "data_transfer_package", "route", "volume", "data_transfer", "physical_copy"]  # FK order
     given = entries["data_transfer_package"]
     assert (given.key.name, given.key_source, given.mode) == ("package_uuid", registry.Key.client, registry.Mode.critical)
     assert {e.name for e in entries.values() if e.mode is registry.Mode.direct} == {"site", "route"}
-    assert {e.name for e in entries.values() if e.deletable} == {"route", "physical_copy"}
+    assert {e.name for e in entries.values() if e.deletable} == {"site", "route", "physical_copy", "volume"}
+    natural = entries["site"]
+    assert (natural.key.name, natural.key_source, natural.uuid_key, natural.key_sql) == ("code", registry.Key.client, False, "text")
     assert all(e.night_of is None and "night" not in Layout(e, "UTC").columns for e in entries.values())
 
 
@@ -228,7 +232,7 @@ def test_its_migrations_create_exactly_its_models_with_change_capture_on_each(si
     declared = {c.name for m in metadata for t in m.tables.values() for c in t.constraints if isinstance(c, CheckConstraint)}
     assert declared == checks
     assert dict(captured) == {table: 3 for table in TABLES}
-    assert versions == {"engine_0002", "transfer_0001"}
+    assert versions == {"transfer_0001"}  # it depends on engine_0003 (text keys in change capture): one head
 
 
 def test_the_api_and_the_cli_serve_the_domain(site):
@@ -239,16 +243,17 @@ def test_the_api_and_the_cli_serve_the_domain(site):
 
 
 def test_direct_tables_are_written_straight_to_the_primary(site, planning):
-    receipt = site.post("/records/site", {"name": f"mirror-{uuid.uuid4().hex[:6]}", "kind": "mirror"})
-    assert receipt["state"] == "committed" and receipt["commit_lsn"], receipt
+    code = f"MIR-{uuid.uuid4().hex[:6]}"
+    receipt = site.post("/records/site", {"id": code, "name": f"mirror-{code}", "kind": "mirror"})
+    assert receipt["state"] == "committed" and receipt["commit_lsn"] and receipt["ids"] == [code], receipt
     primary = create_engine(site.primary_url)
     try:
         with primary.connect() as conn:
-            assert conn.scalar(text("SELECT kind FROM site WHERE id = :k"), {"k": receipt["ids"][0]}) == "mirror"
+            assert conn.scalar(text("SELECT kind FROM site WHERE code = :k"), {"k": code}) == "mirror"
     finally:
         primary.dispose()
-    assert site.get("site", receipt["ids"][0])["kind"] == "mirror"
-    site.shown("site", "id", receipt["ids"][0], _sync_state="replicated", kind="mirror")  # through change capture
+    assert site.get("site", code)["kind"] == "mirror"
+    site.shown("site", "code", code, _sync_state="replicated", kind="mirror")  # through change capture
 
 
 def test_its_registration_decides_what_may_be_deleted(site, planning):
@@ -377,18 +382,111 @@ def test_change_capture_publishes_plain_sql_on_the_primary(site, planning):
 def test_the_read_model_check_finds_and_repairs_drifted_rows(site, planning):
     """Rows whose only event (their change capture) has reached the publisher: nothing of theirs is on its way."""
     mirror, shipment, package_key = planning["mirror"], planning["shipment"], by_hand(site, planning["mirror"], 7)
-    kind = site.shown("site", "id", mirror, _sync_state="replicated")["kind"]
+    kind = site.shown("site", "code", mirror, _sync_state="replicated")["kind"]
     site.shown("route", "id", shipment, _sync_state="replicated")
     site.shown("data_transfer_package", "package_uuid", package_key, _sync_state="replicated")
     with sqlite3.connect(site.model_path) as conn:  # edits by hand, behind the publisher's back
-        conn.execute("UPDATE site SET kind = 'archive' WHERE id = ?", (mirror,))
+        conn.execute("UPDATE site SET kind = 'archive' WHERE code = ?", (mirror,))
         conn.execute("DELETE FROM route WHERE id = ?", (shipment,))
         conn.execute("UPDATE data_transfer_package SET size_bytes = 8 WHERE package_uuid = ?", (package_key,))
-    assert site.rows("site", id=mirror)[0]["kind"] == "archive" and site.rows("route", id=shipment) == []
+    assert site.rows("site", code=mirror)[0]["kind"] == "archive" and site.rows("route", id=shipment) == []
     report = json.loads(site.run(sys.executable, "-m", "tests.domains.site_tasks", "check"))
     assert set(report) == set(TABLES)
     drifted = {"site": [mirror], "route": [shipment], "data_transfer_package": [package_key]}
     assert {name: t["drift"] for name, t in report.items() if t["drift"]} == drifted, report
     assert all(report[name]["repaired"] == 1 for name in drifted), report
-    assert site.rows("site", id=mirror)[0]["kind"] == kind and site.rows("route", id=shipment)[0]["method"] == "shipment"
+    assert site.rows("site", code=mirror)[0]["kind"] == kind and site.rows("route", id=shipment)[0]["method"] == "shipment"
     assert site.rows("data_transfer_package", package_uuid=package_key)[0]["size_bytes"] == 7
+
+
+def test_a_natural_key_travels_end_to_end_as_the_client_gave_it(site, planning):
+    """Sites are keyed by the text code their operators give: written, read, paged, updated and deleted by it."""
+    tag = uuid.uuid4().hex[:6]
+    codes = [f"a,{tag}", f"B {tag}", f"Z{tag}"]  # a comma, a space, mixed case: byte order, not the collation's
+    receipts = [site.post("/records/site", {"id": code, "name": f"n-{code}", "kind": "mirror"}) for code in codes]
+    assert [r["ids"] for r in receipts] == [[code] for code in codes]
+    for code in codes:
+        assert site.get("site", code)["code"] == code
+        site.shown("site", "code", code, _sync_state="replicated")  # captured by its text key, published
+    walked, after = [], None
+    while True:  # the merged list pages in key order by the cursor
+        params = {"kind": "mirror", "limit": 1} | ({"after": after} if after else {})
+        response = httpx.get(f"{site.api}/v1/records/site", params=params, headers=site.headers, timeout=10).json()
+        walked += [row["code"] for row in response["rows"]]
+        if (after := response["next"]) is None:
+            break
+    assert [c for c in walked if tag in c] == sorted(codes)
+
+    renamed = httpx.patch(f"{site.api}/v1/records/site/{codes[1]}", json={"name": f"renamed-{tag}"}, headers=site.headers)
+    assert renamed.status_code == 202 and renamed.json()["state"] == "committed", renamed.text
+    site.shown("site", "code", codes[1], name=f"renamed-{tag}")
+    primary = create_engine(site.primary_url)
+    try:
+        with primary.connect() as conn:
+            captured = conn.execute(
+                text("SELECT op FROM row_change WHERE table_name = 'site' AND row_id = :k ORDER BY seq"), {"k": codes[1]}
+            )
+            assert [op for (op,) in captured] == ["INSERT", "UPDATE"]
+    finally:
+        primary.dispose()
+    gone = httpx.delete(f"{site.api}/v1/records/site/{codes[2]}", headers=site.headers, timeout=10)
+    assert gone.status_code == 202, gone.text
+    wait_for(lambda: site.rows("site", code=codes[2]) == [], timeout=15, what="the deleted site, gone from Datasette")
+    assert httpx.get(f"{site.api}/v1/records/site/{codes[2]}", headers=site.headers, timeout=10).status_code == 404
+
+    copy = {"package_uuid": by_hand(site, codes[0], 1), "site_id": codes[0], "medium": "tape", "location": "/v"}
+    buffered = site.post("/records/physical_copy", copy)  # a buffered row referring to a natural key
+    assert [r["site_id"] for r in site.listed("physical_copy", site_id=codes[0])] == [codes[0]]
+    site.drain()
+    site.shown("physical_copy", "id", buffered["ids"][0], _sync_state="replicated", site_id=codes[0])
+    report = json.loads(site.run(sys.executable, "-m", "tests.domains.site_tasks", "check"))
+    assert report["site"]["drift"] == [] and report["physical_copy"]["drift"] == [], report
+
+
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [("", "a key cannot be empty"), ("X" * 17, "at most 16 characters, got 17"), (17, "a text key: send it as a JSON string")],
+)
+def test_a_bad_natural_key_is_refused_naming_the_field(site, code, why):
+    response = httpx.post(f"{site.api}/v1/records/site", json={"id": code, "name": "n", "kind": "mirror"}, headers=site.headers)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"][-1] == "id" and error["msg"] == f"code: {why}", error
+    too_long = httpx.get(f"{site.api}/v1/records/site/{'X' * 17}", headers=site.headers, timeout=10)
+    assert too_long.status_code == 422 and too_long.json()["detail"][0]["loc"] == ["path", "row_id"], too_long.text
+
+
+def test_a_buffered_natural_key_is_overlaid_drained_updated_and_deleted_by_it(site, planning):
+    """Volumes (critical: buffered at the site) keyed by their labels: the buffer's rows and index buckets, the
+    merged view, the drain, the existence check of an update against the replica, and change capture, by text keys."""
+    tag = uuid.uuid4().hex[:6]
+    labels = [f"TAPE-{tag}-ü", f"TAPE-{tag}-a", f"DISK,{tag}"]
+    values = {"site_id": planning["archive"], "capacity_bytes": 10**12}
+    receipt = site.post("/transactions", {"steps": [{"table": "volume", "id": label, "values": values} for label in labels]})
+    assert receipt["ids"] == labels and receipt["state"] == "accepted", receipt
+    assert [site.get("volume", label)["_sync_state"] for label in labels] == ["buffered"] * 3
+    assert [r["label"] for r in site.listed("volume", site_id=planning["archive"]) if tag in r["label"]] == sorted(labels)
+    site.shown("volume", "label", labels[0], _sync_state="buffered")
+    site.drain()
+    site.shown("volume", "label", labels[0], _sync_state="replicated")
+
+    grown = httpx.patch(f"{site.api}/v1/records/volume/{labels[0]}", json={"capacity_bytes": 2 * 10**12}, headers=site.headers)
+    assert grown.status_code == 202 and grown.json()["state"] == "accepted", grown.text  # the replica's row, found by its label
+    nowhere = httpx.patch(f"{site.api}/v1/records/volume/NONE-{tag}", json={"capacity_bytes": 1}, headers=site.headers)
+    assert nowhere.status_code == 404, nowhere.text
+    wiped = httpx.delete(f"{site.api}/v1/records/volume/{labels[2]}", headers=site.headers, timeout=10)
+    assert wiped.status_code == 202, wiped.text
+    assert site.get("volume", labels[0])["capacity_bytes"] == 2 * 10**12
+    assert [r["label"] for r in site.listed("volume", site_id=planning["archive"]) if tag in r["label"]] == sorted(labels[:2])
+    site.drain()
+    site.shown("volume", "label", labels[0], _sync_state="replicated", capacity_bytes=2 * 10**12)
+    wait_for(lambda: site.rows("volume", label=labels[2]) == [], timeout=15, what="the deleted volume, gone from Datasette")
+    primary = create_engine(site.primary_url)
+    try:
+        with primary.connect() as conn:
+            ops = conn.execute(
+                text("SELECT row_id, op FROM row_change WHERE table_name = 'volume' AND row_id LIKE :t ORDER BY seq"), {"t": f"%{tag}%"}
+            )
+            assert sorted(ops) == sorted([*((label, "INSERT") for label in labels), (labels[0], "UPDATE"), (labels[2], "DELETE")])
+    finally:
+        primary.dispose()

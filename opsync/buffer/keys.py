@@ -10,7 +10,7 @@ import zlib
 
 from opsync.buffer.records import IDEMPOTENCY_WINDOWS, encode, idempotency_field
 
-BUCKET_CHARS = 10  # of a UUID's text: 36 bits of its 48-bit millisecond time, ~4 s (see Keys.index_bucket)
+BUCKET_CHARS = 10  # bytes of a key's text: of a UUID's, 36 bits of its 48-bit millisecond time, ~4 s (see Keys.index_bucket)
 GROUP = "drain"  # the stream's one consumer group: the drainers
 
 
@@ -118,11 +118,18 @@ class Keys:
     def field_index(self, table: str, field: str, value) -> str:
         return f"idx:{table}:{field}:{encode(value)}"
 
-    def index_bucket(self, index: str, key: str) -> str:
-        """The sorted set of ``index`` that holds ``key``: the keys sharing its first 10 characters (~4 s of
+    def index_bucket(self, index: str, key: str) -> str | bytes:
+        """The sorted set of ``index`` that holds ``key``: the keys sharing its first 10 bytes (~4 s of
         UUIDv7 time, ~80 keys at the README's peak), few enough to stay a listpack (~40 bytes a key, not
-        a skiplist's ~130); the index's directory (:meth:`index_directory`) lists its buckets."""
-        return f"{self.prefix}:b:{key[:BUCKET_CHARS]}:{index}"
+        a skiplist's ~130); the index's directory (:meth:`index_directory`) lists its buckets.
+
+        Bytes, as the Lua scripts cut them: a natural key's first 10 bytes may end inside a character, so
+        a key that is not ASCII (never a UUID) names its bucket in bytes. Buckets are key prefixes, so the
+        directory lists them in key order and a page walks them in order; natural keys sharing a long prefix
+        share a bucket (which then may outgrow a listpack: correct, larger)."""
+        if key.isascii():
+            return f"{self.prefix}:b:{key[:BUCKET_CHARS]}:{index}"
+        return f"{self.prefix}:b:".encode() + key.encode()[:BUCKET_CHARS] + f":{index}".encode()
 
     def index_directory(self, index: str) -> str:
         return f"{self.prefix}:dir:{index}"

@@ -54,7 +54,7 @@ class Reads(Keys):
         one command (``overlay_exists.lua``), instead of one HGETALL per key."""
         if not keys:
             return []
-        found = self._overlay_exists(args=[self.row_key(table, ""), ",".join(keys)])
+        found = self._overlay_exists(args=[self.row_key(table, ""), "\0".join(keys)])
         return [keys[i - 1] for i in found]
 
     def entries_after(self, position: str | None, count: int, dead: bool = False) -> list[tuple[str, bytes | None]]:
@@ -88,7 +88,7 @@ class Reads(Keys):
 
     def index_contains(self, index: str, keys: list[str]) -> list[bool]:
         """Whether each of ``keys`` is in ``index``: one ZMSCORE per bucket (and one in the earlier layout's set)."""
-        by_bucket: dict[str, list[str]] = {}
+        by_bucket: dict[str | bytes, list[str]] = {}
         for key in keys:
             by_bucket.setdefault(self.index_bucket(index, key), []).append(key)
         pipe = self.client.pipeline(transaction=False)

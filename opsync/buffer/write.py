@@ -117,11 +117,12 @@ def enqueued(result: list, txn: Transaction, idempotency: tuple[str, str] | None
 
 
 def checked_rows(txn: Transaction, in_replica: Iterable[str] | None) -> str:
-    """The ENQUEUE script's argument for its row check: the rows the replica has ('table:key'), or '*' when
-    there is nothing to check (only inserts and upserts, or ``in_replica`` None: the caller vouches)."""
+    """The ENQUEUE script's argument for its row check: the rows the replica has ('table:key', NUL-separated: a
+    natural key may hold a comma, no key a NUL), or '*' when there is nothing to check (only inserts and upserts,
+    or ``in_replica`` None: the caller vouches)."""
     if in_replica is None or all(step.op in CREATES for step in txn.steps):
         return "*"
-    return ",".join(in_replica)
+    return "\0".join(in_replica)
 
 
 @asynccontextmanager

@@ -32,6 +32,8 @@ from uuid import UUID
 
 from sqlalchemy import Engine, text
 
+from opsync import registry
+
 SNAPSHOT_SQL = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, (SELECT purged_below FROM row_change_horizon)")
 # Run on the driver's cursor (psycopg placeholders): up to 10,000 plain tuples, keys as text, which is what
 # the publisher writes and sends back; no UUID or SQLAlchemy row objects built per change.
@@ -69,9 +71,9 @@ class Changes:
     complete: bool  # everything final has been read (False: more to read now)
 
     @property
-    def keys(self) -> dict[str, set[UUID]]:
-        """The keys changed, typed."""
-        return {table: {UUID(i) for i in ids} for table, ids in self.ids.items()}
+    def keys(self) -> dict[str, set[UUID | str]]:
+        """The keys changed, typed as their tables' key columns (a UUID, or a natural key's text)."""
+        return {table: {registry.get_table(table).key_of(i) for i in ids} for table, ids in self.ids.items()}
 
 
 def snapshot_xmin(replica: Engine) -> int:

@@ -16,7 +16,6 @@ have a newer row overwritten by an older one. The file is only ever written in p
 
 import hashlib
 from dataclasses import dataclass, field
-from uuid import UUID
 
 from sqlalchemy import Engine
 
@@ -144,7 +143,7 @@ class ReadModelCheck:
         key = layout.entry.key
         query = layout.load_query().limit(self.chunk)
         if after:
-            query = query.where(key > UUID(after))
+            query = query.where(layout.entry.key_order > layout.entry.key_of(after))
         poison: dict[str, Exception] = {}
         with self.publisher.replica.connect() as conn:
             try:

@@ -36,7 +36,6 @@ from datetime import UTC, datetime, timedelta
 from itertools import groupby
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import psycopg
 import redis
@@ -382,7 +381,7 @@ class Publisher:
             return {}
         sql, params = layout.keyed_sql
         with self.replica.connect() as conn, conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]  # open: set
-            cursor.execute(sql, {**params, "ids": ",".join(keys)})
+            cursor.execute(sql, {**params, "ids": layout.ids_text(keys)})
             return {row[0]: row for row in cursor.fetchall()}
 
     def refresh_all(self, keys: dict[str, set[str]], replica_optional: bool = False, duty: str = "buffer") -> None:
@@ -549,9 +548,11 @@ class Publisher:
         for layout in self.layouts.values():
             key, after = layout.entry.key, ""
             while True:
-                query = select(key).order_by(key).limit(self.tuning.chunk)
+                query = select(key).order_by(layout.entry.key_order).limit(self.tuning.chunk)
                 with self.replica.connect() as conn:
-                    ids = [str(i) for i in conn.scalars(query.where(key > UUID(after)) if after else query)]
+                    ids = [
+                        str(i) for i in conn.scalars(query.where(layout.entry.key_order > layout.entry.key_of(after)) if after else query)
+                    ]
                 upto = ids[-1] if len(ids) == self.tuning.chunk else None
                 self.refresh(layout, sorted(set(ids) | set(self.model.keys_between(layout, after, upto))), duty=duty)
                 if upto is None:

@@ -27,7 +27,7 @@ from uuid import UUID
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Column, ColumnElement, Integer, Select, Text, UniqueConstraint, bindparam, cast, func, select
-from sqlalchemy.dialects.postgresql import ARRAY, psycopg
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, psycopg
 from sqlalchemy.sql.sqltypes import JSON
 
 from opsync.read_model.tables import DRAIN_RATE, FINDINGS, METRICS, POISON, STATE
@@ -238,17 +238,24 @@ class Layout:
 
     def load_query(self) -> Select:
         """All rows in key order, formatted as stored (:meth:`formatted`)."""
-        return self.formatted().order_by(self.entry.key)
+        return self.formatted().order_by(self.entry.key_order)
 
     def keyed_query(self) -> Select:
         """:meth:`formatted` rows for the keys in ``ids``, one text of comma-separated keys: a single string is
         sent and split and cast by PostgreSQL (cheaper than an array parameter of 10,000 keys built here).
         ``IN (SELECT unnest(…))`` rather than ``= ANY(…)``: the planner then probes the key index per key;
         with ``ANY`` of 10,000 keys it chose a parallel scan of the whole table for every chunk.
-        Unordered: callers key the rows, and a sort of 10,000 rows per fetch is time for nothing."""
+        Unordered: callers key the rows, and a sort of 10,000 rows per fetch is time for nothing.
+        Natural keys may hold commas: theirs is a JSON array (:meth:`ids_text`)."""
         key = self.entry.key
+        if not self.entry.uuid_key:
+            return self.formatted().where(key.in_(select(func.jsonb_array_elements_text(cast(bindparam("ids", type_=Text), JSONB)))))
         keys = cast(func.string_to_array(bindparam("ids", type_=Text), ","), ARRAY(key.type))
         return self.formatted().where(key.in_(select(func.unnest(keys))))
+
+    def ids_text(self, keys: list[str]) -> str:
+        """The ``ids`` parameter of :meth:`keyed_query`: UUIDs comma-separated, natural keys as a JSON array."""
+        return ",".join(keys) if self.entry.uuid_key else json.dumps(keys)
 
     @cached_property
     def keyed_sql(self) -> tuple[str, dict[str, Any]]:

@@ -169,3 +169,24 @@ def test_each_sql_type_gets_its_judge_and_one_with_no_rule_leaves_the_value_to_p
     with pytest.raises(Refused, match="at most 3 characters"):
         judge(String(3))("abcd")
     assert judge(Text())("x" * 1000) == "x" * 1000
+
+
+@pytest.mark.parametrize("key", ["CCAT", "a,b", "B 1", "x" * 16, "ü" * 16])
+def test_a_natural_key_is_kept_exactly_as_sent(key):
+    assert admission.judge_natural_key(16)(key) == key
+
+
+@pytest.mark.parametrize(
+    "key, why",
+    [
+        ("", "a key cannot be empty"),
+        ("x" * 17, "at most 16 characters, got 17"),
+        ("CCAT" + " " * 13, "at most 16 characters, got 17"),  # varchar would clip the spaces: the key would change
+        (17, "send it as a JSON string"),
+        (None, "send it as a JSON string"),
+        ("a\x00b", "cannot hold a NUL"),
+    ],
+)
+def test_a_bad_natural_key_is_refused_with_the_reason(key, why):
+    with pytest.raises(Refused, match=why):
+        admission.judge_natural_key(16)(key)

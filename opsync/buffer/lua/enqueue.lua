@@ -26,7 +26,7 @@ end
 -- lists the steps the replica must answer for (the caller asks it, then calls again).
 if ARGV[10] ~= '*' then
   local in_replica, seen, unknown, pos, step = {}, {}, {}, 11, 0
-  for row in string.gmatch(ARGV[10], '[^,]+') do in_replica[row] = true end
+  for row in string.gmatch(ARGV[10], '[^%z]+') do in_replica[row] = true end  -- NUL-separated: no key holds one
   while pos <= #ARGV do
     local name, op = ARGV[pos] .. ':' .. ARGV[pos + 1], ARGV[pos + 2]
     pos = pos + 4 + 2 * tonumber(ARGV[pos + 3])

@@ -28,7 +28,7 @@ DOMAIN = Domain(
                     "id": PACKAGE,  # the key column (package_uuid) travels as the step's id
                     "values": {
                         "label": "pkg-0001.tar",
-                        "origin_site_id": "019b0000-0000-7000-8000-000000000001",
+                        "origin_site_id": "CCAT",
                         "size_bytes": 5_000_000_000,
                         "checksum_sha256": "ab" * 32,
                     },

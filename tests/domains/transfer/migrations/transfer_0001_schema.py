@@ -13,11 +13,19 @@ from alembic import op
 revision: str = "transfer_0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = ("transfer",)
-depends_on: str | Sequence[str] | None = "engine_0001"
+depends_on: str | Sequence[str] | None = "engine_0003"  # change capture of a natural (text) key
 
-CAPTURED = {"site": "id", "route": "id", "data_transfer_package": "package_uuid", "data_transfer": "id", "physical_copy": "id"}
+CAPTURED = {
+    "site": "code",
+    "route": "id",
+    "data_transfer_package": "package_uuid",
+    "data_transfer": "id",
+    "physical_copy": "id",
+    "volume": "label",
+}
 UUID_KEY = "Time-ordered UUIDv7, generated before insert"
 TIMESTAMPTZ = sa.DateTime(timezone=True)
+SITE_CODE = sa.String(16)
 
 
 def key() -> sa.Column:
@@ -40,10 +48,10 @@ def index(table: str, *columns: str) -> None:
 def upgrade() -> None:
     op.create_table(
         "site",
-        key(),
+        sa.Column("code", sa.String(16), nullable=False, comment="Short code the operators give, e.g. CCAT"),
         sa.Column("name", sa.String(64), nullable=False, comment="Short unique name"),
         sa.Column("kind", sa.String(16), nullable=False, comment="observatory, archive or mirror"),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_site")),
+        sa.PrimaryKeyConstraint("code", name=op.f("pk_site")),
         sa.UniqueConstraint("name", name=op.f("uq_site_name")),
         check("site", "kind", "kind IN ('observatory', 'archive', 'mirror')"),
         comment="Places data lives",
@@ -52,13 +60,13 @@ def upgrade() -> None:
     op.create_table(
         "route",
         key(),
-        sa.Column("origin_site_id", sa.UUID(), nullable=False, comment="Where data leaves"),
-        sa.Column("destination_site_id", sa.UUID(), nullable=False, comment="Where data arrives"),
+        sa.Column("origin_site_id", SITE_CODE, nullable=False, comment="Where data leaves"),
+        sa.Column("destination_site_id", SITE_CODE, nullable=False, comment="Where data arrives"),
         sa.Column("method", sa.String(16), nullable=False, comment="network or shipment"),
         sa.Column("bandwidth_mbps", sa.Double(), nullable=True, comment="Nominal bandwidth, Mbit/s"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_route")),
-        reference("route", "origin_site_id", "site"),
-        reference("route", "destination_site_id", "site"),
+        reference("route", "origin_site_id", "site", key="code"),
+        reference("route", "destination_site_id", "site", key="code"),
         sa.UniqueConstraint(
             "origin_site_id", "destination_site_id", "method", name=op.f("uq_route_origin_site_id_destination_site_id_method")
         ),
@@ -72,12 +80,12 @@ def upgrade() -> None:
         "data_transfer_package",
         sa.Column("package_uuid", sa.UUID(), nullable=False, comment="Given by the packaging system"),
         sa.Column("label", sa.String(128), nullable=False, comment="Archive file name"),
-        sa.Column("origin_site_id", sa.UUID(), nullable=False, comment="Site that packed it"),
+        sa.Column("origin_site_id", SITE_CODE, nullable=False, comment="Site that packed it"),
         sa.Column("size_bytes", sa.BigInteger(), nullable=False, comment="Size, bytes"),
         sa.Column("checksum_sha256", sa.String(64), nullable=False, comment="SHA-256, lowercase hex"),
         sa.PrimaryKeyConstraint("package_uuid", name=op.f("pk_data_transfer_package")),
         sa.UniqueConstraint("label", name=op.f("uq_data_transfer_package_label")),
-        reference("data_transfer_package", "origin_site_id", "site"),
+        reference("data_transfer_package", "origin_site_id", "site", key="code"),
         check("data_transfer_package", "size_bytes", "size_bytes >= 0"),
         check("data_transfer_package", "checksum_sha256", "checksum_sha256 ~ '^[0-9a-f]{64}$'"),
         comment="Packages of data to transfer",
@@ -104,17 +112,28 @@ def upgrade() -> None:
         "physical_copy",
         key(),
         sa.Column("package_uuid", sa.UUID(), nullable=False, comment="Package"),
-        sa.Column("site_id", sa.UUID(), nullable=False, comment="Where the copy is"),
+        sa.Column("site_id", SITE_CODE, nullable=False, comment="Where the copy is"),
         sa.Column("medium", sa.String(16), nullable=False, comment="disk, tape or object_store"),
         sa.Column("location", sa.String(512), nullable=False, comment="Path or volume label at the site"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_physical_copy")),
         reference("physical_copy", "package_uuid", "data_transfer_package", key="package_uuid"),
-        reference("physical_copy", "site_id", "site"),
+        reference("physical_copy", "site_id", "site", key="code"),
         sa.UniqueConstraint("package_uuid", "site_id", "medium", name=op.f("uq_physical_copy_package_uuid_site_id_medium")),
         check("physical_copy", "medium", "medium IN ('disk', 'tape', 'object_store')"),
         comment="Stored copies",
     )
     index("physical_copy", "package_uuid", "site_id", "medium")
+    op.create_table(
+        "volume",
+        sa.Column("label", sa.String(32), nullable=False, comment="Label written on the volume, e.g. TAPE-0001"),
+        sa.Column("site_id", SITE_CODE, nullable=False, comment="Where the volume is"),
+        sa.Column("capacity_bytes", sa.BigInteger(), nullable=False, comment="Capacity, bytes"),
+        sa.PrimaryKeyConstraint("label", name=op.f("pk_volume")),
+        reference("volume", "site_id", "site", key="code"),
+        check("volume", "capacity_bytes", "capacity_bytes >= 0"),
+        comment="Storage volumes",
+    )
+    index("volume", "site_id")
     for table, column in CAPTURED.items():
         op.capture_changes(table, key=column)  # type: ignore[attr-defined]  # registered by opsync.migration_ops
 
