@@ -39,6 +39,8 @@ soak: bootstrap
 
 # Benchmarks (see README "Benchmarks"): make bench-drain SIZE=smoke runs every phase briefly; bench-smoke runs each at smoke size.
 SIZE ?= full
+# They measure the observatory's workload (its tables), whichever domain OPSYNC_DOMAIN or .env names.
+bench-%: export OPSYNC_DOMAIN := observatory
 bench-ingest: bootstrap
 	$(PY) bench/ingest.py --size $(SIZE)
 
