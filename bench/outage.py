@@ -75,10 +75,11 @@ from sqlalchemy import Engine, make_url, text
 from devstack.redis import RedisServer
 from devstack.wan import WanProxy
 from opsync.buffer import Buffer
+from opsync.buffer.figures import buffer_stats
 from opsync.client import encode, write
 from opsync.config import Settings
 from opsync.read_model.store import ReadModel
-from opsync.stats import buffer_stats, high_water
+from opsync.stats import high_water
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drain as drain_bench  # noqa: E402  (bench/drain.py: workload, DAG stand-in, receipts, COPY helpers)

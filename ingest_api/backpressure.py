@@ -12,8 +12,9 @@ from fastapi import HTTPException
 
 from ingest_api.deps import get_buffer, get_enqueuer
 from opsync.buffer import Buffer, answered_within
+from opsync.buffer.figures import fill
 from opsync.config import Settings, get_settings
-from opsync.stats import fill, high_water
+from opsync.stats import high_water
 
 STALE_PERIODS = 4  # a verdict up to this many cache periods old still answers while a new one is measured
 

@@ -25,12 +25,13 @@ from starlette.types import Message, Receive, Scope, Send
 from ingest_api.deps import get_buffer, get_primary
 from ingest_api.guards import HttpMiddleware
 from ingest_api.reads import get_replica
+from opsync.buffer.figures import buffer_stats
 from opsync.config import get_settings
 from opsync.monitoring.capacity import capacity
 from opsync.monitoring.drain_metrics import ERROR_CLASSES, drain_metrics
 from opsync.monitoring.status import SiteStatus, measure_replication
 from opsync.read_model.figures import read_model_figures
-from opsync.stats import buffer_stats, high_water
+from opsync.stats import high_water
 
 REGISTRY = CollectorRegistry()
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from opsync.buffer import Buffer
+from opsync.buffer.figures import BufferStats, buffer_stats
 from opsync.drain import CONSUMER, confirm
 from opsync.lsn import Lsn, ReplicaError
-from opsync.stats import BufferStats, buffer_stats
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ the memory high-water mark (a share of ``maxmemory`` of Redis' ``used_memory``) 
 the arithmetic here does too.
 """
 
+from opsync.buffer.figures import Fill
 from opsync.config import Settings
-from opsync.stats import Fill
 
 # Measured on this machine (bench/buffer_memory.py, 50,000 single-record housekeeping transactions with
 # idempotency keys, as opsync.client posts them): Redis used_memory per transaction.

@@ -3,10 +3,8 @@
 (:mod:`opsync.buffer.figures`, which reads its keys); the high-water rule that judges the figures is here.
 """
 
-from opsync.buffer.figures import BufferStats, Fill, buffer_stats, fill
+from opsync.buffer.figures import Fill
 from opsync.config import Settings
-
-__all__ = ["BufferStats", "Fill", "buffer_stats", "fill", "high_water"]
 
 
 def high_water(stats: Fill, settings: Settings) -> str | None:

@@ -1,11 +1,11 @@
 """Constructed measurements of a site, for the tests that judge them (``opsync.monitoring.alerts``) and the Prometheus
 rules that mirror that judgement: a healthy site, and the same with one part changed or unavailable."""
 
+from opsync.buffer.figures import BufferStats
 from opsync.lsn import Lsn
 from opsync.monitoring.capacity import Slot
 from opsync.monitoring.status import SiteStatus
 from opsync.read_model.figures import ReadModelFigures
-from opsync.stats import BufferStats
 
 GIB = 2**30
 HEALTHY = BufferStats(

@@ -27,10 +27,10 @@ from airflow.dag_processing.dagbag import DagBag  # noqa: E402
 from devstack.settings import REPO  # noqa: E402
 from opsync import dlq, drain  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
+from opsync.buffer.figures import BufferStats  # noqa: E402
 from opsync.monitoring.alerts import FIGURES, Change, Thresholds, announce, due, evaluate, stored_findings, summary  # noqa: E402
 from opsync.monitoring.drain_metrics import DrainMetrics, drain_metrics, record_run  # noqa: E402
 from opsync.read_model.store import ReadModel  # noqa: E402
-from opsync.stats import BufferStats  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.measurements import CAUGHT_UP, HEALTHY  # noqa: E402
 from tests.measurements import site_status as status  # noqa: E402

@@ -9,11 +9,11 @@ from devstack.redis import RedisServer
 from opsync import drain, sizing
 from opsync.buffer import IDEMPOTENCY_BUCKETS, IDEMPOTENCY_WINDOWS, Settlement
 from opsync.buffer.codec import decode
+from opsync.buffer.figures import Fill
 from opsync.config import Settings
 from opsync.envelope import State
 from opsync.ingest import StepIn, answer, build_transaction
 from opsync.lsn import Lsn
-from opsync.stats import Fill
 
 HK = "/v1/records/housekeeping_sample"
 KEPT = 3000  # finished transactions of an earlier outage, kept for the status TTL

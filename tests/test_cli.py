@@ -19,6 +19,7 @@ from sqlalchemy import text
 
 from opsync import cli
 from opsync.buffer import Buffer
+from opsync.buffer.figures import buffer_stats
 from opsync.cli import backlog, common
 from opsync.config import get_settings
 from opsync.ingest import StepIn, build_transaction
@@ -26,7 +27,6 @@ from opsync.lsn import current_position, replica_position
 from opsync.monitoring.status import site_status
 from opsync.read_model.publisher import Publisher
 from opsync.read_model.store import ReadModel
-from opsync.stats import buffer_stats
 
 OPSYNC = Path(sys.executable).with_name("opsync")  # the installed entry point of this venv
 README = Path(__file__).parents[1] / "README.md"

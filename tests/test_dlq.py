@@ -13,13 +13,13 @@ from sqlalchemy import create_engine, text
 
 from opsync import cli, dlq, drain, merged, registry
 from opsync.buffer import Buffer
+from opsync.buffer.figures import buffer_stats
 from opsync.cli import common
 from opsync.cli import status as cli_status
 from opsync.config import get_settings
 from opsync.envelope import Op
 from opsync.ingest import StepIn, build_transaction
 from opsync.monitoring.status import site_status
-from opsync.stats import buffer_stats
 from tests.conftest import free_port
 
 SHA = "cd" * 32

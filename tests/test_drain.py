@@ -15,11 +15,11 @@ from opsync import drain, merged, registry, stats
 from opsync.apply import Transient
 from opsync.buffer import Buffer
 from opsync.buffer.codec import decode, encode
+from opsync.buffer.figures import buffer_stats
 from opsync.envelope import Op, Step, Transaction
 from opsync.ids import new_id
 from opsync.ingest import StepIn, build_transaction, write_direct
 from opsync.lsn import ReplicaUnreachable, current_position
-from opsync.stats import buffer_stats
 
 SHA = "ab" * 32
 

@@ -25,8 +25,8 @@ from sqlalchemy.exc import OperationalError  # noqa: E402
 
 from devstack.settings import REPO  # noqa: E402
 from opsync.buffer import Buffer  # noqa: E402
+from opsync.buffer.figures import buffer_stats  # noqa: E402
 from opsync.lsn import Lsn, current_position, replica_position  # noqa: E402
-from opsync.stats import buffer_stats  # noqa: E402
 from opsync_airflow.hooks import REPLICA_CONN_ID, SiteBufferHook, SiteDatabaseHook  # noqa: E402
 from opsync_airflow.triggers import BufferWakeTrigger, ReplicaLsnTrigger  # noqa: E402
 from tests.conftest import free_port  # noqa: E402

@@ -15,8 +15,8 @@ from sqlalchemy import text
 from opsync import drain
 from opsync.buffer import Buffer, Settlement, settle_chunks
 from opsync.buffer import stream as buffer_module
+from opsync.buffer.figures import buffer_stats
 from opsync.ingest import StepIn, build_transaction
-from opsync.stats import buffer_stats
 from tests import test_dlq
 
 HK = "/v1/records/housekeeping_sample"

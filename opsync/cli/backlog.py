@@ -29,13 +29,13 @@ from sqlalchemy import Engine
 from opsync import connections
 from opsync.apply import Transient
 from opsync.buffer import Buffer
+from opsync.buffer.figures import buffer_stats
 from opsync.cli.common import INTERRUPTED, Unavailable, json_option, say
 from opsync.cli.services import buffer_or_exit, database
 from opsync.config import get_settings
 from opsync.connections import Database
 from opsync.drain import BatchLimits, BatchSettings, Confirmation, DrainSummary, confirm, confirm_replica, drain
 from opsync.lsn import current_position
-from opsync.stats import buffer_stats
 
 DRAIN_SLICE_S = 1.0  # budget of each drain run of `backlog drain`: progress shows, and Ctrl-C is honoured, this often
 IDLE_WAIT_S = 0.2  # `backlog drain --follow` with nothing to claim: what is left awaits the replica or another drainer

@@ -39,10 +39,10 @@ from sqlalchemy import Connection, text
 
 from opsync import sizing
 from opsync.buffer import Buffer
-from opsync.buffer.figures import capacity_reading
+from opsync.buffer.figures import Fill, capacity_reading
 from opsync.config import Settings
 from opsync.lsn import Lsn
-from opsync.stats import Fill, high_water
+from opsync.stats import high_water
 
 SAMPLES_PER_WINDOW = 60
 MIN_FILL_TXNS = 1000  # accepted while nothing drained, before bytes per transaction is trusted

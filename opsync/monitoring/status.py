@@ -23,12 +23,12 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from opsync.buffer import Buffer
+from opsync.buffer.figures import BufferStats, buffer_stats
 from opsync.config import Settings, get_settings
 from opsync.errors import one_line
 from opsync.lsn import Lsn, ReplicaError, replay_position
 from opsync.monitoring.capacity import Capacity, Slot, capacity, replication_slot
 from opsync.read_model.figures import ReadModelFigures, read_model_figures
-from opsync.stats import BufferStats, buffer_stats
 
 REPLICA_SQL = (
     "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8"

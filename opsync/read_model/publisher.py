@@ -45,6 +45,7 @@ from sqlalchemy.exc import DBAPIError
 from opsync import connections, merged
 from opsync.buffer import Buffer
 from opsync.buffer.codec import UnreadableEnvelope, decode
+from opsync.buffer.figures import buffer_stats
 from opsync.config import Settings, get_settings
 from opsync.connections import Database
 from opsync.envelope import State
@@ -54,7 +55,6 @@ from opsync.monitoring.drain_metrics import rate_per_minute
 from opsync.read_model.changes import SNAPSHOT_SQL, Changes, Position, purge_changes, read_changes, snapshot_xmin
 from opsync.read_model.figures import POISON_KEEP, Poison, load_poison, read_model_figures, save_position, store_poison
 from opsync.read_model.store import Layout, ReadModel
-from opsync.stats import buffer_stats
 
 log = logging.getLogger("opsync.publisher")
 

@@ -40,12 +40,12 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opsync.buffer import Buffer
+from opsync.buffer.figures import buffer_stats
 from opsync.config import get_settings
 from opsync.errors import one_line
 from opsync.monitoring.alerts import FIGURES, Change, Finding, Level, Thresholds, announce, evaluate, payload, store_findings, summary
 from opsync.monitoring.drain_metrics import DrainMetrics, drain_metrics
 from opsync.monitoring.status import SiteStatus, site_status
-from opsync.stats import buffer_stats
 from opsync_airflow.hooks import BUFFER_CONN_ID, PRIMARY_CONN_ID, REPLICA_CONN_ID, SiteBufferHook
 from opsync_airflow.operators import engine
 

@@ -8,6 +8,7 @@ from airflow.sdk import BaseOperator
 from sqlalchemy import Engine
 
 from opsync.apply import Transient
+from opsync.buffer.figures import buffer_stats
 from opsync.config import get_settings
 from opsync.connections import Database, readable
 from opsync.drain import BATCH_BYTES, BATCH_RECORDS, BATCH_SIZE, confirm, drain
@@ -15,7 +16,6 @@ from opsync.lsn import Lsn, current_position, replica_position
 from opsync.read_model.check import ReadModelCheck
 from opsync.read_model.store import ReadModel
 from opsync.reconcile import reconcile
-from opsync.stats import buffer_stats
 from opsync_airflow.hooks import BUFFER_CONN_ID, PRIMARY_CONN_ID, REPLICA_CONN_ID, SiteBufferHook, SiteDatabaseHook
 
 
