@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine, make_url, text
 
 from devstack.wan import WanProxy
-from opsync import drain, merged, registry, stats
+from opsync import drain, merged, registry
 from opsync.apply import Transient
 from opsync.buffer import Buffer
 from opsync.buffer.codec import decode, encode
@@ -536,14 +536,14 @@ def test_depth_counts_only_unacknowledged_entries_even_after_a_dead_letter_at_th
     for _ in range(2):
         buffered(buffer, observation(planning))
     buffered(buffer, observation(planning, obs_unit_id=str(uuid.uuid4())))  # last in the stream: dead-lettered, deleted
-    before = stats.buffer_stats(buffer.client, buffer)
+    before = buffer_stats(buffer.client, buffer)
     assert (before.depth, before.last_drain_s, before.last_confirm_s) == (3, None, None)
     drain.drain(buffer, primary)
-    figures = stats.buffer_stats(buffer.client, buffer)
+    figures = buffer_stats(buffer.client, buffer)
     assert (figures.depth, figures.awaiting_replica, figures.dead_letters, figures.oldest_age_s) == (0, 2, 1, 0.0)
     assert figures.last_drain_s < 5 and figures.last_confirm_s is None
     buffered(buffer, observation(planning))
-    assert stats.buffer_stats(buffer.client, buffer).depth == 1
+    assert buffer_stats(buffer.client, buffer).depth == 1
 
 
 def test_over_a_250_ms_link_a_backlog_left_by_an_outage_drains_and_is_confirmed(buffer, migrated, planning, primary, replica):
