@@ -122,7 +122,7 @@ def unsent(buffer: Buffer) -> int:
     """Transactions the drainer has not acknowledged (the stream also keeps committed ones until replicated).
 
     Exact only while the drainer's last entry is still in the stream: once it is dead-lettered (deleted),
-    Redis 7.0 reports no group lag and the figure falls back to the stream's length (see opsync.stats).
+    Redis 7.0 reports no group lag and the figure falls back to the stream's length (see opsync.buffer.figures).
     """
     return buffer_stats(buffer.client, buffer).depth
 

@@ -1,5 +1,5 @@
 """How full and how far behind the site buffer is: one measurement shared by /metrics, /readyz,
-backpressure, the CLI and the Airflow UI (through :mod:`opsync.stats`).
+backpressure (whose high-water rule, :mod:`opsync.stats`, judges it), the CLI and the Airflow UI.
 
 Depth counts transactions not yet acknowledged by the drainer (delivered-but-pending plus not yet
 delivered): the counter :attr:`Keys.unsent` that the enqueue, acknowledge and requeue scripts
